@@ -1,0 +1,41 @@
+# meritnet: `make demo` starts a local network; `make test` runs the whole suite.
+# Both run `make setup` first, which is idempotent (re-runs only when pyproject.toml changes).
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+ANVIL  := .tools/node_modules/.bin/anvil
+
+.PHONY: setup demo test test-unit lint bench-quick clean
+
+setup: $(STAMP) $(ANVIL)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -e '.[cpu,dev]'
+	@# PyPI's torchvision/torchaudio/torchcodec fail to import beside the CPU torch wheel
+	@# ("operator torchvision::nms does not exist"), and vLLM's optional imports trip on them.
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
+
+# anvil (a real EVM node for the settlement tests) ships as a binary inside this npm package.
+$(ANVIL):
+	npm install --prefix .tools --no-audit --no-fund --loglevel=error @foundry-rs/anvil
+	touch $@
+
+demo: setup
+	$(VENV)/bin/meritnet up
+
+test: setup
+	$(PY) -m pytest tests
+
+test-unit: setup
+	$(PY) -m pytest tests/unit
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) .tools

@@ -1,0 +1,145 @@
+"""The network's shared vocabulary: plain frozen records that cross package and actor boundaries.
+
+Every package (routing, scoring, settlement, deploy) speaks in these types; none of them
+imports another package's internals. Anything a peer reports about itself is parsed into
+these strict types, so NaN, negative counts and malformed addresses never get further.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Annotated, Any, Literal
+
+from eth_utils import is_checksum_address
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+_NODE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+def _checksum_address(value: str) -> str:
+    if not is_checksum_address(value):
+        raise ValueError(
+            f"{value!r} is not an EIP-55 checksummed Ethereum address; "
+            "write it with mixed-case checksum (eth_utils.to_checksum_address gives it)"
+        )
+    return value
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError("must be a finite number (NaN and infinity are rejected)")
+    return value
+
+
+def _node_id(value: str) -> str:
+    if not _NODE_ID.match(value):
+        raise ValueError(
+            f"{value!r} is not a valid node id: use 1-63 lowercase letters, digits, '-' or '_', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+Address = Annotated[str, AfterValidator(_checksum_address)]
+NodeId = Annotated[str, AfterValidator(_node_id)]
+FiniteFloat = Annotated[float, AfterValidator(_finite)]
+Unit = Annotated[float, Field(ge=0.0, le=1.0), AfterValidator(_finite)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class NodeSpec(_Frozen):
+    """One inference node an operator contributes: a model served on one accelerator type."""
+
+    node_id: NodeId = Field(description="Unique id of the node in the network (also its Serve deployment name).")
+    operator: Address = Field(description="EIP-55 checksummed address that is paid for this node's work.")
+    model_id: str = Field(min_length=1, max_length=256, description="Model name clients ask for, e.g. 'default'.")
+    model_source: str = Field(
+        min_length=1, description="Hugging Face model id or local path the engine loads the weights from."
+    )
+    accelerator_type: str = Field(
+        min_length=1,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="Accelerator the node must run on (e.g. 'H100', 'L4'); placement is restricted to Ray "
+        "nodes that advertise the resource 'accel_<type>'.",
+    )
+    replicas: int = Field(default=1, ge=1, le=64, description="Number of Serve replicas of this node.")
+    capacity: int = Field(
+        default=8,
+        ge=1,
+        le=4096,
+        description="Concurrent sequences one replica serves well; load is normalised by it so mixed GPUs "
+        "compare fairly.",
+    )
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra vLLM engine arguments (validated by vLLM itself when the engine starts).",
+    )
+
+    @property
+    def accelerator_resource(self) -> str:
+        """The Ray custom resource that marks a Ray node as carrying this accelerator."""
+        return f"accel_{self.accelerator_type}"
+
+
+UsageStatus = Literal["ok", "error", "cancelled"]
+
+
+class UsageRecord(_Frozen):
+    """One metered interaction: what the gateway served, by whom, and how fast.
+
+    Token counts equal the `usage` the client received. Hashes are sha256 hex of the request
+    body the node saw and of the response text, so an interaction can be audited later
+    without storing its content.
+    """
+
+    request_id: str = Field(min_length=1, max_length=128, description="Gateway request id (unique).")
+    node_id: NodeId = Field(description="Node that served the request.")
+    operator: Address = Field(description="Operator of that node (paid for it).")
+    model: str = Field(min_length=1, description="Model id the client asked for.")
+    prompt_tokens: int = Field(ge=0, description="Prompt tokens, as reported to the client.")
+    completion_tokens: int = Field(ge=0, description="Completion tokens, as reported to the client.")
+    started_at: FiniteFloat = Field(description="Unix time (s) the gateway received the request.")
+    ttft_s: FiniteFloat | None = Field(
+        default=None, ge=0.0, description="Seconds from receipt to the first byte sent to the client."
+    )
+    ended_at: FiniteFloat = Field(description="Unix time (s) the last byte was sent.")
+    status: UsageStatus = Field(description="'ok' when completed; 'error' / 'cancelled' otherwise.")
+    request_hash: str = Field(default="", description="sha256 hex of the canonical request body.")
+    response_hash: str = Field(default="", description="sha256 hex of the response content.")
+
+
+class NodeStats(_Frozen):
+    """What the registry knows about a live node right now (refreshed in the background)."""
+
+    node_id: NodeId
+    model_id: str
+    operator: Address
+    accelerator_type: str
+    capacity: int = Field(ge=1)
+    live: bool = Field(description="True while the node's deployment has a running replica.")
+    running_replicas: int = Field(ge=0)
+    in_flight: int = Field(default=0, ge=0, description="Requests the gateways have outstanding on it.")
+    joined_at: FiniteFloat = Field(description="Unix time the node joined the network.")
+
+
+class NodeScore(_Frozen):
+    """One validator's current view of one node."""
+
+    validator: str = Field(min_length=1)
+    node_id: NodeId
+    integrity: Unit = Field(description="Verification pass rate, with a hard drop on clear fraud.")
+    availability: Unit = Field(description="Challenge success rate.")
+    speed: Unit = Field(description="TTFT and tokens/s relative to the model's fleet median.")
+    score: Unit = Field(description="Smoothed combination of the three, what the validator weights by.")
+    at: FiniteFloat = Field(description="Unix time of the last update.")
+
+
+class QualityScores(_Frozen):
+    """Consensus quality per node in [0,1]; absent nodes are unscored (on probation)."""
+
+    epoch: int = Field(ge=0, description="Consensus round the scores come from.")
+    quality: dict[str, Unit] = Field(default_factory=dict, description="node_id -> consensus quality.")
