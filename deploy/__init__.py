@@ -1,0 +1,1 @@
+"""deploy: wires the packages into a running network (config, local network, CLI)."""

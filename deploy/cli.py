@@ -1,0 +1,138 @@
+"""The `meritnet` command: the user's entry point to a network.
+
+    meritnet up                 start a local network in the foreground (Ctrl-C stops it)
+    meritnet status             nodes, liveness and load of the running network
+    meritnet models build       build the default model(s) into the cache
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(help="meritnet: a decentralized inference network on Ray.", no_args_is_help=True)
+models_app = typer.Typer(help="Build and inspect local models.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+console = Console()
+
+
+def _mount_optional_subcommands() -> None:
+    """Packages that bring their own typer app are mounted here (settlement, scoring)."""
+    try:
+        from settlement.cli import app as settlement_app
+    except ImportError:
+        return
+    app.add_typer(settlement_app, name="settlement", help="Epochs, Merkle trees, proofs and claims.")
+
+
+_mount_optional_subcommands()
+
+
+@app.command()
+def up(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Network YAML (defaults are embedded)."),
+    port: Optional[int] = typer.Option(None, help="Port of the OpenAI endpoint (default 8000)."),
+) -> None:
+    """Start a local meritnet (Ray cluster, vLLM nodes, gateway) and serve until Ctrl-C."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from deploy.config import NetworkConfig
+    from deploy.network import LocalNetwork, NetworkStartError
+
+    try:
+        cfg = NetworkConfig.load(config, port=port)
+    except Exception as exc:
+        console.print(f"[red]Invalid configuration:[/red] {exc}")
+        raise typer.Exit(2)
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
+        task = {"id": None}
+
+        def step(msg: str) -> None:
+            if task["id"] is not None:
+                bar.update(task["id"], completed=1, total=1)
+            task["id"] = bar.add_task(msg, total=None)
+
+        net = LocalNetwork(cfg, on_step=step)
+        try:
+            net.start()
+            bar.update(task["id"], completed=1, total=1)
+        except NetworkStartError as exc:
+            console.print(f"[red]Could not start the network:[/red] {exc}")
+            net.stop()
+            raise typer.Exit(1)
+        except KeyboardInterrupt:
+            console.print("Interrupted; shutting down.")
+            net.stop()
+            raise typer.Exit(130)
+
+    _print_ready(net)
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop.wait()
+    with console.status("Shutting down (nodes, gateway, Ray)..."):
+        net.stop()
+    console.print("Stopped.")
+
+
+def _print_ready(net) -> None:
+    table = Table(title="meritnet is up", show_lines=False)
+    for col in ("node", "model", "accelerator", "operator"):
+        table.add_column(col)
+    for s in net.specs:
+        table.add_row(s.node_id, s.model_id, s.accelerator_type, s.operator)
+    console.print(table)
+    console.print(f"OpenAI endpoint: [bold]{net.base_url}/v1[/bold]   metrics: {net.base_url}/metrics")
+    console.print("Try it:")
+    console.print(
+        f"  curl {net.base_url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+        "    -d '{\"model\": \"default\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}], "
+        "\"max_tokens\": 32}'",
+        soft_wrap=True, highlight=False,
+    )
+    console.print("Press Ctrl-C to stop.")
+
+
+@app.command()
+def status(address: str = typer.Option("auto", help="Ray address of the network.")) -> None:
+    """Show the registry's view: nodes, liveness, load."""
+    import ray
+
+    from cluster.registry import get_registry
+
+    try:
+        ray.init(address=address, namespace="meritnet", log_to_driver=False)
+        stats = ray.get(get_registry().snapshot.remote())
+    except Exception as exc:
+        console.print(f"[red]No running network found ({type(exc).__name__}).[/red] Start one with `meritnet up`.")
+        raise typer.Exit(1)
+    table = Table(title="nodes")
+    for col in ("node", "model", "accelerator", "live", "replicas", "in flight", "capacity"):
+        table.add_column(col)
+    for s in stats:
+        table.add_row(s.node_id, s.model_id, s.accelerator_type, "yes" if s.live else "no",
+                      str(s.running_replicas), str(s.in_flight), str(s.capacity))
+    console.print(table)
+
+
+@models_app.command("build")
+def models_build(seeds: list[int] = typer.Option([0, 1], "--seed", help="Seeds to build.")) -> None:
+    """Build the default model for each seed into the cache (reused afterwards)."""
+    from cluster.model import build_default_model
+
+    for seed in seeds:
+        with console.status(f"Building default model, seed {seed}..."):
+            path = build_default_model(seed=seed)
+        console.print(f"seed {seed}: {path}")
+
+
+if __name__ == "__main__":
+    app()

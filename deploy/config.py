@@ -1,0 +1,91 @@
+"""The network's configuration: embedded defaults, overridable from YAML or MERITNET_* env vars.
+
+`make demo` uses the defaults: two nodes of the locally built default model, on two different
+simulated accelerator types, behind a gateway on 127.0.0.1:8000.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from cluster.deployment import EngineDefaults
+from cluster.local import LocalClusterConfig
+from cluster.records import NodeSpec
+
+# A well-known test address (anvil's first account); replace with your own in a real network.
+DEMO_OPERATOR_A = "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266"
+DEMO_OPERATOR_B = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"
+BUILTIN_MODEL = "builtin:default"  # model_source placeholder: the locally built default model
+
+
+class NodeConfig(BaseModel):
+    """A node as written in config; `model_source: builtin:default[@seed]` means the built model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    node_id: str = Field(description="Unique node id.")
+    operator: str = Field(description="EIP-55 address paid for this node.")
+    model_id: str = Field(default="default", description="Model name clients ask for.")
+    model_source: str = Field(default=BUILTIN_MODEL, description="HF id, local path, or builtin:default[@seed].")
+    accelerator_type: str = Field(description="Accelerator type the node must be placed on.")
+    replicas: int = Field(default=1, description="Serve replicas.")
+    capacity: int = Field(default=8, description="Concurrent sequences per replica.")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM engine args.")
+
+    def to_spec(self, resolve_source) -> NodeSpec:
+        data = self.model_dump()
+        data["model_source"] = resolve_source(self.model_source)
+        return NodeSpec.model_validate(data)
+
+
+def _default_nodes() -> list[NodeConfig]:
+    return [
+        NodeConfig(node_id="h100-a", operator=DEMO_OPERATOR_A, accelerator_type="H100"),
+        NodeConfig(node_id="l4-b", operator=DEMO_OPERATOR_B, accelerator_type="L4"),
+    ]
+
+
+class NetworkConfig(BaseSettings):
+    """Everything `meritnet up` starts. Env: MERITNET_<FIELD> (nested with __)."""
+
+    model_config = SettingsConfigDict(env_prefix="MERITNET_", env_nested_delimiter="__", extra="forbid")
+
+    host: str = Field(default="127.0.0.1", description="Address the OpenAI endpoint binds to.")
+    port: int = Field(default=8000, ge=1, le=65535, description="Port of the OpenAI endpoint.")
+    state_dir: Path = Field(default=Path(".meritnet"), description="Ledger and chain state live here.")
+    nodes: list[NodeConfig] = Field(default_factory=_default_nodes, description="Inference nodes to start.")
+    engine: EngineDefaults = Field(
+        default_factory=lambda: EngineDefaults(engine_kwargs={"dtype": "bfloat16", "enforce_eager": True}),
+        description="Engine settings shared by all nodes.",
+    )
+    cluster: LocalClusterConfig = Field(
+        default_factory=lambda: LocalClusterConfig(env_vars={"VLLM_CPU_KVCACHE_SPACE": "1"}),
+        description="Shape of the local Ray cluster.",
+    )
+    api_keys: list[SecretStr] = Field(default_factory=list, description="Bearer keys; empty = open endpoint.")
+    router_config: str | None = Field(default=None, description="Routing profile YAML (default profile if unset).")
+    epoch_length_s: float = Field(default=60.0, gt=0, description="Settlement epoch length in seconds.")
+
+    @model_validator(mode="after")
+    def _unique_nodes(self) -> "NetworkConfig":
+        seen: set[str] = set()
+        for node in self.nodes:
+            if node.node_id in seen:
+                raise ValueError(f"node id {node.node_id!r} appears twice in 'nodes'; node ids must be unique")
+            seen.add(node.node_id)
+        return self
+
+    @classmethod
+    def load(cls, path: Path | None = None, **overrides: Any) -> "NetworkConfig":
+        data: dict[str, Any] = {}
+        if path is not None:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+            if not isinstance(data, dict):
+                raise ValueError(f"{path}: expected a mapping at the top level")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**data)

@@ -1,0 +1,127 @@
+"""Start and stop a whole meritnet on this machine: cluster, registry, usage store, nodes, gateway.
+
+Used by `meritnet up`, the integration tests and the benchmarks, so all three run the same network.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from cluster.deployment import build_node_app, deployment_name
+from cluster.local import LocalCluster
+from cluster.records import NodeSpec
+from cluster.registry import get_or_create_registry
+from deploy.config import BUILTIN_MODEL, NetworkConfig
+from deploy.usage import USAGE_STORE_NAME, start_usage_store
+from routing.gateway import GatewayConfig, gateway_deployment
+
+GATEWAY_APP = "meritnet"
+
+Step = Callable[[str], None]  # progress callback: a human-readable step name
+
+
+def resolve_model_source(source: str) -> str:
+    """`builtin:default[@seed]` -> the locally built model's directory (built once, cached)."""
+    if not source.startswith(BUILTIN_MODEL):
+        return source
+    from cluster.model import build_default_model
+
+    _, _, seed = source.partition("@")
+    return str(build_default_model(seed=int(seed or 0)))
+
+
+class NetworkStartError(RuntimeError):
+    pass
+
+
+@dataclass
+class LocalNetwork:
+    """A running local network. Use as a context manager or call start()/stop()."""
+
+    config: NetworkConfig
+    on_step: Step = lambda _msg: None
+    specs: list[NodeSpec] = field(default_factory=list)
+    cluster: LocalCluster | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.config.host}:{self.config.port}"
+
+    def start(self, timeout_s: float = 900.0) -> "LocalNetwork":
+        from ray import serve
+        from ray.serve import RunTarget
+
+        cfg = self.config
+        self.on_step("Building models")
+        self.specs = [n.to_spec(resolve_model_source) for n in cfg.nodes]
+
+        self.on_step("Starting the Ray cluster")
+        self.cluster = LocalCluster({s.accelerator_type for s in self.specs}, cfg.cluster).start()
+        serve.start(proxy_location="HeadOnly", http_options={"host": cfg.host, "port": cfg.port})
+
+        self.on_step("Starting registry and usage ledger")
+        registry = get_or_create_registry()
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        start_usage_store(cfg.state_dir / "usage.db", cfg.epoch_length_s)
+
+        self.on_step(f"Loading {len(self.specs)} vLLM engines")
+        serve.run_many(
+            [RunTarget(build_node_app(s, cfg.engine), name=deployment_name(s), route_prefix=None)
+             for s in self.specs],
+            wait_for_applications_running=False,
+        )
+        import ray
+
+        ray.get([registry.register.remote(s) for s in self.specs])
+        self._wait_running([deployment_name(s) for s in self.specs], timeout_s)
+
+        self.on_step("Starting the gateway")
+        gw = GatewayConfig(usage_sink_name=USAGE_STORE_NAME, router_config=cfg.router_config,
+                           api_keys=tuple(cfg.api_keys))
+        serve.run(gateway_deployment(gw), name=GATEWAY_APP, route_prefix="/")
+        self._wait_live(registry, timeout_s=60)
+        return self
+
+    def _wait_running(self, apps: list[str], timeout_s: float) -> None:
+        from ray import serve
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            statuses = serve.status().applications
+            states = {a: str(getattr(statuses[a].status, "value", statuses[a].status)) if a in statuses else "NEW"
+                      for a in apps}
+            failed = [a for a, s in states.items() if s in ("DEPLOY_FAILED", "UNHEALTHY")]
+            if failed:
+                msg = "; ".join(f"{a}: {statuses[a].message[-600:]}" for a in failed)
+                raise NetworkStartError(
+                    f"node deployment failed: {msg}\nCheck the node's model_source and engine_kwargs; "
+                    "set MERITNET_RAY_LOGS=1 to see engine logs."
+                )
+            if all(s == "RUNNING" for s in states.values()):
+                return
+            time.sleep(1.0)
+        raise NetworkStartError(f"nodes did not become ready within {timeout_s:.0f}s: {states}")
+
+    def _wait_live(self, registry, timeout_s: float) -> None:
+        import ray
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            live = [s for s in ray.get(registry.snapshot.remote()) if s.live]
+            if len(live) == len(self.specs):
+                return
+            time.sleep(0.5)
+        raise NetworkStartError("nodes are running but the registry does not see them live")
+
+    def stop(self) -> None:
+        if self.cluster is not None:
+            self.cluster.shutdown()
+            self.cluster = None
+
+    def __enter__(self) -> "LocalNetwork":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

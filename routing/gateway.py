@@ -1,0 +1,462 @@
+"""The OpenAI-compatible gateway: a FastAPI ingress deployment in Ray Serve.
+
+One request: parse and validate with vLLM's protocol models (through ray.serve.llm) -> choose a
+live node (in-process, from a snapshot refreshed in the background) -> call the node's
+LLMServer deployment through a Serve handle -> pass chunks through as they come -> write one
+usage record durably -> tell the client the request completed.
+
+A node that fails before the first byte reaches the client is reported to the router and the
+request is retried on another node; after the first byte, the stream ends with an error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+import uuid
+from collections import Counter
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from cluster.records import NodeStats, UsageRecord
+from routing import errors, metrics
+from routing.selection import NodeSelector, RequestFacts
+
+log = logging.getLogger("meritnet.gateway")
+
+DONE = "data: [DONE]\n\n"
+
+
+class GatewayConfig(BaseModel):
+    """Settings of the gateway deployment."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    registry_name: str = Field(default="meritnet-registry", description="Name of the node registry actor.")
+    usage_sink_name: str | None = Field(
+        default="meritnet-usage", description="Name of the Ray actor that stores usage records durably."
+    )
+    namespace: str = Field(default="meritnet", description="Ray namespace of the registry and the sink.")
+    refresh_interval_s: float = Field(
+        default=0.5, gt=0, description="How often the local node snapshot is refreshed from the registry."
+    )
+    max_attempts: int = Field(default=3, ge=1, le=10, description="Nodes tried per request before giving up.")
+    first_byte_timeout_s: float = Field(
+        default=120.0, gt=0, description="A node that sends nothing for this long counts as failed."
+    )
+    router_config: str | None = Field(
+        default=None, description="Path of the routing profile YAML; None uses deploy/profiles/default.yaml."
+    )
+    api_keys: tuple[SecretStr, ...] = Field(
+        default=(), description="Accepted bearer keys; empty means the endpoint is open (local use)."
+    )
+    challenge_keys: tuple[SecretStr, ...] = Field(
+        default=(), description="Keys validators use to target a node with the 'x-meritnet-node' header."
+    )
+
+
+def _usage_of(obj: Any) -> tuple[int, int]:
+    usage = getattr(obj, "usage", None)
+    if usage is None:
+        return 0, 0
+    return int(usage.prompt_tokens or 0), int(usage.completion_tokens or 0)
+
+
+def _first_of(item: Any) -> Any:
+    """ray.serve.llm yields lists of chunks when streaming (its batcher), objects otherwise."""
+    if isinstance(item, list):
+        return item[0] if item else None
+    return item
+
+
+class GatewayCore:
+    """The gateway's logic, independent of how it is hosted (Serve ingress or a test harness)."""
+
+    def __init__(self, config: GatewayConfig, selector: NodeSelector, handle_for, sink, registry=None):
+        self.config = config
+        self.selector = selector
+        self._handle_for = handle_for  # node_id -> Serve handle of the node's LLMServer
+        self._sink = sink  # Ray actor handle with record.remote(list[UsageRecord])
+        self._registry = registry
+        self._nodes: dict[str, NodeStats] = {}
+        self._in_flight: Counter[str] = Counter()
+        self._refresher: asyncio.Task | None = None
+        self._gateway_id = uuid.uuid4().hex[:12]
+        self._api_keys = {k.get_secret_value() for k in config.api_keys}
+        self._challenge_keys = {k.get_secret_value() for k in config.challenge_keys}
+
+    # ---- background snapshot -------------------------------------------------------------
+    async def refresh_once(self) -> None:
+        if self._registry is None:
+            return
+        stats: list[NodeStats] = await self._registry.snapshot.remote()
+        self._nodes = {s.node_id: s for s in stats}
+        self.selector.update_nodes(stats)
+        models = Counter(s.model_id for s in stats if s.live)
+        for model in {s.model_id for s in stats}:
+            metrics.LIVE_NODES.labels(model).set(models.get(model, 0))
+        self._registry.report_load.remote(self._gateway_id, dict(self._in_flight))
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            try:
+                await self.refresh_once()
+            except Exception as exc:  # registry restarting: keep serving from the last snapshot
+                log.warning("gateway: node snapshot refresh failed (%s); using the last one", type(exc).__name__)
+            await asyncio.sleep(self.config.refresh_interval_s)
+
+    async def ensure_started(self) -> None:
+        if self._refresher is None:
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh_forever())
+            try:
+                await self.refresh_once()
+            except Exception:
+                pass
+
+    # ---- request entry points ------------------------------------------------------------
+    def check_auth(self, request: Request) -> None:
+        if not self._api_keys:
+            return
+        auth = request.headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or token.strip() not in self._api_keys:
+            raise errors.unauthorized()
+
+    def models(self) -> dict:
+        live = sorted({s.model_id for s in self._nodes.values() if s.live})
+        return {
+            "object": "list",
+            "data": [{"id": m, "object": "model", "created": 0, "owned_by": "meritnet"} for m in live],
+        }
+
+    async def parse(self, request: Request, request_cls: type[BaseModel]) -> BaseModel:
+        raw = await request.body()
+        try:
+            payload = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise errors.malformed_json(str(exc)) from None
+        if not isinstance(payload, dict):
+            raise errors.malformed_json("expected a JSON object at the top level")
+        try:
+            return request_cls.model_validate(payload)
+        except ValidationError as exc:
+            raise errors.from_validation_error(exc) from None
+        except (ValueError, TypeError) as exc:  # validators in the protocol models may raise these
+            raise errors.APIError(400, f"Invalid request: {exc}", code="invalid_value") from None
+
+    def _target_node(self, request: Request) -> str | None:
+        """Validators may pin a challenge to one node; only with a challenge key."""
+        node = request.headers.get("x-meritnet-node")
+        if node is None:
+            return None
+        auth = request.headers.get("x-meritnet-challenge-key", "")
+        if not self._challenge_keys or auth not in self._challenge_keys:
+            raise errors.APIError(403, "x-meritnet-node requires a valid x-meritnet-challenge-key.",
+                                  type="permission_error", code="forbidden")
+        return node
+
+    async def handle(self, request: Request, body: Any, method: str) -> Response:
+        """Route `body` (a validated Chat/CompletionRequest) to a node and answer the client."""
+        started = time.time()
+        t0 = time.perf_counter()
+        rid = uuid.uuid4().hex
+        model = body.model
+        known = {s.model_id for s in self._nodes.values()}
+        if model not in known:
+            raise errors.unknown_model(model, sorted(known))
+        pinned = self._target_node(request)
+        stream = bool(getattr(body, "stream", False))
+        client_wants_usage = bool(stream and body.stream_options and body.stream_options.include_usage)
+        if stream:
+            # Always ask the node for usage so metering is exact; strip it if the client did not ask.
+            from vllm.entrypoints.openai.chat_completion.protocol import StreamOptions
+
+            body.stream_options = StreamOptions(include_usage=True)
+        body.request_id = rid
+        facts = RequestFacts.of(body, session_key=request.headers.get("x-session-id"), pinned=pinned)
+
+        tried: set[str] = set()
+        last_error: errors.APIError | None = None
+        for _ in range(self.config.max_attempts):
+            node = self.selector.pick(facts, exclude=tried)
+            if node is None:
+                break
+            tried.add(node.node_id)
+            gen = getattr(self._handle_for(node.node_id).options(stream=True), method).remote(body, None)
+            self._begin(node.node_id)
+            try:
+                first = await asyncio.wait_for(gen.__anext__(), self.config.first_byte_timeout_s)
+            except (Exception, asyncio.TimeoutError) as exc:
+                self._end(node.node_id)
+                self.selector.observe_failure(node.node_id)
+                metrics.RETRIES.labels(model, node.node_id).inc()
+                log.warning("node %s failed before the first byte (%s); trying another", node.node_id,
+                            type(exc).__name__)
+                try:
+                    gen.cancel()
+                except Exception:
+                    pass
+                continue
+            head = _first_of(first)
+            if type(head).__name__ == "ErrorResponse":
+                self._end(node.node_id)
+                err = head.error
+                api_error = errors.from_engine_error(err.message, int(err.code), err.type)
+                if api_error.status >= 500:  # the node's fault: try another
+                    self.selector.observe_failure(node.node_id)
+                    last_error = api_error
+                    continue
+                self.selector.observe_success(node.node_id, None, None)
+                raise api_error
+            ctx = _Ctx(rid, node, model, started, t0, client_wants_usage)
+            if stream:
+                return StreamingResponse(
+                    self._stream(ctx, first, gen), media_type="text/event-stream",
+                    headers={"x-request-id": rid, "x-meritnet-node": node.node_id},
+                )
+            return await self._complete(ctx, head)
+        if not tried:
+            raise errors.no_live_node(model)
+        raise last_error or errors.upstream_failed(model)
+
+    # ---- response paths --------------------------------------------------------------------
+    async def _complete(self, ctx: "_Ctx", response: Any) -> Response:
+        try:
+            payload = response.model_dump_json()
+            ttft = time.perf_counter() - ctx.t0
+            ctx.prompt_tokens, ctx.completion_tokens = _usage_of(response)
+            ctx.digest.update(payload.encode())
+            ctx.ttft = ttft
+            await self._meter(ctx, "ok")
+            self.selector.observe_success(ctx.node.node_id, ttft, None)
+        finally:
+            self._end(ctx.node.node_id)
+        return Response(payload, media_type="application/json",
+                        headers={"x-request-id": ctx.rid, "x-meritnet-node": ctx.node.node_id})
+
+    async def _stream(self, ctx: "_Ctx", first: Any, gen) -> AsyncIterator[str]:
+        status = "cancelled"
+        try:
+            async for chunk in _chain(first, gen):
+                for piece in chunk if isinstance(chunk, list) else [chunk]:
+                    if not isinstance(piece, str):  # an ErrorResponse mid-stream
+                        err = piece.error
+                        yield errors.from_engine_error(err.message, int(err.code), err.type).sse_event().decode()
+                        status = "error"
+                        return
+                    if piece.startswith(DONE[:12]):
+                        continue  # sent after the usage record is durable
+                    if '"usage":{' in piece and _is_usage_only(piece):
+                        ctx.prompt_tokens, ctx.completion_tokens = _parse_usage(piece)
+                        if not ctx.client_wants_usage:
+                            continue
+                    if ctx.ttft is None:
+                        ctx.ttft = time.perf_counter() - ctx.t0
+                    ctx.digest.update(piece.encode())
+                    yield piece
+            status = "ok"
+            await self._meter(ctx, "ok")
+            self.selector.observe_success(ctx.node.node_id, ctx.ttft, _tpot(ctx))
+            yield DONE
+        except asyncio.CancelledError:
+            status = "cancelled"
+            raise
+        except Exception as exc:
+            status = "error"
+            self.selector.observe_failure(ctx.node.node_id)
+            log.warning("node %s failed mid-stream (%s)", ctx.node.node_id, type(exc).__name__)
+            yield errors.stream_interrupted().sse_event().decode()
+        finally:
+            self._end(ctx.node.node_id)
+            if status != "ok":
+                gen.cancel()
+                # Not acknowledged as completed, but metered for audit; never blocks the client.
+                asyncio.get_running_loop().create_task(self._meter_quietly(ctx, status))
+
+    async def _meter(self, ctx: "_Ctx", status: str) -> None:
+        rec = ctx.record(status)
+        metrics.REQUESTS.labels(ctx.model, ctx.node.node_id, status).inc()
+        metrics.E2E.labels(ctx.model).observe(time.perf_counter() - ctx.t0)
+        if ctx.ttft is not None:
+            metrics.TTFT.labels(ctx.model).observe(ctx.ttft)
+        metrics.TOKENS.labels(ctx.model, ctx.node.node_id, "prompt").inc(rec.prompt_tokens)
+        metrics.TOKENS.labels(ctx.model, ctx.node.node_id, "completion").inc(rec.completion_tokens)
+        if self._sink is None:
+            return
+        for attempt in range(3):
+            try:
+                await self._sink.record.remote([rec])
+                return
+            except Exception as exc:
+                log.error("usage sink write failed (attempt %d: %s)", attempt + 1, type(exc).__name__)
+                await asyncio.sleep(0.2 * (attempt + 1))
+        raise errors.APIError(503, "The request ran but its usage could not be recorded; it is not billed. "
+                              "Retry shortly.", type="service_unavailable", code="metering_unavailable")
+
+    async def _meter_quietly(self, ctx: "_Ctx", status: str) -> None:
+        try:
+            await self._meter(ctx, status)
+        except Exception:
+            pass
+
+    def _begin(self, node_id: str) -> None:
+        self._in_flight[node_id] += 1
+        self.selector.set_in_flight(node_id, self._in_flight[node_id])
+        metrics.IN_FLIGHT.labels(node_id).set(self._in_flight[node_id])
+
+    def _end(self, node_id: str) -> None:
+        self._in_flight[node_id] = max(0, self._in_flight[node_id] - 1)
+        self.selector.set_in_flight(node_id, self._in_flight[node_id])
+        metrics.IN_FLIGHT.labels(node_id).set(self._in_flight[node_id])
+
+
+class _Ctx:
+    """Everything one in-flight request accumulates for its usage record."""
+
+    __slots__ = ("rid", "node", "model", "started", "t0", "client_wants_usage", "prompt_tokens",
+                 "completion_tokens", "ttft", "digest")
+
+    def __init__(self, rid, node, model, started, t0, client_wants_usage):
+        self.rid, self.node, self.model = rid, node, model
+        self.started, self.t0, self.client_wants_usage = started, t0, client_wants_usage
+        self.prompt_tokens = self.completion_tokens = 0
+        self.ttft: float | None = None
+        self.digest = hashlib.sha256()
+
+    def record(self, status: str) -> UsageRecord:
+        return UsageRecord(
+            request_id=self.rid, node_id=self.node.node_id, operator=self.node.operator, model=self.model,
+            prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
+            started_at=self.started, ttft_s=self.ttft, ended_at=self.started + (time.perf_counter() - self.t0),
+            status=status, response_hash=self.digest.hexdigest(),
+        )
+
+
+def _tpot(ctx: _Ctx) -> float | None:
+    if ctx.ttft is None or ctx.completion_tokens <= 1:
+        return None
+    return (time.perf_counter() - ctx.t0 - ctx.ttft) / (ctx.completion_tokens - 1)
+
+
+async def _chain(first, gen):
+    yield first
+    async for item in gen:
+        yield item
+
+
+def _is_usage_only(piece: str) -> bool:
+    return '"choices":[]' in piece
+
+
+def _parse_usage(piece: str) -> tuple[int, int]:
+    data = json.loads(piece[len("data: "):])
+    usage = data.get("usage") or {}
+    return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+
+
+# ---- FastAPI app and Serve deployment ----------------------------------------------------------
+
+def build_fastapi(core_getter) -> FastAPI:
+    """The HTTP surface; `core_getter()` returns the GatewayCore of this replica."""
+    from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
+
+    app = FastAPI(title="meritnet", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(errors.APIError)
+    async def _api_error(_: Request, exc: errors.APIError):
+        metrics.ERRORS.labels(str(exc.status), exc.code or exc.type).inc()
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            return errors.not_found(request.url.path).response()
+        if exc.status_code == 405:
+            return errors.method_not_allowed(request.method, request.url.path).response()
+        return errors.APIError(exc.status_code, str(exc.detail)).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception):
+        log.exception("unexpected gateway error")
+        return errors.APIError(500, "Internal gateway error; it has been logged.", type="server_error").response()
+
+    @app.get("/health")
+    async def health():
+        core = core_getter()
+        await core.ensure_started()
+        live = sum(1 for s in core._nodes.values() if s.live)
+        return JSONResponse({"status": "ok" if live else "degraded", "live_nodes": live},
+                            status_code=200 if live else 503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        core = core_getter()
+        core.check_auth(request)
+        await core.ensure_started()
+        return core.models()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        core = core_getter()
+        core.check_auth(request)
+        await core.ensure_started()
+        body = await core.parse(request, ChatCompletionRequest)
+        return await core.handle(request, body, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        core = core_getter()
+        core.check_auth(request)
+        await core.ensure_started()
+        body = await core.parse(request, CompletionRequest)
+        return await core.handle(request, body, "completions")
+
+    return app
+
+
+def gateway_deployment(config: GatewayConfig):
+    """The gateway as a bound Serve application."""
+    import ray
+    from ray import serve
+
+    holder: dict[str, GatewayCore] = {}
+    app = build_fastapi(lambda: holder["core"])
+
+    @serve.deployment(name="gateway", max_ongoing_requests=2048, ray_actor_options={"num_cpus": 0.5})
+    @serve.ingress(app)
+    class Gateway:
+        def __init__(self, cfg: GatewayConfig):
+            from ray.serve import get_deployment_handle
+
+            from cluster.deployment import deployment_name_for_id
+            from routing.selection import load_selector
+
+            handles: dict[str, Any] = {}
+
+            def handle_for(node_id: str):
+                if node_id not in handles:
+                    name = deployment_name_for_id(node_id)
+                    handles[node_id] = get_deployment_handle(name, app_name=name)
+                return handles[node_id]
+
+            registry = ray.get_actor(cfg.registry_name, namespace=cfg.namespace)
+            sink = ray.get_actor(cfg.usage_sink_name, namespace=cfg.namespace) if cfg.usage_sink_name else None
+            holder["core"] = GatewayCore(cfg, load_selector(cfg.router_config), handle_for, sink, registry)
+
+        async def check_health(self):
+            await holder["core"].ensure_started()
+
+    return Gateway.bind(config)

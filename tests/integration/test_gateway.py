@@ -1,0 +1,192 @@
+"""The foundation end to end: real Ray cluster, two real vLLM nodes, the gateway, the openai client."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.integration
+
+CHAT = [{"role": "user", "content": "Tell me about the sea."}]
+
+
+def wait_for(predicate, timeout_s: float = 30.0, interval_s: float = 0.25):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    return predicate()
+
+
+def test_models_lists_the_default_model(client):
+    ids = [m.id for m in client.models.list().data]
+    assert ids == ["default"]
+
+
+def test_chat_completion_is_metered_exactly(client, usage_records):
+    raw = client.chat.completions.with_raw_response.create(model="default", messages=CHAT, max_tokens=12)
+    resp = raw.parse()
+    assert resp.choices[0].message.content
+    assert 0 < resp.usage.completion_tokens <= 12
+    rid, node = raw.headers["x-request-id"], raw.headers["x-meritnet-node"]
+    rec = usage_records()[rid]
+    assert rec.node_id == node and rec.status == "ok" and rec.model == "default"
+    assert (rec.prompt_tokens, rec.completion_tokens) == (resp.usage.prompt_tokens, resp.usage.completion_tokens)
+    assert rec.ended_at >= rec.started_at and rec.ttft_s is not None
+
+
+def test_completion_with_parameters(client):
+    resp = client.completions.create(
+        model="default", prompt="Once upon a time", max_tokens=8, n=2, temperature=0.8, seed=7, logprobs=2
+    )
+    assert len(resp.choices) == 2
+    assert resp.choices[0].logprobs is not None and len(resp.choices[0].logprobs.tokens) > 0
+    assert resp.usage.completion_tokens <= 16
+
+
+def test_seed_makes_sampling_reproducible(client):
+    kw = dict(model="default", prompt="The river", max_tokens=10, temperature=1.0, seed=1234)
+    assert client.completions.create(**kw).choices[0].text == client.completions.create(**kw).choices[0].text
+
+
+def test_stop_sequence_ends_generation(client):
+    free = client.completions.create(model="default", prompt="a", max_tokens=16, temperature=0)
+    text = free.choices[0].text
+    assert len(text) > 2
+    stop = text[1:3]
+    stopped = client.completions.create(model="default", prompt="a", max_tokens=16, temperature=0, stop=[stop])
+    assert stop not in stopped.choices[0].text and stopped.choices[0].finish_reason == "stop"
+
+
+def test_stream_with_include_usage_matches_record(client, usage_records):
+    raw = client.chat.completions.with_raw_response.create(
+        model="default", messages=CHAT, max_tokens=16, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(raw.parse())
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    usage = [c.usage for c in chunks if c.usage is not None]
+    assert text and len(usage) == 1
+    rec = usage_records()[raw.headers["x-request-id"]]
+    assert (rec.prompt_tokens, rec.completion_tokens) == (usage[0].prompt_tokens, usage[0].completion_tokens)
+
+
+def test_stream_without_include_usage_has_no_usage_chunk_but_is_metered(client, usage_records):
+    raw = client.completions.with_raw_response.create(model="default", prompt="Hi", max_tokens=8, stream=True)
+    chunks = list(raw.parse())
+    assert chunks and all(c.usage is None for c in chunks)
+    rec = usage_records()[raw.headers["x-request-id"]]
+    assert rec.completion_tokens > 0 and rec.status == "ok"
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as exc:
+        client.chat.completions.create(model="nope", messages=CHAT, max_tokens=4)
+    assert exc.value.body["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize(
+    "payload,param",
+    [
+        ({"model": "default", "messages": CHAT, "max_tokens": -3}, "max_tokens"),
+        ({"model": "default", "messages": CHAT, "temperature": "hot"}, "temperature"),
+        ({"model": "default"}, "messages"),
+        ({"model": "default", "messages": "not a list"}, "messages"),
+    ],
+)
+def test_invalid_parameters_are_400_naming_the_param(network, payload, param):
+    r = httpx.post(f"{network.base_url}/v1/chat/completions", json=payload, timeout=30)
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["param"] is not None and err["param"].startswith(param)
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b"", "{\"model\": \"\xff\"}".encode("latin-1")])
+def test_malformed_json_is_400(network, body):
+    r = httpx.post(f"{network.base_url}/v1/completions", content=body,
+                   headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_engine_side_validation_is_4xx(network):
+    # Beyond the context window: only vLLM knows the limit; its error must come back as a 400.
+    r = httpx.post(f"{network.base_url}/v1/completions",
+                   json={"model": "default", "prompt": "hi", "max_tokens": 100000}, timeout=60)
+    assert r.status_code == 400 and "error" in r.json()
+
+
+def test_model_without_live_node_is_503(network, client):
+    import ray
+
+    from cluster.records import NodeSpec
+    from cluster.registry import get_registry
+
+    ghost = NodeSpec(node_id="ghost", operator="0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266",
+                     model_id="ghost-model", model_source="/nonexistent", accelerator_type="H100")
+    ray.get(get_registry().register.remote(ghost))
+    try:
+        r = wait_for(lambda: (x := httpx.post(f"{network.base_url}/v1/completions",
+                                              json={"model": "ghost-model", "prompt": "x"}, timeout=30)
+                              ).status_code != 404 and x, timeout_s=10)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "no_live_node"
+    finally:
+        ray.get(get_registry().unregister.remote("ghost"))
+
+
+def test_health_and_metrics(network, client):
+    assert httpx.get(f"{network.base_url}/health").json()["live_nodes"] == 2
+    client.completions.create(model="default", prompt="metrics", max_tokens=2)
+    text = httpx.get(f"{network.base_url}/metrics").text
+    assert "meritnet_requests_total" in text and "meritnet_ttft_seconds_bucket" in text
+
+
+def test_both_nodes_receive_traffic(client):
+    def one(i):
+        raw = client.completions.with_raw_response.create(model="default", prompt=f"n{i}", max_tokens=24)
+        return raw.headers["x-meritnet-node"]
+
+    with cf.ThreadPoolExecutor(8) as pool:
+        nodes = list(pool.map(one, range(16)))
+    assert set(nodes) == {"h100-a", "l4-b"}
+
+
+def test_each_node_is_placed_on_its_accelerator(network):
+    from ray.util.state import list_actors
+
+    import ray
+
+    accel_of_ray_node = {
+        n["NodeID"]: [k for k in n["Resources"] if k.startswith("accel_")] for n in ray.nodes() if n["Alive"]
+    }
+    replicas = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+                if a.class_name.startswith("ServeReplica:node-")]
+    placed = {a.class_name.split(":")[1]: accel_of_ray_node[a.node_id] for a in replicas}
+    assert placed == {"node-h100-a": ["accel_H100"], "node-l4-b": ["accel_L4"]}
+
+
+def test_killed_node_leaves_registry_and_traffic_moves(network, client):
+    """Runs last in this module: it kills one node's replica."""
+    import ray
+    from ray.util.state import list_actors
+
+    from cluster.registry import get_registry
+
+    victim = next(a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+                  if a.class_name == "ServeReplica:node-l4-b:node-l4-b")
+    ray.kill(ray.get_actor(victim.name, namespace="serve"), no_restart=True)
+    served = [client.completions.with_raw_response.create(model="default", prompt=f"k{i}", max_tokens=4)
+              .headers["x-meritnet-node"] for i in range(6)]
+    assert set(served) == {"h100-a"}
+
+    def l4_down():
+        stats = {s.node_id: s for s in ray.get(get_registry().snapshot.remote())}
+        return not stats["l4-b"].live
+
+    assert wait_for(l4_down, timeout_s=60)

@@ -1,0 +1,48 @@
+"""The registry's rules without Ray: liveness from Serve, load from gateways."""
+
+import pytest
+
+from cluster import NodeSpec
+from cluster.registry import NodeRegistryCore
+
+OP = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"
+
+
+def spec(node_id, accel="H100", capacity=8, replicas=1):
+    return NodeSpec(node_id=node_id, operator=OP, model_id="default", model_source="/m",
+                    accelerator_type=accel, capacity=capacity, replicas=replicas)
+
+
+def test_nodes_start_not_live_until_serve_reports_a_running_replica():
+    reg = NodeRegistryCore()
+    reg.register(spec("a"), now=10.0)
+    assert [s.live for s in reg.snapshot()] == [False]
+    reg.set_liveness({"a": 1})
+    (s,) = reg.snapshot()
+    assert s.live and s.running_replicas == 1 and s.joined_at == 10.0
+
+
+def test_dead_node_leaves_the_live_set():
+    reg = NodeRegistryCore()
+    reg.register(spec("a"))
+    reg.register(spec("b", "L4"))
+    reg.set_liveness({"a": 1, "b": 1})
+    reg.set_liveness({"a": 1})
+    assert {s.node_id: s.live for s in reg.snapshot()} == {"a": True, "b": False}
+
+
+def test_load_sums_over_gateways_and_capacity_scales_with_replicas():
+    reg = NodeRegistryCore()
+    reg.register(spec("a", capacity=4, replicas=2))
+    reg.report_load("gw1", {"a": 3})
+    reg.report_load("gw2", {"a": 2})
+    (s,) = reg.snapshot()
+    assert s.in_flight == 5 and s.capacity == 8
+
+
+def test_reregistering_a_different_spec_is_refused():
+    reg = NodeRegistryCore()
+    reg.register(spec("a"))
+    reg.register(spec("a"))  # same spec: idempotent
+    with pytest.raises(ValueError, match="already registered"):
+        reg.register(spec("a", "L4"))
