@@ -1,0 +1,360 @@
+"""The settlement actor: each epoch, freeze -> rewards -> roots -> one signed tx -> receipt -> record.
+
+`Settler` holds the logic and runs without Ray (unit tests drive it with the embedded chain);
+`SettlementService` builds one from paths and settings inside whatever process runs it, and
+`settlement_actor()` wraps that in a Ray actor for deploy/.
+
+Crash safety, step by step (each step is durable before the next starts):
+  freeze   ledger.close_epoch(e) freezes the epoch's records.
+  roots    the rewards, both roots and every operator's cumulative amount go to the RewardBook;
+           a restart reuses them, so late quality scores never change a committed epoch.
+  sign     the settle tx is signed at the settler's next nonce.
+  written  the raw bytes are written ahead (ledger.put_pending_tx) BEFORE broadcast.
+  broadcast / receipt   sent; the receipt is awaited; ledger.mark_settled(e, tx_hash).
+On every pass `_settle_epoch` first asks the chain: the contract's next_epoch > e means e is on-chain
+(mark it, whichever tx did it); a written-ahead tx that is pending is rebroadcast byte for byte; one
+the node no longer knows (dropped) is re-signed at the same nonce with bumped fees. The contract
+accepts each epoch once (epoch == next_epoch), so nothing is ever paid twice. A chain that does not
+answer raises ChainUnavailable: the epochs stay queued and settle in order once it is back.
+
+Fault injection for the tests: MERITNET_CRASH_AT=<step> SIGKILLs this process the first time it
+reaches that step (freeze, roots, sign, written, broadcast, receipt).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from settlement.chain import Chain, ChainSettings, ChainUnavailable, ContractReverted, fees_of_raw
+from settlement.keys import SettlerKey
+from settlement.rewardbook import EpochCommitment, RewardBook
+
+log = logging.getLogger(__name__)
+
+CRASH_ENV = "MERITNET_CRASH_AT"
+CRASH_STEPS = ("freeze", "roots", "sign", "written", "broadcast", "receipt")
+ZERO_ROOT = b"\x00" * 32
+
+QualitySource = Callable[[int], Mapping[str, float] | None] | Mapping[int, Mapping[str, float]]
+
+
+class SettlementConfig(BaseModel):
+    """How epochs are paid."""
+
+    emission_wei: int = Field(default=10**21, ge=0, description="Reward minted per epoch (wei, 18 decimals).")
+    prompt_weight: float = Field(default=1.0, ge=0, description="Usage weight of one prompt token.")
+    completion_weight: float = Field(default=1.0, ge=0, description="Usage weight of one completion token.")
+    first_epoch: int = Field(default=0, ge=0, description="First epoch settled (the contract starts there).")
+    default_quality: float | None = Field(
+        default=1.0,
+        ge=0.0,
+        le=1.0,
+        description="Quality of a node with no consensus score for the epoch. 1.0 until scoring lands; "
+        "None makes the settler wait for scores before committing an epoch.",
+    )
+    tick_s: float = Field(default=5.0, gt=0, description="Seconds between settlement passes in run().")
+
+
+class SettlementConflict(RuntimeError):
+    """The chain holds different roots for an epoch than this settler committed: stop, a human decides."""
+
+
+def _crash(step: str) -> None:
+    if os.environ.get(CRASH_ENV) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _bytes32(root: Any) -> bytes:
+    if isinstance(root, str):
+        root = bytes.fromhex(root.removeprefix("0x"))
+    return bytes(root)
+
+
+class Settler:
+    """Closes due epochs and settles them on-chain in order, exactly once each."""
+
+    def __init__(
+        self,
+        ledger: Any,
+        chain: Chain,
+        key: SettlerKey,
+        book: RewardBook,
+        config: SettlementConfig | None = None,
+        quality: QualitySource | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.ledger = ledger
+        self.chain = chain
+        self.key = key
+        self.book = book
+        self.config = config or SettlementConfig()
+        self._quality = quality
+        self.clock = clock
+
+    # -- scheduling -----------------------------------------------------------------------------
+
+    def due_epoch(self) -> int:
+        """The last epoch that has fully ended by now (-1 if none)."""
+        elapsed = self.clock() - self.ledger.genesis
+        return math.floor(elapsed / self.ledger.epoch_length_s) - 1
+
+    def close_due_epochs(self) -> list[int]:
+        """Freeze every epoch that has ended and is not closed yet, oldest first."""
+        last = self.ledger.last_closed_epoch()
+        start = self.config.first_epoch if last is None else last + 1
+        closed = []
+        for epoch in range(start, self.due_epoch() + 1):
+            self.ledger.close_epoch(epoch)
+            _crash("freeze")
+            closed.append(epoch)
+        return closed
+
+    def ensure_contract(self) -> str:
+        """Bind to the configured distributor, or deploy one starting at the first unsettled epoch."""
+        if self.chain.address is None:
+            first = self.config.first_epoch
+            last = self.ledger.last_closed_epoch()
+            while last is not None and first <= last and self.ledger.settled(first):
+                first += 1
+            self.chain.deploy(self.key, first)
+            log.info("deployed the distributor at %s (first epoch %d)", self.chain.address, first)
+        return self.chain.address
+
+    def tick(self) -> list[int]:
+        """One pass: close due epochs, then settle closed ones in order. Returns epochs settled now."""
+        self.close_due_epochs()
+        return self.settle_closed()
+
+    def settle_closed(self) -> list[int]:
+        last = self.ledger.last_closed_epoch()
+        if last is None:
+            return []
+        done = []
+        for epoch in range(self._first_unsettled(last), last + 1):
+            if not self._settle_epoch(epoch):
+                break  # keep order: a later epoch never goes before an earlier one
+            done.append(epoch)
+        return done
+
+    def _first_unsettled(self, last: int) -> int:
+        epoch = self.config.first_epoch
+        while epoch <= last and self.ledger.settled(epoch):
+            epoch += 1
+        return epoch
+
+    def run(self, stop: Callable[[], bool] = lambda: False) -> None:
+        """Tick forever (until `stop()`); a chain outage only delays, it never drops an epoch."""
+        self.ensure_contract()
+        while not stop():
+            try:
+                self.tick()
+            except ChainUnavailable as exc:
+                log.warning("chain unavailable, epochs stay queued: %s", exc)
+            time.sleep(self.config.tick_s)
+
+    # -- one epoch ------------------------------------------------------------------------------
+
+    def quality_for(self, epoch: int) -> dict[str, float] | None:
+        stored = self.book.quality(epoch)
+        if stored is not None:
+            return stored
+        if callable(self._quality):
+            scores = self._quality(epoch)
+        elif self._quality is not None:
+            scores = self._quality.get(epoch)
+        else:
+            scores = None
+        return None if scores is None else dict(scores)
+
+    def commitment(self, epoch: int) -> EpochCommitment | None:
+        """The epoch's committed rewards and roots, computing and storing them the first time."""
+        existing = self.book.get(epoch)
+        if existing is not None:
+            return existing
+        from settlement.rewards import compute_rewards
+        from settlement.trees import reward_tree, usage_tree
+
+        usage = self.ledger.usage_by_node(epoch)
+        scores = self.quality_for(epoch)
+        if scores is None and self.config.default_quality is None:
+            return None  # wait for consensus scores
+        quality = {node: (scores or {}).get(node, self.config.default_quality or 0.0) for node in usage}
+        previous = self.book.get(epoch - 1)
+        carried_in = previous.carried_wei if previous else 0
+        result = compute_rewards(
+            usage, quality, self.config.emission_wei + carried_in, self.config.prompt_weight,
+            self.config.completion_weight,
+        )
+        cumulative = dict(previous.cumulative) if previous else {}
+        for operator, amount in result.per_operator.items():
+            cumulative[operator] = cumulative.get(operator, 0) + amount
+        frozen = self.ledger.frozen_epoch(epoch)
+        interactions = len(self.ledger.records(epoch))
+        usage_root = _bytes32(usage_tree(frozen).root) if interactions else ZERO_ROOT
+        reward_root = _bytes32(reward_tree(cumulative).root) if cumulative else ZERO_ROOT
+        self.book.put_quality(epoch, quality)
+        stored = self.book.put(
+            EpochCommitment(
+                epoch=epoch,
+                usage_root=usage_root,
+                reward_root=reward_root,
+                interactions=interactions,
+                epoch_reward=sum(result.per_operator.values()),
+                carried_wei=result.carried_wei,
+                cumulative=cumulative,
+            )
+        )
+        _crash("roots")
+        return stored
+
+    def _settle_epoch(self, epoch: int) -> bool:
+        """Drive one epoch to 'settled'. True when it is settled; False to retry on a later pass."""
+        c = self.commitment(epoch)
+        if c is None:
+            return False
+        if self.chain.next_epoch() > epoch:
+            return self._adopt_onchain(epoch, c)
+        pending = self.ledger.pending_tx(epoch)
+        if pending is not None:
+            raw = self._reconcile_pending(epoch, c, pending)
+        else:
+            raw = self._sign(c, self.chain.nonce(self.key.address, "pending"), self.chain.fees())
+        if raw is None:
+            return self._adopt_onchain(epoch, c)
+        tx_hash = self.chain.send_raw(raw)
+        _crash("broadcast")
+        receipt = self.chain.wait_receipt(tx_hash)
+        if receipt is None:
+            log.warning("epoch %d: tx %s not mined yet; will rebroadcast or bump next pass", epoch, tx_hash.hex())
+            return False
+        _crash("receipt")
+        if receipt["status"] != 1:
+            # Reverted: most likely the epoch was settled by an earlier tx of ours in the meantime.
+            if self.chain.next_epoch() > epoch:
+                return self._adopt_onchain(epoch, c)
+            self.ledger.clear_pending_tx(epoch)
+            raise RuntimeError(f"the settle tx of epoch {epoch} reverted; it will be re-signed next pass")
+        self.ledger.mark_settled(epoch, tx_hash)
+        log.info("epoch %d settled in tx %s (gas %d)", epoch, tx_hash.hex(), receipt["gasUsed"])
+        return True
+
+    def _sign(self, c: EpochCommitment, nonce: int, fees) -> bytes:
+        try:
+            self.chain.preflight_settle(self.key.address, c.epoch, c.usage_root, c.reward_root, c.interactions,
+                                        c.epoch_reward)
+        except ContractReverted as exc:
+            if exc.error == "EpochAlreadySettled":
+                return None
+            raise
+        raw = self.chain.sign_settle(self.key, c.epoch, c.usage_root, c.reward_root, c.interactions,
+                                     c.epoch_reward, nonce, fees)
+        _crash("sign")
+        self.ledger.put_pending_tx(c.epoch, raw, nonce, self._hash(raw))
+        _crash("written")
+        return raw
+
+    def _reconcile_pending(self, epoch: int, c: EpochCommitment, pending: Any) -> bytes | None:
+        """A tx was written ahead in an earlier run: reuse, rebroadcast or replace it."""
+        raw = bytes(pending.raw_tx)
+        info = self.chain.tx_info(self._hash(raw))
+        if info.state == "pending":
+            return raw  # rebroadcast the same bytes (idempotent)
+        if info.state == "mined":
+            # Mined but the epoch is not on-chain (checked before): it reverted; its nonce is spent.
+            return self._sign(c, self.chain.nonce(self.key.address, "pending"), self.chain.fees())
+        # Dropped: the node forgot it. Same nonce if still free (so it replaces), else the next one.
+        nonce, old_fees = fees_of_raw(raw)
+        if self.chain.nonce(self.key.address, "latest") > nonce:
+            nonce = self.chain.nonce(self.key.address, "pending")
+        fees = old_fees.bumped(self.chain.settings.fee_bump_percent).at_least(self.chain.fees())
+        log.info("epoch %d: written-ahead tx dropped; re-signing at nonce %d with bumped fees", epoch, nonce)
+        return self._sign(c, nonce, fees)
+
+    def _adopt_onchain(self, epoch: int, c: EpochCommitment) -> bool:
+        """The epoch is on-chain: check it carries our roots, then record it as settled."""
+        onchain = self.chain.usage_root(epoch)
+        events = self.chain.settled_events(epoch)
+        if onchain != c.usage_root or (events and bytes(events[-1]["reward_root"]) != c.reward_root):
+            raise SettlementConflict(
+                f"epoch {epoch} is on-chain with usage root 0x{onchain.hex()}, but this settler committed "
+                f"0x{c.usage_root.hex()}: another settler or a different ledger posted it; "
+                "check MERITNET_CHAIN_CONTRACT and the ledger path"
+            )
+        tx_hash = bytes(events[-1]["tx_hash"]) if events else b""
+        self.ledger.mark_settled(epoch, tx_hash)
+        return True
+
+    @staticmethod
+    def _hash(raw: bytes) -> bytes:
+        from web3 import Web3
+
+        return bytes(Web3.keccak(raw))
+
+
+class SettlementService:
+    """Builds a Settler inside the process that runs it (the key is loaded here, never shipped)."""
+
+    def __init__(
+        self,
+        ledger_path: str,
+        epoch_length_s: float,
+        genesis: float = 0.0,
+        config: SettlementConfig | None = None,
+        chain: ChainSettings | None = None,
+        quality: Mapping[int, Mapping[str, float]] | None = None,
+        key_file: str | None = None,
+    ) -> None:
+        from settlement.ledger import UsageLedger
+
+        self.ledger = UsageLedger(ledger_path, epoch_length_s, genesis=genesis)
+        self.chain = Chain.connect(chain or ChainSettings())
+        self.key = SettlerKey.load(Path(key_file) if key_file else None)
+        if self.chain.settings.url == "embedded":
+            self.chain.fund(self.key.address, 10**21)  # the embedded chain's dev account pays for gas
+        self.book = RewardBook(str(ledger_path) + ".rewards.sqlite")
+        self.settler = Settler(self.ledger, self.chain, self.key, self.book, config, quality)
+        self.settler.ensure_contract()
+
+    def submit_quality(self, epoch: int, quality: Mapping[str, float]) -> None:
+        """Consensus scores for an epoch (scoring -> deploy -> here); ignored once it is committed."""
+        if self.book.get(epoch) is None:
+            self.book.put_quality(epoch, dict(quality))
+
+    def tick(self) -> list[int]:
+        try:
+            return self.settler.tick()
+        except ChainUnavailable as exc:
+            log.warning("chain unavailable, epochs stay queued: %s", exc)
+            return []
+
+    def status(self) -> dict[str, Any]:
+        latest = self.book.latest()
+        return {
+            "contract": self.chain.address,
+            "settler": self.key.address,
+            "last_closed_epoch": self.ledger.last_closed_epoch(),
+            "last_committed_epoch": None if latest is None else latest.epoch,
+        }
+
+    def run(self) -> None:
+        self.settler.run()
+
+
+def settlement_actor(**actor_options: Any):
+    """The Ray actor class (imported lazily so the logic above never needs Ray).
+
+    Usage from deploy/: `settlement_actor().options(name="settlement").remote(ledger_path, 60.0, ...)`,
+    then `actor.tick.remote()` on a timer (or `actor.run.remote()` to loop inside the actor).
+    """
+    import ray
+
+    return ray.remote(num_cpus=0, max_restarts=-1, **actor_options)(SettlementService)

@@ -1,0 +1,351 @@
+"""Chain access for settlement: the distributor contract over web3 (v8), signed with eth-account.
+
+Three backends, one client: the embedded chain (py-evm through eth-tester, in this process; the
+default, for `make demo`), anvil (started by `Anvil.start()` on 127.0.0.1 for tests) and any JSON-RPC
+URL. Every transaction is signed locally and sent raw, so the exact bytes can be written ahead and
+rebroadcast after a crash. Reads and writes are thin; the decisions live in settlement.actor.
+"""
+
+from __future__ import annotations
+
+import ast
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from eth_account.typed_transactions import TypedTransaction
+from eth_utils import to_checksum_address
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from web3 import Web3
+from web3.exceptions import ContractCustomError, TransactionNotFound, Web3RPCError
+
+from settlement.compile import load_artifact
+from settlement.keys import SettlerKey
+
+EMBEDDED = "embedded"
+
+
+class ChainSettings(BaseSettings):
+    """Where the chain is and how settlement transacts on it (env: MERITNET_CHAIN_<FIELD>)."""
+
+    model_config = SettingsConfigDict(env_prefix="MERITNET_CHAIN_", extra="ignore")
+
+    url: str = Field(
+        default=EMBEDDED,
+        description="'embedded' for the in-process py-evm chain (eth-tester), or a JSON-RPC URL "
+        "(http://, https://), e.g. anvil's http://127.0.0.1:8545.",
+    )
+    contract: str | None = Field(
+        default=None,
+        description="Address of the deployed distributor. Unset: the settlement actor deploys one "
+        "(always the case on the embedded chain, whose state lives only as long as the process).",
+    )
+    receipt_timeout_s: float = Field(
+        default=60.0, gt=0, description="How long to wait for a receipt before treating the tx as stuck."
+    )
+    poll_interval_s: float = Field(default=0.2, gt=0, description="Receipt polling interval (seconds).")
+    fee_bump_percent: int = Field(
+        default=25,
+        ge=10,
+        le=500,
+        description="Fee increase when re-signing a dropped tx at the same nonce; nodes require >= 10%.",
+    )
+    settle_gas_limit: int = Field(
+        default=150_000, ge=60_000, description="Gas limit of a settle tx (it costs ~60k, constant)."
+    )
+    claim_gas_limit: int = Field(default=200_000, ge=60_000, description="Gas limit of a claim tx.")
+
+
+class ChainUnavailable(RuntimeError):
+    """The node did not answer; settlement queues and retries (never a reason to drop an epoch)."""
+
+
+class ContractReverted(RuntimeError):
+    """The contract rejected a call; `error` is the custom error's name (e.g. 'EpochOutOfOrder')."""
+
+    def __init__(self, error: str, args: tuple = ()) -> None:
+        super().__init__(f"contract reverted with {error}{args}")
+        self.error = error
+        self.error_args = args
+
+
+@dataclass(frozen=True)
+class Fees:
+    """EIP-1559 fees in wei."""
+
+    max_fee: int
+    priority_fee: int
+
+    def bumped(self, percent: int) -> Fees:
+        # Round up so a bump of a tiny fee still increases it (nodes compare strictly).
+        return Fees(
+            self.max_fee + (self.max_fee * percent + 99) // 100,
+            self.priority_fee + (self.priority_fee * percent + 99) // 100,
+        )
+
+    def at_least(self, other: Fees) -> Fees:
+        return Fees(max(self.max_fee, other.max_fee), max(self.priority_fee, other.priority_fee))
+
+
+@dataclass(frozen=True)
+class TxInfo:
+    """What the chain says about a tx hash: 'mined' (with success flag), 'pending' or 'unknown'."""
+
+    state: str
+    success: bool = False
+    block: int | None = None
+
+
+def fees_of_raw(raw: bytes) -> tuple[int, Fees]:
+    """Nonce and fees of a signed type-2 transaction (to re-sign it with bumped fees)."""
+    tx = TypedTransaction.from_bytes(raw).as_dict()
+    return int(tx["nonce"]), Fees(int(tx["maxFeePerGas"]), int(tx["maxPriorityFeePerGas"]))
+
+
+class Chain:
+    """The distributor contract on one chain."""
+
+    def __init__(self, w3: Web3, settings: ChainSettings | None = None, address: str | None = None) -> None:
+        self.w3 = w3
+        self.settings = settings or ChainSettings()
+        self.artifact = load_artifact()
+        self._errors = {
+            Web3.keccak(text=f"{e['name']}({','.join(i['type'] for i in e['inputs'])})")[:4]: e
+            for e in self.artifact["abi"]
+            if e["type"] == "error"
+        }
+        self.address: str | None = None
+        self.contract = None
+        if address or self.settings.contract:
+            self.at(address or self.settings.contract)
+
+    # -- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def connect(cls, settings: ChainSettings | None = None) -> Chain:
+        settings = settings or ChainSettings()
+        if settings.url == EMBEDDED:
+            return cls.embedded(settings)
+        w3 = Web3(Web3.HTTPProvider(settings.url, request_kwargs={"timeout": 10}))
+        return cls(w3, settings)
+
+    @classmethod
+    def embedded(cls, settings: ChainSettings | None = None) -> Chain:
+        """A fresh in-process py-evm chain (its state ends with the process)."""
+        from eth_tester import EthereumTester
+        from web3 import EthereumTesterProvider
+
+        return cls(Web3(EthereumTesterProvider(EthereumTester())), settings)
+
+    def at(self, address: str) -> Chain:
+        self.address = to_checksum_address(address)
+        self.contract = self.w3.eth.contract(address=self.address, abi=self.artifact["abi"])
+        return self
+
+    @property
+    def chain_id(self) -> int:
+        return self._rpc(lambda: self.w3.eth.chain_id)
+
+    def fund(self, address: str, wei: int) -> None:
+        """Send ETH from the node's first unlocked dev account (embedded chain and anvil only)."""
+        tx = self._rpc(
+            lambda: self.w3.eth.send_transaction(
+                {"from": self.w3.eth.accounts[0], "to": to_checksum_address(address), "value": wei}
+            )
+        )
+        self.wait_receipt(tx)
+
+    def deploy(self, key: SettlerKey, first_epoch: int, name: str = "meritnet reward", symbol: str = "MRT") -> str:
+        """Deploy the distributor with `key` as settler; returns (and binds to) its address."""
+        factory = self.w3.eth.contract(abi=self.artifact["abi"], bytecode=self.artifact["bytecode"])
+        tx = factory.constructor(name, symbol, key.address, first_epoch).build_transaction(
+            self._tx_fields(key.address, self.nonce(key.address), self.fees(), gas=2_000_000)
+        )
+        receipt = self.wait_receipt(self.send_raw(key.sign_transaction(tx)))
+        if receipt["status"] != 1:
+            raise RuntimeError("deploying the distributor failed (out of gas or no funds on the settler)")
+        return self.at(receipt["contractAddress"]).address
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    def _view(self, name: str, *args: Any) -> Any:
+        if self.contract is None:
+            raise RuntimeError("no distributor address: set MERITNET_CHAIN_CONTRACT or deploy one first")
+        return self._rpc(lambda: getattr(self.contract.functions, name)(*args).call())
+
+    def next_epoch(self) -> int:
+        return self._view("next_epoch")
+
+    def usage_root(self, epoch: int) -> bytes:
+        return bytes(self._view("usage_root", epoch))
+
+    def reward_root(self) -> bytes:
+        return bytes(self._view("reward_root"))
+
+    def total_rewarded(self) -> int:
+        return self._view("total_rewarded")
+
+    def claimed(self, account: str) -> int:
+        return self._view("claimed", to_checksum_address(account))
+
+    def balance_of(self, account: str) -> int:
+        return self._view("balanceOf", to_checksum_address(account))
+
+    def total_supply(self) -> int:
+        return self._view("totalSupply")
+
+    def settler(self) -> str:
+        return self._view("settler")
+
+    def settled_events(self, epoch: int | None = None) -> list[dict[str, Any]]:
+        """EpochSettled logs (all, or one epoch's): the auditable history of roots and totals."""
+        event = self.contract.events.EpochSettled
+        filters = {"epoch": epoch} if epoch is not None else None
+        logs = self._rpc(lambda: event.get_logs(from_block=0, argument_filters=filters))
+        return [
+            {**dict(log["args"]), "tx_hash": bytes(log["transactionHash"]), "block": log["blockNumber"]}
+            for log in logs
+        ]
+
+    # -- transactions ---------------------------------------------------------------------------
+
+    def nonce(self, address: str, block: str = "pending") -> int:
+        return self._rpc(lambda: self.w3.eth.get_transaction_count(to_checksum_address(address), block))
+
+    def fees(self) -> Fees:
+        """Market fees now: max fee = 2 x base fee + tip, so the tx survives a few fuller blocks."""
+
+        def read() -> Fees:
+            base = self.w3.eth.get_block("latest").get("baseFeePerGas", 0)
+            tip = self.w3.eth.max_priority_fee
+            return Fees(2 * base + tip, tip)
+
+        return self._rpc(read)
+
+    def _tx_fields(self, sender: str, nonce: int, fees: Fees, gas: int) -> dict[str, Any]:
+        return {
+            "from": sender,
+            "nonce": nonce,
+            "gas": gas,
+            "maxFeePerGas": fees.max_fee,
+            "maxPriorityFeePerGas": fees.priority_fee,
+            "chainId": self.chain_id,
+            "type": 2,
+        }
+
+    def sign_settle(
+        self,
+        key: SettlerKey,
+        epoch: int,
+        usage_root: bytes,
+        reward_root: bytes,
+        interactions: int,
+        epoch_reward: int,
+        nonce: int,
+        fees: Fees,
+    ) -> bytes:
+        """The signed raw settle tx (not sent: the caller writes it ahead first)."""
+        fn = self.contract.functions.settle(epoch, usage_root, reward_root, interactions, epoch_reward)
+        tx = fn.build_transaction(self._tx_fields(key.address, nonce, fees, self.settings.settle_gas_limit))
+        return key.sign_transaction(tx)
+
+    def preflight_settle(self, sender: str, epoch: int, usage_root: bytes, reward_root: bytes,
+                         interactions: int, epoch_reward: int) -> None:
+        """Simulate settle; raises ContractReverted with the custom error's name if it would fail."""
+        fn = self.contract.functions.settle(epoch, usage_root, reward_root, interactions, epoch_reward)
+        self._simulate(fn, sender)
+
+    def send_raw(self, raw: bytes) -> bytes:
+        """Broadcast signed bytes; a node that already has them is not an error (idempotent)."""
+        tx_hash = Web3.keccak(raw)
+        try:
+            self._rpc(lambda: self.w3.eth.send_raw_transaction(raw))
+        except Web3RPCError as exc:
+            if "already known" not in str(exc).lower() and "already imported" not in str(exc).lower():
+                raise
+        return bytes(tx_hash)
+
+    def tx_info(self, tx_hash: bytes) -> TxInfo:
+        def read() -> TxInfo:
+            try:
+                receipt = self.w3.eth.get_transaction_receipt(tx_hash)
+            except TransactionNotFound:
+                receipt = None
+            if receipt is not None and receipt.get("blockNumber") is not None:
+                return TxInfo("mined", receipt["status"] == 1, receipt["blockNumber"])
+            try:
+                self.w3.eth.get_transaction(tx_hash)
+            except TransactionNotFound:
+                return TxInfo("unknown")
+            return TxInfo("pending")
+
+        return self._rpc(read)
+
+    def wait_receipt(self, tx_hash: bytes, timeout_s: float | None = None) -> dict[str, Any] | None:
+        """The receipt, or None if the tx is not mined within the timeout."""
+        deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.settings.receipt_timeout_s)
+        while True:
+            try:
+                return dict(self._rpc(lambda: self.w3.eth.get_transaction_receipt(tx_hash)))
+            except TransactionNotFound:
+                if time.monotonic() >= deadline:
+                    return None
+                time.sleep(self.settings.poll_interval_s)
+
+    def claim(self, key: SettlerKey, account: str, cumulative: int, proof: list[bytes]) -> dict[str, Any]:
+        """Claim for `account` (tokens go to it; `key` only pays gas). Raises ContractReverted."""
+        fn = self.contract.functions.claim(to_checksum_address(account), cumulative, proof)
+        self._simulate(fn, key.address)
+        tx = fn.build_transaction(
+            self._tx_fields(key.address, self.nonce(key.address), self.fees(), self.settings.claim_gas_limit)
+        )
+        receipt = self.wait_receipt(self.send_raw(key.sign_transaction(tx)))
+        if receipt is None:
+            raise ChainUnavailable("the claim was sent but not mined in time; check its status later")
+        return receipt
+
+    def transact(self, key: SettlerKey, function: str, *args: Any, gas: int = 200_000) -> dict[str, Any]:
+        """Call any contract function from `key` (simulated first, so reverts come back by name)."""
+        fn = getattr(self.contract.functions, function)(*args)
+        self._simulate(fn, key.address)
+        tx = fn.build_transaction(self._tx_fields(key.address, self.nonce(key.address), self.fees(), gas))
+        return self.wait_receipt(self.send_raw(key.sign_transaction(tx)))
+
+    # -- errors ---------------------------------------------------------------------------------
+
+    def _simulate(self, fn: Any, sender: str) -> None:
+        try:
+            self._rpc(lambda: fn.call({"from": sender}))
+        except ContractCustomError as exc:
+            raise self.decode_error(exc.data) from None
+        except Exception as exc:
+            # eth-tester raises TransactionFailed("execution reverted: b'...'") instead of the
+            # JSON-RPC error a real node returns; recover the revert bytes from it.
+            text = str(exc)
+            if type(exc).__name__ != "TransactionFailed" or "b'" not in text and 'b"' not in text:
+                raise
+            data = ast.literal_eval(text[text.index("b"):].strip())
+            raise self.decode_error(data) from None
+
+    def decode_error(self, data: Any) -> ContractReverted:
+        raw = bytes.fromhex(data[2:]) if isinstance(data, str) else bytes(data or b"")
+        entry = self._errors.get(raw[:4])
+        if entry is None:
+            return ContractReverted(f"unknown error 0x{raw[:4].hex()}")
+        types = [i["type"] for i in entry["inputs"]]
+        return ContractReverted(entry["name"], tuple(self.w3.codec.decode(types, raw[4:])))
+
+    def _rpc(self, call):
+        """Run one node call; connection failures become ChainUnavailable (settlement retries)."""
+        try:
+            return call()
+        except (ConnectionError, OSError, TimeoutError) as exc:
+            raise ChainUnavailable(f"the chain node at {self.settings.url} is not reachable: {exc}") from None
+        except Exception as exc:
+            # requests' ConnectionError does not subclass the builtin one; match it by module.
+            if type(exc).__module__.startswith(("requests", "urllib3")):
+                raise ChainUnavailable(
+                    f"the chain node at {self.settings.url} is not reachable ({type(exc).__name__})"
+                ) from None
+            raise

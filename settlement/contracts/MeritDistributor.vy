@@ -1,0 +1,124 @@
+# pragma version ~=0.4.3
+"""
+@title meritnet reward distributor
+@notice The reward token plus cumulative Merkle claims. Once per epoch the settler posts the
+        epoch's usage root (one leaf per interaction), the reward root (one leaf per operator:
+        its cumulative reward up to this epoch) and the epoch's totals. An operator (or anyone
+        on its behalf) claims its cumulative amount with a proof and is minted the difference
+        to what it already claimed; a second claim of the same amount pays nothing.
+@dev Supply model: mint on claim, capped by what settlements posted (totalSupply <= total_rewarded),
+     so settle() touches no balance and costs the same whatever the claims did (constant gas).
+     Leaves use OpenZeppelin's StandardMerkleTree encoding: keccak256(keccak256(abi.encode(values))),
+     pairs hashed in sorted order. Errors are Solidity-ABI custom errors raised with raw_revert
+     (Vyper 0.4 has no `error` declarations).
+"""
+
+import reward_token
+
+initializes: reward_token
+exports: reward_token.__interface__
+
+# A proof of 32 levels covers 2**32 operators; the bound only sizes calldata decoding.
+MAX_PROOF_DEPTH: constant(uint256) = 32
+
+settler: public(address)
+next_epoch: public(uint256)
+usage_root: public(HashMap[uint256, bytes32])
+reward_root: public(bytes32)
+total_rewarded: public(uint256)
+claimed: public(HashMap[address, uint256])
+
+
+event EpochSettled:
+    epoch: indexed(uint256)
+    usage_root: bytes32
+    reward_root: bytes32
+    interactions: uint256
+    epoch_reward: uint256
+    total_rewarded: uint256
+
+
+event Claimed:
+    account: indexed(address)
+    cumulative: uint256
+    amount: uint256
+
+
+event SettlerChanged:
+    previous: indexed(address)
+    settler: indexed(address)
+
+
+@deploy
+def __init__(name_: String[32], symbol_: String[8], settler_: address, first_epoch: uint256):
+    reward_token.__init__(name_, symbol_)
+    self.settler = settler_
+    self.next_epoch = first_epoch
+    log SettlerChanged(previous=empty(address), settler=settler_)
+
+
+@external
+def settle(
+    epoch: uint256, usage_root_: bytes32, reward_root_: bytes32, interactions: uint256, epoch_reward: uint256
+):
+    """Post one epoch. Epochs are strictly sequential, so a settled epoch is never rewritten."""
+    if msg.sender != self.settler:
+        raw_revert(concat(method_id("NotSettler(address)"), abi_encode(msg.sender)))
+    expected: uint256 = self.next_epoch
+    if epoch < expected:
+        raw_revert(concat(method_id("EpochAlreadySettled(uint256)"), abi_encode(epoch)))
+    if epoch != expected:
+        raw_revert(concat(method_id("EpochOutOfOrder(uint256,uint256)"), abi_encode(epoch, expected)))
+    total: uint256 = self.total_rewarded + epoch_reward
+    self.next_epoch = epoch + 1
+    self.usage_root[epoch] = usage_root_
+    self.reward_root = reward_root_
+    self.total_rewarded = total
+    log EpochSettled(
+        epoch=epoch,
+        usage_root=usage_root_,
+        reward_root=reward_root_,
+        interactions=interactions,
+        epoch_reward=epoch_reward,
+        total_rewarded=total,
+    )
+
+
+@external
+def claim(account: address, cumulative: uint256, proof: DynArray[bytes32, MAX_PROOF_DEPTH]):
+    """Mint `account` the part of its cumulative reward it has not claimed yet."""
+    already: uint256 = self.claimed[account]
+    if cumulative <= already:
+        raw_revert(concat(method_id("NothingToClaim(address,uint256)"), abi_encode(account, already)))
+    leaf: bytes32 = keccak256(keccak256(abi_encode(account, cumulative)))
+    if not self._verify(proof, self.reward_root, leaf):
+        raw_revert(concat(method_id("InvalidProof(address,uint256)"), abi_encode(account, cumulative)))
+    amount: uint256 = cumulative - already
+    # Defence in depth: a bad root can never mint more than the settlements posted.
+    if reward_token.totalSupply + amount > self.total_rewarded:
+        raw_revert(concat(method_id("ExceedsRewarded(uint256)"), abi_encode(amount)))
+    self.claimed[account] = cumulative
+    reward_token._mint(account, amount)
+    log Claimed(account=account, cumulative=cumulative, amount=amount)
+
+
+@external
+def set_settler(settler_: address):
+    """Hand the settler role to a new key (key rotation); only the current settler can."""
+    if msg.sender != self.settler:
+        raw_revert(concat(method_id("NotSettler(address)"), abi_encode(msg.sender)))
+    log SettlerChanged(previous=self.settler, settler=settler_)
+    self.settler = settler_
+
+
+@internal
+@pure
+def _verify(proof: DynArray[bytes32, MAX_PROOF_DEPTH], root: bytes32, leaf: bytes32) -> bool:
+    node: bytes32 = leaf
+    for sibling: bytes32 in proof:
+        # Sorted pairs: the smaller hash goes first, so proofs carry no left/right flags.
+        if convert(node, uint256) < convert(sibling, uint256):
+            node = keccak256(concat(node, sibling))
+        else:
+            node = keccak256(concat(sibling, node))
+    return node == root

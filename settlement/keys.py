@@ -1,0 +1,83 @@
+"""The settler's private key: loaded from the environment or a key file, never shown.
+
+`SettlerKey` holds the key inside an eth-account `LocalAccount` and exposes only the address and
+signing. Its repr/str name the address, and every error message here names where the key was looked
+for, never the key's bytes, so neither a log line nor a traceback can leak it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+
+KEY_ENV = "MERITNET_SETTLER_KEY"
+KEY_FILE_ENV = "MERITNET_SETTLER_KEY_FILE"
+
+
+class SettlerKeyError(ValueError):
+    """The settler key is missing or malformed (the message never contains the key)."""
+
+
+class SettlerKey:
+    """A signing key whose secret never reaches a log, repr or error message."""
+
+    __slots__ = ("_account",)
+
+    def __init__(self, account: LocalAccount) -> None:
+        self._account = account
+
+    @classmethod
+    def from_hex(cls, secret: str, source: str = "the given value") -> SettlerKey:
+        try:
+            account = Account.from_key(secret.strip())
+        except Exception:  # noqa: BLE001 - eth-account's message may quote the input; we replace it.
+            raise SettlerKeyError(
+                f"the settler key from {source} is not a valid 32-byte hex private key "
+                "(expected 64 hex digits, optionally 0x-prefixed)"
+            ) from None
+        return cls(account)
+
+    @classmethod
+    def load(cls, key_file: Path | None = None) -> SettlerKey:
+        """From $MERITNET_SETTLER_KEY, else the key file (argument or $MERITNET_SETTLER_KEY_FILE)."""
+        secret = os.environ.get(KEY_ENV)
+        if secret:
+            return cls.from_hex(secret, f"${KEY_ENV}")
+        path = key_file or (Path(os.environ[KEY_FILE_ENV]) if os.environ.get(KEY_FILE_ENV) else None)
+        if path is None:
+            raise SettlerKeyError(
+                f"no settler key: set ${KEY_ENV} to a hex private key, or ${KEY_FILE_ENV} to a file holding one"
+            )
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise SettlerKeyError(f"cannot read the settler key file {path}: {exc.strerror}") from None
+        return cls.from_hex(text, f"key file {path}")
+
+    @classmethod
+    def generate(cls) -> SettlerKey:
+        """A fresh random key (the embedded chain and tests fund it themselves)."""
+        return cls(Account.create())
+
+    @property
+    def address(self) -> str:
+        return self._account.address
+
+    def sign_transaction(self, tx: dict) -> bytes:
+        """Raw signed transaction bytes, ready for eth_sendRawTransaction."""
+        return bytes(self._account.sign_transaction(tx).raw_transaction)
+
+    def export_hex(self) -> str:
+        """The secret itself, only for writing a key file the caller controls (e.g. tests)."""
+        return self._account.key.hex()
+
+    def __repr__(self) -> str:
+        return f"SettlerKey(address={self.address})"
+
+    __str__ = __repr__
+
+    def __reduce__(self):  # pickling would copy the secret into whatever store receives it
+        raise TypeError("SettlerKey cannot be pickled; load it where it is used (SettlerKey.load())")
