@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from starlette.responses import Response
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)  # not frozen: raising sets __traceback__ on the instance
 class APIError(Exception):
     status: int
     message: str

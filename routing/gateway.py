@@ -93,12 +93,15 @@ class GatewayCore:
         self._challenge_keys = {k.get_secret_value() for k in config.challenge_keys}
 
     # ---- background snapshot -------------------------------------------------------------
+    def set_nodes(self, stats: list[NodeStats]) -> None:
+        self._nodes = {s.node_id: s for s in stats}
+        self.selector.update_nodes(stats)
+
     async def refresh_once(self) -> None:
         if self._registry is None:
             return
         stats: list[NodeStats] = await self._registry.snapshot.remote()
-        self._nodes = {s.node_id: s for s in stats}
-        self.selector.update_nodes(stats)
+        self.set_nodes(stats)
         models = Counter(s.model_id for s in stats if s.live)
         for model in {s.model_id for s in stats}:
             metrics.LIVE_NODES.labels(model).set(models.get(model, 0))

@@ -1,0 +1,164 @@
+"""The gateway's request path over HTTP with fake nodes (no Ray): retries, streaming, metering.
+
+Fake nodes mimic a Serve handle to ray.serve.llm's LLMServer: `.options(stream=True).chat.remote(body, raw)`
+returns an async generator of response objects (non-streaming) or lists of SSE strings (streaming).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from cluster import NodeStats
+from cluster.metering import MemoryUsageSink
+from routing.gateway import GatewayConfig, GatewayCore, build_fastapi
+from routing.selection import NodeSelector
+
+OP = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"
+
+
+class _Gen:
+    def __init__(self, items, fail_at=None):
+        self._items, self._i, self._fail_at = list(items), 0, fail_at
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self._fail_at is not None and self._i == self._fail_at:
+            raise RuntimeError("node died")
+        if self._i >= len(self._items):
+            raise StopAsyncIteration
+        self._i += 1
+        return self._items[self._i - 1]
+
+    def cancel(self):
+        pass
+
+
+class FakeNode:
+    def __init__(self, node_id, fail_at=None):
+        self.node_id, self.fail_at, self.calls = node_id, fail_at, 0
+
+    def options(self, **_):
+        return self
+
+    def _respond(self, body, kind):
+        self.calls += 1
+        from ray.serve.llm.openai_api_models import CompletionResponse
+
+        if not body.stream:
+            resp = CompletionResponse(
+                id=f"cmpl-{body.request_id}", model=body.model, created=0,
+                choices=[{"index": 0, "text": "hello world", "finish_reason": "length"}],
+                usage={"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+            )
+            return _Gen([resp], self.fail_at)
+        chunks = [
+            [f'data: {{"id":"c","choices":[{{"index":0,"text":"{t}"}}],"usage":null}}\n\n'] for t in ("he", "llo")
+        ]
+        if body.stream_options and body.stream_options.include_usage:
+            chunks.append(['data: {"id":"c","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,'
+                           '"total_tokens":5}}\n\n'])
+        chunks.append(["data: [DONE]\n\n"])
+        return _Gen(chunks, self.fail_at)
+
+    @property
+    def completions(self):
+        node = self
+
+        class _M:
+            def remote(self, body, raw):
+                return node._respond(body, "completions")
+
+        return _M()
+
+
+def _stats(node_id):
+    return NodeStats(node_id=node_id, model_id="default", operator=OP, accelerator_type="H100", capacity=8,
+                     live=True, running_replicas=1, joined_at=0.0)
+
+
+@pytest.fixture()
+def harness():
+    nodes = {"a": FakeNode("a"), "b": FakeNode("b")}
+    sink = MemoryUsageSink()
+
+    class _SinkHandle:  # the actor-handle shape: sink.record.remote(records) is awaitable
+        class record:
+            @staticmethod
+            def remote(records):
+                return sink.record(records)
+
+    core = GatewayCore(GatewayConfig(), NodeSelector(), nodes.__getitem__, _SinkHandle(), registry=None)
+    core.set_nodes([_stats("a"), _stats("b")])
+    client = TestClient(build_fastapi(lambda: core))
+    return client, nodes, sink
+
+
+def _records(sink):
+    import asyncio
+
+    return asyncio.run(sink.all())
+
+
+def test_non_streaming_is_metered_with_the_usage_the_client_saw(harness):
+    client, _, sink = harness
+    r = client.post("/v1/completions", json={"model": "default", "prompt": "hi", "max_tokens": 2})
+    assert r.status_code == 200
+    (rec,) = _records(sink)
+    assert rec.request_id == r.headers["x-request-id"] and rec.node_id == r.headers["x-meritnet-node"]
+    assert (rec.prompt_tokens, rec.completion_tokens) == (r.json()["usage"]["prompt_tokens"], 2)
+
+
+def test_failure_before_first_byte_retries_on_another_node(harness):
+    client, nodes, sink = harness
+    nodes["a"].fail_at = 0
+    nodes["b"].fail_at = None
+    for _ in range(3):
+        r = client.post("/v1/completions", json={"model": "default", "prompt": "hi"})
+        assert r.status_code == 200 and r.headers["x-meritnet-node"] == "b"
+    assert all(rec.node_id == "b" for rec in _records(sink))
+
+
+def test_all_nodes_failing_is_503_not_500(harness):
+    client, nodes, _ = harness
+    nodes["a"].fail_at = nodes["b"].fail_at = 0
+    r = client.post("/v1/completions", json={"model": "default", "prompt": "hi"})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "upstream_failed"
+
+
+def test_stream_strips_usage_chunk_unless_asked_but_meters_it(harness):
+    client, _, sink = harness
+    body = client.post("/v1/completions", json={"model": "default", "prompt": "hi", "stream": True}).text
+    events = [e for e in body.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]" and all('"choices":[]' not in e for e in events)
+    (rec,) = _records(sink)
+    assert rec.completion_tokens == 2 and rec.status == "ok"
+
+
+def test_stream_with_include_usage_passes_usage_through(harness):
+    client, _, _ = harness
+    body = client.post("/v1/completions", json={"model": "default", "prompt": "hi", "stream": True,
+                                                 "stream_options": {"include_usage": True}}).text
+    usage = [json.loads(e[6:]) for e in body.split("\n\n") if '"choices":[]' in e]
+    assert usage and usage[0]["usage"]["completion_tokens"] == 2
+
+
+def test_mid_stream_failure_ends_with_an_error_event_and_no_done(harness):
+    client, nodes, sink = harness
+    nodes["a"].fail_at = nodes["b"].fail_at = 1  # first chunk arrives, then the node dies
+    body = client.post("/v1/completions", json={"model": "default", "prompt": "hi", "stream": True}).text
+    events = [e for e in body.split("\n\n") if e]
+    assert "[DONE]" not in body and json.loads(events[-1][6:])["error"]["code"] == "stream_interrupted"
+
+
+def test_api_keys_are_enforced_when_configured():
+    from pydantic import SecretStr
+
+    core = GatewayCore(GatewayConfig(api_keys=(SecretStr("k1"),)), NodeSelector(), {}.get, None)
+    client = TestClient(build_fastapi(lambda: core))
+    assert client.get("/v1/models").status_code == 401
+    assert client.get("/v1/models", headers={"authorization": "Bearer k1"}).status_code == 200
