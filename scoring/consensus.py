@@ -1,0 +1,163 @@
+"""Yuma Consensus (original Yuma, as in Bittensor subtensor's `epoch_dense` in run_epoch.rs).
+
+Validators (rows) weight nodes (columns). One epoch:
+
+1. stake is normalised to sum 1 (validators with no stake take no part);
+   weights are row-normalised (each validator spends a unit of weight).
+2. prerank_j   = sum_i S_i W_ij                       (stake-weighted support before clipping)
+3. consensus_j = stake-weighted median of column j with majority kappa: the largest value v that
+   validators holding at least kappa of the stake weight at >= v (`_weighted_median_col`).
+4. clipped W'_ij = min(W_ij, consensus_j): weight above what the majority agrees on is ignored,
+   so a minority cannot lift a node it favours.
+5. validator_trust_i = sum_j W'_ij                    (share of i's weight that survived clipping)
+6. rank_j = sum_i S_i W'_ij; trust_j = rank_j / prerank_j; incentive = rank / sum(rank).
+7. bonds: delta B_ij = S_i W'_ij column-normalised; B <- alpha * delta + (1 - alpha) * B_prev
+   (B_prev column-normalised first), column-normalised again. alpha 0.1 is subtensor's
+   default bonds_moving_average 900_000 / 1e6 -> 1 - 0.9.
+8. dividends_i = sum_j B_ij incentive_j, normalised to sum 1.
+
+Subtensor runs this in I32F32 fixed point; we use float64, with a 1e-12 tolerance in the median so
+exact ties (e.g. two validators of stake 0.5 each) resolve the same way as the fixed-point code.
+Subtensor's masks for inactive / unpermitted / self-weights / recently registered do not apply here:
+validators and nodes are disjoint sets and `deploy/` passes only live participants.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from cluster.records import QualityScores
+
+_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class YumaResult:
+    """One epoch's outcome. Arrays are read-only; per-node arrays have length N, per-validator V."""
+
+    consensus: np.ndarray  # N, stake-weighted kappa-median of the (row-normalised) weights
+    incentive: np.ndarray  # N, normalised rank (sums to 1, or all 0 when nobody weighted anything)
+    dividends: np.ndarray  # V, normalised bond-weighted incentive
+    bonds: np.ndarray  # V x N, column-normalised EMA bonds; pass back as `bonds` next epoch
+    validator_trust: np.ndarray  # V, sum of a validator's clipped weights (1 = fully in consensus)
+    rank: np.ndarray  # N, sum_i S_i W'_ij before normalisation
+    trust: np.ndarray  # N, rank / prerank (1 = no support clipped away)
+    weights: np.ndarray  # V x N, the row-normalised weights used
+    clipped_weights: np.ndarray  # V x N
+    stake: np.ndarray  # V, normalised stake
+
+
+def _normalize(v: np.ndarray) -> np.ndarray:
+    """Divide by the sum; an all-zero vector stays zero (as subtensor's inplace_normalize)."""
+    total = v.sum()
+    return v / total if total > 0 else v.copy()
+
+
+def _row_normalize(m: np.ndarray) -> np.ndarray:
+    sums = m.sum(axis=1, keepdims=True)
+    return np.divide(m, sums, out=np.zeros_like(m), where=sums > 0)
+
+
+def _col_normalize(m: np.ndarray) -> np.ndarray:
+    sums = m.sum(axis=0, keepdims=True)
+    return np.divide(m, sums, out=np.zeros_like(m), where=sums > 0)
+
+
+def weighted_median(stake: np.ndarray, scores: np.ndarray, kappa: float) -> float:
+    """Largest score v such that the validators scoring >= v hold at least `kappa` of the stake.
+
+    Equivalent to subtensor's `weighted_median` with minority = 1 - kappa: stake strictly below the
+    result is <= 1 - kappa, stake at or below it is > 1 - kappa. Only positive stake counts.
+    """
+    keep = stake > 0
+    if not keep.any():
+        return 0.0
+    s = stake[keep] / stake[keep].sum()
+    x = scores[keep]
+    for v in np.unique(x)[::-1]:  # descending: the first value with enough support wins
+        if s[x >= v].sum() >= kappa - _EPS:
+            return float(v)
+    return float(x.min())  # kappa > 1 cannot be met; fall back to the unanimous floor
+
+
+def _weighted_median_col(stake: np.ndarray, weights: np.ndarray, kappa: float) -> np.ndarray:
+    return np.array([weighted_median(stake, weights[:, j], kappa) for j in range(weights.shape[1])])
+
+
+def _as_matrix(name: str, a, shape: tuple[int, int] | None = None) -> np.ndarray:
+    m = np.asarray(a, dtype=np.float64)
+    if m.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array (validators x nodes), got shape {m.shape}")
+    if shape is not None and m.shape != shape:
+        raise ValueError(f"{name} has shape {m.shape} but weights have shape {shape}; pass last epoch's bonds")
+    if not np.all(np.isfinite(m)) or (m < 0).any():
+        raise ValueError(f"{name} must be finite and non-negative")
+    return m
+
+
+def yuma_epoch(weights, stake, bonds=None, kappa: float = 0.5, alpha: float = 0.1,
+               *, bonds_penalty: float = 1.0) -> YumaResult:
+    """Run one epoch of original Yuma Consensus.
+
+    weights: V x N non-negative (any scale; rows are normalised). stake: V non-negative.
+    bonds: last epoch's `YumaResult.bonds` (V x N) or None for a fresh start.
+    kappa: majority fraction of stake for the consensus median. alpha: bonds EMA rate.
+    bonds_penalty: 1 builds bonds from clipped weights (subtensor's default), 0 from raw weights.
+    """
+    w = _as_matrix("weights", weights)
+    v_count, n_count = w.shape
+    s = np.asarray(stake, dtype=np.float64)
+    if s.shape != (v_count,):
+        raise ValueError(f"stake must have one entry per validator ({v_count}), got shape {s.shape}")
+    if not np.all(np.isfinite(s)) or (s < 0).any():
+        raise ValueError("stake must be finite and non-negative")
+    if not 0.0 < kappa <= 1.0:
+        raise ValueError(f"kappa must be in (0, 1], got {kappa}")
+    if not 0.0 <= alpha <= 1.0 or not 0.0 <= bonds_penalty <= 1.0:
+        raise ValueError("alpha and bonds_penalty must be in [0, 1]")
+    b_prev = np.zeros_like(w) if bonds is None else _as_matrix("bonds", bonds, w.shape)
+
+    s = _normalize(s)
+    w = _row_normalize(w)
+    preranks = w.T @ s
+    consensus = _weighted_median_col(s, w, kappa)
+    clipped = np.minimum(w, consensus[None, :])
+    validator_trust = clipped.sum(axis=1)
+    ranks = clipped.T @ s
+    trust = np.divide(ranks, preranks, out=np.zeros_like(ranks), where=preranks > 0)
+    incentive = _normalize(ranks)
+
+    w_bonds = w + bonds_penalty * (clipped - w)  # subtensor's interpolate(weights, clipped, penalty)
+    delta = _col_normalize(w_bonds * s[:, None])
+    ema = _col_normalize(alpha * delta + (1.0 - alpha) * _col_normalize(b_prev))
+    dividends = _normalize(ema @ incentive)
+
+    arrays = dict(consensus=consensus, incentive=incentive, dividends=dividends, bonds=ema,
+                  validator_trust=validator_trust, rank=ranks, trust=trust, weights=w,
+                  clipped_weights=clipped, stake=s)
+    for a in arrays.values():
+        a.setflags(write=False)
+    return YumaResult(**arrays)
+
+
+def quality_from_consensus(result: YumaResult, node_ids, epoch: int = 0) -> QualityScores:
+    """Map consensus to the quality in [0,1] that the router and settlement use.
+
+    quality_j = consensus_j / max_k consensus_k (0 for everyone when no node has consensus).
+
+    Why consensus and not incentive: consensus is already clipped to what a kappa-majority of stake
+    agrees on, so a minority cannot inflate it; dividing by the best node makes the top node 1.0,
+    independent of how many nodes share the weight (raw consensus shrinks as 1/N with more nodes,
+    which would make "quality" mean "fleet size"). A node every majority validator weights at 0
+    (e.g. caught cheating) gets exactly 0: no routing share beyond the router's floor, and zero
+    reward in settlement's usage x quality. Incentive (rank) is the stake-weighted sum of clipped
+    weights and gives the same ordering; it is kept in the result for audit.
+    """
+    ids = list(node_ids)
+    if len(ids) != result.consensus.shape[0]:
+        raise ValueError(f"got {len(ids)} node ids for {result.consensus.shape[0]} consensus columns")
+    top = float(result.consensus.max()) if len(ids) else 0.0
+    q = result.consensus / top if top > 0 else np.zeros_like(result.consensus)
+    return QualityScores(epoch=epoch, quality={nid: float(min(1.0, max(0.0, x))) for nid, x in zip(ids, q)})
