@@ -32,9 +32,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from settlement.chain import Chain, ChainSettings, ChainUnavailable, ContractReverted, fees_of_raw
+from settlement.chain import EMBEDDED, Chain, ChainSettings, ChainUnavailable, ContractReverted, fees_of_raw
 from settlement.keys import SettlerKey
 from settlement.rewardbook import EpochCommitment, RewardBook
 
@@ -47,9 +48,14 @@ ZERO_ROOT = b"\x00" * 32
 QualitySource = Callable[[int], Mapping[str, float] | None] | Mapping[int, Mapping[str, float]]
 
 
-class SettlementConfig(BaseModel):
-    """How epochs are paid."""
+class SettlementConfig(BaseSettings):
+    """How epochs are kept and paid (env: MERITNET_SETTLEMENT_<FIELD>)."""
 
+    model_config = SettingsConfigDict(env_prefix="MERITNET_SETTLEMENT_", extra="ignore")
+
+    ledger_path: Path = Field(default=Path("meritnet-ledger.sqlite"), description="The usage ledger (SQLite).")
+    epoch_length_s: float = Field(default=3600.0, gt=0, description="Length of one epoch in seconds.")
+    genesis: float = Field(default=0.0, description="Unix time at which epoch 0 starts.")
     emission_wei: int = Field(default=10**21, ge=0, description="Reward minted per epoch (wei, 18 decimals).")
     prompt_weight: float = Field(default=1.0, ge=0, description="Usage weight of one prompt token.")
     completion_weight: float = Field(default=1.0, ge=0, description="Usage weight of one completion token.")
@@ -62,6 +68,11 @@ class SettlementConfig(BaseModel):
         "None makes the settler wait for scores before committing an epoch.",
     )
     tick_s: float = Field(default=5.0, gt=0, description="Seconds between settlement passes in run().")
+
+    @property
+    def book_path(self) -> Path:
+        """The RewardBook lives beside the ledger."""
+        return Path(str(self.ledger_path) + ".rewards.sqlite")
 
 
 class SettlementConflict(RuntimeError):
@@ -104,8 +115,8 @@ class Settler:
 
     def due_epoch(self) -> int:
         """The last epoch that has fully ended by now (-1 if none)."""
-        elapsed = self.clock() - self.ledger.genesis
-        return math.floor(elapsed / self.ledger.epoch_length_s) - 1
+        elapsed = self.clock() - self.config.genesis
+        return math.floor(elapsed / self.config.epoch_length_s) - 1
 
     def close_due_epochs(self) -> list[int]:
         """Freeze every epoch that has ended and is not closed yet, oldest first."""
@@ -305,9 +316,6 @@ class SettlementService:
 
     def __init__(
         self,
-        ledger_path: str,
-        epoch_length_s: float,
-        genesis: float = 0.0,
         config: SettlementConfig | None = None,
         chain: ChainSettings | None = None,
         quality: Mapping[int, Mapping[str, float]] | None = None,
@@ -315,12 +323,13 @@ class SettlementService:
     ) -> None:
         from settlement.ledger import UsageLedger
 
-        self.ledger = UsageLedger(ledger_path, epoch_length_s, genesis=genesis)
+        config = config or SettlementConfig()
+        self.ledger = UsageLedger(config.ledger_path, config.epoch_length_s, genesis=config.genesis)
         self.chain = Chain.connect(chain or ChainSettings())
         self.key = SettlerKey.load(Path(key_file) if key_file else None)
-        if self.chain.settings.url == "embedded":
+        if self.chain.settings.url == EMBEDDED:
             self.chain.fund(self.key.address, 10**21)  # the embedded chain's dev account pays for gas
-        self.book = RewardBook(str(ledger_path) + ".rewards.sqlite")
+        self.book = RewardBook(config.book_path)
         self.settler = Settler(self.ledger, self.chain, self.key, self.book, config, quality)
         self.settler.ensure_contract()
 
@@ -352,7 +361,8 @@ class SettlementService:
 def settlement_actor(**actor_options: Any):
     """The Ray actor class (imported lazily so the logic above never needs Ray).
 
-    Usage from deploy/: `settlement_actor().options(name="settlement").remote(ledger_path, 60.0, ...)`,
+    Usage from deploy/: `settlement_actor().options(name="settlement").remote(SettlementConfig(...),
+    ChainSettings(...))`,
     then `actor.tick.remote()` on a timer (or `actor.run.remote()` to loop inside the actor).
     """
     import ray

@@ -1,0 +1,219 @@
+"""`meritnet settlement ...` / `python -m settlement ...`: export trees, prove and verify, run, status.
+
+One typer app; the main `meritnet` CLI mounts this same object as its `settlement` group. Settings
+come from the environment (MERITNET_SETTLEMENT_* for the ledger, MERITNET_CHAIN_* for the chain,
+MERITNET_SETTLER_KEY[_FILE] for the key) and the options below override the common ones.
+
+A proof file (written by `prove`) is self-contained: tree kind, epoch, leaf encoding, value and
+proof; `verify` checks it against the root the contract holds, so anyone with chain access can
+audit one interaction or one operator's reward without the ledger.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from settlement.actor import SettlementConfig
+from settlement.chain import Chain, ChainSettings
+from settlement.rewardbook import RewardBook
+
+app = typer.Typer(help="Settlement: usage/reward Merkle trees, proofs against the chain, the settler.",
+                  no_args_is_help=True)
+
+
+class TreeKind(str, Enum):
+    usage = "usage"
+    rewards = "rewards"
+
+
+def _config(ledger: Path | None, epoch_length: float | None) -> SettlementConfig:
+    overrides: dict[str, Any] = {}
+    if ledger is not None:
+        overrides["ledger_path"] = ledger
+    if epoch_length is not None:
+        overrides["epoch_length_s"] = epoch_length
+    return SettlementConfig(**overrides)
+
+
+def _ledger(config: SettlementConfig):
+    from settlement.ledger import UsageLedger
+
+    if not Path(config.ledger_path).exists():
+        raise typer.BadParameter(f"no ledger at {config.ledger_path}; pass --ledger or set MERITNET_SETTLEMENT_LEDGER_PATH")
+    return UsageLedger(config.ledger_path, config.epoch_length_s, genesis=config.genesis)
+
+
+def build_tree(config: SettlementConfig, epoch: int, tree: TreeKind):
+    """The epoch's usage tree (from the frozen ledger) or reward tree (from the committed amounts)."""
+    from settlement.trees import reward_tree, usage_tree
+
+    if tree is TreeKind.usage:
+        frozen = _ledger(config).frozen_epoch(epoch)
+        if frozen is None:
+            raise typer.BadParameter(f"epoch {epoch} is not closed yet; it has no usage tree")
+        return usage_tree(frozen)
+    commitment = RewardBook(config.book_path).get(epoch)
+    if commitment is None:
+        raise typer.BadParameter(f"epoch {epoch} has no committed rewards yet (the settler commits them)")
+    if not commitment.cumulative:
+        raise typer.BadParameter(f"epoch {epoch} has no rewards yet (no eligible usage so far)")
+    return reward_tree(commitment.cumulative)
+
+
+def _find(tree, kind: TreeKind, key: str) -> int:
+    """Index of the leaf for a request id (usage: first value) or operator address (rewards)."""
+    from web3 import Web3
+
+    wanted = {key.lower()}
+    if kind is TreeKind.usage:
+        wanted.add("0x" + Web3.keccak(text=key).hex().removeprefix("0x"))  # request ids hashed to bytes32
+    for i, value in enumerate(tree.values):
+        first = value[0]
+        first = ("0x" + first.hex()) if isinstance(first, bytes) else str(first)
+        if first.lower() in wanted:
+            return i
+    raise typer.BadParameter(f"{key} is not a leaf of this tree")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return "0x" + value.hex()
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)  # uint256 does not fit JSON numbers; OpenZeppelin dumps use strings too
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _root_hex(root: Any) -> str:
+    return root if isinstance(root, str) else "0x" + bytes(root).hex()
+
+
+@app.command()
+def export(
+    epoch: int = typer.Option(..., help="Epoch number."),
+    tree: TreeKind = typer.Option(..., help="usage (one leaf per interaction) or rewards (one per operator)."),
+    out: Path = typer.Option(..., help="Output file (OpenZeppelin StandardMerkleTree dump, standard-v1)."),
+    ledger: Path | None = typer.Option(None, help="Ledger path (default: MERITNET_SETTLEMENT_LEDGER_PATH)."),
+    epoch_length: float | None = typer.Option(None, help="Epoch length in seconds (default: settings)."),
+) -> None:
+    """Write an epoch's usage or reward tree in OpenZeppelin's dump format."""
+    merkle = build_tree(_config(ledger, epoch_length), epoch, tree)
+    out.write_text(json.dumps(merkle.dump(), indent=2) + "\n")
+    typer.echo(f"wrote {out}: {len(merkle.values)} leaves, root {_root_hex(merkle.root)}")
+
+
+@app.command()
+def prove(
+    epoch: int = typer.Option(..., help="Epoch number."),
+    request_id: str | None = typer.Option(None, help="Prove one interaction (usage tree)."),
+    operator: str | None = typer.Option(None, help="Prove an operator's cumulative reward (reward tree)."),
+    out: Path | None = typer.Option(None, help="Write the proof here instead of stdout."),
+    ledger: Path | None = typer.Option(None, help="Ledger path (default: MERITNET_SETTLEMENT_LEDGER_PATH)."),
+    epoch_length: float | None = typer.Option(None, help="Epoch length in seconds (default: settings)."),
+) -> None:
+    """Give the inclusion proof of a request id or an operator (a self-contained JSON file)."""
+    if (request_id is None) == (operator is None):
+        raise typer.BadParameter("pass exactly one of --request-id or --operator")
+    kind = TreeKind.usage if request_id is not None else TreeKind.rewards
+    merkle = build_tree(_config(ledger, epoch_length), epoch, kind)
+    index = _find(merkle, kind, request_id or operator)
+    proof = {
+        "tree": kind.value,
+        "epoch": epoch,
+        "root": _root_hex(merkle.root),
+        "leafEncoding": list(merkle.leaf_encoding),
+        "value": _jsonable(merkle.values[index]),
+        "proof": [_root_hex(p) for p in merkle.get_proof(index)],
+    }
+    text = json.dumps(proof, indent=2) + "\n"
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        out.write_text(text)
+        typer.echo(f"wrote {out}")
+
+
+def onchain_root(chain: Chain, kind: str, epoch: int) -> bytes:
+    """The root the contract committed: usage roots per epoch in storage, reward roots in the epoch's event."""
+    if kind == TreeKind.usage.value:
+        return chain.usage_root(epoch)
+    events = chain.settled_events(epoch)
+    if not events:
+        raise typer.BadParameter(f"epoch {epoch} is not settled on-chain (no EpochSettled event)")
+    return bytes(events[-1]["reward_root"])
+
+
+def _typed(value: Any, typ: str) -> Any:
+    if typ.startswith(("uint", "int")):
+        return int(value)
+    if typ.startswith("bytes"):
+        return bytes.fromhex(str(value).removeprefix("0x"))
+    return value
+
+
+@app.command()
+def verify(
+    proof_file: Path = typer.Argument(..., help="A proof written by `prove`."),
+    contract: str | None = typer.Option(None, help="Distributor address (default: MERITNET_CHAIN_CONTRACT)."),
+    url: str | None = typer.Option(None, help="JSON-RPC URL (default: MERITNET_CHAIN_URL)."),
+) -> None:
+    """Check a proof against the root the contract holds; exit code 1 if it does not verify."""
+    from settlement.merkle import StandardMerkleTree
+
+    proof = json.loads(proof_file.read_text())
+    settings = ChainSettings(**{k: v for k, v in {"contract": contract, "url": url}.items() if v})
+    if not settings.contract:
+        raise typer.BadParameter("no contract address: pass --contract or set MERITNET_CHAIN_CONTRACT")
+    root = onchain_root(Chain.connect(settings), proof["tree"], int(proof["epoch"]))
+    encoding = proof["leafEncoding"]
+    value = [_typed(v, t) for v, t in zip(proof["value"], encoding, strict=True)]
+    steps = [bytes.fromhex(p.removeprefix("0x")) for p in proof["proof"]]
+    ok = StandardMerkleTree.verify(root, encoding, value, steps)
+    typer.echo(f"{'VALID' if ok else 'INVALID'}: {proof['tree']} leaf of epoch {proof['epoch']} against "
+               f"on-chain root 0x{root.hex()}")
+    raise typer.Exit(0 if ok else 1)
+
+
+@app.command()
+def run(
+    until_idle: bool = typer.Option(False, help="Settle every closed/due epoch, then exit."),
+    ledger: Path | None = typer.Option(None, help="Ledger path (default: MERITNET_SETTLEMENT_LEDGER_PATH)."),
+    epoch_length: float | None = typer.Option(None, help="Epoch length in seconds (default: settings)."),
+) -> None:
+    """Run the settler: close due epochs and settle them in order (key from MERITNET_SETTLER_KEY[_FILE])."""
+    from settlement.actor import SettlementService
+
+    service = SettlementService(_config(ledger, epoch_length))
+    typer.echo(f"settling on contract {service.chain.address} as {service.key.address}")
+    if until_idle:
+        settled = service.settler.tick()
+        typer.echo(json.dumps({"settled": settled, **service.status()}))
+    else:
+        service.run()
+
+
+@app.command()
+def status(
+    ledger: Path | None = typer.Option(None, help="Ledger path (default: MERITNET_SETTLEMENT_LEDGER_PATH)."),
+    epoch_length: float | None = typer.Option(None, help="Epoch length in seconds (default: settings)."),
+) -> None:
+    """Ledger and chain progress: last closed, committed and settled epochs, totals."""
+    config = _config(ledger, epoch_length)
+    led = _ledger(config)
+    latest = RewardBook(config.book_path).latest()
+    report: dict[str, Any] = {
+        "last_closed_epoch": led.last_closed_epoch(),
+        "last_committed_epoch": None if latest is None else latest.epoch,
+    }
+    settings = ChainSettings()
+    if settings.contract:
+        chain = Chain.connect(settings)
+        report |= {"contract": chain.address, "next_epoch": chain.next_epoch(),
+                   "total_rewarded": str(chain.total_rewarded()), "total_claimed": str(chain.total_supply())}
+    typer.echo(json.dumps(report, indent=2))

@@ -1,0 +1,159 @@
+"""The distributor contract on the embedded chain (py-evm via eth-tester): settle, claim, every error.
+
+`contract_scenario` is also run against anvil by tests/integration/test_settlement_anvil.py. The
+proofs here come from a tiny independent OpenZeppelin-StandardMerkleTree builder (below), so the
+contract's leaf encoding is checked against the standard itself, not only against our own builder.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from eth_abi import encode
+from web3 import Web3
+
+from settlement.chain import Chain, ContractReverted
+from settlement.compile import ARTIFACT_PATH, compile_artifact
+from settlement.keys import SettlerKey
+
+SETTLE_GAS_GOAL = 80_000
+CLAIM_GAS_GOAL = 100_000
+
+
+def oz_leaf(types: list[str], values: list) -> bytes:
+    return Web3.keccak(Web3.keccak(encode(types, values)))
+
+
+def oz_tree(types: list[str], values: list[list]) -> tuple[bytes, list[list[bytes]]]:
+    """Root and per-value proofs, built the way @openzeppelin/merkle-tree builds them."""
+    leaves = [oz_leaf(types, v) for v in values]
+    order = sorted(range(len(leaves)), key=lambda i: leaves[i], reverse=True)
+    n = len(leaves)
+    tree: list[bytes] = [b""] * (2 * n - 1)
+    for k, i in enumerate(order):
+        tree[len(tree) - 1 - k] = leaves[i]
+    for i in range(len(tree) - 1 - n, -1, -1):
+        a, b = sorted([tree[2 * i + 1], tree[2 * i + 2]])
+        tree[i] = Web3.keccak(a + b)
+    proofs = []
+    for i in range(n):
+        j = len(tree) - 1 - order.index(i)
+        proof = []
+        while j > 0:
+            proof.append(tree[j - (-1) ** (j % 2)])  # sibling
+            j = (j - 1) // 2
+        proofs.append(proof)
+    return tree[0], proofs
+
+
+def funded_key(chain: Chain) -> SettlerKey:
+    key = SettlerKey.generate()
+    chain.fund(key.address, 10**20)
+    return key
+
+
+def settle(chain: Chain, key: SettlerKey, epoch: int, usage_root: bytes, reward_root: bytes, n: int, amount: int):
+    raw = chain.sign_settle(key, epoch, usage_root, reward_root, n, amount, chain.nonce(key.address), chain.fees())
+    receipt = chain.wait_receipt(chain.send_raw(raw))
+    assert receipt is not None and receipt["status"] == 1
+    return receipt
+
+
+def expect_revert(error: str, fn, *args) -> ContractReverted:
+    with pytest.raises(ContractReverted) as info:
+        fn(*args)
+    assert info.value.error == error
+    return info.value
+
+
+def contract_scenario(chain: Chain) -> dict[str, int]:
+    """Settle three epochs, claim cumulatively, and hit every rejection. Returns measured gas."""
+    settler, stranger = funded_key(chain), funded_key(chain)
+    ops = [funded_key(chain).address for _ in range(3)]
+    chain.deploy(settler, first_epoch=5)
+    assert chain.next_epoch() == 5 and chain.settler() == settler.address
+    usage_root = Web3.keccak(text="usage")
+
+    # Epoch 5: ops 0 and 1 earn. Only the settler may post; only epoch 5 is next.
+    cum5 = {ops[0]: 600, ops[1]: 400}
+    root5, proofs5 = oz_tree(["address", "uint256"], [[a, v] for a, v in cum5.items()])
+    expect_revert("NotSettler", chain.preflight_settle, stranger.address, 5, usage_root, root5, 10, 1000)
+    expect_revert("EpochOutOfOrder", chain.preflight_settle, settler.address, 6, usage_root, root5, 10, 1000)
+    first = settle(chain, settler, 5, usage_root, root5, 10, 1000)
+    expect_revert("EpochAlreadySettled", chain.preflight_settle, settler.address, 5, usage_root, root5, 10, 1000)
+    assert chain.usage_root(5) == usage_root and chain.reward_root() == root5 and chain.total_rewarded() == 1000
+
+    claim0 = chain.claim(stranger, ops[0], 600, proofs5[0])  # anyone may claim; tokens go to the operator
+    assert claim0["status"] == 1 and chain.balance_of(ops[0]) == 600 and chain.balance_of(stranger.address) == 0
+    expect_revert("NothingToClaim", chain.claim, stranger, ops[0], 600, proofs5[0])
+    expect_revert("InvalidProof", chain.claim, stranger, ops[1], 401, proofs5[1])  # amount not in the tree
+    expect_revert("InvalidProof", chain.claim, stranger, ops[2], 400, proofs5[1])  # someone else's proof
+    assert chain.balance_of(ops[0]) == 600 and chain.balance_of(ops[2]) == 0
+
+    # Epochs 6, 7: cumulative amounts grow; a claim pays only the difference.
+    cum6 = {ops[0]: 900, ops[1]: 700, ops[2]: 400}
+    root6, proofs6 = oz_tree(["address", "uint256"], [[a, v] for a, v in cum6.items()])
+    steady = settle(chain, settler, 6, usage_root, root6, 12, 1000)
+    second_claim = chain.claim(stranger, ops[0], 900, proofs6[0])
+    assert chain.balance_of(ops[0]) == 900 and chain.claimed(ops[0]) == 900
+    expect_revert("InvalidProof", chain.claim, stranger, ops[1], 400, proofs5[1])  # stale root
+    chain.claim(stranger, ops[1], 700, proofs6[1])
+    chain.claim(stranger, ops[2], 400, proofs6[2])
+    assert chain.total_supply() == 2000 == chain.total_rewarded()
+
+    # A root promising more than was posted cannot mint it.
+    greedy = {ops[2]: 10**6, ops[0]: 900}
+    root7, proofs7 = oz_tree(["address", "uint256"], [[a, v] for a, v in greedy.items()])
+    settle(chain, settler, 7, usage_root, root7, 1, 5)
+    expect_revert("ExceedsRewarded", chain.claim, stranger, ops[2], 10**6, proofs7[0])
+
+    events = chain.settled_events()
+    assert [e["epoch"] for e in events] == [5, 6, 7] and events[1]["reward_root"] == root6
+    return {"settle_first": first["gasUsed"], "settle": steady["gasUsed"], "claim_first": claim0["gasUsed"],
+            "claim_again": second_claim["gasUsed"]}
+
+
+def test_contract_scenario_on_eth_tester():
+    gas = contract_scenario(Chain.embedded())
+    assert gas["settle"] <= SETTLE_GAS_GOAL
+    assert gas["claim_first"] <= CLAIM_GAS_GOAL and gas["claim_again"] <= CLAIM_GAS_GOAL
+
+
+def test_settle_gas_does_not_depend_on_tree_size():
+    chain = Chain.embedded()
+    key = funded_key(chain)
+    chain.deploy(key, first_epoch=0)
+    settle(chain, key, 0, Web3.keccak(text="u"), Web3.keccak(text="r"), 1, 1)
+    gas = {settle(chain, key, e, Web3.keccak(text=f"u{e}"), Web3.keccak(text=f"r{e}"), n, n * 10**18)["gasUsed"]
+           for e, n in enumerate([10, 1000, 10**6], start=1)}
+    # Roots are 32 bytes whatever the number of leaves; only calldata byte costs (4 vs 16 gas per
+    # zero/non-zero byte of the totals) differ.
+    assert max(gas) - min(gas) <= 100, gas
+
+
+def test_only_settler_hands_over_the_role():
+    chain = Chain.embedded()
+    settler, stranger = funded_key(chain), funded_key(chain)
+    chain.deploy(settler, first_epoch=0)
+    expect_revert("NotSettler", chain.transact, stranger, "set_settler", stranger.address)
+    chain.transact(settler, "set_settler", stranger.address)
+    assert chain.settler() == stranger.address
+    expect_revert("NotSettler", chain.preflight_settle, settler.address, 0, b"\x01" * 32, b"\x02" * 32, 0, 0)
+
+
+def test_committed_artifact_matches_a_fresh_compile():
+    committed = json.loads(ARTIFACT_PATH.read_text())
+    fresh = compile_artifact()
+    assert fresh["sources"] == committed["sources"], "sources changed: run `python -m settlement.compile`"
+    assert fresh == committed
+    assert {e["name"] for e in committed["abi"] if e["type"] == "error"} >= {
+        "NotSettler", "EpochOutOfOrder", "EpochAlreadySettled", "InvalidProof", "NothingToClaim"}
+
+
+def test_reference_tree_matches_a_known_openzeppelin_root():
+    # A single-leaf tree's root is its leaf; two leaves hash in sorted order.
+    values = [["0x1111111111111111111111111111111111111111", 5], ["0x2222222222222222222222222222222222222222", 7]]
+    root, proofs = oz_tree(["address", "uint256"], values)
+    a, b = sorted(oz_leaf(["address", "uint256"], v) for v in values)
+    assert root == Web3.keccak(a + b) and len(proofs[0]) == 1
