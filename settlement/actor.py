@@ -192,7 +192,8 @@ class Settler:
         if existing is not None:
             return existing
         from settlement.rewards import compute_rewards
-        from settlement.trees import reward_tree, usage_tree
+        from settlement.trees import EmptyTreeError, usage_tree
+        from settlement.trees import reward_root as reward_root_of
 
         usage = self.ledger.usage_by_node(epoch)
         scores = self.quality_for(epoch)
@@ -209,9 +210,12 @@ class Settler:
         for operator, amount in result.per_operator.items():
             cumulative[operator] = cumulative.get(operator, 0) + amount
         frozen = self.ledger.frozen_epoch(epoch)
-        interactions = len(self.ledger.records(epoch))
-        usage_root = _bytes32(usage_tree(frozen).root) if interactions else ZERO_ROOT
-        reward_root = _bytes32(reward_tree(cumulative).root) if cumulative else ZERO_ROOT
+        try:
+            tree = usage_tree(frozen)
+            usage_root, interactions = _bytes32(tree.root), len(tree)
+        except EmptyTreeError:
+            usage_root, interactions = ZERO_ROOT, 0
+        reward_root = _bytes32(reward_root_of(cumulative))
         self.book.put_quality(epoch, quality)
         stored = self.book.put(
             EpochCommitment(

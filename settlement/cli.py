@@ -50,44 +50,34 @@ def _ledger(config: SettlementConfig):
 
 def build_tree(config: SettlementConfig, epoch: int, tree: TreeKind):
     """The epoch's usage tree (from the frozen ledger) or reward tree (from the committed amounts)."""
-    from settlement.trees import reward_tree, usage_tree
+    from settlement.trees import EmptyTreeError, reward_tree, usage_tree
 
     if tree is TreeKind.usage:
         frozen = _ledger(config).frozen_epoch(epoch)
         if frozen is None:
             raise typer.BadParameter(f"epoch {epoch} is not closed yet; it has no usage tree")
-        return usage_tree(frozen)
+        try:
+            return usage_tree(frozen)
+        except EmptyTreeError:
+            raise typer.BadParameter(f"epoch {epoch} has no ok usage, so no usage tree (root is zero)") from None
     commitment = RewardBook(config.book_path).get(epoch)
     if commitment is None:
         raise typer.BadParameter(f"epoch {epoch} has no committed rewards yet (the settler commits them)")
-    if not commitment.cumulative:
-        raise typer.BadParameter(f"epoch {epoch} has no rewards yet (no eligible usage so far)")
-    return reward_tree(commitment.cumulative)
+    try:
+        return reward_tree(commitment.cumulative)
+    except EmptyTreeError:
+        raise typer.BadParameter(f"epoch {epoch} has no rewards yet (no eligible usage so far)") from None
 
 
 def _find(tree, kind: TreeKind, key: str) -> int:
-    """Index of the leaf for a request id (usage: first value) or operator address (rewards)."""
-    from web3 import Web3
+    """Value index of a request id's leaf (usage tree) or an operator's leaf (reward tree)."""
+    from settlement.merkle import MerkleTreeError
+    from settlement.trees import find_reward_leaf, find_usage_leaf
 
-    wanted = {key.lower()}
-    if kind is TreeKind.usage:
-        wanted.add("0x" + Web3.keccak(text=key).hex().removeprefix("0x"))  # request ids hashed to bytes32
-    for i, value in enumerate(tree.values):
-        first = value[0]
-        first = ("0x" + first.hex()) if isinstance(first, bytes) else str(first)
-        if first.lower() in wanted:
-            return i
-    raise typer.BadParameter(f"{key} is not a leaf of this tree")
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return "0x" + value.hex()
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)  # uint256 does not fit JSON numbers; OpenZeppelin dumps use strings too
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
+    try:
+        return find_usage_leaf(tree, key) if kind is TreeKind.usage else find_reward_leaf(tree, key)
+    except MerkleTreeError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 def _root_hex(root: Any) -> str:
@@ -105,7 +95,7 @@ def export(
     """Write an epoch's usage or reward tree in OpenZeppelin's dump format."""
     merkle = build_tree(_config(ledger, epoch_length), epoch, tree)
     out.write_text(json.dumps(merkle.dump(), indent=2) + "\n")
-    typer.echo(f"wrote {out}: {len(merkle.values)} leaves, root {_root_hex(merkle.root)}")
+    typer.echo(f"wrote {out}: {len(merkle)} leaves, root {_root_hex(merkle.root)}")
 
 
 @app.command()
@@ -128,8 +118,8 @@ def prove(
         "epoch": epoch,
         "root": _root_hex(merkle.root),
         "leafEncoding": list(merkle.leaf_encoding),
-        "value": _jsonable(merkle.values[index]),
-        "proof": [_root_hex(p) for p in merkle.get_proof(index)],
+        "value": merkle.dump()["values"][index]["value"],
+        "proof": merkle.get_proof(index),
     }
     text = json.dumps(proof, indent=2) + "\n"
     if out is None:
@@ -149,14 +139,6 @@ def onchain_root(chain: Chain, kind: str, epoch: int) -> bytes:
     return bytes(events[-1]["reward_root"])
 
 
-def _typed(value: Any, typ: str) -> Any:
-    if typ.startswith(("uint", "int")):
-        return int(value)
-    if typ.startswith("bytes"):
-        return bytes.fromhex(str(value).removeprefix("0x"))
-    return value
-
-
 @app.command()
 def verify(
     proof_file: Path = typer.Argument(..., help="A proof written by `prove`."),
@@ -171,10 +153,7 @@ def verify(
     if not settings.contract:
         raise typer.BadParameter("no contract address: pass --contract or set MERITNET_CHAIN_CONTRACT")
     root = onchain_root(Chain.connect(settings), proof["tree"], int(proof["epoch"]))
-    encoding = proof["leafEncoding"]
-    value = [_typed(v, t) for v, t in zip(proof["value"], encoding, strict=True)]
-    steps = [bytes.fromhex(p.removeprefix("0x")) for p in proof["proof"]]
-    ok = StandardMerkleTree.verify(root, encoding, value, steps)
+    ok = StandardMerkleTree.verify("0x" + root.hex(), proof["leafEncoding"], proof["value"], proof["proof"])
     typer.echo(f"{'VALID' if ok else 'INVALID'}: {proof['tree']} leaf of epoch {proof['epoch']} against "
                f"on-chain root 0x{root.hex()}")
     raise typer.Exit(0 if ok else 1)

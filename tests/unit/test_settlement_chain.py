@@ -28,7 +28,7 @@ def oz_leaf(types: list[str], values: list) -> bytes:
 def oz_tree(types: list[str], values: list[list]) -> tuple[bytes, list[list[bytes]]]:
     """Root and per-value proofs, built the way @openzeppelin/merkle-tree builds them."""
     leaves = [oz_leaf(types, v) for v in values]
-    order = sorted(range(len(leaves)), key=lambda i: leaves[i], reverse=True)
+    order = sorted(range(len(leaves)), key=lambda i: leaves[i])  # ascending, as OZ sorts
     n = len(leaves)
     tree: list[bytes] = [b""] * (2 * n - 1)
     for k, i in enumerate(order):
@@ -157,3 +157,21 @@ def test_reference_tree_matches_a_known_openzeppelin_root():
     root, proofs = oz_tree(["address", "uint256"], values)
     a, b = sorted(oz_leaf(["address", "uint256"], v) for v in values)
     assert root == Web3.keccak(a + b) and len(proofs[0]) == 1
+
+
+def test_settlement_reward_tree_proofs_are_accepted_by_the_contract():
+    """The off-chain builder (settlement.trees) and the on-chain verifier agree on the leaf encoding."""
+    from settlement.trees import find_reward_leaf, reward_tree
+
+    chain = Chain.embedded()
+    settler, payer = funded_key(chain), funded_key(chain)
+    chain.deploy(settler, first_epoch=0)
+    cumulative = {SettlerKey.generate().address: 10**18 + i for i in range(9)}  # odd count: unbalanced tree
+    tree = reward_tree(cumulative)
+    settle(chain, settler, 0, b"\x00" * 32, bytes.fromhex(tree.root[2:]), 9, sum(cumulative.values()))
+    for operator, amount in cumulative.items():
+        proof = [bytes.fromhex(p[2:]) for p in tree.get_proof(find_reward_leaf(tree, operator))]
+        chain.claim(payer, operator, amount, proof)
+        assert chain.balance_of(operator) == amount
+    assert oz_tree(["address", "uint256"], [list(v) for v in (tree.at(i) for i in range(len(tree)))])[0] == \
+        bytes.fromhex(tree.root[2:])
