@@ -1,0 +1,70 @@
+"""Per-validator node scores: the formula, the hard drop on fraud, strikes, recovery, speed vs fleet."""
+
+from __future__ import annotations
+
+import pytest
+
+from scoring.score import NodeScorer, ScoreConfig
+
+
+def _by_node(scorer):
+    return {s.node_id: s for s in scorer.scores()}
+
+
+def test_formula_with_hand_numbers():
+    sc = NodeScorer("v1", ScoreConfig(availability_alpha=0.5, integrity_alpha=0.5))
+    # availability: first obs 1 -> 1 ; then 0 -> .5*0 + .5*1 = 0.5
+    sc.observe_challenge("a", "m", True, ttft_s=0.1, tokens_per_s=100, now=1)
+    sc.observe_challenge("a", "m", False, now=2)
+    sc.observe_verification("a", "m", "pass", now=3)
+    # b is twice as slow on both measures; fleet medians are (0.1+0.2)/2=.15 s and 75 tok/s
+    sc.observe_challenge("b", "m", True, ttft_s=0.2, tokens_per_s=50, now=1)
+    sc.observe_verification("b", "m", "pass", now=3)
+    s = _by_node(sc)
+    assert s["a"].availability == pytest.approx(0.5)
+    assert s["a"].speed == pytest.approx(1.0)  # min(1, .15/.1) and min(1, 100/75)
+    assert s["b"].speed == pytest.approx(0.5 * (0.15 / 0.2) + 0.5 * (50 / 75))
+    # score = integrity * (0.7 * avail + 0.3 * speed)
+    assert s["a"].score == pytest.approx(1.0 * (0.7 * 0.5 + 0.3 * 1.0))
+    assert s["a"].at == 3 and s["a"].validator == "v1"
+
+
+def test_fraud_drops_integrity_to_zero_and_recovery_is_slow():
+    sc = NodeScorer("v", ScoreConfig(recovery_passes=3))
+    sc.observe_challenge("n", "m", True, 0.1, 10)
+    for _ in range(5):
+        sc.observe_verification("n", "m", "pass")
+    assert _by_node(sc)["n"].integrity == 1.0
+    sc.observe_verification("n", "m", "fraud")
+    assert _by_node(sc)["n"].integrity == 0.0 and _by_node(sc)["n"].score == 0.0
+    for _ in range(2):
+        sc.observe_verification("n", "m", "pass")
+        assert _by_node(sc)["n"].integrity == 0.0  # still in penalty
+    sc.observe_verification("n", "m", "fail")  # a fail in penalty restarts the count
+    assert sc.in_penalty("n")
+    for _ in range(3):
+        sc.observe_verification("n", "m", "pass")
+    assert not sc.in_penalty("n")
+    sc.observe_verification("n", "m", "pass")
+    assert 0.0 < _by_node(sc)["n"].integrity < 0.5  # EMA restarted from 0: 0.2 after one pass
+
+
+def test_repeated_fails_count_as_fraud():
+    sc = NodeScorer("v", ScoreConfig(fail_strikes=2, strike_window=4))
+    for v in ["pass", "pass", "fail"]:
+        sc.observe_verification("n", "m", v)
+    assert _by_node(sc)["n"].integrity == pytest.approx(0.8)  # EMA .2: 1 -> 1 -> .8
+    sc.observe_verification("n", "m", "fail")
+    assert _by_node(sc)["n"].integrity == 0.0 and sc.in_penalty("n")
+
+
+def test_speed_compares_only_within_the_same_model():
+    sc = NodeScorer("v")
+    sc.observe_challenge("fast", "small", True, 0.01, 1000)
+    sc.observe_challenge("big", "large", True, 1.0, 10)
+    s = _by_node(sc)
+    assert s["fast"].speed == 1.0 and s["big"].speed == 1.0  # each is its model's median
+
+
+def test_unobserved_nodes_have_no_score():
+    assert NodeScorer("v").scores() == []
