@@ -102,6 +102,7 @@ class Settler:
         config: SettlementConfig | None = None,
         quality: QualitySource | None = None,
         clock: Callable[[], float] = time.time,
+        rewards: Callable[..., Any] | None = None,
     ) -> None:
         self.ledger = ledger
         self.chain = chain
@@ -110,6 +111,7 @@ class Settler:
         self.config = config or SettlementConfig()
         self._quality = quality
         self.clock = clock
+        self._rewards = rewards  # settlement.rewards.compute_rewards unless a test injects one
 
     # -- scheduling -----------------------------------------------------------------------------
 
@@ -191,7 +193,6 @@ class Settler:
         existing = self.book.get(epoch)
         if existing is not None:
             return existing
-        from settlement.rewards import compute_rewards
         from settlement.trees import EmptyTreeError, usage_tree
         from settlement.trees import reward_root as reward_root_of
 
@@ -202,7 +203,11 @@ class Settler:
         quality = {node: (scores or {}).get(node, self.config.default_quality or 0.0) for node in usage}
         previous = self.book.get(epoch - 1)
         carried_in = previous.carried_wei if previous else 0
-        result = compute_rewards(
+        if self._rewards is None:
+            from settlement.rewards import compute_rewards
+
+            self._rewards = compute_rewards
+        result = self._rewards(
             usage, quality, self.config.emission_wei + carried_in, self.config.prompt_weight,
             self.config.completion_weight,
         )

@@ -15,6 +15,7 @@ from typing import Any
 
 from eth_account.typed_transactions import TypedTransaction
 from eth_utils import to_checksum_address
+from hexbytes import HexBytes
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from web3 import Web3
@@ -99,7 +100,7 @@ class TxInfo:
 
 def fees_of_raw(raw: bytes) -> tuple[int, Fees]:
     """Nonce and fees of a signed type-2 transaction (to re-sign it with bumped fees)."""
-    tx = TypedTransaction.from_bytes(raw).as_dict()
+    tx = TypedTransaction.from_bytes(HexBytes(raw)).as_dict()
     return int(tx["nonce"]), Fees(int(tx["maxFeePerGas"]), int(tx["maxPriorityFeePerGas"]))
 
 

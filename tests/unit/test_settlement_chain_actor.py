@@ -1,0 +1,221 @@
+"""The Settler's decisions on the embedded chain with an in-memory ledger: order, exactly-once, restarts.
+
+Each "crash" here is a fresh Settler over the same ledger, book and chain, entered in the state a
+SIGKILL at that step leaves behind (the real SIGKILL runs are in tests/integration/test_settlement_faults.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import pytest
+from web3 import Web3
+
+from settlement.actor import SettlementConfig, SettlementConflict, Settler
+from settlement.chain import Chain, ChainSettings, ChainUnavailable, fees_of_raw
+from settlement.keys import SettlerKey, SettlerKeyError
+from settlement.rewardbook import RewardBook
+
+OPS = [SettlerKey.generate().address for _ in range(2)]
+EPOCH_S = 100.0
+
+
+@dataclass
+class Row:
+    request_id: str
+    node_id: str
+    operator: str
+    model: str = "default"
+    prompt_tokens: int = 3
+    completion_tokens: int = 5
+
+
+@dataclass
+class FakeLedger:
+    """The promised UsageLedger surface, in memory, with one record per node per epoch."""
+
+    closed: dict[int, list[Row]] = field(default_factory=dict)
+    settled_tx: dict[int, bytes] = field(default_factory=dict)
+    pending: dict[int, SimpleNamespace] = field(default_factory=dict)
+    marks: list[int] = field(default_factory=list)
+
+    def close_epoch(self, epoch):
+        rows = [Row(f"req-{epoch}-{i}", f"node-{i}", op) for i, op in enumerate(OPS)]
+        self.closed.setdefault(epoch, rows)
+        return self.frozen_epoch(epoch)
+
+    def frozen_epoch(self, epoch):
+        return SimpleNamespace(epoch=epoch, rows=self.closed[epoch])
+
+    def last_closed_epoch(self):
+        return max(self.closed) if self.closed else None
+
+    def usage_by_node(self, epoch):
+        return {r.node_id: r for r in self.closed[epoch]}
+
+    def mark_settled(self, epoch, tx_hash):
+        self.marks.append(epoch)
+        self.settled_tx[epoch] = tx_hash
+        self.pending.pop(epoch, None)
+
+    def settled(self, epoch):
+        return epoch in self.settled_tx
+
+    def put_pending_tx(self, epoch, raw_tx, nonce, tx_hash):
+        self.pending[epoch] = SimpleNamespace(raw_tx=raw_tx, nonce=nonce, tx_hash=tx_hash)
+
+    def pending_tx(self, epoch):
+        return self.pending.get(epoch)
+
+    def clear_pending_tx(self, epoch):
+        self.pending.pop(epoch, None)
+
+
+def equal_split(usage, quality, emission_wei, prompt_weight, completion_weight):
+    """Stand-in for settlement.rewards: split evenly between the operators of scored nodes."""
+    ops = sorted({row.operator for node, row in usage.items() if quality.get(node, 0) > 0})
+    per_op = {op: emission_wei // len(ops) for op in ops} if ops else {}
+    if ops:
+        per_op[ops[0]] += emission_wei - sum(per_op.values())
+    return SimpleNamespace(per_node={}, per_operator=per_op, carried_wei=0 if ops else emission_wei)
+
+
+class Clock:
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def world(tmp_path):
+    chain = Chain.embedded(ChainSettings(receipt_timeout_s=0.5, poll_interval_s=0.05))
+    key = SettlerKey.generate()
+    chain.fund(key.address, 10**20)
+    w = SimpleNamespace(chain=chain, key=key, ledger=FakeLedger(), book=RewardBook(tmp_path / "book.sqlite"),
+                        clock=Clock(3.5 * EPOCH_S), config=SettlementConfig(epoch_length_s=EPOCH_S, emission_wei=1000))
+    w.settler = lambda: Settler(w.ledger, w.chain, w.key, w.book, w.config, quality=None, clock=w.clock,
+                                rewards=equal_split)
+    return w
+
+
+def onchain_epochs(chain: Chain) -> list[int]:
+    return [e["epoch"] for e in chain.settled_events()]
+
+
+def test_closes_due_epochs_and_settles_each_once_in_order(world):
+    settler = world.settler()
+    settler.ensure_contract()
+    assert settler.tick() == [0, 1, 2]  # t = 3.5 epochs: epochs 0..2 have ended, 3 has not
+    assert settler.tick() == []
+    world.clock.t = 5.0 * EPOCH_S
+    assert settler.tick() == [3, 4]
+    assert onchain_epochs(world.chain) == [0, 1, 2, 3, 4] and world.ledger.marks == [0, 1, 2, 3, 4]
+    assert world.chain.total_rewarded() == 5 * 1000
+    # The book's cumulative amounts are what the chain pays out.
+    from settlement.trees import find_reward_leaf, reward_tree
+
+    latest = world.book.latest()
+    assert sum(latest.cumulative.values()) == 5000
+    tree = reward_tree(latest.cumulative)
+    assert world.chain.reward_root() == bytes.fromhex(tree.root[2:])
+    proof = [bytes.fromhex(p[2:]) for p in tree.get_proof(find_reward_leaf(tree, OPS[1]))]
+    world.chain.claim(world.key, OPS[1], latest.cumulative[OPS[1]], proof)
+    assert world.chain.balance_of(OPS[1]) == latest.cumulative[OPS[1]]
+
+
+def test_written_ahead_but_never_sent_is_resigned_at_the_same_nonce_with_bumped_fees(world, monkeypatch):
+    first = world.settler()
+    first.ensure_contract()
+    monkeypatch.setattr(world.chain, "send_raw", lambda raw: (_ for _ in ()).throw(SystemExit("killed")))
+    with pytest.raises(SystemExit):
+        first.tick()  # dies between the write-ahead and the broadcast of epoch 0
+    monkeypatch.undo()
+    stale = world.ledger.pending_tx(0)
+    nonce, fees = fees_of_raw(stale.raw_tx)
+    assert world.chain.tx_info(stale.tx_hash).state == "unknown"  # the node never saw it: dropped
+
+    assert world.settler().tick() == [0, 1, 2]
+    sent = world.chain.w3.eth.get_transaction(world.ledger.settled_tx[0])
+    assert sent["nonce"] == nonce and sent["maxFeePerGas"] > fees.max_fee
+    assert onchain_epochs(world.chain) == [0, 1, 2]
+
+
+def test_pending_tx_is_rebroadcast_byte_for_byte(world):
+    settler = world.settler()
+    settler.ensure_contract()
+    tester = world.chain.w3.provider.ethereum_tester
+    tester.disable_auto_mine_transactions()
+    assert settler.tick() == []  # sent, no receipt within the timeout: stays pending
+    pending = world.ledger.pending_tx(0)
+    assert world.chain.tx_info(pending.tx_hash).state == "pending"
+
+    restarted = world.settler()
+    tester.enable_auto_mine_transactions()  # mines what is pending
+    assert restarted.tick() == [0, 1, 2]
+    assert world.ledger.settled_tx[0] == bytes(pending.tx_hash)
+    assert onchain_epochs(world.chain) == [0, 1, 2]
+
+
+def test_settled_on_chain_but_not_recorded_is_adopted_without_a_new_tx(world, monkeypatch):
+    settler = world.settler()
+    settler.ensure_contract()
+    monkeypatch.setattr(world.ledger, "mark_settled", lambda e, h: (_ for _ in ()).throw(SystemExit("killed")))
+    with pytest.raises(SystemExit):
+        settler.tick()  # epoch 0 is on-chain, the process dies before recording it
+    monkeypatch.undo()
+    nonce = world.chain.nonce(world.key.address)
+    assert world.settler().settle_closed() == [0, 1, 2]
+    assert world.ledger.marks == [0, 1, 2] and onchain_epochs(world.chain) == [0, 1, 2]
+    assert world.chain.nonce(world.key.address) == nonce + 2  # only epochs 1 and 2 needed a tx
+
+
+def test_chain_outage_queues_epochs_and_settles_them_in_order_later(world, monkeypatch):
+    settler = world.settler()
+    settler.ensure_contract()
+
+    def down(*a, **k):
+        raise ChainUnavailable("down")
+
+    monkeypatch.setattr(world.chain, "next_epoch", down)
+    with pytest.raises(ChainUnavailable):
+        settler.tick()
+    world.clock.t = 6.0 * EPOCH_S
+    with pytest.raises(ChainUnavailable):
+        settler.tick()
+    assert world.ledger.last_closed_epoch() == 5 and world.ledger.marks == []
+    monkeypatch.undo()
+    assert settler.tick() == [0, 1, 2, 3, 4, 5]
+    assert onchain_epochs(world.chain) == [0, 1, 2, 3, 4, 5]
+
+
+def test_foreign_roots_on_chain_stop_the_settler(world):
+    settler = world.settler()
+    settler.ensure_contract()
+    raw = world.chain.sign_settle(world.key, 0, Web3.keccak(text="other"), b"\x01" * 32, 1, 1,
+                                  world.chain.nonce(world.key.address), world.chain.fees())
+    world.chain.wait_receipt(world.chain.send_raw(raw))
+    with pytest.raises(SettlementConflict, match="epoch 0 is on-chain"):
+        settler.tick()
+    assert world.ledger.marks == []
+
+
+def test_the_key_never_shows(monkeypatch, tmp_path):
+    key = SettlerKey.generate()
+    secret = key.export_hex()
+    assert secret.removeprefix("0x") not in repr(key) + str(key) and key.address in repr(key)
+    monkeypatch.setenv("MERITNET_SETTLER_KEY", secret)
+    assert SettlerKey.load().address == key.address
+    monkeypatch.setenv("MERITNET_SETTLER_KEY", secret[:-3] + "zzz")
+    with pytest.raises(SettlerKeyError) as info:
+        SettlerKey.load()
+    assert secret[4:-3] not in str(info.value) and info.value.__cause__ is None
+    monkeypatch.delenv("MERITNET_SETTLER_KEY")
+    key_file = tmp_path / "settler.key"
+    key_file.write_text(secret + "\n")
+    monkeypatch.setenv("MERITNET_SETTLER_KEY_FILE", str(key_file))
+    assert SettlerKey.load().address == key.address
+    with pytest.raises(TypeError):
+        __import__("pickle").dumps(key)
