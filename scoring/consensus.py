@@ -161,3 +161,44 @@ def quality_from_consensus(result: YumaResult, node_ids, epoch: int = 0) -> Qual
     top = float(result.consensus.max()) if len(ids) else 0.0
     q = result.consensus / top if top > 0 else np.zeros_like(result.consensus)
     return QualityScores(epoch=epoch, quality={nid: float(min(1.0, max(0.0, x))) for nid, x in zip(ids, q)})
+
+
+class ConsensusState:
+    """Runs Yuma epoch after epoch over changing sets of validators and nodes, carrying the bonds.
+
+    Feed it every validator's current `NodeScore`s (their `score` is the validator's weight) and stakes;
+    it returns the `QualityScores` for the router and settlement plus the raw result for audit.
+    A validator that has not scored a node gives it weight 0.
+    """
+
+    def __init__(self, kappa: float = 0.5, alpha: float = 0.1) -> None:
+        self.kappa, self.alpha = kappa, alpha
+        self.epoch = 0
+        self._bonds: dict[tuple[str, str], float] = {}
+        self.last: YumaResult | None = None
+        self.validators: list[str] = []
+        self.nodes: list[str] = []
+
+    def step(self, scores_by_validator, stake_by_validator, node_ids=None) -> QualityScores:
+        validators = sorted(stake_by_validator)
+        nodes = sorted(node_ids) if node_ids is not None else sorted(
+            {s.node_id for ss in scores_by_validator.values() for s in ss})
+        col = {n: j for j, n in enumerate(nodes)}
+        w = np.zeros((len(validators), len(nodes)))
+        for i, v in enumerate(validators):
+            for s in scores_by_validator.get(v, []):
+                if s.node_id in col:
+                    w[i, col[s.node_id]] = s.score
+        b = np.array([[self._bonds.get((v, n), 0.0) for n in nodes] for v in validators]).reshape(w.shape)
+        stake = np.array([float(stake_by_validator[v]) for v in validators])
+        r = yuma_epoch(w, stake, b, kappa=self.kappa, alpha=self.alpha)
+        self._bonds = {(v, n): float(r.bonds[i, j]) for i, v in enumerate(validators) for j, n in enumerate(nodes)}
+        self.last, self.validators, self.nodes = r, validators, nodes
+        q = quality_from_consensus(r, nodes, epoch=self.epoch)
+        self.epoch += 1
+        return q
+
+    def validator_trust(self) -> dict[str, float]:
+        if self.last is None:
+            return {}
+        return {v: float(t) for v, t in zip(self.validators, self.last.validator_trust)}

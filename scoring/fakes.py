@@ -29,6 +29,13 @@ class LetterCodec:
     def decode(self, token_ids: Sequence[int]) -> str:
         return "".join(chr(ord("a") + t - _FIRST_LETTER) for t in token_ids if t >= _FIRST_LETTER)
 
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """BOS + the letters of the prompt (anything else is dropped)."""
+        return [0] + self.encode("".join(ch for ch in prompt.lower() if "a" <= ch < chr(ord("a") + self.vocab - 2)))
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        return self.encode_prompt("".join(m["content"] for m in messages))
+
 
 class BigramModel:
     """logits[last, next] ~ N(0, scale^2), seeded; EOS gets a fixed bias so texts end sometimes."""

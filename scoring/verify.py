@@ -55,6 +55,14 @@ class TextCodec(Protocol):
 
     def decode(self, token_ids: Sequence[int]) -> str: ...
 
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """Ids of a completions prompt as the engine sees it (BOS etc. added); used by validators."""
+        ...
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Ids of a chat prompt (template + generation prompt); used by validators."""
+        ...
+
 
 class VerifyThresholds(BaseModel):
     """Decision thresholds. Defaults are the values calibrated on the default model (see provenance)."""
@@ -152,7 +160,9 @@ def structural_reasons(claim: Claim, ids: Sequence[int], ids_from_node: bool, co
     n = len(ids)
     if ids_from_node:
         body = [t for t in ids if t not in codec.eos_token_ids]
-        if codec.decode(body) != claim.text:
+        # Byte-level BPE: a token may end mid-character; streaming detokenisers emit U+FFFD there while a
+        # whole-sequence decode may not, so replacement characters are ignored in the comparison.
+        if codec.decode(body).replace("\ufffd", "") != claim.text.replace("\ufffd", ""):
             fail.append("token ids do not decode to the returned text")
     if claim.reported_completion_tokens > n + th.count_tolerance:
         fraud.append(f"inflated token count: reported {claim.reported_completion_tokens}, verified {n}")

@@ -1,0 +1,39 @@
+"""Prometheus gauges of scoring: per node (integrity, availability, speed, consensus quality) and per
+validator (trust). They live in the default registry of the process that scores (a validator actor,
+or the consensus driver); `deploy/` exposes them with prometheus_client's HTTP server or /metrics.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Gauge
+
+from cluster.records import NodeScore, QualityScores
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+NODE_INTEGRITY = Gauge("meritnet_node_integrity", "Verification pass rate (0 after fraud), per validator.",
+                       ["node", "validator"], registry=REGISTRY)
+NODE_AVAILABILITY = Gauge("meritnet_node_availability", "Challenge success rate, per validator.",
+                          ["node", "validator"], registry=REGISTRY)
+NODE_SPEED = Gauge("meritnet_node_speed", "Speed vs the model's fleet median, per validator.",
+                   ["node", "validator"], registry=REGISTRY)
+NODE_QUALITY = Gauge("meritnet_node_consensus_quality", "Consensus quality in [0,1] used by router and settlement.",
+                     ["node"], registry=REGISTRY)
+VALIDATOR_TRUST = Gauge("meritnet_validator_trust", "Yuma validator trust (share of weight within consensus).",
+                        ["validator"], registry=REGISTRY)
+
+
+def observe_node_score(s: NodeScore) -> None:
+    NODE_INTEGRITY.labels(s.node_id, s.validator).set(s.integrity)
+    NODE_AVAILABILITY.labels(s.node_id, s.validator).set(s.availability)
+    NODE_SPEED.labels(s.node_id, s.validator).set(s.speed)
+
+
+def observe_quality(q: QualityScores) -> None:
+    for node, value in q.quality.items():
+        NODE_QUALITY.labels(node).set(value)
+
+
+def observe_validator_trust(trust: dict[str, float]) -> None:
+    for validator, value in trust.items():
+        VALIDATOR_TRUST.labels(validator).set(value)

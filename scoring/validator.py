@@ -1,0 +1,295 @@
+"""A validator: challenge nodes through the gateway, verify answers, keep scores. I/O is injected.
+
+    send(ChallengeRequest) -> ChallengeResponse   async; `http_send(...)` is the real one (gateway,
+                                                   headers x-meritnet-node + x-meritnet-challenge-key)
+    engines[model_id] : ReferenceEngine            its own trusted engine per model (scoring.reference)
+    codecs[model_id]  : TextCodec                  the claimed model's tokenizer
+
+`Validator` is plain asyncio (unit-testable with fakes); `ValidatorActor` is the thin Ray wrapper that
+builds the real I/O and runs the loop. Scores leave as `NodeScore`s; `scoring.consensus.ConsensusState`
+turns several validators' scores into `QualityScores`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from cluster.records import NodeScore, NodeStats
+
+from scoring import metrics
+from scoring.challenge import ChallengeConfig, ChallengePool, ChallengeRequest, ShadowSampler
+from scoring.score import NodeScorer, ScoreConfig
+from scoring.verify import Claim, ReferenceEngine, TextCodec, Verification, VerifyThresholds, verify
+
+log = logging.getLogger("meritnet.validator")
+
+
+class ValidatorConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    validator_id: str = Field(min_length=1, description="This validator's identity (a row of the weight matrix).")
+    stake: float = Field(default=1.0, ge=0, description="Stake behind this validator's weights in consensus.")
+    challenge: ChallengeConfig = Field(default_factory=ChallengeConfig, description="Challenge traffic.")
+    thresholds: VerifyThresholds = Field(default_factory=VerifyThresholds, description="Verification thresholds.")
+    score: ScoreConfig = Field(default_factory=ScoreConfig, description="Score smoothing and penalties.")
+    timeout_s: float = Field(default=60.0, gt=0, description="A challenge unanswered this long counts as failed.")
+
+
+@dataclass(frozen=True, slots=True)
+class ChallengeResponse:
+    """What came back for one challenge, parsed from the OpenAI response (or stream)."""
+
+    ok: bool
+    status: int = 0
+    text: str = ""
+    token_ids: tuple[int, ...] | None = None
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    ttft_s: float | None = None
+    elapsed_s: float = 0.0
+    error: str = ""
+
+
+SendFn = Callable[[ChallengeRequest], Awaitable[ChallengeResponse]]
+
+
+@dataclass(frozen=True, slots=True)
+class ChallengeOutcome:
+    node_id: str
+    response: ChallengeResponse
+    verification: Verification | None
+
+
+class Validator:
+    def __init__(self, config: ValidatorConfig, send: SendFn, engines: Mapping[str, ReferenceEngine],
+                 codecs: Mapping[str, TextCodec], rng: random.Random | None = None) -> None:
+        self.config = config
+        self._send = send
+        self._engines = dict(engines)
+        self._codecs = dict(codecs)
+        self.pool = ChallengePool(config.challenge, rng)
+        self.scorer = NodeScorer(config.validator_id, config.score)
+        self.shadow = ShadowSampler(config.challenge.shadow_rate, config.challenge.shadow_key.get_secret_value())
+        self.tokens_spent = 0  # prompt + completion tokens of challenges + reference prefill (overhead)
+        self._engine_lock = asyncio.Lock()  # one teacher-forced prefill at a time per validator
+
+    @property
+    def validator_id(self) -> str:
+        return self.config.validator_id
+
+    def claim_for(self, req: ChallengeRequest, resp: ChallengeResponse) -> Claim:
+        codec = self._codecs[req.model]
+        if req.messages is not None:
+            prompt_ids = codec.encode_chat(list(req.messages))
+        else:
+            prompt_ids = codec.encode_prompt(req.prompt or "")
+        return Claim(prompt_token_ids=tuple(prompt_ids), text=resp.text, completion_token_ids=resp.token_ids,
+                     reported_completion_tokens=resp.completion_tokens, finish_reason=resp.finish_reason,
+                     max_tokens=req.max_tokens, temperature=req.temperature, stop_strings="stop" in req.body)
+
+    async def verify_claim(self, model_id: str, claim: Claim) -> Verification:
+        engine = self._engines.get(model_id)
+        if engine is None:
+            raise KeyError(f"validator {self.validator_id} has no reference engine for model {model_id!r}; "
+                           "configure one per served model")
+        async with self._engine_lock:
+            v = await asyncio.to_thread(verify, claim, engine, self._codecs[model_id], self.config.thresholds)
+        self.tokens_spent += len(claim.prompt_token_ids) + v.n_tokens
+        return v
+
+    async def challenge_once(self, node: NodeStats) -> ChallengeOutcome:
+        """Send one challenge to `node`, verify the answer, update the scores."""
+        req = self.pool.sample(node.node_id, node.model_id)
+        try:
+            resp = await asyncio.wait_for(self._send(req), self.config.timeout_s)
+        except (asyncio.TimeoutError, Exception) as exc:  # unreachable node = unavailable, not a crash
+            resp = ChallengeResponse(ok=False, error=type(exc).__name__)
+        verification = None
+        tps = None
+        if resp.ok and resp.elapsed_s > (resp.ttft_s or 0) and resp.completion_tokens > 1:
+            tps = (resp.completion_tokens - 1) / (resp.elapsed_s - (resp.ttft_s or 0))
+        self.scorer.observe_challenge(node.node_id, node.model_id, resp.ok, resp.ttft_s, tps)
+        if resp.ok:
+            claim = self.claim_for(req, resp)
+            self.tokens_spent += claim.reported_completion_tokens
+            verification = await self.verify_claim(node.model_id, claim)
+            self.scorer.observe_verification(node.node_id, node.model_id, verification.verdict)
+            if verification.verdict != "pass":
+                log.warning("validator %s: node %s %s (%s)", self.validator_id, node.node_id,
+                            verification.verdict, "; ".join(verification.reasons)[:300])
+        self._export()
+        return ChallengeOutcome(node.node_id, resp, verification)
+
+    async def shadow_verify(self, request_id: str, node_id: str, model_id: str, claim: Claim) -> Verification | None:
+        """Verify an organic request after the fact if it falls in the shadow sample; None otherwise."""
+        if not self.shadow.should_verify(request_id):
+            return None
+        v = await self.verify_claim(model_id, claim)
+        self.scorer.observe_verification(node_id, model_id, v.verdict)
+        self._export()
+        return v
+
+    async def run(self, nodes: Callable[[], Awaitable[Sequence[NodeStats]]], stop: asyncio.Event) -> None:
+        """Challenge every live node forever (until `stop`), each on its own Poisson clock."""
+        due: dict[str, float] = {}
+        while not stop.is_set():
+            now = time.monotonic()
+            try:
+                live = [n for n in await nodes() if n.live and n.model_id in self._engines]
+            except Exception as exc:
+                log.warning("validator %s: node list unavailable (%s)", self.validator_id, type(exc).__name__)
+                live = []
+            for n in live:
+                due.setdefault(n.node_id, now + self.pool.next_delay())
+            ready = [n for n in live if due[n.node_id] <= now]
+            for n in ready:
+                due[n.node_id] = now + self.pool.next_delay()
+            if ready:
+                await asyncio.gather(*(self.challenge_once(n) for n in ready))
+            wait = min((due[n.node_id] for n in live), default=now + 1.0) - time.monotonic()
+            try:
+                await asyncio.wait_for(stop.wait(), max(0.05, min(wait, 5.0)))
+            except asyncio.TimeoutError:
+                pass
+
+    def scores(self) -> list[NodeScore]:
+        return self.scorer.scores()
+
+    def _export(self) -> None:
+        for s in self.scorer.scores():
+            metrics.observe_node_score(s)
+
+
+# ---- real I/O: the gateway over HTTP ------------------------------------------------------------
+
+def http_send(base_url: str, challenge_key: str | SecretStr, api_key: str | SecretStr | None = None,
+              client: Any = None) -> SendFn:
+    """A SendFn that POSTs challenges to the gateway, pinned to the target node by header."""
+    import httpx
+
+    ck = challenge_key.get_secret_value() if isinstance(challenge_key, SecretStr) else challenge_key
+    ak = api_key.get_secret_value() if isinstance(api_key, SecretStr) else api_key
+    http = client or httpx.AsyncClient(base_url=base_url, timeout=None)
+
+    async def send(req: ChallengeRequest) -> ChallengeResponse:
+        headers = {"x-meritnet-node": req.node_id, "x-meritnet-challenge-key": ck}
+        if ak:
+            headers["authorization"] = f"Bearer {ak}"
+        t0 = time.perf_counter()
+        if not req.body.get("stream"):
+            r = await http.post(req.path, json=req.body, headers=headers)
+            elapsed = time.perf_counter() - t0
+            if r.status_code != 200:
+                return ChallengeResponse(ok=False, status=r.status_code, elapsed_s=elapsed, error=r.text[:200])
+            return parse_completion(r.json(), status=200, ttft_s=elapsed, elapsed_s=elapsed)
+        chunks: list[dict] = []
+        ttft = None
+        async with http.stream("POST", req.path, json=req.body, headers=headers) as r:
+            if r.status_code != 200:
+                body = (await r.aread()).decode(errors="replace")
+                return ChallengeResponse(ok=False, status=r.status_code, error=body[:200],
+                                         elapsed_s=time.perf_counter() - t0)
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
+                chunks.append(json.loads(line[6:]))
+        return parse_stream(chunks, ttft_s=ttft, elapsed_s=time.perf_counter() - t0)
+
+
+def _choice_text(choice: dict) -> str:
+    if "text" in choice:
+        return choice.get("text") or ""
+    msg = choice.get("message") or choice.get("delta") or {}
+    return msg.get("content") or ""
+
+
+def parse_completion(data: dict, status: int, ttft_s: float | None, elapsed_s: float) -> ChallengeResponse:
+    """A non-streamed chat or completions response -> ChallengeResponse."""
+    if "error" in data or not data.get("choices"):
+        return ChallengeResponse(ok=False, status=status, error=str(data.get("error", "no choices"))[:200])
+    choice = data["choices"][0]
+    ids = choice.get("token_ids")
+    usage = data.get("usage") or {}
+    return ChallengeResponse(ok=True, status=status, text=_choice_text(choice),
+                             token_ids=tuple(ids) if ids is not None else None,
+                             completion_tokens=int(usage.get("completion_tokens") or 0),
+                             finish_reason=choice.get("finish_reason"), ttft_s=ttft_s, elapsed_s=elapsed_s)
+
+
+def parse_stream(chunks: Sequence[dict], ttft_s: float | None, elapsed_s: float) -> ChallengeResponse:
+    """SSE chunks (already JSON-decoded) -> ChallengeResponse; ids and text are concatenated."""
+    text, ids, finish, usage, have_ids = [], [], None, {}, False
+    for ch in chunks:
+        if "error" in ch:
+            return ChallengeResponse(ok=False, status=200, error=str(ch["error"])[:200], elapsed_s=elapsed_s)
+        usage = ch.get("usage") or usage
+        for choice in ch.get("choices") or []:
+            text.append(_choice_text(choice))
+            if choice.get("token_ids") is not None:
+                have_ids = True
+                ids.extend(choice["token_ids"])
+            finish = choice.get("finish_reason") or finish
+    if finish is None:
+        return ChallengeResponse(ok=False, status=200, error="stream ended without a finish_reason",
+                                 elapsed_s=elapsed_s)
+    return ChallengeResponse(ok=True, status=200, text="".join(text), token_ids=tuple(ids) if have_ids else None,
+                             completion_tokens=int(usage.get("completion_tokens") or 0), finish_reason=finish,
+                             ttft_s=ttft_s, elapsed_s=elapsed_s)
+
+
+# ---- Ray wrapper ----------------------------------------------------------------------------------
+
+class ValidatorActor:
+    """Ray actor around Validator: `ray.remote(ValidatorActor).options(name=...).remote(cfg, ...)`.
+
+    model_sources: model_id -> path/HF id of the *trusted* weights this validator loads into its own
+    vLLM engine. Nodes come from the cluster registry actor (polled by `run`).
+    """
+
+    def __init__(self, config: ValidatorConfig, gateway_url: str, challenge_key: str,
+                 model_sources: Mapping[str, str], api_key: str | None = None,
+                 registry_name: str = "meritnet-registry", namespace: str = "meritnet",
+                 engine_kwargs: Mapping[str, Any] | None = None) -> None:
+        from scoring.reference import HFCodec, VllmReferenceEngine
+
+        engines = {m: VllmReferenceEngine(src, **dict(engine_kwargs or {})) for m, src in model_sources.items()}
+        codecs = {m: HFCodec.from_pretrained(src) for m, src in model_sources.items()}
+        self.validator = Validator(config, http_send(gateway_url, challenge_key, api_key), engines, codecs)
+        self._registry = (registry_name, namespace)
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        import ray
+
+        registry = ray.get_actor(self._registry[0], namespace=self._registry[1])
+
+        async def nodes():
+            return await registry.snapshot.remote()
+
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self.validator.run(nodes, self._stop))
+
+    async def stop(self) -> None:
+        self._stop.set()
+
+    async def scores(self) -> list[NodeScore]:
+        return self.validator.scores()
+
+    async def stake(self) -> float:
+        return self.validator.config.stake
+
+    async def shadow_verify(self, request_id: str, node_id: str, model_id: str, claim: Claim) -> str | None:
+        v = await self.validator.shadow_verify(request_id, node_id, model_id, claim)
+        return None if v is None else v.verdict

@@ -1,0 +1,137 @@
+"""Validators end to end with fake I/O: challenges, verification, scores, consensus, shadow sampling."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import numpy as np
+import pytest
+
+from cluster.records import NodeStats
+from scoring.challenge import ChallengeConfig, ChallengePool, ShadowSampler
+from scoring.consensus import ConsensusState
+from scoring.fakes import BigramModel, FakeReferenceEngine, LetterCodec
+from scoring.validator import ChallengeResponse, Validator, ValidatorConfig, parse_completion, parse_stream
+
+OP = "0x" + "11" * 20
+CODEC = LetterCodec()
+
+
+def _node(nid: str) -> NodeStats:
+    from eth_utils import to_checksum_address
+
+    return NodeStats(node_id=nid, model_id="default", operator=to_checksum_address(OP), accelerator_type="cpu",
+                     capacity=4, live=True, running_replicas=1, joined_at=0.0)
+
+
+def _fake_send(models: dict[str, BigramModel], inflate: set[str] = frozenset()):
+    async def send(req):
+        model = models[req.node_id]
+        prompt_ids = CODEC.encode_chat(list(req.messages)) if req.messages else CODEC.encode_prompt(req.prompt)
+        ids, finish = model.generate(prompt_ids, req.max_tokens, req.temperature)
+        n = len(ids) + (10 if req.node_id in inflate else 0)
+        return ChallengeResponse(ok=True, status=200, text=CODEC.decode(ids), token_ids=tuple(ids),
+                                 completion_tokens=n, finish_reason=finish, ttft_s=0.01, elapsed_s=0.1)
+    return send
+
+
+async def test_cheaters_lose_consensus_quality():
+    models = {"honest-a": BigramModel(0), "honest-b": BigramModel(0), "swap": BigramModel(1),
+              "inflate": BigramModel(0)}
+    send = _fake_send(models, inflate={"inflate"})
+    engines = {"default": FakeReferenceEngine(BigramModel(0))}
+    vals = [Validator(ValidatorConfig(validator_id=f"v{i}", stake=s), send, engines, {"default": CODEC},
+                      rng=random.Random(i)) for i, s in enumerate([50, 30, 20])]
+    nodes = [_node(n) for n in models]
+    for _ in range(3):
+        for v in vals:
+            for n in nodes:
+                await v.challenge_once(n)
+    for v in vals:
+        s = {x.node_id: x for x in v.scores()}
+        assert s["swap"].integrity == 0.0 and s["inflate"].integrity == 0.0
+        assert s["honest-a"].integrity == 1.0 and s["honest-a"].availability == 1.0
+        assert v.tokens_spent > 0
+    cs = ConsensusState()
+    q = cs.step({v.validator_id: v.scores() for v in vals}, {v.validator_id: v.config.stake for v in vals})
+    assert q.quality["swap"] == 0.0 and q.quality["inflate"] == 0.0
+    # honest nodes differ only in measured tokens/s (completion lengths differ): both near the top
+    assert min(q.quality["honest-a"], q.quality["honest-b"]) > 0.9
+    assert cs.validator_trust()["v0"] == pytest.approx(1.0)
+    assert cs.step({}, {"v0": 1.0}, node_ids=["honest-a"]).epoch == 1
+
+
+async def test_unreachable_node_loses_availability_not_integrity():
+    async def send(req):
+        raise ConnectionError("down")
+
+    v = Validator(ValidatorConfig(validator_id="v"), send, {"default": FakeReferenceEngine(BigramModel(0))},
+                  {"default": CODEC})
+    out = await v.challenge_once(_node("dead"))
+    assert not out.response.ok and out.verification is None
+    s = v.scores()[0]
+    assert s.availability == 0.0 and s.score == 0.0
+
+
+async def test_run_loop_challenges_each_live_node():
+    models = {"a": BigramModel(0), "b": BigramModel(0)}
+    cfg = ValidatorConfig(validator_id="v", challenge=ChallengeConfig(rate_per_node_per_min=6000))
+    v = Validator(cfg, _fake_send(models), {"default": FakeReferenceEngine(BigramModel(0))}, {"default": CODEC})
+    stop = asyncio.Event()
+
+    async def nodes():
+        return [_node("a"), _node("b")]
+
+    task = asyncio.create_task(v.run(nodes, stop))
+    for _ in range(200):
+        await asyncio.sleep(0.02)
+        if {s.node_id for s in v.scores()} == {"a", "b"}:
+            break
+    stop.set()
+    await task
+    assert {s.node_id for s in v.scores()} == {"a", "b"}
+
+
+def test_challenges_look_like_organic_requests():
+    pool = ChallengePool(ChallengeConfig(), random.Random(1))
+    reqs = [pool.sample("n", "default") for _ in range(200)]
+    assert {r.path for r in reqs} == {"/v1/chat/completions", "/v1/completions"}
+    assert len({(r.prompt or r.messages[0]["content"]) for r in reqs}) > 100  # randomised
+    chat = next(r for r in reqs if r.messages)
+    assert chat.body["messages"][0]["role"] == "user" and chat.body["model"] == "default"
+    delays = [pool.next_delay() for _ in range(4000)]
+    assert np.mean(delays) == pytest.approx(30.0, rel=0.1)  # 2/min -> mean 30 s, exponential
+
+
+def test_organic_prompts_only_when_enabled():
+    off = ChallengePool(ChallengeConfig(), random.Random(0))
+    off.observe_organic("PRIVATE")
+    assert all("PRIVATE" not in (off.sample("n", "m").body.get("prompt") or "") for _ in range(50))
+    on = ChallengePool(ChallengeConfig(use_organic_prompts=True, organic_share=1.0, kinds=("completion",)),
+                       random.Random(0))
+    on.observe_organic("PRIVATE")
+    assert on.sample("n", "m").body["prompt"] == "PRIVATE"
+
+
+def test_shadow_sampling_rate_and_determinism():
+    s = ShadowSampler(0.1, "k")
+    picks = [s.should_verify(f"req-{i}") for i in range(5000)]
+    assert 0.08 < np.mean(picks) < 0.12
+    assert picks == [s.should_verify(f"req-{i}") for i in range(5000)]
+    assert ShadowSampler(0.1, "other").should_verify("req-1") in (True, False)
+    with pytest.raises(ValueError):
+        ShadowSampler(1.5, "k")
+
+
+def test_parse_openai_responses():
+    r = parse_completion({"choices": [{"text": "hi", "finish_reason": "stop", "token_ids": [5, 6]}],
+                          "usage": {"completion_tokens": 2}}, 200, 0.1, 0.2)
+    assert (r.ok, r.text, r.token_ids, r.completion_tokens, r.finish_reason) == (True, "hi", (5, 6), 2, "stop")
+    chunks = [{"choices": [{"delta": {"content": "a"}, "token_ids": [1]}]},
+              {"choices": [{"delta": {"content": "b"}, "token_ids": [2], "finish_reason": "length"}]},
+              {"choices": [], "usage": {"completion_tokens": 2}}]
+    s = parse_stream(chunks, 0.1, 0.3)
+    assert (s.text, s.token_ids, s.finish_reason, s.completion_tokens) == ("ab", (1, 2), "length", 2)
+    assert not parse_stream(chunks[:1], 0.1, 0.2).ok  # cut stream
+    assert not parse_completion({"error": {"message": "x"}}, 500, None, 0.1).ok
