@@ -1,0 +1,89 @@
+"""The contract and the settler on a real node: anvil on 127.0.0.1, stopped and restarted with --state."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from settlement.actor import SettlementConfig, Settler
+from settlement.anvil import Anvil
+from settlement.chain import Chain, ChainSettings, ChainUnavailable
+from settlement.keys import SettlerKey
+from settlement.rewardbook import RewardBook
+from tests.unit.test_settlement_chain import CLAIM_GAS_GOAL, SETTLE_GAS_GOAL, contract_scenario
+from tests.unit.test_settlement_chain_actor import EPOCH_S, Clock, FakeLedger, equal_split
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def anvil(tmp_path):
+    node = Anvil(state_file=tmp_path / "anvil-state.json").start()
+    yield node
+    node.stop()
+
+
+def connect(node: Anvil, **kw) -> Chain:
+    return Chain.connect(ChainSettings(url=node.url, **kw))
+
+
+def test_contract_scenario_on_anvil(anvil):
+    gas = contract_scenario(connect(anvil))
+    assert gas["settle"] <= SETTLE_GAS_GOAL and gas["claim_again"] <= CLAIM_GAS_GOAL
+
+
+def _world(tmp_path, chain: Chain, key: SettlerKey):
+    w = SimpleNamespace(chain=chain, key=key, ledger=FakeLedger(), book=RewardBook(tmp_path / "book.sqlite"),
+                        clock=Clock(3.5 * EPOCH_S), config=SettlementConfig(epoch_length_s=EPOCH_S, emission_wei=10**18))
+    w.settler = lambda: Settler(w.ledger, w.chain, w.key, w.book, w.config, clock=w.clock, rewards=equal_split)
+    return w
+
+
+def test_anvil_stopped_and_restarted_with_state_mid_run(anvil, tmp_path):
+    chain = connect(anvil, receipt_timeout_s=5)
+    key = SettlerKey.generate()
+    chain.fund(key.address, 10**20)
+    w = _world(tmp_path, chain, key)
+    settler = w.settler()
+    settler.ensure_contract()
+    assert settler.tick() == [0, 1, 2]
+
+    anvil.stop()  # dumps the chain state to --state
+    w.clock.t = 6.5 * EPOCH_S
+    with pytest.raises(ChainUnavailable):
+        settler.tick()  # epochs 3..5 close and queue
+    assert w.ledger.last_closed_epoch() == 5 and sorted(w.ledger.settled_tx) == [0, 1, 2]
+
+    node = Anvil(port=anvil.port, state_file=anvil.state_file).start()
+    try:
+        assert chain.next_epoch() == 3  # the restarted chain kept the settled epochs
+        assert settler.tick() == [3, 4, 5]
+        assert [e["epoch"] for e in chain.settled_events()] == [0, 1, 2, 3, 4, 5]
+        assert chain.total_rewarded() == 6 * 10**18
+    finally:
+        node.stop()
+
+
+def test_tx_dropped_by_a_restarted_node_is_resigned_with_bumped_fees(anvil, tmp_path):
+    chain = connect(anvil, receipt_timeout_s=1)
+    key = SettlerKey.generate()
+    chain.fund(key.address, 10**20)
+    w = _world(tmp_path, chain, key)
+    settler = w.settler()
+    settler.ensure_contract()
+    anvil.rpc("evm_setAutomine", [False])
+    assert settler.tick() == []  # broadcast, never mined
+    pending = w.ledger.pending_tx(0)
+    assert chain.tx_info(pending.tx_hash).state == "pending"
+    anvil.stop()  # the mempool is not part of --state: the tx is dropped
+
+    node = Anvil(port=anvil.port, state_file=anvil.state_file).start()
+    try:
+        assert chain.tx_info(pending.tx_hash).state == "unknown"
+        assert w.settler().tick() == [0, 1, 2]
+        first = chain.w3.eth.get_transaction(w.ledger.settled_tx[0])
+        assert first["nonce"] == pending.nonce and bytes(first["hash"]) != bytes(pending.tx_hash)
+        assert [e["epoch"] for e in chain.settled_events()] == [0, 1, 2]
+    finally:
+        node.stop()
