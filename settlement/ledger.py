@@ -1,0 +1,428 @@
+"""The durable, append-only usage ledger and its epochs, on SQLite.
+
+Durability: WAL journal with `synchronous=FULL`, so every commit fsyncs the WAL before
+returning. `append` returns only after its transaction committed, which is what "acknowledged"
+means: a record whose append returned survives kill -9 (and power loss, which NORMAL would not
+guarantee in WAL mode: there a commit is only fsynced at the next checkpoint). One transaction and
+one fsync per batch is what makes batched ingest fast.
+
+Epochs: the epoch of a record is floor((ended_at - genesis) / epoch_length_s), clamped at 0, fixed
+when the record is appended and stored with it. Epochs close strictly in order (0, 1, 2, ...).
+Closing freezes the epoch: its records, ordered by request_id, never change again.
+
+Late records: a record whose natural epoch is already closed is assigned to the next open epoch
+(last closed + 1) and counted in `AppendResult.late`. It is still paid, one epoch later, and the
+frozen epoch (and the roots posted for it) stay untouched.
+
+Only records with status "ok" earn rewards and get a usage leaf; error/cancelled records are kept
+for audit (`records(epoch)`) but excluded from `FrozenEpoch.rows` and `usage_by_node`.
+
+Besides records the ledger keeps the settlement actor's small durable state (one file to back up):
+settled epochs with their tx hash, the write-ahead signed transaction per epoch, and each epoch's
+computed rewards with the emission it carried forward.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+from cluster import UsageRecord
+from settlement.rewards import NodeUsage
+
+__all__ = ["AppendResult", "FrozenEpoch", "LedgerError", "PendingTx", "UsageLedger", "UsageRow"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS records (
+    request_id TEXT PRIMARY KEY, epoch INTEGER NOT NULL,
+    node_id TEXT NOT NULL, operator TEXT NOT NULL, model TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,
+    started_at REAL NOT NULL, ttft_s REAL, ended_at REAL NOT NULL, status TEXT NOT NULL,
+    request_hash TEXT NOT NULL, response_hash TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS records_by_epoch ON records (epoch, request_id);
+CREATE TABLE IF NOT EXISTS epochs (
+    epoch INTEGER PRIMARY KEY, closed_at REAL NOT NULL,
+    n_records INTEGER NOT NULL, n_ok INTEGER NOT NULL, digest TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS settlements (epoch INTEGER PRIMARY KEY, tx_hash TEXT NOT NULL, settled_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS pending_txs (
+    epoch INTEGER PRIMARY KEY, raw_tx BLOB NOT NULL, nonce INTEGER NOT NULL, tx_hash TEXT NOT NULL,
+    written_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS epoch_rewards (epoch INTEGER PRIMARY KEY, carried_wei TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS operator_rewards (
+    epoch INTEGER NOT NULL, operator TEXT NOT NULL, amount_wei TEXT NOT NULL, PRIMARY KEY (epoch, operator)
+);
+"""
+_FIELDS = ("node_id, operator, model, prompt_tokens, completion_tokens, started_at, ttft_s, ended_at, status, "
+           "request_hash, response_hash")
+_COLUMNS = "request_id, " + _FIELDS
+_IN_CHUNK = 500  # bound parameters per duplicate lookup (SQLite's limit is 32766; small is fast too)
+_PAGE = 10_000
+
+
+class LedgerError(RuntimeError):
+    """A ledger operation that cannot proceed; the message says what to do instead."""
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """Outcome of one `append`: all of it is durable when the call returns."""
+
+    accepted: int
+    duplicates: tuple[str, ...]
+    late: int  # accepted records whose natural epoch was closed; assigned to the next open epoch
+
+
+class UsageRow(NamedTuple):
+    """The part of an ok record that rewards and the usage tree need."""
+
+    request_id: str
+    node_id: str
+    operator: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class PendingTx(NamedTuple):
+    """A signed settlement transaction written ahead of its broadcast."""
+
+    raw_tx: bytes
+    nonce: int
+    tx_hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class FrozenEpoch:
+    """A closed epoch: its ok records in request_id order, and a digest of all its records."""
+
+    epoch: int
+    start: float  # [start, end) in unix seconds: the natural range; late records may be older
+    end: float
+    closed_at: float
+    n_records: int  # all statuses
+    digest: str  # sha256 hex over every record of the epoch in request_id order (see _digest)
+    rows: tuple[UsageRow, ...]  # status "ok" only
+
+    def usage_by_node(self) -> dict[str, NodeUsage]:
+        """Tokens per node over the ok rows (same answer as UsageLedger.usage_by_node)."""
+        return _group_by_node((r.node_id, r.operator, r.prompt_tokens, r.completion_tokens) for r in self.rows)
+
+
+def _group_by_node(rows: Iterator[tuple[str, str, int, int]] | Sequence[tuple[str, str, int, int]]
+                   ) -> dict[str, NodeUsage]:
+    out: dict[str, NodeUsage] = {}
+    for node_id, operator, prompt, completion in rows:
+        prev = out.get(node_id)
+        if prev is None:
+            out[node_id] = NodeUsage(operator, prompt, completion)
+        elif prev.operator != operator:
+            raise LedgerError(
+                f"node {node_id!r} served for two operators ({prev.operator}, {operator}) in one epoch; "
+                "a node id must keep one operator: register the new operator's node under a new node id"
+            )
+        else:
+            out[node_id] = NodeUsage(operator, prev.prompt_tokens + prompt, prev.completion_tokens + completion)
+    return dict(sorted(out.items()))
+
+
+def _digest(rows: Sequence[tuple]) -> str:
+    """sha256 over (request_id, status, node, operator, model, prompt, completion) lines."""
+    h = hashlib.sha256()
+    for request_id, status, node_id, operator, model, prompt, completion in rows:
+        h.update(f"{request_id}\x1f{status}\x1f{node_id}\x1f{operator}\x1f{model}\x1f{prompt}\x1f{completion}\n"
+                 .encode("utf-8"))
+    return h.hexdigest()
+
+
+class UsageLedger:
+    """Append-only usage records with epochs, settlement status and the actor's write-ahead state.
+
+    Safe to share between threads of one process (a lock serialises calls) and between processes
+    on one host (SQLite locking; writers wait up to `busy_timeout_s`).
+    """
+
+    def __init__(self, path: str | Path, epoch_length_s: float, genesis: float = 0.0,
+                 busy_timeout_s: float = 30.0) -> None:
+        if not (math.isfinite(epoch_length_s) and epoch_length_s > 0):
+            raise ValueError(f"epoch_length_s must be a positive number of seconds, got {epoch_length_s!r}")
+        if not math.isfinite(genesis):
+            raise ValueError(f"genesis must be a finite unix time, got {genesis!r}")
+        self.path = Path(path)
+        self.epoch_length_s = float(epoch_length_s)
+        self.genesis = float(genesis)
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None,
+                                     check_same_thread=False)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")  # fsync the WAL at every commit: see module doc
+        self._conn.executescript(_SCHEMA)
+        self._check_meta()
+
+    def _check_meta(self) -> None:
+        wanted = {"epoch_length_s": repr(self.epoch_length_s), "genesis": repr(self.genesis)}
+        with self._write() as c:
+            stored = dict(c.execute("SELECT key, value FROM meta").fetchall())
+            for key, value in wanted.items():
+                if key not in stored:
+                    c.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, value))
+                elif stored[key] != value:
+                    raise LedgerError(
+                        f"ledger {self.path} was created with {key}={stored[key]}, not {value}: epochs of stored "
+                        "records would change meaning; open it with the original value or use a new ledger file"
+                    )
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> UsageLedger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ transactions
+
+    class _Txn:
+        def __init__(self, ledger: UsageLedger) -> None:
+            self.ledger = ledger
+
+        def __enter__(self) -> sqlite3.Connection:
+            self.ledger._lock.acquire()
+            try:
+                self.ledger._conn.execute("BEGIN IMMEDIATE")  # take the write lock before reading state
+            except BaseException:
+                self.ledger._lock.release()
+                raise
+            return self.ledger._conn
+
+        def __exit__(self, exc_type: object, *rest: object) -> None:
+            try:
+                self.ledger._conn.execute("ROLLBACK" if exc_type else "COMMIT")
+            finally:
+                self.ledger._lock.release()
+
+    def _write(self) -> UsageLedger._Txn:
+        return UsageLedger._Txn(self)
+
+    def _read(self, sql: str, params: Sequence[object] = ()) -> list[tuple]:
+        with self._lock:
+            return self._conn.execute(sql, params).fetchall()
+
+    # ------------------------------------------------------------ epochs arithmetic
+
+    def epoch_of(self, ended_at: float) -> int:
+        """Natural epoch of a timestamp (before any late-record reassignment)."""
+        return max(0, math.floor((ended_at - self.genesis) / self.epoch_length_s))
+
+    def epoch_bounds(self, epoch: int) -> tuple[float, float]:
+        start = self.genesis + epoch * self.epoch_length_s
+        return start, start + self.epoch_length_s
+
+    # ------------------------------------------------------------ records
+
+    def append(self, records: Sequence[UsageRecord]) -> AppendResult:
+        """Store a batch in one transaction; returns once it is durable.
+
+        Request ids already stored, or repeated within the batch (after the first), are not
+        stored again and are reported in `duplicates`.
+        """
+        for r in records:
+            if not isinstance(r, UsageRecord):
+                raise TypeError(f"UsageLedger.append takes cluster.UsageRecord items, got {type(r).__name__}")
+        if not records:
+            return AppendResult(0, (), 0)
+        with self._write() as c:
+            last = c.execute("SELECT MAX(epoch) FROM epochs").fetchone()[0]
+            first_open = 0 if last is None else last + 1
+            by_id: dict[str, UsageRecord] = {}
+            duplicates: list[str] = []
+            for r in records:
+                if r.request_id in by_id:
+                    duplicates.append(r.request_id)
+                else:
+                    by_id[r.request_id] = r
+            ids = list(by_id)
+            for i in range(0, len(ids), _IN_CHUNK):
+                chunk = ids[i : i + _IN_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                for (rid,) in c.execute(f"SELECT request_id FROM records WHERE request_id IN ({marks})", chunk):
+                    duplicates.append(rid)
+                    del by_id[rid]
+            late = 0
+            rows = []
+            genesis, length = self.genesis, self.epoch_length_s
+            for r in by_id.values():
+                epoch = max(0, math.floor((r.ended_at - genesis) / length))
+                if epoch < first_open:
+                    epoch = first_open
+                    late += 1
+                rows.append((r.request_id, epoch, r.node_id, r.operator, r.model, r.prompt_tokens,
+                             r.completion_tokens, r.started_at, r.ttft_s, r.ended_at, r.status,
+                             r.request_hash, r.response_hash))
+            c.executemany(f"INSERT INTO records (request_id, epoch, {_FIELDS}) "
+                          "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+        return AppendResult(len(rows), tuple(duplicates), late)
+
+    def records(self, epoch: int) -> Iterator[UsageRecord]:
+        """Every record of an epoch (all statuses) in request_id order, read page by page."""
+        after = ""
+        while True:
+            page = self._read(f"SELECT {_COLUMNS} FROM records WHERE epoch = ? AND request_id > ? "
+                              "ORDER BY request_id LIMIT ?", (epoch, after, _PAGE))
+            for row in page:
+                yield UsageRecord(**dict(zip(_COLUMNS.split(", "), row, strict=True)))
+            if len(page) < _PAGE:
+                return
+            after = page[-1][0]
+
+    def count(self, epoch: int | None = None) -> int:
+        """Number of stored records (of one epoch, or all)."""
+        if epoch is None:
+            return self._read("SELECT COUNT(*) FROM records")[0][0]
+        return self._read("SELECT COUNT(*) FROM records WHERE epoch = ?", (epoch,))[0][0]
+
+    def usage_by_node(self, epoch: int) -> dict[str, NodeUsage]:
+        """Ok tokens per node of an epoch (final once the epoch is closed), sorted by node id."""
+        rows = self._read("SELECT node_id, operator, SUM(prompt_tokens), SUM(completion_tokens) FROM records "
+                          "WHERE epoch = ? AND status = 'ok' GROUP BY node_id, operator", (epoch,))
+        return _group_by_node(rows)
+
+    # ------------------------------------------------------------ freezing
+
+    def last_closed_epoch(self) -> int | None:
+        return self._read("SELECT MAX(epoch) FROM epochs")[0][0]
+
+    def close_epoch(self, epoch: int) -> FrozenEpoch:
+        """Freeze `epoch` (the next one in order); closing an already closed epoch returns it unchanged."""
+        with self._write() as c:
+            if c.execute("SELECT 1 FROM epochs WHERE epoch = ?", (epoch,)).fetchone() is None:
+                last = c.execute("SELECT MAX(epoch) FROM epochs").fetchone()[0]
+                expected = 0 if last is None else last + 1
+                if epoch != expected:
+                    raise LedgerError(f"epochs close in order: the next epoch to close is {expected}, not {epoch}")
+                all_rows = self._epoch_rows(c, epoch)
+                n_ok = sum(1 for r in all_rows if r[1] == "ok")
+                c.execute("INSERT INTO epochs (epoch, closed_at, n_records, n_ok, digest) VALUES (?,?,?,?,?)",
+                          (epoch, time.time(), len(all_rows), n_ok, _digest(all_rows)))
+        return self.frozen_epoch(epoch)
+
+    @staticmethod
+    def _epoch_rows(c: sqlite3.Connection, epoch: int) -> list[tuple]:
+        return c.execute("SELECT request_id, status, node_id, operator, model, prompt_tokens, completion_tokens "
+                         "FROM records WHERE epoch = ? ORDER BY request_id", (epoch,)).fetchall()
+
+    def frozen_epoch(self, epoch: int) -> FrozenEpoch:
+        """A closed epoch, re-read and checked against the digest taken when it closed."""
+        with self._lock:
+            c = self._conn
+            c.execute("BEGIN")  # one snapshot for the epoch row and its records
+            try:
+                meta = c.execute("SELECT closed_at, n_records, digest FROM epochs WHERE epoch = ?",
+                                 (epoch,)).fetchone()
+                all_rows = self._epoch_rows(c, epoch) if meta else []
+            finally:
+                c.execute("COMMIT")
+        if meta is None:
+            raise LedgerError(f"epoch {epoch} is not closed yet; close it with close_epoch({epoch}) first")
+        closed_at, n_records, digest = meta
+        if len(all_rows) != n_records or _digest(all_rows) != digest:
+            raise LedgerError(f"frozen epoch {epoch} no longer matches its digest: the ledger file was altered")
+        start, end = self.epoch_bounds(epoch)
+        rows = tuple(UsageRow(r[0], r[2], r[3], r[4], r[5], r[6]) for r in all_rows if r[1] == "ok")
+        return FrozenEpoch(epoch, start, end, closed_at, n_records, digest, rows)
+
+    # ------------------------------------------------------------ settlement state
+
+    def mark_settled(self, epoch: int, tx_hash: str) -> None:
+        """Record the epoch as settled on-chain by `tx_hash`, and drop its pending tx (one transaction).
+
+        Idempotent for the same hash; a different hash for a settled epoch is refused.
+        """
+        with self._write() as c:
+            if c.execute("SELECT 1 FROM epochs WHERE epoch = ?", (epoch,)).fetchone() is None:
+                raise LedgerError(f"cannot mark epoch {epoch} settled: it is not closed in this ledger")
+            row = c.execute("SELECT tx_hash FROM settlements WHERE epoch = ?", (epoch,)).fetchone()
+            if row is not None and row[0] != tx_hash:
+                raise LedgerError(f"epoch {epoch} is already settled by {row[0]}; refusing to record {tx_hash}")
+            if row is None:
+                c.execute("INSERT INTO settlements (epoch, tx_hash, settled_at) VALUES (?,?,?)",
+                          (epoch, tx_hash, time.time()))
+            c.execute("DELETE FROM pending_txs WHERE epoch = ?", (epoch,))
+
+    def settled(self, epoch: int) -> str | None:
+        """The tx hash that settled `epoch`, or None when it is not settled."""
+        rows = self._read("SELECT tx_hash FROM settlements WHERE epoch = ?", (epoch,))
+        return rows[0][0] if rows else None
+
+    def last_settled_epoch(self) -> int | None:
+        return self._read("SELECT MAX(epoch) FROM settlements")[0][0]
+
+    def put_pending_tx(self, epoch: int, raw_tx: bytes, nonce: int, tx_hash: str) -> None:
+        """Write ahead the signed tx for `epoch` (replacing an earlier one, e.g. re-signed with bumped fees)."""
+        with self._write() as c:
+            c.execute("INSERT OR REPLACE INTO pending_txs (epoch, raw_tx, nonce, tx_hash, written_at) "
+                      "VALUES (?,?,?,?,?)", (epoch, bytes(raw_tx), nonce, tx_hash, time.time()))
+
+    def pending_tx(self, epoch: int) -> PendingTx | None:
+        rows = self._read("SELECT raw_tx, nonce, tx_hash FROM pending_txs WHERE epoch = ?", (epoch,))
+        return PendingTx(bytes(rows[0][0]), rows[0][1], rows[0][2]) if rows else None
+
+    def clear_pending_tx(self, epoch: int) -> None:
+        with self._write() as c:
+            c.execute("DELETE FROM pending_txs WHERE epoch = ?", (epoch,))
+
+    # ------------------------------------------------------------ rewards bookkeeping
+
+    def put_rewards(self, epoch: int, per_operator: Mapping[str, int], carried_wei: int) -> None:
+        """Store an epoch's reward result; storing it again must give the same numbers."""
+        with self._write() as c:
+            if c.execute("SELECT 1 FROM epochs WHERE epoch = ?", (epoch,)).fetchone() is None:
+                raise LedgerError(f"cannot store rewards of epoch {epoch}: close it first")
+            stored = self._rewards(c, epoch)
+            wanted = ({op: int(a) for op, a in per_operator.items() if a}, int(carried_wei))
+            if stored is not None:
+                if stored != wanted:
+                    raise LedgerError(f"rewards of epoch {epoch} are already stored and differ from these")
+                return
+            c.execute("INSERT INTO epoch_rewards (epoch, carried_wei) VALUES (?, ?)", (epoch, str(wanted[1])))
+            c.executemany("INSERT INTO operator_rewards (epoch, operator, amount_wei) VALUES (?,?,?)",
+                          [(epoch, op, str(a)) for op, a in sorted(wanted[0].items())])
+
+    @staticmethod
+    def _rewards(c: sqlite3.Connection, epoch: int) -> tuple[dict[str, int], int] | None:
+        row = c.execute("SELECT carried_wei FROM epoch_rewards WHERE epoch = ?", (epoch,)).fetchone()
+        if row is None:
+            return None
+        per_op = {op: int(a) for op, a in c.execute(
+            "SELECT operator, amount_wei FROM operator_rewards WHERE epoch = ? ORDER BY operator", (epoch,))}
+        return per_op, int(row[0])
+
+    def rewards(self, epoch: int) -> tuple[dict[str, int], int] | None:
+        """(wei per operator, carried wei) stored for `epoch`, or None."""
+        with self._lock:
+            return self._rewards(self._conn, epoch)
+
+    def carried_into(self, epoch: int) -> int:
+        """Emission carried into `epoch` from the epoch before it (0 when none was stored)."""
+        rows = self._read("SELECT carried_wei FROM epoch_rewards WHERE epoch = ?", (epoch - 1,))
+        return int(rows[0][0]) if rows else 0
+
+    def cumulative_rewards(self, through_epoch: int) -> dict[str, int]:
+        """Wei per operator summed over epochs 0..through_epoch: the reward tree's leaves."""
+        total: dict[str, int] = {}
+        for op, amount in self._read("SELECT operator, amount_wei FROM operator_rewards WHERE epoch <= ?",
+                                     (through_epoch,)):
+            total[op] = total.get(op, 0) + int(amount)
+        return dict(sorted(total.items()))

@@ -1,0 +1,107 @@
+"""Usage-weighted rewards of one epoch: pure, exact, deterministic.
+
+    weight_i = (prompt_weight * prompt_tokens_i + completion_weight * completion_tokens_i) * quality_i
+    reward_i = emission_wei * weight_i / sum_j weight_j
+
+Exactness: quality arrives as a float in [0, 1]; it is converted with `fractions.Fraction(q)`, the
+float's exact binary value (no rounding, same on every IEEE-754 machine), and all arithmetic is on
+integers and Fractions. No float ever touches an amount.
+
+Remainder rule (largest remainder, a.k.a. Hamilton): each node first gets floor(exact share); the
+R wei left over (R < number of nodes with a fractional share) go one each to the nodes with the
+largest fractional part, ties broken by node_id ascending. So rewards sum exactly to the emission,
+and a node's reward never decreases when its usage or quality grows (others fixed): a node that
+held a remainder wei can only be overtaken by nodes whose floor dropped, and each such drop adds
+one wei to R.
+
+Eligibility: zero usage, zero quality, or no quality entry at all (unscored nodes are on probation)
+means weight 0 and reward 0. When no node has positive weight the whole emission is returned as
+`carried_wei`; the caller adds it to the next epoch's emission (UsageLedger.carried_into gives it).
+Only ok records count as usage: that filter is the ledger's (UsageLedger.usage_by_node).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import NamedTuple
+
+__all__ = ["NodeUsage", "RewardResult", "compute_rewards", "weighted_usage"]
+
+
+class NodeUsage(NamedTuple):
+    """One node's ok usage in an epoch and who gets paid for it."""
+
+    operator: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class RewardResult:
+    """An epoch's split: wei per node (every node in the usage), per operator (positive only), carried."""
+
+    per_node: dict[str, int]
+    per_operator: dict[str, int]
+    carried_wei: int
+
+
+def _non_negative_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def weighted_usage(usage: NodeUsage, prompt_weight: int, completion_weight: int) -> int:
+    """Weighted tokens of one node (integers, so weights are integers too: scale them if needed)."""
+    return prompt_weight * usage.prompt_tokens + completion_weight * usage.completion_tokens
+
+
+def compute_rewards(
+    usage: Mapping[str, NodeUsage],
+    quality: Mapping[str, float],
+    emission_wei: int,
+    prompt_weight: int,
+    completion_weight: int,
+) -> RewardResult:
+    """Split `emission_wei` over nodes by weighted usage x quality (see the module doc for the rules)."""
+    _non_negative_int("emission_wei", emission_wei)
+    _non_negative_int("prompt_weight", prompt_weight)
+    _non_negative_int("completion_weight", completion_weight)
+
+    weights: dict[str, Fraction] = {}
+    for node_id, u in usage.items():
+        _non_negative_int(f"prompt_tokens of {node_id}", u.prompt_tokens)
+        _non_negative_int(f"completion_tokens of {node_id}", u.completion_tokens)
+        q = quality.get(node_id, 0.0)
+        if isinstance(q, bool) or not isinstance(q, (int, float)) or not math.isfinite(q) or not 0 <= q <= 1:
+            raise ValueError(f"quality of {node_id} must be a finite number in [0, 1], got {q!r}")
+        weights[node_id] = weighted_usage(u, prompt_weight, completion_weight) * Fraction(q)
+
+    total = sum(weights.values(), Fraction(0))
+    per_node = {node_id: 0 for node_id in sorted(usage)}
+    if total == 0 or emission_wei == 0:
+        return RewardResult(per_node, {}, emission_wei if total == 0 else 0)
+
+    fractional: list[tuple[Fraction, str]] = []
+    for node_id in per_node:
+        share = emission_wei * weights[node_id] / total
+        whole = share.numerator // share.denominator
+        per_node[node_id] = whole
+        if share != whole:
+            fractional.append((share - whole, node_id))
+    remainder = emission_wei - sum(per_node.values())
+    assert 0 <= remainder <= len(fractional), "largest-remainder invariant broken"
+    # largest fractional part first; among equal parts, smaller node_id first
+    fractional.sort(key=lambda item: (-item[0], item[1]))
+    for _, node_id in fractional[:remainder]:
+        per_node[node_id] += 1
+
+    per_operator: dict[str, int] = {}
+    for node_id, amount in per_node.items():
+        if amount:
+            operator = usage[node_id].operator
+            per_operator[operator] = per_operator.get(operator, 0) + amount
+    return RewardResult(per_node, dict(sorted(per_operator.items())), 0)
