@@ -57,9 +57,8 @@ class SettlementConfig(BaseSettings):
     epoch_length_s: float = Field(default=3600.0, gt=0, description="Length of one epoch in seconds.")
     genesis: float = Field(default=0.0, description="Unix time at which epoch 0 starts.")
     emission_wei: int = Field(default=10**21, ge=0, description="Reward minted per epoch (wei, 18 decimals).")
-    prompt_weight: float = Field(default=1.0, ge=0, description="Usage weight of one prompt token.")
-    completion_weight: float = Field(default=1.0, ge=0, description="Usage weight of one completion token.")
-    first_epoch: int = Field(default=0, ge=0, description="First epoch settled (the contract starts there).")
+    prompt_weight: int = Field(default=1, ge=0, description="Usage weight of one prompt token (integer).")
+    completion_weight: int = Field(default=1, ge=0, description="Usage weight of one completion token (integer).")
     default_quality: float | None = Field(
         default=1.0,
         ge=0.0,
@@ -82,6 +81,10 @@ class SettlementConflict(RuntimeError):
 def _crash(step: str) -> None:
     if os.environ.get(CRASH_ENV) == step:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _hex(data: bytes) -> str:
+    return "0x" + bytes(data).hex()
 
 
 def _bytes32(root: Any) -> bytes:
@@ -123,7 +126,7 @@ class Settler:
     def close_due_epochs(self) -> list[int]:
         """Freeze every epoch that has ended and is not closed yet, oldest first."""
         last = self.ledger.last_closed_epoch()
-        start = self.config.first_epoch if last is None else last + 1
+        start = 0 if last is None else last + 1  # the ledger closes epochs strictly in order from 0
         closed = []
         for epoch in range(start, self.due_epoch() + 1):
             self.ledger.close_epoch(epoch)
@@ -134,10 +137,7 @@ class Settler:
     def ensure_contract(self) -> str:
         """Bind to the configured distributor, or deploy one starting at the first unsettled epoch."""
         if self.chain.address is None:
-            first = self.config.first_epoch
-            last = self.ledger.last_closed_epoch()
-            while last is not None and first <= last and self.ledger.settled(first):
-                first += 1
+            first = self._first_unsettled()
             self.chain.deploy(self.key, first)
             log.info("deployed the distributor at %s (first epoch %d)", self.chain.address, first)
         return self.chain.address
@@ -152,17 +152,16 @@ class Settler:
         if last is None:
             return []
         done = []
-        for epoch in range(self._first_unsettled(last), last + 1):
+        for epoch in range(self._first_unsettled(), last + 1):
             if not self._settle_epoch(epoch):
                 break  # keep order: a later epoch never goes before an earlier one
             done.append(epoch)
         return done
 
-    def _first_unsettled(self, last: int) -> int:
-        epoch = self.config.first_epoch
-        while epoch <= last and self.ledger.settled(epoch):
-            epoch += 1
-        return epoch
+    def _first_unsettled(self) -> int:
+        # Epochs settle strictly in order, so everything after the last settled one is open.
+        last = self.ledger.last_settled_epoch()
+        return 0 if last is None else last + 1
 
     def run(self, stop: Callable[[], bool] = lambda: False) -> None:
         """Tick forever (until `stop()`); a chain outage only delays, it never drops an epoch."""
@@ -201,6 +200,7 @@ class Settler:
         if scores is None and self.config.default_quality is None:
             return None  # wait for consensus scores
         quality = {node: (scores or {}).get(node, self.config.default_quality or 0.0) for node in usage}
+        self.book.put_quality(epoch, quality)  # before computing: a restart recomputes the same numbers
         previous = self.book.get(epoch - 1)
         carried_in = previous.carried_wei if previous else 0
         if self._rewards is None:
@@ -221,7 +221,7 @@ class Settler:
         except EmptyTreeError:
             usage_root, interactions = ZERO_ROOT, 0
         reward_root = _bytes32(reward_root_of(cumulative))
-        self.book.put_quality(epoch, quality)
+        self.ledger.put_rewards(epoch, result.per_operator, result.carried_wei)
         stored = self.book.put(
             EpochCommitment(
                 epoch=epoch,
@@ -263,7 +263,7 @@ class Settler:
                 return self._adopt_onchain(epoch, c)
             self.ledger.clear_pending_tx(epoch)
             raise RuntimeError(f"the settle tx of epoch {epoch} reverted; it will be re-signed next pass")
-        self.ledger.mark_settled(epoch, tx_hash)
+        self.ledger.mark_settled(epoch, _hex(tx_hash))
         log.info("epoch %d settled in tx %s (gas %d)", epoch, tx_hash.hex(), receipt["gasUsed"])
         return True
 
@@ -278,7 +278,7 @@ class Settler:
         raw = self.chain.sign_settle(self.key, c.epoch, c.usage_root, c.reward_root, c.interactions,
                                      c.epoch_reward, nonce, fees)
         _crash("sign")
-        self.ledger.put_pending_tx(c.epoch, raw, nonce, self._hash(raw))
+        self.ledger.put_pending_tx(c.epoch, raw, nonce, _hex(self._hash(raw)))
         _crash("written")
         return raw
 
@@ -309,8 +309,7 @@ class Settler:
                 f"0x{c.usage_root.hex()}: another settler or a different ledger posted it; "
                 "check MERITNET_CHAIN_CONTRACT and the ledger path"
             )
-        tx_hash = bytes(events[-1]["tx_hash"]) if events else b""
-        self.ledger.mark_settled(epoch, tx_hash)
+        self.ledger.mark_settled(epoch, _hex(events[-1]["tx_hash"]) if events else "0x")
         return True
 
     @staticmethod

@@ -75,15 +75,16 @@ def test_tx_dropped_by_a_restarted_node_is_resigned_with_bumped_fees(anvil, tmp_
     anvil.rpc("evm_setAutomine", [False])
     assert settler.tick() == []  # broadcast, never mined
     pending = w.ledger.pending_tx(0)
-    assert chain.tx_info(pending.tx_hash).state == "pending"
+    pending_hash = bytes.fromhex(pending.tx_hash[2:])
+    assert chain.tx_info(pending_hash).state == "pending"
     anvil.stop()  # the mempool is not part of --state: the tx is dropped
 
     node = Anvil(port=anvil.port, state_file=anvil.state_file).start()
     try:
-        assert chain.tx_info(pending.tx_hash).state == "unknown"
+        assert chain.tx_info(pending_hash).state == "unknown"
         assert w.settler().tick() == [0, 1, 2]
         first = chain.w3.eth.get_transaction(w.ledger.settled_tx[0])
-        assert first["nonce"] == pending.nonce and bytes(first["hash"]) != bytes(pending.tx_hash)
+        assert first["nonce"] == pending.nonce and bytes(first["hash"]) != pending_hash
         assert [e["epoch"] for e in chain.settled_events()] == [0, 1, 2]
     finally:
         node.stop()

@@ -60,7 +60,14 @@ class FakeLedger:
         self.pending.pop(epoch, None)
 
     def settled(self, epoch):
-        return epoch in self.settled_tx
+        return self.settled_tx.get(epoch)
+
+    def last_settled_epoch(self):
+        return max(self.settled_tx) if self.settled_tx else None
+
+    def put_rewards(self, epoch, per_operator, carried_wei):
+        self.rewards = getattr(self, "rewards", {})
+        assert self.rewards.setdefault(epoch, (per_operator, carried_wei)) == (per_operator, carried_wei)
 
     def put_pending_tx(self, epoch, raw_tx, nonce, tx_hash):
         self.pending[epoch] = SimpleNamespace(raw_tx=raw_tx, nonce=nonce, tx_hash=tx_hash)
@@ -135,7 +142,7 @@ def test_written_ahead_but_never_sent_is_resigned_at_the_same_nonce_with_bumped_
     monkeypatch.undo()
     stale = world.ledger.pending_tx(0)
     nonce, fees = fees_of_raw(stale.raw_tx)
-    assert world.chain.tx_info(stale.tx_hash).state == "unknown"  # the node never saw it: dropped
+    assert world.chain.tx_info(bytes.fromhex(stale.tx_hash[2:])).state == "unknown"  # the node never saw it: dropped
 
     assert world.settler().tick() == [0, 1, 2]
     sent = world.chain.w3.eth.get_transaction(world.ledger.settled_tx[0])
@@ -150,12 +157,12 @@ def test_pending_tx_is_rebroadcast_byte_for_byte(world):
     tester.disable_auto_mine_transactions()
     assert settler.tick() == []  # sent, no receipt within the timeout: stays pending
     pending = world.ledger.pending_tx(0)
-    assert world.chain.tx_info(pending.tx_hash).state == "pending"
+    assert world.chain.tx_info(bytes.fromhex(pending.tx_hash[2:])).state == "pending"
 
     restarted = world.settler()
     tester.enable_auto_mine_transactions()  # mines what is pending
     assert restarted.tick() == [0, 1, 2]
-    assert world.ledger.settled_tx[0] == bytes(pending.tx_hash)
+    assert world.ledger.settled_tx[0] == pending.tx_hash
     assert onchain_epochs(world.chain) == [0, 1, 2]
 
 
