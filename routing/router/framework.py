@@ -1,0 +1,173 @@
+"""The routing framework: plugin kinds, their registry, and a compiled profile that runs them.
+
+A profile is ordered Filters (each narrows the candidate list) -> weighted Scorers (each
+returns one score per candidate) -> exactly one Picker (returns an index). Plugins only
+compute; the framework clamps scores to [0,1] (NaN counts as 0), applies weights normalised to
+sum to 1, times every plugin, and builds an explanation when asked. Plugins work on the whole
+candidate list at once, because a Python call per (plugin, node) pair would be too slow at
+1000 nodes.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from routing.router.snapshot import Decision, Explanation, NodeSnapshot, NoEligibleNode, RequestFacts
+
+
+class NoParams(BaseModel):
+    """Parameters of a plugin that takes none."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(slots=True)
+class PickContext:
+    """Per-decision inputs that are not about the request or a node: the time and the randomness."""
+
+    now: float
+    rng: random.Random
+
+
+class Plugin:
+    """Base of every plugin. `Params` is the pydantic model of its YAML `parameters`."""
+
+    kind: ClassVar[str] = ""
+    type_name: ClassVar[str] = ""
+    Params: ClassVar[type[BaseModel]] = NoParams
+
+    def __init__(self, name: str, params: BaseModel) -> None:
+        self.name = name
+        self.params = params
+
+
+class Filter(Plugin):
+    kind = "filter"
+
+    def filter(self, facts: RequestFacts, nodes: Sequence[NodeSnapshot], ctx: PickContext) -> list[NodeSnapshot]:
+        raise NotImplementedError
+
+
+class Scorer(Plugin):
+    kind = "scorer"
+
+    def score(self, facts: RequestFacts, nodes: Sequence[NodeSnapshot], ctx: PickContext) -> Sequence[float]:
+        raise NotImplementedError
+
+
+class Picker(Plugin):
+    kind = "picker"
+
+    def pick(self, facts: RequestFacts, totals: Sequence[float], ctx: PickContext) -> int:
+        raise NotImplementedError
+
+
+REGISTRY: dict[str, type[Plugin]] = {}
+
+
+def register(type_name: str):
+    """Class decorator: make a plugin available to configs under `type_name`."""
+
+    def deco(cls: type[Plugin]) -> type[Plugin]:
+        if type_name in REGISTRY:
+            raise ValueError(f"plugin type {type_name!r} is registered twice ({REGISTRY[type_name]} and {cls})")
+        cls.type_name = type_name
+        REGISTRY[type_name] = cls
+        return cls
+
+    return deco
+
+
+class PluginTimings:
+    """Cumulative time per plugin (calls, total ns) since the router was built, for /metrics or debugging."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+        self.total_ns: dict[str, int] = {}
+
+    def add(self, key: str, ns: int) -> None:
+        self.calls[key] = self.calls.get(key, 0) + 1
+        self.total_ns[key] = self.total_ns.get(key, 0) + ns
+
+    def mean_us(self) -> dict[str, float]:
+        return {k: self.total_ns[k] / self.calls[k] / 1000 for k in self.calls}
+
+
+class Profile:
+    """A compiled routing profile (built by `routing.router.config.build_profiles`)."""
+
+    def __init__(
+        self,
+        name: str,
+        filters: Sequence[Filter],
+        scorers: Sequence[tuple[Scorer, float]],
+        picker: Picker,
+    ) -> None:
+        self.name = name
+        self.filters = tuple(filters)
+        total = sum(w for _, w in scorers)
+        # Normalised weights keep totals in [0,1], so a picker's temperature means the same in every profile.
+        self.scorers = tuple((s, w / total) for s, w in scorers) if total > 0 else ()
+        self.picker = picker
+        self._keys = {p: f"{name}/{p.name}" for p in (*self.filters, *(s for s, _ in self.scorers), picker)}
+
+    def run(
+        self,
+        facts: RequestFacts,
+        nodes: Sequence[NodeSnapshot],
+        ctx: PickContext,
+        timings: PluginTimings,
+        explain: bool = False,
+    ) -> Decision:
+        clock = time.perf_counter_ns
+        keys = self._keys
+        removed: list[tuple[str, tuple[str, ...]]] = []
+        spent: dict[str, float] = {}
+        if not nodes:
+            raise NoEligibleNode(facts.model, self.name, "no candidate nodes (all excluded or none registered)")
+        for f in self.filters:
+            t0 = clock()
+            kept = f.filter(facts, nodes, ctx)
+            dt = clock() - t0
+            timings.add(keys[f], dt)
+            if explain:
+                ids = {n.node_id for n in kept}
+                removed.append((f.name, tuple(n.node_id for n in nodes if n.node_id not in ids)))
+                spent[f.name] = dt / 1000
+            nodes = kept
+            if not nodes:
+                raise NoEligibleNode(facts.model, self.name, f"filter {f.name!r} removed every remaining candidate")
+        totals = [0.0] * len(nodes)
+        per_scorer: dict[str, list[float]] = {}
+        for s, w in self.scorers:
+            t0 = clock()
+            raw = s.score(facts, nodes, ctx)
+            dt = clock() - t0
+            timings.add(keys[s], dt)
+            if len(raw) != len(nodes):
+                raise RuntimeError(f"scorer {s.name!r} returned {len(raw)} scores for {len(nodes)} candidates")
+            # Clamp to [0,1]; `not x > 0.0` is also true for NaN, which therefore scores 0.
+            clamped = [0.0 if not x > 0.0 else (1.0 if x > 1.0 else x) for x in raw]
+            totals = [t + w * x for t, x in zip(totals, clamped)]
+            if explain:
+                per_scorer[s.name] = clamped
+                spent[s.name] = dt / 1000
+        t0 = clock()
+        index = self.picker.pick(facts, totals, ctx) if len(nodes) > 1 else 0
+        dt = clock() - t0
+        timings.add(keys[self.picker], dt)
+        explanation = None
+        if explain:
+            spent[self.picker.name] = dt / 1000
+            scores = {
+                n.node_id: {**{k: v[i] for k, v in per_scorer.items()}, "total": totals[i]}
+                for i, n in enumerate(nodes)
+            }
+            explanation = Explanation(tuple(removed), scores, spent)
+        return Decision(nodes[index].node_id, self.name, totals[index], len(nodes), explanation)

@@ -1,0 +1,164 @@
+"""What every routing plugin reads: the request's facts and one immutable snapshot per node.
+
+These are slotted frozen dataclasses rather than pydantic models because the router builds
+and reads them on the hot path (a pydantic model costs ~10x more to construct). They are
+still strict: wrong types, NaN/infinity and out-of-range values raise `ValueError` at
+construction, so a peer's bad report never reaches a plugin.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+
+
+def _check_int(name: str, value: object, lo: int = 0) -> None:
+    # bool is an int subclass; a True in_flight is a bug, not a count.
+    if type(value) is not int or value < lo:
+        raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
+
+
+def _check_float(name: str, value: object, lo: float = 0.0, hi: float = math.inf, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if type(value) not in (float, int) or not math.isfinite(value) or not lo <= value <= hi:
+        raise ValueError(f"{name} must be a finite number in [{lo}, {hi}], got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFacts:
+    """What the router may know about a request (never the request itself).
+
+    `prompt_tokens` is an estimate (the gateway has not tokenised yet); `prefix_hash` keys
+    prefix-cache affinity; `session_key` (e.g. an `x-session-id` header) overrides it when set.
+    `target_node` is set only for validator challenges that must hit one specific node.
+    """
+
+    model: str
+    prompt_tokens: int = 0
+    prefix_hash: str = ""
+    session_key: str | None = None
+    is_challenge: bool = False
+    target_node: str | None = None
+
+    def __post_init__(self) -> None:
+        if type(self.model) is not str or not self.model:
+            raise ValueError(f"model must be a non-empty str, got {self.model!r}")
+        _check_int("prompt_tokens", self.prompt_tokens)
+        if type(self.prefix_hash) is not str:
+            raise ValueError(f"prefix_hash must be a str, got {self.prefix_hash!r}")
+        if self.session_key is not None and type(self.session_key) is not str:
+            raise ValueError(f"session_key must be a str or None, got {self.session_key!r}")
+        if type(self.is_challenge) is not bool:
+            raise ValueError(f"is_challenge must be a bool, got {self.is_challenge!r}")
+        if self.target_node is not None and type(self.target_node) is not str:
+            raise ValueError(f"target_node must be a str or None, got {self.target_node!r}")
+
+    @classmethod
+    def from_text(
+        cls,
+        model: str,
+        text: str,
+        session_key: str | None = None,
+        is_challenge: bool = False,
+        target_node: str | None = None,
+    ) -> "RequestFacts":
+        """Facts from the prompt text: ~4 characters per token, prefix = the first 256 characters."""
+        prefix = hashlib.blake2b(text[:256].encode(), digest_size=8).hexdigest()
+        return cls(model, len(text) // 4, prefix, session_key, is_challenge, target_node)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSnapshot:
+    """One candidate node as the router sees it at decision time (all times in seconds).
+
+    `quality` is the validators' consensus score in [0,1], or None while the node is unscored
+    (on probation). `banned_until` is 0.0 when not banned; `last_failure_at` is None if the node
+    never failed. EWMAs are None until the first observation.
+    """
+
+    node_id: str
+    model_id: str
+    accelerator: str = ""
+    capacity: int = 1
+    live: bool = True
+    in_flight: int = 0
+    queue_depth: int = 0
+    ttft_ewma_s: float | None = None
+    tpot_ewma_s: float | None = None
+    error_streak: int = 0
+    banned_until: float = 0.0
+    last_failure_at: float | None = None
+    quality: float | None = None
+    joined_at: float = 0.0
+    _key: int = field(default=0, repr=False, compare=False)  # stable hash of node_id, for affinity
+
+    def __post_init__(self) -> None:
+        if type(self.node_id) is not str or not self.node_id:
+            raise ValueError(f"node_id must be a non-empty str, got {self.node_id!r}")
+        if type(self.model_id) is not str or not self.model_id:
+            raise ValueError(f"model_id must be a non-empty str, got {self.model_id!r}")
+        if type(self.accelerator) is not str:
+            raise ValueError(f"accelerator must be a str, got {self.accelerator!r}")
+        _check_int("capacity", self.capacity, lo=1)
+        if type(self.live) is not bool:
+            raise ValueError(f"live must be a bool, got {self.live!r}")
+        _check_int("in_flight", self.in_flight)
+        _check_int("queue_depth", self.queue_depth)
+        _check_float("ttft_ewma_s", self.ttft_ewma_s, optional=True)
+        _check_float("tpot_ewma_s", self.tpot_ewma_s, optional=True)
+        _check_int("error_streak", self.error_streak)
+        _check_float("banned_until", self.banned_until)
+        _check_float("last_failure_at", self.last_failure_at, optional=True)
+        _check_float("quality", self.quality, hi=1.0, optional=True)
+        _check_float("joined_at", self.joined_at)
+        if self._key == 0:
+            object.__setattr__(self, "_key", stable_hash(self.node_id))
+
+    @property
+    def load(self) -> float:
+        """In-flight requests per unit of capacity (1.0 = every slot busy)."""
+        return self.in_flight / self.capacity
+
+
+def stable_hash(text: str) -> int:
+    """A 64-bit hash that is the same in every process (Python's hash() is salted per process),
+    so every gateway replica sends a session to the same node."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") | 1
+
+
+class NoEligibleNode(LookupError):
+    """No candidate survived the profile's filters (or every candidate was excluded)."""
+
+    def __init__(self, model: str, profile: str, reason: str) -> None:
+        super().__init__(
+            f"no eligible node for model {model!r} (profile {profile!r}): {reason}. "
+            "Check that nodes serving this model are registered and live, or wait for bans to expire."
+        )
+        self.model, self.profile, self.reason = model, profile, reason
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    """Why a decision came out as it did (only built when `explain=True`: it costs time).
+
+    `removed` lists (filter name, node ids it removed) in order; `scores` maps each surviving
+    node id to {scorer name: clamped raw score} plus "total" (the weighted, normalised sum);
+    `timings_us` is the time each plugin took on this request.
+    """
+
+    removed: tuple[tuple[str, tuple[str, ...]], ...]
+    scores: dict[str, dict[str, float]]
+    timings_us: dict[str, float]
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The router's choice: the node to call, its total score, and how many candidates it beat."""
+
+    node_id: str
+    profile: str
+    score: float
+    candidates: int
+    explanation: Explanation | None = None
