@@ -36,7 +36,8 @@ class ChallengeConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     rate_per_node_per_min: float = Field(
-        default=2.0, gt=0, description="Mean challenges per node per minute (exponential inter-arrival).")
+        default=0.5, gt=0, description="Mean challenges per node per minute per validator (exponential "
+        "inter-arrival); 0.5 keeps 3 validators at ~2.5% of a node serving 1 organic request/s.")
     kinds: tuple[Literal["chat", "completion"], ...] = Field(
         default=("chat", "completion"), min_length=1, description="Request kinds to draw from.")
     max_tokens: tuple[int, ...] = Field(default=(16, 32, 48, 64), min_length=1,

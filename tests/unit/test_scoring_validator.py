@@ -101,7 +101,7 @@ def test_challenges_look_like_organic_requests():
     chat = next(r for r in reqs if r.messages)
     assert chat.body["messages"][0]["role"] == "user" and chat.body["model"] == "default"
     delays = [pool.next_delay() for _ in range(4000)]
-    assert np.mean(delays) == pytest.approx(30.0, rel=0.1)  # 2/min -> mean 30 s, exponential
+    assert np.mean(delays) == pytest.approx(120.0, rel=0.1)  # 0.5/min -> mean 120 s, exponential
 
 
 def test_organic_prompts_only_when_enabled():

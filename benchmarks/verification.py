@@ -1,0 +1,243 @@
+"""Verification benchmark: how fast validators catch each attack, and that honest nodes never fail.
+
+    python -m benchmarks.verification --out FILE.json [--quick]
+
+Real parts: the default model (seed 0) in a real vLLM CPU engine, which serves the honest nodes (at
+several batch sizes, to expose batching nondeterminism) and, teacher-forced, is the validator's
+reference. Attackers run real weights through transformers (greedy): the seed-1 model (substitution)
+and seed-0 weights plus Gaussian noise saved as another local model (perturbed). Truncation and
+inflation are honest vLLM outputs with lying metadata; the slow node is honest output with 4x the latency.
+
+Per attack and trial, a fresh validator score state challenges the attacker until its integrity is 0
+(speed < 0.5 for the slow node), at most `--max-challenges`; detect_rate is the share of trials caught.
+Thresholds are calibrated on one half of the honest completions; the false-positive rate is measured
+on the other half. validator_overhead = challenge tokens / organic tokens for 3 validators at the
+default challenge rate against a node serving `--organic-rps` requests/s of the same size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+def _progress():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def perturbed_model(src: Path, rel_std: float, seed: int = 7) -> Path:
+    """seed-0 weights + N(0, (rel_std * std(W))^2) noise per tensor, saved beside the source (cached)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = src.with_name(src.name + f"-noise{rel_std:g}")
+    if (out / "model.safetensors").is_file():
+        return out
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.copytree(src, tmp, dirs_exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = load_file(str(src / "model.safetensors"))
+    noisy = {k: (t + torch.randn(t.shape, generator=gen) * rel_std * t.float().std()).to(t.dtype).contiguous()
+             if not k.endswith("norm.weight") else t for k, t in sorted(tensors.items())}
+    save_file(noisy, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    os.replace(tmp, out) if not out.exists() else shutil.rmtree(tmp)
+    return out
+
+
+class HFGenerator:
+    """Greedy generation with transformers (attackers' engines)."""
+
+    def __init__(self, model_dir: Path, eos: frozenset[int]) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(2)
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+        self.eos = sorted(eos)
+
+    def generate(self, prompt_ids: list[int], max_tokens: int) -> tuple[list[int], str]:
+        import torch
+
+        with torch.no_grad():
+            out = self.model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_tokens, do_sample=False,
+                                      eos_token_id=self.eos, pad_token_id=self.eos[0])
+        ids = out[0][len(prompt_ids):].tolist()
+        finish = "stop" if ids and ids[-1] in self.eos else "length"
+        return ids, finish
+
+
+def vllm_generate(llm, prompts: list[list[int]], max_tokens: list[int]) -> list[tuple[list[int], str, str]]:
+    """One batched greedy call: (token ids, finish_reason, text) per prompt."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = [SamplingParams(max_tokens=m, temperature=0.0) for m in max_tokens]
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    return [(list(o.outputs[0].token_ids), o.outputs[0].finish_reason, o.outputs[0].text) for o in outs]
+
+
+def challenge_prompts(codec, n: int, seed: int) -> list[tuple[list[int], int]]:
+    """(prompt ids, max_tokens) drawn exactly as validators draw challenges."""
+    from scoring.challenge import ChallengeConfig, ChallengePool
+
+    pool = ChallengePool(ChallengeConfig(), random.Random(seed))
+    out = []
+    for _ in range(n):
+        r = pool.sample("n", "default")
+        ids = codec.encode_chat(list(r.messages)) if r.messages else codec.encode_prompt(r.prompt)
+        out.append((ids, r.max_tokens))
+    return out
+
+
+def honest_completions(llm, codec, n: int, batch_sizes=(1, 4, 16), seed: int = 0):
+    """Greedy completions of n challenge prompts, spread over the given batch sizes."""
+    from scoring.verify import Claim
+
+    prompts = challenge_prompts(codec, n, seed)
+    claims = []
+    i = 0
+    while i < len(prompts):
+        bs = batch_sizes[(i // max(batch_sizes)) % len(batch_sizes)]
+        chunk = prompts[i:i + bs]
+        for (p, m), (ids, finish, text) in zip(chunk, vllm_generate(llm, [c[0] for c in chunk], [c[1] for c in chunk])):
+            claims.append(Claim(prompt_token_ids=tuple(p), text=text, completion_token_ids=tuple(ids),
+                                reported_completion_tokens=len(ids), finish_reason=finish, max_tokens=m))
+        i += bs
+    return claims
+
+
+def _claim_from(gen, codec, prompt, max_tokens):
+    from scoring.verify import Claim
+
+    ids, finish = gen.generate(prompt, max_tokens)
+    return Claim(prompt_token_ids=tuple(prompt), text=codec.decode([t for t in ids if t not in codec.eos_token_ids]),
+                 completion_token_ids=tuple(ids), reported_completion_tokens=len(ids), finish_reason=finish,
+                 max_tokens=max_tokens)
+
+
+def run(quick: bool, max_challenges: int, organic_rps: float) -> dict:
+    from cluster.model import build_default_model
+    from scoring.challenge import ChallengeConfig
+    from scoring.reference import HFCodec, VllmReferenceEngine
+    from scoring.score import NodeScorer
+    from scoring.verify import calibrate, compare_tokens, verify
+
+    con = _progress()
+    n_honest = 240 if quick else 2200
+    trials = 20 if quick else 100
+    t_start = time.time()
+    d0, d1 = build_default_model(0), build_default_model(1)
+    noisy = perturbed_model(d0, rel_std=0.05)
+    codec = HFCodec.from_pretrained(d0)
+    con.log("starting the vLLM engine (seed 0)")
+    from vllm import LLM
+
+    llm = LLM(model=str(d0), max_model_len=1024, max_logprobs=20, seed=0)
+    ref = VllmReferenceEngine(llm=llm)
+
+    con.log(f"honest completions: {n_honest} at batch sizes 1/4/16")
+    honest = honest_completions(llm, codec, n_honest, seed=1)
+    half = len(honest) // 2
+    t0 = time.perf_counter()
+    cal_pos = ref.prompt_logprobs_many([(c.prompt_token_ids, c.completion_token_ids) for c in honest[:half]], 20)
+    ref_s_per_verification = (time.perf_counter() - t0) / half
+    checks = [compare_tokens(c.completion_token_ids, r, 20) for c, r in zip(honest[:half], cal_pos)]
+    th = calibrate(checks, margin=3.0, note="vLLM CPU engine, default model seed 0, batch sizes 1/4/16, greedy")
+    con.log(f"calibrated: {th.provenance}")
+    held = honest[half:]
+    fp = sum(verify(c, ref, codec, th).verdict != "pass" for c in held)
+    con.log(f"false positives: {fp}/{len(held)}")
+
+    attackers = {"substitution": HFGenerator(d1, codec.eos_token_ids),
+                 "perturbed_weights": HFGenerator(noisy, codec.eos_token_ids)}
+    rng = random.Random(5)
+    honest_pool = honest[half:]
+
+    def attack_claim(name: str, prompt, max_tokens):
+        if name in attackers:
+            return _claim_from(attackers[name], codec, prompt, max_tokens)
+        c = rng.choice(honest_pool)
+        ids = list(c.completion_token_ids)
+        if name == "truncated":
+            keep = ids[:max(1, len(ids) // 2)]
+            finish = "length" if rng.random() < 0.5 else "stop"
+            return c.model_copy(update=dict(completion_token_ids=tuple(keep), text=codec.decode(keep),
+                                            reported_completion_tokens=len(keep), finish_reason=finish,
+                                            max_tokens=max(c.max_tokens, len(ids))))
+        if name == "inflated_tokens":
+            return c.model_copy(update=dict(reported_completion_tokens=len(ids) + max(2, len(ids) // 5)))
+        return c
+
+    attacks: dict[str, dict] = {}
+    for name in ("substitution", "perturbed_weights", "truncated", "inflated_tokens", "slow_node"):
+        to_detect = []
+        for trial in range(trials):
+            scorer = NodeScorer(f"bench-{trial}")
+            prompts = challenge_prompts(codec, max_challenges, seed=1000 + trial)
+            caught = None
+            for k, (p, m) in enumerate(prompts, start=1):
+                if name == "slow_node":
+                    for honest_id in ("h1", "h2", "h3"):
+                        scorer.observe_challenge(honest_id, "default", True, 0.05, 200.0)
+                    scorer.observe_challenge("x", "default", True, 0.2, 50.0)  # 4x slower
+                    s = next(s for s in scorer.scores() if s.node_id == "x")
+                    if s.speed < 0.5:
+                        caught = k
+                        break
+                    continue
+                claim = attack_claim(name, p, m)
+                scorer.observe_verification("x", "default", verify(claim, ref, codec, th).verdict)
+                if next(s for s in scorer.scores() if s.node_id == "x").integrity == 0.0:
+                    caught = k
+                    break
+            to_detect.append(caught)
+        hits = [k for k in to_detect if k is not None]
+        attacks[name] = {"detect_rate": len(hits) / trials,
+                         "challenges_to_detect_p50": statistics.median(hits) if hits else None,
+                         "trials": trials, "max_challenges": max_challenges}
+        con.log(f"{name}: {attacks[name]}")
+
+    mean_tokens = statistics.mean(len(c.prompt_token_ids) + c.reported_completion_tokens for c in honest)
+    challenge_rps = 3 * ChallengeConfig().rate_per_node_per_min / 60.0
+    overhead = (challenge_rps * mean_tokens) / (organic_rps * mean_tokens)
+    return {
+        "attacks": attacks,
+        "false_positive_rate": fp / len(held),
+        "verified_completions": len(held),
+        "validator_overhead": overhead,
+        "thresholds": th.model_dump(),
+        "reference_seconds_per_verification": ref_s_per_verification,
+        "assumptions": {"validators": 3, "challenge_rate_per_node_per_min": ChallengeConfig().rate_per_node_per_min,
+                        "organic_rps_per_node": organic_rps, "perturbation_rel_std": 0.05,
+                        "mean_tokens_per_request": mean_tokens},
+        "quick": quick,
+        "wall_seconds": time.time() - t_start,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, type=Path, help="Where to write the JSON results.")
+    ap.add_argument("--quick", action="store_true", help="Fewer completions and trials (< 10 min).")
+    ap.add_argument("--max-challenges", type=int, default=16, help="Challenges per trial before giving up.")
+    ap.add_argument("--organic-rps", type=float, default=1.0, help="Organic requests/s per node (overhead).")
+    args = ap.parse_args()
+    res = run(args.quick, args.max_challenges, args.organic_rps)
+    args.out.write_text(json.dumps(res, indent=2) + "\n")
+    print(json.dumps({k: res[k] for k in ("attacks", "false_positive_rate", "verified_completions",
+                                          "validator_overhead")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
