@@ -64,7 +64,11 @@ class NetworkConfig(BaseSettings):
         description="Engine settings shared by all nodes.",
     )
     cluster: LocalClusterConfig = Field(
-        default_factory=lambda: LocalClusterConfig(env_vars={"VLLM_CPU_KVCACHE_SPACE": "1"}),
+        default_factory=lambda: LocalClusterConfig(
+            # 1 GiB KV cache per engine is plenty for the small default model. vLLM pins each
+            # CPU engine to a core by default, and every engine would pick the same core here.
+            env_vars={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
+        ),
         description="Shape of the local Ray cluster.",
     )
     api_keys: list[SecretStr] = Field(default_factory=list, description="Bearer keys; empty = open endpoint.")

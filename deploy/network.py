@@ -61,10 +61,16 @@ class LocalNetwork:
         self.cluster = LocalCluster({s.accelerator_type for s in self.specs}, cfg.cluster).start()
         serve.start(proxy_location="HeadOnly", http_options={"host": cfg.host, "port": cfg.port})
 
+        import ray
+
         self.on_step("Starting registry and usage ledger")
         registry = get_or_create_registry()
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        start_usage_store(cfg.state_dir / "usage.db", cfg.epoch_length_s)
+        store = start_usage_store(cfg.state_dir / "usage.db", cfg.epoch_length_s)
+        try:
+            ray.get(store.__ray_ready__.remote(), timeout=60)
+        except Exception as exc:
+            raise NetworkStartError(f"the usage ledger did not start: {exc}") from None
 
         self.on_step(f"Loading {len(self.specs)} vLLM engines")
         serve.run_many(
@@ -72,7 +78,6 @@ class LocalNetwork:
              for s in self.specs],
             wait_for_applications_running=False,
         )
-        import ray
 
         ray.get([registry.register.remote(s) for s in self.specs])
         self._wait_running([deployment_name(s) for s in self.specs], timeout_s)

@@ -430,13 +430,21 @@ def build_fastapi(core_getter) -> FastAPI:
     return app
 
 
+# The replica's GatewayCore. Routes reach it through `current_core`, a module-level function, so
+# it is pickled by reference and resolves in the replica process to the core its __init__ set.
+_REPLICA: dict[str, GatewayCore] = {}
+
+
+def current_core() -> GatewayCore:
+    return _REPLICA["core"]
+
+
 def gateway_deployment(config: GatewayConfig):
     """The gateway as a bound Serve application."""
     import ray
     from ray import serve
 
-    holder: dict[str, GatewayCore] = {}
-    app = build_fastapi(lambda: holder["core"])
+    app = build_fastapi(current_core)
 
     @serve.deployment(name="gateway", max_ongoing_requests=2048, ray_actor_options={"num_cpus": 0.5})
     @serve.ingress(app)
@@ -457,9 +465,15 @@ def gateway_deployment(config: GatewayConfig):
 
             registry = ray.get_actor(cfg.registry_name, namespace=cfg.namespace)
             sink = ray.get_actor(cfg.usage_sink_name, namespace=cfg.namespace) if cfg.usage_sink_name else None
-            holder["core"] = GatewayCore(cfg, load_selector(cfg.router_config), handle_for, sink, registry)
+            import routing.gateway as this_module
+
+            this_module._REPLICA["core"] = GatewayCore(
+                cfg, load_selector(cfg.router_config), handle_for, sink, registry
+            )
 
         async def check_health(self):
-            await holder["core"].ensure_started()
+            import routing.gateway as this_module
+
+            await this_module._REPLICA["core"].ensure_started()
 
     return Gateway.bind(config)
