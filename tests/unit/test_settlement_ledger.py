@@ -1,0 +1,173 @@
+"""UsageLedger: durability settings, duplicates, epochs and late records, settlement state."""
+
+import sqlite3
+
+import pytest
+
+from cluster import UsageRecord
+from settlement.ledger import LedgerError, PendingTx, UsageLedger
+from settlement.rewards import NodeUsage
+
+A = "0x5B38Da6a701c568545dCfcB03FcB875f56beddC4"
+B = "0xAb8483F64d9C6d1EcF9b849Ae677dD3315835cb2"
+
+
+def rec(rid, ended_at, node="n1", operator=A, status="ok", prompt=10, completion=20):
+    return UsageRecord(request_id=rid, node_id=node, operator=operator, model="default", prompt_tokens=prompt,
+                       completion_tokens=completion, started_at=ended_at - 1.0, ended_at=ended_at, status=status)
+
+
+@pytest.fixture
+def path(tmp_path):
+    return tmp_path / "ledger.db"
+
+
+@pytest.fixture
+def ledger(path):
+    with UsageLedger(path, epoch_length_s=60.0, genesis=1000.0) as led:
+        yield led
+
+
+def test_wal_and_full_sync(ledger):
+    conn = ledger._conn
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_append_survives_reopen_and_assigns_epochs(ledger, path):
+    res = ledger.append([rec("a", 1000.0), rec("b", 1059.999), rec("c", 1060.0), rec("d", 500.0)])
+    assert (res.accepted, res.duplicates, res.late) == (4, (), 0)
+    ledger.close()
+    reopened = UsageLedger(path, 60.0, 1000.0)
+    assert [r.request_id for r in reopened.records(0)] == ["a", "b", "d"]  # before genesis clamps to 0
+    assert [r.request_id for r in reopened.records(1)] == ["c"]
+    assert reopened.count() == 4
+    reopened.close()
+
+
+def test_duplicates_rejected_and_reported_not_double_counted(ledger):
+    ledger.append([rec("a", 1001.0), rec("b", 1001.0)])
+    res = ledger.append([rec("b", 1002.0, prompt=999), rec("c", 1003.0), rec("c", 1004.0)])
+    assert res.accepted == 1
+    assert sorted(res.duplicates) == ["b", "c"]
+    assert ledger.count() == 3
+    assert ledger.usage_by_node(0) == {"n1": NodeUsage(A, 30, 60)}
+
+
+def test_only_ok_records_count_as_usage(ledger):
+    ledger.append([rec("a", 1001.0), rec("b", 1001.0, status="error"), rec("c", 1001.0, status="cancelled"),
+                   rec("d", 1001.0, node="n2", operator=B, prompt=1, completion=2)])
+    assert ledger.usage_by_node(0) == {"n1": NodeUsage(A, 10, 20), "n2": NodeUsage(B, 1, 2)}
+    frozen = ledger.close_epoch(0)
+    assert frozen.n_records == 4
+    assert [r.request_id for r in frozen.rows] == ["a", "d"]
+    assert frozen.usage_by_node() == ledger.usage_by_node(0)
+    assert {r.status for r in ledger.records(0)} == {"ok", "error", "cancelled"}
+
+
+def test_close_freezes_in_request_id_order_and_is_idempotent(ledger):
+    ledger.append([rec(rid, 1010.0) for rid in ("z", "a", "m", "B")])
+    frozen = ledger.close_epoch(0)
+    assert [r.request_id for r in frozen.rows] == ["B", "a", "m", "z"]  # byte order
+    assert ledger.close_epoch(0) == frozen
+    assert ledger.frozen_epoch(0) == frozen
+    assert ledger.last_closed_epoch() == 0
+    assert (frozen.start, frozen.end) == (1000.0, 1060.0)
+
+
+def test_epochs_close_strictly_in_order(ledger):
+    with pytest.raises(LedgerError, match="next epoch to close is 0"):
+        ledger.close_epoch(1)
+    ledger.close_epoch(0)  # empty epochs close too
+    with pytest.raises(LedgerError, match="next epoch to close is 1"):
+        ledger.close_epoch(3)
+    with pytest.raises(LedgerError, match="not closed yet"):
+        ledger.frozen_epoch(1)
+
+
+def test_late_records_go_to_next_open_epoch_and_leave_frozen_epoch_unchanged(ledger):
+    ledger.append([rec("a", 1010.0)])
+    frozen = ledger.close_epoch(0)
+    res = ledger.append([rec("late", 1020.0), rec("ontime", 1070.0), rec("far", 1500.0)])
+    assert (res.accepted, res.late) == (3, 1)
+    assert ledger.frozen_epoch(0) == frozen
+    assert [r.request_id for r in ledger.records(1)] == ["late", "ontime"]
+    assert [r.request_id for r in ledger.records(8)] == ["far"]
+    ledger.close_epoch(1)
+    assert ledger.append([rec("later", 1010.0)]).late == 1
+    assert [r.request_id for r in ledger.records(2)] == ["later"]
+
+
+def test_altered_frozen_epoch_is_detected(ledger, path):
+    ledger.append([rec("a", 1010.0), rec("b", 1010.0)])
+    ledger.close_epoch(0)
+    raw = sqlite3.connect(path)
+    raw.execute("UPDATE records SET prompt_tokens = 1 WHERE request_id = 'a'")
+    raw.commit()
+    raw.close()
+    with pytest.raises(LedgerError, match="altered"):
+        ledger.frozen_epoch(0)
+
+
+def test_node_with_two_operators_in_one_epoch_is_refused(ledger):
+    ledger.append([rec("a", 1010.0, operator=A), rec("b", 1010.0, operator=B)])
+    with pytest.raises(LedgerError, match="two operators"):
+        ledger.usage_by_node(0)
+
+
+def test_settlement_status_and_pending_tx(ledger, path):
+    with pytest.raises(LedgerError, match="not closed"):
+        ledger.mark_settled(0, "0xaa")
+    ledger.close_epoch(0)
+    assert ledger.settled(0) is None and ledger.pending_tx(0) is None
+    ledger.put_pending_tx(0, b"\x01\x02", 7, "0xaa")
+    ledger.put_pending_tx(0, b"\x03", 7, "0xbb")  # re-signed with bumped fees replaces it
+    ledger.close()
+    ledger = UsageLedger(path, 60.0, 1000.0)
+    assert ledger.pending_tx(0) == PendingTx(b"\x03", 7, "0xbb")
+    ledger.mark_settled(0, "0xbb")
+    assert ledger.pending_tx(0) is None  # cleared in the same transaction
+    assert ledger.settled(0) == "0xbb" and ledger.last_settled_epoch() == 0
+    ledger.mark_settled(0, "0xbb")  # idempotent
+    with pytest.raises(LedgerError, match="already settled"):
+        ledger.mark_settled(0, "0xcc")
+    ledger.put_pending_tx(0, b"x", 1, "0xdd")
+    ledger.clear_pending_tx(0)
+    assert ledger.pending_tx(0) is None
+    ledger.close()
+
+
+def test_rewards_bookkeeping(ledger):
+    for e in range(3):
+        ledger.close_epoch(e)
+    ledger.put_rewards(0, {}, 100)
+    ledger.put_rewards(1, {A: 150, B: 50}, 0)
+    ledger.put_rewards(1, {A: 150, B: 50}, 0)  # same numbers: fine
+    with pytest.raises(LedgerError, match="differ"):
+        ledger.put_rewards(1, {A: 151, B: 49}, 0)
+    ledger.put_rewards(2, {A: 10**30}, 0)
+    assert ledger.carried_into(1) == 100 and ledger.carried_into(0) == 0
+    assert ledger.rewards(1) == ({A: 150, B: 50}, 0)
+    assert ledger.cumulative_rewards(1) == {A: 150, B: 50}
+    assert ledger.cumulative_rewards(2) == {A: 150 + 10**30, B: 50}
+    with pytest.raises(LedgerError, match="close it first"):
+        ledger.put_rewards(5, {}, 0)
+
+
+def test_changed_epoch_length_is_refused(ledger, path):
+    ledger.append([rec("a", 1010.0)])
+    with pytest.raises(LedgerError, match="epoch_length_s"):
+        UsageLedger(path, epoch_length_s=30.0, genesis=1000.0)
+
+
+def test_second_handle_on_same_file_sees_closes(ledger, path):
+    other = UsageLedger(path, 60.0, 1000.0)
+    other.close_epoch(0)
+    assert ledger.append([rec("a", 1010.0)]).late == 1
+    other.close()
+
+
+def test_rejects_non_records(ledger):
+    with pytest.raises(TypeError, match="UsageRecord"):
+        ledger.append([{"request_id": "a"}])
+    assert ledger.append([]).accepted == 0
