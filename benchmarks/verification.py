@@ -172,11 +172,11 @@ def run(quick: bool, max_challenges: int, organic_rps: float) -> dict:
         if name == "truncated":
             keep = ids[:max(1, len(ids) // 2)]
             finish = "length" if rng.random() < 0.5 else "stop"
-            return c.model_copy(update=dict(completion_token_ids=tuple(keep), text=codec.decode(keep),
-                                            reported_completion_tokens=len(keep), finish_reason=finish,
-                                            max_tokens=max(c.max_tokens, len(ids))))
+            return c.model_copy(update={"completion_token_ids": tuple(keep), "text": codec.decode(keep),
+                                            "reported_completion_tokens": len(keep), "finish_reason": finish,
+                                            "max_tokens": max(c.max_tokens, len(ids))})
         if name == "inflated_tokens":
-            return c.model_copy(update=dict(reported_completion_tokens=len(ids) + max(2, len(ids) // 5)))
+            return c.model_copy(update={"reported_completion_tokens": len(ids) + max(2, len(ids) // 5)})
         return c
 
     attacks: dict[str, dict] = {}

@@ -5,9 +5,24 @@ consensus (Yuma). Pure logic here; I/O (gateway HTTP, vLLM) is injected. Imports
 from scoring.challenge import ChallengeConfig, ChallengePool, ChallengeRequest, ShadowSampler
 from scoring.consensus import ConsensusState, YumaResult, quality_from_consensus, yuma_epoch
 from scoring.score import NodeScorer, ScoreConfig
-from scoring.validator import (ChallengeResponse, Validator, ValidatorActor, ValidatorConfig, http_send,
-                               parse_completion, parse_stream)
-from scoring.verify import Claim, ReferenceEngine, TextCodec, Verification, VerifyThresholds, calibrate, verify
+from scoring.validator import (
+                               ChallengeResponse,
+                               Validator,
+                               ValidatorActor,
+                               ValidatorConfig,
+                               http_send,
+                               parse_completion,
+                               parse_stream,
+)
+from scoring.verify import (
+                               Claim,
+                               ReferenceEngine,
+                               TextCodec,
+                               Verification,
+                               VerifyThresholds,
+                               calibrate,
+                               verify,
+)
 
 __all__ = [
     "ChallengeConfig", "ChallengePool", "ChallengeRequest", "ChallengeResponse", "Claim", "ConsensusState",

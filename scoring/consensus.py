@@ -107,7 +107,7 @@ def yuma_epoch(weights, stake, bonds=None, kappa: float = 0.5, alpha: float = 0.
     bonds_penalty: 1 builds bonds from clipped weights (subtensor's default), 0 from raw weights.
     """
     w = _as_matrix("weights", weights)
-    v_count, n_count = w.shape
+    v_count, _n_count = w.shape
     s = np.asarray(stake, dtype=np.float64)
     if s.shape != (v_count,):
         raise ValueError(f"stake must have one entry per validator ({v_count}), got shape {s.shape}")
@@ -134,9 +134,9 @@ def yuma_epoch(weights, stake, bonds=None, kappa: float = 0.5, alpha: float = 0.
     ema = _col_normalize(alpha * delta + (1.0 - alpha) * _col_normalize(b_prev))
     dividends = _normalize(ema @ incentive)
 
-    arrays = dict(consensus=consensus, incentive=incentive, dividends=dividends, bonds=ema,
-                  validator_trust=validator_trust, rank=ranks, trust=trust, weights=w,
-                  clipped_weights=clipped, stake=s)
+    arrays = {"consensus": consensus, "incentive": incentive, "dividends": dividends, "bonds": ema,
+                  "validator_trust": validator_trust, "rank": ranks, "trust": trust, "weights": w,
+                  "clipped_weights": clipped, "stake": s}
     for a in arrays.values():
         a.setflags(write=False)
     return YumaResult(**arrays)

@@ -25,7 +25,7 @@ class HFCodec:
         self.eos_token_ids = frozenset(ids)
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path) -> "HFCodec":
+    def from_pretrained(cls, model_dir: str | Path) -> HFCodec:
         from transformers import AutoTokenizer
 
         eos: list[int] = []

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.records import NodeScore
-
 from scoring.verify import Verdict
 
 

@@ -24,7 +24,6 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from cluster.records import NodeScore, NodeStats
-
 from scoring import metrics
 from scoring.challenge import ChallengeConfig, ChallengePool, ChallengeRequest, ShadowSampler
 from scoring.score import NodeScorer, ScoreConfig
@@ -111,7 +110,7 @@ class Validator:
         req = self.pool.sample(node.node_id, node.model_id)
         try:
             resp = await asyncio.wait_for(self._send(req), self.config.timeout_s)
-        except (asyncio.TimeoutError, Exception) as exc:  # unreachable node = unavailable, not a crash
+        except Exception as exc:  # noqa: BLE001 - unreachable node = unavailable, not a crash
             resp = ChallengeResponse(ok=False, error=type(exc).__name__)
         verification = None
         tps = None
@@ -145,7 +144,7 @@ class Validator:
             now = time.monotonic()
             try:
                 live = [n for n in await nodes() if n.live and n.model_id in self._engines]
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - registry restarting: skip this round
                 log.warning("validator %s: node list unavailable (%s)", self.validator_id, type(exc).__name__)
                 live = []
             for n in live:
@@ -158,7 +157,7 @@ class Validator:
             wait = min((due[n.node_id] for n in live), default=now + 1.0) - time.monotonic()
             try:
                 await asyncio.wait_for(stop.wait(), max(0.05, min(wait, 5.0)))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     def scores(self) -> list[NodeScore]:

@@ -249,8 +249,8 @@ def calibrate(honest_greedy: Sequence[Sequence[TokenCheck]], honest_sampled: Seq
             f"min honest sampled logprob {min(lps, default=float('nan')):.2f}. {note}").strip()
     g_fail = min(1.0, margin * g_rate)
     s_fail = min(1.0, margin * s_rate)
-    return base.model_copy(update=dict(
-        greedy_gap_tol=gap_tol, greedy_fail_rate=g_fail, greedy_fraud_rate=max(base.greedy_fraud_rate, g_fail),
-        sampled_min_logprob=floor, sampled_fail_rate=max(s_fail, base.sampled_fail_rate),
-        sampled_fraud_rate=max(base.sampled_fraud_rate, s_fail), provenance=prov,
-    ))
+    return base.model_copy(update={
+        "greedy_gap_tol": gap_tol, "greedy_fail_rate": g_fail, "greedy_fraud_rate": max(base.greedy_fraud_rate, g_fail),
+        "sampled_min_logprob": floor, "sampled_fail_rate": max(s_fail, base.sampled_fail_rate),
+        "sampled_fraud_rate": max(base.sampled_fraud_rate, s_fail), "provenance": prov,
+    })

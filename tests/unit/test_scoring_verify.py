@@ -15,9 +15,9 @@ PROMPT = (0, 5, 9, 3)
 
 def _claim(model: BigramModel, max_tokens=16, temperature=0.0, seed=0, **over) -> Claim:
     ids, finish = model.generate(PROMPT, max_tokens, temperature, np.random.default_rng(seed))
-    fields = dict(prompt_token_ids=PROMPT, text=CODEC.decode(ids), completion_token_ids=tuple(ids),
-                  reported_completion_tokens=len(ids), finish_reason=finish, max_tokens=max_tokens,
-                  temperature=temperature)
+    fields = {"prompt_token_ids": PROMPT, "text": CODEC.decode(ids), "completion_token_ids": tuple(ids),
+                  "reported_completion_tokens": len(ids), "finish_reason": finish, "max_tokens": max_tokens,
+                  "temperature": temperature}
     fields.update(over)
     return Claim(**fields)
 
@@ -59,8 +59,8 @@ def test_inflated_token_count_is_fraud():
 def test_truncated_length_claim_is_fraud():
     c = _claim(BigramModel(seed=0), max_tokens=400)
     ids = c.completion_token_ids[:3]
-    cut = c.model_copy(update=dict(completion_token_ids=ids, text=CODEC.decode(ids), reported_completion_tokens=3,
-                                   finish_reason="length"))
+    cut = c.model_copy(update={"completion_token_ids": ids, "text": CODEC.decode(ids), "reported_completion_tokens": 3,
+                                   "finish_reason": "length"})
     v = verify(cut, REF, CODEC)
     assert v.verdict == "fraud" and "truncated" in " ".join(v.reasons)
 
@@ -70,8 +70,8 @@ def test_truncated_stop_claim_is_fraud_when_the_model_would_continue():
     # reference's argmax is something else.
     c = _claim(BigramModel(seed=0, eos_bias=-20.0), max_tokens=12)
     ids = c.completion_token_ids[:6]
-    cut = c.model_copy(update=dict(completion_token_ids=ids, text=CODEC.decode(ids), reported_completion_tokens=6,
-                                   finish_reason="stop"))
+    cut = c.model_copy(update={"completion_token_ids": ids, "text": CODEC.decode(ids), "reported_completion_tokens": 6,
+                                   "finish_reason": "stop"})
     v = verify(cut, FakeReferenceEngine(BigramModel(seed=0, eos_bias=-20.0)), CODEC)
     assert v.verdict == "fraud" and "would not stop" in " ".join(v.reasons)
 
@@ -81,7 +81,7 @@ def test_stop_with_eos_appended_by_verifier_passes():
     c = _claim(model, max_tokens=50)
     assert c.finish_reason == "stop" and c.completion_token_ids[-1] == EOS
     ids = c.completion_token_ids[:-1]  # an engine that leaves EOS out of the ids
-    v = verify(c.model_copy(update=dict(completion_token_ids=ids, reported_completion_tokens=len(ids))),
+    v = verify(c.model_copy(update={"completion_token_ids": ids, "reported_completion_tokens": len(ids)}),
                FakeReferenceEngine(model), CODEC)
     assert v.verdict == "pass", v.reasons
 
@@ -122,7 +122,7 @@ def test_near_tie_flip_passes_but_clear_mismatch_fails():
     second = int(np.argsort(-lp)[1])
     gap = float(np.exp(lp).max() - np.exp(lp[second]))
     ids = c.completion_token_ids[:-1] + (second,)
-    flipped = c.model_copy(update=dict(completion_token_ids=ids, text=CODEC.decode(ids)))
+    flipped = c.model_copy(update={"completion_token_ids": ids, "text": CODEC.decode(ids)})
     assert verify(flipped, ref, CODEC, VerifyThresholds(greedy_gap_tol=gap + 1e-6)).verdict == "pass"
     v = verify(flipped, ref, CODEC, VerifyThresholds(greedy_gap_tol=gap / 2))
     assert v.verdict == "fail" and v.flagged == 1
