@@ -24,6 +24,9 @@ class LocalClusterConfig(BaseModel):
         "several engines, and logical CPUs only gate scheduling.",
     )
     object_store_mb: int = Field(default=256, ge=78, description="Object store per Ray node (MiB).")
+    extra_accelerator_types: list[str] = Field(
+        default_factory=list, description="Worker nodes to start even if no configured node uses them."
+    )
     env_vars: dict[str, str] = Field(
         default_factory=dict, description="Environment for every Ray worker (e.g. VLLM_CPU_KVCACHE_SPACE)."
     )
@@ -33,8 +36,8 @@ class LocalCluster:
     """Start with `LocalCluster(accelerators, config).start()`; `shutdown()` stops every process."""
 
     def __init__(self, accelerator_types: Iterable[str], config: LocalClusterConfig | None = None):
-        self.accelerator_types = sorted(set(accelerator_types))
         self.config = config or LocalClusterConfig()
+        self.accelerator_types = sorted(set(accelerator_types) | set(self.config.extra_accelerator_types))
         self._cluster = None
         self.node_ids: dict[str, str] = {}  # accelerator type -> Ray node id
 

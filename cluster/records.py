@@ -119,7 +119,7 @@ class NodeStats(_Frozen):
     model_id: str
     operator: Address
     accelerator_type: str
-    capacity: int = Field(ge=1)
+    capacity: int = Field(ge=1, description="Concurrent sequences per replica (NodeSpec.capacity).")
     live: bool = Field(description="True while the node's deployment has a running replica.")
     running_replicas: int = Field(ge=0)
     in_flight: int = Field(default=0, ge=0, description="Requests the gateways have outstanding on it.")

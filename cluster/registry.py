@@ -71,7 +71,7 @@ class NodeRegistryCore:
                 model_id=e.spec.model_id,
                 operator=e.spec.operator,
                 accelerator_type=e.spec.accelerator_type,
-                capacity=e.spec.capacity * e.spec.replicas,
+                capacity=e.spec.capacity,
                 live=e.live,
                 running_replicas=e.running_replicas,
                 in_flight=sum(e.in_flight.values()),

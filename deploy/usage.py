@@ -8,6 +8,7 @@ written together in the next transaction, so one fsync serves many requests and 
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -24,6 +25,7 @@ class UsageStore:
         self._ledger = UsageLedger(path, epoch_length_s=epoch_length_s, genesis=genesis)
         self._pending: list[tuple[list[UsageRecord], asyncio.Future]] = []
         self._writer: asyncio.Task | None = None
+        self._opened_at = time.time()
 
     async def record(self, records: Sequence[UsageRecord]) -> None:
         fut = asyncio.get_running_loop().create_future()
@@ -48,11 +50,15 @@ class UsageStore:
                     fut.set_result(None)
 
     async def all(self, epoch: int | None = None) -> list[UsageRecord]:
-        """Records (of one epoch, or all) — for audits, tests and `meritnet usage`."""
+        """Records of one epoch, or of every epoch since this store started (audits, tests)."""
         return await asyncio.to_thread(self._all, epoch)
 
     def _all(self, epoch: int | None) -> list[UsageRecord]:
-        return list(self._ledger.all_records() if epoch is None else self._ledger.records(epoch))
+        if epoch is not None:
+            return list(self._ledger.records(epoch))
+        first = self._ledger.epoch_of(self._opened_at)
+        last = self._ledger.epoch_of(time.time()) + 1  # late records land in the next open epoch
+        return [r for e in range(first, last + 1) for r in self._ledger.records(e)]
 
 
 def start_usage_store(path: Path, epoch_length_s: float):

@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from cluster.records import NodeStats, UsageRecord
 from routing import errors, metrics
-from routing.selection import NodeSelector, RequestFacts
+from routing.selection import NodeSelector, facts_for
 
 log = logging.getLogger("meritnet.gateway")
 
@@ -183,7 +183,7 @@ class GatewayCore:
 
             body.stream_options = StreamOptions(include_usage=True)
         body.request_id = rid
-        facts = RequestFacts.of(body, session_key=request.headers.get("x-session-id"), pinned=pinned)
+        facts = facts_for(body, session_key=request.headers.get("x-session-id"), target_node=pinned)
 
         tried: set[str] = set()
         last_error: errors.APIError | None = None
@@ -195,7 +195,8 @@ class GatewayCore:
             gen = getattr(self._handle_for(node.node_id).options(stream=True), method).remote(body, None)
             self._begin(node.node_id)
             try:
-                first = await asyncio.wait_for(gen.__anext__(), self.config.first_byte_timeout_s)
+                timeout = min(self.config.first_byte_timeout_s, self.selector.timeout_s(node.node_id))
+                first = await asyncio.wait_for(gen.__anext__(), timeout)
             except (Exception, asyncio.TimeoutError) as exc:
                 self._end(node.node_id)
                 self.selector.observe_failure(node.node_id)
@@ -311,12 +312,12 @@ class GatewayCore:
 
     def _begin(self, node_id: str) -> None:
         self._in_flight[node_id] += 1
-        self.selector.set_in_flight(node_id, self._in_flight[node_id])
+        self.selector.begin(node_id)
         metrics.IN_FLIGHT.labels(node_id).set(self._in_flight[node_id])
 
     def _end(self, node_id: str) -> None:
         self._in_flight[node_id] = max(0, self._in_flight[node_id] - 1)
-        self.selector.set_in_flight(node_id, self._in_flight[node_id])
+        self.selector.end(node_id)
         metrics.IN_FLIGHT.labels(node_id).set(self._in_flight[node_id])
 
 

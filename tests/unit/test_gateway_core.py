@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from cluster import NodeStats
 from cluster.metering import MemoryUsageSink
 from routing.gateway import GatewayConfig, GatewayCore, build_fastapi
-from routing.selection import NodeSelector
+from routing.selection import load_selector
 
 OP = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"
 
@@ -92,7 +92,7 @@ def harness():
             def remote(records):
                 return sink.record(records)
 
-    core = GatewayCore(GatewayConfig(), NodeSelector(), nodes.__getitem__, _SinkHandle(), registry=None)
+    core = GatewayCore(GatewayConfig(), load_selector(registry=None), nodes.__getitem__, _SinkHandle(), registry=None)
     core.set_nodes([_stats("a"), _stats("b")])
     client = TestClient(build_fastapi(lambda: core))
     return client, nodes, sink
@@ -121,6 +121,8 @@ def test_failure_before_first_byte_retries_on_another_node(harness):
         r = client.post("/v1/completions", json={"model": "default", "prompt": "hi"})
         assert r.status_code == 200 and r.headers["x-meritnet-node"] == "b"
     assert all(rec.node_id == "b" for rec in _records(sink))
+    # The failing node was banned after its first failure: later requests did not even try it.
+    assert nodes["a"].calls <= 1
 
 
 def test_all_nodes_failing_is_503_not_500(harness):
@@ -158,7 +160,7 @@ def test_mid_stream_failure_ends_with_an_error_event_and_no_done(harness):
 def test_api_keys_are_enforced_when_configured():
     from pydantic import SecretStr
 
-    core = GatewayCore(GatewayConfig(api_keys=(SecretStr("k1"),)), NodeSelector(), {}.get, None)
+    core = GatewayCore(GatewayConfig(api_keys=(SecretStr("k1"),)), load_selector(registry=None), {}.get, None)
     client = TestClient(build_fastapi(lambda: core))
     assert client.get("/v1/models").status_code == 401
     assert client.get("/v1/models", headers={"authorization": "Bearer k1"}).status_code == 200

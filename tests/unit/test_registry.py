@@ -31,13 +31,13 @@ def test_dead_node_leaves_the_live_set():
     assert {s.node_id: s.live for s in reg.snapshot()} == {"a": True, "b": False}
 
 
-def test_load_sums_over_gateways_and_capacity_scales_with_replicas():
+def test_load_sums_over_gateways_and_capacity_is_per_replica():
     reg = NodeRegistryCore()
     reg.register(spec("a", capacity=4, replicas=2))
     reg.report_load("gw1", {"a": 3})
     reg.report_load("gw2", {"a": 2})
     (s,) = reg.snapshot()
-    assert s.in_flight == 5 and s.capacity == 8
+    assert s.in_flight == 5 and s.capacity == 4 and s.running_replicas == 0
 
 
 def test_reregistering_a_different_spec_is_refused():
