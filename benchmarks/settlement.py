@@ -29,8 +29,12 @@ from settlement.trees import find_reward_leaf, reward_tree
 NODE_COUNTS = (10, 100, 1000)
 
 
-def _settle(chain: Chain, key: SettlerKey, epoch: int, usage_root: bytes, reward_root: bytes, n: int, amount: int):
-    raw = chain.sign_settle(key, epoch, usage_root, reward_root, n, amount, chain.nonce(key.address), chain.fees())
+def _settle(
+    chain: Chain, key: SettlerKey, epoch: int, usage_root: bytes, reward_root: bytes, n: int, amount: int
+):
+    raw = chain.sign_settle(
+        key, epoch, usage_root, reward_root, n, amount, chain.nonce(key.address), chain.fees()
+    )
     receipt = chain.wait_receipt(chain.send_raw(raw))
     assert receipt is not None and receipt["status"] == 1, "settle reverted in the benchmark"
     return receipt["gasUsed"]
@@ -73,8 +77,15 @@ def measure_gas() -> dict:
     for op in operators[:1]:
         cumulative[op] += 5
     later = reward_tree(cumulative)
-    _settle(chain, settler, len(NODE_COUNTS) + 1, Web3.keccak(text="usage-x"), bytes.fromhex(later.root[2:]), 1,
-            sum(cumulative.values()) - total)
+    _settle(
+        chain,
+        settler,
+        len(NODE_COUNTS) + 1,
+        Web3.keccak(text="usage-x"),
+        bytes.fromhex(later.root[2:]),
+        1,
+        sum(cumulative.values()) - total,
+    )
     proof = [bytes.fromhex(p[2:]) for p in later.get_proof(find_reward_leaf(later, operators[0]))]
     out["gas_claim_again"] = chain.claim(payer, operators[0], cumulative[operators[0]], proof)["gasUsed"]
     return out
@@ -101,7 +112,9 @@ def main(argv: list[str] | None = None) -> None:
     result["ledger_records_per_s"] = None
     if off is not None:
         with console.status("ledger ingest"):
-            result["ledger_records_per_s"] = off.measure_ledger_records_per_s(50_000 if args.quick else 200_000)
+            result["ledger_records_per_s"] = off.measure_ledger_records_per_s(
+                50_000 if args.quick else 200_000
+            )
         for n in leaves:
             with console.status(f"building a {n}-leaf usage tree"):
                 result["merkle_build_s"][str(n)] = off.measure_merkle_build_s(n)

@@ -53,12 +53,16 @@ class SettlementConfig(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="MERITNET_SETTLEMENT_", extra="ignore")
 
-    ledger_path: Path = Field(default=Path("meritnet-ledger.sqlite"), description="The usage ledger (SQLite).")
+    ledger_path: Path = Field(
+        default=Path("meritnet-ledger.sqlite"), description="The usage ledger (SQLite)."
+    )
     epoch_length_s: float = Field(default=3600.0, gt=0, description="Length of one epoch in seconds.")
     genesis: float = Field(default=0.0, description="Unix time at which epoch 0 starts.")
     emission_wei: int = Field(default=10**21, ge=0, description="Reward minted per epoch (wei, 18 decimals).")
     prompt_weight: int = Field(default=1, ge=0, description="Usage weight of one prompt token (integer).")
-    completion_weight: int = Field(default=1, ge=0, description="Usage weight of one completion token (integer).")
+    completion_weight: int = Field(
+        default=1, ge=0, description="Usage weight of one completion token (integer)."
+    )
     default_quality: float | None = Field(
         default=1.0,
         ge=0.0,
@@ -208,7 +212,10 @@ class Settler:
 
             self._rewards = compute_rewards
         result = self._rewards(
-            usage, quality, self.config.emission_wei + carried_in, self.config.prompt_weight,
+            usage,
+            quality,
+            self.config.emission_wei + carried_in,
+            self.config.prompt_weight,
             self.config.completion_weight,
         )
         cumulative = dict(previous.cumulative) if previous else {}
@@ -254,7 +261,9 @@ class Settler:
         _crash("broadcast")
         receipt = self.chain.wait_receipt(tx_hash)
         if receipt is None:
-            log.warning("epoch %d: tx %s not mined yet; will rebroadcast or bump next pass", epoch, tx_hash.hex())
+            log.warning(
+                "epoch %d: tx %s not mined yet; will rebroadcast or bump next pass", epoch, tx_hash.hex()
+            )
             return False
         _crash("receipt")
         if receipt["status"] != 1:
@@ -269,14 +278,16 @@ class Settler:
 
     def _sign(self, c: EpochCommitment, nonce: int, fees) -> bytes:
         try:
-            self.chain.preflight_settle(self.key.address, c.epoch, c.usage_root, c.reward_root, c.interactions,
-                                        c.epoch_reward)
+            self.chain.preflight_settle(
+                self.key.address, c.epoch, c.usage_root, c.reward_root, c.interactions, c.epoch_reward
+            )
         except ContractReverted as exc:
             if exc.error == "EpochAlreadySettled":
                 return None
             raise
-        raw = self.chain.sign_settle(self.key, c.epoch, c.usage_root, c.reward_root, c.interactions,
-                                     c.epoch_reward, nonce, fees)
+        raw = self.chain.sign_settle(
+            self.key, c.epoch, c.usage_root, c.reward_root, c.interactions, c.epoch_reward, nonce, fees
+        )
         _crash("sign")
         self.ledger.put_pending_tx(c.epoch, raw, nonce, _hex(self._hash(raw)))
         _crash("written")

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Self
 
 import httpx
 
@@ -40,7 +41,9 @@ def free_port() -> int:
 class Anvil:
     """One anvil process. Use as a context manager, or call stop()."""
 
-    def __init__(self, port: int | None = None, state_file: Path | None = None, block_time: float | None = None):
+    def __init__(
+        self, port: int | None = None, state_file: Path | None = None, block_time: float | None = None
+    ):
         self.port = port or free_port()
         self.state_file = state_file
         self.block_time = block_time
@@ -71,8 +74,11 @@ class Anvil:
     def rpc(self, method: str, params: list | None = None, raise_errors: bool = True):
         """One raw JSON-RPC call (for anvil_* / evm_* methods web3 does not wrap)."""
         try:
-            reply = httpx.post(self.url, json={"jsonrpc": "2.0", "id": 1, "method": method, "params": params or []},
-                               timeout=5).json()
+            reply = httpx.post(
+                self.url,
+                json={"jsonrpc": "2.0", "id": 1, "method": method, "params": params or []},
+                timeout=5,
+            ).json()
         except httpx.HTTPError:
             if raise_errors:
                 raise
@@ -92,7 +98,7 @@ class Anvil:
             self.proc.kill()
             self.proc.wait()
 
-    def __enter__(self) -> Anvil:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:

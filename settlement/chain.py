@@ -157,7 +157,9 @@ class Chain:
         )
         self.wait_receipt(tx)
 
-    def deploy(self, key: SettlerKey, first_epoch: int, name: str = "meritnet reward", symbol: str = "MRT") -> str:
+    def deploy(
+        self, key: SettlerKey, first_epoch: int, name: str = "meritnet reward", symbol: str = "MRT"
+    ) -> str:
         """Deploy the distributor with `key` as settler; returns (and binds to) its address."""
         factory = self.w3.eth.contract(abi=self.artifact["abi"], bytecode=self.artifact["bytecode"])
         tx = factory.constructor(name, symbol, key.address, first_epoch).build_transaction(
@@ -251,8 +253,15 @@ class Chain:
         tx = fn.build_transaction(self._tx_fields(key.address, nonce, fees, self.settings.settle_gas_limit))
         return key.sign_transaction(tx)
 
-    def preflight_settle(self, sender: str, epoch: int, usage_root: bytes, reward_root: bytes,
-                         interactions: int, epoch_reward: int) -> None:
+    def preflight_settle(
+        self,
+        sender: str,
+        epoch: int,
+        usage_root: bytes,
+        reward_root: bytes,
+        interactions: int,
+        epoch_reward: int,
+    ) -> None:
         """Simulate settle; raises ContractReverted with the custom error's name if it would fail."""
         fn = self.contract.functions.settle(epoch, usage_root, reward_root, interactions, epoch_reward)
         self._simulate(fn, sender)
@@ -285,7 +294,9 @@ class Chain:
 
     def wait_receipt(self, tx_hash: bytes, timeout_s: float | None = None) -> dict[str, Any] | None:
         """The receipt, or None if the tx is not mined within the timeout."""
-        deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.settings.receipt_timeout_s)
+        deadline = time.monotonic() + (
+            timeout_s if timeout_s is not None else self.settings.receipt_timeout_s
+        )
         while True:
             try:
                 return dict(self._rpc(lambda: self.w3.eth.get_transaction_receipt(tx_hash)))
@@ -326,7 +337,7 @@ class Chain:
             text = str(exc)
             if type(exc).__name__ != "TransactionFailed" or "b'" not in text and 'b"' not in text:
                 raise
-            data = ast.literal_eval(text[text.index("b"):].strip())
+            data = ast.literal_eval(text[text.index("b") :].strip())
             raise self.decode_error(data) from None
 
     def decode_error(self, data: Any) -> ContractReverted:

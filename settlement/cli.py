@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
@@ -22,8 +22,15 @@ from settlement.actor import SettlementConfig
 from settlement.chain import Chain, ChainSettings
 from settlement.rewardbook import RewardBook
 
-app = typer.Typer(help="Settlement: usage/reward Merkle trees, proofs against the chain, the settler.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="Settlement: usage/reward Merkle trees, proofs against the chain, the settler.", no_args_is_help=True
+)
+
+
+LedgerOption = Annotated[
+    Path | None, typer.Option(help="Ledger path (default: MERITNET_SETTLEMENT_LEDGER_PATH).")
+]
+EpochLengthOption = Annotated[float | None, typer.Option(help="Epoch length in seconds (default: settings).")]
 
 
 class TreeKind(str, Enum):
@@ -44,7 +51,9 @@ def _ledger(config: SettlementConfig):
     from settlement.ledger import UsageLedger
 
     if not Path(config.ledger_path).exists():
-        raise typer.BadParameter(f"no ledger at {config.ledger_path}; pass --ledger or set MERITNET_SETTLEMENT_LEDGER_PATH")
+        raise typer.BadParameter(
+            f"no ledger at {config.ledger_path}; pass --ledger or set MERITNET_SETTLEMENT_LEDGER_PATH"
+        )
     return UsageLedger(config.ledger_path, config.epoch_length_s, genesis=config.genesis)
 
 
@@ -59,7 +68,9 @@ def build_tree(config: SettlementConfig, epoch: int, tree: TreeKind):
         try:
             return usage_tree(frozen)
         except EmptyTreeError:
-            raise typer.BadParameter(f"epoch {epoch} has no ok usage, so no usage tree (root is zero)") from None
+            raise typer.BadParameter(
+                f"epoch {epoch} has no ok usage, so no usage tree (root is zero)"
+            ) from None
     commitment = RewardBook(config.book_path).get(epoch)
     if commitment is None:
         raise typer.BadParameter(f"epoch {epoch} has no committed rewards yet (the settler commits them)")
@@ -86,11 +97,15 @@ def _root_hex(root: Any) -> str:
 
 @app.command()
 def export(
-    epoch: int = typer.Option(..., help="Epoch number."),
-    tree: TreeKind = typer.Option(..., help="usage (one leaf per interaction) or rewards (one per operator)."),
-    out: Path = typer.Option(..., help="Output file (OpenZeppelin StandardMerkleTree dump, standard-v1)."),
-    ledger: Path | None = typer.Option(None, help="Ledger path (default: MERITNET_SETTLEMENT_LEDGER_PATH)."),
-    epoch_length: float | None = typer.Option(None, help="Epoch length in seconds (default: settings)."),
+    epoch: Annotated[int, typer.Option(help="Epoch number.")],
+    tree: Annotated[
+        TreeKind, typer.Option(help="usage (one leaf per interaction) or rewards (one per operator).")
+    ],
+    out: Annotated[
+        Path, typer.Option(help="Output file (OpenZeppelin StandardMerkleTree dump, standard-v1).")
+    ],
+    ledger: LedgerOption = None,
+    epoch_length: EpochLengthOption = None,
 ) -> None:
     """Write an epoch's usage or reward tree in OpenZeppelin's dump format."""
     merkle = build_tree(_config(ledger, epoch_length), epoch, tree)
@@ -100,12 +115,14 @@ def export(
 
 @app.command()
 def prove(
-    epoch: int = typer.Option(..., help="Epoch number."),
-    request_id: str | None = typer.Option(None, help="Prove one interaction (usage tree)."),
-    operator: str | None = typer.Option(None, help="Prove an operator's cumulative reward (reward tree)."),
-    out: Path | None = typer.Option(None, help="Write the proof here instead of stdout."),
-    ledger: Path | None = typer.Option(None, help="Ledger path (default: MERITNET_SETTLEMENT_LEDGER_PATH)."),
-    epoch_length: float | None = typer.Option(None, help="Epoch length in seconds (default: settings)."),
+    epoch: Annotated[int, typer.Option(help="Epoch number.")],
+    request_id: Annotated[str | None, typer.Option(help="Prove one interaction (usage tree).")] = None,
+    operator: Annotated[
+        str | None, typer.Option(help="Prove an operator's cumulative reward (reward tree).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the proof here instead of stdout.")] = None,
+    ledger: LedgerOption = None,
+    epoch_length: EpochLengthOption = None,
 ) -> None:
     """Give the inclusion proof of a request id or an operator (a self-contained JSON file)."""
     if (request_id is None) == (operator is None):
@@ -141,9 +158,11 @@ def onchain_root(chain: Chain, kind: str, epoch: int) -> bytes:
 
 @app.command()
 def verify(
-    proof_file: Path = typer.Argument(..., help="A proof written by `prove`."),
-    contract: str | None = typer.Option(None, help="Distributor address (default: MERITNET_CHAIN_CONTRACT)."),
-    url: str | None = typer.Option(None, help="JSON-RPC URL (default: MERITNET_CHAIN_URL)."),
+    proof_file: Annotated[Path, typer.Argument(help="A proof written by `prove`.")],
+    contract: Annotated[
+        str | None, typer.Option(help="Distributor address (default: MERITNET_CHAIN_CONTRACT).")
+    ] = None,
+    url: Annotated[str | None, typer.Option(help="JSON-RPC URL (default: MERITNET_CHAIN_URL).")] = None,
 ) -> None:
     """Check a proof against the root the contract holds; exit code 1 if it does not verify."""
     from settlement.merkle import StandardMerkleTree
@@ -154,16 +173,18 @@ def verify(
         raise typer.BadParameter("no contract address: pass --contract or set MERITNET_CHAIN_CONTRACT")
     root = onchain_root(Chain.connect(settings), proof["tree"], int(proof["epoch"]))
     ok = StandardMerkleTree.verify("0x" + root.hex(), proof["leafEncoding"], proof["value"], proof["proof"])
-    typer.echo(f"{'VALID' if ok else 'INVALID'}: {proof['tree']} leaf of epoch {proof['epoch']} against "
-               f"on-chain root 0x{root.hex()}")
+    typer.echo(
+        f"{'VALID' if ok else 'INVALID'}: {proof['tree']} leaf of epoch {proof['epoch']} against "
+        f"on-chain root 0x{root.hex()}"
+    )
     raise typer.Exit(0 if ok else 1)
 
 
 @app.command()
 def run(
-    until_idle: bool = typer.Option(False, help="Settle every closed/due epoch, then exit."),
-    ledger: Path | None = typer.Option(None, help="Ledger path (default: MERITNET_SETTLEMENT_LEDGER_PATH)."),
-    epoch_length: float | None = typer.Option(None, help="Epoch length in seconds (default: settings)."),
+    until_idle: Annotated[bool, typer.Option(help="Settle every closed/due epoch, then exit.")] = False,
+    ledger: LedgerOption = None,
+    epoch_length: EpochLengthOption = None,
 ) -> None:
     """Run the settler: close due epochs and settle them in order (key from MERITNET_SETTLER_KEY[_FILE])."""
     from settlement.actor import SettlementService
@@ -179,8 +200,8 @@ def run(
 
 @app.command()
 def status(
-    ledger: Path | None = typer.Option(None, help="Ledger path (default: MERITNET_SETTLEMENT_LEDGER_PATH)."),
-    epoch_length: float | None = typer.Option(None, help="Epoch length in seconds (default: settings)."),
+    ledger: LedgerOption = None,
+    epoch_length: EpochLengthOption = None,
 ) -> None:
     """Ledger and chain progress: last closed, committed and settled epochs, totals."""
     config = _config(ledger, epoch_length)
@@ -193,6 +214,10 @@ def status(
     settings = ChainSettings()
     if settings.contract:
         chain = Chain.connect(settings)
-        report |= {"contract": chain.address, "next_epoch": chain.next_epoch(),
-                   "total_rewarded": str(chain.total_rewarded()), "total_claimed": str(chain.total_supply())}
+        report |= {
+            "contract": chain.address,
+            "next_epoch": chain.next_epoch(),
+            "total_rewarded": str(chain.total_rewarded()),
+            "total_claimed": str(chain.total_supply()),
+        }
     typer.echo(json.dumps(report, indent=2))

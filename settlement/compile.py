@@ -42,7 +42,11 @@ def _error_abi(sources: list[Path]) -> list[dict[str, Any]]:
         for name, types in _ERROR_SIG.findall(path.read_text()):
             errors[name] = [t for t in types.split(",") if t]
     return [
-        {"type": "error", "name": name, "inputs": [{"name": f"arg{i}", "type": t} for i, t in enumerate(types)]}
+        {
+            "type": "error",
+            "name": name,
+            "inputs": [{"name": f"arg{i}", "type": t} for i, t in enumerate(types)],
+        }
         for name, types in sorted(errors.items())
     ]
 
@@ -89,10 +93,14 @@ def write_artifact(path: Path = ARTIFACT_PATH) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Compile the meritnet distributor and write its artifact.")
-    parser.add_argument("--out", type=Path, default=ARTIFACT_PATH, help="artifact path (default: committed one)")
+    parser.add_argument(
+        "--out", type=Path, default=ARTIFACT_PATH, help="artifact path (default: committed one)"
+    )
     args = parser.parse_args(argv)
     artifact = write_artifact(args.out)
-    print(f"wrote {args.out} ({artifact['compiler']}, {len(artifact['bytecode']) // 2 - 1} bytes of initcode)")
+    print(
+        f"wrote {args.out} ({artifact['compiler']}, {len(artifact['bytecode']) // 2 - 1} bytes of initcode)"
+    )
 
 
 if __name__ == "__main__":

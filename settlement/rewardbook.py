@@ -41,15 +41,24 @@ class RewardBook:
             "reward_root BLOB NOT NULL, interactions INTEGER NOT NULL, epoch_reward TEXT NOT NULL, "
             "carried_wei TEXT NOT NULL, cumulative TEXT NOT NULL)"
         )
-        self._db.execute("CREATE TABLE IF NOT EXISTS quality (epoch INTEGER PRIMARY KEY, scores TEXT NOT NULL)")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS quality (epoch INTEGER PRIMARY KEY, scores TEXT NOT NULL)"
+        )
 
     def put(self, c: EpochCommitment) -> EpochCommitment:
         """Store the epoch's commitment; an existing one wins (it may already be on-chain)."""
         cumulative = json.dumps({k: str(v) for k, v in sorted(c.cumulative.items())})
         self._db.execute(
             "INSERT OR IGNORE INTO commitments VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (c.epoch, c.usage_root, c.reward_root, c.interactions, str(c.epoch_reward), str(c.carried_wei),
-             cumulative),
+            (
+                c.epoch,
+                c.usage_root,
+                c.reward_root,
+                c.interactions,
+                str(c.epoch_reward),
+                str(c.carried_wei),
+                cumulative,
+            ),
         )
         stored = self.get(c.epoch)
         assert stored is not None
@@ -75,7 +84,9 @@ class RewardBook:
 
     def put_quality(self, epoch: int, scores: dict[str, float]) -> None:
         """Record the scores for an epoch (replaced until the epoch is committed)."""
-        self._db.execute("INSERT OR REPLACE INTO quality VALUES (?, ?)", (epoch, json.dumps(scores, sort_keys=True)))
+        self._db.execute(
+            "INSERT OR REPLACE INTO quality VALUES (?, ?)", (epoch, json.dumps(scores, sort_keys=True))
+        )
 
     def quality(self, epoch: int) -> dict[str, float] | None:
         row = self._db.execute("SELECT scores FROM quality WHERE epoch = ?", (epoch,)).fetchone()

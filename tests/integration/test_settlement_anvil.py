@@ -34,9 +34,17 @@ def test_contract_scenario_on_anvil(anvil):
 
 
 def _world(tmp_path, chain: Chain, key: SettlerKey):
-    w = SimpleNamespace(chain=chain, key=key, ledger=FakeLedger(), book=RewardBook(tmp_path / "book.sqlite"),
-                        clock=Clock(3.5 * EPOCH_S), config=SettlementConfig(epoch_length_s=EPOCH_S, emission_wei=10**18))
-    w.settler = lambda: Settler(w.ledger, w.chain, w.key, w.book, w.config, clock=w.clock, rewards=equal_split)
+    w = SimpleNamespace(
+        chain=chain,
+        key=key,
+        ledger=FakeLedger(),
+        book=RewardBook(tmp_path / "book.sqlite"),
+        clock=Clock(3.5 * EPOCH_S),
+        config=SettlementConfig(epoch_length_s=EPOCH_S, emission_wei=10**18),
+    )
+    w.settler = lambda: Settler(
+        w.ledger, w.chain, w.key, w.book, w.config, clock=w.clock, rewards=equal_split
+    )
     return w
 
 

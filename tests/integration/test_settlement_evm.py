@@ -11,7 +11,7 @@ from settlement.actor import SettlementConfig, SettlementService
 from settlement.chain import ContractReverted
 from settlement.cli import onchain_root
 from settlement.keys import SettlerKey
-from settlement.merkle import StandardMerkleTree
+from settlement.merkle import MerkleTreeError, StandardMerkleTree
 from settlement.trees import find_reward_leaf, find_usage_leaf, reward_tree, usage_tree
 
 pytestmark = pytest.mark.integration
@@ -24,16 +24,26 @@ def test_service_settles_epochs_and_operators_claim(tmp_path, monkeypatch):
     monkeypatch.setenv("MERITNET_SETTLER_KEY", key.export_hex())
     operators = [SettlerKey.generate().address for _ in range(3)]
     genesis = time.time() - 4.5 * EPOCH_S
-    config = SettlementConfig(ledger_path=tmp_path / "ledger.sqlite", epoch_length_s=EPOCH_S, genesis=genesis,
-                              emission_wei=10**18)
+    config = SettlementConfig(
+        ledger_path=tmp_path / "ledger.sqlite", epoch_length_s=EPOCH_S, genesis=genesis, emission_wei=10**18
+    )
     # Epoch 2 is scored 0 for everyone: its emission carries into epoch 3.
     quality = {2: {f"node-{i}": 0.0 for i in range(3)}, 0: {"node-0": 0.5, "node-1": 1.0, "node-2": 0.25}}
     service = SettlementService(config, quality=quality)
     records = [
-        UsageRecord(request_id=f"r{epoch}-{i}", node_id=f"node-{i % 3}", operator=operators[i % 3], model="m",
-                    prompt_tokens=5 * i, completion_tokens=7, started_at=genesis,
-                    ended_at=genesis + epoch * EPOCH_S + i, status="ok" if i != 4 else "error")
-        for epoch in range(4) for i in range(6)
+        UsageRecord(
+            request_id=f"r{epoch}-{i}",
+            node_id=f"node-{i % 3}",
+            operator=operators[i % 3],
+            model="m",
+            prompt_tokens=5 * i,
+            completion_tokens=7,
+            started_at=genesis,
+            ended_at=genesis + epoch * EPOCH_S + i,
+            status="ok" if i != 4 else "error",
+        )
+        for epoch in range(4)
+        for i in range(6)
     ]
     service.ledger.append(records)
     assert service.tick() == [0, 1, 2, 3]
@@ -48,7 +58,7 @@ def test_service_settles_epochs_and_operators_claim(tmp_path, monkeypatch):
         root = "0x" + onchain_root(chain, "usage", epoch).hex()
         i = find_usage_leaf(tree, f"r{epoch}-5")
         assert StandardMerkleTree.verify(root, tree.leaf_encoding, tree.at(i), tree.get_proof(i))
-        with pytest.raises(Exception):
+        with pytest.raises(MerkleTreeError):
             find_usage_leaf(tree, f"r{epoch}-4")  # an error record earns no leaf
 
     cumulative = service.book.get(3).cumulative

@@ -6,6 +6,7 @@ MERITNET_CRASH_AT=<step> makes it SIGKILL itself the first time it reaches that 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -33,21 +34,45 @@ OPERATORS = [to_checksum_address(f"0x{i:040x}") for i in (0xA1, 0xB2)]
 def make_ledger(path: Path, genesis: float) -> UsageLedger:
     ledger = UsageLedger(path, EPOCH_S, genesis=genesis)
     records = [
-        UsageRecord(request_id=f"req-{epoch}-{i}", node_id=f"node-{i % 4}", operator=OPERATORS[(i % 4) % 2],
-                    model="default", prompt_tokens=10 + i, completion_tokens=20 + epoch, started_at=genesis,
-                    ended_at=genesis + epoch * EPOCH_S + 1 + i, status="ok")
-        for epoch in range(3) for i in range(5)
+        UsageRecord(
+            request_id=f"req-{epoch}-{i}",
+            node_id=f"node-{i % 4}",
+            operator=OPERATORS[(i % 4) % 2],
+            model="default",
+            prompt_tokens=10 + i,
+            completion_tokens=20 + epoch,
+            started_at=genesis,
+            ended_at=genesis + epoch * EPOCH_S + 1 + i,
+            status="ok",
+        )
+        for epoch in range(3)
+        for i in range(5)
     ]
     assert ledger.append(records).accepted == 15
     return ledger
 
 
-def run_settler(env: dict[str, str], ledger_path: Path, crash_at: str | None = None) -> subprocess.CompletedProcess:
+def run_settler(
+    env: dict[str, str], ledger_path: Path, crash_at: str | None = None
+) -> subprocess.CompletedProcess:
     env = {**env, **({"MERITNET_CRASH_AT": crash_at} if crash_at else {})}
     return subprocess.run(
-        [sys.executable, "-m", "settlement", "run", "--until-idle", "--ledger", str(ledger_path),
-         "--epoch-length", str(EPOCH_S)],
-        env=env, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "settlement",
+            "run",
+            "--until-idle",
+            "--ledger",
+            str(ledger_path),
+            "--epoch-length",
+            str(EPOCH_S),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
 
@@ -59,9 +84,14 @@ def network(tmp_path):
     chain.fund(key.address, 10**20)
     chain.deploy(key, first_epoch=0)
     genesis = time.time() - 3.5 * EPOCH_S  # epochs 0, 1, 2 have ended
-    env = {**os.environ, "MERITNET_CHAIN_URL": node.url, "MERITNET_CHAIN_CONTRACT": chain.address,
-           "MERITNET_SETTLER_KEY": key.export_hex(), "MERITNET_SETTLEMENT_GENESIS": repr(genesis),
-           "MERITNET_SETTLEMENT_EMISSION_WEI": str(EMISSION)}
+    env = {
+        **os.environ,
+        "MERITNET_CHAIN_URL": node.url,
+        "MERITNET_CHAIN_CONTRACT": chain.address,
+        "MERITNET_SETTLER_KEY": key.export_hex(),
+        "MERITNET_SETTLEMENT_GENESIS": repr(genesis),
+        "MERITNET_SETTLEMENT_EMISSION_WEI": str(EMISSION),
+    }
     env.pop("MERITNET_CRASH_AT", None)
     yield node, chain, env, tmp_path / "ledger.sqlite", genesis
     node.stop()
@@ -78,7 +108,7 @@ def assert_settled_exactly_once(chain: Chain, ledger: UsageLedger) -> None:
 
 @pytest.mark.parametrize("step", CRASH_STEPS)
 def test_sigkill_after_each_step_then_restart(network, step):
-    node, chain, env, ledger_path, genesis = network
+    _node, chain, env, ledger_path, genesis = network
     ledger = make_ledger(ledger_path, genesis)
     crashed = run_settler(env, ledger_path, crash_at=step)
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
@@ -92,27 +122,37 @@ def test_sigkill_after_each_step_then_restart(network, step):
 
 
 def test_cli_proves_and_verifies_against_the_chain(network, tmp_path):
-    node, chain, env, ledger_path, genesis = network
+    _node, chain, env, ledger_path, genesis = network
     make_ledger(ledger_path, genesis)
     assert run_settler(env, ledger_path).returncode == 0
     common = ["--ledger", str(ledger_path), "--epoch-length", str(EPOCH_S)]
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "settlement", *args], env=env, capture_output=True, text=True,
-                              timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "settlement", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
 
     usage_proof, reward_proof = tmp_path / "usage-proof.json", tmp_path / "reward-proof.json"
-    assert cli("prove", "--epoch", "1", "--request-id", "req-1-3", "--out", str(usage_proof), *common).returncode == 0
-    assert cli("prove", "--epoch", "2", "--operator", OPERATORS[1], "--out", str(reward_proof),
-               *common).returncode == 0
+    assert (
+        cli("prove", "--epoch", "1", "--request-id", "req-1-3", "--out", str(usage_proof), *common).returncode
+        == 0
+    )
+    assert (
+        cli(
+            "prove", "--epoch", "2", "--operator", OPERATORS[1], "--out", str(reward_proof), *common
+        ).returncode
+        == 0
+    )
     for proof in (usage_proof, reward_proof):
         checked = cli("verify", str(proof))
         assert checked.returncode == 0 and "VALID" in checked.stdout, checked.stdout + checked.stderr
     # Tampering with the amount breaks the proof against the on-chain root.
-    tampered = reward_proof.read_text().replace('"value": [', '"value": [', 1)
-    import json
-
-    doc = json.loads(tampered)
+    doc = json.loads(reward_proof.read_text())
     doc["value"][1] = str(int(doc["value"][1]) + 1)
     reward_proof.write_text(json.dumps(doc))
     bad = cli("verify", str(reward_proof))

@@ -53,8 +53,12 @@ def funded_key(chain: Chain) -> SettlerKey:
     return key
 
 
-def settle(chain: Chain, key: SettlerKey, epoch: int, usage_root: bytes, reward_root: bytes, n: int, amount: int):
-    raw = chain.sign_settle(key, epoch, usage_root, reward_root, n, amount, chain.nonce(key.address), chain.fees())
+def settle(
+    chain: Chain, key: SettlerKey, epoch: int, usage_root: bytes, reward_root: bytes, n: int, amount: int
+):
+    raw = chain.sign_settle(
+        key, epoch, usage_root, reward_root, n, amount, chain.nonce(key.address), chain.fees()
+    )
     receipt = chain.wait_receipt(chain.send_raw(raw))
     assert receipt is not None and receipt["status"] == 1
     return receipt
@@ -81,11 +85,17 @@ def contract_scenario(chain: Chain) -> dict[str, int]:
     expect_revert("NotSettler", chain.preflight_settle, stranger.address, 5, usage_root, root5, 10, 1000)
     expect_revert("EpochOutOfOrder", chain.preflight_settle, settler.address, 6, usage_root, root5, 10, 1000)
     first = settle(chain, settler, 5, usage_root, root5, 10, 1000)
-    expect_revert("EpochAlreadySettled", chain.preflight_settle, settler.address, 5, usage_root, root5, 10, 1000)
-    assert chain.usage_root(5) == usage_root and chain.reward_root() == root5 and chain.total_rewarded() == 1000
+    expect_revert(
+        "EpochAlreadySettled", chain.preflight_settle, settler.address, 5, usage_root, root5, 10, 1000
+    )
+    assert (
+        chain.usage_root(5) == usage_root and chain.reward_root() == root5 and chain.total_rewarded() == 1000
+    )
 
     claim0 = chain.claim(stranger, ops[0], 600, proofs5[0])  # anyone may claim; tokens go to the operator
-    assert claim0["status"] == 1 and chain.balance_of(ops[0]) == 600 and chain.balance_of(stranger.address) == 0
+    assert (
+        claim0["status"] == 1 and chain.balance_of(ops[0]) == 600 and chain.balance_of(stranger.address) == 0
+    )
     expect_revert("NothingToClaim", chain.claim, stranger, ops[0], 600, proofs5[0])
     expect_revert("InvalidProof", chain.claim, stranger, ops[1], 401, proofs5[1])  # amount not in the tree
     expect_revert("InvalidProof", chain.claim, stranger, ops[2], 400, proofs5[1])  # someone else's proof
@@ -110,8 +120,12 @@ def contract_scenario(chain: Chain) -> dict[str, int]:
 
     events = chain.settled_events()
     assert [e["epoch"] for e in events] == [5, 6, 7] and events[1]["reward_root"] == root6
-    return {"settle_first": first["gasUsed"], "settle": steady["gasUsed"], "claim_first": claim0["gasUsed"],
-            "claim_again": second_claim["gasUsed"]}
+    return {
+        "settle_first": first["gasUsed"],
+        "settle": steady["gasUsed"],
+        "claim_first": claim0["gasUsed"],
+        "claim_again": second_claim["gasUsed"],
+    }
 
 
 def test_contract_scenario_on_eth_tester():
@@ -125,8 +139,10 @@ def test_settle_gas_does_not_depend_on_tree_size():
     key = funded_key(chain)
     chain.deploy(key, first_epoch=0)
     settle(chain, key, 0, Web3.keccak(text="u"), Web3.keccak(text="r"), 1, 1)
-    gas = {settle(chain, key, e, Web3.keccak(text=f"u{e}"), Web3.keccak(text=f"r{e}"), n, n * 10**18)["gasUsed"]
-           for e, n in enumerate([10, 1000, 10**6], start=1)}
+    gas = {
+        settle(chain, key, e, Web3.keccak(text=f"u{e}"), Web3.keccak(text=f"r{e}"), n, n * 10**18)["gasUsed"]
+        for e, n in enumerate([10, 1000, 10**6], start=1)
+    }
     # Roots are 32 bytes whatever the number of leaves; only calldata byte costs (4 vs 16 gas per
     # zero/non-zero byte of the totals) differ.
     assert max(gas) - min(gas) <= 100, gas
@@ -148,12 +164,20 @@ def test_committed_artifact_matches_a_fresh_compile():
     assert fresh["sources"] == committed["sources"], "sources changed: run `python -m settlement.compile`"
     assert fresh == committed
     assert {e["name"] for e in committed["abi"] if e["type"] == "error"} >= {
-        "NotSettler", "EpochOutOfOrder", "EpochAlreadySettled", "InvalidProof", "NothingToClaim"}
+        "NotSettler",
+        "EpochOutOfOrder",
+        "EpochAlreadySettled",
+        "InvalidProof",
+        "NothingToClaim",
+    }
 
 
 def test_reference_tree_matches_a_known_openzeppelin_root():
     # A single-leaf tree's root is its leaf; two leaves hash in sorted order.
-    values = [["0x1111111111111111111111111111111111111111", 5], ["0x2222222222222222222222222222222222222222", 7]]
+    values = [
+        ["0x1111111111111111111111111111111111111111", 5],
+        ["0x2222222222222222222222222222222222222222", 7],
+    ]
     root, proofs = oz_tree(["address", "uint256"], values)
     a, b = sorted(oz_leaf(["address", "uint256"], v) for v in values)
     assert root == Web3.keccak(a + b) and len(proofs[0]) == 1
@@ -173,5 +197,6 @@ def test_settlement_reward_tree_proofs_are_accepted_by_the_contract():
         proof = [bytes.fromhex(p[2:]) for p in tree.get_proof(find_reward_leaf(tree, operator))]
         chain.claim(payer, operator, amount, proof)
         assert chain.balance_of(operator) == amount
-    assert oz_tree(["address", "uint256"], [list(v) for v in (tree.at(i) for i in range(len(tree)))])[0] == \
-        bytes.fromhex(tree.root[2:])
+    assert oz_tree(["address", "uint256"], [list(v) for v in (tree.at(i) for i in range(len(tree)))])[
+        0
+    ] == bytes.fromhex(tree.root[2:])

@@ -101,10 +101,17 @@ def world(tmp_path):
     chain = Chain.embedded(ChainSettings(receipt_timeout_s=0.5, poll_interval_s=0.05))
     key = SettlerKey.generate()
     chain.fund(key.address, 10**20)
-    w = SimpleNamespace(chain=chain, key=key, ledger=FakeLedger(), book=RewardBook(tmp_path / "book.sqlite"),
-                        clock=Clock(3.5 * EPOCH_S), config=SettlementConfig(epoch_length_s=EPOCH_S, emission_wei=1000))
-    w.settler = lambda: Settler(w.ledger, w.chain, w.key, w.book, w.config, quality=None, clock=w.clock,
-                                rewards=equal_split)
+    w = SimpleNamespace(
+        chain=chain,
+        key=key,
+        ledger=FakeLedger(),
+        book=RewardBook(tmp_path / "book.sqlite"),
+        clock=Clock(3.5 * EPOCH_S),
+        config=SettlementConfig(epoch_length_s=EPOCH_S, emission_wei=1000),
+    )
+    w.settler = lambda: Settler(
+        w.ledger, w.chain, w.key, w.book, w.config, quality=None, clock=w.clock, rewards=equal_split
+    )
     return w
 
 
@@ -142,7 +149,9 @@ def test_written_ahead_but_never_sent_is_resigned_at_the_same_nonce_with_bumped_
     monkeypatch.undo()
     stale = world.ledger.pending_tx(0)
     nonce, fees = fees_of_raw(stale.raw_tx)
-    assert world.chain.tx_info(bytes.fromhex(stale.tx_hash[2:])).state == "unknown"  # the node never saw it: dropped
+    assert (
+        world.chain.tx_info(bytes.fromhex(stale.tx_hash[2:])).state == "unknown"
+    )  # the node never saw it: dropped
 
     assert world.settler().tick() == [0, 1, 2]
     sent = world.chain.w3.eth.get_transaction(world.ledger.settled_tx[0])
@@ -169,7 +178,9 @@ def test_pending_tx_is_rebroadcast_byte_for_byte(world):
 def test_settled_on_chain_but_not_recorded_is_adopted_without_a_new_tx(world, monkeypatch):
     settler = world.settler()
     settler.ensure_contract()
-    monkeypatch.setattr(world.ledger, "mark_settled", lambda e, h: (_ for _ in ()).throw(SystemExit("killed")))
+    monkeypatch.setattr(
+        world.ledger, "mark_settled", lambda e, h: (_ for _ in ()).throw(SystemExit("killed"))
+    )
     with pytest.raises(SystemExit):
         settler.tick()  # epoch 0 is on-chain, the process dies before recording it
     monkeypatch.undo()
@@ -201,8 +212,16 @@ def test_chain_outage_queues_epochs_and_settles_them_in_order_later(world, monke
 def test_foreign_roots_on_chain_stop_the_settler(world):
     settler = world.settler()
     settler.ensure_contract()
-    raw = world.chain.sign_settle(world.key, 0, Web3.keccak(text="other"), b"\x01" * 32, 1, 1,
-                                  world.chain.nonce(world.key.address), world.chain.fees())
+    raw = world.chain.sign_settle(
+        world.key,
+        0,
+        Web3.keccak(text="other"),
+        b"\x01" * 32,
+        1,
+        1,
+        world.chain.nonce(world.key.address),
+        world.chain.fees(),
+    )
     world.chain.wait_receipt(world.chain.send_raw(raw))
     with pytest.raises(SettlementConflict, match="epoch 0 is on-chain"):
         settler.tick()
