@@ -175,6 +175,11 @@ class Settler:
                 self.tick()
             except ChainUnavailable as exc:
                 log.warning("chain unavailable, epochs stay queued: %s", exc)
+            except SettlementConflict:
+                raise  # foreign roots on-chain: retrying cannot fix it
+            except (RuntimeError, ContractReverted) as exc:
+                # e.g. a reverted settle tx: its pending entry is cleared and the next pass re-signs.
+                log.error("settlement pass failed, retrying in %.0fs: %s", self.config.tick_s, exc)
             time.sleep(self.config.tick_s)
 
     # -- one epoch ------------------------------------------------------------------------------
