@@ -32,7 +32,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Self
 
 from cluster import UsageRecord
 from settlement.rewards import NodeUsage
@@ -141,7 +141,7 @@ def _digest(rows: Sequence[tuple]) -> str:
     h = hashlib.sha256()
     for request_id, status, node_id, operator, model, prompt, completion in rows:
         h.update(f"{request_id}\x1f{status}\x1f{node_id}\x1f{operator}\x1f{model}\x1f{prompt}\x1f{completion}\n"
-                 .encode("utf-8"))
+                 .encode())
     return h.hexdigest()
 
 
@@ -186,7 +186,7 @@ class UsageLedger:
         with self._lock:
             self._conn.close()
 
-    def __enter__(self) -> UsageLedger:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -25,7 +25,11 @@ from typing import Any
 
 from eth_abi import encode as abi_encode
 
-__all__ = ["MerkleTreeError", "StandardMerkleTree", "keccak256", "keccak_many", "make_encoder"]
+__all__ = ["KECCAK_BACKEND", "MerkleTreeError", "StandardMerkleTree", "keccak256", "keccak_many", "make_encoder"]
+
+
+KECCAK_BACKEND = "safe-pysha3"
+"""Which keccak implementation the trees use (benchmarks report it)."""
 
 
 def _select_keccak() -> tuple[Callable[[bytes], bytes], Callable[[list[bytes]], list[bytes]],
@@ -51,6 +55,8 @@ def _select_keccak() -> tuple[Callable[[bytes], bytes], Callable[[list[bytes]], 
 
         return one, many, leaves, fill
     except ImportError:
+        global KECCAK_BACKEND
+        KECCAK_BACKEND = "eth_hash.auto (pycryptodome)"
         from eth_hash.auto import keccak
 
         def fill_slow(tree: list[bytes], first_leaf: int) -> None:
