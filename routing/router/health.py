@@ -50,6 +50,8 @@ class NodeHealth:
     def failure(self, node_id: str, now: float | None = None) -> float:
         """Record a failed or timed-out attempt; returns the time the ban ends."""
         now = self.clock() if now is None else now
+        if not math.isfinite(now):
+            raise ValueError(f"failure time must be finite, got {now!r}")
         st = self.state(node_id)
         st.error_streak += 1
         st.last_failure_at = now

@@ -19,7 +19,14 @@ from cluster.records import NodeStats, QualityScores
 from routing.router.config import DEFAULT_PROFILE_PATH, RouterConfig, build_profiles, load_config
 from routing.router.framework import PickContext, PluginTimings, Profile
 from routing.router.health import HealthCollector, NodeHealth, NodeHealthState
-from routing.router.snapshot import Decision, NodeSnapshot, NoEligibleNode, RequestFacts
+from routing.router.snapshot import (
+    Decision,
+    NodeSnapshot,
+    NoEligibleNode,
+    RequestFacts,
+    stable_hash,
+    trusted_snapshot,
+)
 
 
 def build_snapshot(stats: NodeStats, quality: float | None, health: NodeHealthState, in_flight: int) -> NodeSnapshot:
@@ -77,7 +84,11 @@ class Router:
         self._local: dict[str, int] = {}  # requests this router's caller has outstanding per node
         self._others: dict[str, int] = {}  # in-flight reported by the registry beyond our own
         self._snap: dict[str, NodeSnapshot] = {}
-        self._by_model: dict[str, tuple[NodeSnapshot, ...]] = {}
+        # Per model, the snapshots in a list updated in place (O(1) per begin/end), plus each
+        # node's position in it; snapshots() hands out a tuple copy (one C-level memcpy).
+        self._by_model: dict[str, list[NodeSnapshot]] = {}
+        self._pos: dict[str, int] = {}
+        self._keys: dict[str, int] = {}
 
     @classmethod
     def from_yaml(cls, path: str | Path | None = None, **kwargs) -> "Router":
@@ -121,13 +132,10 @@ class Router:
         return self.pick(facts, self.snapshots(facts.model), exclude, profile, explain)
 
     def snapshots(self, model: str | None = None) -> tuple[NodeSnapshot, ...]:
-        """Current snapshots of the nodes serving `model` (all nodes when None); cached per model."""
+        """Current snapshots of the nodes serving `model` (all nodes when None)."""
         if model is None:
             return tuple(self._snap.values())
-        cached = self._by_model.get(model)
-        if cached is None:
-            cached = self._by_model[model] = tuple(n for n in self._snap.values() if n.model_id == model)
-        return cached
+        return tuple(self._by_model.get(model, ()))
 
     def update_nodes(self, stats: Iterable[NodeStats]) -> None:
         """Replace the node list with the registry's latest stats (background refresh)."""
@@ -181,15 +189,29 @@ class Router:
         s = self._stats.get(node_id)
         if s is None:
             return  # not (or no longer) registered: outcomes are still kept in health
-        snap = build_snapshot(s, self._quality.get(node_id), self.health.state(node_id), self.in_flight(node_id))
+        h = self.health.state(node_id)
+        key = self._keys.get(node_id)
+        if key is None:
+            key = self._keys[node_id] = stable_hash(node_id)
+        # Same fields as build_snapshot(), without re-validating inputs that are validated already.
+        snap = trusted_snapshot(
+            s.node_id, s.model_id, s.accelerator_type, s.capacity * max(1, s.running_replicas), s.live,
+            self.in_flight(node_id), 0, h.ttft_ewma_s, h.tpot_ewma_s, h.error_streak, h.banned_until,
+            h.last_failure_at, self._quality.get(node_id), s.joined_at, key,
+        )
         self._snap[node_id] = snap
-        self._by_model.pop(s.model_id, None)
+        pos = self._pos.get(node_id)
+        if pos is None:
+            models = self._by_model.setdefault(s.model_id, [])
+            self._pos[node_id] = len(models)
+            models.append(snap)
+        else:
+            self._by_model[s.model_id][pos] = snap
 
     def _rebuild_all(self) -> None:
-        self._snap = {}
+        self._snap, self._by_model, self._pos = {}, {}, {}
         for node_id in self._stats:
             self._rebuild(node_id)
-        self._by_model = {}
 
 
 __all__ = ["Router", "build_snapshot", "NoEligibleNode"]

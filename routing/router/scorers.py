@@ -6,14 +6,13 @@ profile's weights; scorers never see each other's output.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from routing.router.framework import PickContext, Scorer, register
 from routing.router.snapshot import NodeSnapshot, RequestFacts, stable_hash
-
-_MASK = (1 << 64) - 1
 
 
 class _Params(BaseModel):
@@ -95,22 +94,26 @@ class Latency(Scorer):
     def score(self, facts: RequestFacts, nodes: Sequence[NodeSnapshot], ctx: PickContext) -> list[float]:
         p = self.params
         k = p.output_tokens
-        preds: list[float | None] = []
-        for n in nodes:
-            if n.ttft_ewma_s is None or n.tpot_ewma_s is None:
-                preds.append(None)
-                continue
-            pred = n.ttft_ewma_s + n.tpot_ewma_s * k
-            if p.queueing and n.in_flight >= n.capacity:
-                pred *= 1.0 + (n.in_flight - n.capacity + 1) / n.capacity
-            preds.append(pred)
-        known = [x for x in preds if x is not None]
-        if not known:
-            return [p.unknown] * len(nodes)
-        best = min(known)
+        inf = math.inf  # unknown latency; min() then runs at C speed without a None check
+        if p.queueing:  # a full node's prediction grows with the requests queued ahead
+            preds = [
+                inf if n.ttft_ewma_s is None or n.tpot_ewma_s is None
+                else (n.ttft_ewma_s + n.tpot_ewma_s * k)
+                * (1.0 if n.in_flight < n.capacity else 1.0 + (n.in_flight - n.capacity + 1) / n.capacity)
+                for n in nodes
+            ]
+        else:
+            preds = [
+                inf if n.ttft_ewma_s is None or n.tpot_ewma_s is None else n.ttft_ewma_s + n.tpot_ewma_s * k
+                for n in nodes
+            ]
+        best = min(preds)
+        unknown = p.unknown
+        if best == inf:
+            return [unknown] * len(nodes)
         if best <= 0.0:
-            return [p.unknown if x is None else (1.0 if x <= 0.0 else 0.0) for x in preds]
-        return [p.unknown if x is None else best / x for x in preds]
+            return [unknown if x == inf else (1.0 if x <= 0.0 else 0.0) for x in preds]
+        return [unknown if x == inf else best / x for x in preds]
 
 
 class AffinityParams(_Params):
@@ -157,17 +160,11 @@ class Affinity(Scorer):
             return out
         k = self._key_hash(key)
         m = self.params.max_load
-        best, best_i = -1, -1
-        for i, n in enumerate(nodes):
-            if n.in_flight >= m * n.capacity:
-                continue
-            # splitmix64's finaliser over (key xor node): cheap, well spread, deterministic.
-            h = k ^ n._key
-            h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
-            h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK
-            h ^= h >> 31
-            if h > best:
-                best, best_i = h, i
-        if best_i >= 0:
-            out[best_i] = 1.0
+        # Rendezvous weight = hash((key, node)): hashing a tuple of ints is unsalted, so it is the
+        # same in every gateway process, and it costs one C call per node.
+        low = -(1 << 62)  # below any hash(); marks nodes too loaded to keep affinity
+        weights = [hash((k, n._key)) if n.in_flight < m * n.capacity else low for n in nodes]
+        best = max(weights)
+        if best != low:
+            out[weights.index(best)] = 1.0
         return out

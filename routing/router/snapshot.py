@@ -122,6 +122,21 @@ class NodeSnapshot:
         return self.in_flight / self.capacity
 
 
+_FIELDS = tuple(f for f in NodeSnapshot.__slots__ if not f.startswith("__"))
+_new, _set = object.__new__, object.__setattr__
+
+
+def trusted_snapshot(*values: object) -> NodeSnapshot:
+    """Build a NodeSnapshot from already-validated values (positional, in field order, `_key` last)
+    without re-running the checks: the router rebuilds a node's snapshot on every request
+    start and end, and its inputs are validated where they enter (NodeStats is a strict
+    pydantic record, quality and latencies are checked by the router)."""
+    snap = _new(NodeSnapshot)
+    for name, value in zip(_FIELDS, values):
+        _set(snap, name, value)
+    return snap
+
+
 def stable_hash(text: str) -> int:
     """A 64-bit hash that is the same in every process (Python's hash() is salted per process),
     so every gateway replica sends a session to the same node."""
