@@ -18,7 +18,7 @@ class LocalClusterConfig(BaseModel):
 
     head_cpus: int = Field(default=4, ge=1, description="Logical CPUs of the head node (gateway, registry, ...).")
     cpus_per_accelerator_node: int = Field(
-        default=2,
+        default=4,
         ge=1,
         description="Logical CPUs per worker node. Overcommitted on purpose: a 2-core machine runs "
         "several engines, and logical CPUs only gate scheduling.",

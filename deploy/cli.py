@@ -77,7 +77,12 @@ def up(
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    stop.wait()
+    while not stop.wait(5.0):
+        try:
+            for epoch in net.settle_due_epochs():
+                console.print(f"settled epoch {epoch} on-chain")
+        except Exception as exc:  # the chain being down only delays settlement; keep serving
+            console.print(f"[yellow]settlement pass failed ({type(exc).__name__}); will retry[/yellow]")
     with console.status("Shutting down (nodes, gateway, Ray)..."):
         net.stop()
     console.print("Stopped.")
@@ -98,6 +103,12 @@ def _print_ready(net) -> None:
         "\"max_tokens\": 32}'",
         soft_wrap=True, highlight=False,
     )
+    if net.settlement is not None:
+        import ray
+
+        st = ray.get(net.settlement.status.remote())
+        console.print(f"Settlement: contract {st['contract']} on the {net.config.chain_url} chain, "
+                      f"epochs of {net.config.epoch_length_s:.0f}s (see `meritnet settlement status`).")
     console.print("Press Ctrl-C to stop.")
 
 

@@ -74,6 +74,11 @@ class NetworkConfig(BaseSettings):
     api_keys: list[SecretStr] = Field(default_factory=list, description="Bearer keys; empty = open endpoint.")
     router_config: str | None = Field(default=None, description="Routing profile YAML (default profile if unset).")
     epoch_length_s: float = Field(default=60.0, gt=0, description="Settlement epoch length in seconds.")
+    chain_url: str = Field(
+        default="embedded",
+        description="'embedded' (in-process py-evm; state lives as long as `meritnet up`) or a JSON-RPC URL.",
+    )
+    settlement: bool = Field(default=True, description="Run the settlement actor (epochs -> chain).")
 
     @model_validator(mode="after")
     def _unique_nodes(self) -> "NetworkConfig":

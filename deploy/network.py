@@ -5,8 +5,11 @@ Used by `meritnet up`, the integration tests and the benchmarks, so all three ru
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from collections.abc import Callable
+from pathlib import Path
 from dataclasses import dataclass, field
 
 from cluster.deployment import build_node_app, deployment_name
@@ -14,7 +17,7 @@ from cluster.local import LocalCluster
 from cluster.records import NodeSpec
 from cluster.registry import get_or_create_registry
 from deploy.config import BUILTIN_MODEL, NetworkConfig
-from deploy.usage import USAGE_STORE_NAME, start_usage_store
+from deploy.usage import USAGE_STORE_NAME, start_settlement, start_usage_store
 from routing.gateway import GatewayConfig, gateway_deployment
 
 GATEWAY_APP = "meritnet"
@@ -36,6 +39,26 @@ class NetworkStartError(RuntimeError):
     pass
 
 
+def prepare_state(state_dir: Path, chain_url: str) -> float:
+    """Create the state folder and return the network's genesis (unix time of epoch 0).
+
+    Genesis is fixed at the first start and kept in state.json, because epochs are numbered from
+    it and settle strictly in order. The embedded chain lives only as long as the process, so
+    with it the ledger and reward book start afresh too (an old state is moved aside).
+    """
+    state_file = state_dir / "state.json"
+    if chain_url == "embedded" and state_file.exists():
+        old = state_dir.with_name(state_dir.name + ".previous")
+        shutil.rmtree(old, ignore_errors=True)
+        state_dir.rename(old)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    if state_file.exists():
+        return float(json.loads(state_file.read_text())["genesis"])
+    genesis = float(int(time.time()))
+    state_file.write_text(json.dumps({"genesis": genesis, "chain_url": chain_url}))
+    return genesis
+
+
 @dataclass
 class LocalNetwork:
     """A running local network. Use as a context manager or call start()/stop()."""
@@ -45,9 +68,24 @@ class LocalNetwork:
     specs: list[NodeSpec] = field(default_factory=list)
     cluster: LocalCluster | None = None
 
+    genesis: float = 0.0
+    settlement: object | None = None  # the settlement actor handle, when enabled
+
     @property
     def base_url(self) -> str:
         return f"http://{self.config.host}:{self.config.port}"
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.config.state_dir / "usage.db"
+
+    def settle_due_epochs(self) -> list[int]:
+        """Close and settle every epoch that has ended (called on a timer by `meritnet up`)."""
+        import ray
+
+        if self.settlement is None:
+            return []
+        return ray.get(self.settlement.tick.remote())
 
     def start(self, timeout_s: float = 900.0) -> "LocalNetwork":
         from ray import serve
@@ -65,12 +103,16 @@ class LocalNetwork:
 
         self.on_step("Starting registry and usage ledger")
         registry = get_or_create_registry()
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        store = start_usage_store(cfg.state_dir / "usage.db", cfg.epoch_length_s)
+        self.genesis = prepare_state(cfg.state_dir, cfg.chain_url)
+        store = start_usage_store(self.ledger_path, cfg.epoch_length_s, self.genesis)
         try:
             ray.get(store.__ray_ready__.remote(), timeout=60)
         except Exception as exc:
             raise NetworkStartError(f"the usage ledger did not start: {exc}") from None
+
+        if cfg.settlement:
+            self.on_step(f"Deploying the settlement contract ({cfg.chain_url} chain)")
+            self.settlement = start_settlement(cfg, self.ledger_path, self.genesis)
 
         self.on_step(f"Loading {len(self.specs)} vLLM engines")
         serve.run_many(

@@ -61,12 +61,44 @@ class UsageStore:
         return [r for e in range(first, last + 1) for r in self._ledger.records(e)]
 
 
-def start_usage_store(path: Path, epoch_length_s: float):
+def start_usage_store(path: Path, epoch_length_s: float, genesis: float):
     import ray
 
     return (
         ray.remote(UsageStore)
         .options(name=USAGE_STORE_NAME, namespace="meritnet", get_if_exists=True, num_cpus=0,
                  max_concurrency=1000)
-        .remote(str(path), epoch_length_s)
+        .remote(str(path), epoch_length_s, genesis)
     )
+
+
+SETTLEMENT_NAME = "meritnet-settlement"
+
+
+def start_settlement(cfg, ledger_path: Path, genesis: float):
+    """The settlement actor on the network's ledger; with no settler key configured, a dev key is
+    generated into the state folder (mode 0600) — fine for the embedded chain, never for real ones."""
+    import os
+
+    import ray
+
+    from settlement.actor import SettlementConfig, settlement_actor
+    from settlement.chain import ChainSettings
+
+    key_file = None
+    if not os.environ.get("MERITNET_SETTLER_KEY") and not os.environ.get("MERITNET_SETTLER_KEY_FILE"):
+        if cfg.chain_url != "embedded":
+            raise RuntimeError("set MERITNET_SETTLER_KEY or MERITNET_SETTLER_KEY_FILE to settle on a real chain")
+        from eth_account import Account
+
+        key_path = cfg.state_dir / "settler.key"
+        if not key_path.exists():
+            key_path.touch(mode=0o600)
+            key_path.write_text(Account.create().key.hex())
+        key_file = str(key_path)
+    settle_cfg = SettlementConfig(ledger_path=ledger_path, epoch_length_s=cfg.epoch_length_s, genesis=genesis)
+    actor = settlement_actor().options(name=SETTLEMENT_NAME, namespace="meritnet", get_if_exists=True).remote(
+        settle_cfg, ChainSettings(url=cfg.chain_url), None, key_file
+    )
+    ray.get(actor.status.remote(), timeout=120)  # surfaces a failed start (bad key, chain down) now
+    return actor
