@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -90,22 +90,9 @@ def test_cached_model_is_reused_without_rebuilding(tmp_path):
 
 def test_concurrent_builders_build_once_and_leave_no_temp_dirs(tmp_path):
     steps: list[str] = []
-    results: list[Path] = []
-    errors: list[BaseException] = []
-
-    def build():
-        try:
-            results.append(build_default_model(seed=2, cache_dir=tmp_path, progress=steps.append))
-        except BaseException as exc:  # surfaced by the assertion below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=build) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
-    assert len(set(results)) == 1 and len(results) == 4
+    with ThreadPoolExecutor(max_workers=4) as pool:  # exceptions in a builder re-raise here
+        results = list(pool.map(lambda _: build_default_model(2, tmp_path, steps.append), range(4)))
+    assert len(set(results)) == 1
     assert sum(s.startswith("training") for s in steps) == 1
     leftovers = [p.name for p in tmp_path.iterdir() if p.is_dir() and p != results[0]]
     assert leftovers == []
@@ -160,7 +147,7 @@ def test_tokenizer_round_trips_and_prefixes_bos(models):
     enc = tok.encode(text)
     assert enc.tokens[0] == "<|bos|>"
     assert tok.decode(enc.ids, skip_special_tokens=True) == text  # byte-level: any UTF-8 survives
-    assert tok.get_vocab_size() <= 2048
+    assert tok.get_vocab_size() == 2048  # the shipped corpus is large enough to fill the vocabulary
     for special in ("<|bos|>", "<|eos|>", "<|pad|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"):
         assert tok.encode(special, add_special_tokens=False).tokens == [special]  # one atomic token
 
