@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from cluster.records import NodeStats, UsageRecord
+from cluster.records import NodeStats, QualityScores, UsageRecord
 from routing import errors, metrics
 from routing.selection import NodeSelector, facts_for
 
@@ -42,6 +42,10 @@ class GatewayConfig(BaseModel):
     registry_name: str = Field(default="meritnet-registry", description="Name of the node registry actor.")
     usage_sink_name: str | None = Field(
         default="meritnet-usage", description="Name of the Ray actor that stores usage records durably."
+    )
+    consensus_name: str = Field(
+        default="meritnet-consensus",
+        description="Named actor whose latest() gives the consensus QualityScores (absent: all nodes unscored).",
     )
     namespace: str = Field(default="meritnet", description="Ray namespace of the registry and the sink.")
     refresh_interval_s: float = Field(
@@ -88,6 +92,8 @@ class GatewayCore:
         self._nodes: dict[str, NodeStats] = {}
         self._in_flight: Counter[str] = Counter()
         self._refresher: asyncio.Task | None = None
+        self._consensus = None
+        self._quality_epoch: int | None = None
         self._gateway_id = uuid.uuid4().hex[:12]
         self._api_keys = {k.get_secret_value() for k in config.api_keys}
         self._challenge_keys = {k.get_secret_value() for k in config.challenge_keys}
@@ -102,10 +108,27 @@ class GatewayCore:
             return
         stats: list[NodeStats] = await self._registry.snapshot.remote()
         self.set_nodes(stats)
+        await self._refresh_quality()
         models = Counter(s.model_id for s in stats if s.live)
         for model in {s.model_id for s in stats}:
             metrics.LIVE_NODES.labels(model).set(models.get(model, 0))
         self._registry.report_load.remote(self._gateway_id, dict(self._in_flight))
+
+    async def _refresh_quality(self) -> None:
+        """Pull the validators' consensus scores, if a consensus actor runs (background only)."""
+        if self._consensus is None:
+            import ray
+
+            try:
+                self._consensus = await asyncio.to_thread(
+                    ray.get_actor, self.config.consensus_name, namespace=self.config.namespace
+                )
+            except ValueError:
+                return  # no validators in this network: every node stays unscored
+        scores: QualityScores | None = await self._consensus.latest.remote()
+        if scores is not None and scores.epoch != self._quality_epoch:
+            self.selector.update_quality(scores)
+            self._quality_epoch = scores.epoch
 
     async def _refresh_forever(self) -> None:
         while True:

@@ -1,11 +1,9 @@
-"""One real local network per test session (Ray cluster + two vLLM nodes + gateway), shared."""
+"""Shared helpers of the integration tests (real Ray, real vLLM, real EVMs)."""
 
 from __future__ import annotations
 
 import os
 import socket
-
-import pytest
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
@@ -14,36 +12,3 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def network(tmp_path_factory):
-    from deploy.config import NetworkConfig
-    from deploy.network import LocalNetwork
-
-    cfg = NetworkConfig(port=free_port(), state_dir=tmp_path_factory.mktemp("meritnet-state"))
-    net = LocalNetwork(cfg).start()
-    yield net
-    net.stop()
-
-
-@pytest.fixture(scope="session")
-def client(network):
-    from openai import OpenAI
-
-    return OpenAI(base_url=f"{network.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-@pytest.fixture()
-def usage_records(network):
-    """Callable returning the usage ledger's records by request id."""
-    import ray
-
-    from deploy.usage import USAGE_STORE_NAME
-
-    store = ray.get_actor(USAGE_STORE_NAME, namespace="meritnet")
-
-    def fetch() -> dict:
-        return {r.request_id: r for r in ray.get(store.all.remote())}
-
-    return fetch

@@ -1,7 +1,7 @@
 """A node dies under traffic: it is banned and leaves the registry, requests keep succeeding on the
 other node, and once Serve has restarted it (and its ban has expired) it gets traffic again.
 
-Named test_zz_* so it runs after the other integration modules that share the session network.
+Named test_zz_* so it runs after the other modules that share this package's network.
 """
 
 from __future__ import annotations
