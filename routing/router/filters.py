@@ -1,7 +1,10 @@
 """Built-in filters: each narrows the candidate list, in the order the profile lists them.
 
-Put `serves-model` first: later filters (`not-banned`'s never-ban-everyone rule, `probation`'s
-share) reason about "the nodes of this model" and assume that is what they are given.
+Order matters. Put `serves-model` first: later filters (`not-banned`'s never-ban-everyone rule,
+`probation`'s share) reason about "the nodes of this model". Then the hard filters that may
+empty the list (`live`, `quality-floor`, `target-node`), then the soft ones that always keep
+someone (`not-banned`, `probation`, `under-saturation`): a soft filter's fallback choice must
+not be removed by a hard filter after it (the property test in tests/unit found exactly that).
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from routing.router.framework import PickContext, Scorer, register
 from routing.router.snapshot import NodeSnapshot, RequestFacts, stable_hash
 
+_P61 = (1 << 61) - 1
+
 
 class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -160,11 +162,10 @@ class Affinity(Scorer):
             return out
         k = self._key_hash(key)
         m = self.params.max_load
-        # Rendezvous weight = hash((key, node)): hashing a tuple of ints is unsalted, so it is the
-        # same in every gateway process, and it costs one C call per node.
-        low = -(1 << 62)  # below any hash(); marks nodes too loaded to keep affinity
-        weights = [hash((k, n._key)) if n.in_flight < m * n.capacity else low for n in nodes]
+        # Rendezvous weight = key x node mod the Mersenne prime 2^61-1: one multiply per node, the
+        # same in every gateway process, and as evenly spread as splitmix64 on the keys we tested.
+        weights = [(k * n._key) % _P61 if n.in_flight < m * n.capacity else -1 for n in nodes]
         best = max(weights)
-        if best != low:
+        if best >= 0:
             out[weights.index(best)] = 1.0
         return out

@@ -1,0 +1,119 @@
+"""The default profile end to end, and the property that a decision never picks a filtered-out node."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from routing.router import NodeSnapshot, NoEligibleNode, RequestFacts, Router
+
+NOW = 10_000.0
+ROUTER = Router.from_yaml(clock=lambda: NOW, rng=random.Random(0))
+FLOOR = 0.5  # deploy/profiles/default.yaml
+
+
+def eligible(n: NodeSnapshot, facts: RequestFacts, exclude: frozenset[str]) -> bool:
+    """The hard constraints of the organic profile (saturation and bans are soft: they fall back)."""
+    return (n.model_id == facts.model and n.live and n.node_id not in exclude
+            and (n.quality is None or n.quality >= FLOOR))
+
+
+snapshots = st.builds(
+    NodeSnapshot,
+    node_id=st.sampled_from([f"n{i}" for i in range(12)]),
+    model_id=st.sampled_from(["m", "other"]),
+    capacity=st.integers(1, 64),
+    live=st.booleans(),
+    in_flight=st.integers(0, 100),
+    queue_depth=st.integers(0, 10),
+    ttft_ewma_s=st.none() | st.floats(0, 30),
+    tpot_ewma_s=st.none() | st.floats(0, 1),
+    error_streak=st.integers(0, 5),
+    banned_until=st.sampled_from([0.0, NOW - 1, NOW + 5]),
+    last_failure_at=st.none() | st.floats(0, NOW),
+    quality=st.none() | st.floats(0, 1),
+    joined_at=st.floats(0, NOW),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    nodes=st.lists(snapshots, max_size=12, unique_by=lambda n: n.node_id),
+    exclude=st.frozensets(st.sampled_from([f"n{i}" for i in range(12)]), max_size=4),
+    session=st.none() | st.text(max_size=5),
+    seed=st.integers(0, 2**16),
+)
+def test_never_picks_a_filtered_out_node_and_never_fails_while_one_is_eligible(nodes, exclude, session, seed):
+    facts = RequestFacts("m", 50, "pfx", session_key=session)
+    ok = [n for n in nodes if eligible(n, facts, exclude)]
+    ROUTER.rng.seed(seed)
+    if not ok:
+        with pytest.raises(NoEligibleNode):
+            ROUTER.pick(facts, nodes, exclude=exclude)
+        return
+    d = ROUTER.pick(facts, nodes, exclude=exclude)
+    assert d.node_id in {n.node_id for n in ok}
+    assert 0.0 <= d.score <= 1.0
+
+
+def node(i, **kw):
+    kw.setdefault("model_id", "m")
+    kw.setdefault("capacity", 8)
+    kw.setdefault("ttft_ewma_s", 0.1)
+    kw.setdefault("tpot_ewma_s", 0.01)
+    return NodeSnapshot(node_id=i, **kw)
+
+
+def test_probation_node_gets_about_five_percent_and_low_quality_none():
+    r = Router.from_yaml(clock=lambda: NOW, rng=random.Random(5))
+    nodes = [node("good", quality=0.9), node("ok", quality=0.7), node("new"), node("bad", quality=0.2)]
+    counts = {n.node_id: 0 for n in nodes}
+    for i in range(10_000):
+        counts[r.pick(RequestFacts("m", 10, f"p{i % 97}"), nodes).node_id] += 1
+    assert counts["bad"] == 0
+    assert 0.035 < counts["new"] / 10_000 < 0.065
+    assert counts["good"] > counts["ok"]
+
+
+def test_explain_lists_removals_and_per_scorer_scores():
+    d = ROUTER.pick(RequestFacts("m", 10, "p"),
+                    [node("a", quality=0.9), node("b", quality=0.1), node("c", live=False)], explain=True)
+    assert d.node_id == "a"
+    removed = dict(d.explanation.removed)
+    assert removed["live"] == ("c",) and removed["quality-floor"] == ("b",)
+    assert set(d.explanation.scores["a"]) == {"quality", "load", "latency", "affinity", "total"}
+    assert d.explanation.scores["a"]["total"] == pytest.approx(d.score)
+    assert "latency" in d.explanation.timings_us
+
+
+def test_challenge_reaches_its_target_even_below_the_floor_and_banned():
+    facts = RequestFacts("m", 10, "p", is_challenge=True, target_node="bad")
+    nodes = [node("good", quality=0.9), node("bad", quality=0.1, banned_until=NOW + 60)]
+    assert ROUTER.pick(facts, nodes).node_id == "bad"
+    assert ROUTER.pick(facts, nodes).profile == "challenge"
+
+
+def test_fast_idle_node_wins_over_slow_and_full_node():
+    nodes = [node("slow", tpot_ewma_s=0.1, quality=0.9), node("fast", tpot_ewma_s=0.01, quality=0.9),
+             node("full", tpot_ewma_s=0.005, quality=0.9, in_flight=8)]
+    picks = [ROUTER.pick(RequestFacts("m", 10, f"p{i}"), nodes).node_id for i in range(50)]
+    assert picks.count("fast") == 50
+
+
+def test_scorer_out_of_range_or_nan_is_clamped():
+    from routing.router import PickContext, Profile, Scorer
+    from routing.router.framework import NoParams, PluginTimings
+    from routing.router.pickers import MaxScore
+
+    class Wild(Scorer):
+        def score(self, facts, nodes, ctx):
+            return [float("nan"), 7.0, -3.0]
+
+    prof = Profile("t", [], [(Wild("wild", NoParams()), 2.0)], MaxScore("best", MaxScore.Params()))
+    d = prof.run(RequestFacts("m"), [node("a"), node("b"), node("c")], PickContext(NOW, random.Random(0)),
+                 PluginTimings(), explain=True)
+    assert d.node_id == "b" and d.score == 1.0
+    assert [d.explanation.scores[i]["wild"] for i in "abc"] == [0.0, 1.0, 0.0]
