@@ -10,6 +10,7 @@ candidate list at once, because a Python call per (plugin, node) pair would be t
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -105,10 +106,10 @@ def _clamped(raw: Sequence[float]) -> Sequence[float]:
     """raw clamped to [0,1], NaN -> 0. The common all-in-range case is checked at C speed:
     sum() is NaN if any element is NaN (or +inf and -inf meet), min/max catch the rest."""
     total = sum(raw)
-    if total == total and min(raw) >= 0.0 and max(raw) <= 1.0:
+    if not math.isnan(total) and min(raw) >= 0.0 and max(raw) <= 1.0:
         return raw
     # `not x > 0.0` is also true for NaN, which therefore scores 0.
-    return [0.0 if not x > 0.0 else (1.0 if x > 1.0 else x) for x in raw]
+    return [0.0 if not x > 0.0 else (min(x, 1.0)) for x in raw]
 
 
 class Profile:

@@ -91,7 +91,7 @@ class Router:
         self._keys: dict[str, int] = {}
 
     @classmethod
-    def from_yaml(cls, path: str | Path | None = None, **kwargs) -> "Router":
+    def from_yaml(cls, path: str | Path | None = None, **kwargs) -> Router:
         """Router from a routing YAML file (None: deploy/profiles/default.yaml)."""
         return cls(load_config(path or DEFAULT_PROFILE_PATH), **kwargs)
 
@@ -214,4 +214,4 @@ class Router:
             self._rebuild(node_id)
 
 
-__all__ = ["Router", "build_snapshot", "NoEligibleNode"]
+__all__ = ["NoEligibleNode", "Router", "build_snapshot"]

@@ -63,7 +63,7 @@ class RequestFacts:
         session_key: str | None = None,
         is_challenge: bool = False,
         target_node: str | None = None,
-    ) -> "RequestFacts":
+    ) -> RequestFacts:
         """Facts from the prompt text: ~4 characters per token, prefix = the first 256 characters."""
         prefix = hashlib.blake2b(text[:256].encode(), digest_size=8).hexdigest()
         return cls(model, len(text) // 4, prefix, session_key, is_challenge, target_node)
