@@ -272,22 +272,29 @@ class GatewayCore:
         status = "cancelled"
         try:
             async for chunk in _chain(first, gen):
+                out: list[str] = []  # one message downstream per message from the node
                 for piece in chunk if isinstance(chunk, list) else [chunk]:
                     if not isinstance(piece, str):  # an ErrorResponse mid-stream
                         err = piece.error
-                        yield errors.from_engine_error(err.message, int(err.code), err.type).sse_event().decode()
+                        out.append(errors.from_engine_error(err.message, int(err.code), err.type)
+                                   .sse_event().decode())
                         status = "error"
-                        return
+                        break
                     if piece.startswith(DONE[:12]):
                         continue  # sent after the usage record is durable
                     if '"usage":{' in piece and _is_usage_only(piece):
                         ctx.prompt_tokens, ctx.completion_tokens = _parse_usage(piece)
                         if not ctx.client_wants_usage:
                             continue
+                    out.append(piece)
+                if out:
                     if ctx.ttft is None:
                         ctx.ttft = time.perf_counter() - ctx.t0
-                    ctx.digest.update(piece.encode())
-                    yield piece
+                    text = "".join(out)
+                    ctx.digest.update(text.encode())
+                    yield text
+                if status == "error":
+                    return
             status = "ok"
             await self._meter(ctx, "ok")
             self.selector.observe_success(ctx.node.node_id, ctx.ttft, _tpot(ctx))

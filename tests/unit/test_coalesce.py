@@ -1,0 +1,47 @@
+"""The node's stream coalescing: never waits, keeps order, passes errors through."""
+
+import asyncio
+
+import pytest
+
+from cluster.deployment import coalesce_ready
+
+
+async def _source(items, delay=0.0, fail=False):
+    for item in items:
+        if delay:
+            await asyncio.sleep(delay)
+        yield item
+    if fail:
+        raise RuntimeError("engine died")
+
+
+async def _collect(stream, consumer_delay=0.0):
+    out = []
+    async for batch in stream:
+        out.append(batch)
+        if consumer_delay:
+            await asyncio.sleep(consumer_delay)
+    return out
+
+
+def test_slow_producer_sends_every_chunk_alone():
+    batches = asyncio.run(_collect(coalesce_ready(_source(range(5), delay=0.01))))
+    assert batches == [[0], [1], [2], [3], [4]]
+
+
+def test_slow_consumer_gets_waiting_chunks_together_in_order():
+    batches = asyncio.run(_collect(coalesce_ready(_source(range(20), delay=0.001)), consumer_delay=0.02))
+    assert [x for b in batches for x in b] == list(range(20))
+    assert len(batches) < 20 and batches[0] == [0]  # the first chunk never waits for company
+
+
+def test_errors_arrive_after_the_chunks_before_them():
+    async def run():
+        got = []
+        with pytest.raises(RuntimeError, match="engine died"):
+            async for batch in coalesce_ready(_source([1, 2], fail=True)):
+                got.extend(batch)
+        return got
+
+    assert asyncio.run(run()) == [1, 2]
