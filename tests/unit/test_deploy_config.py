@@ -1,0 +1,51 @@
+"""Network configuration and state: YAML/env loading, validation messages, genesis persistence."""
+
+import pytest
+from pydantic import ValidationError
+
+from deploy.config import NetworkConfig
+from deploy.network import prepare_state, resolve_model_source
+
+OP = "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266"
+
+
+def test_defaults_are_two_nodes_on_two_accelerators():
+    cfg = NetworkConfig()
+    assert {n.accelerator_type for n in cfg.nodes} == {"H100", "L4"} and cfg.host == "127.0.0.1"
+
+
+def test_yaml_overrides_and_env(tmp_path, monkeypatch):
+    f = tmp_path / "net.yaml"
+    f.write_text(f"port: 9001\nnodes:\n  - {{node_id: x1, operator: '{OP}', accelerator_type: A100}}\n")
+    monkeypatch.setenv("MERITNET_EPOCH_LENGTH_S", "30")
+    cfg = NetworkConfig.load(f)
+    assert cfg.port == 9001 and [n.node_id for n in cfg.nodes] == ["x1"] and cfg.epoch_length_s == 30
+
+
+def test_duplicate_node_ids_are_refused_with_a_fix():
+    node = {"node_id": "a", "operator": OP, "accelerator_type": "H100"}
+    with pytest.raises(ValidationError, match="appears twice"):
+        NetworkConfig(nodes=[node, node])
+
+
+def test_bad_operator_fails_when_the_spec_is_built():
+    cfg = NetworkConfig(nodes=[{"node_id": "a", "operator": OP.lower(), "accelerator_type": "H100"}])
+    with pytest.raises(ValidationError, match="EIP-55"):
+        cfg.nodes[0].to_spec(lambda s: "/models/x")
+
+
+def test_non_builtin_sources_pass_through():
+    assert resolve_model_source("meta-llama/Llama-3.1-8B-Instruct") == "meta-llama/Llama-3.1-8B-Instruct"
+
+
+def test_genesis_is_kept_across_restarts_on_a_real_chain(tmp_path):
+    g1 = prepare_state(tmp_path / "s", "http://127.0.0.1:8545")
+    assert prepare_state(tmp_path / "s", "http://127.0.0.1:8545") == g1
+
+
+def test_embedded_chain_starts_a_fresh_state_and_keeps_the_old_aside(tmp_path):
+    state = tmp_path / "s"
+    prepare_state(state, "embedded")
+    (state / "usage.db").write_text("old")
+    prepare_state(state, "embedded")
+    assert not (state / "usage.db").exists() and (tmp_path / "s.previous" / "usage.db").exists()
