@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from routing.router.framework import Filter, PickContext, register
@@ -32,6 +33,9 @@ class ServesModel(Filter):
         model = facts.model
         return [n for n in nodes if n.model_id == model]
 
+    def filter_idx(self, facts, cols, idx, ctx):
+        return idx if cols.model == facts.model else idx[:0]
+
 
 @register("live")
 class Live(Filter):
@@ -42,6 +46,9 @@ class Live(Filter):
 
     def filter(self, facts: RequestFacts, nodes: Sequence[NodeSnapshot], ctx: PickContext) -> list[NodeSnapshot]:
         return [n for n in nodes if n.live]
+
+    def filter_idx(self, facts, cols, idx, ctx):
+        return idx[cols.live[idx]]
 
 
 @register("not-banned")
@@ -60,6 +67,13 @@ class NotBanned(Filter):
         if kept or not nodes:
             return kept
         return [min(nodes, key=lambda n: (n.last_failure_at or 0.0, n.banned_until))]
+
+    def filter_idx(self, facts, cols, idx, ctx):
+        kept = idx[cols.banned_until[idx] <= ctx.now]
+        if kept.size or not idx.size:
+            return kept
+        order = np.lexsort((cols.banned_until[idx], cols.last_failure_at[idx]))  # last key is primary
+        return idx[order[:1]]
 
 
 class SaturationParams(_Params):
@@ -94,6 +108,12 @@ class UnderSaturation(Filter):
             return list(nodes)
         return kept
 
+    def filter_idx(self, facts, cols, idx, ctx):
+        kept = idx[cols.in_flight[idx] + cols.queue_depth[idx] < self.params.max_load * cols.capacity[idx]]
+        if not kept.size and self.params.keep_all_when_saturated:
+            return idx
+        return kept
+
 
 class FloorParams(_Params):
     floor: float = Field(
@@ -114,6 +134,10 @@ class QualityFloor(Filter):
     def filter(self, facts: RequestFacts, nodes: Sequence[NodeSnapshot], ctx: PickContext) -> list[NodeSnapshot]:
         floor = self.params.floor
         return [n for n in nodes if n.quality is None or n.quality >= floor]
+
+    def filter_idx(self, facts, cols, idx, ctx):
+        q = cols.quality[idx]
+        return idx[np.isnan(q) | (q >= self.params.floor)]
 
 
 class ProbationParams(_Params):
@@ -155,6 +179,13 @@ class Probation(Filter):
             return [n for n in nodes if n.node_id not in ids]
         return proven
 
+    def filter_idx(self, facts, cols, idx, ctx):
+        proven = ~np.isnan(cols.quality[idx]) & (cols.joined_at[idx] <= ctx.now - self.params.new_for_s)
+        count = int(proven.sum())
+        if count == idx.size or not count:
+            return idx
+        return idx[~proven] if ctx.rng.random() < self.params.share else idx[proven]
+
 
 @register("target-node")
 class TargetNode(Filter):
@@ -169,3 +200,9 @@ class TargetNode(Filter):
         if target is None:
             return list(nodes)
         return [n for n in nodes if n.node_id == target]
+
+
+    def filter_idx(self, facts, cols, idx, ctx):
+        if facts.target_node is None:
+            return idx
+        return idx[idx == cols.pos.get(facts.target_node, -1)]

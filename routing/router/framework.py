@@ -13,12 +13,14 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from routing.router.columns import Columns
 from routing.router.snapshot import Decision, Explanation, NodeSnapshot, NoEligibleNode, RequestFacts
 
 
@@ -49,21 +51,31 @@ class Plugin:
 
 
 class Filter(Plugin):
+    """Narrows the candidates. `filter_idx`, if a subclass defines it, is the same filter over
+    row indices of a Columns view (used for large fleets); it must keep exactly the same nodes."""
+
     kind = "filter"
+    filter_idx: ClassVar[Callable | None] = None  # (facts, cols, idx, ctx) -> idx
 
     def filter(self, facts: RequestFacts, nodes: Sequence[NodeSnapshot], ctx: PickContext) -> list[NodeSnapshot]:
         raise NotImplementedError
 
 
 class Scorer(Plugin):
+    """Scores each candidate, ideally in [0,1]. Optional `score_idx`: the same over Columns rows."""
+
     kind = "scorer"
+    score_idx: ClassVar[Callable | None] = None  # (facts, cols, idx, ctx) -> np.ndarray
 
     def score(self, facts: RequestFacts, nodes: Sequence[NodeSnapshot], ctx: PickContext) -> Sequence[float]:
         raise NotImplementedError
 
 
 class Picker(Plugin):
+    """Chooses an index into the totals. Optional `pick_array`: the same over a numpy array."""
+
     kind = "picker"
+    pick_array: ClassVar[Callable | None] = None  # (facts, totals: np.ndarray, ctx) -> int
 
     def pick(self, facts: RequestFacts, totals: Sequence[float], ctx: PickContext) -> int:
         raise NotImplementedError
@@ -129,6 +141,10 @@ class Profile:
         self.scorers = tuple((s, w / total) for s, w in scorers) if total > 0 else ()
         self.picker = picker
         self._timings: PluginTimings | None = None
+        # True when every plugin can also run on Columns (the large-fleet path).
+        self.vectorised = (all(f.filter_idx is not None for f in self.filters)
+                           and all(s.score_idx is not None for s, _ in self.scorers)
+                           and picker.pick_array is not None)
 
     def _bind(self, timings: PluginTimings) -> None:
         self._timings = timings
@@ -195,3 +211,64 @@ class Profile:
             }
             explanation = Explanation(tuple(removed), scores, spent)
         return Decision(nodes[index].node_id, self.name, totals[index], n, explanation)
+
+    def run_columns(
+        self,
+        facts: RequestFacts,
+        cols: Columns,
+        idx: np.ndarray,
+        ctx: PickContext,
+        timings: PluginTimings,
+        explain: bool = False,
+    ) -> Decision:
+        """`run` over row indices of a Columns view: same plugins, same clamping and weights."""
+        if self._timings is not timings:
+            self._bind(timings)
+        clock = time.perf_counter_ns
+        removed: list[tuple[str, tuple[str, ...]]] = []
+        spent: dict[str, float] = {}
+        ids = cols.ids
+        if not idx.size:
+            raise NoEligibleNode(facts.model, self.name, "no candidate nodes (all excluded or none registered)")
+        for f, slot in zip(self.filters, self._fslots):
+            t0 = clock()
+            kept = f.filter_idx(facts, cols, idx, ctx)
+            dt = clock() - t0
+            slot[0] += 1
+            slot[1] += dt
+            if explain:
+                removed.append((f.name, tuple(ids[i] for i in np.setdiff1d(idx, kept))))
+                spent[f.name] = dt / 1000
+            idx = kept
+            if not idx.size:
+                raise NoEligibleNode(facts.model, self.name, f"filter {f.name!r} removed every remaining candidate")
+        n = idx.size
+        totals = np.zeros(n)
+        per_scorer: dict[str, np.ndarray] = {}
+        for (s, w), slot in zip(self.scorers, self._sslots):
+            t0 = clock()
+            raw = np.asarray(s.score_idx(facts, cols, idx, ctx), dtype=np.float64)
+            dt = clock() - t0
+            slot[0] += 1
+            slot[1] += dt
+            if raw.shape != (n,):
+                raise RuntimeError(f"scorer {s.name!r} returned {raw.shape} scores for {n} candidates")
+            clamped = np.clip(np.nan_to_num(raw, nan=0.0), 0.0, 1.0)
+            totals += w * clamped
+            if explain:
+                per_scorer[s.name] = clamped
+                spent[s.name] = dt / 1000
+        t0 = clock()
+        index = int(self.picker.pick_array(facts, totals, ctx)) if n > 1 else 0
+        dt = clock() - t0
+        self._pslot[0] += 1
+        self._pslot[1] += dt
+        explanation = None
+        if explain:
+            spent[self.picker.name] = dt / 1000
+            scores = {
+                ids[row]: {**{k: float(v[i]) for k, v in per_scorer.items()}, "total": float(totals[i])}
+                for i, row in enumerate(idx)
+            }
+            explanation = Explanation(tuple(removed), scores, spent)
+        return Decision(ids[idx[index]], self.name, float(totals[index]), n, explanation)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from routing.router.framework import PickContext, Picker, register
@@ -39,6 +40,10 @@ class MaxScore(Picker):
         cut = best - self.params.tie_epsilon
         ties = [i for i, t in enumerate(totals) if t >= cut]
         return ties[0] if len(ties) == 1 else ties[int(ctx.rng.random() * len(ties))]
+
+    def pick_array(self, facts, totals, ctx):
+        ties = np.flatnonzero(totals >= totals.max() - self.params.tie_epsilon)
+        return int(ties[0]) if ties.size == 1 else int(ties[int(ctx.rng.random() * ties.size)])
 
 
 class WeightedParams(_Params):
@@ -74,6 +79,10 @@ class WeightedRandom(Picker):
                 return i
         return len(weights) - 1
 
+    def pick_array(self, facts, totals, ctx):
+        cum = np.cumsum(np.exp((totals - totals.max()) / self.params.temperature))
+        return min(int(np.searchsorted(cum, ctx.rng.random() * cum[-1], side="right")), totals.size - 1)
+
 
 @register("power-of-two")
 class PowerOfTwo(Picker):
@@ -93,3 +102,5 @@ class PowerOfTwo(Picker):
         if totals[a] == totals[b]:
             return a if rnd() < 0.5 else b
         return a if totals[a] > totals[b] else b
+
+    pick_array = pick  # indexing works the same on a numpy array

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from cluster.records import NodeStats, QualityScores
+from routing.router.columns import Columns
 from routing.router.config import DEFAULT_PROFILE_PATH, RouterConfig, build_profiles, load_config
 from routing.router.framework import PickContext, PluginTimings, Profile
 from routing.router.health import HealthCollector, NodeHealth, NodeHealthState
@@ -59,7 +60,9 @@ class Router:
     `clock` (seconds, default time.time) drives bans and probation ages and is injectable for
     tests and simulations; `rng` makes decisions reproducible; `registry` (a prometheus
     CollectorRegistry) gets the ban gauges registered, or pass None and register
-    `router.collector` yourself.
+    `router.collector` yourself. Models with at least `columns_from` nodes are routed over numpy
+    columns (same decisions, see routing/router/columns.py), smaller ones over plain lists, which
+    are faster below ~100 nodes.
     """
 
     def __init__(
@@ -69,8 +72,10 @@ class Router:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         registry=None,
+        columns_from: int = 200,
     ) -> None:
         self.config = config
+        self.columns_from = columns_from
         self.profiles: dict[str, Profile] = build_profiles(config)
         self.clock = clock
         self.rng = rng if rng is not None else random.Random(config.seed)
@@ -88,7 +93,8 @@ class Router:
         # node's position in it; snapshots() hands out a tuple copy (one C-level memcpy).
         self._by_model: dict[str, list[NodeSnapshot]] = {}
         self._pos: dict[str, int] = {}
-        self._keys: dict[str, int] = {}
+        self._keys: dict[str, float] = {}
+        self._cols: dict[str, Columns] = {}
 
     @classmethod
     def from_yaml(cls, path: str | Path | None = None, **kwargs) -> Router:
@@ -110,15 +116,19 @@ class Router:
         `profile` None means the config's challenge profile for challenges, organic otherwise.
         Raises NoEligibleNode when nothing survives the filters.
         """
+        prof = self._profile(facts, profile)
+        if exclude:
+            snapshots = [n for n in snapshots if n.node_id not in exclude]
+        ctx = PickContext(self.clock() if now is None else now, self.rng)
+        return prof.run(facts, snapshots, ctx, self.timings, explain)
+
+    def _profile(self, facts: RequestFacts, profile: str | None) -> Profile:
         if profile is None:
             profile = self.config.challenge_profile if facts.is_challenge else self.config.organic_profile
         prof = self.profiles.get(profile)
         if prof is None:
             raise ValueError(f"unknown routing profile {profile!r}; configured: {', '.join(sorted(self.profiles))}")
-        if exclude:
-            snapshots = [n for n in snapshots if n.node_id not in exclude]
-        ctx = PickContext(self.clock() if now is None else now, self.rng)
-        return prof.run(facts, snapshots, ctx, self.timings, explain)
+        return prof
 
     # ---- the fleet view ----------------------------------------------------------------------
     def route(
@@ -129,7 +139,16 @@ class Router:
         explain: bool = False,
     ) -> Decision:
         """`pick` over the router's own snapshots of the nodes serving `facts.model`."""
-        return self.pick(facts, self.snapshots(facts.model), exclude, profile, explain)
+        snaps = self._by_model.get(facts.model, ())
+        if len(snaps) >= self.columns_from:
+            prof = self._profile(facts, profile)
+            if prof.vectorised:
+                cols = self._cols.get(facts.model)
+                if cols is None:
+                    cols = self._cols[facts.model] = Columns(facts.model, snaps)
+                ctx = PickContext(self.clock(), self.rng)
+                return prof.run_columns(facts, cols, cols.rows(exclude), ctx, self.timings, explain)
+        return self.pick(facts, tuple(snaps), exclude, profile, explain)
 
     def snapshots(self, model: str | None = None) -> tuple[NodeSnapshot, ...]:
         """Current snapshots of the nodes serving `model` (all nodes when None)."""
@@ -207,9 +226,14 @@ class Router:
             models.append(snap)
         else:
             self._by_model[s.model_id][pos] = snap
+            cols = self._cols.get(s.model_id)
+            if cols is not None:
+                cols.set_row(pos, snap)
+            return
+        self._cols.pop(s.model_id, None)  # a new row: rebuilt on the next route()
 
     def _rebuild_all(self) -> None:
-        self._snap, self._by_model, self._pos = {}, {}, {}
+        self._snap, self._by_model, self._pos, self._cols = {}, {}, {}, {}
         for node_id in self._stats:
             self._rebuild(node_id)
 

@@ -92,7 +92,7 @@ class NodeSnapshot:
     last_failure_at: float | None = None
     quality: float | None = None
     joined_at: float = 0.0
-    _key: int = field(default=0, repr=False, compare=False)  # stable hash of node_id, for affinity
+    _key: float = field(default=0.0, repr=False, compare=False)  # stable hash of node_id in (0,1), for affinity
 
     def __post_init__(self) -> None:
         if type(self.node_id) is not str or not self.node_id:
@@ -113,7 +113,7 @@ class NodeSnapshot:
         _check_float("last_failure_at", self.last_failure_at, optional=True)
         _check_float("quality", self.quality, hi=1.0, optional=True)
         _check_float("joined_at", self.joined_at)
-        if self._key == 0:
+        if self._key == 0.0:
             object.__setattr__(self, "_key", stable_hash(self.node_id))
 
     @property
@@ -137,10 +137,11 @@ def trusted_snapshot(*values: object) -> NodeSnapshot:
     return snap
 
 
-def stable_hash(text: str) -> int:
-    """A 64-bit hash that is the same in every process (Python's hash() is salted per process),
-    so every gateway replica sends a session to the same node."""
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") | 1
+def stable_hash(text: str) -> float:
+    """A hash in (0,1) that is the same in every process (Python's hash() of a str is salted per
+    process), so every gateway replica sends a session to the same node. 53 bits: a float."""
+    bits = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 11
+    return (bits | 1) / 9007199254740992.0  # 2**53
 
 
 class NoEligibleNode(LookupError):
