@@ -59,10 +59,7 @@ class NetworkConfig(BaseSettings):
     port: int = Field(default=8000, ge=1, le=65535, description="Port of the OpenAI endpoint.")
     state_dir: Path = Field(default=Path(".meritnet"), description="Ledger and chain state live here.")
     nodes: list[NodeConfig] = Field(default_factory=_default_nodes, description="Inference nodes to start.")
-    engine: EngineDefaults = Field(
-        default_factory=lambda: EngineDefaults(engine_kwargs={"dtype": "bfloat16", "enforce_eager": True}),
-        description="Engine settings shared by all nodes.",
-    )
+    engine: EngineDefaults = Field(default_factory=EngineDefaults, description="Engine settings shared by all nodes.")
     cluster: LocalClusterConfig = Field(
         default_factory=lambda: LocalClusterConfig(
             # 1 GiB KV cache per engine is plenty for the small default model. vLLM pins each

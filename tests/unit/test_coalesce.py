@@ -45,3 +45,9 @@ def test_errors_arrive_after_the_chunks_before_them():
         return got
 
     assert asyncio.run(run()) == [1, 2]
+
+
+def test_linger_groups_later_chunks_but_never_delays_the_first():
+    batches = asyncio.run(_collect(coalesce_ready(_source(range(12), delay=0.005), linger_s=0.05)))
+    assert batches[0] == [0]
+    assert [x for b in batches for x in b] == list(range(12)) and len(batches) <= 4
