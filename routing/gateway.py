@@ -246,7 +246,7 @@ class GatewayCore:
             if stream:
                 return StreamingResponse(
                     self._stream(ctx, first, gen), media_type="text/event-stream",
-                    headers={"x-request-id": rid, "x-meritnet-node": node.node_id},
+                    headers={"x-meritnet-request-id": rid, "x-meritnet-node": node.node_id},
                 )
             return await self._complete(ctx, head)
         if not tried:
@@ -266,7 +266,7 @@ class GatewayCore:
         finally:
             self._end(ctx.node.node_id)
         return Response(payload, media_type="application/json",
-                        headers={"x-request-id": ctx.rid, "x-meritnet-node": ctx.node.node_id})
+                        headers={"x-meritnet-request-id": ctx.rid, "x-meritnet-node": ctx.node.node_id})
 
     async def _stream(self, ctx: "_Ctx", first: Any, gen) -> AsyncIterator[str]:
         status = "cancelled"

@@ -109,7 +109,7 @@ def test_non_streaming_is_metered_with_the_usage_the_client_saw(harness):
     r = client.post("/v1/completions", json={"model": "default", "prompt": "hi", "max_tokens": 2})
     assert r.status_code == 200
     (rec,) = _records(sink)
-    assert rec.request_id == r.headers["x-request-id"] and rec.node_id == r.headers["x-meritnet-node"]
+    assert rec.request_id == r.headers["x-meritnet-request-id"] and rec.node_id == r.headers["x-meritnet-node"]
     assert (rec.prompt_tokens, rec.completion_tokens) == (r.json()["usage"]["prompt_tokens"], 2)
 
 

@@ -35,7 +35,7 @@ def test_chat_completion_is_metered_exactly(client, usage_records):
     resp = raw.parse()
     assert resp.choices[0].message.content
     assert 0 < resp.usage.completion_tokens <= 12
-    rid, node = raw.headers["x-request-id"], raw.headers["x-meritnet-node"]
+    rid, node = raw.headers["x-meritnet-request-id"], raw.headers["x-meritnet-node"]
     rec = usage_records()[rid]
     assert rec.node_id == node and rec.status == "ok" and rec.model == "default"
     assert (rec.prompt_tokens, rec.completion_tokens) == (resp.usage.prompt_tokens, resp.usage.completion_tokens)
@@ -73,7 +73,7 @@ def test_stream_with_include_usage_matches_record(client, usage_records):
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     usage = [c.usage for c in chunks if c.usage is not None]
     assert text and len(usage) == 1
-    rec = usage_records()[raw.headers["x-request-id"]]
+    rec = usage_records()[raw.headers["x-meritnet-request-id"]]
     assert (rec.prompt_tokens, rec.completion_tokens) == (usage[0].prompt_tokens, usage[0].completion_tokens)
 
 
@@ -81,7 +81,7 @@ def test_stream_without_include_usage_has_no_usage_chunk_but_is_metered(client, 
     raw = client.completions.with_raw_response.create(model="default", prompt="Hi", max_tokens=8, stream=True)
     chunks = list(raw.parse())
     assert chunks and all(c.usage is None for c in chunks)
-    rec = usage_records()[raw.headers["x-request-id"]]
+    rec = usage_records()[raw.headers["x-meritnet-request-id"]]
     assert rec.completion_tokens > 0 and rec.status == "ok"
 
 
