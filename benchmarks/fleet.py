@@ -20,7 +20,9 @@ Per policy: p50_ms / p99_ms of end-to-end latency of requests arriving after war
 (requests still unfinished at the end count with their age, a lower bound, so a policy cannot
 look fast by never finishing), goodput_tok_s (output tokens completed by honest nodes per
 second after warm-up), dishonest_share (fraction of completed post-warm-up requests served by
-dishonest nodes), plus ttft_p50_ms / ttft_p99_ms, completed, failed. The arrival rate is a
+dishonest nodes), plus ttft_p50_ms / ttft_p99_ms, completed, failed, unfinished and
+offered_tok_s (output tokens/s of the post-warm-up arrivals: no policy's goodput can exceed it,
+so goodput / round-robin's goodput is bounded by offered / round-robin's). The arrival rate is a
 fraction (load_min..load_max, a sine) of the *honest* nodes' capacity: dishonest capacity is
 not useful capacity. A PNG of the results is written next to the JSON.
 """
@@ -297,6 +299,7 @@ class Sim:
         self.lat, self.ttft, self.completed, self.failed = [], [], 0, 0
         self.good_tokens, self.served_dishonest, self.served_after = 0, 0, 0
         self.pending: dict[int, Req] = {}
+        self.offered_tokens = 0  # output tokens of post-warm-up arrivals: the goodput ceiling
 
     def at(self, t: float, fn, *args) -> None:
         self.seq += 1
@@ -324,6 +327,8 @@ class Sim:
             o = min(sc.output_max, max(1, round(sc.output_median * output)))
             rid += 1
             self.at(t, self.arrive, Req(rid, t, p, o, RequestFacts(MODEL, p, prefix, session)))
+            if t >= sc.warmup_s:
+                self.offered_tokens += o
         for n in self.fleet:
             t = frng.expovariate(1 / sc.mtbf_s)
             while t < self.end_time:
@@ -487,6 +492,7 @@ class Sim:
             "completed": self.completed,
             "failed": self.failed,
             "unfinished": len(self.pending),
+            "offered_tok_s": round(self.offered_tokens / window, 1),
         }
 
 

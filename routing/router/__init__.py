@@ -7,7 +7,10 @@ Public surface (everything else is internal):
     decision = router.route(RequestFacts(...), exclude=frozenset(tried))           # hot path
     router.begin(node) / router.end(node); router.observe_success(...) / observe_failure(...)
 
-`Router.pick(facts, snapshots, ...)` is the same decision over snapshots you build yourself.
+`Router.pick(facts, snapshots, ...)` is the same decision over snapshots you build yourself
+(e.g. with `build_snapshot(NodeStats, quality, health_state, in_flight)`).
+Plugin docs: filters.py, scorers.py, pickers.py; config format: config.py; default config:
+deploy/profiles/default.yaml.
 """
 
 from routing.router.config import (

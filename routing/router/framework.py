@@ -5,7 +5,8 @@ returns one score per candidate) -> exactly one Picker (returns an index). Plugi
 compute; the framework clamps scores to [0,1] (NaN counts as 0), applies weights normalised to
 sum to 1, times every plugin, and builds an explanation when asked. Plugins work on the whole
 candidate list at once, because a Python call per (plugin, node) pair would be too slow at
-1000 nodes.
+1000 nodes; built-ins also implement the same logic over numpy columns (`*_idx` / `pick_array`,
+see columns.py), which `Profile.run_columns` uses for large fleets.
 """
 
 from __future__ import annotations
