@@ -262,7 +262,10 @@ class GatewayCore:
             ctx.digest.update(payload.encode())
             ctx.ttft = ttft
             await self._meter(ctx, "ok")
-            self.selector.observe_success(ctx.node.node_id, ttft, None)
+            # Without a stream there is no first-token time: time per token is the whole time
+            # spread over the tokens, used for both EWMAs so the latency prediction stays coherent.
+            per_token = ttft / max(1, ctx.completion_tokens)
+            self.selector.observe_success(ctx.node.node_id, per_token, per_token)
         finally:
             self._end(ctx.node.node_id)
         return Response(payload, media_type="application/json",

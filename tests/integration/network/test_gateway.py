@@ -94,8 +94,8 @@ def test_unknown_model_is_404(client):
 @pytest.mark.parametrize(
     "payload,param",
     [
-        ({"model": "default", "messages": CHAT, "max_tokens": -3}, "max_tokens"),
         ({"model": "default", "messages": CHAT, "temperature": "hot"}, "temperature"),
+        ({"model": "default", "messages": CHAT, "n": "two"}, "n"),
         ({"model": "default"}, "messages"),
         ({"model": "default", "messages": "not a list"}, "messages"),
     ],
@@ -115,11 +115,13 @@ def test_malformed_json_is_400(network, body):
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
 
 
-def test_engine_side_validation_is_4xx(network):
-    # Beyond the context window: only vLLM knows the limit; its error must come back as a 400.
+@pytest.mark.parametrize("extra", [{"max_tokens": 100000}, {"max_tokens": -3}, {"logprobs": 1000}])
+def test_engine_side_validation_is_4xx(network, extra):
+    # Limits only vLLM knows (context window, logprob cap, ...): its error comes back as a 400.
     r = httpx.post(f"{network.base_url}/v1/completions",
-                   json={"model": "default", "prompt": "hi", "max_tokens": 100000}, timeout=60)
-    assert r.status_code == 400 and "error" in r.json()
+                   json={"model": "default", "prompt": "hi", **extra}, timeout=60)
+    assert r.status_code == 400
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
 def test_model_without_live_node_is_503(network, client):
