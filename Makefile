@@ -14,7 +14,8 @@ setup: $(STAMP) $(ANVIL)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -e '.[cpu,dev]'
+	@# compat mode: a path entry to the checkout, so packages added later import without reinstalling
+	$(PY) -m pip install -e '.[cpu,dev]' --config-settings editable_mode=compat
 	@# PyPI's torchvision/torchaudio/torchcodec fail to import beside the CPU torch wheel
 	@# ("operator torchvision::nms does not exist"), and vLLM's optional imports trip on them.
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
