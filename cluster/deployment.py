@@ -9,7 +9,8 @@ but ray.serve.llm refuses it for CPU-only bundles, and the custom resource works
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncGenerator
+from collections.abc import AsyncGenerator
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -111,7 +112,7 @@ async def coalesce_ready(
                     break
                 try:
                     item = await asyncio.wait_for(queue.get(), remaining)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
             yield batch
     finally:

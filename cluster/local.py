@@ -46,7 +46,7 @@ class LocalCluster:
         assert self._cluster is not None, "cluster not started"
         return self._cluster.address
 
-    def start(self) -> "LocalCluster":
+    def start(self) -> LocalCluster:
         import ray
         from ray.cluster_utils import Cluster
 
@@ -87,7 +87,7 @@ class LocalCluster:
             self._cluster.shutdown()
             self._cluster = None
 
-    def __enter__(self) -> "LocalCluster":
+    def __enter__(self) -> LocalCluster:
         return self.start()
 
     def __exit__(self, *exc) -> None:

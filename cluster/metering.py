@@ -6,7 +6,8 @@ tells the client a request completed, so an acknowledged request always has its 
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 from cluster.records import UsageRecord
 

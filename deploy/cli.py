@@ -11,7 +11,6 @@ import os
 import signal
 import threading
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -38,8 +37,8 @@ _mount_optional_subcommands()
 
 @app.command()
 def up(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Network YAML (defaults are embedded)."),
-    port: Optional[int] = typer.Option(None, help="Port of the OpenAI endpoint (default 8000)."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="Network YAML (defaults are embedded)."),
+    port: int | None = typer.Option(None, help="Port of the OpenAI endpoint (default 8000)."),
 ) -> None:
     """Start a local meritnet (Ray cluster, vLLM nodes, gateway) and serve until Ctrl-C."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

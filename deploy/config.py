@@ -78,7 +78,7 @@ class NetworkConfig(BaseSettings):
     settlement: bool = Field(default=True, description="Run the settlement actor (epochs -> chain).")
 
     @model_validator(mode="after")
-    def _unique_nodes(self) -> "NetworkConfig":
+    def _unique_nodes(self) -> NetworkConfig:
         seen: set[str] = set()
         for node in self.nodes:
             if node.node_id in seen:
@@ -87,7 +87,7 @@ class NetworkConfig(BaseSettings):
         return self
 
     @classmethod
-    def load(cls, path: Path | None = None, **overrides: Any) -> "NetworkConfig":
+    def load(cls, path: Path | None = None, **overrides: Any) -> NetworkConfig:
         data: dict[str, Any] = {}
         if path is not None:
             data = yaml.safe_load(Path(path).read_text()) or {}

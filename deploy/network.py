@@ -9,8 +9,8 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from cluster.deployment import build_node_app, deployment_name
 from cluster.local import LocalCluster
@@ -87,7 +87,7 @@ class LocalNetwork:
             return []
         return ray.get(self.settlement.tick.remote())
 
-    def start(self, timeout_s: float = 900.0) -> "LocalNetwork":
+    def start(self, timeout_s: float = 900.0) -> LocalNetwork:
         from ray import serve
         from ray.serve import RunTarget
 
@@ -167,7 +167,7 @@ class LocalNetwork:
             self.cluster.shutdown()
             self.cluster = None
 
-    def __enter__(self) -> "LocalNetwork":
+    def __enter__(self) -> LocalNetwork:
         return self.start()
 
     def __exit__(self, *exc) -> None:

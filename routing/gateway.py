@@ -18,7 +18,8 @@ import logging
 import time
 import uuid
 from collections import Counter
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
@@ -220,7 +221,7 @@ class GatewayCore:
             try:
                 timeout = min(self.config.first_byte_timeout_s, self.selector.timeout_s(node.node_id))
                 first = await asyncio.wait_for(gen.__anext__(), timeout)
-            except (Exception, asyncio.TimeoutError) as exc:
+            except (TimeoutError, Exception) as exc:
                 self._end(node.node_id)
                 self.selector.observe_failure(node.node_id)
                 metrics.RETRIES.labels(model, node.node_id).inc()
@@ -254,7 +255,7 @@ class GatewayCore:
         raise last_error or errors.upstream_failed(model)
 
     # ---- response paths --------------------------------------------------------------------
-    async def _complete(self, ctx: "_Ctx", response: Any) -> Response:
+    async def _complete(self, ctx: _Ctx, response: Any) -> Response:
         try:
             payload = response.model_dump_json()
             ttft = time.perf_counter() - ctx.t0
@@ -271,7 +272,7 @@ class GatewayCore:
         return Response(payload, media_type="application/json",
                         headers={"x-meritnet-request-id": ctx.rid, "x-meritnet-node": ctx.node.node_id})
 
-    async def _stream(self, ctx: "_Ctx", first: Any, gen) -> AsyncIterator[str]:
+    async def _stream(self, ctx: _Ctx, first: Any, gen) -> AsyncIterator[str]:
         status = "cancelled"
         try:
             async for chunk in _chain(first, gen):
@@ -317,7 +318,7 @@ class GatewayCore:
                 # Not acknowledged as completed, but metered for audit; never blocks the client.
                 asyncio.get_running_loop().create_task(self._meter_quietly(ctx, status))
 
-    async def _meter(self, ctx: "_Ctx", status: str) -> None:
+    async def _meter(self, ctx: _Ctx, status: str) -> None:
         rec = ctx.record(status)
         metrics.REQUESTS.labels(ctx.model, ctx.node.node_id, status).inc()
         metrics.E2E.labels(ctx.model).observe(time.perf_counter() - ctx.t0)
@@ -337,7 +338,7 @@ class GatewayCore:
         raise errors.APIError(503, "The request ran but its usage could not be recorded; it is not billed. "
                               "Retry shortly.", type="service_unavailable", code="metering_unavailable")
 
-    async def _meter_quietly(self, ctx: "_Ctx", status: str) -> None:
+    async def _meter_quietly(self, ctx: _Ctx, status: str) -> None:
         try:
             await self._meter(ctx, status)
         except Exception:
@@ -357,8 +358,18 @@ class GatewayCore:
 class _Ctx:
     """Everything one in-flight request accumulates for its usage record."""
 
-    __slots__ = ("rid", "node", "model", "started", "t0", "client_wants_usage", "prompt_tokens",
-                 "completion_tokens", "ttft", "digest")
+    __slots__ = (
+        "client_wants_usage",
+        "completion_tokens",
+        "digest",
+        "model",
+        "node",
+        "prompt_tokens",
+        "rid",
+        "started",
+        "t0",
+        "ttft",
+    )
 
     def __init__(self, rid, node, model, started, t0, client_wants_usage):
         self.rid, self.node, self.model = rid, node, model
@@ -445,21 +456,20 @@ def build_fastapi(core_getter) -> FastAPI:
         await core.ensure_started()
         return core.models()
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
+    async def _generate(request: Request, request_cls: type[BaseModel], method: str) -> Response:
         core = core_getter()
         core.check_auth(request)
         await core.ensure_started()
-        body = await core.parse(request, ChatCompletionRequest)
-        return await core.handle(request, body, "chat")
+        body = await core.parse(request, request_cls)
+        return await core.handle(request, body, method)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await _generate(request, ChatCompletionRequest, "chat")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        core = core_getter()
-        core.check_auth(request)
-        await core.ensure_started()
-        body = await core.parse(request, CompletionRequest)
-        return await core.handle(request, body, "completions")
+        return await _generate(request, CompletionRequest, "completions")
 
     return app
 

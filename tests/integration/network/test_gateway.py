@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
-import json
 import time
 
 import httpx
@@ -160,9 +159,8 @@ def test_both_nodes_receive_traffic(client):
 
 
 def test_each_node_is_placed_on_its_accelerator(network):
-    from ray.util.state import list_actors
-
     import ray
+    from ray.util.state import list_actors
 
     accel_of_ray_node = {
         n["NodeID"]: [k for k in n["Resources"] if k.startswith("accel_")] for n in ray.nodes() if n["Alive"]
