@@ -95,7 +95,7 @@ def claim(account: address, cumulative: uint256, proof: DynArray[bytes32, MAX_PR
         raw_revert(concat(method_id("InvalidProof(address,uint256)"), abi_encode(account, cumulative)))
     amount: uint256 = cumulative - already
     # Defence in depth: a bad root can never mint more than the settlements posted.
-    if reward_token.totalSupply + amount > self.total_rewarded:
+    if reward_token._total_supply() + amount > self.total_rewarded:
         raw_revert(concat(method_id("ExceedsRewarded(uint256)"), abi_encode(amount)))
     self.claimed[account] = cumulative
     reward_token._mint(account, amount)
