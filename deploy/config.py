@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from cluster.deployment import EngineDefaults
 from cluster.local import LocalClusterConfig
 from cluster.records import NodeSpec
+from deploy.validators import ValidatorSpec
 
 # A well-known test address (anvil's first account); replace with your own in a real network.
 DEMO_OPERATOR_A = "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266"
@@ -76,6 +77,16 @@ class NetworkConfig(BaseSettings):
         description="'embedded' (in-process py-evm; state lives as long as `meritnet up`) or a JSON-RPC URL.",
     )
     settlement: bool = Field(default=True, description="Run the settlement actor (epochs -> chain).")
+    validators: list[ValidatorSpec] = Field(
+        default_factory=list,
+        description="Validators to run (each loads its own reference engine; none by default to keep the "
+        "demo light on small machines). Without validators every node stays unscored.",
+    )
+    trusted_models: dict[str, str] = Field(
+        default_factory=lambda: {"default": BUILTIN_MODEL},
+        description="model id -> the weights validators trust as that model (HF id, path or builtin).",
+    )
+    consensus_period_s: float = Field(default=5.0, gt=0, description="Seconds between consensus rounds.")
 
     @model_validator(mode="after")
     def _unique_nodes(self) -> NetworkConfig:

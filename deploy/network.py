@@ -6,18 +6,22 @@ Used by `meritnet up`, the integration tests and the benchmarks, so all three ru
 from __future__ import annotations
 
 import json
+import secrets
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import SecretStr
+
 from cluster.deployment import build_node_app, deployment_name
 from cluster.local import LocalCluster
 from cluster.records import NodeSpec
 from cluster.registry import get_or_create_registry
 from deploy.config import BUILTIN_MODEL, NetworkConfig
-from deploy.usage import USAGE_STORE_NAME, start_settlement, start_usage_store
+from deploy.usage import SETTLEMENT_NAME, USAGE_STORE_NAME, start_settlement, start_usage_store
+from deploy.validators import start_consensus, start_validators
 from routing.gateway import GatewayConfig, gateway_deployment
 
 GATEWAY_APP = "meritnet"
@@ -70,6 +74,9 @@ class LocalNetwork:
 
     genesis: float = 0.0
     settlement: object | None = None  # the settlement actor handle, when enabled
+    usage_store: object | None = None
+    validators: dict = field(default_factory=dict)  # validator actor name -> handle
+    consensus: object | None = None  # the consensus actor handle, with validators
 
     @property
     def base_url(self) -> str:
@@ -104,7 +111,7 @@ class LocalNetwork:
         self.on_step("Starting registry and usage ledger")
         registry = get_or_create_registry()
         self.genesis = prepare_state(cfg.state_dir, cfg.chain_url)
-        store = start_usage_store(self.ledger_path, cfg.epoch_length_s, self.genesis)
+        store = self.usage_store = start_usage_store(self.ledger_path, cfg.epoch_length_s, self.genesis)
         try:
             ray.get(store.__ray_ready__.remote(), timeout=60)
         except Exception as exc:
@@ -125,10 +132,20 @@ class LocalNetwork:
         self._wait_running([deployment_name(s) for s in self.specs], timeout_s)
 
         self.on_step("Starting the gateway")
+        challenge_key = secrets.token_hex(16)  # per run; only validators know it
         gw = GatewayConfig(usage_sink_name=USAGE_STORE_NAME, router_config=cfg.router_config,
-                           api_keys=tuple(cfg.api_keys))
+                           api_keys=tuple(cfg.api_keys), challenge_keys=(SecretStr(challenge_key),))
         serve.run(gateway_deployment(gw), name=GATEWAY_APP, route_prefix="/")
         self._wait_live(registry, timeout_s=60)
+
+        if cfg.validators:
+            self.on_step(f"Starting {len(cfg.validators)} validator(s) and consensus")
+            sources = {m: resolve_model_source(src) for m, src in cfg.trusted_models.items()}
+            engine = {"max_model_len": cfg.engine.max_model_len, **cfg.engine.engine_kwargs}
+            # Handles are kept on the network: Ray ends a non-detached actor with its last handle.
+            self.validators = start_validators(cfg.validators, self.base_url, challenge_key, sources, engine)
+            self.consensus = start_consensus(list(self.validators), cfg.consensus_period_s, cfg.epoch_length_s,
+                                             self.genesis, SETTLEMENT_NAME if cfg.settlement else None)
         return self
 
     def _wait_running(self, apps: list[str], timeout_s: float) -> None:

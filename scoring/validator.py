@@ -112,6 +112,8 @@ class Validator:
             resp = await asyncio.wait_for(self._send(req), self.config.timeout_s)
         except Exception as exc:  # noqa: BLE001 - unreachable node = unavailable, not a crash
             resp = ChallengeResponse(ok=False, error=type(exc).__name__)
+            log.warning("validator %s: challenge to %s failed (%s)", self.validator_id, node.node_id,
+                        type(exc).__name__)
         verification = None
         tps = None
         if resp.ok and resp.elapsed_s > (resp.ttft_s or 0) and resp.completion_tokens > 1:
@@ -204,6 +206,8 @@ def http_send(base_url: str, challenge_key: str | SecretStr, api_key: str | Secr
                     ttft = time.perf_counter() - t0
                 chunks.append(json.loads(line[6:]))
         return parse_stream(chunks, ttft_s=ttft, elapsed_s=time.perf_counter() - t0)
+
+    return send
 
 
 def _choice_text(choice: dict) -> str:
