@@ -16,7 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from cluster.deployment import EngineDefaults
 from cluster.local import LocalClusterConfig
 from cluster.records import NodeSpec
-from deploy.validators import ValidatorSpec
+from deploy.scoring import ValidatorSpec
 
 # A well-known test address (anvil's first account); replace with your own in a real network.
 DEMO_OPERATOR_A = "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266"
@@ -79,14 +79,25 @@ class NetworkConfig(BaseSettings):
     settlement: bool = Field(default=True, description="Run the settlement actor (epochs -> chain).")
     validators: list[ValidatorSpec] = Field(
         default_factory=list,
-        description="Validators to run (each loads its own reference engine; none by default to keep the "
-        "demo light on small machines). Without validators every node stays unscored.",
+        description="Validators to run, e.g. [{validator_id: v1, stake: 2.0}] (deploy/scoring.py). None by "
+        "default: a reference engine is one more vLLM engine on a 2-core machine. Without validators "
+        "every node stays unscored (router: 'unscored' score; settlement: default_quality).",
     )
     trusted_models: dict[str, str] = Field(
         default_factory=lambda: {"default": BUILTIN_MODEL},
         description="model id -> the weights validators trust as that model (HF id, path or builtin).",
     )
+    shared_reference_engine: bool = Field(
+        default=True,
+        description="All local validators share one reference engine per model (saves engines on small "
+        "machines). Set false in production: each validator then loads and trusts its own.",
+    )
     consensus_period_s: float = Field(default=5.0, gt=0, description="Seconds between consensus rounds.")
+    scoring_metrics_port: int | None = Field(
+        default=None, ge=1, le=65535,
+        description="Serve the scoring gauges at http://127.0.0.1:<port>/metrics (None: only via the "
+        "consensus actor's metrics_text()).",
+    )
 
     @model_validator(mode="after")
     def _unique_nodes(self) -> NetworkConfig:

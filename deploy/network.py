@@ -21,7 +21,7 @@ from cluster.records import NodeSpec
 from cluster.registry import get_or_create_registry
 from deploy.config import BUILTIN_MODEL, NetworkConfig
 from deploy.usage import SETTLEMENT_NAME, USAGE_STORE_NAME, start_settlement, start_usage_store
-from deploy.validators import start_consensus, start_validators
+from deploy.scoring import start_consensus, start_reference_engines, start_validators
 from routing.gateway import GatewayConfig, gateway_deployment
 
 GATEWAY_APP = "meritnet"
@@ -76,6 +76,7 @@ class LocalNetwork:
     settlement: object | None = None  # the settlement actor handle, when enabled
     usage_store: object | None = None
     validators: dict = field(default_factory=dict)  # validator actor name -> handle
+    reference_engines: dict = field(default_factory=dict)  # model -> shared reference engine handle
     consensus: object | None = None  # the consensus actor handle, with validators
 
     @property
@@ -129,6 +130,7 @@ class LocalNetwork:
         )
 
         ray.get([registry.register.remote(s) for s in self.specs])
+        scoring_sources, scoring_engine = self._start_reference_engines()  # loads alongside the nodes
         self._wait_running([deployment_name(s) for s in self.specs], timeout_s)
 
         self.on_step("Starting the gateway")
@@ -140,13 +142,24 @@ class LocalNetwork:
 
         if cfg.validators:
             self.on_step(f"Starting {len(cfg.validators)} validator(s) and consensus")
-            sources = {m: resolve_model_source(src) for m, src in cfg.trusted_models.items()}
-            engine = {"max_model_len": cfg.engine.max_model_len, **cfg.engine.engine_kwargs}
             # Handles are kept on the network: Ray ends a non-detached actor with its last handle.
-            self.validators = start_validators(cfg.validators, self.base_url, challenge_key, sources, engine)
+            self.validators = start_validators(cfg.validators, self.base_url, challenge_key, scoring_sources,
+                                               scoring_engine, self.reference_engines or None)
             self.consensus = start_consensus(list(self.validators), cfg.consensus_period_s, cfg.epoch_length_s,
-                                             self.genesis, SETTLEMENT_NAME if cfg.settlement else None)
+                                             self.genesis, SETTLEMENT_NAME if cfg.settlement else None,
+                                             cfg.scoring_metrics_port)
         return self
+
+    def _start_reference_engines(self) -> tuple[dict[str, str], dict]:
+        """With validators: resolve the trusted models and, if shared, start their engines now."""
+        cfg = self.config
+        if not cfg.validators:
+            return {}, {}
+        sources = {m: resolve_model_source(src) for m, src in cfg.trusted_models.items()}
+        engine = {"max_model_len": cfg.engine.max_model_len, **cfg.engine.engine_kwargs}
+        if cfg.shared_reference_engine:
+            self.reference_engines = start_reference_engines(sources, engine)
+        return sources, engine
 
     def _wait_running(self, apps: list[str], timeout_s: float) -> None:
         from ray import serve

@@ -17,6 +17,7 @@ import json
 import logging
 import random
 import time
+from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -80,6 +81,10 @@ class Validator:
         self.shadow = ShadowSampler(config.challenge.shadow_rate, config.challenge.shadow_key.get_secret_value())
         self.tokens_spent = 0  # prompt + completion tokens of challenges + reference prefill (overhead)
         self._engine_lock = asyncio.Lock()  # one teacher-forced prefill at a time per validator
+        # Audit counters per node: challenges, answered, and verdicts (pass/fail/fraud, challenge or shadow).
+        self.counts: defaultdict[str, Counter[str]] = defaultdict(Counter)
+        # node -> verifications it took until its integrity first fell to 0 (the penalty), for audits.
+        self.detected_after: dict[str, int] = {}
 
     @property
     def validator_id(self) -> str:
@@ -119,11 +124,13 @@ class Validator:
         if resp.ok and resp.elapsed_s > (resp.ttft_s or 0) and resp.completion_tokens > 1:
             tps = (resp.completion_tokens - 1) / (resp.elapsed_s - (resp.ttft_s or 0))
         self.scorer.observe_challenge(node.node_id, node.model_id, resp.ok, resp.ttft_s, tps)
+        self.counts[node.node_id]["challenges"] += 1
         if resp.ok:
+            self.counts[node.node_id]["answered"] += 1
             claim = self.claim_for(req, resp)
             self.tokens_spent += claim.reported_completion_tokens
             verification = await self.verify_claim(node.model_id, claim)
-            self.scorer.observe_verification(node.node_id, node.model_id, verification.verdict)
+            self._observe_verdict(node.node_id, node.model_id, verification.verdict)
             if verification.verdict != "pass":
                 log.warning("validator %s: node %s %s (%s)", self.validator_id, node.node_id,
                             verification.verdict, "; ".join(verification.reasons)[:300])
@@ -135,9 +142,17 @@ class Validator:
         if not self.shadow.should_verify(request_id):
             return None
         v = await self.verify_claim(model_id, claim)
-        self.scorer.observe_verification(node_id, model_id, v.verdict)
+        self._observe_verdict(node_id, model_id, v.verdict)
+        self.counts[node_id]["shadow"] += 1
         self._export()
         return v
+
+    def _observe_verdict(self, node_id: str, model_id: str, verdict: str) -> None:
+        self.scorer.observe_verification(node_id, model_id, verdict)
+        counts = self.counts[node_id]
+        counts[verdict] += 1
+        if node_id not in self.detected_after and self.scorer.in_penalty(node_id):
+            self.detected_after[node_id] = counts["pass"] + counts["fail"] + counts["fraud"]
 
     async def run(self, nodes: Callable[[], Awaitable[Sequence[NodeStats]]], stop: asyncio.Event) -> None:
         """Challenge every live node forever (until `stop`), each on its own Poisson clock."""
@@ -164,6 +179,14 @@ class Validator:
 
     def scores(self) -> list[NodeScore]:
         return self.scorer.scores()
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Per node: challenges, answered, pass/fail/fraud verdicts, shadow verifications, and
+        `detected_after` (verifications until the first integrity drop) once it happened."""
+        out = {n: dict(c) for n, c in self.counts.items()}
+        for n, k in self.detected_after.items():
+            out.setdefault(n, {})["detected_after"] = k
+        return out
 
     def _export(self) -> None:
         for s in self.scorer.scores():
@@ -257,16 +280,20 @@ class ValidatorActor:
     """Ray actor around Validator: `ray.remote(ValidatorActor).options(name=...).remote(cfg, ...)`.
 
     model_sources: model_id -> path/HF id of the *trusted* weights this validator loads into its own
-    vLLM engine. Nodes come from the cluster registry actor (polled by `run`).
+    vLLM engine (and whose tokenizer it uses). `engines` replaces those engines with given ones (a
+    ReferenceEngine per model, e.g. a proxy to an engine several validators share on a small machine).
+    Nodes come from the cluster registry actor (polled by `run`).
     """
 
     def __init__(self, config: ValidatorConfig, gateway_url: str, challenge_key: str,
                  model_sources: Mapping[str, str], api_key: str | None = None,
                  registry_name: str = "meritnet-registry", namespace: str = "meritnet",
-                 engine_kwargs: Mapping[str, Any] | None = None) -> None:
+                 engine_kwargs: Mapping[str, Any] | None = None,
+                 engines: Mapping[str, ReferenceEngine] | None = None) -> None:
         from scoring.reference import HFCodec, VllmReferenceEngine
 
-        engines = {m: VllmReferenceEngine(src, **dict(engine_kwargs or {})) for m, src in model_sources.items()}
+        if engines is None:
+            engines = {m: VllmReferenceEngine(src, **dict(engine_kwargs or {})) for m, src in model_sources.items()}
         codecs = {m: HFCodec.from_pretrained(src) for m, src in model_sources.items()}
         self.validator = Validator(config, http_send(gateway_url, challenge_key, api_key), engines, codecs)
         self._registry = (registry_name, namespace)
@@ -292,6 +319,9 @@ class ValidatorActor:
 
     async def stake(self) -> float:
         return self.validator.config.stake
+
+    async def stats(self) -> dict[str, dict[str, int]]:
+        return self.validator.stats()
 
     async def shadow_verify(self, request_id: str, node_id: str, model_id: str, claim: Claim) -> str | None:
         v = await self.validator.shadow_verify(request_id, node_id, model_id, claim)

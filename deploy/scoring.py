@@ -1,0 +1,276 @@
+"""Validators and consensus in a running network: scoring's parts wired to the router and settlement.
+
+What runs (all in Ray namespace "meritnet", started by `LocalNetwork.start` when `validators` is set):
+
+- `meritnet-validator-<id>`: one `scoring.ValidatorActor` per configured validator, with its own
+  stake and identity. It challenges every live node through the gateway, pinned to the node with
+  `x-meritnet-node` + the per-run challenge key, and verifies each answer against a trusted
+  reference engine of the claimed model.
+- `meritnet-reference-<model>` (shared mode, the default here): ONE vLLM reference engine per model
+  that all local validators call. That saves an engine per validator on a 2-core machine. In
+  production every validator runs its own engine (`shared_reference_engine: false`): a validator
+  must trust only its own reference, and a shared engine is a single point of failure and of trust.
+- `meritnet-consensus`: every `period_s` it gathers each validator's `NodeScore`s and stake, runs
+  Yuma (`scoring.ConsensusState`), and serves the result as `latest()`. The gateway pulls that every
+  0.5 s into the router's quality scorer (live scores).
+
+Settlement mapping (per epoch): quality_i of settlement epoch N is the mean of node i's consensus
+quality (`scoring.quality_from_consensus`: consensus_i / max_k consensus_k, in [0, 1]) over the
+consensus rounds that ran while N was open (genesis + N*len <= t < genesis + (N+1)*len), i.e. a time
+average since rounds are periodic. After every round the running mean of the open epoch is sent with
+`SettlementService.submit_quality(N, {node: q})`; the last send before N ends is the final one, and the
+settler ignores sends once N is committed. A node caught cheating for the whole epoch has mean 0 and so
+earns 0; a node no round scored in N gets the settler's `default_quality`.
+
+Metrics: the consensus actor re-exports every validator's per-node gauges (integrity, availability,
+speed, labelled by validator), the consensus quality per node and the trust per validator
+(`scoring.metrics`). Read them with `metrics_text()` (Prometheus text format), or set
+`scoring_metrics_port` to serve them over HTTP at http://127.0.0.1:<port>/metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cluster.records import NodeScore, QualityScores
+
+log = logging.getLogger("meritnet.scoring")
+
+NAMESPACE = "meritnet"
+CONSENSUS_NAME = "meritnet-consensus"
+VALIDATOR_PREFIX = "meritnet-validator-"
+REFERENCE_PREFIX = "meritnet-reference-"
+
+
+class ValidatorSpec(BaseModel):
+    """One validator of the local network."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    validator_id: str = Field(min_length=1, description="Identity (a row of the consensus weight matrix).")
+    stake: float = Field(default=1.0, ge=0, description="Stake behind its weights in consensus.")
+    challenges_per_node_per_min: float = Field(
+        default=0.5, gt=0, description="Mean challenges per node per minute (random, exponential inter-arrival)."
+    )
+
+
+# ---- per-epoch quality (pure) ---------------------------------------------------------------------
+
+class EpochQuality:
+    """Time average of consensus quality per settlement epoch (see the module doc for the mapping)."""
+
+    def __init__(self, epoch_length_s: float, genesis: float) -> None:
+        if epoch_length_s <= 0:
+            raise ValueError(f"epoch_length_s must be > 0, got {epoch_length_s}")
+        self.epoch_length_s, self.genesis = epoch_length_s, genesis
+        self._sums: dict[int, dict[str, float]] = {}
+        self._rounds: dict[int, dict[str, int]] = {}
+
+    def epoch_of(self, t: float) -> int:
+        return max(0, int((t - self.genesis) // self.epoch_length_s))
+
+    def add(self, t: float, quality: Mapping[str, float]) -> tuple[int, dict[str, float]]:
+        """Record one consensus round at unix time t; returns (its epoch, that epoch's mean so far)."""
+        epoch = self.epoch_of(t)
+        sums, rounds = self._sums.setdefault(epoch, {}), self._rounds.setdefault(epoch, {})
+        for node, q in quality.items():
+            sums[node] = sums.get(node, 0.0) + float(q)
+            rounds[node] = rounds.get(node, 0) + 1
+        for old in [e for e in self._sums if e < epoch - 4]:  # keep a few recent epochs for audits
+            del self._sums[old], self._rounds[old]
+        return epoch, self.mean(epoch) or {}
+
+    def mean(self, epoch: int) -> dict[str, float] | None:
+        if epoch not in self._sums:
+            return None
+        return {n: min(1.0, max(0.0, s / self._rounds[epoch][n])) for n, s in self._sums[epoch].items()}
+
+
+# ---- the shared reference engine ------------------------------------------------------------------
+
+class ReferenceEngineService:
+    """A Ray actor holding one `VllmReferenceEngine` (calls run one at a time: vllm.LLM is not thread-safe)."""
+
+    def __init__(self, model_source: str, engine_kwargs: Mapping[str, Any] | None = None) -> None:
+        from scoring.reference import VllmReferenceEngine
+
+        self.engine = VllmReferenceEngine(model_source, **dict(engine_kwargs or {}))
+
+    def prompt_logprobs_many(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+                             top_k: int) -> list[list[dict[int, float]]]:
+        return self.engine.prompt_logprobs_many(pairs, top_k)
+
+
+class RemoteReferenceEngine:
+    """`scoring.ReferenceEngine` calling a ReferenceEngineService actor (picklable: holds the handle).
+
+    Blocking like the local engine; validators call it from a worker thread (`asyncio.to_thread`)."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    def prompt_logprobs(self, prompt_token_ids: Sequence[int], completion_token_ids: Sequence[int],
+                        top_k: int) -> list[dict[int, float]]:
+        import ray
+
+        pair = (list(prompt_token_ids), list(completion_token_ids))
+        return ray.get(self.handle.prompt_logprobs_many.remote([pair], top_k))[0]
+
+
+def start_reference_engines(model_sources: Mapping[str, str], engine_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Start one shared reference engine actor per model (returns at once; the engines load meanwhile)."""
+    import ray
+
+    actors = {}
+    for model, source in model_sources.items():
+        actors[model] = (ray.remote(ReferenceEngineService)
+                         .options(name=REFERENCE_PREFIX + model, namespace=NAMESPACE, num_cpus=1,
+                                  resources={"head": 0.01}, max_restarts=1)
+                         .remote(source, dict(engine_kwargs)))
+    return actors
+
+
+# ---- validators -----------------------------------------------------------------------------------
+
+def start_validators(specs: Sequence[ValidatorSpec], gateway_url: str, challenge_key: str,
+                     model_sources: Mapping[str, str], engine_kwargs: Mapping[str, Any],
+                     reference_engines: Mapping[str, Any] | None = None, api_key: str | None = None,
+                     ready_timeout_s: float = 600.0) -> dict[str, Any]:
+    """Start one ValidatorActor per spec and its challenge loop; returns actor name -> handle.
+
+    `reference_engines` (model -> ReferenceEngineService handle) makes every validator share those
+    engines; without it each validator loads its own vLLM engine per model (production). Keep the
+    returned handles: Ray ends a non-detached actor with its last handle."""
+    import ray
+
+    from scoring.challenge import ChallengeConfig
+    from scoring.validator import ValidatorActor, ValidatorConfig
+
+    shared = None
+    if reference_engines:
+        try:
+            ray.get([h.__ray_ready__.remote() for h in reference_engines.values()], timeout=ready_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - any start failure gets the same advice
+            raise RuntimeError(f"the shared reference engine did not start ({type(exc).__name__}: {exc}); "
+                               "check trusted_models and engine settings (MERITNET_RAY_LOGS=1 shows logs)") from None
+        shared = {m: RemoteReferenceEngine(h) for m, h in reference_engines.items()}
+    actors: dict[str, Any] = {}
+    for spec in specs:
+        name = VALIDATOR_PREFIX + spec.validator_id
+        cfg = ValidatorConfig(validator_id=spec.validator_id, stake=spec.stake,
+                              challenge=ChallengeConfig(rate_per_node_per_min=spec.challenges_per_node_per_min))
+        actors[name] = (ray.remote(ValidatorActor)
+                        .options(name=name, namespace=NAMESPACE, num_cpus=0 if shared else 1,
+                                 resources={"head": 0.01})
+                        .remote(cfg, gateway_url, challenge_key, dict(model_sources), api_key,
+                                engine_kwargs=dict(engine_kwargs), engines=shared))
+    ray.get([a.start.remote() for a in actors.values()], timeout=ready_timeout_s)
+    return actors
+
+
+# ---- consensus ------------------------------------------------------------------------------------
+
+class ConsensusService:
+    """Runs Yuma over the validators' scores every `period_s`; serves `latest()`; feeds settlement."""
+
+    def __init__(self, validator_names: Sequence[str], period_s: float, epoch_length_s: float, genesis: float,
+                 settlement_name: str | None = None, metrics_port: int | None = None,
+                 namespace: str = NAMESPACE) -> None:
+        from scoring import ConsensusState
+
+        self._names = list(validator_names)
+        self._period_s = period_s
+        self._settlement_name = settlement_name
+        self._namespace = namespace
+        self._state = ConsensusState()
+        self.epochs = EpochQuality(epoch_length_s, genesis)
+        self._latest: QualityScores | None = None
+        self._task: asyncio.Task | None = None
+        self.rounds = 0
+        if metrics_port is not None:
+            from prometheus_client import start_http_server
+
+            from scoring.metrics import REGISTRY
+
+            start_http_server(metrics_port, addr="127.0.0.1", registry=REGISTRY)
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def latest(self) -> QualityScores | None:
+        return self._latest
+
+    async def validator_trust(self) -> dict[str, float]:
+        return self._state.validator_trust()
+
+    async def epoch_quality(self, epoch: int) -> dict[str, float] | None:
+        """The (running) mean quality of a settlement epoch, as submitted to settlement."""
+        return self.epochs.mean(epoch)
+
+    async def metrics_text(self) -> str:
+        from prometheus_client import generate_latest
+
+        from scoring.metrics import REGISTRY
+
+        return generate_latest(REGISTRY).decode()
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._period_s)
+            try:
+                await self.step()
+            except Exception as exc:  # noqa: BLE001 - a validator restarting: try again next period
+                log.warning("consensus round failed (%s: %s)", type(exc).__name__, exc)
+
+    async def step(self) -> QualityScores | None:
+        """One round: gather scores and stakes, run Yuma, publish, submit the epoch's running mean."""
+        import ray
+
+        actors = [ray.get_actor(n, namespace=self._namespace) for n in self._names]
+        scores = await asyncio.gather(*(a.scores.remote() for a in actors))
+        stakes = await asyncio.gather(*(a.stake.remote() for a in actors))
+        result = self.round(dict(zip(self._names, scores)), dict(zip(self._names, stakes)), time.time())
+        if result is None:
+            return None
+        quality, epoch, mean = result
+        if self._settlement_name:
+            settlement = ray.get_actor(self._settlement_name, namespace=self._namespace)
+            await settlement.submit_quality.remote(epoch, mean)
+        return quality
+
+    def round(self, scores_by_validator: Mapping[str, list[NodeScore]], stakes: Mapping[str, float],
+              now: float) -> tuple[QualityScores, int, dict[str, float]] | None:
+        """The pure part of a round (no Ray): Yuma, metrics, and the epoch mean. None before any score."""
+        from scoring import metrics
+
+        if not any(scores_by_validator.values()):
+            return None
+        for ss in scores_by_validator.values():
+            for s in ss:
+                metrics.observe_node_score(s)
+        quality = self._state.step(dict(scores_by_validator), dict(stakes))
+        self._latest = quality
+        self.rounds += 1
+        metrics.observe_quality(quality)
+        metrics.observe_validator_trust(self._state.validator_trust())
+        epoch, mean = self.epochs.add(now, quality.quality)
+        return quality, epoch, mean
+
+
+def start_consensus(validator_names: Sequence[str], period_s: float, epoch_length_s: float, genesis: float,
+                    settlement_name: str | None, metrics_port: int | None = None):
+    """Start the named consensus actor the gateway pulls from; returns its handle (keep it)."""
+    import ray
+
+    actor = (ray.remote(ConsensusService)
+             .options(name=CONSENSUS_NAME, namespace=NAMESPACE, num_cpus=0, resources={"head": 0.01})
+             .remote(list(validator_names), period_s, epoch_length_s, genesis, settlement_name, metrics_port))
+    ray.get(actor.start.remote())
+    return actor

@@ -1,0 +1,102 @@
+"""deploy/scoring.py without Ray: the per-epoch quality mapping, one consensus round, validator stats,
+and the config section."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from cluster.records import NodeScore, NodeStats
+from deploy.config import NetworkConfig
+from deploy.scoring import ConsensusService, EpochQuality, ValidatorSpec
+from scoring.fakes import BigramModel, FakeReferenceEngine, LetterCodec
+from scoring.validator import ChallengeResponse, Validator, ValidatorConfig
+
+CODEC = LetterCodec()
+
+
+def _score(validator: str, node: str, score: float) -> NodeScore:
+    return NodeScore(validator=validator, node_id=node, integrity=1.0 if score > 0 else 0.0, availability=1.0,
+                     speed=score, score=score, at=0.0)
+
+
+def test_epoch_quality_is_the_mean_of_the_rounds_in_each_epoch():
+    eq = EpochQuality(epoch_length_s=10.0, genesis=100.0)
+    assert eq.add(101.0, {"a": 1.0, "c": 0.5}) == (0, {"a": 1.0, "c": 0.5})
+    assert eq.add(109.9, {"a": 0.5, "c": 0.0}) == (0, {"a": 0.75, "c": 0.25})
+    # A new epoch starts from scratch: a node caught before it starts has mean 0 for all of it.
+    assert eq.add(110.0, {"a": 1.0, "c": 0.0}) == (1, {"a": 1.0, "c": 0.0})
+    eq.add(115.0, {"a": 0.5, "c": 0.0, "new": 1.0})
+    assert eq.mean(1) == {"a": 0.75, "c": 0.0, "new": 1.0}  # a late node is averaged over its own rounds
+    assert eq.mean(0) == {"a": 0.75, "c": 0.25}
+    assert eq.mean(7) is None
+    assert eq.epoch_of(50.0) == 0  # before genesis counts as epoch 0, like the ledger's first epoch
+
+
+def test_epoch_quality_rejects_a_bad_length():
+    with pytest.raises(ValueError, match="epoch_length_s"):
+        EpochQuality(0.0, 0.0)
+
+
+def test_consensus_round_zeroes_the_node_the_stake_majority_zeroes():
+    svc = ConsensusService(["v1", "v2", "v3"], period_s=1.0, epoch_length_s=30.0, genesis=0.0)
+    assert svc.round({"v1": [], "v2": [], "v3": []}, {"v1": 1, "v2": 1, "v3": 1}, now=1.0) is None
+    scores = {
+        "v1": [_score("v1", "a", 0.9), _score("v1", "b", 0.8), _score("v1", "cheat", 0.0)],
+        "v2": [_score("v2", "a", 0.9), _score("v2", "b", 0.9), _score("v2", "cheat", 0.0)],
+        # a minority validator vouching for the cheater cannot lift it above what the majority set
+        "v3": [_score("v3", "a", 0.1), _score("v3", "b", 0.1), _score("v3", "cheat", 1.0)],
+    }
+    quality, epoch, mean = svc.round(scores, {"v1": 2.0, "v2": 1.0, "v3": 0.5}, now=31.0)
+    assert epoch == 1 and svc.rounds == 1
+    assert quality.quality["cheat"] == 0.0 and mean["cheat"] == 0.0
+    assert max(quality.quality.values()) == 1.0 and quality.quality["b"] > 0.5
+
+
+def test_consensus_round_exports_gauges():
+    from prometheus_client import generate_latest
+
+    from scoring.metrics import REGISTRY
+
+    svc = ConsensusService(["vx"], period_s=1.0, epoch_length_s=30.0, genesis=0.0)
+    svc.round({"vx": [_score("vx", "gauge-a", 1.0), _score("vx", "gauge-b", 0.0)]}, {"vx": 1.0}, now=0.0)
+    text = generate_latest(REGISTRY).decode()
+    assert 'meritnet_node_consensus_quality{node="gauge-b"} 0.0' in text
+    assert 'meritnet_node_integrity{node="gauge-a",validator="vx"} 1.0' in text
+    assert 'meritnet_validator_trust{validator="vx"}' in text
+
+
+def _node(nid: str) -> NodeStats:
+    return NodeStats(node_id=nid, model_id="default", operator="0x" + "11" * 20, accelerator_type="cpu",
+                     capacity=4, live=True, running_replicas=1, joined_at=0.0)
+
+
+async def test_validator_stats_count_verdicts_and_challenges_to_detect():
+    models = {"honest": BigramModel(0), "swap": BigramModel(1)}
+
+    async def send(req):
+        prompt = CODEC.encode_chat(list(req.messages)) if req.messages else CODEC.encode_prompt(req.prompt)
+        ids, finish = models[req.node_id].generate(prompt, req.max_tokens, req.temperature)
+        return ChallengeResponse(ok=True, status=200, text=CODEC.decode(ids), token_ids=tuple(ids),
+                                 completion_tokens=len(ids), finish_reason=finish, ttft_s=0.01, elapsed_s=0.1)
+
+    v = Validator(ValidatorConfig(validator_id="v"), send, {"default": FakeReferenceEngine(BigramModel(0))},
+                  {"default": CODEC}, rng=random.Random(0))
+    for _ in range(3):
+        for n in ("honest", "swap"):
+            await v.challenge_once(_node(n))
+    stats = v.stats()
+    assert stats["honest"] == {"challenges": 3, "answered": 3, "pass": 3}
+    assert stats["swap"]["challenges"] == 3 and stats["swap"].get("pass", 0) == 0
+    assert stats["swap"]["detected_after"] == 1
+
+
+def test_validators_config_section():
+    assert NetworkConfig().validators == []  # off by default: one more vLLM engine on a 2-core demo
+    cfg = NetworkConfig(validators=[{"validator_id": "v1", "stake": 2}], scoring_metrics_port=9464)
+    assert cfg.validators == [ValidatorSpec(validator_id="v1", stake=2.0)] and cfg.shared_reference_engine
+    with pytest.raises(ValueError, match="stake"):
+        NetworkConfig(validators=[{"validator_id": "v1", "stake": -1}])
+    with pytest.raises(ValueError, match="validator_id"):
+        NetworkConfig(validators=[{"stake": 1}])
