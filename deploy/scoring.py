@@ -95,22 +95,59 @@ class EpochQuality:
 # ---- the shared reference engine ------------------------------------------------------------------
 
 class ReferenceEngineService:
-    """A Ray actor holding one `VllmReferenceEngine` (calls run one at a time: vllm.LLM is not thread-safe)."""
+    """A Ray actor holding one `VllmReferenceEngine`, shared by the local validators.
+
+    Calls that arrive while the engine is busy are batched into its next `generate` (one prefill
+    step for many teacher-forced completions), so validators do not queue behind each other; the
+    engine itself runs in one thread at a time (vllm.LLM is not thread-safe)."""
 
     def __init__(self, model_source: str, engine_kwargs: Mapping[str, Any] | None = None) -> None:
         from scoring.reference import VllmReferenceEngine
 
         self.engine = VllmReferenceEngine(model_source, **dict(engine_kwargs or {}))
+        self._queue: list[tuple[list, int, asyncio.Future]] = []
+        self._worker: asyncio.Task | None = None
+        self.calls = self.batches = 0
 
-    def prompt_logprobs_many(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
-                             top_k: int) -> list[list[dict[int, float]]]:
-        return self.engine.prompt_logprobs_many(pairs, top_k)
+    async def prompt_logprobs_many(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+                                   top_k: int) -> list[list[dict[int, float]]]:
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.append((list(pairs), top_k, fut))
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.get_running_loop().create_task(self._drain())
+        return await fut
+
+    async def _drain(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue, []
+            top_k = max(k for _, k, _ in batch)  # a larger top-k only adds entries; each pair's own token is kept
+            flat = [p for pairs, _, _ in batch for p in pairs]
+            try:
+                out = await asyncio.to_thread(self.engine.prompt_logprobs_many, flat, top_k)
+            except Exception as exc:  # noqa: BLE001 - handed to every waiting caller
+                for _, _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            self.calls += len(batch)
+            self.batches += 1
+            i = 0
+            for pairs, _, fut in batch:
+                if not fut.done():
+                    fut.set_result(out[i:i + len(pairs)])
+                i += len(pairs)
+
+    async def stats(self) -> dict[str, int]:
+        return {"calls": self.calls, "batches": self.batches}
 
 
 class RemoteReferenceEngine:
     """`scoring.ReferenceEngine` calling a ReferenceEngineService actor (picklable: holds the handle).
 
-    Blocking like the local engine; validators call it from a worker thread (`asyncio.to_thread`)."""
+    Blocking like the local engine; validators call it from a worker thread (`asyncio.to_thread`), and
+    concurrently (`concurrent_calls`): the actor batches what arrives together."""
+
+    concurrent_calls = True
 
     def __init__(self, handle: Any) -> None:
         self.handle = handle
@@ -236,7 +273,8 @@ class ConsensusService:
         actors = [ray.get_actor(n, namespace=self._namespace) for n in self._names]
         scores = await asyncio.gather(*(a.scores.remote() for a in actors))
         stakes = await asyncio.gather(*(a.stake.remote() for a in actors))
-        result = self.round(dict(zip(self._names, scores)), dict(zip(self._names, stakes)), time.time())
+        ids = [n.removeprefix(VALIDATOR_PREFIX) for n in self._names]  # rows are validator ids, as in NodeScore
+        result = self.round(dict(zip(ids, scores)), dict(zip(ids, stakes)), time.time())
         if result is None:
             return None
         quality, epoch, mean = result

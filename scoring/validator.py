@@ -13,6 +13,7 @@ turns several validators' scores into `QualityScores`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -105,7 +106,10 @@ class Validator:
         if engine is None:
             raise KeyError(f"validator {self.validator_id} has no reference engine for model {model_id!r}; "
                            "configure one per served model")
-        async with self._engine_lock:
+        # A local vLLM engine takes one call at a time; an engine that says it batches concurrent calls
+        # (e.g. deploy's shared reference engine actor) gets them all at once.
+        lock = contextlib.nullcontext() if getattr(engine, "concurrent_calls", False) else self._engine_lock
+        async with lock:
             v = await asyncio.to_thread(verify, claim, engine, self._codecs[model_id], self.config.thresholds)
         self.tokens_spent += len(claim.prompt_token_ids) + v.n_tokens
         return v

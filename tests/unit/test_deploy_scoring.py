@@ -100,3 +100,25 @@ def test_validators_config_section():
         NetworkConfig(validators=[{"validator_id": "v1", "stake": -1}])
     with pytest.raises(ValueError, match="validator_id"):
         NetworkConfig(validators=[{"stake": 1}])
+
+
+class _CountingEngine:
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def prompt_logprobs_many(self, pairs, top_k):
+        self.calls.append(len(pairs))
+        return [[{int(c[0]): -0.1 * top_k}] for _p, c in pairs]
+
+
+async def test_shared_reference_engine_batches_concurrent_calls_and_returns_each_its_own():
+    import asyncio
+
+    from deploy.scoring import ReferenceEngineService
+
+    svc = ReferenceEngineService.__new__(ReferenceEngineService)  # skip loading vLLM
+    svc.engine, svc._queue, svc._worker, svc.calls, svc.batches = _CountingEngine(), [], None, 0, 0
+    outs = await asyncio.gather(*(svc.prompt_logprobs_many([([1], [i]), ([2], [i + 100])], 20) for i in range(5)))
+    assert [[next(iter(d)) for (d,) in o] for o in outs] == [[i, i + 100] for i in range(5)]
+    assert sum(svc.engine.calls) == 10 and len(svc.engine.calls) < 5  # batched, nothing lost
+    assert await svc.stats() == {"calls": 5, "batches": len(svc.engine.calls)}
