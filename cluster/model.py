@@ -181,7 +181,13 @@ def build_default_model(
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
             write_model(recipe, tmp, say)
-            os.rename(tmp, target)  # atomic on one filesystem: readers never see a partial model
+            try:
+                os.rename(tmp, target)  # atomic on one filesystem: readers never see a partial model
+            except OSError:
+                # Where flock is advisory-only (some network filesystems) another builder may have won
+                # the rename; its result is byte-identical, so use it and drop ours.
+                if not _is_complete(target):
+                    raise
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -65,3 +65,27 @@ def test_generation_stops_at_end_of_turn(llm):
     out = llm.generate(["Hello"], params)[0].outputs[0]
     assert out.finish_reason == "stop"
     assert len(out.token_ids) == 1
+
+
+def test_vllm_agrees_with_transformers_and_is_peaked(llm):
+    """vLLM runs the same network transformers does (names, shapes, RoPE, norms), and its outputs are peaked."""
+    import math
+
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+    from vllm import SamplingParams
+
+    prompt = "Once upon a time there was a clock"
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=1)
+    out = llm.generate([prompt], params)[0]
+    path = llm.llm_engine.model_config.model
+    hf_tok = AutoTokenizer.from_pretrained(path)
+    assert out.prompt_token_ids == hf_tok(prompt).input_ids
+    model = LlamaForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        hf = model.generate(torch.tensor([out.prompt_token_ids]), max_new_tokens=12, do_sample=False,
+                            eos_token_id=None, pad_token_id=hf_tok.pad_token_id)
+    assert list(out.outputs[0].token_ids) == hf[0, len(out.prompt_token_ids):].tolist()
+    top1 = [math.exp(step[tid].logprob) for tid, step in zip(out.outputs[0].token_ids, out.outputs[0].logprobs,
+                                                             strict=True)]
+    assert sorted(top1)[len(top1) // 2] > 0.3, top1  # median top-1 probability; uniform would be 1/2048

@@ -213,3 +213,25 @@ def next_token_probs_for(path: Path, prompt: str):
     model = LlamaForCausalLM.from_pretrained(path).eval()
     with torch.no_grad():
         return model(tok(prompt, return_tensors="pt").input_ids).logits[0].softmax(-1)
+
+
+def test_losing_the_rename_race_reuses_the_winner(tmp_path, monkeypatch):
+    """Without an effective lock (e.g. some network filesystems) a second builder's rename fails: reuse."""
+    import shutil
+
+    import cluster.model as builder
+
+    elsewhere = build_default_model(seed=5, cache_dir=tmp_path / "elsewhere")
+    real_rename = builder.os.rename
+    calls: list[str] = []
+
+    def rename(src, dst):  # another builder finishes just before our rename
+        calls.append("rename")
+        shutil.copytree(elsewhere, dst)
+        real_rename(src, dst)  # raises: dst exists and is not empty
+
+    monkeypatch.setattr(builder.os, "rename", rename)
+    path = build_default_model(seed=5, cache_dir=tmp_path / "cache")
+    assert calls == ["rename"]
+    assert sha256(path / "model.safetensors") == sha256(elsewhere / "model.safetensors")
+    assert [p for p in (tmp_path / "cache").iterdir() if p.is_dir()] == [path]  # our temp dir is gone
