@@ -180,6 +180,7 @@ def build_default_model(
             )
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
+            tmp.chmod(0o755)  # mkdtemp's 0700 would hide the model from other users' engines
             write_model(recipe, tmp, say)
             try:
                 os.rename(tmp, target)  # atomic on one filesystem: readers never see a partial model
