@@ -177,42 +177,34 @@ PROMPTS = [
     "1 2 3 4 5 6",
     "<|user|>\nWhat time is it?<|end|>\n<|assistant|>\n",
 ]
+SAME_LAST_TOKEN = "A bridge bent twice"  # ends like PROMPTS[0], with another history
 
 
-def next_token_probs(path: Path):
-    """Next-token distributions at every position of PROMPTS, through transformers (the reference Llama)."""
+def next_token_probs(path: Path, prompts: list[str]):
+    """Next-token distributions at every position of each prompt, through transformers (the reference Llama)."""
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(path)
     model = LlamaForCausalLM.from_pretrained(path).eval()
     with torch.no_grad():
-        return [model(tok(p, return_tensors="pt").input_ids).logits[0].softmax(-1) for p in PROMPTS]
+        return [model(tok(p, return_tensors="pt").input_ids).logits[0].softmax(-1) for p in prompts]
 
 
 def test_next_token_distributions_are_peaked_and_seed_specific(models):
     """Why the init is scaled: verification needs peaked outputs that differ between models."""
     import torch
 
-    p0, p1 = next_token_probs(models[0]), next_token_probs(models[1])
+    *p0, other_history = next_token_probs(models[0], [*PROMPTS, SAME_LAST_TOKEN])
+    p1 = next_token_probs(models[1], PROMPTS)
     top1 = torch.cat([p.max(-1).values for p in p0])
     entropy = torch.cat([-(p * p.clamp_min(1e-30).log()).sum(-1) for p in p0])
     assert top1.median() > 0.5, top1  # std-0.02 init gives ~1/2048
     assert entropy.mean() < 2.0, entropy  # nats; uniform over 2048 tokens would be 7.6
     total_variation = torch.cat([0.5 * (a - b).abs().sum(-1) for a, b in zip(p0, p1, strict=True)])
     assert total_variation.min() > 0.9, total_variation  # two seeds: nearly disjoint predictions
-    # The context matters, not only the last token: same last token, different histories.
-    assert not torch.allclose(p0[0][-1], next_token_probs_for(models[0], "A bridge bent twice")[-1], atol=1e-3)
-
-
-def next_token_probs_for(path: Path, prompt: str):
-    import torch
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(path)
-    model = LlamaForCausalLM.from_pretrained(path).eval()
-    with torch.no_grad():
-        return model(tok(prompt, return_tensors="pt").input_ids).logits[0].softmax(-1)
+    # The context matters, not only the last token.
+    assert 0.5 * (p0[0][-1] - other_history[-1]).abs().sum() > 0.1
 
 
 def test_losing_the_rename_race_reuses_the_winner(tmp_path, monkeypatch):
