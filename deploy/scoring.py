@@ -267,14 +267,16 @@ class ConsensusService:
                 log.warning("consensus round failed (%s: %s)", type(exc).__name__, exc)
 
     async def step(self) -> QualityScores | None:
-        """One round: gather scores and stakes, run Yuma, publish, submit the epoch's running mean."""
+        """One round: gather scores and stakes, run Yuma, publish, submit the epoch's running mean.
+
+        A validator that does not answer (restarting, dead) sits this round out, with its stake."""
         import ray
 
-        actors = [ray.get_actor(n, namespace=self._namespace) for n in self._names]
-        scores = await asyncio.gather(*(a.scores.remote() for a in actors))
-        stakes = await asyncio.gather(*(a.stake.remote() for a in actors))
-        ids = [n.removeprefix(VALIDATOR_PREFIX) for n in self._names]  # rows are validator ids, as in NodeScore
-        result = self.round(dict(zip(ids, scores)), dict(zip(ids, stakes)), time.time())
+        answers = await asyncio.gather(*(self._ask(n) for n in self._names))
+        answers = [a for a in answers if a is not None]
+        scores = {v: s for v, s, _ in answers}
+        stakes = {v: st for v, _, st in answers}
+        result = self.round(scores, stakes, time.time()) if answers else None
         if result is None:
             return None
         quality, epoch, mean = result
@@ -282,6 +284,17 @@ class ConsensusService:
             settlement = ray.get_actor(self._settlement_name, namespace=self._namespace)
             await settlement.submit_quality.remote(epoch, mean)
         return quality
+
+    async def _ask(self, name: str) -> tuple[str, list[NodeScore], float] | None:
+        import ray
+
+        try:
+            actor = ray.get_actor(name, namespace=self._namespace)
+            scores, stake = await asyncio.gather(actor.scores.remote(), actor.stake.remote())
+        except Exception as exc:  # noqa: BLE001 - any failure means "no answer this round"
+            log.warning("validator %s did not answer this consensus round (%s)", name, type(exc).__name__)
+            return None
+        return name.removeprefix(VALIDATOR_PREFIX), scores, stake  # rows are validator ids, as in NodeScore
 
     def round(self, scores_by_validator: Mapping[str, list[NodeScore]], stakes: Mapping[str, float],
               now: float) -> tuple[QualityScores, int, dict[str, float]] | None:
