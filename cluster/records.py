@@ -7,6 +7,7 @@ these strict types, so NaN, negative counts and malformed addresses never get fu
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from typing import Annotated, Any, Literal
@@ -143,3 +144,36 @@ class QualityScores(_Frozen):
 
     epoch: int = Field(ge=0, description="Consensus round the scores come from.")
     quality: dict[str, Unit] = Field(default_factory=dict, description="node_id -> consensus quality.")
+
+
+class ServedCompletion(_Frozen):
+    """One organic completion offered for shadow verification (content, so it never goes to logs or disk).
+
+    The gateway offers a keyed-hash sample of completed organic requests; validators re-verify them
+    after the fact exactly as they verify their own challenges. Exactly one of `prompt` (completions)
+    and `messages` (chat, plain-text contents) is set.
+    """
+
+    request_id: str = Field(min_length=1, max_length=128)
+    node_id: NodeId
+    model: str = Field(min_length=1)
+    prompt: str | None = Field(default=None, description="Completions prompt.")
+    messages: tuple[dict[str, str], ...] | None = Field(default=None, description="Chat messages (role, content).")
+    text: str = Field(description="Completion text the client received (choice 0).")
+    token_ids: tuple[int, ...] | None = Field(default=None, description="Completion ids the node reported.")
+    completion_tokens: int = Field(ge=0, description="usage.completion_tokens as reported.")
+    finish_reason: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1, description="The request's limit; None = engine default.")
+    temperature: float = Field(default=1.0, ge=0.0, description="The request's temperature (OpenAI default 1).")
+    stop_strings: bool = Field(default=False, description="The request set stop strings.")
+
+
+def keyed_sample(key: bytes, item_id: str, rate: float) -> bool:
+    """Bernoulli(rate) decided by a keyed hash of `item_id`: reproducible with the key, unpredictable
+    without it (nodes never see the key, so they cannot tell which requests get verified)."""
+    if rate <= 0.0:
+        return False
+    if rate >= 1.0:
+        return True
+    h = hashlib.blake2b(item_id.encode(), key=key[:64], digest_size=8).digest()
+    return int.from_bytes(h, "big") < rate * 2**64

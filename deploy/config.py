@@ -93,6 +93,11 @@ class NetworkConfig(BaseSettings):
         "machines). Set false in production: each validator then loads and trusts its own.",
     )
     consensus_period_s: float = Field(default=5.0, gt=0, description="Seconds between consensus rounds.")
+    shadow_rate: float = Field(
+        default=0.02, ge=0.0, le=1.0,
+        description="With validators: share of verifiable organic requests the gateway hands to validators "
+        "for shadow verification (0 turns it off). Their prompts and outputs stay in memory, never on disk.",
+    )
     scoring_metrics_port: int | None = Field(
         default=None, ge=1, le=65535,
         description="Serve the scoring gauges at http://127.0.0.1:<port>/metrics (None: only via the "

@@ -20,8 +20,8 @@ from cluster.local import LocalCluster
 from cluster.records import NodeSpec
 from cluster.registry import get_or_create_registry
 from deploy.config import BUILTIN_MODEL, NetworkConfig
+from deploy.scoring import start_consensus, start_reference_engines, start_shadow_feed, start_validators
 from deploy.usage import SETTLEMENT_NAME, USAGE_STORE_NAME, start_settlement, start_usage_store
-from deploy.scoring import start_consensus, start_reference_engines, start_validators
 from routing.gateway import GatewayConfig, gateway_deployment
 
 GATEWAY_APP = "meritnet"
@@ -78,6 +78,7 @@ class LocalNetwork:
     validators: dict = field(default_factory=dict)  # validator actor name -> handle
     reference_engines: dict = field(default_factory=dict)  # model -> shared reference engine handle
     consensus: object | None = None  # the consensus actor handle, with validators
+    shadow_feed: object | None = None  # organic completions offered to validators, with validators
 
     @property
     def base_url(self) -> str:
@@ -135,8 +136,12 @@ class LocalNetwork:
 
         self.on_step("Starting the gateway")
         challenge_key = secrets.token_hex(16)  # per run; only validators know it
+        shadow = bool(cfg.validators) and cfg.shadow_rate > 0
+        if shadow:
+            self.shadow_feed = start_shadow_feed()
         gw = GatewayConfig(usage_sink_name=USAGE_STORE_NAME, router_config=cfg.router_config,
-                           api_keys=tuple(cfg.api_keys), challenge_keys=(SecretStr(challenge_key),))
+                           api_keys=tuple(cfg.api_keys), challenge_keys=(SecretStr(challenge_key),),
+                           shadow_rate=cfg.shadow_rate if shadow else 0.0)
         serve.run(gateway_deployment(gw), name=GATEWAY_APP, route_prefix="/")
         self._wait_live(registry, timeout_s=60)
 
@@ -144,7 +149,7 @@ class LocalNetwork:
             self.on_step(f"Starting {len(cfg.validators)} validator(s) and consensus")
             # Handles are kept on the network: Ray ends a non-detached actor with its last handle.
             self.validators = start_validators(cfg.validators, self.base_url, challenge_key, scoring_sources,
-                                               scoring_engine, self.reference_engines or None)
+                                               scoring_engine, self.reference_engines or None, shadow=shadow)
             self.consensus = start_consensus(list(self.validators), cfg.consensus_period_s, cfg.epoch_length_s,
                                              self.genesis, SETTLEMENT_NAME if cfg.settlement else None,
                                              cfg.scoring_metrics_port)

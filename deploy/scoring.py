@@ -10,6 +10,10 @@ What runs (all in Ray namespace "meritnet", started by `LocalNetwork.start` when
   that all local validators call. That saves an engine per validator on a 2-core machine. In
   production every validator runs its own engine (`shared_reference_engine: false`): a validator
   must trust only its own reference, and a shared engine is a single point of failure and of trust.
+- `meritnet-shadow`: the shadow feed. The gateway offers it a keyed-hash sample of completed,
+  verifiable organic requests (`shadow_rate`, default 2%); every validator reads the feed and verifies
+  what falls in its own sample, exactly like a challenge answer. The feed is an in-memory ring
+  (`ShadowFeed`): organic prompts and outputs are never written to disk or logs.
 - `meritnet-consensus`: every `period_s` it gathers each validator's `NodeScore`s and stake, runs
   Yuma (`scoring.ConsensusState`), and serves the result as `latest()`. The gateway pulls that every
   0.5 s into the router's quality scorer (live scores).
@@ -46,6 +50,7 @@ NAMESPACE = "meritnet"
 CONSENSUS_NAME = "meritnet-consensus"
 VALIDATOR_PREFIX = "meritnet-validator-"
 REFERENCE_PREFIX = "meritnet-reference-"
+SHADOW_FEED_NAME = "meritnet-shadow"
 
 
 class ValidatorSpec(BaseModel):
@@ -90,6 +95,51 @@ class EpochQuality:
         if epoch not in self._sums:
             return None
         return {n: min(1.0, max(0.0, s / self._rounds[epoch][n])) for n, s in self._sums[epoch].items()}
+
+
+# ---- the shadow feed -----------------------------------------------------------------------------
+
+class ShadowFeed:
+    """A bounded ring of organic completions offered for shadow verification (a Ray actor).
+
+    Items are numbered; each reader keeps its own cursor (`since`), so every validator sees every item
+    that is still in the ring. When readers fall behind by more than `capacity` items the oldest are
+    dropped (counted): verification is a sample, it must never hold up serving."""
+
+    def __init__(self, capacity: int = 1024) -> None:
+        from collections import deque
+
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self._ring: deque = deque(maxlen=capacity)
+        self._next = 0  # sequence number of the next item offered
+        self.dropped = 0
+
+    def offer(self, items: Sequence[Any]) -> None:
+        for item in items:
+            if len(self._ring) == self._ring.maxlen:
+                self.dropped += 1
+            self._ring.append((self._next, item))
+            self._next += 1
+
+    def since(self, cursor: int, limit: int = 32) -> tuple[list[Any], int]:
+        """Items numbered >= cursor (at most `limit`), and the cursor to ask with next."""
+        oldest = self._next - len(self._ring)
+        start = max(cursor, oldest)
+        items = [item for seq, item in list(self._ring)[start - oldest:start - oldest + limit]]
+        return items, start + len(items)
+
+    def stats(self) -> dict[str, int]:
+        return {"offered": self._next, "held": len(self._ring), "dropped": self.dropped}
+
+
+def start_shadow_feed(capacity: int = 1024):
+    """Start the named feed the gateway offers to and validators read (keep the handle)."""
+    import ray
+
+    return (ray.remote(ShadowFeed)
+            .options(name=SHADOW_FEED_NAME, namespace=NAMESPACE, num_cpus=0, resources={"head": 0.01})
+            .remote(capacity))
 
 
 # ---- the shared reference engine ------------------------------------------------------------------
@@ -178,12 +228,13 @@ def start_reference_engines(model_sources: Mapping[str, str], engine_kwargs: Map
 def start_validators(specs: Sequence[ValidatorSpec], gateway_url: str, challenge_key: str,
                      model_sources: Mapping[str, str], engine_kwargs: Mapping[str, Any],
                      reference_engines: Mapping[str, Any] | None = None, api_key: str | None = None,
-                     ready_timeout_s: float = 600.0) -> dict[str, Any]:
+                     ready_timeout_s: float = 600.0, shadow: bool = True) -> dict[str, Any]:
     """Start one ValidatorActor per spec and its challenge loop; returns actor name -> handle.
 
     `reference_engines` (model -> ReferenceEngineService handle) makes every validator share those
     engines; without it each validator loads its own vLLM engine per model (production). Keep the
-    returned handles: Ray ends a non-detached actor with its last handle."""
+    returned handles: Ray ends a non-detached actor with its last handle. `shadow`: validators read
+    the shadow feed (`start_shadow_feed`)."""
     import ray
 
     from scoring.challenge import ChallengeConfig
@@ -206,7 +257,8 @@ def start_validators(specs: Sequence[ValidatorSpec], gateway_url: str, challenge
                         .options(name=name, namespace=NAMESPACE, num_cpus=0 if shared else 1,
                                  resources={"head": 0.01})
                         .remote(cfg, gateway_url, challenge_key, dict(model_sources), api_key,
-                                engine_kwargs=dict(engine_kwargs), engines=shared))
+                                engine_kwargs=dict(engine_kwargs), engines=shared,
+                                shadow_feed_name=SHADOW_FEED_NAME if shadow else None))
     ray.get([a.start.remote() for a in actors.values()], timeout=ready_timeout_s)
     return actors
 

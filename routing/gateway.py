@@ -15,6 +15,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import secrets
 import time
 import uuid
 from collections import Counter
@@ -26,9 +27,10 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from cluster.records import NodeStats, QualityScores, UsageRecord
+from cluster.records import NodeStats, QualityScores, UsageRecord, keyed_sample
 from routing import errors, metrics
 from routing.selection import NodeSelector, facts_for
+from routing.shadow import Capture, strip_token_ids, verifiable
 
 log = logging.getLogger("meritnet.gateway")
 
@@ -65,6 +67,21 @@ class GatewayConfig(BaseModel):
     challenge_keys: tuple[SecretStr, ...] = Field(
         default=(), description="Keys validators use to target a node with the 'x-meritnet-node' header."
     )
+    capture_token_ids: bool = Field(
+        default=True, description="Ask every node for its token ids (stripped for clients that did not ask), "
+        "so challenges and shadow-verified requests look like all others to a node."
+    )
+    shadow_feed_name: str = Field(
+        default="meritnet-shadow",
+        description="Named actor that takes organic completions for shadow verification (absent: none offered).",
+    )
+    shadow_rate: float = Field(
+        default=0.02, ge=0.0, le=1.0, description="Share of verifiable organic requests offered to validators."
+    )
+    shadow_key: SecretStr = Field(
+        default_factory=lambda: SecretStr(secrets.token_hex(16)),
+        description="Key of the shadow sample's hash (random per gateway unless set); nodes never see it.",
+    )
 
 
 def _usage_of(obj: Any) -> tuple[int, int]:
@@ -94,6 +111,8 @@ class GatewayCore:
         self._in_flight: Counter[str] = Counter()
         self._refresher: asyncio.Task | None = None
         self._consensus = None
+        self._shadow_feed = None
+        self._shadow_key = config.shadow_key.get_secret_value().encode()
         self._quality_epoch: int | None = None
         self._gateway_id = uuid.uuid4().hex[:12]
         self._api_keys = {k.get_secret_value() for k in config.api_keys}
@@ -110,6 +129,8 @@ class GatewayCore:
         stats: list[NodeStats] = await self._registry.snapshot.remote()
         self.set_nodes(stats)
         await self._refresh_quality()
+        if self._shadow_feed is None and self.config.shadow_rate > 0:
+            self._shadow_feed = await self._named_actor(self.config.shadow_feed_name)
         models = Counter(s.model_id for s in stats if s.live)
         for model in {s.model_id for s in stats}:
             metrics.LIVE_NODES.labels(model).set(models.get(model, 0))
@@ -118,18 +139,22 @@ class GatewayCore:
     async def _refresh_quality(self) -> None:
         """Pull the validators' consensus scores, if a consensus actor runs (background only)."""
         if self._consensus is None:
-            import ray
-
-            try:
-                self._consensus = await asyncio.to_thread(
-                    ray.get_actor, self.config.consensus_name, namespace=self.config.namespace
-                )
-            except ValueError:
+            self._consensus = await self._named_actor(self.config.consensus_name)
+            if self._consensus is None:
                 return  # no validators in this network: every node stays unscored
         scores: QualityScores | None = await self._consensus.latest.remote()
         if scores is not None and scores.epoch != self._quality_epoch:
             self.selector.update_quality(scores)
             self._quality_epoch = scores.epoch
+
+    async def _named_actor(self, name: str):
+        """The named actor, or None while it does not exist (validators are optional)."""
+        import ray
+
+        try:
+            return await asyncio.to_thread(ray.get_actor, name, namespace=self.config.namespace)
+        except ValueError:
+            return None
 
     async def _refresh_forever(self) -> None:
         while True:
@@ -200,6 +225,13 @@ class GatewayCore:
             raise errors.unknown_model(model, sorted(known))
         pinned = self._target_node(request)
         stream = bool(getattr(body, "stream", False))
+        capture = None
+        if (pinned is None and self._shadow_feed is not None
+                and keyed_sample(self._shadow_key, rid, self.config.shadow_rate) and verifiable(body)):
+            capture = Capture(rid, body)
+        strip_ids = self.config.capture_token_ids and not body.return_token_ids
+        if self.config.capture_token_ids:
+            body.return_token_ids = True  # every request alike to the node; stripped below if unasked
         client_wants_usage = bool(stream and body.stream_options and body.stream_options.include_usage)
         if stream:
             # Always ask the node for usage so metering is exact; strip it if the client did not ask.
@@ -243,7 +275,7 @@ class GatewayCore:
                     continue
                 self.selector.observe_success(node.node_id, None, None)
                 raise api_error
-            ctx = _Ctx(rid, node, model, started, t0, client_wants_usage)
+            ctx = _Ctx(rid, node, model, started, t0, client_wants_usage, strip_ids, capture)
             if stream:
                 return StreamingResponse(
                     self._stream(ctx, first, gen), media_type="text/event-stream",
@@ -257,7 +289,11 @@ class GatewayCore:
     # ---- response paths --------------------------------------------------------------------
     async def _complete(self, ctx: _Ctx, response: Any) -> Response:
         try:
+            if ctx.capture is not None:
+                ctx.capture.add_response(response)
             payload = response.model_dump_json()
+            if ctx.strip_ids:
+                payload = strip_token_ids(payload)
             ttft = time.perf_counter() - ctx.t0
             ctx.prompt_tokens, ctx.completion_tokens = _usage_of(response)
             ctx.digest.update(payload.encode())
@@ -290,7 +326,9 @@ class GatewayCore:
                         ctx.prompt_tokens, ctx.completion_tokens = _parse_usage(piece)
                         if not ctx.client_wants_usage:
                             continue
-                    out.append(piece)
+                    if ctx.capture is not None:
+                        ctx.capture.add_event(piece)
+                    out.append(strip_token_ids(piece) if ctx.strip_ids else piece)
                 if out:
                     if ctx.ttft is None:
                         ctx.ttft = time.perf_counter() - ctx.t0
@@ -326,6 +364,8 @@ class GatewayCore:
             metrics.TTFT.labels(ctx.model).observe(ctx.ttft)
         metrics.TOKENS.labels(ctx.model, ctx.node.node_id, "prompt").inc(rec.prompt_tokens)
         metrics.TOKENS.labels(ctx.model, ctx.node.node_id, "completion").inc(rec.completion_tokens)
+        if status == "ok" and ctx.capture is not None:
+            self._offer_for_shadow(ctx)
         if self._sink is None:
             return
         for attempt in range(3):
@@ -337,6 +377,15 @@ class GatewayCore:
                 await asyncio.sleep(0.2 * (attempt + 1))
         raise errors.APIError(503, "The request ran but its usage could not be recorded; it is not billed. "
                               "Retry shortly.", type="service_unavailable", code="metering_unavailable")
+
+    def _offer_for_shadow(self, ctx: _Ctx) -> None:
+        """Hand a sampled organic completion to validators; fire-and-forget, never fails the request."""
+        try:
+            item = ctx.capture.served(ctx.node.node_id, ctx.completion_tokens)
+            self._shadow_feed.offer.remote([item])
+            metrics.SHADOW_OFFERED.labels(ctx.model, ctx.node.node_id).inc()
+        except Exception as exc:  # noqa: BLE001 - content is never logged, only the failure kind
+            log.warning("shadow offer of %s failed (%s)", ctx.rid, type(exc).__name__)
 
     async def _meter_quietly(self, ctx: _Ctx, status: str) -> None:
         try:
@@ -359,6 +408,7 @@ class _Ctx:
     """Everything one in-flight request accumulates for its usage record."""
 
     __slots__ = (
+        "capture",
         "client_wants_usage",
         "completion_tokens",
         "digest",
@@ -367,13 +417,15 @@ class _Ctx:
         "prompt_tokens",
         "rid",
         "started",
+        "strip_ids",
         "t0",
         "ttft",
     )
 
-    def __init__(self, rid, node, model, started, t0, client_wants_usage):
+    def __init__(self, rid, node, model, started, t0, client_wants_usage, strip_ids=False, capture=None):
         self.rid, self.node, self.model = rid, node, model
         self.started, self.t0, self.client_wants_usage = started, t0, client_wants_usage
+        self.strip_ids, self.capture = strip_ids, capture
         self.prompt_tokens = self.completion_tokens = 0
         self.ttft: float | None = None
         self.digest = hashlib.sha256()

@@ -28,3 +28,7 @@ TTFT = Histogram("meritnet_ttft_seconds", "Time to first byte sent to the client
                  registry=REGISTRY)
 E2E = Histogram("meritnet_request_seconds", "Time from receipt to the last byte.", ["model"], buckets=_LAT,
                 registry=REGISTRY)
+SHADOW_OFFERED = Counter(
+    "meritnet_shadow_offered", "Organic completions offered to validators for shadow verification.",
+    ["model", "node"], registry=REGISTRY,
+)

@@ -7,20 +7,21 @@
   so a node cannot tell a challenge by its form. Challenges are greedy by default because greedy
   outputs verify exactly (see scoring.verify); organic clients use temperature 0 too.
 * Timing: exponential inter-arrival per node (a Poisson process), so there is no schedule to learn.
-* Shadow verification: each organic request is verified after the fact with probability
-  `shadow_rate`, decided by a keyed hash of its request id (unpredictable to nodes, reproducible to
-  the validator), so behaving well only on challenges does not pay.
+* Shadow verification: the gateway offers a keyed-hash sample of verifiable organic requests (its
+  `shadow_rate`, key unknown to nodes); a validator verifies each offered request after the fact
+  with probability `shadow_rate` here (its own key), so behaving well only on challenges does not pay.
 """
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from cluster.records import keyed_sample
 
 _TOPICS = ("the river town", "an old bridge", "the market", "a baker", "the harbour", "a long winter",
            "the school", "a quiet library", "the mountain road", "a small garden", "the night train",
@@ -52,8 +53,9 @@ class ChallengeConfig(BaseModel):
         default=False, description="Also replay recent organic prompts (privacy: off unless the deployment allows).")
     organic_pool_size: int = Field(default=256, ge=1, description="Recent organic prompts kept when enabled.")
     organic_share: float = Field(default=0.5, ge=0, le=1, description="Share of challenges from organic prompts.")
-    shadow_rate: float = Field(default=0.02, ge=0, le=1,
-                               description="Probability an organic request is verified after the fact.")
+    shadow_rate: float = Field(
+        default=1.0, ge=0, le=1, description="Probability this validator verifies an organic request the gateway "
+        "offered for shadow verification (the gateway's own shadow_rate sets how many are offered).")
     shadow_key: SecretStr = Field(default=SecretStr("meritnet-shadow"),
                                   description="Validator-private key of the shadow sampling hash.")
 
@@ -127,8 +129,7 @@ class ShadowSampler:
         if not 0.0 <= rate <= 1.0:
             raise ValueError(f"shadow rate must be in [0, 1], got {rate}")
         self.rate = rate
-        self._key = key.encode()[:64]
+        self._key = key.encode()
 
     def should_verify(self, request_id: str) -> bool:
-        h = hashlib.blake2b(request_id.encode(), key=self._key, digest_size=8).digest()
-        return int.from_bytes(h, "big") / 2**64 < self.rate
+        return keyed_sample(self._key, request_id, self.rate)

@@ -25,7 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from cluster.records import NodeScore, NodeStats
+from cluster.records import NodeScore, NodeStats, ServedCompletion
 from scoring import metrics
 from scoring.challenge import ChallengeConfig, ChallengePool, ChallengeRequest, ShadowSampler
 from scoring.score import NodeScorer, ScoreConfig
@@ -141,15 +141,57 @@ class Validator:
         self._export()
         return ChallengeOutcome(node.node_id, resp, verification)
 
-    async def shadow_verify(self, request_id: str, node_id: str, model_id: str, claim: Claim) -> Verification | None:
-        """Verify an organic request after the fact if it falls in the shadow sample; None otherwise."""
-        if not self.shadow.should_verify(request_id):
+    def claim_for_served(self, item: ServedCompletion) -> Claim:
+        codec = self._codecs[item.model]
+        if item.messages is not None:
+            prompt_ids = codec.encode_chat([dict(m) for m in item.messages])
+        else:
+            prompt_ids = codec.encode_prompt(item.prompt or "")
+        return Claim(prompt_token_ids=tuple(prompt_ids), text=item.text, completion_token_ids=item.token_ids,
+                     reported_completion_tokens=item.completion_tokens, finish_reason=item.finish_reason,
+                     max_tokens=item.max_tokens, temperature=item.temperature, stop_strings=item.stop_strings)
+
+    async def shadow_verify(self, item: ServedCompletion) -> Verification | None:
+        """Verify an organic completion after the fact if it falls in this validator's shadow sample
+        (and it has an engine for the model); None otherwise. Its prompt may seed challenges."""
+        if item.model not in self._engines or not self.shadow.should_verify(item.request_id):
             return None
-        v = await self.verify_claim(model_id, claim)
-        self._observe_verdict(node_id, model_id, v.verdict)
-        self.counts[node_id]["shadow"] += 1
+        if item.messages is not None:
+            self.pool.observe_organic(next((m["content"] for m in reversed(item.messages) if m["role"] == "user"), ""))
+        elif item.prompt:
+            self.pool.observe_organic(item.prompt)
+        self.tokens_spent += item.completion_tokens  # counted like a challenge's: the tokens are re-verified
+        v = await self.verify_claim(item.model, self.claim_for_served(item))
+        self._observe_verdict(item.node_id, item.model, v.verdict)
+        self.counts[item.node_id]["shadow"] += 1
+        self.counts[item.node_id][f"shadow_{v.verdict}"] += 1
+        if v.verdict != "pass":
+            log.warning("validator %s: node %s %s on an organic request (%s)", self.validator_id, item.node_id,
+                        v.verdict, "; ".join(v.reasons)[:300])
         self._export()
         return v
+
+    async def follow_shadow_feed(self, fetch: Callable[[int], Awaitable[tuple[list[ServedCompletion], int]]],
+                                 stop: asyncio.Event, poll_s: float = 1.0) -> None:
+        """Verify the organic completions offered on a feed (`fetch(cursor) -> (items, next cursor)`)."""
+        cursor = 0
+        while not stop.is_set():
+            try:
+                items, cursor = await fetch(cursor)
+            except Exception as exc:  # noqa: BLE001 - no feed (yet) or restarting: try again later
+                log.debug("validator %s: shadow feed unavailable (%s)", self.validator_id, type(exc).__name__)
+                items = []
+            if items:
+                results = await asyncio.gather(*(self.shadow_verify(i) for i in items), return_exceptions=True)
+                for r in results:
+                    if isinstance(r, Exception):
+                        log.warning("validator %s: shadow verification failed (%s)", self.validator_id,
+                                    type(r).__name__)
+                continue
+            try:
+                await asyncio.wait_for(stop.wait(), poll_s)
+            except TimeoutError:
+                pass
 
     def _observe_verdict(self, node_id: str, model_id: str, verdict: str) -> None:
         self.scorer.observe_verification(node_id, model_id, verdict)
@@ -286,14 +328,16 @@ class ValidatorActor:
     model_sources: model_id -> path/HF id of the *trusted* weights this validator loads into its own
     vLLM engine (and whose tokenizer it uses). `engines` replaces those engines with given ones (a
     ReferenceEngine per model, e.g. a proxy to an engine several validators share on a small machine).
-    Nodes come from the cluster registry actor (polled by `run`).
+    Nodes come from the cluster registry actor (polled by `run`); organic completions to shadow-verify
+    come from the named feed actor `shadow_feed_name` (polled; None turns shadow verification off).
     """
 
     def __init__(self, config: ValidatorConfig, gateway_url: str, challenge_key: str,
                  model_sources: Mapping[str, str], api_key: str | None = None,
                  registry_name: str = "meritnet-registry", namespace: str = "meritnet",
                  engine_kwargs: Mapping[str, Any] | None = None,
-                 engines: Mapping[str, ReferenceEngine] | None = None) -> None:
+                 engines: Mapping[str, ReferenceEngine] | None = None,
+                 shadow_feed_name: str | None = "meritnet-shadow") -> None:
         from scoring.reference import HFCodec, VllmReferenceEngine
 
         if engines is None:
@@ -303,6 +347,9 @@ class ValidatorActor:
         self._registry = (registry_name, namespace)
         self._stop = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._shadow_task: asyncio.Task | None = None
+        self._shadow_feed_name = shadow_feed_name
+        self._feed = None
 
     async def start(self) -> None:
         import ray
@@ -312,8 +359,16 @@ class ValidatorActor:
         async def nodes():
             return await registry.snapshot.remote()
 
+        async def fetch(cursor: int):
+            if self._feed is None:
+                self._feed = ray.get_actor(self._shadow_feed_name, namespace=self._registry[1])
+            return await self._feed.since.remote(cursor)
+
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self.validator.run(nodes, self._stop))
+            loop = asyncio.get_running_loop()
+            self._task = loop.create_task(self.validator.run(nodes, self._stop))
+            if self._shadow_feed_name:
+                self._shadow_task = loop.create_task(self.validator.follow_shadow_feed(fetch, self._stop))
 
     async def stop(self) -> None:
         self._stop.set()
@@ -327,6 +382,6 @@ class ValidatorActor:
     async def stats(self) -> dict[str, dict[str, int]]:
         return self.validator.stats()
 
-    async def shadow_verify(self, request_id: str, node_id: str, model_id: str, claim: Claim) -> str | None:
-        v = await self.validator.shadow_verify(request_id, node_id, model_id, claim)
+    async def shadow_verify(self, item: ServedCompletion) -> str | None:
+        v = await self.validator.shadow_verify(item)
         return None if v is None else v.verdict

@@ -107,7 +107,9 @@ class Claim(BaseModel):
         default=None, description="Ids the node reported (vLLM return_token_ids); None -> re-tokenise text.")
     reported_completion_tokens: int = Field(ge=0, description="usage.completion_tokens the node reported.")
     finish_reason: str | None = Field(default=None, description="'stop', 'length', ... as reported.")
-    max_tokens: int = Field(ge=1, description="max_tokens of the request.")
+    max_tokens: int | None = Field(
+        ge=1, description="max_tokens of the request; None (engine default: the rest of the context) skips the "
+        "limit checks.")
     temperature: float = Field(default=0.0, ge=0.0, description="Request temperature; 0 means greedy.")
     stop_strings: bool = Field(default=False, description="The request set stop strings (ends not checked).")
 
@@ -170,6 +172,8 @@ def structural_reasons(claim: Claim, ids: Sequence[int], ids_from_node: bool, co
             fail.append("token ids do not decode to the returned text")
     if claim.reported_completion_tokens > n + th.count_tolerance:
         fraud.append(f"inflated token count: reported {claim.reported_completion_tokens}, verified {n}")
+    if claim.max_tokens is None:
+        return fraud, fail
     if claim.reported_completion_tokens > claim.max_tokens + th.count_tolerance:
         fraud.append(f"reported {claim.reported_completion_tokens} tokens beyond max_tokens {claim.max_tokens}")
     if claim.finish_reason == "length" and n + th.count_tolerance < claim.max_tokens:

@@ -122,3 +122,76 @@ async def test_shared_reference_engine_batches_concurrent_calls_and_returns_each
     assert [[next(iter(d)) for (d,) in o] for o in outs] == [[i, i + 100] for i in range(5)]
     assert sum(svc.engine.calls) == 10 and len(svc.engine.calls) < 5  # batched, nothing lost
     assert await svc.stats() == {"calls": 5, "batches": len(svc.engine.calls)}
+
+
+def test_shadow_feed_gives_each_reader_every_item_and_drops_the_oldest_when_full():
+    from deploy.scoring import ShadowFeed
+
+    feed = ShadowFeed(capacity=3)
+    feed.offer(["a", "b"])
+    assert feed.since(0) == (["a", "b"], 2)
+    assert feed.since(0, limit=1) == (["a"], 1) and feed.since(1) == (["b"], 2)
+    assert feed.since(2) == ([], 2)  # nothing new
+    feed.offer(["c", "d", "e"])  # capacity 3: a and b are dropped
+    assert feed.since(2) == (["c", "d", "e"], 5)
+    assert feed.since(0) == (["c", "d", "e"], 5)  # a reader that fell behind skips what was dropped
+    assert feed.stats() == {"offered": 5, "held": 3, "dropped": 2}
+    with pytest.raises(ValueError):
+        ShadowFeed(capacity=0)
+
+
+def _served(node: str, model: BigramModel, i: int, *, chat: bool, inflate: int = 0):
+    from cluster.records import ServedCompletion
+
+    rng = random.Random(i)
+    text = f"organic request {i} " + "".join(rng.choice("abcdef") for _ in range(5))
+    messages = ({"role": "user", "content": text},) if chat else None
+    prompt_ids = CODEC.encode_chat([dict(m) for m in messages]) if chat else CODEC.encode_prompt(text)
+    ids, finish = model.generate(prompt_ids, 12, 0.0)
+    return ServedCompletion(request_id=f"req-{node}-{i}", node_id=node, model="default",
+                            prompt=None if chat else text, messages=messages, text=CODEC.decode(ids),
+                            token_ids=tuple(ids), completion_tokens=len(ids) + inflate, finish_reason=finish,
+                            max_tokens=12, temperature=0.0)
+
+
+async def test_shadow_verification_of_organic_completions_reaches_the_scores():
+    """A node that is honest on challenges but serves organic traffic from other weights is caught by
+    shadow verification alone; honest organic completions pass."""
+    import asyncio
+
+    v = Validator(ValidatorConfig(validator_id="v"), None, {"default": FakeReferenceEngine(BigramModel(0))},
+                  {"default": CODEC})
+    items = [_served("honest", BigramModel(0), i, chat=bool(i % 2)) for i in range(6)]
+    items += [_served("sly", BigramModel(1), i, chat=bool(i % 2)) for i in range(3)]
+    items.append(_served("other-model", BigramModel(0), 0, chat=False).model_copy(update={"model": "unknown"}))
+    pages = [items[:4], items[4:]]
+
+    async def fetch(cursor):
+        return (pages[cursor], cursor + 1) if cursor < len(pages) else ([], cursor)
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(v.follow_shadow_feed(fetch, stop, poll_s=0.01))
+    for _ in range(200):
+        await asyncio.sleep(0.01)
+        if sum(c.get("shadow", 0) for c in v.stats().values()) == 9:
+            break
+    stop.set()
+    await task
+    stats = v.stats()
+    assert stats["honest"] == {"pass": 6, "shadow": 6, "shadow_pass": 6}
+    assert stats["sly"]["shadow"] == 3 and stats["sly"].get("pass", 0) == 0 and stats["sly"]["detected_after"] == 1
+    assert "other-model" not in stats  # no reference engine for its model: skipped, not failed
+    scores = {s.node_id: s for s in v.scores()}
+    assert scores["sly"].integrity == 0.0 and scores["honest"].integrity == 1.0
+
+
+async def test_shadow_verification_catches_inflated_organic_counts_and_respects_the_validator_sample():
+    from scoring.challenge import ChallengeConfig
+
+    engines = {"default": FakeReferenceEngine(BigramModel(0))}
+    v = Validator(ValidatorConfig(validator_id="v"), None, engines, {"default": CODEC})
+    verdict = await v.shadow_verify(_served("n", BigramModel(0), 1, chat=False, inflate=5))
+    assert verdict is not None and verdict.verdict == "fraud"
+    never = Validator(ValidatorConfig(validator_id="w", challenge=ChallengeConfig(shadow_rate=0.0)), None, engines,
+                      {"default": CODEC})
+    assert await never.shadow_verify(_served("n", BigramModel(0), 1, chat=False)) is None

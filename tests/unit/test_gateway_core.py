@@ -41,23 +41,30 @@ class _Gen:
 class FakeNode:
     def __init__(self, node_id, fail_at=None):
         self.node_id, self.fail_at, self.calls = node_id, fail_at, 0
+        self.bodies = []
 
     def options(self, **_):
         return self
 
     def _respond(self, body, kind):
+        """Like vLLM: token id lists when the request has return_token_ids, nulls otherwise."""
         self.calls += 1
+        self.bodies.append(body.model_copy())
         from ray.serve.llm.openai_api_models import CompletionResponse
 
+        with_ids = bool(body.return_token_ids)
         if not body.stream:
             resp = CompletionResponse(
                 id=f"cmpl-{body.request_id}", model=body.model, created=0,
-                choices=[{"index": 0, "text": "hello world", "finish_reason": "length"}],
+                choices=[{"index": 0, "text": "hello world", "finish_reason": "length",
+                          "token_ids": [7, 8] if with_ids else None}],
                 usage={"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
             )
             return _Gen([resp], self.fail_at)
         chunks = [
-            [f'data: {{"id":"c","choices":[{{"index":0,"text":"{t}"}}],"usage":null}}\n\n'] for t in ("he", "llo")
+            [f'data: {{"id":"c","choices":[{{"index":0,"text":"{t}","finish_reason":{fin},'
+             f'"token_ids":{ids if with_ids else "null"}}}],"usage":null}}\n\n']
+            for t, ids, fin in (("he", "[7]", "null"), ("llo", "[8]", '"length"'))
         ]
         if body.stream_options and body.stream_options.include_usage:
             chunks.append(['data: {"id":"c","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,'

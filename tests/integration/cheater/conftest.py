@@ -27,6 +27,7 @@ def cheater_network(tmp_path_factory):
         state_dir=tmp_path_factory.mktemp("cheater-state"),
         epoch_length_s=EPOCH_S,
         consensus_period_s=2.0,
+        shadow_rate=0.1,  # 5x the default, so the organic load yields a few dozen shadow verifications
         scoring_metrics_port=free_port(),
         nodes=[
             {"node_id": "h100-a", "operator": HONEST_A, "accelerator_type": "H100"},

@@ -61,7 +61,8 @@ def _verified(stats, nodes) -> Counter:
     for per_node in stats.values():
         for node in nodes:
             c = per_node.get(node, {})
-            total.update({k: c.get(k, 0) for k in ("pass", "fail", "fraud", "challenges", "answered")})
+            total.update({k: c.get(k, 0) for k in ("pass", "fail", "fraud", "challenges", "answered", "shadow",
+                                                   "shadow_pass", "shadow_fail", "shadow_fraud")})
     return total
 
 
@@ -107,6 +108,7 @@ def detection(cheater_network):
         "honest": _verified(stats, HONEST_NODES), "cheater": _verified(stats, (CHEATER,)),
         "organic_served": dict(served), "organic_errors": errors, "quality": _consensus(net),
         "reference_engine": ray.get(net.reference_engines["default"].stats.remote()),
+        "shadow_feed": ray.get(net.shadow_feed.stats.remote()),
     }
     print("\ndetection phase:", json.dumps({k: v for k, v in result.items() if k != "stats"}, default=str))
     print("validator stats:", json.dumps(stats))
@@ -131,6 +133,15 @@ def test_honest_nodes_pass_every_verification_under_load(detection):
     assert sum(detection["organic_served"].values()) >= 20, detection["organic_served"]  # load really ran
     for node in HONEST_NODES:
         assert detection["quality"][node] > 0.5, detection["quality"]
+
+
+def test_organic_traffic_is_shadow_verified_without_false_positives(detection):
+    """Validators re-verify a sample of organic completions after the fact (shadow verification)."""
+    honest, cheater = detection["honest"], detection["cheater"]
+    assert detection["shadow_feed"]["offered"] > 0, detection["shadow_feed"]
+    assert honest["shadow"] > 0, f"no organic completion of an honest node was shadow-verified: {dict(honest)}"
+    assert honest["shadow_pass"] == honest["shadow"], f"shadow false positives: {dict(honest)}"
+    assert cheater["shadow_pass"] == 0, dict(cheater)  # whatever of the cheater's organic output was sampled
 
 
 def test_cheater_gets_under_one_percent_of_organic_traffic(cheater_network, detection):

@@ -84,6 +84,30 @@ def test_stream_without_include_usage_has_no_usage_chunk_but_is_metered(client, 
     assert rec.completion_tokens > 0 and rec.status == "ok"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_token_ids_reach_only_clients_that_ask(network, stream):
+    """The gateway asks every node for token ids (so validators' requests look like all others) and
+    gives them only to clients that set return_token_ids; the others see vLLM's own nulls."""
+    import json
+
+    def ask(extra):
+        body = {"model": "default", "messages": CHAT, "max_tokens": 8, "temperature": 0, "stream": stream, **extra}
+        r = httpx.post(f"{network.base_url}/v1/chat/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        if not stream:
+            return [r.json()]
+        return [json.loads(e[6:]) for e in r.text.split("\n\n") if e.startswith("data: {")]
+
+    plain, asked = ask({}), ask({"return_token_ids": True})
+    assert all(ch.get("token_ids") is None for d in plain for ch in d["choices"])
+    assert all(d.get("prompt_token_ids") is None for d in plain)
+    ids = [i for d in asked for ch in d["choices"] for i in (ch.get("token_ids") or [])]
+    text = "".join((ch.get("message") or ch.get("delta") or {}).get("content") or "" for d in asked for ch in d["choices"])
+    assert text and len(ids) >= 1  # greedy output of the same prompt: ids present only when asked
+    assert [ch.get("finish_reason") for d in plain for ch in d["choices"]][-1] == \
+        [ch.get("finish_reason") for d in asked for ch in d["choices"]][-1]
+
+
 def test_unknown_model_is_404(client):
     with pytest.raises(openai.NotFoundError) as exc:
         client.chat.completions.create(model="nope", messages=CHAT, max_tokens=4)

@@ -1,0 +1,105 @@
+"""Shadow capture: what the gateway keeps of an organic request so validators can verify it later.
+
+* Every request asks its node for token ids (vLLM's `return_token_ids`), so a node cannot tell a
+  request that will be verified (or a validator's challenge, which asks for them) from any other.
+  Clients that did not ask get the response exactly as without the flag: `strip_token_ids` turns the
+  id lists back into the `null`s vLLM writes when the flag is off.
+* A keyed-hash sample (`cluster.keyed_sample`, key known only to the gateway) of completed organic
+  requests is offered to validators as `ServedCompletion`s. Only requests a validator can re-verify
+  exactly are offered (`verifiable`): one choice, plain-text prompt or messages, and no parameter that
+  reshapes the token distribution (penalties, logit bias, structured outputs, tools, ...).
+
+Offered items hold prompts and outputs: they live in memory only and never go to logs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from cluster.records import ServedCompletion
+
+# The parameters a verifiable request may set (a whitelist, so a new distribution-changing vLLM
+# parameter is excluded by default). `stop` is allowed: stop strings only cut the text.
+_VERIFIABLE_FIELDS = frozenset({
+    "model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+    "seed", "stream", "stream_options", "stop", "n", "user", "return_token_ids", "request_id", "logprobs",
+    "top_logprobs",
+})
+_IDS = re.compile(r'"(prompt_token_ids|token_ids)":\[[0-9,]*\]')
+
+
+def verifiable(body: Any) -> bool:
+    """True when a validator can re-verify this (validated) request exactly. Call before the gateway
+    changes the body (it sets request_id, stream_options and return_token_ids itself)."""
+    if not body.model_fields_set <= _VERIFIABLE_FIELDS:
+        return False
+    if (getattr(body, "n", 1) or 1) != 1:
+        return False
+    messages = getattr(body, "messages", None)
+    if messages is not None:
+        return all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                   and m.get("role") in ("system", "user", "assistant") and set(m) <= {"role", "content"}
+                   for m in messages)
+    return isinstance(getattr(body, "prompt", None), str)
+
+
+def strip_token_ids(piece: str) -> str:
+    """An SSE event or JSON body with token id lists replaced by null (as vLLM writes without the flag)."""
+    return _IDS.sub(r'"\1":null', piece) if "token_ids\":[" in piece else piece
+
+
+class Capture:
+    """Accumulates choice 0 of one sampled organic request (streamed or not)."""
+
+    __slots__ = ("body", "finish_reason", "ids", "request_id", "text")
+
+    def __init__(self, request_id: str, body: Any) -> None:
+        self.request_id, self.body = request_id, body
+        self.text: list[str] = []
+        self.ids: list[int] | None = None
+        self.finish_reason: str | None = None
+
+    def add_event(self, piece: str) -> None:
+        """One SSE piece from the node (before any stripping)."""
+        for line in piece.split("\n"):
+            if not line.startswith("data: {"):
+                continue
+            try:
+                data = json.loads(line[6:])
+            except json.JSONDecodeError:
+                continue
+            for choice in data.get("choices") or ():
+                if choice.get("index", 0) == 0:
+                    self._add_choice(choice)
+
+    def add_response(self, response: Any) -> None:
+        """A whole (non-streamed) response object."""
+        for choice in response.choices:
+            if choice.index == 0:
+                self._add_choice(choice.model_dump())
+
+    def _add_choice(self, choice: dict) -> None:
+        delta = choice.get("delta") or choice.get("message") or {}
+        text = choice.get("text") if "text" in choice else delta.get("content")
+        if text:
+            self.text.append(text)
+        if choice.get("token_ids") is not None:
+            self.ids = (self.ids or []) + list(choice["token_ids"])
+        self.finish_reason = choice.get("finish_reason") or self.finish_reason
+
+    def served(self, node_id: str, completion_tokens: int) -> ServedCompletion:
+        b = self.body
+        messages = getattr(b, "messages", None)
+        max_tokens = getattr(b, "max_completion_tokens", None) or getattr(b, "max_tokens", None)
+        temperature = getattr(b, "temperature", None)
+        stop = getattr(b, "stop", None)
+        return ServedCompletion(
+            request_id=self.request_id, node_id=node_id, model=b.model,
+            prompt=None if messages is not None else b.prompt,
+            messages=None if messages is None else tuple({"role": m["role"], "content": m["content"]} for m in messages),
+            text="".join(self.text), token_ids=None if self.ids is None else tuple(self.ids),
+            completion_tokens=completion_tokens, finish_reason=self.finish_reason, max_tokens=max_tokens,
+            temperature=1.0 if temperature is None else float(temperature), stop_strings=bool(stop),
+        )
