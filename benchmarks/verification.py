@@ -12,7 +12,10 @@ Per attack and trial, a fresh validator score state challenges the attacker unti
 (speed < 0.5 for the slow node), at most `--max-challenges`; detect_rate is the share of trials caught.
 Thresholds are calibrated on one half of the honest completions; the false-positive rate is measured
 on the other half. validator_overhead = challenge tokens / organic tokens for 3 validators at the
-default challenge rate against a node serving `--organic-rps` requests/s of the same size.
+default challenge rate against a node serving `--organic-rps` requests/s of the same size: the load
+validators add to the nodes. Shadow verification adds no node load; its cost is reference prefill on
+the validators' own engines, reported as shadow_reference_ratio (3 validators x the gateway's default
+shadow_rate of the organic tokens).
 """
 
 from __future__ import annotations
@@ -128,6 +131,7 @@ def _claim_from(gen, codec, prompt, max_tokens):
 
 def run(quick: bool, max_challenges: int, organic_rps: float) -> dict:
     from cluster.model import build_default_model
+    from routing.gateway import GatewayConfig
     from scoring.challenge import ChallengeConfig
     from scoring.reference import HFCodec, VllmReferenceEngine
     from scoring.score import NodeScorer
@@ -211,15 +215,19 @@ def run(quick: bool, max_challenges: int, organic_rps: float) -> dict:
     mean_tokens = statistics.mean(len(c.prompt_token_ids) + c.reported_completion_tokens for c in honest)
     challenge_rps = 3 * ChallengeConfig().rate_per_node_per_min / 60.0
     overhead = (challenge_rps * mean_tokens) / (organic_rps * mean_tokens)
+    shadow_rate = GatewayConfig.model_fields["shadow_rate"].default
+    shadow_reference_ratio = 3 * shadow_rate * ChallengeConfig().shadow_rate
     return {
         "attacks": attacks,
         "false_positive_rate": fp / len(held),
         "verified_completions": len(held),
         "validator_overhead": overhead,
+        "shadow_reference_ratio": shadow_reference_ratio,
         "thresholds": th.model_dump(),
         "reference_seconds_per_verification": ref_s_per_verification,
         "assumptions": {"validators": 3, "challenge_rate_per_node_per_min": ChallengeConfig().rate_per_node_per_min,
                         "organic_rps_per_node": organic_rps, "perturbation_rel_std": 0.05,
+                        "gateway_shadow_rate": shadow_rate,
                         "mean_tokens_per_request": mean_tokens},
         "quick": quick,
         "wall_seconds": time.time() - t_start,

@@ -63,6 +63,9 @@ class ValidatorSpec(BaseModel):
     challenges_per_node_per_min: float = Field(
         default=0.5, gt=0, description="Mean challenges per node per minute (random, exponential inter-arrival)."
     )
+    use_organic_prompts: bool = Field(
+        default=False, description="Also challenge with recent organic prompts (those offered for shadow "
+        "verification). Off by default: organic prompts may be private.")
 
 
 # ---- per-epoch quality (pure) ---------------------------------------------------------------------
@@ -252,7 +255,8 @@ def start_validators(specs: Sequence[ValidatorSpec], gateway_url: str, challenge
     for spec in specs:
         name = VALIDATOR_PREFIX + spec.validator_id
         cfg = ValidatorConfig(validator_id=spec.validator_id, stake=spec.stake,
-                              challenge=ChallengeConfig(rate_per_node_per_min=spec.challenges_per_node_per_min))
+                              challenge=ChallengeConfig(rate_per_node_per_min=spec.challenges_per_node_per_min,
+                                                        use_organic_prompts=spec.use_organic_prompts))
         actors[name] = (ray.remote(ValidatorActor)
                         .options(name=name, namespace=NAMESPACE, num_cpus=0 if shared else 1,
                                  resources={"head": 0.01})

@@ -100,6 +100,9 @@ def test_validators_config_section():
         NetworkConfig(validators=[{"validator_id": "v1", "stake": -1}])
     with pytest.raises(ValueError, match="validator_id"):
         NetworkConfig(validators=[{"stake": 1}])
+    assert not cfg.validators[0].use_organic_prompts and cfg.shadow_rate == 0.02  # private by default
+    with pytest.raises(ValueError, match="shadow_rate"):
+        NetworkConfig(shadow_rate=1.5)
 
 
 class _CountingEngine:
@@ -195,3 +198,17 @@ async def test_shadow_verification_catches_inflated_organic_counts_and_respects_
     never = Validator(ValidatorConfig(validator_id="w", challenge=ChallengeConfig(shadow_rate=0.0)), None, engines,
                       {"default": CODEC})
     assert await never.shadow_verify(_served("n", BigramModel(0), 1, chat=False)) is None
+
+
+async def test_shadow_items_seed_challenges_only_when_organic_prompts_are_allowed():
+    from scoring.challenge import ChallengeConfig
+
+    engines = {"default": FakeReferenceEngine(BigramModel(0))}
+    item = _served("n", BigramModel(0), 3, chat=True)
+    private = Validator(ValidatorConfig(validator_id="p"), None, engines, {"default": CODEC})
+    await private.shadow_verify(item)
+    assert all(item.messages[0]["content"] not in str(private.pool.sample("n", "default").body) for _ in range(20))
+    cfg = ChallengeConfig(use_organic_prompts=True, organic_share=1.0)
+    open_ = Validator(ValidatorConfig(validator_id="o", challenge=cfg), None, engines, {"default": CODEC})
+    await open_.shadow_verify(item)
+    assert item.messages[0]["content"] in str(open_.pool.sample("n", "default").body)
