@@ -92,6 +92,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--quick", action="store_true", help="fewer requests, same keys")
+    ap.add_argument("--linger-ms", type=float, default=None,
+                    help="meritnet nodes' stream_linger_ms (default: the engine default)")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
@@ -105,6 +107,8 @@ def main() -> None:
                         nodes=[NodeConfig(node_id="h100-a", operator=DEMO_OPERATOR_A, accelerator_type="H100")])
     # The stock stack's engine gets its own Ray node (L4), as meritnet's node has H100.
     cfg.cluster = cfg.cluster.model_copy(update={"extra_accelerator_types": ["L4"]})
+    if args.linger_ms is not None:
+        cfg.engine = cfg.engine.model_copy(update={"stream_linger_ms": args.linger_ms})
     with console.status("Starting meritnet and stock ray.serve.llm (one engine each)..."):
         net = LocalNetwork(cfg).start()
         _deploy_stock(net.specs[0].model_source, cfg.engine.engine_kwargs)
@@ -130,7 +134,7 @@ def main() -> None:
             for lv in plan for k in ("ttft_p50", "e2e_p50")
         }
         out["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "quick": args.quick,
-                          "max_tokens": max_tokens}
+                          "max_tokens": max_tokens, "stream_linger_ms": cfg.engine.stream_linger_ms}
     finally:
         net.stop()
     args.out.write_text(json.dumps(out, indent=2))

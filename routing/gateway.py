@@ -243,7 +243,7 @@ class GatewayCore:
 
         tried: set[str] = set()
         last_error: errors.APIError | None = None
-        for _ in range(self.config.max_attempts):
+        for attempt in range(self.config.max_attempts):
             node = self.selector.pick(facts, exclude=tried)
             if node is None:
                 break
@@ -251,8 +251,8 @@ class GatewayCore:
             gen = getattr(self._handle_for(node.node_id).options(stream=True), method).remote(body, None)
             self._begin(node.node_id)
             try:
-                timeout = min(self.config.first_byte_timeout_s, self.selector.timeout_s(node.node_id))
-                first = await asyncio.wait_for(gen.__anext__(), timeout)
+                first = await self._first_message(gen, node.node_id, facts, tried,
+                                                  last=attempt == self.config.max_attempts - 1)
             except (TimeoutError, Exception) as exc:
                 self._end(node.node_id)
                 self.selector.observe_failure(node.node_id)
@@ -285,6 +285,25 @@ class GatewayCore:
         if not tried:
             raise errors.no_live_node(model)
         raise last_error or errors.upstream_failed(model)
+
+    async def _first_message(self, gen, node_id: str, facts, tried: set[str], last: bool) -> Any:
+        """The node's first message. Its adaptive timeout (a multiple of its usual TTFT) only serves to
+        move the request to another node: when there is none to move to (last attempt, a pinned
+        challenge, every other node tried or filtered out), a slow node is waited for up to
+        `first_byte_timeout_s` instead of turning an overloaded moment into a 503."""
+        step = asyncio.ensure_future(gen.__anext__())
+        try:
+            limit = self.config.first_byte_timeout_s
+            adaptive = min(limit, self.selector.timeout_s(node_id))
+            done, _ = await asyncio.wait({step}, timeout=adaptive)
+            if not done and adaptive < limit and (last or self.selector.pick(facts, exclude=tried) is None):
+                done, _ = await asyncio.wait({step}, timeout=limit - adaptive)
+            if not done:
+                raise TimeoutError(f"no first byte from {node_id}")
+            return step.result()
+        finally:
+            if not step.done():
+                step.cancel()
 
     # ---- response paths --------------------------------------------------------------------
     async def _complete(self, ctx: _Ctx, response: Any) -> Response:

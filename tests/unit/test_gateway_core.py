@@ -20,13 +20,17 @@ OP = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"
 
 
 class _Gen:
-    def __init__(self, items, fail_at=None):
-        self._items, self._i, self._fail_at = list(items), 0, fail_at
+    def __init__(self, items, fail_at=None, delay_s=0.0):
+        self._items, self._i, self._fail_at, self._delay_s = list(items), 0, fail_at, delay_s
 
     def __aiter__(self):
         return self
 
     async def __anext__(self):
+        if self._i == 0 and self._delay_s:
+            import asyncio
+
+            await asyncio.sleep(self._delay_s)  # a slow first byte (busy node)
         if self._fail_at is not None and self._i == self._fail_at:
             raise RuntimeError("node died")
         if self._i >= len(self._items):
@@ -41,6 +45,7 @@ class _Gen:
 class FakeNode:
     def __init__(self, node_id, fail_at=None):
         self.node_id, self.fail_at, self.calls = node_id, fail_at, 0
+        self.delay_s = 0.0
         self.bodies = []
 
     def options(self, **_):
@@ -60,7 +65,7 @@ class FakeNode:
                           "token_ids": [7, 8] if with_ids else None}],
                 usage={"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
             )
-            return _Gen([resp], self.fail_at)
+            return _Gen([resp], self.fail_at, self.delay_s)
         chunks = [
             [f'data: {{"id":"c","choices":[{{"index":0,"text":"{t}","finish_reason":{fin},'
              f'"token_ids":{ids if with_ids else "null"}}}],"usage":null}}\n\n']
@@ -70,7 +75,7 @@ class FakeNode:
             chunks.append(['data: {"id":"c","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,'
                            '"total_tokens":5}}\n\n'])
         chunks.append(["data: [DONE]\n\n"])
-        return _Gen(chunks, self.fail_at)
+        return _Gen(chunks, self.fail_at, self.delay_s)
 
     @property
     def completions(self):
@@ -102,6 +107,7 @@ def harness():
     core = GatewayCore(GatewayConfig(), load_selector(registry=None), nodes.__getitem__, _SinkHandle(), registry=None)
     core.set_nodes([_stats("a"), _stats("b")])
     client = TestClient(build_fastapi(lambda: core))
+    client.core = core
     return client, nodes, sink
 
 
@@ -171,3 +177,27 @@ def test_api_keys_are_enforced_when_configured():
     client = TestClient(build_fastapi(lambda: core))
     assert client.get("/v1/models").status_code == 401
     assert client.get("/v1/models", headers={"authorization": "Bearer k1"}).status_code == 200
+
+
+def test_a_slow_node_is_left_only_for_another_and_waited_for_when_it_is_the_last(harness):
+    """The adaptive first-byte timeout moves a request to another node; with nobody left it waits
+    (up to first_byte_timeout_s) instead of answering 503."""
+    client, nodes, sink = harness
+    for n in nodes.values():
+        n.delay_s = 0.3
+    client.core.selector.timeout_s = lambda node_id: 0.05  # far below the nodes' 0.3 s first byte
+    r = client.post("/v1/completions", json={"model": "default", "prompt": "hi"})
+    assert r.status_code == 200, r.text
+    assert sum(n.calls for n in nodes.values()) == 2  # left the first node, waited for the second
+    (rec,) = _records(sink)
+    assert rec.node_id == r.headers["x-meritnet-node"]
+
+
+def test_a_hung_node_still_times_out(harness):
+    client, nodes, _ = harness
+    for n in nodes.values():
+        n.delay_s = 5.0
+    client.core.selector.timeout_s = lambda node_id: 0.05
+    client.core.config = client.core.config.model_copy(update={"first_byte_timeout_s": 0.3})
+    r = client.post("/v1/completions", json={"model": "default", "prompt": "hi"})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "upstream_failed"
