@@ -111,26 +111,46 @@ def _print_ready(net) -> None:
     console.print("Press Ctrl-C to stop.")
 
 
+def nodes_table(stats, quality) -> Table:
+    """The `status` table: one row per node; quality is the validators' consensus (None: no validators)."""
+    table = Table(title="nodes")
+    for col in ("node", "model", "accelerator", "operator", "live", "replicas", "in flight", "capacity", "quality"):
+        table.add_column(col)
+    for s in stats:
+        if quality is None:
+            q = "-"
+        elif s.node_id in quality.quality:
+            q = f"{quality.quality[s.node_id]:.2f}"
+        else:
+            q = "unscored"
+        table.add_row(s.node_id, s.model_id, s.accelerator_type, s.operator, "yes" if s.live else "no",
+                      str(s.running_replicas), str(s.in_flight), str(s.capacity), q)
+    return table
+
+
 @app.command()
 def status(address: str = typer.Option("auto", help="Ray address of the network.")) -> None:
-    """Show the registry's view: nodes, liveness, load."""
+    """Show the network's nodes: liveness, load, and the validators' consensus quality."""
     import ray
 
     from cluster.registry import get_registry
+    from deploy.scoring import CONSENSUS_NAME, NAMESPACE
 
     try:
-        ray.init(address=address, namespace="meritnet", log_to_driver=False)
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, ignore_reinit_error=True)
         stats = ray.get(get_registry().snapshot.remote())
     except Exception as exc:
         console.print(f"[red]No running network found ({type(exc).__name__}).[/red] Start one with `meritnet up`.")
         raise typer.Exit(1)
-    table = Table(title="nodes")
-    for col in ("node", "model", "accelerator", "live", "replicas", "in flight", "capacity"):
-        table.add_column(col)
-    for s in stats:
-        table.add_row(s.node_id, s.model_id, s.accelerator_type, "yes" if s.live else "no",
-                      str(s.running_replicas), str(s.in_flight), str(s.capacity))
-    console.print(table)
+    try:
+        quality = ray.get(ray.get_actor(CONSENSUS_NAME, namespace=NAMESPACE).latest.remote(), timeout=10)
+        if quality is None:
+            from cluster.records import QualityScores
+
+            quality = QualityScores(epoch=0, quality={})  # validators run; no consensus round yet
+    except ValueError:
+        quality = None  # no validators in this network
+    console.print(nodes_table(stats, quality))
 
 
 @models_app.command("build")

@@ -49,3 +49,23 @@ def test_embedded_chain_starts_a_fresh_state_and_keeps_the_old_aside(tmp_path):
     (state / "usage.db").write_text("old")
     prepare_state(state, "embedded")
     assert not (state / "usage.db").exists() and (tmp_path / "s.previous" / "usage.db").exists()
+
+
+def test_status_table_shows_consensus_quality_or_why_there_is_none():
+    from rich.console import Console
+
+    from cluster.records import NodeStats, QualityScores
+    from deploy.cli import nodes_table
+
+    op = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"
+    stats = [NodeStats(node_id=n, model_id="default", operator=op, accelerator_type="H100", capacity=8, live=True,
+                       running_replicas=1, joined_at=0.0) for n in ("a", "b")]
+
+    def render(quality) -> str:
+        console = Console(width=200, record=True)
+        console.print(nodes_table(stats, quality))
+        return console.export_text()
+
+    scored = render(QualityScores(epoch=3, quality={"a": 0.0}))
+    assert "0.00" in scored and "unscored" in scored  # a was caught, b not scored yet
+    assert "unscored" not in render(None) and op in render(None)

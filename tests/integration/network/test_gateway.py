@@ -193,3 +193,15 @@ def test_each_node_is_placed_on_its_accelerator(network):
                 if a.class_name.startswith("ServeReplica:node-")]
     placed = {a.class_name.split(":")[1]: accel_of_ray_node[a.node_id] for a in replicas}
     assert placed == {"node-h100-a": ["accel_H100"], "node-l4-b": ["accel_L4"]}
+
+
+def test_status_command_lists_the_live_nodes(network):
+    from typer.testing import CliRunner
+
+    from deploy.cli import app
+
+    result = CliRunner().invoke(app, ["status"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    for spec in network.specs:
+        row = next(line for line in result.output.splitlines() if spec.node_id in line)
+        assert "yes" in row and spec.accelerator_type in row and spec.operator in row
