@@ -114,8 +114,9 @@ def _print_ready(net) -> None:
 def nodes_table(stats, quality) -> Table:
     """The `status` table: one row per node; quality is the validators' consensus (None: no validators)."""
     table = Table(title="nodes")
-    for col in ("node", "model", "accelerator", "operator", "live", "replicas", "in flight", "capacity", "quality"):
-        table.add_column(col)
+    for col in ("node", "model", "accel", "live", "repl", "load", "quality"):  # load = in flight / capacity
+        table.add_column(col, no_wrap=True)
+    table.add_column("operator", overflow="fold")
     for s in stats:
         if quality is None:
             q = "-"
@@ -123,8 +124,8 @@ def nodes_table(stats, quality) -> Table:
             q = f"{quality.quality[s.node_id]:.2f}"
         else:
             q = "unscored"
-        table.add_row(s.node_id, s.model_id, s.accelerator_type, s.operator, "yes" if s.live else "no",
-                      str(s.running_replicas), str(s.in_flight), str(s.capacity), q)
+        table.add_row(s.node_id, s.model_id, s.accelerator_type, "yes" if s.live else "no",
+                      str(s.running_replicas), f"{s.in_flight} / {s.capacity}", q, s.operator)
     return table
 
 

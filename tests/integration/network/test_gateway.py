@@ -200,8 +200,8 @@ def test_status_command_lists_the_live_nodes(network):
 
     from deploy.cli import app
 
-    result = CliRunner().invoke(app, ["status"], terminal_width=200)
+    result = CliRunner().invoke(app, ["status"])
     assert result.exit_code == 0, result.output
     for spec in network.specs:
         row = next(line for line in result.output.splitlines() if spec.node_id in line)
-        assert "yes" in row and spec.accelerator_type in row and spec.operator in row
+        assert "yes" in row and spec.accelerator_type in row and "-" in row  # live; no validators: no quality
