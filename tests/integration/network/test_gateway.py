@@ -204,4 +204,6 @@ def test_status_command_lists_the_live_nodes(network):
     assert result.exit_code == 0, result.output
     for spec in network.specs:
         row = next(line for line in result.output.splitlines() if spec.node_id in line)
-        assert "yes" in row and spec.accelerator_type in row and "-" in row  # live; no validators: no quality
+        cells = [c.strip() for c in row.split("│")[1:-1]]  # node model accel live repl load quality operator
+        assert cells[:4] == [spec.node_id, spec.model_id, spec.accelerator_type, "yes"], row
+        assert cells[6] == "-", row  # this network runs no validators
