@@ -6,8 +6,8 @@
   id lists back into the `null`s vLLM writes when the flag is off.
 * A keyed-hash sample (`cluster.keyed_sample`, key known only to the gateway) of completed organic
   requests is offered to validators as `ServedCompletion`s. Only requests a validator can re-verify
-  exactly are offered (`verifiable`): one choice, plain-text prompt or messages, and no parameter that
-  reshapes the token distribution (penalties, logit bias, structured outputs, tools, ...).
+  exactly are offered (`verifiable`): one choice, plain-text prompt or messages, temperature <= 1, and
+  no parameter that reshapes the token distribution (penalties, logit bias, structured outputs, tools...).
 
 Offered items hold prompts and outputs: they live in memory only and never go to logs.
 """
@@ -37,6 +37,8 @@ def verifiable(body: Any) -> bool:
         return False
     if (getattr(body, "n", 1) or 1) != 1:
         return False
+    if (getattr(body, "temperature", None) or 0.0) > 1.0:
+        return False  # flatter than the model: rare tokens become likely, the logprob floor would misfire
     messages = getattr(body, "messages", None)
     if messages is not None:
         return all(isinstance(m, dict) and isinstance(m.get("content"), str)

@@ -117,6 +117,8 @@ def test_verifiable_is_a_whitelist_of_plain_requests():
         {"model": "m", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}})
     assert not verifiable(parts) and not verifiable(tools)
     assert not verifiable(CompletionRequest.model_validate({"model": "m", "prompt": "x", "frequency_penalty": 1.0}))
+    assert not verifiable(CompletionRequest.model_validate({"model": "m", "prompt": "x", "temperature": 1.5}))
+    assert verifiable(CompletionRequest.model_validate({"model": "m", "prompt": "x", "temperature": 1.0}))
 
 
 def test_strip_token_ids_leaves_text_that_looks_like_ids_alone():
