@@ -40,11 +40,12 @@ class EngineDefaults(BaseModel):
         "that arrive while the previous message is in flight travel together (see NodeServer).",
     )
     stream_linger_ms: float = Field(
-        default=10.0,
+        default=40.0,
         ge=0,
         le=1000,
-        description="After the first chunk (which is never delayed), a message waits up to this long for "
-        "more chunks. Fewer Serve hops per token; 0 sends each chunk as soon as the previous one left.",
+        description="After the first two messages (never delayed: for chat the role header and the first "
+        "token), a message waits up to this long for more chunks: fewer Serve hops per token. 0 sends each "
+        "chunk as soon as the previous one left. 40 measured best here (benchmarks/RESULTS.md, gateway).",
     )
     engine_kwargs: dict[str, Any] = Field(
         # bf16 halves memory traffic on CPU; eager mode skips torch.compile, which takes minutes on
@@ -65,16 +66,18 @@ class _Failed:
 
 
 async def coalesce_ready(
-    stream: AsyncGenerator[Any, None], linger_s: float = 0.0
+    stream: AsyncGenerator[Any, None], linger_s: float = 0.0, immediate: int = 2
 ) -> AsyncGenerator[list[Any], None]:
-    """Yield lists of chunks. The first chunk goes out alone, at once. Later lists hold whatever
-    queued up while the previous list was being sent, and, with `linger_s` > 0, whatever arrives
-    within `linger_s` of the list's first chunk.
+    """Yield lists of chunks. The first `immediate` lists go out as soon as a chunk is there (with
+    whatever else is already queued). Later lists hold whatever queued up while the previous list
+    was being sent, and, with `linger_s` > 0, whatever arrives within `linger_s` of the list's first
+    chunk.
 
     Why: a fixed batching interval from the start (stock ray.serve.llm: 50 ms) adds its length to
     time-to-first-token, while sending every token as its own message costs one Serve streaming hop
     per token, which on a busy CPU is more than the decode step itself. So: never delay the first
-    token, and after it trade a few milliseconds of smoothness for far fewer messages.
+    token (a chat stream's first chunk is only the role header, hence two immediate messages), and
+    after it trade a few milliseconds of smoothness for far fewer messages.
     """
     queue: asyncio.Queue = asyncio.Queue()
     loop = asyncio.get_running_loop()
@@ -89,13 +92,13 @@ async def coalesce_ready(
             queue.put_nowait(_END)
 
     task = loop.create_task(pump())
-    first = True
+    sent = 0
     try:
         while True:
             batch: list[Any] = []
             item = await queue.get()
-            deadline = loop.time() + (0.0 if first else linger_s)
-            first = False
+            deadline = loop.time() + (0.0 if sent < immediate else linger_s)
+            sent += 1
             while True:
                 if item is _END or isinstance(item, _Failed):
                     if batch:

@@ -47,7 +47,10 @@ def test_errors_arrive_after_the_chunks_before_them():
     assert asyncio.run(run()) == [1, 2]
 
 
-def test_linger_groups_later_chunks_but_never_delays_the_first():
+def test_linger_groups_later_chunks_but_never_delays_the_first_two():
+    """For chat the first chunk is only the role header: the first token (second chunk) must not wait."""
     batches = asyncio.run(_collect(coalesce_ready(_source(range(12), delay=0.005), linger_s=0.05)))
-    assert batches[0] == [0]
-    assert [x for b in batches for x in b] == list(range(12)) and len(batches) <= 4
+    assert batches[:2] == [[0], [1]]
+    assert [x for b in batches for x in b] == list(range(12)) and len(batches) <= 5
+    one = asyncio.run(_collect(coalesce_ready(_source(range(12), delay=0.005), linger_s=0.05, immediate=1)))
+    assert one[0] == [0] and len(one[1]) > 1
