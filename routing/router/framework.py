@@ -35,13 +35,6 @@ from routing.router.columns import Columns
 from routing.router.snapshot import Decision, Explanation, NodeSnapshot, NoEligibleNode, RequestFacts
 
 
-def _tally(slot: list, dt: int) -> int:
-    """Add one timed call of `dt` ns to a plugin's [calls, total ns] slot; returns dt."""
-    slot[0] += 1
-    slot[1] += dt
-    return dt
-
-
 class NoParams(BaseModel):
     """Parameters of a plugin that takes none."""
 
@@ -320,7 +313,9 @@ class Profile:
             t0 = clock() if timed else 0
             kept = f.filter(facts, nodes, ctx)
             if timed:
-                dt = _tally(slot, clock() - t0)
+                dt = clock() - t0
+                slot[0] += 1
+                slot[1] += dt
                 if explain:
                     ids = {n.node_id for n in kept}
                     removed.append((f.name, tuple(n.node_id for n in nodes if n.node_id not in ids)))
@@ -334,7 +329,9 @@ class Profile:
             t0 = clock() if timed else 0
             raw = s.score(facts, nodes, ctx)
             if timed:
-                dt = _tally(slot, clock() - t0)
+                dt = clock() - t0
+                slot[0] += 1
+                slot[1] += dt
                 if explain:
                     spent[s.name] = dt / 1000
             if len(raw) != n:
@@ -348,7 +345,9 @@ class Profile:
         index = self.picker.pick(facts, totals, ctx) if n > 1 else 0
         explanation = None
         if timed:
-            dt = _tally(self._pslot, clock() - t0)
+            dt = clock() - t0
+            self._pslot[0] += 1
+            self._pslot[1] += dt
             if explain:
                 spent[self.picker.name] = dt / 1000
                 per_scorer = {s.name: list(raw) for (s, _), raw in zip(self.scorers, raws)}
@@ -381,7 +380,9 @@ class Profile:
             t0 = clock() if timed else 0
             kept = f.filter_idx(facts, cols, idx, ctx)
             if timed:
-                dt = _tally(slot, clock() - t0)
+                dt = clock() - t0
+                slot[0] += 1
+                slot[1] += dt
                 if explain:
                     removed.append((f.name, tuple(ids[i] for i in np.setdiff1d(idx, kept))))
                     spent[f.name] = dt / 1000
@@ -395,7 +396,9 @@ class Profile:
             t0 = clock() if timed else 0
             raw = np.asarray(s.score_idx(facts, cols, idx, ctx), dtype=np.float64)
             if timed:
-                dt = _tally(slot, clock() - t0)
+                dt = clock() - t0
+                slot[0] += 1
+                slot[1] += dt
                 if explain:
                     spent[s.name] = dt / 1000
             if raw.shape != (n,):
@@ -408,7 +411,9 @@ class Profile:
         index = int(self.picker.pick_array(facts, totals, ctx)) if n > 1 else 0
         explanation = None
         if timed:
-            dt = _tally(self._pslot, clock() - t0)
+            dt = clock() - t0
+            self._pslot[0] += 1
+            self._pslot[1] += dt
             if explain:
                 spent[self.picker.name] = dt / 1000
                 scores = {
