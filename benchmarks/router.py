@@ -1,18 +1,16 @@
 """Router decision latency with the default profile at 8, 64 and 1000 candidate nodes.
 
-    python -m benchmarks.router --out FILE.json [--quick] [--timing-every N]
+    python -m benchmarks.router --out FILE.json [--quick]
 
 Measures `Router.route(facts)` (snapshot lookup + the full organic profile: filters, weighted
-scorers, picker, per-plugin timing sampled on one decision in N, 128 by default as in the
-gateway), the call the gateway makes per request, on a realistic fleet: mixed accelerators and
-loads, 10% unscored, 5% below the quality floor, 5% banned, 5% not live, latency EWMAs set, a
-varying session/prefix key. Between decisions one node's in-flight count changes (begin/end),
-as under real traffic, so the per-model snapshot cache is rebuilt as often as it would be.
-Output: {"nodes": {"8": {"p50_us", "p99_us", "mean_us", "cpu_p50_us", "cpu_p99_us",
-"begin_end_p50_us"}, ...} (wall clock; cpu_* = this thread's CPU time, which excludes time the
-OS gave other processes on a busy machine; begin_end = one begin() plus one end(), the snapshot
-rebuilds a request costs besides its decision), "plugins_mean_us": {...}, "machine": ...}.
-`--quick` runs fewer decisions (same keys).
+scorers, picker, per-plugin timing), the call the gateway makes per request, on a realistic
+fleet: mixed accelerators and loads, 10% unscored, 5% below the quality floor, 5% banned,
+5% not live, latency EWMAs set, a varying session/prefix key. Between decisions one node's
+in-flight count changes (begin/end), as under real traffic, so the per-model snapshot cache is
+rebuilt as often as it would be. Output: {"nodes": {"8": {"p50_us", "p99_us", "mean_us",
+"cpu_p50_us", "cpu_p99_us"}, ...} (wall clock; cpu_* = this thread's CPU time, which excludes
+time the OS gave other processes on a busy machine),
+"plugins_mean_us": {...}, "machine": ...}. `--quick` runs fewer decisions (same keys).
 """
 
 from __future__ import annotations
@@ -31,7 +29,6 @@ from rich.progress import track
 
 from cluster.records import NodeStats
 from routing.router import RequestFacts, Router
-from routing.router.framework import PluginTimings
 
 SIZES = (8, 64, 1000)
 OPERATOR = to_checksum_address("0x" + "11" * 20)
@@ -67,22 +64,19 @@ def build_router(n: int, seed: int = 0) -> Router:
     return router
 
 
-def measure(n: int, decisions: int, seed: int = 0, timing_every: int = 128) -> dict:
+def measure(n: int, decisions: int, seed: int = 0) -> dict:
     router = build_router(n, seed)
-    router.timings = PluginTimings(timing_every)
     rng = random.Random(seed + 1)
     ids = [f"node-{i}" for i in range(n)]
     keys = [f"{k:016x}" for k in range(256)]
     facts = [RequestFacts("default", 200, keys[rng.randrange(256)],
                           f"s{rng.randrange(64)}" if rng.random() < 0.3 else None) for _ in range(1024)]
     clock, cpu = time.perf_counter_ns, time.thread_time_ns
-    samples, cpu_samples, updates = [], [], []
+    samples, cpu_samples = [], []
     for i in range(decisions + 200):
         nid = ids[i % n]
-        u0 = clock()
         router.begin(nid)
         router.end(nid)
-        updates.append(clock() - u0)
         f = facts[i & 1023]
         c0, t0 = cpu(), clock()
         router.route(f)
@@ -92,7 +86,6 @@ def measure(n: int, decisions: int, seed: int = 0, timing_every: int = 128) -> d
             cpu_samples.append(dc / 1000)
     samples.sort()
     cpu_samples.sort()
-    updates.sort()
     return {
         "p50_us": round(samples[len(samples) // 2], 2),
         "p99_us": round(samples[int(len(samples) * 0.99)], 2),
@@ -100,7 +93,6 @@ def measure(n: int, decisions: int, seed: int = 0, timing_every: int = 128) -> d
         # CPU time of this thread: what the decision costs when the 2 cores are shared with other work.
         "cpu_p50_us": round(cpu_samples[len(cpu_samples) // 2], 2),
         "cpu_p99_us": round(cpu_samples[int(len(cpu_samples) * 0.99)], 2),
-        "begin_end_p50_us": round(updates[len(updates) // 2] / 1000, 2),
         "decisions": decisions,
         "plugins_mean_us": {k: round(v, 2) for k, v in router.timings.mean_us().items()},
     }
@@ -110,17 +102,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="JSON output path")
     ap.add_argument("--quick", action="store_true", help="fewer decisions (same keys)")
-    ap.add_argument("--timing-every", type=int, default=128,
-                    help="time the plugins of one decision in N (1 = every decision, as before sampling)")
     args = ap.parse_args()
     per_size = {8: 20_000, 64: 20_000, 1000: 3_000} if args.quick else {8: 200_000, 64: 100_000, 1000: 20_000}
     result: dict = {"nodes": {}, "plugins_mean_us": {}}
     for n in track(SIZES, description="router decisions"):
-        r = measure(n, per_size[n], timing_every=args.timing_every)
+        r = measure(n, per_size[n])
         result["plugins_mean_us"][str(n)] = r.pop("plugins_mean_us")
         result["nodes"][str(n)] = r
     result["quick"] = args.quick
-    result["timing_every"] = args.timing_every
     result["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}"
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result["nodes"], indent=2))

@@ -1,9 +1,5 @@
 """Built-in filters: each narrows the candidate list, in the order the profile lists them.
 
-Filters that judge each node on its own (`serves-model`, `live`, `quality-floor`) also define
-`keeps(model, node)`; at the head of a profile the Router evaluates them when a node's snapshot
-changes rather than on every decision (framework.py).
-
 Order matters. Put `serves-model` first: later filters (`not-banned`'s never-ban-everyone rule,
 `probation`'s share) reason about "the nodes of this model". Then the hard filters that may
 empty the list (`live`, `quality-floor`, `target-node`), then the soft ones that always keep
@@ -37,9 +33,6 @@ class ServesModel(Filter):
         model = facts.model
         return [n for n in nodes if n.model_id == model]
 
-    def keeps(self, model: str, node: NodeSnapshot) -> bool:
-        return node.model_id == model
-
     def filter_idx(self, facts, cols, idx, ctx):
         return idx if cols.model == facts.model else idx[:0]
 
@@ -53,9 +46,6 @@ class Live(Filter):
 
     def filter(self, facts: RequestFacts, nodes: Sequence[NodeSnapshot], ctx: PickContext) -> list[NodeSnapshot]:
         return [n for n in nodes if n.live]
-
-    def keeps(self, model: str, node: NodeSnapshot) -> bool:
-        return node.live
 
     def filter_idx(self, facts, cols, idx, ctx):
         return idx[cols.live[idx]]
@@ -113,8 +103,6 @@ class UnderSaturation(Filter):
 
     def filter(self, facts: RequestFacts, nodes: Sequence[NodeSnapshot], ctx: PickContext) -> list[NodeSnapshot]:
         limit = self.params.max_load
-        if limit.is_integer():  # e.g. 1.0: the same comparison in ints, a third cheaper (no int->float)
-            limit = int(limit)
         kept = [n for n in nodes if n.in_flight + n.queue_depth < limit * n.capacity]
         if not kept and self.params.keep_all_when_saturated:
             return list(nodes)
@@ -146,9 +134,6 @@ class QualityFloor(Filter):
     def filter(self, facts: RequestFacts, nodes: Sequence[NodeSnapshot], ctx: PickContext) -> list[NodeSnapshot]:
         floor = self.params.floor
         return [n for n in nodes if n.quality is None or n.quality >= floor]
-
-    def keeps(self, model: str, node: NodeSnapshot) -> bool:
-        return node.quality is None or node.quality >= self.params.floor
 
     def filter_idx(self, facts, cols, idx, ctx):
         q = cols.quality[idx]

@@ -36,14 +36,10 @@ class MaxScore(Picker):
     Params = MaxParams
 
     def pick(self, facts: RequestFacts, totals: Sequence[float], ctx: PickContext) -> int:
-        # sorted() compares floats at C speed: when the runner-up is not tied, the best's index is
-        # the answer without a Python pass over the totals (half the time at 50 candidates).
-        ordered = sorted(totals)
-        cut = ordered[-1] - self.params.tie_epsilon
-        if len(ordered) == 1 or ordered[-2] < cut:
-            return totals.index(ordered[-1])
+        best = max(totals)
+        cut = best - self.params.tie_epsilon
         ties = [i for i, t in enumerate(totals) if t >= cut]
-        return ties[int(ctx.rng.random() * len(ties))]
+        return ties[0] if len(ties) == 1 else ties[int(ctx.rng.random() * len(ties))]
 
     def pick_array(self, facts, totals, ctx):
         ties = np.flatnonzero(totals >= totals.max() - self.params.tie_epsilon)

@@ -25,7 +25,6 @@ from routing.router.snapshot import (
     NodeSnapshot,
     NoEligibleNode,
     RequestFacts,
-    set_prepared,
     stable_hash,
     trusted_snapshot,
 )
@@ -63,8 +62,7 @@ class Router:
     CollectorRegistry) gets the ban gauges registered, or pass None and register
     `router.collector` yourself. Models with at least `columns_from` nodes are routed over numpy
     columns (same decisions, see routing/router/columns.py), smaller ones over plain lists, which
-    are faster below ~100 nodes. `timings` (per-plugin mean times) samples one decision in
-    `timing_every` (1 = all; see PluginTimings).
+    are faster below ~100 nodes.
     """
 
     def __init__(
@@ -75,19 +73,14 @@ class Router:
         rng: random.Random | None = None,
         registry=None,
         columns_from: int = 200,
-        timing_every: int = 128,
     ) -> None:
         self.config = config
         self.columns_from = columns_from
         self.profiles: dict[str, Profile] = build_profiles(config)
-        # Profiles with leading per-node plugins: each node's snapshot carries their prepare() pairs.
-        self._preparing = [p for p in self.profiles.values() if p.prepares]
-        for i, prof in enumerate(self._preparing):
-            prof.prepared_at(2 * i)
         self.clock = clock
         self.rng = rng if rng is not None else random.Random(config.seed)
         self.health = NodeHealth(config.health, clock)
-        self.timings = PluginTimings(timing_every)
+        self.timings = PluginTimings()
         self.collector = HealthCollector(self.health)
         if registry is not None:
             registry.register(self.collector)
@@ -102,10 +95,6 @@ class Router:
         self._pos: dict[str, int] = {}
         self._keys: dict[str, float] = {}
         self._cols: dict[str, Columns] = {}
-        # (model, profile) -> the model's snapshots that the profile's per-node filters keep (their
-        # prepare() verdict), in model order, and each one's index there. Updated in place when a
-        # snapshot changes, dropped (rebuilt on the next route()) when a verdict or the node set does.
-        self._kept: dict[tuple[str, str], tuple[list[NodeSnapshot], dict[str, int]]] = {}
 
     @classmethod
     def from_yaml(cls, path: str | Path | None = None, **kwargs) -> Router:
@@ -151,24 +140,15 @@ class Router:
     ) -> Decision:
         """`pick` over the router's own snapshots of the nodes serving `facts.model`."""
         snaps = self._by_model.get(facts.model, ())
-        prof = self._profile(facts, profile)
-        ctx = PickContext(self.clock(), self.rng)
-        if len(snaps) >= self.columns_from and prof.vectorised:
-            cols = self._cols.get(facts.model)
-            if cols is None:
-                cols = self._cols[facts.model] = Columns(facts.model, snaps)
-            return prof.run_columns(facts, cols, cols.rows(exclude), ctx, self.timings, explain)
-        if prof.prep_at is not None and not explain:
-            # The nodes the profile's per-node filters keep, maintained as snapshots change.
-            kept = self._kept.get((facts.model, prof.name))
-            if kept is None:
-                kept = self._keep(facts.model, prof, snaps)
-            nodes = [n for n in kept[0] if n.node_id not in exclude] if exclude else tuple(kept[0])
-            if nodes:
-                return prof.run(facts, nodes, ctx, self.timings, prepared=True)
-            # None left: the plain run below raises, saying which filter emptied the list.
-        nodes = [n for n in snaps if n.node_id not in exclude] if exclude else tuple(snaps)
-        return prof.run(facts, nodes, ctx, self.timings, explain)
+        if len(snaps) >= self.columns_from:
+            prof = self._profile(facts, profile)
+            if prof.vectorised:
+                cols = self._cols.get(facts.model)
+                if cols is None:
+                    cols = self._cols[facts.model] = Columns(facts.model, snaps)
+                ctx = PickContext(self.clock(), self.rng)
+                return prof.run_columns(facts, cols, cols.rows(exclude), ctx, self.timings, explain)
+        return self.pick(facts, tuple(snaps), exclude, profile, explain)
 
     def snapshots(self, model: str | None = None) -> tuple[NodeSnapshot, ...]:
         """Current snapshots of the nodes serving `model` (all nodes when None)."""
@@ -236,13 +216,8 @@ class Router:
         snap = trusted_snapshot(
             s.node_id, s.model_id, s.accelerator_type, s.capacity * max(1, s.running_replicas), s.live,
             self.in_flight(node_id), 0, h.ttft_ewma_s, h.tpot_ewma_s, h.error_streak, h.banned_until,
-            h.last_failure_at, self._quality.get(node_id), s.joined_at, key, (),
+            h.last_failure_at, self._quality.get(node_id), s.joined_at, key,
         )
-        if self._preparing:
-            prep: tuple = ()
-            for prof in self._preparing:
-                prep += prof.prepare(snap)
-            set_prepared(snap, prep)
         self._snap[node_id] = snap
         pos = self._pos.get(node_id)
         if pos is None:
@@ -250,36 +225,15 @@ class Router:
             self._pos[node_id] = len(models)
             models.append(snap)
         else:
-            models = self._by_model[s.model_id]
-            old, models[pos] = models[pos], snap
+            self._by_model[s.model_id][pos] = snap
             cols = self._cols.get(s.model_id)
             if cols is not None:
                 cols.set_row(pos, snap)
-            for prof in self._preparing:
-                kept = self._kept.get((s.model_id, prof.name))
-                if kept is None:
-                    continue
-                at = prof.prep_at
-                if snap._prep[at] != old._prep[at]:
-                    del self._kept[(s.model_id, prof.name)]
-                elif snap._prep[at]:
-                    kept[0][kept[1][node_id]] = snap
             return
         self._cols.pop(s.model_id, None)  # a new row: rebuilt on the next route()
-        for prof in self._preparing:
-            self._kept.pop((s.model_id, prof.name), None)
-
-    def _keep(
-        self, model: str, prof: Profile, snaps: Sequence[NodeSnapshot]
-    ) -> tuple[list[NodeSnapshot], dict[str, int]]:
-        """Build the (model, profile) entry of `_kept` from the prepare() verdicts."""
-        at = prof.prep_at
-        nodes = [n for n in snaps if n._prep[at]]
-        kept = self._kept[(model, prof.name)] = (nodes, {n.node_id: i for i, n in enumerate(nodes)})
-        return kept
 
     def _rebuild_all(self) -> None:
-        self._snap, self._by_model, self._pos, self._cols, self._kept = {}, {}, {}, {}, {}
+        self._snap, self._by_model, self._pos, self._cols = {}, {}, {}, {}
         for node_id in self._stats:
             self._rebuild(node_id)
 

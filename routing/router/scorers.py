@@ -1,16 +1,13 @@
 """Built-in scorers: each returns one score per candidate, higher is better, meant to lie in [0,1].
 
 The framework clamps (out-of-range or NaN values cannot dominate a decision) and applies the
-profile's weights; scorers never see each other's output. Scorers whose score of a node depends
-on that node alone (`quality`, `load`) also define `score_node(node)`, so that at the head of a
-profile's scorers the Router computes it when the node's snapshot changes (framework.py).
+profile's weights; scorers never see each other's output.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import ClassVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -43,9 +40,6 @@ class Quality(Scorer):
         unscored = self.params.unscored
         return [unscored if n.quality is None else n.quality for n in nodes]
 
-    def score_node(self, node: NodeSnapshot) -> float:
-        return self.params.unscored if node.quality is None else node.quality
-
     def score_idx(self, facts, cols, idx, ctx):
         q = cols.quality[idx]
         return np.where(np.isnan(q), self.params.unscored, q)
@@ -73,9 +67,6 @@ class Load(Scorer):
     def score(self, facts: RequestFacts, nodes: Sequence[NodeSnapshot], ctx: PickContext) -> list[float]:
         m = self.params.max_load
         return [1.0 - n.in_flight / (n.capacity * m) for n in nodes]
-
-    def score_node(self, node: NodeSnapshot) -> float:
-        return 1.0 - node.in_flight / (node.capacity * self.params.max_load)
 
     def score_idx(self, facts, cols, idx, ctx):
         return 1.0 - cols.in_flight[idx] / (cols.capacity[idx] * self.params.max_load)
@@ -115,8 +106,8 @@ class Latency(Scorer):
         if p.queueing:  # a full node's prediction grows with the requests queued ahead
             preds = [
                 inf if n.ttft_ewma_s is None or n.tpot_ewma_s is None
-                else n.ttft_ewma_s + n.tpot_ewma_s * k if n.in_flight < n.capacity  # not full: x 1.0, skipped
-                else (n.ttft_ewma_s + n.tpot_ewma_s * k) * (1.0 + (n.in_flight - n.capacity + 1) / n.capacity)
+                else (n.ttft_ewma_s + n.tpot_ewma_s * k)
+                * (1.0 if n.in_flight < n.capacity else 1.0 + (n.in_flight - n.capacity + 1) / n.capacity)
                 for n in nodes
             ]
         else:
@@ -173,25 +164,15 @@ class Affinity(Scorer):
 
     Params = AffinityParams
 
-    # Key hashes are remembered: a blake2b costs ~2 us, a dict hit ~0.1 us. The hash is a pure
-    # function of the key, so a cached value is always right. Bounded in count and key length
-    # (session keys come from a client header), so at most ~2 MB whatever clients send.
-    CACHED_KEYS: ClassVar[int] = 8192
-    CACHED_KEY_CHARS: ClassVar[int] = 128
-
     def __init__(self, name: str, params: BaseModel) -> None:
         super().__init__(name, params)
-        self._hashes: dict[str, float] = {}
+        self._last_key: tuple[str, float] = ("", 0.0)
 
     def _key_hash(self, key: str) -> float:
-        h = self._hashes.get(key)
-        if h is None:
-            h = stable_hash(key) * 1e7
-            if len(key) <= self.CACHED_KEY_CHARS:
-                if len(self._hashes) >= self.CACHED_KEYS:
-                    self._hashes.clear()  # cheaper than LRU bookkeeping on every hit; refills as keys recur
-                self._hashes[key] = h
-        return h
+        # One blake2b per distinct key; consecutive requests of a session reuse it.
+        if self._last_key[0] != key:
+            self._last_key = (key, stable_hash(key) * 1e7)
+        return self._last_key[1]
 
     def score(self, facts: RequestFacts, nodes: Sequence[NodeSnapshot], ctx: PickContext) -> list[float]:
         key = facts.session_key

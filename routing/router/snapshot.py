@@ -93,9 +93,6 @@ class NodeSnapshot:
     quality: float | None = None
     joined_at: float = 0.0
     _key: float = field(default=0.0, repr=False, compare=False)  # stable hash of node_id in (0,1), for affinity
-    # The Router's per-profile precomputed (kept, weighted score) pairs (Profile.prepare), set by
-    # the Router on the snapshots it builds; empty on snapshots built by anyone else.
-    _prep: tuple = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if type(self.node_id) is not str or not self.node_id:
@@ -130,20 +127,14 @@ _new, _set = object.__new__, object.__setattr__
 
 
 def trusted_snapshot(*values: object) -> NodeSnapshot:
-    """Build a NodeSnapshot from already-validated values (positional, in field order, `_key` then
-    `_prep` last) without re-running the checks: the router rebuilds a node's snapshot on every
-    request start and end, and its inputs are validated where they enter (NodeStats is a strict
+    """Build a NodeSnapshot from already-validated values (positional, in field order, `_key` last)
+    without re-running the checks: the router rebuilds a node's snapshot on every request
+    start and end, and its inputs are validated where they enter (NodeStats is a strict
     pydantic record, quality and latencies are checked by the router)."""
     snap = _new(NodeSnapshot)
     for name, value in zip(_FIELDS, values):
         _set(snap, name, value)
     return snap
-
-
-def set_prepared(snap: NodeSnapshot, values: tuple) -> None:
-    """Store the router's precomputed per-profile values in a snapshot it has just built (they are
-    computed from the snapshot itself, so they can only be attached after construction)."""
-    _set(snap, "_prep", values)
 
 
 def stable_hash(text: str) -> float:
