@@ -35,6 +35,7 @@ speed, labelled by validator), the consensus quality per node and the trust per 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -129,7 +130,7 @@ class ShadowFeed:
         """Items numbered >= cursor (at most `limit`), and the cursor to ask with next."""
         oldest = self._next - len(self._ring)
         start = max(cursor, oldest)
-        items = [item for seq, item in list(self._ring)[start - oldest:start - oldest + limit]]
+        items = [item for _, item in itertools.islice(self._ring, start - oldest, start - oldest + limit)]
         return items, start + len(items)
 
     def stats(self) -> dict[str, int]:

@@ -35,6 +35,7 @@ from routing.shadow import Capture, strip_token_ids, verifiable
 log = logging.getLogger("meritnet.gateway")
 
 DONE = "data: [DONE]\n\n"
+_ABSENT_RETRY_S = 5.0  # validators start after the gateway: their actors appear within seconds
 
 
 class GatewayConfig(BaseModel):
@@ -112,6 +113,7 @@ class GatewayCore:
         self._refresher: asyncio.Task | None = None
         self._consensus = None
         self._shadow_feed = None
+        self._absent_until: dict[str, float] = {}  # actor name -> when to look it up again
         self._shadow_key = config.shadow_key.get_secret_value().encode()
         self._quality_epoch: int | None = None
         self._gateway_id = uuid.uuid4().hex[:12]
@@ -148,12 +150,17 @@ class GatewayCore:
             self._quality_epoch = scores.epoch
 
     async def _named_actor(self, name: str):
-        """The named actor, or None while it does not exist (validators are optional)."""
+        """The named actor, or None while it does not exist (validators are optional). An absent actor
+        is looked up again only every `_ABSENT_RETRY_S`, not on every refresh."""
         import ray
 
+        now = time.monotonic()
+        if now < self._absent_until.get(name, 0.0):
+            return None
         try:
             return await asyncio.to_thread(ray.get_actor, name, namespace=self.config.namespace)
         except ValueError:
+            self._absent_until[name] = now + _ABSENT_RETRY_S
             return None
 
     async def _refresh_forever(self) -> None:

@@ -91,13 +91,15 @@ class Validator:
     def validator_id(self) -> str:
         return self.config.validator_id
 
+    def _prompt_ids(self, model: str, messages, prompt: str | None) -> tuple[int, ...]:
+        """Prompt ids under the claimed model's tokenizer (chat template for messages)."""
+        codec = self._codecs[model]
+        if messages is not None:
+            return tuple(codec.encode_chat([dict(m) for m in messages]))
+        return tuple(codec.encode_prompt(prompt or ""))
+
     def claim_for(self, req: ChallengeRequest, resp: ChallengeResponse) -> Claim:
-        codec = self._codecs[req.model]
-        if req.messages is not None:
-            prompt_ids = codec.encode_chat(list(req.messages))
-        else:
-            prompt_ids = codec.encode_prompt(req.prompt or "")
-        return Claim(prompt_token_ids=tuple(prompt_ids), text=resp.text, completion_token_ids=resp.token_ids,
+        return Claim(prompt_token_ids=self._prompt_ids(req.model, req.messages, req.prompt), text=resp.text, completion_token_ids=resp.token_ids,
                      reported_completion_tokens=resp.completion_tokens, finish_reason=resp.finish_reason,
                      max_tokens=req.max_tokens, temperature=req.temperature, stop_strings="stop" in req.body)
 
@@ -142,12 +144,7 @@ class Validator:
         return ChallengeOutcome(node.node_id, resp, verification)
 
     def claim_for_served(self, item: ServedCompletion) -> Claim:
-        codec = self._codecs[item.model]
-        if item.messages is not None:
-            prompt_ids = codec.encode_chat([dict(m) for m in item.messages])
-        else:
-            prompt_ids = codec.encode_prompt(item.prompt or "")
-        return Claim(prompt_token_ids=tuple(prompt_ids), text=item.text, completion_token_ids=item.token_ids,
+        return Claim(prompt_token_ids=self._prompt_ids(item.model, item.messages, item.prompt), text=item.text, completion_token_ids=item.token_ids,
                      reported_completion_tokens=item.completion_tokens, finish_reason=item.finish_reason,
                      max_tokens=item.max_tokens, temperature=item.temperature, stop_strings=item.stop_strings)
 
@@ -160,7 +157,6 @@ class Validator:
             self.pool.observe_organic(next((m["content"] for m in reversed(item.messages) if m["role"] == "user"), ""))
         elif item.prompt:
             self.pool.observe_organic(item.prompt)
-        self.tokens_spent += item.completion_tokens  # counted like a challenge's: the tokens are re-verified
         v = await self.verify_claim(item.model, self.claim_for_served(item))
         self._observe_verdict(item.node_id, item.model, v.verdict)
         self.counts[item.node_id]["shadow"] += 1

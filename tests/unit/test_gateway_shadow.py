@@ -129,3 +129,26 @@ def test_strip_token_ids_leaves_text_that_looks_like_ids_alone():
     assert data["choices"][0]["text"] == '"token_ids":[1,2]' and data["choices"][0]["token_ids"] is None
     assert data["prompt_token_ids"] is None
     assert strip_token_ids("data: [DONE]\n\n") == "data: [DONE]\n\n"
+
+
+def test_an_absent_named_actor_is_not_looked_up_on_every_refresh(monkeypatch):
+    import asyncio
+
+    import ray
+
+    calls = []
+
+    def get_actor(name, namespace=None):
+        calls.append(name)
+        raise ValueError(f"no actor {name}")
+
+    monkeypatch.setattr(ray, "get_actor", get_actor)
+    core = GatewayCore(GatewayConfig(), load_selector(registry=None), {}.__getitem__, None, registry=None)
+
+    async def lookups():
+        return [await core._named_actor("meritnet-consensus") for _ in range(5)]
+
+    assert asyncio.run(lookups()) == [None] * 5 and calls == ["meritnet-consensus"]
+    core._absent_until["meritnet-consensus"] = 0.0  # the retry interval has passed
+    asyncio.run(core._named_actor("meritnet-consensus"))
+    assert len(calls) == 2
