@@ -136,9 +136,13 @@ def build_fleet(sc: Scenario, rng: random.Random) -> list[Node]:
     tiers = (tiers + [sc.tiers[-1]] * sc.nodes)[: sc.nodes]
     dishonest = set(rng.sample(range(sc.nodes), round(sc.dishonest_fraction * sc.nodes)))
     return [
-        Node(f"node-{i}", t, i not in dishonest,
-             rng.uniform(*(sc.dishonest_quality if i in dishonest else sc.honest_quality)),
-             rng.uniform(*sc.masked_quality))
+        Node(
+            f"node-{i}",
+            t,
+            i not in dishonest,
+            rng.uniform(*(sc.dishonest_quality if i in dishonest else sc.honest_quality)),
+            rng.uniform(*sc.masked_quality),
+        )
         for i, t in enumerate(tiers)
     ]
 
@@ -152,7 +156,9 @@ def honest_capacity_req_s(sc: Scenario, fleet: list[Node]) -> float:
     for n in fleet:
         if n.honest:
             s = n.tier.speed
-            total += n.tier.capacity / (mean_p / (s * sc.base_prefill_tok_s) + mean_o / (s * sc.base_decode_tok_s))
+            total += n.tier.capacity / (
+                mean_p / (s * sc.base_prefill_tok_s) + mean_o / (s * sc.base_decode_tok_s)
+            )
     return total
 
 
@@ -246,12 +252,21 @@ class Meritnet:
         self.joined = 0.0
 
     def update(self, fleet: list[Node], now: float) -> None:
-        self.router.update_nodes([
-            NodeStats(node_id=n.node_id, model_id=MODEL, operator=OPERATOR, accelerator_type=n.tier.name,
-                      capacity=n.tier.capacity, live=n.live, running_replicas=1 if n.live else 0,
-                      joined_at=self.joined)
-            for n in fleet
-        ])
+        self.router.update_nodes(
+            [
+                NodeStats(
+                    node_id=n.node_id,
+                    model_id=MODEL,
+                    operator=OPERATOR,
+                    accelerator_type=n.tier.name,
+                    capacity=n.tier.capacity,
+                    live=n.live,
+                    running_replicas=1 if n.live else 0,
+                    joined_at=self.joined,
+                )
+                for n in fleet
+            ]
+        )
 
     def quality(self, scores: dict[str, float]) -> None:
         self.router.update_quality(scores)
@@ -290,8 +305,12 @@ class Sim:
         self.fleet = build_fleet(sc, random.Random(sc.seed))
         self.by_id = {n.node_id: n for n in self.fleet}
         prng = random.Random(sc.seed + 1)  # the policy's own randomness
-        cls = {"random": RandomPolicy, "round-robin": RoundRobin, "least-loaded": LeastLoaded,
-               "power-of-two": PowerOfTwo}.get(policy_name)
+        cls = {
+            "random": RandomPolicy,
+            "round-robin": RoundRobin,
+            "least-loaded": LeastLoaded,
+            "power-of-two": PowerOfTwo,
+        }.get(policy_name)
         self.policy = cls(sc, self.fleet, prng) if cls else Meritnet(sc, self.fleet, prng, lambda: self.now)
         self.policy.update(self.fleet, 0.0)
         self.events: list = []
@@ -317,8 +336,11 @@ class Sim:
             if t >= self.duration:
                 break
             rho = mid + amp * math.sin(2 * math.pi * t / sc.load_period_s)
-            u, prompt, output = arng.random(), arng.lognormvariate(0, sc.prompt_sigma), arng.lognormvariate(
-                0, sc.output_sigma)
+            u, prompt, output = (
+                arng.random(),
+                arng.lognormvariate(0, sc.prompt_sigma),
+                arng.lognormvariate(0, sc.output_sigma),
+            )
             session = f"s{arng.randrange(sc.sessions)}" if arng.random() < sc.session_fraction else None
             prefix = f"{arng.getrandbits(64):016x}"
             if u * sc.load_max > rho:  # thinning: keep with probability rho / load_max

@@ -34,8 +34,14 @@ def _pct(values: list[float], q: float) -> float:
 
 
 async def _one(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> tuple[float, float, int]:
-    body = {"model": "default", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "stream": True, "ignore_eos": True, "temperature": 0.0}
+    body = {
+        "model": "default",
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "stream": True,
+        "ignore_eos": True,
+        "temperature": 0.0,
+    }
     t0 = time.perf_counter()
     ttft = None
     chunks = 0
@@ -56,6 +62,7 @@ async def _one(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int
 async def _round(url: str, concurrency: int, n: int, max_tokens: int) -> tuple[list, float]:
     sem = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(timeout=300) as client:
+
         async def run(i):
             async with sem:
                 return await _one(client, url, f"Request {i}: tell me a story about the sea.", max_tokens)
@@ -69,9 +76,12 @@ def _summary(results: list, wall_s: float, max_tokens: int) -> dict:
     ttft = [r[0] * 1000 for r in results]
     e2e = [r[1] * 1000 for r in results]
     return {
-        "ttft_p50_ms": round(statistics.median(ttft), 2), "ttft_p99_ms": round(_pct(ttft, 0.99), 2),
-        "e2e_p50_ms": round(statistics.median(e2e), 2), "e2e_p99_ms": round(_pct(e2e, 0.99), 2),
-        "tok_s": round(len(results) * max_tokens / wall_s, 1), "requests": len(results),
+        "ttft_p50_ms": round(statistics.median(ttft), 2),
+        "ttft_p99_ms": round(_pct(ttft, 0.99), 2),
+        "e2e_p50_ms": round(statistics.median(e2e), 2),
+        "e2e_p99_ms": round(_pct(e2e, 0.99), 2),
+        "tok_s": round(len(results) * max_tokens / wall_s, 1),
+        "requests": len(results),
     }
 
 
@@ -92,8 +102,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--quick", action="store_true", help="fewer requests, same keys")
-    ap.add_argument("--linger-ms", type=float, default=None,
-                    help="meritnet nodes' stream_linger_ms (default: the engine default)")
+    ap.add_argument(
+        "--linger-ms",
+        type=float,
+        default=None,
+        help="meritnet nodes' stream_linger_ms (default: the engine default)",
+    )
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
@@ -103,8 +117,11 @@ def main() -> None:
     max_tokens = 32
     plan = {"c1": (1, 12 if args.quick else 40), "c8": (8, 32 if args.quick else 96)}
     rounds = 2 if args.quick else 4
-    cfg = NetworkConfig(port=8000 + os.getpid() % 1000, state_dir=Path(f"/tmp/meritnet-bench-{os.getpid()}"),
-                        nodes=[NodeConfig(node_id="h100-a", operator=DEMO_OPERATOR_A, accelerator_type="H100")])
+    cfg = NetworkConfig(
+        port=8000 + os.getpid() % 1000,
+        state_dir=Path(f"/tmp/meritnet-bench-{os.getpid()}"),
+        nodes=[NodeConfig(node_id="h100-a", operator=DEMO_OPERATOR_A, accelerator_type="H100")],
+    )
     # The stock stack's engine gets its own Ray node (L4), as meritnet's node has H100.
     cfg.cluster = cfg.cluster.model_copy(update={"extra_accelerator_types": ["L4"]})
     if args.linger_ms is not None:
@@ -113,8 +130,10 @@ def main() -> None:
         net = LocalNetwork(cfg).start()
         _deploy_stock(net.specs[0].model_source, cfg.engine.engine_kwargs)
     try:
-        urls = {"meritnet": f"{net.base_url}/v1/chat/completions",
-                "ray_serve_llm": f"{net.base_url}{STOCK_PREFIX}/v1/chat/completions"}
+        urls = {
+            "meritnet": f"{net.base_url}/v1/chat/completions",
+            "ray_serve_llm": f"{net.base_url}{STOCK_PREFIX}/v1/chat/completions",
+        }
         for url in urls.values():  # warm both paths
             asyncio.run(_round(url, 2, 4, max_tokens))
         out: dict = {name: {} for name in urls}
@@ -131,10 +150,16 @@ def main() -> None:
         m, s = out["meritnet"], out["ray_serve_llm"]
         out["ratio"] = {
             f"{lv}_{k}": round(m[lv][f"{k}_ms"] / s[lv][f"{k}_ms"], 3)
-            for lv in plan for k in ("ttft_p50", "e2e_p50")
+            for lv in plan
+            for k in ("ttft_p50", "e2e_p50")
         }
-        out["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "quick": args.quick,
-                          "max_tokens": max_tokens, "stream_linger_ms": cfg.engine.stream_linger_ms}
+        out["machine"] = {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "quick": args.quick,
+            "max_tokens": max_tokens,
+            "stream_linger_ms": cfg.engine.stream_linger_ms,
+        }
     finally:
         net.stop()
     args.out.write_text(json.dumps(out, indent=2))

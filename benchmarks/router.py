@@ -42,9 +42,19 @@ def build_router(n: int, seed: int = 0) -> Router:
     stats = []
     for i in range(n):
         accel, cap = accels[i % 3]
-        stats.append(NodeStats(node_id=f"node-{i}", model_id="default", operator=OPERATOR, accelerator_type=accel,
-                               capacity=cap, live=rng.random() > 0.05, running_replicas=1,
-                               in_flight=0, joined_at=now - 3600))
+        stats.append(
+            NodeStats(
+                node_id=f"node-{i}",
+                model_id="default",
+                operator=OPERATOR,
+                accelerator_type=accel,
+                capacity=cap,
+                live=rng.random() > 0.05,
+                running_replicas=1,
+                in_flight=0,
+                joined_at=now - 3600,
+            )
+        )
     router.update_nodes(stats)
     quality = {}
     for i in range(n):
@@ -69,8 +79,12 @@ def measure(n: int, decisions: int, seed: int = 0) -> dict:
     rng = random.Random(seed + 1)
     ids = [f"node-{i}" for i in range(n)]
     keys = [f"{k:016x}" for k in range(256)]
-    facts = [RequestFacts("default", 200, keys[rng.randrange(256)],
-                          f"s{rng.randrange(64)}" if rng.random() < 0.3 else None) for _ in range(1024)]
+    facts = [
+        RequestFacts(
+            "default", 200, keys[rng.randrange(256)], f"s{rng.randrange(64)}" if rng.random() < 0.3 else None
+        )
+        for _ in range(1024)
+    ]
     clock, cpu = time.perf_counter_ns, time.thread_time_ns
     samples, cpu_samples = [], []
     for i in range(decisions + 200):

@@ -37,10 +37,20 @@ _last_cpu_s: float | None = None
 
 def _records(n: int) -> list[UsageRecord]:
     return [
-        UsageRecord(request_id=f"chatcmpl-{i:012d}", node_id=f"node-{i % 40}", operator=_OPERATORS[i % 40 % 4],
-                    model="default", prompt_tokens=20 + i % 500, completion_tokens=1 + i % 300,
-                    started_at=1_700_000_000.0 + i * 0.001, ttft_s=0.05, ended_at=1_700_000_000.5 + i * 0.001,
-                    status="ok" if i % 50 else "error", request_hash="ab" * 32, response_hash="cd" * 32)
+        UsageRecord(
+            request_id=f"chatcmpl-{i:012d}",
+            node_id=f"node-{i % 40}",
+            operator=_OPERATORS[i % 40 % 4],
+            model="default",
+            prompt_tokens=20 + i % 500,
+            completion_tokens=1 + i % 300,
+            started_at=1_700_000_000.0 + i * 0.001,
+            ttft_s=0.05,
+            ended_at=1_700_000_000.5 + i * 0.001,
+            status="ok" if i % 50 else "error",
+            request_hash="ab" * 32,
+            response_hash="cd" * 32,
+        )
         for i in range(n)
     ]
 
@@ -48,9 +58,10 @@ def _records(n: int) -> list[UsageRecord]:
 def measure_ledger_records_per_s(n: int) -> float:
     """Records per second appended durably to a fresh ledger, in batches of 5,000."""
     records = _records(n)
-    with tempfile.TemporaryDirectory() as tmp, UsageLedger(
-        Path(tmp) / "bench.db", epoch_length_s=3600.0, genesis=1_700_000_000.0
-    ) as ledger:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        UsageLedger(Path(tmp) / "bench.db", epoch_length_s=3600.0, genesis=1_700_000_000.0) as ledger,
+    ):
         start = time.perf_counter()
         for i in range(0, n, _BATCH):
             ledger.append(records[i : i + _BATCH])
@@ -63,7 +74,14 @@ def measure_merkle_build_s(n_leaves: int) -> float:
     """Wall seconds to build the usage tree of an epoch with n_leaves ok interactions."""
     global _last_cpu_s
     rows = tuple(
-        UsageRow(f"chatcmpl-{i:012d}", f"node-{i % 40}", _OPERATORS[i % 40 % 4], "default", 20 + i % 500, 1 + i % 300)
+        UsageRow(
+            f"chatcmpl-{i:012d}",
+            f"node-{i % 40}",
+            _OPERATORS[i % 40 % 4],
+            "default",
+            20 + i % 500,
+            1 + i % 300,
+        )
         for i in range(n_leaves)
     )
     frozen = SimpleNamespace(epoch=12, rows=rows)

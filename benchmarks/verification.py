@@ -51,8 +51,12 @@ def perturbed_model(src: Path, rel_std: float, seed: int = 7) -> Path:
     shutil.copytree(src, tmp, dirs_exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
     tensors = load_file(str(src / "model.safetensors"))
-    noisy = {k: (t + torch.randn(t.shape, generator=gen) * rel_std * t.float().std()).to(t.dtype).contiguous()
-             if not k.endswith("norm.weight") else t for k, t in sorted(tensors.items())}
+    noisy = {
+        k: (t + torch.randn(t.shape, generator=gen) * rel_std * t.float().std()).to(t.dtype).contiguous()
+        if not k.endswith("norm.weight")
+        else t
+        for k, t in sorted(tensors.items())
+    }
     save_file(noisy, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     os.replace(tmp, out) if not out.exists() else shutil.rmtree(tmp)
     return out
@@ -73,9 +77,14 @@ class HFGenerator:
         import torch
 
         with torch.no_grad():
-            out = self.model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_tokens, do_sample=False,
-                                      eos_token_id=self.eos, pad_token_id=self.eos[0])
-        ids = out[0][len(prompt_ids):].tolist()
+            out = self.model.generate(
+                torch.tensor([prompt_ids]),
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                eos_token_id=self.eos,
+                pad_token_id=self.eos[0],
+            )
+        ids = out[0][len(prompt_ids) :].tolist()
         finish = "stop" if ids and ids[-1] in self.eos else "length"
         return ids, finish
 
@@ -112,10 +121,20 @@ def honest_completions(llm, codec, n: int, batch_sizes=(1, 4, 16), seed: int = 0
     i = 0
     while i < len(prompts):
         bs = batch_sizes[(i // max(batch_sizes)) % len(batch_sizes)]
-        chunk = prompts[i:i + bs]
-        for (p, m), (ids, finish, text) in zip(chunk, vllm_generate(llm, [c[0] for c in chunk], [c[1] for c in chunk])):
-            claims.append(Claim(prompt_token_ids=tuple(p), text=text, completion_token_ids=tuple(ids),
-                                reported_completion_tokens=len(ids), finish_reason=finish, max_tokens=m))
+        chunk = prompts[i : i + bs]
+        for (p, m), (ids, finish, text) in zip(
+            chunk, vllm_generate(llm, [c[0] for c in chunk], [c[1] for c in chunk])
+        ):
+            claims.append(
+                Claim(
+                    prompt_token_ids=tuple(p),
+                    text=text,
+                    completion_token_ids=tuple(ids),
+                    reported_completion_tokens=len(ids),
+                    finish_reason=finish,
+                    max_tokens=m,
+                )
+            )
         i += bs
     return claims
 
@@ -124,9 +143,14 @@ def _claim_from(gen, codec, prompt, max_tokens):
     from scoring.verify import Claim
 
     ids, finish = gen.generate(prompt, max_tokens)
-    return Claim(prompt_token_ids=tuple(prompt), text=codec.decode([t for t in ids if t not in codec.eos_token_ids]),
-                 completion_token_ids=tuple(ids), reported_completion_tokens=len(ids), finish_reason=finish,
-                 max_tokens=max_tokens)
+    return Claim(
+        prompt_token_ids=tuple(prompt),
+        text=codec.decode([t for t in ids if t not in codec.eos_token_ids]),
+        completion_token_ids=tuple(ids),
+        reported_completion_tokens=len(ids),
+        finish_reason=finish,
+        max_tokens=max_tokens,
+    )
 
 
 def run(quick: bool, max_challenges: int, organic_rps: float) -> dict:
@@ -154,17 +178,23 @@ def run(quick: bool, max_challenges: int, organic_rps: float) -> dict:
     honest = honest_completions(llm, codec, n_honest, seed=1)
     half = len(honest) // 2
     t0 = time.perf_counter()
-    cal_pos = ref.prompt_logprobs_many([(c.prompt_token_ids, c.completion_token_ids) for c in honest[:half]], 20)
+    cal_pos = ref.prompt_logprobs_many(
+        [(c.prompt_token_ids, c.completion_token_ids) for c in honest[:half]], 20
+    )
     ref_s_per_verification = (time.perf_counter() - t0) / half
     checks = [compare_tokens(c.completion_token_ids, r, 20) for c, r in zip(honest[:half], cal_pos)]
-    th = calibrate(checks, margin=3.0, note="vLLM CPU engine, default model seed 0, batch sizes 1/4/16, greedy")
+    th = calibrate(
+        checks, margin=3.0, note="vLLM CPU engine, default model seed 0, batch sizes 1/4/16, greedy"
+    )
     con.log(f"calibrated: {th.provenance}")
     held = honest[half:]
     fp = sum(verify(c, ref, codec, th).verdict != "pass" for c in held)
     con.log(f"false positives: {fp}/{len(held)}")
 
-    attackers = {"substitution": HFGenerator(d1, codec.eos_token_ids),
-                 "perturbed_weights": HFGenerator(noisy, codec.eos_token_ids)}
+    attackers = {
+        "substitution": HFGenerator(d1, codec.eos_token_ids),
+        "perturbed_weights": HFGenerator(noisy, codec.eos_token_ids),
+    }
     rng = random.Random(5)
     honest_pool = honest[half:]
 
@@ -174,11 +204,17 @@ def run(quick: bool, max_challenges: int, organic_rps: float) -> dict:
         c = rng.choice(honest_pool)
         ids = list(c.completion_token_ids)
         if name == "truncated":
-            keep = ids[:max(1, len(ids) // 2)]
+            keep = ids[: max(1, len(ids) // 2)]
             finish = "length" if rng.random() < 0.5 else "stop"
-            return c.model_copy(update={"completion_token_ids": tuple(keep), "text": codec.decode(keep),
-                                            "reported_completion_tokens": len(keep), "finish_reason": finish,
-                                            "max_tokens": max(c.max_tokens, len(ids))})
+            return c.model_copy(
+                update={
+                    "completion_token_ids": tuple(keep),
+                    "text": codec.decode(keep),
+                    "reported_completion_tokens": len(keep),
+                    "finish_reason": finish,
+                    "max_tokens": max(c.max_tokens, len(ids)),
+                }
+            )
         if name == "inflated_tokens":
             return c.model_copy(update={"reported_completion_tokens": len(ids) + max(2, len(ids) // 5)})
         return c
@@ -207,9 +243,12 @@ def run(quick: bool, max_challenges: int, organic_rps: float) -> dict:
                     break
             to_detect.append(caught)
         hits = [k for k in to_detect if k is not None]
-        attacks[name] = {"detect_rate": len(hits) / trials,
-                         "challenges_to_detect_p50": statistics.median(hits) if hits else None,
-                         "trials": trials, "max_challenges": max_challenges}
+        attacks[name] = {
+            "detect_rate": len(hits) / trials,
+            "challenges_to_detect_p50": statistics.median(hits) if hits else None,
+            "trials": trials,
+            "max_challenges": max_challenges,
+        }
         con.log(f"{name}: {attacks[name]}")
 
     mean_tokens = statistics.mean(len(c.prompt_token_ids) + c.reported_completion_tokens for c in honest)
@@ -225,10 +264,14 @@ def run(quick: bool, max_challenges: int, organic_rps: float) -> dict:
         "shadow_reference_ratio": shadow_reference_ratio,
         "thresholds": th.model_dump(),
         "reference_seconds_per_verification": ref_s_per_verification,
-        "assumptions": {"validators": 3, "challenge_rate_per_node_per_min": ChallengeConfig().rate_per_node_per_min,
-                        "organic_rps_per_node": organic_rps, "perturbation_rel_std": 0.05,
-                        "gateway_shadow_rate": shadow_rate,
-                        "mean_tokens_per_request": mean_tokens},
+        "assumptions": {
+            "validators": 3,
+            "challenge_rate_per_node_per_min": ChallengeConfig().rate_per_node_per_min,
+            "organic_rps_per_node": organic_rps,
+            "perturbation_rel_std": 0.05,
+            "gateway_shadow_rate": shadow_rate,
+            "mean_tokens_per_request": mean_tokens,
+        },
         "quick": quick,
         "wall_seconds": time.time() - t_start,
     }
@@ -243,8 +286,15 @@ def main() -> None:
     args = ap.parse_args()
     res = run(args.quick, args.max_challenges, args.organic_rps)
     args.out.write_text(json.dumps(res, indent=2) + "\n")
-    print(json.dumps({k: res[k] for k in ("attacks", "false_positive_rate", "verified_completions",
-                                          "validator_overhead")}, indent=2))
+    print(
+        json.dumps(
+            {
+                k: res[k]
+                for k in ("attacks", "false_positive_rate", "verified_completions", "validator_overhead")
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

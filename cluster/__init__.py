@@ -11,5 +11,13 @@ from cluster.records import (
     keyed_sample,
 )
 
-__all__ = ["NodeScore", "NodeSpec", "NodeStats", "QualityScores", "ServedCompletion", "UsageRecord", "UsageStatus",
-           "keyed_sample"]
+__all__ = [
+    "NodeScore",
+    "NodeSpec",
+    "NodeStats",
+    "QualityScores",
+    "ServedCompletion",
+    "UsageRecord",
+    "UsageStatus",
+    "keyed_sample",
+]

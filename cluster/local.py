@@ -16,7 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field
 class LocalClusterConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    head_cpus: int = Field(default=4, ge=1, description="Logical CPUs of the head node (gateway, registry, ...).")
+    head_cpus: int = Field(
+        default=4, ge=1, description="Logical CPUs of the head node (gateway, registry, ...)."
+    )
     cpus_per_accelerator_node: int = Field(
         default=4,
         ge=1,

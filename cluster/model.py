@@ -87,22 +87,33 @@ class ModelRecipe(BaseModel):
         pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$",
         description="Model family name; the first part of the cache directory's name.",
     )
-    seed: int = Field(default=0, ge=0, lt=2**63, description="Seed of the weight init; another seed, another model.")
+    seed: int = Field(
+        default=0, ge=0, lt=2**63, description="Seed of the weight init; another seed, another model."
+    )
     vocab_size: int = Field(
-        default=2048, ge=512, le=65536, description="Tokenizer vocabulary size (bytes + merges + special tokens)."
+        default=2048,
+        ge=512,
+        le=65536,
+        description="Tokenizer vocabulary size (bytes + merges + special tokens).",
     )
     hidden_size: int = Field(default=256, ge=32, description="Width of the residual stream.")
     num_hidden_layers: int = Field(default=4, ge=1, le=64, description="Number of decoder layers.")
     num_attention_heads: int = Field(default=4, ge=1, description="Query heads per layer.")
-    num_key_value_heads: int = Field(default=2, ge=1, description="Key/value heads per layer (grouped-query attention).")
+    num_key_value_heads: int = Field(
+        default=2, ge=1, description="Key/value heads per layer (grouped-query attention)."
+    )
     head_dim: int = Field(
         default=64, ge=32, description="Width of one attention head; vLLM's CPU attention rejects < 32."
     )
     intermediate_size: int = Field(default=512, ge=1, description="Width of the SwiGLU MLP.")
-    max_position_embeddings: int = Field(default=2048, ge=64, description="Longest context the model supports.")
+    max_position_embeddings: int = Field(
+        default=2048, ge=64, description="Longest context the model supports."
+    )
     rope_theta: float = Field(default=10000.0, gt=0, description="RoPE base frequency.")
     rms_norm_eps: float = Field(default=1e-5, gt=0, description="Epsilon of the RMSNorm layers.")
-    embedding_std: float = Field(default=1.0, gt=0, description="Std of the token embeddings (unit-scale residual).")
+    embedding_std: float = Field(
+        default=1.0, gt=0, description="Std of the token embeddings (unit-scale residual)."
+    )
     lm_head_std: float = Field(
         default=0.45,
         gt=0,
@@ -121,7 +132,9 @@ class ModelRecipe(BaseModel):
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
         if self.vocab_size < 256 + len(SPECIAL_TOKENS):
-            raise ValueError(f"vocab_size must hold the 256 byte tokens and {len(SPECIAL_TOKENS)} special tokens")
+            raise ValueError(
+                f"vocab_size must hold the 256 byte tokens and {len(SPECIAL_TOKENS)} special tokens"
+            )
         return self
 
 
@@ -129,7 +142,9 @@ def corpus_files() -> list[Path]:
     """The shipped corpus, in a fixed order (sorted names) so training is reproducible."""
     files = sorted(CORPUS_DIR.glob("*.txt"))
     if not files:
-        raise FileNotFoundError(f"No corpus files (*.txt) in {CORPUS_DIR}; the package install is incomplete.")
+        raise FileNotFoundError(
+            f"No corpus files (*.txt) in {CORPUS_DIR}; the package install is incomplete."
+        )
     return files
 
 

@@ -55,9 +55,13 @@ class _Frozen(BaseModel):
 class NodeSpec(_Frozen):
     """One inference node an operator contributes: a model served on one accelerator type."""
 
-    node_id: NodeId = Field(description="Unique id of the node in the network (also its Serve deployment name).")
+    node_id: NodeId = Field(
+        description="Unique id of the node in the network (also its Serve deployment name)."
+    )
     operator: Address = Field(description="EIP-55 checksummed address that is paid for this node's work.")
-    model_id: str = Field(min_length=1, max_length=256, description="Model name clients ask for, e.g. 'default'.")
+    model_id: str = Field(
+        min_length=1, max_length=256, description="Model name clients ask for, e.g. 'default'."
+    )
     model_source: str = Field(
         min_length=1, description="Hugging Face model id or local path the engine loads the weights from."
     )
@@ -158,13 +162,19 @@ class ServedCompletion(_Frozen):
     node_id: NodeId
     model: str = Field(min_length=1)
     prompt: str | None = Field(default=None, description="Completions prompt.")
-    messages: tuple[dict[str, str], ...] | None = Field(default=None, description="Chat messages (role, content).")
+    messages: tuple[dict[str, str], ...] | None = Field(
+        default=None, description="Chat messages (role, content)."
+    )
     text: str = Field(description="Completion text the client received (choice 0).")
     token_ids: tuple[int, ...] | None = Field(default=None, description="Completion ids the node reported.")
     completion_tokens: int = Field(ge=0, description="usage.completion_tokens as reported.")
     finish_reason: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1, description="The request's limit; None = engine default.")
-    temperature: float = Field(default=1.0, ge=0.0, description="The request's temperature (OpenAI default 1).")
+    max_tokens: int | None = Field(
+        default=None, ge=1, description="The request's limit; None = engine default."
+    )
+    temperature: float = Field(
+        default=1.0, ge=0.0, description="The request's temperature (OpenAI default 1)."
+    )
     stop_strings: bool = Field(default=False, description="The request set stop strings.")
 
 

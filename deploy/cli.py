@@ -1,8 +1,8 @@
 """The `meritnet` command: the user's entry point to a network.
 
-    meritnet up                 start a local network in the foreground (Ctrl-C stops it)
-    meritnet status             nodes, liveness and load of the running network
-    meritnet models build       build the default model(s) into the cache
+meritnet up                 start a local network in the foreground (Ctrl-C stops it)
+meritnet status             nodes, liveness and load of the running network
+meritnet models build       build the default model(s) into the cache
 """
 
 from __future__ import annotations
@@ -51,7 +51,9 @@ def up(
         console.print(f"[red]Invalid configuration:[/red] {exc}")
         raise typer.Exit(2)
 
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console
+    ) as bar:
         task = {"id": None}
 
         def step(msg: str) -> None:
@@ -98,16 +100,19 @@ def _print_ready(net) -> None:
     console.print("Try it:")
     console.print(
         f"  curl {net.base_url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
-        "    -d '{\"model\": \"default\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}], "
-        "\"max_tokens\": 32}'",
-        soft_wrap=True, highlight=False,
+        '    -d \'{"model": "default", "messages": [{"role": "user", "content": "Hello!"}], '
+        '"max_tokens": 32}\'',
+        soft_wrap=True,
+        highlight=False,
     )
     if net.settlement is not None:
         import ray
 
         st = ray.get(net.settlement.status.remote())
-        console.print(f"Settlement: contract {st['contract']} on the {net.config.chain_url} chain, "
-                      f"epochs of {net.config.epoch_length_s:.0f}s (see `meritnet settlement status`).")
+        console.print(
+            f"Settlement: contract {st['contract']} on the {net.config.chain_url} chain, "
+            f"epochs of {net.config.epoch_length_s:.0f}s (see `meritnet settlement status`)."
+        )
     console.print("Press Ctrl-C to stop.")
 
 
@@ -124,8 +129,16 @@ def nodes_table(stats, quality) -> Table:
             q = f"{quality.quality[s.node_id]:.2f}"
         else:
             q = "unscored"
-        table.add_row(s.node_id, s.model_id, s.accelerator_type, "yes" if s.live else "no",
-                      str(s.running_replicas), f"{s.in_flight} / {s.capacity}", q, s.operator)
+        table.add_row(
+            s.node_id,
+            s.model_id,
+            s.accelerator_type,
+            "yes" if s.live else "no",
+            str(s.running_replicas),
+            f"{s.in_flight} / {s.capacity}",
+            q,
+            s.operator,
+        )
     return table
 
 
@@ -141,7 +154,9 @@ def status(address: str = typer.Option("auto", help="Ray address of the network.
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, ignore_reinit_error=True)
         stats = ray.get(get_registry().snapshot.remote())
     except Exception as exc:
-        console.print(f"[red]No running network found ({type(exc).__name__}).[/red] Start one with `meritnet up`.")
+        console.print(
+            f"[red]No running network found ({type(exc).__name__}).[/red] Start one with `meritnet up`."
+        )
         raise typer.Exit(1)
     try:
         quality = ray.get(ray.get_actor(CONSENSUS_NAME, namespace=NAMESPACE).latest.remote(), timeout=10)

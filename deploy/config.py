@@ -32,7 +32,9 @@ class NodeConfig(BaseModel):
     node_id: str = Field(description="Unique node id.")
     operator: str = Field(description="EIP-55 address paid for this node.")
     model_id: str = Field(default="default", description="Model name clients ask for.")
-    model_source: str = Field(default=BUILTIN_MODEL, description="HF id, local path, or builtin:default[@seed].")
+    model_source: str = Field(
+        default=BUILTIN_MODEL, description="HF id, local path, or builtin:default[@seed]."
+    )
     accelerator_type: str = Field(description="Accelerator type the node must be placed on.")
     replicas: int = Field(default=1, description="Serve replicas.")
     capacity: int = Field(default=8, description="Concurrent sequences per replica.")
@@ -60,17 +62,25 @@ class NetworkConfig(BaseSettings):
     port: int = Field(default=8000, ge=1, le=65535, description="Port of the OpenAI endpoint.")
     state_dir: Path = Field(default=Path(".meritnet"), description="Ledger and chain state live here.")
     nodes: list[NodeConfig] = Field(default_factory=_default_nodes, description="Inference nodes to start.")
-    engine: EngineDefaults = Field(default_factory=EngineDefaults, description="Engine settings shared by all nodes.")
+    engine: EngineDefaults = Field(
+        default_factory=EngineDefaults, description="Engine settings shared by all nodes."
+    )
     cluster: LocalClusterConfig = Field(
         default_factory=lambda: LocalClusterConfig(
             # 1 GiB KV cache per engine is plenty for the small default model. vLLM pins each
             # CPU engine to a core by default, and every engine would pick the same core here.
-            env_vars={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
+            env_vars={
+                "VLLM_CPU_KVCACHE_SPACE": "1",
+                "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+                "OMP_NUM_THREADS": "1",
+            }
         ),
         description="Shape of the local Ray cluster.",
     )
     api_keys: list[SecretStr] = Field(default_factory=list, description="Bearer keys; empty = open endpoint.")
-    router_config: str | None = Field(default=None, description="Routing profile YAML (default profile if unset).")
+    router_config: str | None = Field(
+        default=None, description="Routing profile YAML (default profile if unset)."
+    )
     epoch_length_s: float = Field(default=60.0, gt=0, description="Settlement epoch length in seconds.")
     chain_url: str = Field(
         default="embedded",
@@ -94,12 +104,16 @@ class NetworkConfig(BaseSettings):
     )
     consensus_period_s: float = Field(default=5.0, gt=0, description="Seconds between consensus rounds.")
     shadow_rate: float = Field(
-        default=0.02, ge=0.0, le=1.0,
+        default=0.02,
+        ge=0.0,
+        le=1.0,
         description="With validators: share of verifiable organic requests the gateway hands to validators "
         "for shadow verification (0 turns it off). Their prompts and outputs stay in memory, never on disk.",
     )
     scoring_metrics_port: int | None = Field(
-        default=None, ge=1, le=65535,
+        default=None,
+        ge=1,
+        le=65535,
         description="Serve the scoring gauges at http://127.0.0.1:<port>/metrics (None: only via the "
         "consensus actor's metrics_text()).",
     )
@@ -109,7 +123,9 @@ class NetworkConfig(BaseSettings):
         seen: set[str] = set()
         for node in self.nodes:
             if node.node_id in seen:
-                raise ValueError(f"node id {node.node_id!r} appears twice in 'nodes'; node ids must be unique")
+                raise ValueError(
+                    f"node id {node.node_id!r} appears twice in 'nodes'; node ids must be unique"
+                )
             seen.add(node.node_id)
         return self
 

@@ -125,8 +125,10 @@ class LocalNetwork:
 
         self.on_step(f"Loading {len(self.specs)} vLLM engines")
         serve.run_many(
-            [RunTarget(build_node_app(s, cfg.engine), name=deployment_name(s), route_prefix=None)
-             for s in self.specs],
+            [
+                RunTarget(build_node_app(s, cfg.engine), name=deployment_name(s), route_prefix=None)
+                for s in self.specs
+            ],
             wait_for_applications_running=False,
         )
 
@@ -139,20 +141,36 @@ class LocalNetwork:
         shadow = bool(cfg.validators) and cfg.shadow_rate > 0
         if shadow:
             self.shadow_feed = start_shadow_feed()
-        gw = GatewayConfig(usage_sink_name=USAGE_STORE_NAME, router_config=cfg.router_config,
-                           api_keys=tuple(cfg.api_keys), challenge_keys=(SecretStr(challenge_key),),
-                           shadow_rate=cfg.shadow_rate if shadow else 0.0)
+        gw = GatewayConfig(
+            usage_sink_name=USAGE_STORE_NAME,
+            router_config=cfg.router_config,
+            api_keys=tuple(cfg.api_keys),
+            challenge_keys=(SecretStr(challenge_key),),
+            shadow_rate=cfg.shadow_rate if shadow else 0.0,
+        )
         serve.run(gateway_deployment(gw), name=GATEWAY_APP, route_prefix="/")
         self._wait_live(registry, timeout_s=60)
 
         if cfg.validators:
             self.on_step(f"Starting {len(cfg.validators)} validator(s) and consensus")
             # Handles are kept on the network: Ray ends a non-detached actor with its last handle.
-            self.validators = start_validators(cfg.validators, self.base_url, challenge_key, scoring_sources,
-                                               scoring_engine, self.reference_engines or None, shadow=shadow)
-            self.consensus = start_consensus(list(self.validators), cfg.consensus_period_s, cfg.epoch_length_s,
-                                             self.genesis, SETTLEMENT_NAME if cfg.settlement else None,
-                                             cfg.scoring_metrics_port)
+            self.validators = start_validators(
+                cfg.validators,
+                self.base_url,
+                challenge_key,
+                scoring_sources,
+                scoring_engine,
+                self.reference_engines or None,
+                shadow=shadow,
+            )
+            self.consensus = start_consensus(
+                list(self.validators),
+                cfg.consensus_period_s,
+                cfg.epoch_length_s,
+                self.genesis,
+                SETTLEMENT_NAME if cfg.settlement else None,
+                cfg.scoring_metrics_port,
+            )
         return self
 
     def _start_reference_engines(self) -> tuple[dict[str, str], dict]:
@@ -172,8 +190,10 @@ class LocalNetwork:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             statuses = serve.status().applications
-            states = {a: str(getattr(statuses[a].status, "value", statuses[a].status)) if a in statuses else "NEW"
-                      for a in apps}
+            states = {
+                a: str(getattr(statuses[a].status, "value", statuses[a].status)) if a in statuses else "NEW"
+                for a in apps
+            }
             failed = [a for a, s in states.items() if s in ("DEPLOY_FAILED", "UNHEALTHY")]
             if failed:
                 msg = "; ".join(f"{a}: {statuses[a].message[-600:]}" for a in failed)

@@ -62,14 +62,19 @@ class ValidatorSpec(BaseModel):
     validator_id: str = Field(min_length=1, description="Identity (a row of the consensus weight matrix).")
     stake: float = Field(default=1.0, ge=0, description="Stake behind its weights in consensus.")
     challenges_per_node_per_min: float = Field(
-        default=0.5, gt=0, description="Mean challenges per node per minute (random, exponential inter-arrival)."
+        default=0.5,
+        gt=0,
+        description="Mean challenges per node per minute (random, exponential inter-arrival).",
     )
     use_organic_prompts: bool = Field(
-        default=False, description="Also challenge with recent organic prompts (those offered for shadow "
-        "verification). Off by default: organic prompts may be private.")
+        default=False,
+        description="Also challenge with recent organic prompts (those offered for shadow "
+        "verification). Off by default: organic prompts may be private.",
+    )
 
 
 # ---- per-epoch quality (pure) ---------------------------------------------------------------------
+
 
 class EpochQuality:
     """Time average of consensus quality per settlement epoch (see the module doc for the mapping)."""
@@ -102,6 +107,7 @@ class EpochQuality:
 
 
 # ---- the shadow feed -----------------------------------------------------------------------------
+
 
 class ShadowFeed:
     """A bounded ring of organic completions offered for shadow verification (a Ray actor).
@@ -141,12 +147,15 @@ def start_shadow_feed(capacity: int = 1024):
     """Start the named feed the gateway offers to and validators read (keep the handle)."""
     import ray
 
-    return (ray.remote(ShadowFeed)
-            .options(name=SHADOW_FEED_NAME, namespace=NAMESPACE, num_cpus=0, resources={"head": 0.01})
-            .remote(capacity))
+    return (
+        ray.remote(ShadowFeed)
+        .options(name=SHADOW_FEED_NAME, namespace=NAMESPACE, num_cpus=0, resources={"head": 0.01})
+        .remote(capacity)
+    )
 
 
 # ---- the shared reference engine ------------------------------------------------------------------
+
 
 class ReferenceEngineService:
     """A Ray actor holding one `VllmReferenceEngine`, shared by the local validators.
@@ -163,8 +172,9 @@ class ReferenceEngineService:
         self._worker: asyncio.Task | None = None
         self.calls = self.batches = 0
 
-    async def prompt_logprobs_many(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
-                                   top_k: int) -> list[list[dict[int, float]]]:
+    async def prompt_logprobs_many(
+        self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], top_k: int
+    ) -> list[list[dict[int, float]]]:
         fut = asyncio.get_running_loop().create_future()
         self._queue.append((list(pairs), top_k, fut))
         if self._worker is None or self._worker.done():
@@ -174,7 +184,9 @@ class ReferenceEngineService:
     async def _drain(self) -> None:
         while self._queue:
             batch, self._queue = self._queue, []
-            top_k = max(k for _, k, _ in batch)  # a larger top-k only adds entries; each pair's own token is kept
+            top_k = max(
+                k for _, k, _ in batch
+            )  # a larger top-k only adds entries; each pair's own token is kept
             flat = [p for pairs, _, _ in batch for p in pairs]
             try:
                 out = await asyncio.to_thread(self.engine.prompt_logprobs_many, flat, top_k)
@@ -188,7 +200,7 @@ class ReferenceEngineService:
             i = 0
             for pairs, _, fut in batch:
                 if not fut.done():
-                    fut.set_result(out[i:i + len(pairs)])
+                    fut.set_result(out[i : i + len(pairs)])
                 i += len(pairs)
 
     async def stats(self) -> dict[str, int]:
@@ -206,33 +218,51 @@ class RemoteReferenceEngine:
     def __init__(self, handle: Any) -> None:
         self.handle = handle
 
-    def prompt_logprobs(self, prompt_token_ids: Sequence[int], completion_token_ids: Sequence[int],
-                        top_k: int) -> list[dict[int, float]]:
+    def prompt_logprobs(
+        self, prompt_token_ids: Sequence[int], completion_token_ids: Sequence[int], top_k: int
+    ) -> list[dict[int, float]]:
         import ray
 
         pair = (list(prompt_token_ids), list(completion_token_ids))
         return ray.get(self.handle.prompt_logprobs_many.remote([pair], top_k))[0]
 
 
-def start_reference_engines(model_sources: Mapping[str, str], engine_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+def start_reference_engines(
+    model_sources: Mapping[str, str], engine_kwargs: Mapping[str, Any]
+) -> dict[str, Any]:
     """Start one shared reference engine actor per model (returns at once; the engines load meanwhile)."""
     import ray
 
     actors = {}
     for model, source in model_sources.items():
-        actors[model] = (ray.remote(ReferenceEngineService)
-                         .options(name=REFERENCE_PREFIX + model, namespace=NAMESPACE, num_cpus=1,
-                                  resources={"head": 0.01}, max_restarts=1)
-                         .remote(source, dict(engine_kwargs)))
+        actors[model] = (
+            ray.remote(ReferenceEngineService)
+            .options(
+                name=REFERENCE_PREFIX + model,
+                namespace=NAMESPACE,
+                num_cpus=1,
+                resources={"head": 0.01},
+                max_restarts=1,
+            )
+            .remote(source, dict(engine_kwargs))
+        )
     return actors
 
 
 # ---- validators -----------------------------------------------------------------------------------
 
-def start_validators(specs: Sequence[ValidatorSpec], gateway_url: str, challenge_key: str,
-                     model_sources: Mapping[str, str], engine_kwargs: Mapping[str, Any],
-                     reference_engines: Mapping[str, Any] | None = None, api_key: str | None = None,
-                     ready_timeout_s: float = 600.0, shadow: bool = True) -> dict[str, Any]:
+
+def start_validators(
+    specs: Sequence[ValidatorSpec],
+    gateway_url: str,
+    challenge_key: str,
+    model_sources: Mapping[str, str],
+    engine_kwargs: Mapping[str, Any],
+    reference_engines: Mapping[str, Any] | None = None,
+    api_key: str | None = None,
+    ready_timeout_s: float = 600.0,
+    shadow: bool = True,
+) -> dict[str, Any]:
     """Start one ValidatorActor per spec and its challenge loop; returns actor name -> handle.
 
     `reference_engines` (model -> ReferenceEngineService handle) makes every validator share those
@@ -249,33 +279,56 @@ def start_validators(specs: Sequence[ValidatorSpec], gateway_url: str, challenge
         try:
             ray.get([h.__ray_ready__.remote() for h in reference_engines.values()], timeout=ready_timeout_s)
         except Exception as exc:  # noqa: BLE001 - any start failure gets the same advice
-            raise RuntimeError(f"the shared reference engine did not start ({type(exc).__name__}: {exc}); "
-                               "check trusted_models and engine settings (MERITNET_RAY_LOGS=1 shows logs)") from None
+            raise RuntimeError(
+                f"the shared reference engine did not start ({type(exc).__name__}: {exc}); "
+                "check trusted_models and engine settings (MERITNET_RAY_LOGS=1 shows logs)"
+            ) from None
         shared = {m: RemoteReferenceEngine(h) for m, h in reference_engines.items()}
     actors: dict[str, Any] = {}
     for spec in specs:
         name = VALIDATOR_PREFIX + spec.validator_id
-        cfg = ValidatorConfig(validator_id=spec.validator_id, stake=spec.stake,
-                              challenge=ChallengeConfig(rate_per_node_per_min=spec.challenges_per_node_per_min,
-                                                        use_organic_prompts=spec.use_organic_prompts))
-        actors[name] = (ray.remote(ValidatorActor)
-                        .options(name=name, namespace=NAMESPACE, num_cpus=0 if shared else 1,
-                                 resources={"head": 0.01})
-                        .remote(cfg, gateway_url, challenge_key, dict(model_sources), api_key,
-                                engine_kwargs=dict(engine_kwargs), engines=shared,
-                                shadow_feed_name=SHADOW_FEED_NAME if shadow else None))
+        cfg = ValidatorConfig(
+            validator_id=spec.validator_id,
+            stake=spec.stake,
+            challenge=ChallengeConfig(
+                rate_per_node_per_min=spec.challenges_per_node_per_min,
+                use_organic_prompts=spec.use_organic_prompts,
+            ),
+        )
+        actors[name] = (
+            ray.remote(ValidatorActor)
+            .options(name=name, namespace=NAMESPACE, num_cpus=0 if shared else 1, resources={"head": 0.01})
+            .remote(
+                cfg,
+                gateway_url,
+                challenge_key,
+                dict(model_sources),
+                api_key,
+                engine_kwargs=dict(engine_kwargs),
+                engines=shared,
+                shadow_feed_name=SHADOW_FEED_NAME if shadow else None,
+            )
+        )
     ray.get([a.start.remote() for a in actors.values()], timeout=ready_timeout_s)
     return actors
 
 
 # ---- consensus ------------------------------------------------------------------------------------
 
+
 class ConsensusService:
     """Runs Yuma over the validators' scores every `period_s`; serves `latest()`; feeds settlement."""
 
-    def __init__(self, validator_names: Sequence[str], period_s: float, epoch_length_s: float, genesis: float,
-                 settlement_name: str | None = None, metrics_port: int | None = None,
-                 namespace: str = NAMESPACE) -> None:
+    def __init__(
+        self,
+        validator_names: Sequence[str],
+        period_s: float,
+        epoch_length_s: float,
+        genesis: float,
+        settlement_name: str | None = None,
+        metrics_port: int | None = None,
+        namespace: str = NAMESPACE,
+    ) -> None:
         from scoring import ConsensusState
 
         self._names = list(validator_names)
@@ -353,8 +406,9 @@ class ConsensusService:
             return None
         return name.removeprefix(VALIDATOR_PREFIX), scores, stake  # rows are validator ids, as in NodeScore
 
-    def round(self, scores_by_validator: Mapping[str, list[NodeScore]], stakes: Mapping[str, float],
-              now: float) -> tuple[QualityScores, int, dict[str, float]] | None:
+    def round(
+        self, scores_by_validator: Mapping[str, list[NodeScore]], stakes: Mapping[str, float], now: float
+    ) -> tuple[QualityScores, int, dict[str, float]] | None:
         """The pure part of a round (no Ray): Yuma, metrics, and the epoch mean. None before any score."""
         from scoring import metrics
 
@@ -372,13 +426,21 @@ class ConsensusService:
         return quality, epoch, mean
 
 
-def start_consensus(validator_names: Sequence[str], period_s: float, epoch_length_s: float, genesis: float,
-                    settlement_name: str | None, metrics_port: int | None = None):
+def start_consensus(
+    validator_names: Sequence[str],
+    period_s: float,
+    epoch_length_s: float,
+    genesis: float,
+    settlement_name: str | None,
+    metrics_port: int | None = None,
+):
     """Start the named consensus actor the gateway pulls from; returns its handle (keep it)."""
     import ray
 
-    actor = (ray.remote(ConsensusService)
-             .options(name=CONSENSUS_NAME, namespace=NAMESPACE, num_cpus=0, resources={"head": 0.01})
-             .remote(list(validator_names), period_s, epoch_length_s, genesis, settlement_name, metrics_port))
+    actor = (
+        ray.remote(ConsensusService)
+        .options(name=CONSENSUS_NAME, namespace=NAMESPACE, num_cpus=0, resources={"head": 0.01})
+        .remote(list(validator_names), period_s, epoch_length_s, genesis, settlement_name, metrics_port)
+    )
     ray.get(actor.start.remote())
     return actor

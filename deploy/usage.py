@@ -66,8 +66,9 @@ def start_usage_store(path: Path, epoch_length_s: float, genesis: float):
 
     return (
         ray.remote(UsageStore)
-        .options(name=USAGE_STORE_NAME, namespace="meritnet", get_if_exists=True, num_cpus=0,
-                 max_concurrency=1000)
+        .options(
+            name=USAGE_STORE_NAME, namespace="meritnet", get_if_exists=True, num_cpus=0, max_concurrency=1000
+        )
         .remote(str(path), epoch_length_s, genesis)
     )
 
@@ -88,7 +89,9 @@ def start_settlement(cfg, ledger_path: Path, genesis: float):
     key_file = None
     if not os.environ.get("MERITNET_SETTLER_KEY") and not os.environ.get("MERITNET_SETTLER_KEY_FILE"):
         if cfg.chain_url != "embedded":
-            raise RuntimeError("set MERITNET_SETTLER_KEY or MERITNET_SETTLER_KEY_FILE to settle on a real chain")
+            raise RuntimeError(
+                "set MERITNET_SETTLER_KEY or MERITNET_SETTLER_KEY_FILE to settle on a real chain"
+            )
         from eth_account import Account
 
         key_path = cfg.state_dir / "settler.key"
@@ -97,8 +100,10 @@ def start_settlement(cfg, ledger_path: Path, genesis: float):
             key_path.write_text(Account.create().key.hex())
         key_file = str(key_path)
     settle_cfg = SettlementConfig(ledger_path=ledger_path, epoch_length_s=cfg.epoch_length_s, genesis=genesis)
-    actor = settlement_actor().options(name=SETTLEMENT_NAME, namespace="meritnet", get_if_exists=True).remote(
-        settle_cfg, ChainSettings(url=cfg.chain_url), None, key_file
+    actor = (
+        settlement_actor()
+        .options(name=SETTLEMENT_NAME, namespace="meritnet", get_if_exists=True)
+        .remote(settle_cfg, ChainSettings(url=cfg.chain_url), None, key_file)
     )
     ray.get(actor.status.remote(), timeout=120)  # surfaces a failed start (bad key, chain down) now
     return actor

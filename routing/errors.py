@@ -25,8 +25,9 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self, headers: dict[str, str] | None = None) -> Response:
-        return Response(json.dumps(self.body()), status_code=self.status, media_type="application/json",
-                        headers=headers)
+        return Response(
+            json.dumps(self.body()), status_code=self.status, media_type="application/json", headers=headers
+        )
 
     def sse_event(self) -> bytes:
         """The error as a final server-sent event, for failures after streaming began."""
@@ -34,8 +35,9 @@ class APIError(Exception):
 
 
 def malformed_json(detail: str) -> APIError:
-    return APIError(400, f"The request body is not valid JSON ({detail}). Send a JSON object.",
-                    code="invalid_json")
+    return APIError(
+        400, f"The request body is not valid JSON ({detail}). Send a JSON object.", code="invalid_json"
+    )
 
 
 def from_validation_error(exc: ValidationError) -> APIError:
@@ -52,23 +54,39 @@ def from_validation_error(exc: ValidationError) -> APIError:
 
 def unknown_model(model: str, known: list[str]) -> APIError:
     hint = f" Available models: {', '.join(sorted(known))}." if known else " No models are registered yet."
-    return APIError(404, f"The model '{model}' does not exist.{hint} See GET /v1/models.",
-                    param="model", code="model_not_found")
+    return APIError(
+        404,
+        f"The model '{model}' does not exist.{hint} See GET /v1/models.",
+        param="model",
+        code="model_not_found",
+    )
 
 
 def no_live_node(model: str) -> APIError:
-    return APIError(503, f"No live node serves the model '{model}' right now; retry shortly.",
-                    type="service_unavailable", code="no_live_node")
+    return APIError(
+        503,
+        f"No live node serves the model '{model}' right now; retry shortly.",
+        type="service_unavailable",
+        code="no_live_node",
+    )
 
 
 def upstream_failed(model: str) -> APIError:
-    return APIError(503, f"Every node tried for '{model}' failed before answering; retry shortly.",
-                    type="service_unavailable", code="upstream_failed")
+    return APIError(
+        503,
+        f"Every node tried for '{model}' failed before answering; retry shortly.",
+        type="service_unavailable",
+        code="upstream_failed",
+    )
 
 
 def stream_interrupted() -> APIError:
-    return APIError(502, "The serving node failed mid-stream; the response is incomplete.",
-                    type="server_error", code="stream_interrupted")
+    return APIError(
+        502,
+        "The serving node failed mid-stream; the response is incomplete.",
+        type="server_error",
+        code="stream_interrupted",
+    )
 
 
 def from_engine_error(message: str, status: int, type_: str | None) -> APIError:
@@ -79,8 +97,12 @@ def from_engine_error(message: str, status: int, type_: str | None) -> APIError:
 
 
 def not_found(path: str) -> APIError:
-    return APIError(404, f"Unknown path {path}. Endpoints: /v1/models, /v1/chat/completions, /v1/completions, "
-                    "/health, /metrics.", code="not_found")
+    return APIError(
+        404,
+        f"Unknown path {path}. Endpoints: /v1/models, /v1/chat/completions, /v1/completions, "
+        "/health, /metrics.",
+        code="not_found",
+    )
 
 
 def method_not_allowed(method: str, path: str) -> APIError:
@@ -88,5 +110,9 @@ def method_not_allowed(method: str, path: str) -> APIError:
 
 
 def unauthorized() -> APIError:
-    return APIError(401, "Missing or invalid API key. Send 'Authorization: Bearer <key>'.",
-                    type="authentication_error", code="invalid_api_key")
+    return APIError(
+        401,
+        "Missing or invalid API key. Send 'Authorization: Bearer <key>'.",
+        type="authentication_error",
+        code="invalid_api_key",
+    )

@@ -69,15 +69,19 @@ class GatewayConfig(BaseModel):
         default=(), description="Keys validators use to target a node with the 'x-meritnet-node' header."
     )
     capture_token_ids: bool = Field(
-        default=True, description="Ask every node for its token ids (stripped for clients that did not ask), "
-        "so challenges and shadow-verified requests look like all others to a node."
+        default=True,
+        description="Ask every node for its token ids (stripped for clients that did not ask), "
+        "so challenges and shadow-verified requests look like all others to a node.",
     )
     shadow_feed_name: str = Field(
         default="meritnet-shadow",
         description="Named actor that takes organic completions for shadow verification (absent: none offered).",
     )
     shadow_rate: float = Field(
-        default=0.02, ge=0.0, le=1.0, description="Share of verifiable organic requests offered to validators."
+        default=0.02,
+        ge=0.0,
+        le=1.0,
+        description="Share of verifiable organic requests offered to validators.",
     )
     shadow_key: SecretStr = Field(
         default_factory=lambda: SecretStr(secrets.token_hex(16)),
@@ -168,7 +172,9 @@ class GatewayCore:
             try:
                 await self.refresh_once()
             except Exception as exc:  # registry restarting: keep serving from the last snapshot
-                log.warning("gateway: node snapshot refresh failed (%s); using the last one", type(exc).__name__)
+                log.warning(
+                    "gateway: node snapshot refresh failed (%s); using the last one", type(exc).__name__
+                )
             await asyncio.sleep(self.config.refresh_interval_s)
 
     async def ensure_started(self) -> None:
@@ -217,8 +223,12 @@ class GatewayCore:
             return None
         auth = request.headers.get("x-meritnet-challenge-key", "")
         if not self._challenge_keys or auth not in self._challenge_keys:
-            raise errors.APIError(403, "x-meritnet-node requires a valid x-meritnet-challenge-key.",
-                                  type="permission_error", code="forbidden")
+            raise errors.APIError(
+                403,
+                "x-meritnet-node requires a valid x-meritnet-challenge-key.",
+                type="permission_error",
+                code="forbidden",
+            )
         return node
 
     async def handle(self, request: Request, body: Any, method: str) -> Response:
@@ -233,8 +243,12 @@ class GatewayCore:
         pinned = self._target_node(request)
         stream = bool(getattr(body, "stream", False))
         capture = None
-        if (pinned is None and self._shadow_feed is not None
-                and keyed_sample(self._shadow_key, rid, self.config.shadow_rate) and verifiable(body)):
+        if (
+            pinned is None
+            and self._shadow_feed is not None
+            and keyed_sample(self._shadow_key, rid, self.config.shadow_rate)
+            and verifiable(body)
+        ):
             capture = Capture(rid, body)
         strip_ids = self.config.capture_token_ids and not body.return_token_ids
         if self.config.capture_token_ids:
@@ -258,14 +272,18 @@ class GatewayCore:
             gen = getattr(self._handle_for(node.node_id).options(stream=True), method).remote(body, None)
             self._begin(node.node_id)
             try:
-                first = await self._first_message(gen, node.node_id, facts, tried,
-                                                  last=attempt == self.config.max_attempts - 1)
+                first = await self._first_message(
+                    gen, node.node_id, facts, tried, last=attempt == self.config.max_attempts - 1
+                )
             except (TimeoutError, Exception) as exc:
                 self._end(node.node_id)
                 self.selector.observe_failure(node.node_id)
                 metrics.RETRIES.labels(model, node.node_id).inc()
-                log.warning("node %s failed before the first byte (%s); trying another", node.node_id,
-                            type(exc).__name__)
+                log.warning(
+                    "node %s failed before the first byte (%s); trying another",
+                    node.node_id,
+                    type(exc).__name__,
+                )
                 try:
                     gen.cancel()
                 except Exception:
@@ -285,7 +303,8 @@ class GatewayCore:
             ctx = _Ctx(rid, node, model, started, t0, client_wants_usage, strip_ids, capture)
             if stream:
                 return StreamingResponse(
-                    self._stream(ctx, first, gen), media_type="text/event-stream",
+                    self._stream(ctx, first, gen),
+                    media_type="text/event-stream",
                     headers={"x-meritnet-request-id": rid, "x-meritnet-node": node.node_id},
                 )
             return await self._complete(ctx, head)
@@ -331,8 +350,11 @@ class GatewayCore:
             self.selector.observe_success(ctx.node.node_id, per_token, per_token)
         finally:
             self._end(ctx.node.node_id)
-        return Response(payload, media_type="application/json",
-                        headers={"x-meritnet-request-id": ctx.rid, "x-meritnet-node": ctx.node.node_id})
+        return Response(
+            payload,
+            media_type="application/json",
+            headers={"x-meritnet-request-id": ctx.rid, "x-meritnet-node": ctx.node.node_id},
+        )
 
     async def _stream(self, ctx: _Ctx, first: Any, gen) -> AsyncIterator[str]:
         status = "cancelled"
@@ -342,8 +364,11 @@ class GatewayCore:
                 for piece in chunk if isinstance(chunk, list) else [chunk]:
                     if not isinstance(piece, str):  # an ErrorResponse mid-stream
                         err = piece.error
-                        out.append(errors.from_engine_error(err.message, int(err.code), err.type)
-                                   .sse_event().decode())
+                        out.append(
+                            errors.from_engine_error(err.message, int(err.code), err.type)
+                            .sse_event()
+                            .decode()
+                        )
                         status = "error"
                         break
                     if piece.startswith(DONE[:12]):
@@ -401,8 +426,12 @@ class GatewayCore:
             except Exception as exc:
                 log.error("usage sink write failed (attempt %d: %s)", attempt + 1, type(exc).__name__)
                 await asyncio.sleep(0.2 * (attempt + 1))
-        raise errors.APIError(503, "The request ran but its usage could not be recorded; it is not billed. "
-                              "Retry shortly.", type="service_unavailable", code="metering_unavailable")
+        raise errors.APIError(
+            503,
+            "The request ran but its usage could not be recorded; it is not billed. Retry shortly.",
+            type="service_unavailable",
+            code="metering_unavailable",
+        )
 
     def _offer_for_shadow(self, ctx: _Ctx) -> None:
         """Hand a sampled organic completion to validators; fire-and-forget, never fails the request."""
@@ -458,10 +487,17 @@ class _Ctx:
 
     def record(self, status: str) -> UsageRecord:
         return UsageRecord(
-            request_id=self.rid, node_id=self.node.node_id, operator=self.node.operator, model=self.model,
-            prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
-            started_at=self.started, ttft_s=self.ttft, ended_at=self.started + (time.perf_counter() - self.t0),
-            status=status, response_hash=self.digest.hexdigest(),
+            request_id=self.rid,
+            node_id=self.node.node_id,
+            operator=self.node.operator,
+            model=self.model,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            started_at=self.started,
+            ttft_s=self.ttft,
+            ended_at=self.started + (time.perf_counter() - self.t0),
+            status=status,
+            response_hash=self.digest.hexdigest(),
         )
 
 
@@ -482,12 +518,13 @@ def _is_usage_only(piece: str) -> bool:
 
 
 def _parse_usage(piece: str) -> tuple[int, int]:
-    data = json.loads(piece[len("data: "):])
+    data = json.loads(piece[len("data: ") :])
     usage = data.get("usage") or {}
     return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
 
 
 # ---- FastAPI app and Serve deployment ----------------------------------------------------------
+
 
 def build_fastapi(core_getter) -> FastAPI:
     """The HTTP surface; `core_getter()` returns the GatewayCore of this replica."""
@@ -511,15 +548,18 @@ def build_fastapi(core_getter) -> FastAPI:
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception):
         log.exception("unexpected gateway error")
-        return errors.APIError(500, "Internal gateway error; it has been logged.", type="server_error").response()
+        return errors.APIError(
+            500, "Internal gateway error; it has been logged.", type="server_error"
+        ).response()
 
     @app.get("/health")
     async def health():
         core = core_getter()
         await core.ensure_started()
         live = sum(1 for s in core._nodes.values() if s.live)
-        return JSONResponse({"status": "ok" if live else "degraded", "live_nodes": live},
-                            status_code=200 if live else 503)
+        return JSONResponse(
+            {"status": "ok" if live else "degraded", "live_nodes": live}, status_code=200 if live else 503
+        )
 
     @app.get("/metrics")
     async def prometheus_metrics():
@@ -586,7 +626,9 @@ def gateway_deployment(config: GatewayConfig):
                 return handles[node_id]
 
             registry = ray.get_actor(cfg.registry_name, namespace=cfg.namespace)
-            sink = ray.get_actor(cfg.usage_sink_name, namespace=cfg.namespace) if cfg.usage_sink_name else None
+            sink = (
+                ray.get_actor(cfg.usage_sink_name, namespace=cfg.namespace) if cfg.usage_sink_name else None
+            )
             import routing.gateway as this_module
 
             this_module._REPLICA["core"] = GatewayCore(

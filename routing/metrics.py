@@ -13,22 +13,37 @@ TOKENS = Counter(
     "meritnet_tokens", "Tokens served (as reported to clients).", ["model", "node", "kind"], registry=REGISTRY
 )
 RETRIES = Counter(
-    "meritnet_retries", "Node attempts that failed before the first byte and were retried.", ["model", "node"],
+    "meritnet_retries",
+    "Node attempts that failed before the first byte and were retried.",
+    ["model", "node"],
     registry=REGISTRY,
 )
 ERRORS = Counter(
     "meritnet_client_errors", "Requests rejected with a 4xx/5xx error.", ["status", "code"], registry=REGISTRY
 )
 IN_FLIGHT = Gauge("meritnet_in_flight", "Requests in flight per node.", ["node"], registry=REGISTRY)
-LIVE_NODES = Gauge("meritnet_live_nodes", "Live nodes per model in the gateway's snapshot.", ["model"],
-                   registry=REGISTRY)
+LIVE_NODES = Gauge(
+    "meritnet_live_nodes", "Live nodes per model in the gateway's snapshot.", ["model"], registry=REGISTRY
+)
 # Buckets in seconds: a tiny CPU model answers in ms, a large GPU model in seconds.
 _LAT = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-TTFT = Histogram("meritnet_ttft_seconds", "Time to first byte sent to the client.", ["model"], buckets=_LAT,
-                 registry=REGISTRY)
-E2E = Histogram("meritnet_request_seconds", "Time from receipt to the last byte.", ["model"], buckets=_LAT,
-                registry=REGISTRY)
+TTFT = Histogram(
+    "meritnet_ttft_seconds",
+    "Time to first byte sent to the client.",
+    ["model"],
+    buckets=_LAT,
+    registry=REGISTRY,
+)
+E2E = Histogram(
+    "meritnet_request_seconds",
+    "Time from receipt to the last byte.",
+    ["model"],
+    buckets=_LAT,
+    registry=REGISTRY,
+)
 SHADOW_OFFERED = Counter(
-    "meritnet_shadow_offered", "Organic completions offered to validators for shadow verification.",
-    ["model", "node"], registry=REGISTRY,
+    "meritnet_shadow_offered",
+    "Organic completions offered to validators for shadow verification.",
+    ["model", "node"],
+    registry=REGISTRY,
 )

@@ -19,8 +19,13 @@ def facts_for(body: Any, session_key: str | None = None, target_node: str | None
         text = "".join(str(m.get("content", "")) if isinstance(m, dict) else str(m) for m in body.messages)
     else:
         text = body.prompt if isinstance(body.prompt, str) else str(body.prompt)
-    return RequestFacts.from_text(body.model, text, session_key=session_key,
-                                  is_challenge=target_node is not None, target_node=target_node)
+    return RequestFacts.from_text(
+        body.model,
+        text,
+        session_key=session_key,
+        is_challenge=target_node is not None,
+        target_node=target_node,
+    )
 
 
 class NodeSelector:
@@ -72,4 +77,6 @@ def load_selector(config_path: str | None = None, registry=_UNSET) -> NodeSelect
     Ban metrics go to the gateway's Prometheus registry (pass `registry=None` to skip, e.g. in tests
     that build several selectors in one process).
     """
-    return NodeSelector(Router.from_yaml(config_path, registry=metrics.REGISTRY if registry is _UNSET else registry))
+    return NodeSelector(
+        Router.from_yaml(config_path, registry=metrics.REGISTRY if registry is _UNSET else registry)
+    )

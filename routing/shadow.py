@@ -22,11 +22,28 @@ from cluster.records import ServedCompletion
 
 # The parameters a verifiable request may set (a whitelist, so a new distribution-changing vLLM
 # parameter is excluded by default). `stop` is allowed: stop strings only cut the text.
-_VERIFIABLE_FIELDS = frozenset({
-    "model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
-    "seed", "stream", "stream_options", "stop", "n", "user", "return_token_ids", "request_id", "logprobs",
-    "top_logprobs",
-})
+_VERIFIABLE_FIELDS = frozenset(
+    {
+        "model",
+        "messages",
+        "prompt",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "seed",
+        "stream",
+        "stream_options",
+        "stop",
+        "n",
+        "user",
+        "return_token_ids",
+        "request_id",
+        "logprobs",
+        "top_logprobs",
+    }
+)
 _IDS = re.compile(r'"(prompt_token_ids|token_ids)":\[[0-9,]*\]')
 
 
@@ -41,15 +58,19 @@ def verifiable(body: Any) -> bool:
         return False  # flatter than the model: rare tokens become likely, the logprob floor would misfire
     messages = getattr(body, "messages", None)
     if messages is not None:
-        return all(isinstance(m, dict) and isinstance(m.get("content"), str)
-                   and m.get("role") in ("system", "user", "assistant") and set(m) <= {"role", "content"}
-                   for m in messages)
+        return all(
+            isinstance(m, dict)
+            and isinstance(m.get("content"), str)
+            and m.get("role") in ("system", "user", "assistant")
+            and set(m) <= {"role", "content"}
+            for m in messages
+        )
     return isinstance(getattr(body, "prompt", None), str)
 
 
 def strip_token_ids(piece: str) -> str:
     """An SSE event or JSON body with token id lists replaced by null (as vLLM writes without the flag)."""
-    return _IDS.sub(r'"\1":null', piece) if "token_ids\":[" in piece else piece
+    return _IDS.sub(r'"\1":null', piece) if 'token_ids":[' in piece else piece
 
 
 class Capture:
@@ -98,10 +119,18 @@ class Capture:
         temperature = getattr(b, "temperature", None)
         stop = getattr(b, "stop", None)
         return ServedCompletion(
-            request_id=self.request_id, node_id=node_id, model=b.model,
+            request_id=self.request_id,
+            node_id=node_id,
+            model=b.model,
             prompt=None if messages is not None else b.prompt,
-            messages=None if messages is None else tuple({"role": m["role"], "content": m["content"]} for m in messages),
-            text="".join(self.text), token_ids=None if self.ids is None else tuple(self.ids),
-            completion_tokens=completion_tokens, finish_reason=self.finish_reason, max_tokens=max_tokens,
-            temperature=1.0 if temperature is None else float(temperature), stop_strings=bool(stop),
+            messages=None
+            if messages is None
+            else tuple({"role": m["role"], "content": m["content"]} for m in messages),
+            text="".join(self.text),
+            token_ids=None if self.ids is None else tuple(self.ids),
+            completion_tokens=completion_tokens,
+            finish_reason=self.finish_reason,
+            max_tokens=max_tokens,
+            temperature=1.0 if temperature is None else float(temperature),
+            stop_strings=bool(stop),
         )

@@ -23,13 +23,38 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from cluster.records import keyed_sample
 
-_TOPICS = ("the river town", "an old bridge", "the market", "a baker", "the harbour", "a long winter",
-           "the school", "a quiet library", "the mountain road", "a small garden", "the night train",
-           "a village festival", "the lighthouse", "a lost letter", "the orchard", "a rainy morning")
-_TEMPLATES = ("Tell me about {t}.", "Write a short story about {t}.", "Describe {t} in a few sentences.",
-              "What happened at {t}?", "Once upon a time, {t}", "The story of {t} begins",
-              "Explain why people remember {t}.", "{T} was", "Give three facts about {t}.",
-              "Continue: on the way to {t}, she", "Summarise a day at {t}.", "Write a poem about {t}.")
+_TOPICS = (
+    "the river town",
+    "an old bridge",
+    "the market",
+    "a baker",
+    "the harbour",
+    "a long winter",
+    "the school",
+    "a quiet library",
+    "the mountain road",
+    "a small garden",
+    "the night train",
+    "a village festival",
+    "the lighthouse",
+    "a lost letter",
+    "the orchard",
+    "a rainy morning",
+)
+_TEMPLATES = (
+    "Tell me about {t}.",
+    "Write a short story about {t}.",
+    "Describe {t} in a few sentences.",
+    "What happened at {t}?",
+    "Once upon a time, {t}",
+    "The story of {t} begins",
+    "Explain why people remember {t}.",
+    "{T} was",
+    "Give three facts about {t}.",
+    "Continue: on the way to {t}, she",
+    "Summarise a day at {t}.",
+    "Write a poem about {t}.",
+)
 _STYLES = ("", " Keep it short.", " Be specific.", " Use simple words.", " Answer in one paragraph.")
 
 
@@ -37,27 +62,46 @@ class ChallengeConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     rate_per_node_per_min: float = Field(
-        default=0.5, gt=0, description="Mean challenges per node per minute per validator (exponential "
-        "inter-arrival); 0.5 keeps 3 validators at ~2.5% of a node serving 1 organic request/s.")
+        default=0.5,
+        gt=0,
+        description="Mean challenges per node per minute per validator (exponential "
+        "inter-arrival); 0.5 keeps 3 validators at ~2.5% of a node serving 1 organic request/s.",
+    )
     kinds: tuple[Literal["chat", "completion"], ...] = Field(
-        default=("chat", "completion"), min_length=1, description="Request kinds to draw from.")
-    max_tokens: tuple[int, ...] = Field(default=(16, 32, 48, 64), min_length=1,
-                                        description="max_tokens values to draw from (like organic requests).")
+        default=("chat", "completion"), min_length=1, description="Request kinds to draw from."
+    )
+    max_tokens: tuple[int, ...] = Field(
+        default=(16, 32, 48, 64),
+        min_length=1,
+        description="max_tokens values to draw from (like organic requests).",
+    )
     temperatures: tuple[float, ...] = Field(
-        default=(0.0,), min_length=1, description="Temperatures to draw from; 0 verifies most sharply.")
+        default=(0.0,), min_length=1, description="Temperatures to draw from; 0 verifies most sharply."
+    )
     stream_probability: float = Field(default=0.5, ge=0, le=1, description="Share of streamed challenges.")
     ask_token_ids: bool = Field(
-        default=True, description="Ask the node for its token ids (vLLM's return_token_ids); without them the "
-        "validator re-tokenises the text, which is weaker for non-canonical tokenisations.")
+        default=True,
+        description="Ask the node for its token ids (vLLM's return_token_ids); without them the "
+        "validator re-tokenises the text, which is weaker for non-canonical tokenisations.",
+    )
     use_organic_prompts: bool = Field(
-        default=False, description="Also replay recent organic prompts (privacy: off unless the deployment allows).")
+        default=False,
+        description="Also replay recent organic prompts (privacy: off unless the deployment allows).",
+    )
     organic_pool_size: int = Field(default=256, ge=1, description="Recent organic prompts kept when enabled.")
-    organic_share: float = Field(default=0.5, ge=0, le=1, description="Share of challenges from organic prompts.")
+    organic_share: float = Field(
+        default=0.5, ge=0, le=1, description="Share of challenges from organic prompts."
+    )
     shadow_rate: float = Field(
-        default=1.0, ge=0, le=1, description="Probability this validator verifies an organic request the gateway "
-        "offered for shadow verification (the gateway's own shadow_rate sets how many are offered).")
-    shadow_key: SecretStr = Field(default=SecretStr("meritnet-shadow"),
-                                  description="Validator-private key of the shadow sampling hash.")
+        default=1.0,
+        ge=0,
+        le=1,
+        description="Probability this validator verifies an organic request the gateway "
+        "offered for shadow verification (the gateway's own shadow_rate sets how many are offered).",
+    )
+    shadow_key: SecretStr = Field(
+        default=SecretStr("meritnet-shadow"), description="Validator-private key of the shadow sampling hash."
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,8 +151,11 @@ class ChallengePool:
         use_organic = self._organic and rng.random() < c.organic_share
         text = rng.choice(list(self._organic)) if use_organic else synthetic_prompt(rng)
         kind = rng.choice(c.kinds)
-        body: dict[str, Any] = {"model": model, "max_tokens": rng.choice(c.max_tokens),
-                                "temperature": rng.choice(c.temperatures)}
+        body: dict[str, Any] = {
+            "model": model,
+            "max_tokens": rng.choice(c.max_tokens),
+            "temperature": rng.choice(c.temperatures),
+        }
         if rng.random() < c.stream_probability:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}

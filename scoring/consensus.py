@@ -91,14 +91,17 @@ def _as_matrix(name: str, a, shape: tuple[int, int] | None = None) -> np.ndarray
     if m.ndim != 2:
         raise ValueError(f"{name} must be a 2-D array (validators x nodes), got shape {m.shape}")
     if shape is not None and m.shape != shape:
-        raise ValueError(f"{name} has shape {m.shape} but weights have shape {shape}; pass last epoch's bonds")
+        raise ValueError(
+            f"{name} has shape {m.shape} but weights have shape {shape}; pass last epoch's bonds"
+        )
     if not np.all(np.isfinite(m)) or (m < 0).any():
         raise ValueError(f"{name} must be finite and non-negative")
     return m
 
 
-def yuma_epoch(weights, stake, bonds=None, kappa: float = 0.5, alpha: float = 0.1,
-               *, bonds_penalty: float = 1.0) -> YumaResult:
+def yuma_epoch(
+    weights, stake, bonds=None, kappa: float = 0.5, alpha: float = 0.1, *, bonds_penalty: float = 1.0
+) -> YumaResult:
     """Run one epoch of original Yuma Consensus.
 
     weights: V x N non-negative (any scale; rows are normalised). stake: V non-negative.
@@ -134,9 +137,18 @@ def yuma_epoch(weights, stake, bonds=None, kappa: float = 0.5, alpha: float = 0.
     ema = _col_normalize(alpha * delta + (1.0 - alpha) * _col_normalize(b_prev))
     dividends = _normalize(ema @ incentive)
 
-    arrays = {"consensus": consensus, "incentive": incentive, "dividends": dividends, "bonds": ema,
-                  "validator_trust": validator_trust, "rank": ranks, "trust": trust, "weights": w,
-                  "clipped_weights": clipped, "stake": s}
+    arrays = {
+        "consensus": consensus,
+        "incentive": incentive,
+        "dividends": dividends,
+        "bonds": ema,
+        "validator_trust": validator_trust,
+        "rank": ranks,
+        "trust": trust,
+        "weights": w,
+        "clipped_weights": clipped,
+        "stake": s,
+    }
     for a in arrays.values():
         a.setflags(write=False)
     return YumaResult(**arrays)
@@ -181,8 +193,11 @@ class ConsensusState:
 
     def step(self, scores_by_validator, stake_by_validator, node_ids=None) -> QualityScores:
         validators = sorted(stake_by_validator)
-        nodes = sorted(node_ids) if node_ids is not None else sorted(
-            {s.node_id for ss in scores_by_validator.values() for s in ss})
+        nodes = (
+            sorted(node_ids)
+            if node_ids is not None
+            else sorted({s.node_id for ss in scores_by_validator.values() for s in ss})
+        )
         col = {n: j for j, n in enumerate(nodes)}
         w = np.zeros((len(validators), len(nodes)))
         for i, v in enumerate(validators):
@@ -192,7 +207,9 @@ class ConsensusState:
         b = np.array([[self._bonds.get((v, n), 0.0) for n in nodes] for v in validators]).reshape(w.shape)
         stake = np.array([float(stake_by_validator[v]) for v in validators])
         r = yuma_epoch(w, stake, b, kappa=self.kappa, alpha=self.alpha)
-        self._bonds = {(v, n): float(r.bonds[i, j]) for i, v in enumerate(validators) for j, n in enumerate(nodes)}
+        self._bonds = {
+            (v, n): float(r.bonds[i, j]) for i, v in enumerate(validators) for j, n in enumerate(nodes)
+        }
         self.last, self.validators, self.nodes = r, validators, nodes
         q = quality_from_consensus(r, nodes, epoch=self.epoch)
         self.epoch += 1

@@ -31,7 +31,9 @@ class LetterCodec:
 
     def encode_prompt(self, prompt: str) -> list[int]:
         """BOS + the letters of the prompt (anything else is dropped)."""
-        return [0] + self.encode("".join(ch for ch in prompt.lower() if "a" <= ch < chr(ord("a") + self.vocab - 2)))
+        return [0] + self.encode(
+            "".join(ch for ch in prompt.lower() if "a" <= ch < chr(ord("a") + self.vocab - 2))
+        )
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         return self.encode_prompt("".join(m["content"] for m in messages))
@@ -40,12 +42,21 @@ class LetterCodec:
 class BigramModel:
     """logits[last, next] ~ N(0, scale^2), seeded; EOS gets a fixed bias so texts end sometimes."""
 
-    def __init__(self, seed: int, vocab: int = 24, scale: float = 3.0, eos_bias: float = -2.0,
-                 noise: float = 0.0, noise_seed: int = 1234) -> None:
+    def __init__(
+        self,
+        seed: int,
+        vocab: int = 24,
+        scale: float = 3.0,
+        eos_bias: float = -2.0,
+        noise: float = 0.0,
+        noise_seed: int = 1234,
+    ) -> None:
         rng = np.random.default_rng(seed)
         self.logits = rng.normal(0.0, scale, size=(vocab, vocab))
         if noise:  # "perturbed weights": same model plus Gaussian noise
-            self.logits = self.logits + np.random.default_rng(noise_seed).normal(0.0, noise, size=self.logits.shape)
+            self.logits = self.logits + np.random.default_rng(noise_seed).normal(
+                0.0, noise, size=self.logits.shape
+            )
         self.logits[:, 0] = -1e9  # never emit BOS
         self.logits[:, EOS] += eos_bias
         self.vocab = vocab
@@ -54,8 +65,13 @@ class BigramModel:
         row = self.logits[last]
         return row - (row.max() + math.log(np.exp(row - row.max()).sum()))
 
-    def generate(self, prompt_ids: Sequence[int], max_tokens: int, temperature: float = 0.0,
-                 rng: np.random.Generator | None = None) -> tuple[list[int], str]:
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        max_tokens: int,
+        temperature: float = 0.0,
+        rng: np.random.Generator | None = None,
+    ) -> tuple[list[int], str]:
         """(completion ids incl. a final EOS if it stopped, finish_reason)."""
         rng = rng or np.random.default_rng(0)
         last = prompt_ids[-1] if prompt_ids else 0
@@ -83,8 +99,9 @@ class FakeReferenceEngine:
         self._rng = np.random.default_rng(seed)
         self.calls = 0
 
-    def prompt_logprobs(self, prompt_token_ids: Sequence[int], completion_token_ids: Sequence[int],
-                        top_k: int) -> list[dict[int, float]]:
+    def prompt_logprobs(
+        self, prompt_token_ids: Sequence[int], completion_token_ids: Sequence[int], top_k: int
+    ) -> list[dict[int, float]]:
         self.calls += 1
         seq = list(prompt_token_ids) + list(completion_token_ids)
         out = []

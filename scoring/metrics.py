@@ -11,16 +11,36 @@ from cluster.records import NodeScore, QualityScores
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
-NODE_INTEGRITY = Gauge("meritnet_node_integrity", "Verification pass rate (0 after fraud), per validator.",
-                       ["node", "validator"], registry=REGISTRY)
-NODE_AVAILABILITY = Gauge("meritnet_node_availability", "Challenge success rate, per validator.",
-                          ["node", "validator"], registry=REGISTRY)
-NODE_SPEED = Gauge("meritnet_node_speed", "Speed vs the model's fleet median, per validator.",
-                   ["node", "validator"], registry=REGISTRY)
-NODE_QUALITY = Gauge("meritnet_node_consensus_quality", "Consensus quality in [0,1] used by router and settlement.",
-                     ["node"], registry=REGISTRY)
-VALIDATOR_TRUST = Gauge("meritnet_validator_trust", "Yuma validator trust (share of weight within consensus).",
-                        ["validator"], registry=REGISTRY)
+NODE_INTEGRITY = Gauge(
+    "meritnet_node_integrity",
+    "Verification pass rate (0 after fraud), per validator.",
+    ["node", "validator"],
+    registry=REGISTRY,
+)
+NODE_AVAILABILITY = Gauge(
+    "meritnet_node_availability",
+    "Challenge success rate, per validator.",
+    ["node", "validator"],
+    registry=REGISTRY,
+)
+NODE_SPEED = Gauge(
+    "meritnet_node_speed",
+    "Speed vs the model's fleet median, per validator.",
+    ["node", "validator"],
+    registry=REGISTRY,
+)
+NODE_QUALITY = Gauge(
+    "meritnet_node_consensus_quality",
+    "Consensus quality in [0,1] used by router and settlement.",
+    ["node"],
+    registry=REGISTRY,
+)
+VALIDATOR_TRUST = Gauge(
+    "meritnet_validator_trust",
+    "Yuma validator trust (share of weight within consensus).",
+    ["validator"],
+    registry=REGISTRY,
+)
 
 
 def observe_node_score(s: NodeScore) -> None:

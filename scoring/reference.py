@@ -57,23 +57,37 @@ class VllmReferenceEngine:
     Pass an existing `llm` to share one engine (e.g. in tests, where the same engine also generates).
     """
 
-    def __init__(self, model: str | Path | None = None, *, llm: Any = None, max_model_len: int = 1024,
-                 max_logprobs: int = 20, **engine_kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        llm: Any = None,
+        max_model_len: int = 1024,
+        max_logprobs: int = 20,
+        **engine_kwargs: Any,
+    ) -> None:
         if llm is None:
             if model is None:
                 raise ValueError("VllmReferenceEngine needs a model path/id or an existing vllm.LLM")
             from vllm import LLM
 
-            llm = LLM(model=str(model), max_model_len=max_model_len, max_logprobs=max_logprobs, seed=0,
-                      **engine_kwargs)
+            llm = LLM(
+                model=str(model),
+                max_model_len=max_model_len,
+                max_logprobs=max_logprobs,
+                seed=0,
+                **engine_kwargs,
+            )
         self.llm = llm
 
-    def prompt_logprobs(self, prompt_token_ids: Sequence[int], completion_token_ids: Sequence[int],
-                        top_k: int) -> list[dict[int, float]]:
+    def prompt_logprobs(
+        self, prompt_token_ids: Sequence[int], completion_token_ids: Sequence[int], top_k: int
+    ) -> list[dict[int, float]]:
         return self.prompt_logprobs_many([(prompt_token_ids, completion_token_ids)], top_k)[0]
 
-    def prompt_logprobs_many(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
-                             top_k: int) -> list[list[dict[int, float]]]:
+    def prompt_logprobs_many(
+        self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], top_k: int
+    ) -> list[list[dict[int, float]]]:
         """Batched teacher forcing: one engine call for many (prompt ids, completion ids) pairs."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
@@ -84,5 +98,7 @@ class VllmReferenceEngine:
         result = []
         for (p, c), out in zip(pairs, outs):
             plp = out.prompt_logprobs
-            result.append([{int(t): float(lp.logprob) for t, lp in plp[len(p) + i].items()} for i in range(len(c))])
+            result.append(
+                [{int(t): float(lp.logprob) for t, lp in plp[len(p) + i].items()} for i in range(len(c))]
+            )
         return result

@@ -35,15 +35,21 @@ from scoring.verify import Verdict
 class ScoreConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    integrity_alpha: float = Field(default=0.2, gt=0, le=1, description="EMA rate of the verification pass rate.")
+    integrity_alpha: float = Field(
+        default=0.2, gt=0, le=1, description="EMA rate of the verification pass rate."
+    )
     availability_alpha: float = Field(default=0.2, gt=0, le=1, description="EMA rate of challenge success.")
     speed_alpha: float = Field(default=0.3, gt=0, le=1, description="EMA rate of TTFT and tokens/s.")
-    w_avail: float = Field(default=0.7, ge=0, le=1,
-                           description="Weight of availability vs speed (1 - w_avail) inside the score.")
+    w_avail: float = Field(
+        default=0.7, ge=0, le=1, description="Weight of availability vs speed (1 - w_avail) inside the score."
+    )
     fail_strikes: int = Field(default=2, ge=1, description="Fails within the window that count as fraud.")
-    strike_window: int = Field(default=16, ge=1, description="Verifications the fail strikes are counted over.")
-    recovery_passes: int = Field(default=32, ge=0,
-                                 description="Consecutive passes needed to leave the penalty after a drop.")
+    strike_window: int = Field(
+        default=16, ge=1, description="Verifications the fail strikes are counted over."
+    )
+    recovery_passes: int = Field(
+        default=32, ge=0, description="Consecutive passes needed to leave the penalty after a drop."
+    )
 
 
 @dataclass
@@ -78,8 +84,15 @@ class NodeScorer:
             st = self._nodes[node_id] = _NodeState(model_id)
         return st
 
-    def observe_challenge(self, node_id: str, model_id: str, ok: bool, ttft_s: float | None = None,
-                          tokens_per_s: float | None = None, now: float | None = None) -> None:
+    def observe_challenge(
+        self,
+        node_id: str,
+        model_id: str,
+        ok: bool,
+        ttft_s: float | None = None,
+        tokens_per_s: float | None = None,
+        now: float | None = None,
+    ) -> None:
         """A challenge request finished: `ok` if the node answered with a well-formed completion."""
         c, st = self.config, self._node(node_id, model_id)
         st.availability = _ema(st.availability, 1.0 if ok else 0.0, c.availability_alpha)
@@ -89,12 +102,14 @@ class NodeScorer:
             st.tps = _ema(st.tps, tokens_per_s, c.speed_alpha)
         st.at = time.time() if now is None else now
 
-    def observe_verification(self, node_id: str, model_id: str, verdict: Verdict, now: float | None = None) -> None:
+    def observe_verification(
+        self, node_id: str, model_id: str, verdict: Verdict, now: float | None = None
+    ) -> None:
         c, st = self.config, self._node(node_id, model_id)
         st.verifications += 1
         st.recent.append(verdict)
         st.at = time.time() if now is None else now
-        window = list(st.recent)[-c.strike_window:]
+        window = list(st.recent)[-c.strike_window :]
         if verdict == "fraud" or (verdict == "fail" and window.count("fail") >= c.fail_strikes):
             st.frauds += verdict == "fraud"
             st.penalty_left = max(c.recovery_passes, 1)
@@ -131,9 +146,17 @@ class NodeScorer:
             availability = st.availability if st.availability is not None else 0.0
             speed = self._speed(st)
             score = integrity * (c.w_avail * availability + (1 - c.w_avail) * speed)
-            out.append(NodeScore(validator=self.validator, node_id=node_id, integrity=_unit(integrity),
-                                 availability=_unit(availability), speed=_unit(speed), score=_unit(score),
-                                 at=float(st.at)))
+            out.append(
+                NodeScore(
+                    validator=self.validator,
+                    node_id=node_id,
+                    integrity=_unit(integrity),
+                    availability=_unit(availability),
+                    speed=_unit(speed),
+                    score=_unit(score),
+                    at=float(st.at),
+                )
+            )
         return out
 
 

@@ -37,12 +37,18 @@ log = logging.getLogger("meritnet.validator")
 class ValidatorConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    validator_id: str = Field(min_length=1, description="This validator's identity (a row of the weight matrix).")
+    validator_id: str = Field(
+        min_length=1, description="This validator's identity (a row of the weight matrix)."
+    )
     stake: float = Field(default=1.0, ge=0, description="Stake behind this validator's weights in consensus.")
     challenge: ChallengeConfig = Field(default_factory=ChallengeConfig, description="Challenge traffic.")
-    thresholds: VerifyThresholds = Field(default_factory=VerifyThresholds, description="Verification thresholds.")
+    thresholds: VerifyThresholds = Field(
+        default_factory=VerifyThresholds, description="Verification thresholds."
+    )
     score: ScoreConfig = Field(default_factory=ScoreConfig, description="Score smoothing and penalties.")
-    timeout_s: float = Field(default=60.0, gt=0, description="A challenge unanswered this long counts as failed.")
+    timeout_s: float = Field(
+        default=60.0, gt=0, description="A challenge unanswered this long counts as failed."
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,15 +77,23 @@ class ChallengeOutcome:
 
 
 class Validator:
-    def __init__(self, config: ValidatorConfig, send: SendFn, engines: Mapping[str, ReferenceEngine],
-                 codecs: Mapping[str, TextCodec], rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        config: ValidatorConfig,
+        send: SendFn,
+        engines: Mapping[str, ReferenceEngine],
+        codecs: Mapping[str, TextCodec],
+        rng: random.Random | None = None,
+    ) -> None:
         self.config = config
         self._send = send
         self._engines = dict(engines)
         self._codecs = dict(codecs)
         self.pool = ChallengePool(config.challenge, rng)
         self.scorer = NodeScorer(config.validator_id, config.score)
-        self.shadow = ShadowSampler(config.challenge.shadow_rate, config.challenge.shadow_key.get_secret_value())
+        self.shadow = ShadowSampler(
+            config.challenge.shadow_rate, config.challenge.shadow_key.get_secret_value()
+        )
         self.tokens_spent = 0  # prompt + completion tokens of challenges + reference prefill (overhead)
         self._engine_lock = asyncio.Lock()  # one teacher-forced prefill at a time per validator
         # Audit counters per node: challenges, answered, and verdicts (pass/fail/fraud, challenge or shadow).
@@ -99,15 +113,24 @@ class Validator:
         return tuple(codec.encode_prompt(prompt or ""))
 
     def claim_for(self, req: ChallengeRequest, resp: ChallengeResponse) -> Claim:
-        return Claim(prompt_token_ids=self._prompt_ids(req.model, req.messages, req.prompt), text=resp.text, completion_token_ids=resp.token_ids,
-                     reported_completion_tokens=resp.completion_tokens, finish_reason=resp.finish_reason,
-                     max_tokens=req.max_tokens, temperature=req.temperature, stop_strings="stop" in req.body)
+        return Claim(
+            prompt_token_ids=self._prompt_ids(req.model, req.messages, req.prompt),
+            text=resp.text,
+            completion_token_ids=resp.token_ids,
+            reported_completion_tokens=resp.completion_tokens,
+            finish_reason=resp.finish_reason,
+            max_tokens=req.max_tokens,
+            temperature=req.temperature,
+            stop_strings="stop" in req.body,
+        )
 
     async def verify_claim(self, model_id: str, claim: Claim) -> Verification:
         engine = self._engines.get(model_id)
         if engine is None:
-            raise KeyError(f"validator {self.validator_id} has no reference engine for model {model_id!r}; "
-                           "configure one per served model")
+            raise KeyError(
+                f"validator {self.validator_id} has no reference engine for model {model_id!r}; "
+                "configure one per served model"
+            )
         # A local vLLM engine takes one call at a time; an engine that says it batches concurrent calls
         # (e.g. deploy's shared reference engine actor) gets them all at once.
         lock = contextlib.nullcontext() if getattr(engine, "concurrent_calls", False) else self._engine_lock
@@ -123,8 +146,12 @@ class Validator:
             resp = await asyncio.wait_for(self._send(req), self.config.timeout_s)
         except Exception as exc:  # noqa: BLE001 - unreachable node = unavailable, not a crash
             resp = ChallengeResponse(ok=False, error=type(exc).__name__)
-            log.warning("validator %s: challenge to %s failed (%s)", self.validator_id, node.node_id,
-                        type(exc).__name__)
+            log.warning(
+                "validator %s: challenge to %s failed (%s)",
+                self.validator_id,
+                node.node_id,
+                type(exc).__name__,
+            )
         verification = None
         tps = None
         if resp.ok and resp.elapsed_s > (resp.ttft_s or 0) and resp.completion_tokens > 1:
@@ -138,15 +165,27 @@ class Validator:
             verification = await self.verify_claim(node.model_id, claim)
             self._observe_verdict(node.node_id, node.model_id, verification.verdict)
             if verification.verdict != "pass":
-                log.warning("validator %s: node %s %s (%s)", self.validator_id, node.node_id,
-                            verification.verdict, "; ".join(verification.reasons)[:300])
+                log.warning(
+                    "validator %s: node %s %s (%s)",
+                    self.validator_id,
+                    node.node_id,
+                    verification.verdict,
+                    "; ".join(verification.reasons)[:300],
+                )
         self._export()
         return ChallengeOutcome(node.node_id, resp, verification)
 
     def claim_for_served(self, item: ServedCompletion) -> Claim:
-        return Claim(prompt_token_ids=self._prompt_ids(item.model, item.messages, item.prompt), text=item.text, completion_token_ids=item.token_ids,
-                     reported_completion_tokens=item.completion_tokens, finish_reason=item.finish_reason,
-                     max_tokens=item.max_tokens, temperature=item.temperature, stop_strings=item.stop_strings)
+        return Claim(
+            prompt_token_ids=self._prompt_ids(item.model, item.messages, item.prompt),
+            text=item.text,
+            completion_token_ids=item.token_ids,
+            reported_completion_tokens=item.completion_tokens,
+            finish_reason=item.finish_reason,
+            max_tokens=item.max_tokens,
+            temperature=item.temperature,
+            stop_strings=item.stop_strings,
+        )
 
     async def shadow_verify(self, item: ServedCompletion) -> Verification | None:
         """Verify an organic completion after the fact if it falls in this validator's shadow sample
@@ -154,7 +193,9 @@ class Validator:
         if item.model not in self._engines or not self.shadow.should_verify(item.request_id):
             return None
         if item.messages is not None:
-            self.pool.observe_organic(next((m["content"] for m in reversed(item.messages) if m["role"] == "user"), ""))
+            self.pool.observe_organic(
+                next((m["content"] for m in reversed(item.messages) if m["role"] == "user"), "")
+            )
         elif item.prompt:
             self.pool.observe_organic(item.prompt)
         v = await self.verify_claim(item.model, self.claim_for_served(item))
@@ -162,13 +203,22 @@ class Validator:
         self.counts[item.node_id]["shadow"] += 1
         self.counts[item.node_id][f"shadow_{v.verdict}"] += 1
         if v.verdict != "pass":
-            log.warning("validator %s: node %s %s on an organic request (%s)", self.validator_id, item.node_id,
-                        v.verdict, "; ".join(v.reasons)[:300])
+            log.warning(
+                "validator %s: node %s %s on an organic request (%s)",
+                self.validator_id,
+                item.node_id,
+                v.verdict,
+                "; ".join(v.reasons)[:300],
+            )
         self._export()
         return v
 
-    async def follow_shadow_feed(self, fetch: Callable[[int], Awaitable[tuple[list[ServedCompletion], int]]],
-                                 stop: asyncio.Event, poll_s: float = 1.0) -> None:
+    async def follow_shadow_feed(
+        self,
+        fetch: Callable[[int], Awaitable[tuple[list[ServedCompletion], int]]],
+        stop: asyncio.Event,
+        poll_s: float = 1.0,
+    ) -> None:
         """Verify the organic completions offered on a feed (`fetch(cursor) -> (items, next cursor)`)."""
         cursor = 0
         while not stop.is_set():
@@ -178,11 +228,16 @@ class Validator:
                 log.debug("validator %s: shadow feed unavailable (%s)", self.validator_id, type(exc).__name__)
                 items = []
             if items:
-                results = await asyncio.gather(*(self.shadow_verify(i) for i in items), return_exceptions=True)
+                results = await asyncio.gather(
+                    *(self.shadow_verify(i) for i in items), return_exceptions=True
+                )
                 for r in results:
                     if isinstance(r, Exception):
-                        log.warning("validator %s: shadow verification failed (%s)", self.validator_id,
-                                    type(r).__name__)
+                        log.warning(
+                            "validator %s: shadow verification failed (%s)",
+                            self.validator_id,
+                            type(r).__name__,
+                        )
                 continue
             try:
                 await asyncio.wait_for(stop.wait(), poll_s)
@@ -237,8 +292,10 @@ class Validator:
 
 # ---- real I/O: the gateway over HTTP ------------------------------------------------------------
 
-def http_send(base_url: str, challenge_key: str | SecretStr, api_key: str | SecretStr | None = None,
-              client: Any = None) -> SendFn:
+
+def http_send(
+    base_url: str, challenge_key: str | SecretStr, api_key: str | SecretStr | None = None, client: Any = None
+) -> SendFn:
     """A SendFn that POSTs challenges to the gateway, pinned to the target node by header."""
     import httpx
 
@@ -255,15 +312,18 @@ def http_send(base_url: str, challenge_key: str | SecretStr, api_key: str | Secr
             r = await http.post(req.path, json=req.body, headers=headers)
             elapsed = time.perf_counter() - t0
             if r.status_code != 200:
-                return ChallengeResponse(ok=False, status=r.status_code, elapsed_s=elapsed, error=r.text[:200])
+                return ChallengeResponse(
+                    ok=False, status=r.status_code, elapsed_s=elapsed, error=r.text[:200]
+                )
             return parse_completion(r.json(), status=200, ttft_s=elapsed, elapsed_s=elapsed)
         chunks: list[dict] = []
         ttft = None
         async with http.stream("POST", req.path, json=req.body, headers=headers) as r:
             if r.status_code != 200:
                 body = (await r.aread()).decode(errors="replace")
-                return ChallengeResponse(ok=False, status=r.status_code, error=body[:200],
-                                         elapsed_s=time.perf_counter() - t0)
+                return ChallengeResponse(
+                    ok=False, status=r.status_code, error=body[:200], elapsed_s=time.perf_counter() - t0
+                )
             async for line in r.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
@@ -289,10 +349,16 @@ def parse_completion(data: dict, status: int, ttft_s: float | None, elapsed_s: f
     choice = data["choices"][0]
     ids = choice.get("token_ids")
     usage = data.get("usage") or {}
-    return ChallengeResponse(ok=True, status=status, text=_choice_text(choice),
-                             token_ids=tuple(ids) if ids is not None else None,
-                             completion_tokens=int(usage.get("completion_tokens") or 0),
-                             finish_reason=choice.get("finish_reason"), ttft_s=ttft_s, elapsed_s=elapsed_s)
+    return ChallengeResponse(
+        ok=True,
+        status=status,
+        text=_choice_text(choice),
+        token_ids=tuple(ids) if ids is not None else None,
+        completion_tokens=int(usage.get("completion_tokens") or 0),
+        finish_reason=choice.get("finish_reason"),
+        ttft_s=ttft_s,
+        elapsed_s=elapsed_s,
+    )
 
 
 def parse_stream(chunks: Sequence[dict], ttft_s: float | None, elapsed_s: float) -> ChallengeResponse:
@@ -309,14 +375,23 @@ def parse_stream(chunks: Sequence[dict], ttft_s: float | None, elapsed_s: float)
                 ids.extend(choice["token_ids"])
             finish = choice.get("finish_reason") or finish
     if finish is None:
-        return ChallengeResponse(ok=False, status=200, error="stream ended without a finish_reason",
-                                 elapsed_s=elapsed_s)
-    return ChallengeResponse(ok=True, status=200, text="".join(text), token_ids=tuple(ids) if have_ids else None,
-                             completion_tokens=int(usage.get("completion_tokens") or 0), finish_reason=finish,
-                             ttft_s=ttft_s, elapsed_s=elapsed_s)
+        return ChallengeResponse(
+            ok=False, status=200, error="stream ended without a finish_reason", elapsed_s=elapsed_s
+        )
+    return ChallengeResponse(
+        ok=True,
+        status=200,
+        text="".join(text),
+        token_ids=tuple(ids) if have_ids else None,
+        completion_tokens=int(usage.get("completion_tokens") or 0),
+        finish_reason=finish,
+        ttft_s=ttft_s,
+        elapsed_s=elapsed_s,
+    )
 
 
 # ---- Ray wrapper ----------------------------------------------------------------------------------
+
 
 class ValidatorActor:
     """Ray actor around Validator: `ray.remote(ValidatorActor).options(name=...).remote(cfg, ...)`.
@@ -328,16 +403,25 @@ class ValidatorActor:
     come from the named feed actor `shadow_feed_name` (polled; None turns shadow verification off).
     """
 
-    def __init__(self, config: ValidatorConfig, gateway_url: str, challenge_key: str,
-                 model_sources: Mapping[str, str], api_key: str | None = None,
-                 registry_name: str = "meritnet-registry", namespace: str = "meritnet",
-                 engine_kwargs: Mapping[str, Any] | None = None,
-                 engines: Mapping[str, ReferenceEngine] | None = None,
-                 shadow_feed_name: str | None = "meritnet-shadow") -> None:
+    def __init__(
+        self,
+        config: ValidatorConfig,
+        gateway_url: str,
+        challenge_key: str,
+        model_sources: Mapping[str, str],
+        api_key: str | None = None,
+        registry_name: str = "meritnet-registry",
+        namespace: str = "meritnet",
+        engine_kwargs: Mapping[str, Any] | None = None,
+        engines: Mapping[str, ReferenceEngine] | None = None,
+        shadow_feed_name: str | None = "meritnet-shadow",
+    ) -> None:
         from scoring.reference import HFCodec, VllmReferenceEngine
 
         if engines is None:
-            engines = {m: VllmReferenceEngine(src, **dict(engine_kwargs or {})) for m, src in model_sources.items()}
+            engines = {
+                m: VllmReferenceEngine(src, **dict(engine_kwargs or {})) for m, src in model_sources.items()
+            }
         codecs = {m: HFCodec.from_pretrained(src) for m, src in model_sources.items()}
         self.validator = Validator(config, http_send(gateway_url, challenge_key, api_key), engines, codecs)
         self._registry = (registry_name, namespace)

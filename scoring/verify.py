@@ -39,8 +39,9 @@ Verdict = Literal["pass", "fail", "fraud"]
 class ReferenceEngine(Protocol):
     """A trusted engine of the claimed model (vLLM in production, a fake in unit tests)."""
 
-    def prompt_logprobs(self, prompt_token_ids: Sequence[int], completion_token_ids: Sequence[int],
-                        top_k: int) -> list[dict[int, float]]:
+    def prompt_logprobs(
+        self, prompt_token_ids: Sequence[int], completion_token_ids: Sequence[int], top_k: int
+    ) -> list[dict[int, float]]:
         """For each completion position t: token id -> logprob of the reference's next-token
         distribution after prompt + completion[:t], holding the top_k tokens and always completion[t]."""
         ...
@@ -71,29 +72,45 @@ class VerifyThresholds(BaseModel):
 
     top_k: int = Field(default=20, ge=1, le=100, description="Reference logprobs requested per position.")
     greedy_gap_tol: float = Field(
-        default=1e-3, ge=0.0, le=1.0,
-        description="Largest p(top1) - p(emitted) still treated as a near-tie flip under greedy decoding.")
+        default=1e-3,
+        ge=0.0,
+        le=1.0,
+        description="Largest p(top1) - p(emitted) still treated as a near-tie flip under greedy decoding.",
+    )
     greedy_fail_rate: float = Field(
-        default=0.0, ge=0.0, le=1.0, description="Greedy mismatch fraction above which the completion fails.")
+        default=0.0, ge=0.0, le=1.0, description="Greedy mismatch fraction above which the completion fails."
+    )
     greedy_fraud_rate: float = Field(
-        default=0.25, ge=0.0, le=1.0,
-        description="Greedy mismatch fraction above which it is clearly another model (fraud).")
+        default=0.25,
+        ge=0.0,
+        le=1.0,
+        description="Greedy mismatch fraction above which it is clearly another model (fraud).",
+    )
     sampled_min_logprob: float = Field(
-        default=-12.0, le=0.0, description="A sampled token with reference logprob below this is implausible.")
-    sampled_fail_rate: float = Field(default=0.05, ge=0.0, le=1.0,
-                                     description="Implausible fraction above which a sampled completion fails.")
-    sampled_fraud_rate: float = Field(default=0.3, ge=0.0, le=1.0,
-                                      description="Implausible fraction above which it is fraud.")
+        default=-12.0, le=0.0, description="A sampled token with reference logprob below this is implausible."
+    )
+    sampled_fail_rate: float = Field(
+        default=0.05,
+        ge=0.0,
+        le=1.0,
+        description="Implausible fraction above which a sampled completion fails.",
+    )
+    sampled_fraud_rate: float = Field(
+        default=0.3, ge=0.0, le=1.0, description="Implausible fraction above which it is fraud."
+    )
     count_tolerance: int = Field(
-        default=1, ge=0,
+        default=1,
+        ge=0,
         description="Tokens a reported count may exceed the verified count by (the EOS token is counted by "
-        "some engines and not others; re-tokenised text may split differently).")
+        "some engines and not others; re-tokenised text may split differently).",
+    )
     provenance: str = Field(
         default="benchmarks/verification.py --quick: 120 honest greedy completions (4607 tokens) of the default "
         "model (seed 0) in vLLM CPU at batch sizes 1/4/16 showed no argmax flip (max near-tie gap 0), so the gap "
         "tolerance is calibrate()'s floor 1e-3 and any mismatch fails; fraud/sampled rates are hand-set caps. "
         "Re-run calibrate() for other models or hardware (GPU kernels flip more near-ties).",
-                            description="How these numbers were obtained (data, batch sizes, margin).")
+        description="How these numbers were obtained (data, batch sizes, margin).",
+    )
 
 
 class Claim(BaseModel):
@@ -104,12 +121,15 @@ class Claim(BaseModel):
     prompt_token_ids: tuple[int, ...] = Field(description="Prompt ids under the claimed model's tokenizer.")
     text: str = Field(description="Completion text the node returned.")
     completion_token_ids: tuple[int, ...] | None = Field(
-        default=None, description="Ids the node reported (vLLM return_token_ids); None -> re-tokenise text.")
+        default=None, description="Ids the node reported (vLLM return_token_ids); None -> re-tokenise text."
+    )
     reported_completion_tokens: int = Field(ge=0, description="usage.completion_tokens the node reported.")
     finish_reason: str | None = Field(default=None, description="'stop', 'length', ... as reported.")
     max_tokens: int | None = Field(
-        ge=1, description="max_tokens of the request; None (engine default: the rest of the context) skips the "
-        "limit checks.")
+        ge=1,
+        description="max_tokens of the request; None (engine default: the rest of the context) skips the "
+        "limit checks.",
+    )
     temperature: float = Field(default=0.0, ge=0.0, description="Request temperature; 0 means greedy.")
     stop_strings: bool = Field(default=False, description="The request set stop strings (ends not checked).")
 
@@ -139,10 +159,14 @@ class Verification:
         return self.flagged / self.n_tokens if self.n_tokens else 0.0
 
 
-def compare_tokens(completion_ids: Sequence[int], ref: Sequence[dict[int, float]], top_k: int) -> list[TokenCheck]:
+def compare_tokens(
+    completion_ids: Sequence[int], ref: Sequence[dict[int, float]], top_k: int
+) -> list[TokenCheck]:
     """Rank and gap of each emitted token in the reference distribution at its position."""
     if len(ref) != len(completion_ids):
-        raise ValueError(f"reference returned {len(ref)} positions for {len(completion_ids)} completion tokens")
+        raise ValueError(
+            f"reference returned {len(ref)} positions for {len(completion_ids)} completion tokens"
+        )
     out = []
     for t, (tok, dist) in enumerate(zip(completion_ids, ref)):
         top = max(dist.values()) if dist else -math.inf
@@ -159,8 +183,9 @@ def _is_flagged(c: TokenCheck, greedy: bool, th: VerifyThresholds) -> bool:
     return c.logprob < th.sampled_min_logprob
 
 
-def structural_reasons(claim: Claim, ids: Sequence[int], ids_from_node: bool, codec: TextCodec,
-                       th: VerifyThresholds) -> tuple[list[str], list[str]]:
+def structural_reasons(
+    claim: Claim, ids: Sequence[int], ids_from_node: bool, codec: TextCodec, th: VerifyThresholds
+) -> tuple[list[str], list[str]]:
     """(fraud reasons, fail reasons) that need no reference engine."""
     fraud, fail = [], []
     n = len(ids)
@@ -175,14 +200,17 @@ def structural_reasons(claim: Claim, ids: Sequence[int], ids_from_node: bool, co
     if claim.max_tokens is None:
         return fraud, fail
     if claim.reported_completion_tokens > claim.max_tokens + th.count_tolerance:
-        fraud.append(f"reported {claim.reported_completion_tokens} tokens beyond max_tokens {claim.max_tokens}")
+        fraud.append(
+            f"reported {claim.reported_completion_tokens} tokens beyond max_tokens {claim.max_tokens}"
+        )
     if claim.finish_reason == "length" and n + th.count_tolerance < claim.max_tokens:
         fraud.append(f"truncated: finish_reason 'length' after {n} of max_tokens {claim.max_tokens}")
     return fraud, fail
 
 
-def verify(claim: Claim, engine: ReferenceEngine, codec: TextCodec,
-           thresholds: VerifyThresholds | None = None) -> Verification:
+def verify(
+    claim: Claim, engine: ReferenceEngine, codec: TextCodec, thresholds: VerifyThresholds | None = None
+) -> Verification:
     """Verdict on one completion. Calls `engine.prompt_logprobs` once (blocking: run it off the event loop)."""
     th = thresholds or VerifyThresholds()
     ids_from_node = claim.completion_token_ids is not None
@@ -192,8 +220,12 @@ def verify(claim: Claim, engine: ReferenceEngine, codec: TextCodec,
     # A natural 'stop' ends with EOS; when the node's ids leave it out, teach-force it to check the ending.
     check_ids = list(ids)
     eos_appended = False
-    if (claim.finish_reason == "stop" and not claim.stop_strings and codec.eos_token_ids
-            and not (check_ids and check_ids[-1] in codec.eos_token_ids)):
+    if (
+        claim.finish_reason == "stop"
+        and not claim.stop_strings
+        and codec.eos_token_ids
+        and not (check_ids and check_ids[-1] in codec.eos_token_ids)
+    ):
         check_ids.append(min(codec.eos_token_ids))
         eos_appended = True
     ref = engine.prompt_logprobs(list(claim.prompt_token_ids), check_ids, th.top_k) if check_ids else []
@@ -208,24 +240,40 @@ def verify(claim: Claim, engine: ReferenceEngine, codec: TextCodec,
         flagged -= 1
     body_n = len(checks) - (1 if eos_appended else 0)
     rate = flagged / body_n if body_n else 0.0
-    fail_rate, fraud_rate = ((th.greedy_fail_rate, th.greedy_fraud_rate) if greedy
-                             else (th.sampled_fail_rate, th.sampled_fraud_rate))
+    fail_rate, fraud_rate = (
+        (th.greedy_fail_rate, th.greedy_fraud_rate)
+        if greedy
+        else (th.sampled_fail_rate, th.sampled_fraud_rate)
+    )
     kind = "mismatched" if greedy else "implausible"
     if rate > fraud_rate:
-        fraud.append(f"{flagged}/{body_n} tokens {kind} under the reference (> {fraud_rate:.3f}): another model")
+        fraud.append(
+            f"{flagged}/{body_n} tokens {kind} under the reference (> {fraud_rate:.3f}): another model"
+        )
     elif rate > fail_rate:
         fail.append(f"{flagged}/{body_n} tokens {kind} under the reference (> {fail_rate:.3f})")
     verdict: Verdict = "fraud" if fraud else ("fail" if fail else "pass")
     finite = [c.logprob for c in checks if c.logprob > -math.inf]
     return Verification(
-        verdict=verdict, reasons=tuple(fraud + fail), greedy=greedy, n_tokens=body_n, flagged=max(0, flagged),
+        verdict=verdict,
+        reasons=tuple(fraud + fail),
+        greedy=greedy,
+        n_tokens=body_n,
+        flagged=max(0, flagged),
         max_gap=max((c.gap for c in checks if c.rank > 1), default=0.0),
-        mean_logprob=sum(finite) / len(finite) if finite else 0.0, tokens=tuple(checks),
+        mean_logprob=sum(finite) / len(finite) if finite else 0.0,
+        tokens=tuple(checks),
     )
 
 
-def calibrate(honest_greedy: Sequence[Sequence[TokenCheck]], honest_sampled: Sequence[Sequence[TokenCheck]] = (),
-              *, margin: float = 3.0, base: VerifyThresholds | None = None, note: str = "") -> VerifyThresholds:
+def calibrate(
+    honest_greedy: Sequence[Sequence[TokenCheck]],
+    honest_sampled: Sequence[Sequence[TokenCheck]] = (),
+    *,
+    margin: float = 3.0,
+    base: VerifyThresholds | None = None,
+    note: str = "",
+) -> VerifyThresholds:
     """Thresholds that accept every honest sample with room to spare.
 
     honest_*: per completion, the token checks of an honest node's output under the reference
@@ -252,13 +300,21 @@ def calibrate(honest_greedy: Sequence[Sequence[TokenCheck]], honest_sampled: Seq
     floor = min(floor, base.sampled_min_logprob) if math.isfinite(floor) else base.sampled_min_logprob
     s_rate = worst_rate(honest_sampled, lambda c: c.logprob < floor)
     n_tok = sum(len(c) for c in honest_greedy) + sum(len(c) for c in honest_sampled)
-    prov = (f"calibrated from {len(honest_greedy)} greedy + {len(honest_sampled)} sampled honest completions "
-            f"({n_tok} tokens), margin {margin}: max honest near-tie gap {max(gaps, default=0.0):.2e}, "
-            f"min honest sampled logprob {min(lps, default=float('nan')):.2f}. {note}").strip()
+    prov = (
+        f"calibrated from {len(honest_greedy)} greedy + {len(honest_sampled)} sampled honest completions "
+        f"({n_tok} tokens), margin {margin}: max honest near-tie gap {max(gaps, default=0.0):.2e}, "
+        f"min honest sampled logprob {min(lps, default=float('nan')):.2f}. {note}"
+    ).strip()
     g_fail = min(1.0, margin * g_rate)
     s_fail = min(1.0, margin * s_rate)
-    return base.model_copy(update={
-        "greedy_gap_tol": gap_tol, "greedy_fail_rate": g_fail, "greedy_fraud_rate": max(base.greedy_fraud_rate, g_fail),
-        "sampled_min_logprob": floor, "sampled_fail_rate": max(s_fail, base.sampled_fail_rate),
-        "sampled_fraud_rate": max(base.sampled_fraud_rate, s_fail), "provenance": prov,
-    })
+    return base.model_copy(
+        update={
+            "greedy_gap_tol": gap_tol,
+            "greedy_fail_rate": g_fail,
+            "greedy_fraud_rate": max(base.greedy_fraud_rate, g_fail),
+            "sampled_min_logprob": floor,
+            "sampled_fail_rate": max(s_fail, base.sampled_fail_rate),
+            "sampled_fraud_rate": max(base.sampled_fraud_rate, s_fail),
+            "provenance": prov,
+        }
+    )

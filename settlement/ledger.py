@@ -63,8 +63,10 @@ CREATE TABLE IF NOT EXISTS operator_rewards (
     epoch INTEGER NOT NULL, operator TEXT NOT NULL, amount_wei TEXT NOT NULL, PRIMARY KEY (epoch, operator)
 );
 """
-_FIELDS = ("node_id, operator, model, prompt_tokens, completion_tokens, started_at, ttft_s, ended_at, status, "
-           "request_hash, response_hash")
+_FIELDS = (
+    "node_id, operator, model, prompt_tokens, completion_tokens, started_at, ttft_s, ended_at, status, "
+    "request_hash, response_hash"
+)
 _COLUMNS = "request_id, " + _FIELDS
 _IN_CHUNK = 500  # bound parameters per duplicate lookup (SQLite's limit is 32766; small is fast too)
 _PAGE = 10_000
@@ -116,11 +118,14 @@ class FrozenEpoch:
 
     def usage_by_node(self) -> dict[str, NodeUsage]:
         """Tokens per node over the ok rows (same answer as UsageLedger.usage_by_node)."""
-        return _group_by_node((r.node_id, r.operator, r.prompt_tokens, r.completion_tokens) for r in self.rows)
+        return _group_by_node(
+            (r.node_id, r.operator, r.prompt_tokens, r.completion_tokens) for r in self.rows
+        )
 
 
-def _group_by_node(rows: Iterator[tuple[str, str, int, int]] | Sequence[tuple[str, str, int, int]]
-                   ) -> dict[str, NodeUsage]:
+def _group_by_node(
+    rows: Iterator[tuple[str, str, int, int]] | Sequence[tuple[str, str, int, int]],
+) -> dict[str, NodeUsage]:
     out: dict[str, NodeUsage] = {}
     for node_id, operator, prompt, completion in rows:
         prev = out.get(node_id)
@@ -132,7 +137,9 @@ def _group_by_node(rows: Iterator[tuple[str, str, int, int]] | Sequence[tuple[st
                 "a node id must keep one operator: register the new operator's node under a new node id"
             )
         else:
-            out[node_id] = NodeUsage(operator, prev.prompt_tokens + prompt, prev.completion_tokens + completion)
+            out[node_id] = NodeUsage(
+                operator, prev.prompt_tokens + prompt, prev.completion_tokens + completion
+            )
     return dict(sorted(out.items()))
 
 
@@ -140,8 +147,9 @@ def _digest(rows: Sequence[tuple]) -> str:
     """sha256 over (request_id, status, node, operator, model, prompt, completion) lines."""
     h = hashlib.sha256()
     for request_id, status, node_id, operator, model, prompt, completion in rows:
-        h.update(f"{request_id}\x1f{status}\x1f{node_id}\x1f{operator}\x1f{model}\x1f{prompt}\x1f{completion}\n"
-                 .encode())
+        h.update(
+            f"{request_id}\x1f{status}\x1f{node_id}\x1f{operator}\x1f{model}\x1f{prompt}\x1f{completion}\n".encode()
+        )
     return h.hexdigest()
 
 
@@ -152,8 +160,9 @@ class UsageLedger:
     on one host (SQLite locking; writers wait up to `busy_timeout_s`).
     """
 
-    def __init__(self, path: str | Path, epoch_length_s: float, genesis: float = 0.0,
-                 busy_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, path: str | Path, epoch_length_s: float, genesis: float = 0.0, busy_timeout_s: float = 30.0
+    ) -> None:
         if not (math.isfinite(epoch_length_s) and epoch_length_s > 0):
             raise ValueError(f"epoch_length_s must be a positive number of seconds, got {epoch_length_s!r}")
         if not math.isfinite(genesis):
@@ -162,8 +171,9 @@ class UsageLedger:
         self.epoch_length_s = float(epoch_length_s)
         self.genesis = float(genesis)
         self._lock = threading.Lock()
-        self._conn = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None,
-                                     check_same_thread=False)
+        self._conn = sqlite3.connect(
+            self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+        )
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")  # fsync the WAL at every commit: see module doc
         self._conn.executescript(_SCHEMA)
@@ -257,7 +267,9 @@ class UsageLedger:
             for i in range(0, len(ids), _IN_CHUNK):
                 chunk = ids[i : i + _IN_CHUNK]
                 marks = ",".join("?" * len(chunk))
-                for (rid,) in c.execute(f"SELECT request_id FROM records WHERE request_id IN ({marks})", chunk):
+                for (rid,) in c.execute(
+                    f"SELECT request_id FROM records WHERE request_id IN ({marks})", chunk
+                ):
                     duplicates.append(rid)
                     del by_id[rid]
             late = 0
@@ -268,19 +280,37 @@ class UsageLedger:
                 if epoch < first_open:
                     epoch = first_open
                     late += 1
-                rows.append((r.request_id, epoch, r.node_id, r.operator, r.model, r.prompt_tokens,
-                             r.completion_tokens, r.started_at, r.ttft_s, r.ended_at, r.status,
-                             r.request_hash, r.response_hash))
-            c.executemany(f"INSERT INTO records (request_id, epoch, {_FIELDS}) "
-                          "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+                rows.append(
+                    (
+                        r.request_id,
+                        epoch,
+                        r.node_id,
+                        r.operator,
+                        r.model,
+                        r.prompt_tokens,
+                        r.completion_tokens,
+                        r.started_at,
+                        r.ttft_s,
+                        r.ended_at,
+                        r.status,
+                        r.request_hash,
+                        r.response_hash,
+                    )
+                )
+            c.executemany(
+                f"INSERT INTO records (request_id, epoch, {_FIELDS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows
+            )
         return AppendResult(len(rows), tuple(duplicates), late)
 
     def records(self, epoch: int) -> Iterator[UsageRecord]:
         """Every record of an epoch (all statuses) in request_id order, read page by page."""
         after = ""
         while True:
-            page = self._read(f"SELECT {_COLUMNS} FROM records WHERE epoch = ? AND request_id > ? "
-                              "ORDER BY request_id LIMIT ?", (epoch, after, _PAGE))
+            page = self._read(
+                f"SELECT {_COLUMNS} FROM records WHERE epoch = ? AND request_id > ? "
+                "ORDER BY request_id LIMIT ?",
+                (epoch, after, _PAGE),
+            )
             for row in page:
                 yield UsageRecord(**dict(zip(_COLUMNS.split(", "), row, strict=True)))
             if len(page) < _PAGE:
@@ -295,8 +325,11 @@ class UsageLedger:
 
     def usage_by_node(self, epoch: int) -> dict[str, NodeUsage]:
         """Ok tokens per node of an epoch (final once the epoch is closed), sorted by node id."""
-        rows = self._read("SELECT node_id, operator, SUM(prompt_tokens), SUM(completion_tokens) FROM records "
-                          "WHERE epoch = ? AND status = 'ok' GROUP BY node_id, operator", (epoch,))
+        rows = self._read(
+            "SELECT node_id, operator, SUM(prompt_tokens), SUM(completion_tokens) FROM records "
+            "WHERE epoch = ? AND status = 'ok' GROUP BY node_id, operator",
+            (epoch,),
+        )
         return _group_by_node(rows)
 
     # ------------------------------------------------------------ freezing
@@ -311,17 +344,24 @@ class UsageLedger:
                 last = c.execute("SELECT MAX(epoch) FROM epochs").fetchone()[0]
                 expected = 0 if last is None else last + 1
                 if epoch != expected:
-                    raise LedgerError(f"epochs close in order: the next epoch to close is {expected}, not {epoch}")
+                    raise LedgerError(
+                        f"epochs close in order: the next epoch to close is {expected}, not {epoch}"
+                    )
                 all_rows = self._epoch_rows(c, epoch)
                 n_ok = sum(1 for r in all_rows if r[1] == "ok")
-                c.execute("INSERT INTO epochs (epoch, closed_at, n_records, n_ok, digest) VALUES (?,?,?,?,?)",
-                          (epoch, time.time(), len(all_rows), n_ok, _digest(all_rows)))
+                c.execute(
+                    "INSERT INTO epochs (epoch, closed_at, n_records, n_ok, digest) VALUES (?,?,?,?,?)",
+                    (epoch, time.time(), len(all_rows), n_ok, _digest(all_rows)),
+                )
         return self.frozen_epoch(epoch)
 
     @staticmethod
     def _epoch_rows(c: sqlite3.Connection, epoch: int) -> list[tuple]:
-        return c.execute("SELECT request_id, status, node_id, operator, model, prompt_tokens, completion_tokens "
-                         "FROM records WHERE epoch = ? ORDER BY request_id", (epoch,)).fetchall()
+        return c.execute(
+            "SELECT request_id, status, node_id, operator, model, prompt_tokens, completion_tokens "
+            "FROM records WHERE epoch = ? ORDER BY request_id",
+            (epoch,),
+        ).fetchall()
 
     def frozen_epoch(self, epoch: int) -> FrozenEpoch:
         """A closed epoch, re-read and checked against the digest taken when it closed."""
@@ -329,8 +369,9 @@ class UsageLedger:
             c = self._conn
             c.execute("BEGIN")  # one snapshot for the epoch row and its records
             try:
-                meta = c.execute("SELECT closed_at, n_records, digest FROM epochs WHERE epoch = ?",
-                                 (epoch,)).fetchone()
+                meta = c.execute(
+                    "SELECT closed_at, n_records, digest FROM epochs WHERE epoch = ?", (epoch,)
+                ).fetchone()
                 all_rows = self._epoch_rows(c, epoch) if meta else []
             finally:
                 c.execute("COMMIT")
@@ -338,7 +379,9 @@ class UsageLedger:
             raise LedgerError(f"epoch {epoch} is not closed yet; close it with close_epoch({epoch}) first")
         closed_at, n_records, digest = meta
         if len(all_rows) != n_records or _digest(all_rows) != digest:
-            raise LedgerError(f"frozen epoch {epoch} no longer matches its digest: the ledger file was altered")
+            raise LedgerError(
+                f"frozen epoch {epoch} no longer matches its digest: the ledger file was altered"
+            )
         start, end = self.epoch_bounds(epoch)
         rows = tuple(UsageRow(r[0], r[2], r[3], r[4], r[5], r[6]) for r in all_rows if r[1] == "ok")
         return FrozenEpoch(epoch, start, end, closed_at, n_records, digest, rows)
@@ -355,10 +398,14 @@ class UsageLedger:
                 raise LedgerError(f"cannot mark epoch {epoch} settled: it is not closed in this ledger")
             row = c.execute("SELECT tx_hash FROM settlements WHERE epoch = ?", (epoch,)).fetchone()
             if row is not None and row[0] != tx_hash:
-                raise LedgerError(f"epoch {epoch} is already settled by {row[0]}; refusing to record {tx_hash}")
+                raise LedgerError(
+                    f"epoch {epoch} is already settled by {row[0]}; refusing to record {tx_hash}"
+                )
             if row is None:
-                c.execute("INSERT INTO settlements (epoch, tx_hash, settled_at) VALUES (?,?,?)",
-                          (epoch, tx_hash, time.time()))
+                c.execute(
+                    "INSERT INTO settlements (epoch, tx_hash, settled_at) VALUES (?,?,?)",
+                    (epoch, tx_hash, time.time()),
+                )
             c.execute("DELETE FROM pending_txs WHERE epoch = ?", (epoch,))
 
     def settled(self, epoch: int) -> str | None:
@@ -372,8 +419,11 @@ class UsageLedger:
     def put_pending_tx(self, epoch: int, raw_tx: bytes, nonce: int, tx_hash: str) -> None:
         """Write ahead the signed tx for `epoch` (replacing an earlier one, e.g. re-signed with bumped fees)."""
         with self._write() as c:
-            c.execute("INSERT OR REPLACE INTO pending_txs (epoch, raw_tx, nonce, tx_hash, written_at) "
-                      "VALUES (?,?,?,?,?)", (epoch, bytes(raw_tx), nonce, tx_hash, time.time()))
+            c.execute(
+                "INSERT OR REPLACE INTO pending_txs (epoch, raw_tx, nonce, tx_hash, written_at) "
+                "VALUES (?,?,?,?,?)",
+                (epoch, bytes(raw_tx), nonce, tx_hash, time.time()),
+            )
 
     def pending_tx(self, epoch: int) -> PendingTx | None:
         rows = self._read("SELECT raw_tx, nonce, tx_hash FROM pending_txs WHERE epoch = ?", (epoch,))
@@ -397,16 +447,23 @@ class UsageLedger:
                     raise LedgerError(f"rewards of epoch {epoch} are already stored and differ from these")
                 return
             c.execute("INSERT INTO epoch_rewards (epoch, carried_wei) VALUES (?, ?)", (epoch, str(wanted[1])))
-            c.executemany("INSERT INTO operator_rewards (epoch, operator, amount_wei) VALUES (?,?,?)",
-                          [(epoch, op, str(a)) for op, a in sorted(wanted[0].items())])
+            c.executemany(
+                "INSERT INTO operator_rewards (epoch, operator, amount_wei) VALUES (?,?,?)",
+                [(epoch, op, str(a)) for op, a in sorted(wanted[0].items())],
+            )
 
     @staticmethod
     def _rewards(c: sqlite3.Connection, epoch: int) -> tuple[dict[str, int], int] | None:
         row = c.execute("SELECT carried_wei FROM epoch_rewards WHERE epoch = ?", (epoch,)).fetchone()
         if row is None:
             return None
-        per_op = {op: int(a) for op, a in c.execute(
-            "SELECT operator, amount_wei FROM operator_rewards WHERE epoch = ? ORDER BY operator", (epoch,))}
+        per_op = {
+            op: int(a)
+            for op, a in c.execute(
+                "SELECT operator, amount_wei FROM operator_rewards WHERE epoch = ? ORDER BY operator",
+                (epoch,),
+            )
+        }
         return per_op, int(row[0])
 
     def rewards(self, epoch: int) -> tuple[dict[str, int], int] | None:
@@ -422,7 +479,8 @@ class UsageLedger:
     def cumulative_rewards(self, through_epoch: int) -> dict[str, int]:
         """Wei per operator summed over epochs 0..through_epoch: the reward tree's leaves."""
         total: dict[str, int] = {}
-        for op, amount in self._read("SELECT operator, amount_wei FROM operator_rewards WHERE epoch <= ?",
-                                     (through_epoch,)):
+        for op, amount in self._read(
+            "SELECT operator, amount_wei FROM operator_rewards WHERE epoch <= ?", (through_epoch,)
+        ):
             total[op] = total.get(op, 0) + int(amount)
         return dict(sorted(total.items()))

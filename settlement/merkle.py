@@ -25,15 +25,26 @@ from typing import Any
 
 from eth_abi import encode as abi_encode
 
-__all__ = ["KECCAK_BACKEND", "MerkleTreeError", "StandardMerkleTree", "keccak256", "keccak_many", "make_encoder"]
+__all__ = [
+    "KECCAK_BACKEND",
+    "MerkleTreeError",
+    "StandardMerkleTree",
+    "keccak256",
+    "keccak_many",
+    "make_encoder",
+]
 
 
 KECCAK_BACKEND = "safe-pysha3"
 """Which keccak implementation the trees use (benchmarks report it)."""
 
 
-def _select_keccak() -> tuple[Callable[[bytes], bytes], Callable[[list[bytes]], list[bytes]],
-                              Callable[[list[bytes]], list[bytes]], Callable[[list[bytes], int], None]]:
+def _select_keccak() -> tuple[
+    Callable[[bytes], bytes],
+    Callable[[list[bytes]], list[bytes]],
+    Callable[[list[bytes]], list[bytes]],
+    Callable[[list[bytes], int], None],
+]:
     """(keccak256, many, bulk leaf hasher, internal-node filler) via the fastest eth_hash backend."""
     try:
         from sha3 import keccak_256  # safe-pysha3: what eth_hash's "pysha3" backend wraps
@@ -64,8 +75,12 @@ def _select_keccak() -> tuple[Callable[[bytes], bytes], Callable[[list[bytes]], 
                 a, b = tree[2 * i + 1], tree[2 * i + 2]
                 tree[i] = keccak(a + b if a < b else b + a)
 
-        return (keccak, lambda items: [keccak(e) for e in items],
-                lambda encoded: [keccak(keccak(e)) for e in encoded], fill_slow)
+        return (
+            keccak,
+            lambda items: [keccak(e) for e in items],
+            lambda encoded: [keccak(keccak(e)) for e in encoded],
+            fill_slow,
+        )
 
 
 keccak256, keccak_many, _leaf_hashes, _fill_internal = _select_keccak()
@@ -105,7 +120,6 @@ def _to_bytes(value: Any) -> bytes:
 def _static_encoder(abi_type: str) -> Callable[[Any], bytes] | None:
     """A fast encoder for one static ABI type, or None when eth_abi must do it."""
     if abi_type == "address":
-
         cache: dict[Any, bytes] = {}  # operators repeat across leaves; decode each once
 
         def enc_address(v: Any) -> bytes:
@@ -241,8 +255,13 @@ def _json_value(v: Any) -> Any:
 class StandardMerkleTree:
     """A built tree: `root`, proofs by value index or by value, and OZ's `standard-v1` dump."""
 
-    def __init__(self, tree: list[bytes], values: list[Sequence[Any]], tree_index: list[int],
-                 leaf_encoding: Sequence[str]) -> None:
+    def __init__(
+        self,
+        tree: list[bytes],
+        values: list[Sequence[Any]],
+        tree_index: list[int],
+        leaf_encoding: Sequence[str],
+    ) -> None:
         self._tree = tree
         self._values = values
         self._tree_index = tree_index
@@ -259,8 +278,9 @@ class StandardMerkleTree:
         return cls.of_encoded(values, [encode(v) for v in values], leaf_encoding)
 
     @classmethod
-    def of_encoded(cls, values: Sequence[Sequence[Any]], encoded: list[bytes],
-                   leaf_encoding: Sequence[str]) -> StandardMerkleTree:
+    def of_encoded(
+        cls, values: Sequence[Sequence[Any]], encoded: list[bytes], leaf_encoding: Sequence[str]
+    ) -> StandardMerkleTree:
         """`of` for callers that already hold abi.encode(value) for each value (a bulk fast path).
 
         The caller guarantees encoded[i] == abi.encode(leaf_encoding, values[i]); `validate()`
@@ -287,7 +307,9 @@ class StandardMerkleTree:
     def load(cls, dump: dict[str, Any]) -> StandardMerkleTree:
         """Load and fully validate a `standard-v1` dump (ours or OZ's)."""
         if dump.get("format") != "standard-v1":
-            raise MerkleTreeError(f"unknown Merkle dump format {dump.get('format')!r}; expected 'standard-v1'")
+            raise MerkleTreeError(
+                f"unknown Merkle dump format {dump.get('format')!r}; expected 'standard-v1'"
+            )
         if "leafEncoding" not in dump:
             raise MerkleTreeError("Merkle dump has no 'leafEncoding'")
         try:
@@ -332,7 +354,9 @@ class StandardMerkleTree:
 
     def _check_value(self, value_index: int) -> int:
         if not 0 <= value_index < len(self._values):
-            raise MerkleTreeError(f"value index {value_index} out of range (tree has {len(self._values)} values)")
+            raise MerkleTreeError(
+                f"value index {value_index} out of range (tree has {len(self._values)} values)"
+            )
         ti = self._tree_index[value_index]
         if not 0 <= ti < len(self._tree) or self._tree[ti] != self.leaf_hash(self._values[value_index]):
             raise MerkleTreeError(f"Merkle tree does not contain the expected value at index {value_index}")

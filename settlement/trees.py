@@ -95,8 +95,15 @@ def model_key(model: str) -> str:
 
 def usage_leaf(row: _UsageRowLike, epoch: int) -> list[Any]:
     """The JSON-friendly usage leaf value of one record (what a dump shows and `verify` takes)."""
-    return [request_key(row.request_id), node_key(row.node_id), row.operator, model_key(row.model),
-            row.prompt_tokens, row.completion_tokens, epoch]
+    return [
+        request_key(row.request_id),
+        node_key(row.node_id),
+        row.operator,
+        model_key(row.model),
+        row.prompt_tokens,
+        row.completion_tokens,
+        epoch,
+    ]
 
 
 def usage_tree(frozen_epoch: _FrozenLike) -> StandardMerkleTree:
@@ -125,10 +132,23 @@ def usage_tree(frozen_epoch: _FrozenLike) -> StandardMerkleTree:
         values.append([rid, node, row.operator, model, row.prompt_tokens, row.completion_tokens, epoch])
         # abi.encode of seven static words, written out directly (a bulk fast path; tested
         # against the generic encoder and OZ's own vectors).
-        encoded.append(b"".join((rid, node, operator, model, row.prompt_tokens.to_bytes(32, "big"),
-                                 row.completion_tokens.to_bytes(32, "big"), epoch_word)))
+        encoded.append(
+            b"".join(
+                (
+                    rid,
+                    node,
+                    operator,
+                    model,
+                    row.prompt_tokens.to_bytes(32, "big"),
+                    row.completion_tokens.to_bytes(32, "big"),
+                    epoch_word,
+                )
+            )
+        )
     if not values:
-        raise EmptyTreeError(f"epoch {epoch} has no ok usage records, so no usage tree; its root is ZERO_ROOT")
+        raise EmptyTreeError(
+            f"epoch {epoch} has no ok usage records, so no usage tree; its root is ZERO_ROOT"
+        )
     return StandardMerkleTree.of_encoded(values, encoded, USAGE_LEAF_ENCODING)
 
 
@@ -145,11 +165,15 @@ def reward_tree(cumulative: Mapping[str, int]) -> StandardMerkleTree:
     values: list[list[Any]] = []
     for operator, amount in cumulative.items():
         if isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
-            raise MerkleTreeError(f"cumulative reward of {operator} must be a non-negative int (wei), got {amount!r}")
+            raise MerkleTreeError(
+                f"cumulative reward of {operator} must be a non-negative int (wei), got {amount!r}"
+            )
         if amount > 0:
             values.append([to_checksum_address(operator), amount])
     if not values:
-        raise EmptyTreeError("no operator has a positive cumulative reward, so no reward tree; root is ZERO_ROOT")
+        raise EmptyTreeError(
+            "no operator has a positive cumulative reward, so no reward tree; root is ZERO_ROOT"
+        )
     values.sort(key=lambda v: v[0].lower())  # deterministic value order in the dump
     return StandardMerkleTree.of(values, REWARD_LEAF_ENCODING)
 

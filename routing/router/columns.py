@@ -25,8 +25,18 @@ class Columns:
     """Row-aligned numpy arrays of one model's snapshots. None becomes NaN (quality, EWMAs) or 0.0
     (last_failure_at, as the not-banned filter already treats it)."""
 
-    FLOATS = ("in_flight", "queue_depth", "capacity", "banned_until", "last_failure_at", "quality",
-              "ttft", "tpot", "joined_at", "key")
+    FLOATS = (
+        "in_flight",
+        "queue_depth",
+        "capacity",
+        "banned_until",
+        "last_failure_at",
+        "quality",
+        "ttft",
+        "tpot",
+        "joined_at",
+        "key",
+    )
 
     def __init__(self, model: str, snaps: Sequence[NodeSnapshot]) -> None:
         self.model = model

@@ -41,7 +41,9 @@ class _Strict(BaseModel):
 
 class PluginSpec(_Strict):
     name: str = Field(min_length=1, description="Name profiles use to reference this plugin instance.")
-    type: str = Field(min_length=1, description="Registered plugin type, e.g. 'quality-floor' or 'max-score'.")
+    type: str = Field(
+        min_length=1, description="Registered plugin type, e.g. 'quality-floor' or 'max-score'."
+    )
     parameters: dict[str, Any] = Field(
         default_factory=dict, description="The type's parameters (validated by the type's own Params model)."
     )
@@ -50,18 +52,25 @@ class PluginSpec(_Strict):
 class PluginRef(_Strict):
     plugin: str = Field(min_length=1, description="Name of a plugin declared under `plugins`.")
     weight: float | None = Field(
-        default=None, ge=0, le=1000, description="Required for scorers (relative weight); not allowed otherwise."
+        default=None,
+        ge=0,
+        le=1000,
+        description="Required for scorers (relative weight); not allowed otherwise.",
     )
 
 
 class ProfileSpec(_Strict):
     name: str = Field(min_length=1, description="Profile name, e.g. 'organic' or 'challenge'.")
-    plugins: list[PluginRef] = Field(description="Filters in order, scorers with weights, exactly one picker.")
+    plugins: list[PluginRef] = Field(
+        description="Filters in order, scorers with weights, exactly one picker."
+    )
 
 
 class TimeoutSpec(_Strict):
     min_s: float = Field(default=5.0, gt=0, description="Shortest first-byte timeout given to any node.")
-    max_s: float = Field(default=120.0, gt=0, description="Longest timeout; also used for nodes with no TTFT yet.")
+    max_s: float = Field(
+        default=120.0, gt=0, description="Longest timeout; also used for nodes with no TTFT yet."
+    )
     ttft_multiplier: float = Field(
         default=10.0, gt=1, description="Timeout = this x the node's TTFT EWMA, clamped to [min_s, max_s]."
     )
@@ -104,7 +113,9 @@ def parse_config(raw: Any, source: str = "<config>") -> RouterConfig:
         cfg = RouterConfig.model_validate(raw)
     except ValidationError as exc:
         lines = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise RouterConfigError(f"{source}: {lines}. See deploy/profiles/default.yaml for a valid example") from None
+        raise RouterConfigError(
+            f"{source}: {lines}. See deploy/profiles/default.yaml for a valid example"
+        ) from None
     build_profiles(cfg)  # reject bad references now, not on the first request
     return cfg
 
@@ -164,7 +175,9 @@ def build_profiles(cfg: RouterConfig) -> dict[str, Profile]:
                 "keep one of max-score, weighted-random, power-of-two"
             )
         if ss and sum(w for _, w in ss) <= 0:
-            raise RouterConfigError(f"profile {prof.name!r}: scorer weights sum to 0; give one a positive weight")
+            raise RouterConfigError(
+                f"profile {prof.name!r}: scorer weights sum to 0; give one a positive weight"
+            )
         assert isinstance(ps[0], Picker)
         profiles[prof.name] = Profile(prof.name, fs, ss, ps[0])
 

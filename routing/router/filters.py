@@ -29,7 +29,9 @@ class ServesModel(Filter):
     Reads: model_id. Parameters: none.  Example: `{name: serves-model, type: serves-model}`
     """
 
-    def filter(self, facts: RequestFacts, nodes: Sequence[NodeSnapshot], ctx: PickContext) -> list[NodeSnapshot]:
+    def filter(
+        self, facts: RequestFacts, nodes: Sequence[NodeSnapshot], ctx: PickContext
+    ) -> list[NodeSnapshot]:
         model = facts.model
         return [n for n in nodes if n.model_id == model]
 
@@ -44,7 +46,9 @@ class Live(Filter):
     Reads: live. Parameters: none.  Example: `{name: live, type: live}`
     """
 
-    def filter(self, facts: RequestFacts, nodes: Sequence[NodeSnapshot], ctx: PickContext) -> list[NodeSnapshot]:
+    def filter(
+        self, facts: RequestFacts, nodes: Sequence[NodeSnapshot], ctx: PickContext
+    ) -> list[NodeSnapshot]:
         return [n for n in nodes if n.live]
 
     def filter_idx(self, facts, cols, idx, ctx):
@@ -61,7 +65,9 @@ class NotBanned(Filter):
     Example: `{name: not-banned, type: not-banned}`
     """
 
-    def filter(self, facts: RequestFacts, nodes: Sequence[NodeSnapshot], ctx: PickContext) -> list[NodeSnapshot]:
+    def filter(
+        self, facts: RequestFacts, nodes: Sequence[NodeSnapshot], ctx: PickContext
+    ) -> list[NodeSnapshot]:
         now = ctx.now
         kept = [n for n in nodes if n.banned_until <= now]
         if kept or not nodes:
@@ -101,7 +107,9 @@ class UnderSaturation(Filter):
 
     Params = SaturationParams
 
-    def filter(self, facts: RequestFacts, nodes: Sequence[NodeSnapshot], ctx: PickContext) -> list[NodeSnapshot]:
+    def filter(
+        self, facts: RequestFacts, nodes: Sequence[NodeSnapshot], ctx: PickContext
+    ) -> list[NodeSnapshot]:
         limit = self.params.max_load
         kept = [n for n in nodes if n.in_flight + n.queue_depth < limit * n.capacity]
         if not kept and self.params.keep_all_when_saturated:
@@ -117,7 +125,10 @@ class UnderSaturation(Filter):
 
 class FloorParams(_Params):
     floor: float = Field(
-        default=0.5, ge=0, le=1, description="Minimum consensus quality; scored nodes below it get no traffic."
+        default=0.5,
+        ge=0,
+        le=1,
+        description="Minimum consensus quality; scored nodes below it get no traffic.",
     )
 
 
@@ -131,7 +142,9 @@ class QualityFloor(Filter):
 
     Params = FloorParams
 
-    def filter(self, facts: RequestFacts, nodes: Sequence[NodeSnapshot], ctx: PickContext) -> list[NodeSnapshot]:
+    def filter(
+        self, facts: RequestFacts, nodes: Sequence[NodeSnapshot], ctx: PickContext
+    ) -> list[NodeSnapshot]:
         floor = self.params.floor
         return [n for n in nodes if n.quality is None or n.quality >= floor]
 
@@ -169,7 +182,9 @@ class Probation(Filter):
 
     Params = ProbationParams
 
-    def filter(self, facts: RequestFacts, nodes: Sequence[NodeSnapshot], ctx: PickContext) -> list[NodeSnapshot]:
+    def filter(
+        self, facts: RequestFacts, nodes: Sequence[NodeSnapshot], ctx: PickContext
+    ) -> list[NodeSnapshot]:
         cutoff = ctx.now - self.params.new_for_s
         proven = [n for n in nodes if n.quality is not None and n.joined_at <= cutoff]
         if len(proven) == len(nodes) or not proven:
@@ -195,12 +210,13 @@ class TargetNode(Filter):
     Example: `{name: target-node, type: target-node}`
     """
 
-    def filter(self, facts: RequestFacts, nodes: Sequence[NodeSnapshot], ctx: PickContext) -> list[NodeSnapshot]:
+    def filter(
+        self, facts: RequestFacts, nodes: Sequence[NodeSnapshot], ctx: PickContext
+    ) -> list[NodeSnapshot]:
         target = facts.target_node
         if target is None:
             return list(nodes)
         return [n for n in nodes if n.node_id == target]
-
 
     def filter_idx(self, facts, cols, idx, ctx):
         if facts.target_node is None:

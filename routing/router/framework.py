@@ -58,7 +58,9 @@ class Filter(Plugin):
     kind = "filter"
     filter_idx: ClassVar[Callable | None] = None  # (facts, cols, idx, ctx) -> idx
 
-    def filter(self, facts: RequestFacts, nodes: Sequence[NodeSnapshot], ctx: PickContext) -> list[NodeSnapshot]:
+    def filter(
+        self, facts: RequestFacts, nodes: Sequence[NodeSnapshot], ctx: PickContext
+    ) -> list[NodeSnapshot]:
         raise NotImplementedError
 
 
@@ -90,7 +92,9 @@ def register(type_name: str):
 
     def deco(cls: type[Plugin]) -> type[Plugin]:
         if type_name in REGISTRY:
-            raise ValueError(f"plugin type {type_name!r} is registered twice ({REGISTRY[type_name]} and {cls})")
+            raise ValueError(
+                f"plugin type {type_name!r} is registered twice ({REGISTRY[type_name]} and {cls})"
+            )
         cls.type_name = type_name
         REGISTRY[type_name] = cls
         return cls
@@ -143,9 +147,11 @@ class Profile:
         self.picker = picker
         self._timings: PluginTimings | None = None
         # True when every plugin can also run on Columns (the large-fleet path).
-        self.vectorised = (all(f.filter_idx is not None for f in self.filters)
-                           and all(s.score_idx is not None for s, _ in self.scorers)
-                           and picker.pick_array is not None)
+        self.vectorised = (
+            all(f.filter_idx is not None for f in self.filters)
+            and all(s.score_idx is not None for s, _ in self.scorers)
+            and picker.pick_array is not None
+        )
 
     def _bind(self, timings: PluginTimings) -> None:
         self._timings = timings
@@ -167,7 +173,9 @@ class Profile:
         removed: list[tuple[str, tuple[str, ...]]] = []
         spent: dict[str, float] = {}
         if not nodes:
-            raise NoEligibleNode(facts.model, self.name, "no candidate nodes (all excluded or none registered)")
+            raise NoEligibleNode(
+                facts.model, self.name, "no candidate nodes (all excluded or none registered)"
+            )
         for f, slot in zip(self.filters, self._fslots):
             t0 = clock()
             kept = f.filter(facts, nodes, ctx)
@@ -180,7 +188,9 @@ class Profile:
                 spent[f.name] = dt / 1000
             nodes = kept
             if not nodes:
-                raise NoEligibleNode(facts.model, self.name, f"filter {f.name!r} removed every remaining candidate")
+                raise NoEligibleNode(
+                    facts.model, self.name, f"filter {f.name!r} removed every remaining candidate"
+                )
         n = len(nodes)
         weighted = []
         per_scorer: dict[str, Sequence[float]] = {}
@@ -230,7 +240,9 @@ class Profile:
         spent: dict[str, float] = {}
         ids = cols.ids
         if not idx.size:
-            raise NoEligibleNode(facts.model, self.name, "no candidate nodes (all excluded or none registered)")
+            raise NoEligibleNode(
+                facts.model, self.name, "no candidate nodes (all excluded or none registered)"
+            )
         for f, slot in zip(self.filters, self._fslots):
             t0 = clock()
             kept = f.filter_idx(facts, cols, idx, ctx)
@@ -242,7 +254,9 @@ class Profile:
                 spent[f.name] = dt / 1000
             idx = kept
             if not idx.size:
-                raise NoEligibleNode(facts.model, self.name, f"filter {f.name!r} removed every remaining candidate")
+                raise NoEligibleNode(
+                    facts.model, self.name, f"filter {f.name!r} removed every remaining candidate"
+                )
         n = idx.size
         totals = np.zeros(n)
         per_scorer: dict[str, np.ndarray] = {}

@@ -102,7 +102,9 @@ class HealthCollector(Collector):
 
     def collect(self):
         now = self.health.clock()
-        banned = GaugeMetricFamily("meritnet_node_banned", "1 while the router bans the node.", labels=["node"])
+        banned = GaugeMetricFamily(
+            "meritnet_node_banned", "1 while the router bans the node.", labels=["node"]
+        )
         streak = GaugeMetricFamily(
             "meritnet_node_error_streak", "Consecutive failed attempts on the node.", labels=["node"]
         )

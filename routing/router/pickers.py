@@ -21,7 +21,10 @@ class _Params(BaseModel):
 
 class MaxParams(_Params):
     tie_epsilon: float = Field(
-        default=1e-9, ge=0, le=1, description="Totals within this of the best count as tied (random tie-break)."
+        default=1e-9,
+        ge=0,
+        le=1,
+        description="Totals within this of the best count as tied (random tie-break).",
     )
 
 

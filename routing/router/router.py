@@ -30,7 +30,9 @@ from routing.router.snapshot import (
 )
 
 
-def build_snapshot(stats: NodeStats, quality: float | None, health: NodeHealthState, in_flight: int) -> NodeSnapshot:
+def build_snapshot(
+    stats: NodeStats, quality: float | None, health: NodeHealthState, in_flight: int
+) -> NodeSnapshot:
     """One node's snapshot from the registry's stats, the consensus score and the router's health view.
 
     Capacity is per replica in NodeStats, so the node's capacity is capacity x running replicas
@@ -127,7 +129,9 @@ class Router:
             profile = self.config.challenge_profile if facts.is_challenge else self.config.organic_profile
         prof = self.profiles.get(profile)
         if prof is None:
-            raise ValueError(f"unknown routing profile {profile!r}; configured: {', '.join(sorted(self.profiles))}")
+            raise ValueError(
+                f"unknown routing profile {profile!r}; configured: {', '.join(sorted(self.profiles))}"
+            )
         return prof
 
     # ---- the fleet view ----------------------------------------------------------------------
@@ -214,9 +218,21 @@ class Router:
             key = self._keys[node_id] = stable_hash(node_id)
         # Same fields as build_snapshot(), without re-validating inputs that are validated already.
         snap = trusted_snapshot(
-            s.node_id, s.model_id, s.accelerator_type, s.capacity * max(1, s.running_replicas), s.live,
-            self.in_flight(node_id), 0, h.ttft_ewma_s, h.tpot_ewma_s, h.error_streak, h.banned_until,
-            h.last_failure_at, self._quality.get(node_id), s.joined_at, key,
+            s.node_id,
+            s.model_id,
+            s.accelerator_type,
+            s.capacity * max(1, s.running_replicas),
+            s.live,
+            self.in_flight(node_id),
+            0,
+            h.ttft_ewma_s,
+            h.tpot_ewma_s,
+            h.error_streak,
+            h.banned_until,
+            h.last_failure_at,
+            self._quality.get(node_id),
+            s.joined_at,
+            key,
         )
         self._snap[node_id] = snap
         pos = self._pos.get(node_id)

@@ -105,7 +105,8 @@ class Latency(Scorer):
         inf = math.inf  # unknown latency; min() then runs at C speed without a None check
         if p.queueing:  # a full node's prediction grows with the requests queued ahead
             preds = [
-                inf if n.ttft_ewma_s is None or n.tpot_ewma_s is None
+                inf
+                if n.ttft_ewma_s is None or n.tpot_ewma_s is None
                 else (n.ttft_ewma_s + n.tpot_ewma_s * k)
                 * (1.0 if n.in_flight < n.capacity else 1.0 + (n.in_flight - n.capacity + 1) / n.capacity)
                 for n in nodes
@@ -191,7 +192,6 @@ class Affinity(Scorer):
         if best >= 0:
             out[weights.index(best)] = 1.0
         return out
-
 
     def score_idx(self, facts, cols, idx, ctx):
         key = facts.session_key

@@ -19,7 +19,9 @@ def _check_int(name: str, value: object, lo: int = 0) -> None:
         raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
 
 
-def _check_float(name: str, value: object, lo: float = 0.0, hi: float = math.inf, optional: bool = False) -> None:
+def _check_float(
+    name: str, value: object, lo: float = 0.0, hi: float = math.inf, optional: bool = False
+) -> None:
     if value is None and optional:
         return
     if type(value) not in (float, int) or not math.isfinite(value) or not lo <= value <= hi:
@@ -92,7 +94,9 @@ class NodeSnapshot:
     last_failure_at: float | None = None
     quality: float | None = None
     joined_at: float = 0.0
-    _key: float = field(default=0.0, repr=False, compare=False)  # stable hash of node_id in (0,1), for affinity
+    _key: float = field(
+        default=0.0, repr=False, compare=False
+    )  # stable hash of node_id in (0,1), for affinity
 
     def __post_init__(self) -> None:
         if type(self.node_id) is not str or not self.node_id:

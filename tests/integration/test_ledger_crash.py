@@ -48,8 +48,9 @@ def test_sigkill_loses_nothing_acknowledged(tmp_path):
     acked: list[tuple[int, int]] = []
     closed = -1
     for round_no in range(6):
-        child = subprocess.Popen([sys.executable, "-c", CHILD, str(path), str(round_no)],
-                                 stdout=subprocess.PIPE, text=True)
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(path), str(round_no)], stdout=subprocess.PIPE, text=True
+        )
         first = child.stdout.readline()  # wait until it is writing, then kill at a random moment
         assert first.startswith("ACK"), first
         time.sleep(rng.uniform(0.0, 1.5))

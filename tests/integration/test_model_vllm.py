@@ -83,9 +83,16 @@ def test_vllm_agrees_with_transformers_and_is_peaked(llm):
     assert out.prompt_token_ids == hf_tok(prompt).input_ids
     model = LlamaForCausalLM.from_pretrained(path).eval()
     with torch.no_grad():
-        hf = model.generate(torch.tensor([out.prompt_token_ids]), max_new_tokens=12, do_sample=False,
-                            eos_token_id=None, pad_token_id=hf_tok.pad_token_id)
-    assert list(out.outputs[0].token_ids) == hf[0, len(out.prompt_token_ids):].tolist()
-    top1 = [math.exp(step[tid].logprob) for tid, step in zip(out.outputs[0].token_ids, out.outputs[0].logprobs,
-                                                             strict=True)]
+        hf = model.generate(
+            torch.tensor([out.prompt_token_ids]),
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=hf_tok.pad_token_id,
+        )
+    assert list(out.outputs[0].token_ids) == hf[0, len(out.prompt_token_ids) :].tolist()
+    top1 = [
+        math.exp(step[tid].logprob)
+        for tid, step in zip(out.outputs[0].token_ids, out.outputs[0].logprobs, strict=True)
+    ]
     assert sorted(top1)[len(top1) // 2] > 0.3, top1  # median top-1 probability; uniform would be 1/2048

@@ -58,8 +58,19 @@ def test_status_table_shows_consensus_quality_or_why_there_is_none():
     from deploy.cli import nodes_table
 
     op = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"
-    stats = [NodeStats(node_id=n, model_id="default", operator=op, accelerator_type="H100", capacity=8, live=True,
-                       running_replicas=1, joined_at=0.0) for n in ("a", "b")]
+    stats = [
+        NodeStats(
+            node_id=n,
+            model_id="default",
+            operator=op,
+            accelerator_type="H100",
+            capacity=8,
+            live=True,
+            running_replicas=1,
+            joined_at=0.0,
+        )
+        for n in ("a", "b")
+    ]
 
     def render(quality) -> str:
         console = Console(width=200, record=True)

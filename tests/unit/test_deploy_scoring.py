@@ -17,8 +17,15 @@ CODEC = LetterCodec()
 
 
 def _score(validator: str, node: str, score: float) -> NodeScore:
-    return NodeScore(validator=validator, node_id=node, integrity=1.0 if score > 0 else 0.0, availability=1.0,
-                     speed=score, score=score, at=0.0)
+    return NodeScore(
+        validator=validator,
+        node_id=node,
+        integrity=1.0 if score > 0 else 0.0,
+        availability=1.0,
+        speed=score,
+        score=score,
+        at=0.0,
+    )
 
 
 def test_epoch_quality_is_the_mean_of_the_rounds_in_each_epoch():
@@ -68,8 +75,16 @@ def test_consensus_round_exports_gauges():
 
 
 def _node(nid: str) -> NodeStats:
-    return NodeStats(node_id=nid, model_id="default", operator="0x" + "11" * 20, accelerator_type="cpu",
-                     capacity=4, live=True, running_replicas=1, joined_at=0.0)
+    return NodeStats(
+        node_id=nid,
+        model_id="default",
+        operator="0x" + "11" * 20,
+        accelerator_type="cpu",
+        capacity=4,
+        live=True,
+        running_replicas=1,
+        joined_at=0.0,
+    )
 
 
 async def test_validator_stats_count_verdicts_and_challenges_to_detect():
@@ -78,11 +93,24 @@ async def test_validator_stats_count_verdicts_and_challenges_to_detect():
     async def send(req):
         prompt = CODEC.encode_chat(list(req.messages)) if req.messages else CODEC.encode_prompt(req.prompt)
         ids, finish = models[req.node_id].generate(prompt, req.max_tokens, req.temperature)
-        return ChallengeResponse(ok=True, status=200, text=CODEC.decode(ids), token_ids=tuple(ids),
-                                 completion_tokens=len(ids), finish_reason=finish, ttft_s=0.01, elapsed_s=0.1)
+        return ChallengeResponse(
+            ok=True,
+            status=200,
+            text=CODEC.decode(ids),
+            token_ids=tuple(ids),
+            completion_tokens=len(ids),
+            finish_reason=finish,
+            ttft_s=0.01,
+            elapsed_s=0.1,
+        )
 
-    v = Validator(ValidatorConfig(validator_id="v"), send, {"default": FakeReferenceEngine(BigramModel(0))},
-                  {"default": CODEC}, rng=random.Random(0))
+    v = Validator(
+        ValidatorConfig(validator_id="v"),
+        send,
+        {"default": FakeReferenceEngine(BigramModel(0))},
+        {"default": CODEC},
+        rng=random.Random(0),
+    )
     for _ in range(3):
         for n in ("honest", "swap"):
             await v.challenge_once(_node(n))
@@ -121,7 +149,9 @@ async def test_shared_reference_engine_batches_concurrent_calls_and_returns_each
 
     svc = ReferenceEngineService.__new__(ReferenceEngineService)  # skip loading vLLM
     svc.engine, svc._queue, svc._worker, svc.calls, svc.batches = _CountingEngine(), [], None, 0, 0
-    outs = await asyncio.gather(*(svc.prompt_logprobs_many([([1], [i]), ([2], [i + 100])], 20) for i in range(5)))
+    outs = await asyncio.gather(
+        *(svc.prompt_logprobs_many([([1], [i]), ([2], [i + 100])], 20) for i in range(5))
+    )
     assert [[next(iter(d)) for (d,) in o] for o in outs] == [[i, i + 100] for i in range(5)]
     assert sum(svc.engine.calls) == 10 and len(svc.engine.calls) < 5  # batched, nothing lost
     assert await svc.stats() == {"calls": 5, "batches": len(svc.engine.calls)}
@@ -151,10 +181,19 @@ def _served(node: str, model: BigramModel, i: int, *, chat: bool, inflate: int =
     messages = ({"role": "user", "content": text},) if chat else None
     prompt_ids = CODEC.encode_chat([dict(m) for m in messages]) if chat else CODEC.encode_prompt(text)
     ids, finish = model.generate(prompt_ids, 12, 0.0)
-    return ServedCompletion(request_id=f"req-{node}-{i}", node_id=node, model="default",
-                            prompt=None if chat else text, messages=messages, text=CODEC.decode(ids),
-                            token_ids=tuple(ids), completion_tokens=len(ids) + inflate, finish_reason=finish,
-                            max_tokens=12, temperature=0.0)
+    return ServedCompletion(
+        request_id=f"req-{node}-{i}",
+        node_id=node,
+        model="default",
+        prompt=None if chat else text,
+        messages=messages,
+        text=CODEC.decode(ids),
+        token_ids=tuple(ids),
+        completion_tokens=len(ids) + inflate,
+        finish_reason=finish,
+        max_tokens=12,
+        temperature=0.0,
+    )
 
 
 async def test_shadow_verification_of_organic_completions_reaches_the_scores():
@@ -162,11 +201,17 @@ async def test_shadow_verification_of_organic_completions_reaches_the_scores():
     shadow verification alone; honest organic completions pass."""
     import asyncio
 
-    v = Validator(ValidatorConfig(validator_id="v"), None, {"default": FakeReferenceEngine(BigramModel(0))},
-                  {"default": CODEC})
+    v = Validator(
+        ValidatorConfig(validator_id="v"),
+        None,
+        {"default": FakeReferenceEngine(BigramModel(0))},
+        {"default": CODEC},
+    )
     items = [_served("honest", BigramModel(0), i, chat=bool(i % 2)) for i in range(6)]
     items += [_served("sly", BigramModel(1), i, chat=bool(i % 2)) for i in range(3)]
-    items.append(_served("other-model", BigramModel(0), 0, chat=False).model_copy(update={"model": "unknown"}))
+    items.append(
+        _served("other-model", BigramModel(0), 0, chat=False).model_copy(update={"model": "unknown"})
+    )
     pages = [items[:4], items[4:]]
 
     async def fetch(cursor):
@@ -182,7 +227,11 @@ async def test_shadow_verification_of_organic_completions_reaches_the_scores():
     await task
     stats = v.stats()
     assert stats["honest"] == {"pass": 6, "shadow": 6, "shadow_pass": 6}
-    assert stats["sly"]["shadow"] == 3 and stats["sly"].get("pass", 0) == 0 and stats["sly"]["detected_after"] == 1
+    assert (
+        stats["sly"]["shadow"] == 3
+        and stats["sly"].get("pass", 0) == 0
+        and stats["sly"]["detected_after"] == 1
+    )
     assert "other-model" not in stats  # no reference engine for its model: skipped, not failed
     scores = {s.node_id: s for s in v.scores()}
     assert scores["sly"].integrity == 0.0 and scores["honest"].integrity == 1.0
@@ -195,8 +244,12 @@ async def test_shadow_verification_catches_inflated_organic_counts_and_respects_
     v = Validator(ValidatorConfig(validator_id="v"), None, engines, {"default": CODEC})
     verdict = await v.shadow_verify(_served("n", BigramModel(0), 1, chat=False, inflate=5))
     assert verdict is not None and verdict.verdict == "fraud"
-    never = Validator(ValidatorConfig(validator_id="w", challenge=ChallengeConfig(shadow_rate=0.0)), None, engines,
-                      {"default": CODEC})
+    never = Validator(
+        ValidatorConfig(validator_id="w", challenge=ChallengeConfig(shadow_rate=0.0)),
+        None,
+        engines,
+        {"default": CODEC},
+    )
     assert await never.shadow_verify(_served("n", BigramModel(0), 1, chat=False)) is None
 
 
@@ -207,7 +260,9 @@ async def test_shadow_items_seed_challenges_only_when_organic_prompts_are_allowe
     item = _served("n", BigramModel(0), 3, chat=True)
     private = Validator(ValidatorConfig(validator_id="p"), None, engines, {"default": CODEC})
     await private.shadow_verify(item)
-    assert all(item.messages[0]["content"] not in str(private.pool.sample("n", "default").body) for _ in range(20))
+    assert all(
+        item.messages[0]["content"] not in str(private.pool.sample("n", "default").body) for _ in range(20)
+    )
     cfg = ChallengeConfig(use_organic_prompts=True, organic_share=1.0)
     open_ = Validator(ValidatorConfig(validator_id="o", challenge=cfg), None, engines, {"default": CODEC})
     await open_.shadow_verify(item)

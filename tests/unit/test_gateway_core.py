@@ -60,20 +60,34 @@ class FakeNode:
         with_ids = bool(body.return_token_ids)
         if not body.stream:
             resp = CompletionResponse(
-                id=f"cmpl-{body.request_id}", model=body.model, created=0,
-                choices=[{"index": 0, "text": "hello world", "finish_reason": "length",
-                          "token_ids": [7, 8] if with_ids else None}],
+                id=f"cmpl-{body.request_id}",
+                model=body.model,
+                created=0,
+                choices=[
+                    {
+                        "index": 0,
+                        "text": "hello world",
+                        "finish_reason": "length",
+                        "token_ids": [7, 8] if with_ids else None,
+                    }
+                ],
                 usage={"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
             )
             return _Gen([resp], self.fail_at, self.delay_s)
         chunks = [
-            [f'data: {{"id":"c","choices":[{{"index":0,"text":"{t}","finish_reason":{fin},'
-             f'"token_ids":{ids if with_ids else "null"}}}],"usage":null}}\n\n']
+            [
+                f'data: {{"id":"c","choices":[{{"index":0,"text":"{t}","finish_reason":{fin},'
+                f'"token_ids":{ids if with_ids else "null"}}}],"usage":null}}\n\n'
+            ]
             for t, ids, fin in (("he", "[7]", "null"), ("llo", "[8]", '"length"'))
         ]
         if body.stream_options and body.stream_options.include_usage:
-            chunks.append(['data: {"id":"c","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,'
-                           '"total_tokens":5}}\n\n'])
+            chunks.append(
+                [
+                    'data: {"id":"c","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,'
+                    '"total_tokens":5}}\n\n'
+                ]
+            )
         chunks.append(["data: [DONE]\n\n"])
         return _Gen(chunks, self.fail_at, self.delay_s)
 
@@ -89,8 +103,16 @@ class FakeNode:
 
 
 def _stats(node_id):
-    return NodeStats(node_id=node_id, model_id="default", operator=OP, accelerator_type="H100", capacity=8,
-                     live=True, running_replicas=1, joined_at=0.0)
+    return NodeStats(
+        node_id=node_id,
+        model_id="default",
+        operator=OP,
+        accelerator_type="H100",
+        capacity=8,
+        live=True,
+        running_replicas=1,
+        joined_at=0.0,
+    )
 
 
 @pytest.fixture()
@@ -104,7 +126,9 @@ def harness():
             def remote(records):
                 return sink.record(records)
 
-    core = GatewayCore(GatewayConfig(), load_selector(registry=None), nodes.__getitem__, _SinkHandle(), registry=None)
+    core = GatewayCore(
+        GatewayConfig(), load_selector(registry=None), nodes.__getitem__, _SinkHandle(), registry=None
+    )
     core.set_nodes([_stats("a"), _stats("b")])
     client = TestClient(build_fastapi(lambda: core))
     client.core = core
@@ -122,7 +146,9 @@ def test_non_streaming_is_metered_with_the_usage_the_client_saw(harness):
     r = client.post("/v1/completions", json={"model": "default", "prompt": "hi", "max_tokens": 2})
     assert r.status_code == 200
     (rec,) = _records(sink)
-    assert rec.request_id == r.headers["x-meritnet-request-id"] and rec.node_id == r.headers["x-meritnet-node"]
+    assert (
+        rec.request_id == r.headers["x-meritnet-request-id"] and rec.node_id == r.headers["x-meritnet-node"]
+    )
     assert (rec.prompt_tokens, rec.completion_tokens) == (r.json()["usage"]["prompt_tokens"], 2)
 
 
@@ -156,8 +182,10 @@ def test_stream_strips_usage_chunk_unless_asked_but_meters_it(harness):
 
 def test_stream_with_include_usage_passes_usage_through(harness):
     client, _, _ = harness
-    body = client.post("/v1/completions", json={"model": "default", "prompt": "hi", "stream": True,
-                                                 "stream_options": {"include_usage": True}}).text
+    body = client.post(
+        "/v1/completions",
+        json={"model": "default", "prompt": "hi", "stream": True, "stream_options": {"include_usage": True}},
+    ).text
     usage = [json.loads(e[6:]) for e in body.split("\n\n") if '"choices":[]' in e]
     assert usage and usage[0]["usage"]["completion_tokens"] == 2
 

@@ -53,4 +53,8 @@ def test_unknown_model_lists_available_models():
 
 def test_sse_event_is_one_data_line():
     ev = errors.stream_interrupted().sse_event().decode()
-    assert ev.startswith("data: ") and ev.endswith("\n\n") and json.loads(ev[6:])["error"]["type"] == "server_error"
+    assert (
+        ev.startswith("data: ")
+        and ev.endswith("\n\n")
+        and json.loads(ev[6:])["error"]["type"] == "server_error"
+    )

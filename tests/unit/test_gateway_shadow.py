@@ -42,8 +42,9 @@ def _gateway(**cfg):
             def remote(records):
                 return sink.record(records)
 
-    core = GatewayCore(GatewayConfig(**cfg), load_selector(registry=None), nodes.__getitem__, _SinkHandle(),
-                       registry=None)
+    core = GatewayCore(
+        GatewayConfig(**cfg), load_selector(registry=None), nodes.__getitem__, _SinkHandle(), registry=None
+    )
     core.set_nodes([_stats("a")])
     feed = _Feed()
     core._shadow_feed = feed
@@ -53,16 +54,24 @@ def _gateway(**cfg):
 def test_every_node_request_asks_for_token_ids_and_unasking_clients_get_nulls():
     client, node, _ = _gateway()
     plain = client.post("/v1/completions", json={"model": "default", "prompt": "hi", "max_tokens": 2}).json()
-    asked = client.post("/v1/completions", json={"model": "default", "prompt": "hi", "max_tokens": 2,
-                                                 "return_token_ids": True}).json()
+    asked = client.post(
+        "/v1/completions",
+        json={"model": "default", "prompt": "hi", "max_tokens": 2, "return_token_ids": True},
+    ).json()
     assert all(b.return_token_ids for b in node.bodies)  # the node cannot tell the two apart
     assert plain["choices"][0]["token_ids"] is None and asked["choices"][0]["token_ids"] == [7, 8]
     body = client.post("/v1/completions", json={"model": "default", "prompt": "hi", "stream": True}).text
     chunks = [json.loads(e[6:]) for e in body.split("\n\n") if e.startswith("data: {")]
     assert chunks and all(c["choices"][0]["token_ids"] is None for c in chunks)
-    body = client.post("/v1/completions", json={"model": "default", "prompt": "hi", "stream": True,
-                                                "return_token_ids": True}).text
-    ids = [i for e in body.split("\n\n") if e.startswith("data: {") for i in json.loads(e[6:])["choices"][0]["token_ids"]]
+    body = client.post(
+        "/v1/completions", json={"model": "default", "prompt": "hi", "stream": True, "return_token_ids": True}
+    ).text
+    ids = [
+        i
+        for e in body.split("\n\n")
+        if e.startswith("data: {")
+        for i in json.loads(e[6:])["choices"][0]["token_ids"]
+    ]
     assert ids == [7, 8]
 
 
@@ -75,23 +84,40 @@ def test_token_id_capture_can_be_turned_off():
 @pytest.mark.parametrize("stream", [False, True])
 def test_sampled_organic_requests_are_offered_with_what_the_client_got(stream):
     client, _, feed = _gateway(shadow_rate=1.0)
-    r = client.post("/v1/completions", json={"model": "default", "prompt": "tell me", "max_tokens": 2,
-                                             "temperature": 0, "stream": stream})
+    r = client.post(
+        "/v1/completions",
+        json={"model": "default", "prompt": "tell me", "max_tokens": 2, "temperature": 0, "stream": stream},
+    )
     assert r.status_code == 200
     (item,) = feed.items
     assert item.request_id == r.headers["x-meritnet-request-id"] and item.node_id == "a"
     assert (item.prompt, item.messages, item.max_tokens, item.temperature) == ("tell me", None, 2, 0.0)
     assert (item.text, item.token_ids, item.completion_tokens, item.finish_reason) == (
-        "hello world" if not stream else "hello", (7, 8), 2, "length")
+        "hello world" if not stream else "hello",
+        (7, 8),
+        2,
+        "length",
+    )
 
 
 def test_challenges_and_unverifiable_requests_are_not_offered():
     client, _, feed = _gateway(shadow_rate=1.0, challenge_keys=(SecretStr("ck"),))
     pinned = {"x-meritnet-node": "a", "x-meritnet-challenge-key": "ck"}
-    assert client.post("/v1/completions", json={"model": "default", "prompt": "x"}, headers=pinned).status_code == 200
-    for extra in ({"presence_penalty": 0.5}, {"n": 2}, {"logit_bias": {"5": 10}}, {"echo": True},
-                  {"prompt": ["a", "b"]}):
-        assert client.post("/v1/completions", json={"model": "default", "prompt": "x", **extra}).status_code == 200
+    assert (
+        client.post("/v1/completions", json={"model": "default", "prompt": "x"}, headers=pinned).status_code
+        == 200
+    )
+    for extra in (
+        {"presence_penalty": 0.5},
+        {"n": 2},
+        {"logit_bias": {"5": 10}},
+        {"echo": True},
+        {"prompt": ["a", "b"]},
+    ):
+        assert (
+            client.post("/v1/completions", json={"model": "default", "prompt": "x", **extra}).status_code
+            == 200
+        )
     assert feed.items == []
     client.post("/v1/completions", json={"model": "default", "prompt": "x"})
     assert len(feed.items) == 1
@@ -108,22 +134,40 @@ def test_verifiable_is_a_whitelist_of_plain_requests():
     from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
     chat = ChatCompletionRequest.model_validate(
-        {"model": "m", "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
-         "max_tokens": 8, "temperature": 0.7, "top_p": 0.9, "stop": ["\n"], "seed": 3})
+        {
+            "model": "m",
+            "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+            "max_tokens": 8,
+            "temperature": 0.7,
+            "top_p": 0.9,
+            "stop": ["\n"],
+            "seed": 3,
+        }
+    )
     assert verifiable(chat)
     parts = ChatCompletionRequest.model_validate(
-        {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]})
+        {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
+    )
     tools = ChatCompletionRequest.model_validate(
-        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}})
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": "hi"}],
+            "response_format": {"type": "json_object"},
+        }
+    )
     assert not verifiable(parts) and not verifiable(tools)
-    assert not verifiable(CompletionRequest.model_validate({"model": "m", "prompt": "x", "frequency_penalty": 1.0}))
+    assert not verifiable(
+        CompletionRequest.model_validate({"model": "m", "prompt": "x", "frequency_penalty": 1.0})
+    )
     assert not verifiable(CompletionRequest.model_validate({"model": "m", "prompt": "x", "temperature": 1.5}))
     assert verifiable(CompletionRequest.model_validate({"model": "m", "prompt": "x", "temperature": 1.0}))
 
 
 def test_strip_token_ids_leaves_text_that_looks_like_ids_alone():
-    piece = ('data: {"choices":[{"text":"\\"token_ids\\":[1,2]","token_ids":[3,4]}],'
-             '"prompt_token_ids":[1,2,3]}\n\n')
+    piece = (
+        'data: {"choices":[{"text":"\\"token_ids\\":[1,2]","token_ids":[3,4]}],'
+        '"prompt_token_ids":[1,2,3]}\n\n'
+    )
     out = strip_token_ids(piece)
     data = json.loads(out[6:])
     assert data["choices"][0]["text"] == '"token_ids":[1,2]' and data["choices"][0]["token_ids"] is None

@@ -70,9 +70,15 @@ def test_weights_match_the_config_shapes(models):
     with safe_open(str(models[0] / "model.safetensors"), framework="pt") as f:
         assert f.metadata() == {"format": "pt"}
         names = set(f.keys())
-        assert f.get_slice("model.embed_tokens.weight").get_shape() == [config["vocab_size"], config["hidden_size"]]
+        assert f.get_slice("model.embed_tokens.weight").get_shape() == [
+            config["vocab_size"],
+            config["hidden_size"],
+        ]
         kv = config["num_key_value_heads"] * config["head_dim"]
-        assert f.get_slice("model.layers.0.self_attn.k_proj.weight").get_shape() == [kv, config["hidden_size"]]
+        assert f.get_slice("model.layers.0.self_attn.k_proj.weight").get_shape() == [
+            kv,
+            config["hidden_size"],
+        ]
     assert "lm_head.weight" in names
     assert sum(n.startswith("model.layers.") for n in names) == 9 * config["num_hidden_layers"]
 
@@ -160,14 +166,18 @@ def test_chat_template_renders_turns_and_rejects_unknown_roles():
 
     template = ImmutableSandboxedEnvironment().from_string(CHAT_TEMPLATE)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
-    out = template.render(messages=messages, bos_token="<|bos|>", add_generation_prompt=True,
-                          raise_exception=raise_exception)
+    out = template.render(
+        messages=messages, bos_token="<|bos|>", add_generation_prompt=True, raise_exception=raise_exception
+    )
     assert out == "<|bos|><|system|>\nBe brief.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\n"
-    no_prompt = template.render(messages=messages, bos_token="<|bos|>", add_generation_prompt=False,
-                                raise_exception=raise_exception)
+    no_prompt = template.render(
+        messages=messages, bos_token="<|bos|>", add_generation_prompt=False, raise_exception=raise_exception
+    )
     assert not no_prompt.endswith("<|assistant|>\n")
     with pytest.raises(ValueError, match="roles"):
-        template.render(messages=[{"role": "tool", "content": "x"}], bos_token="", raise_exception=raise_exception)
+        template.render(
+            messages=[{"role": "tool", "content": "x"}], bos_token="", raise_exception=raise_exception
+        )
 
 
 PROMPTS = [

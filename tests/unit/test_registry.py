@@ -9,8 +9,15 @@ OP = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"
 
 
 def spec(node_id, accel="H100", capacity=8, replicas=1):
-    return NodeSpec(node_id=node_id, operator=OP, model_id="default", model_source="/m",
-                    accelerator_type=accel, capacity=capacity, replicas=replicas)
+    return NodeSpec(
+        node_id=node_id,
+        operator=OP,
+        model_id="default",
+        model_source="/m",
+        accelerator_type=accel,
+        capacity=capacity,
+        replicas=replicas,
+    )
 
 
 def test_nodes_start_not_live_until_serve_reports_a_running_replica():

@@ -13,8 +13,13 @@ from routing.router import REGISTRY, PickContext, RequestFacts
 from routing.router.columns import Columns
 from tests.unit.test_router_profile import NOW, snapshots  # the same node strategy
 
-PARAMS = {"probation": {"share": 0.3, "new_for_s": 50.0}, "under-saturation": {"max_load": 1.0},
-          "quality-floor": {"floor": 0.5}, "affinity": {"max_load": 0.8}, "latency": {"output_tokens": 100}}
+PARAMS = {
+    "probation": {"share": 0.3, "new_for_s": 50.0},
+    "under-saturation": {"max_load": 1.0},
+    "quality-floor": {"floor": 0.5},
+    "affinity": {"max_load": 0.8},
+    "latency": {"output_tokens": 100},
+}
 FILTERS = [t for t, c in REGISTRY.items() if c.kind == "filter"]
 SCORERS = [t for t, c in REGISTRY.items() if c.kind == "scorer"]
 PICKERS = [t for t, c in REGISTRY.items() if c.kind == "picker"]
@@ -25,11 +30,19 @@ def plugin(t):
     return cls(t, cls.Params.model_validate(PARAMS.get(t, {})))
 
 
-nodesets = st.lists(snapshots, min_size=1, max_size=12, unique_by=lambda n: n.node_id).map(
-    lambda ns: [n for n in ns if n.model_id == "m"] or None).filter(bool)
-factses = st.builds(RequestFacts, model=st.just("m"), prompt_tokens=st.integers(0, 100),
-                    prefix_hash=st.sampled_from(["", "abc", "def"]), session_key=st.none() | st.text(max_size=3),
-                    target_node=st.none() | st.sampled_from(["n1", "n2", "zz"]))
+nodesets = (
+    st.lists(snapshots, min_size=1, max_size=12, unique_by=lambda n: n.node_id)
+    .map(lambda ns: [n for n in ns if n.model_id == "m"] or None)
+    .filter(bool)
+)
+factses = st.builds(
+    RequestFacts,
+    model=st.just("m"),
+    prompt_tokens=st.integers(0, 100),
+    prefix_hash=st.sampled_from(["", "abc", "def"]),
+    session_key=st.none() | st.text(max_size=3),
+    target_node=st.none() | st.sampled_from(["n1", "n2", "zz"]),
+)
 
 
 @settings(max_examples=200, deadline=None)

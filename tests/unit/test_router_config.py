@@ -15,7 +15,10 @@ BASE = {
         {"name": "best", "type": "max-score"},
     ],
     "profiles": [
-        {"name": "organic", "plugins": [{"plugin": "live"}, {"plugin": "quality", "weight": 1}, {"plugin": "best"}]},
+        {
+            "name": "organic",
+            "plugins": [{"plugin": "live"}, {"plugin": "quality", "weight": 1}, {"plugin": "best"}],
+        },
         {"name": "challenge", "plugins": [{"plugin": "live"}, {"plugin": "best"}]},
     ],
 }
@@ -37,20 +40,32 @@ def test_minimal_config_parses():
 
 
 BAD = [
-    (lambda r: r["plugins"].append({"name": "x", "type": "no-such-type"}), "unknown type 'no-such-type'.*known types"),
+    (
+        lambda r: r["plugins"].append({"name": "x", "type": "no-such-type"}),
+        "unknown type 'no-such-type'.*known types",
+    ),
     (lambda r: r["plugins"].append({"name": "live", "type": "live"}), "declared twice.*unique name"),
     (lambda r: r["profiles"][0]["plugins"].append({"plugin": "ghost"}), "unknown plugin 'ghost'.*declare it"),
     (lambda r: r["profiles"][0]["plugins"][1].pop("weight"), "scorer 'quality' has no weight.*weight: 1"),
     (lambda r: r["profiles"][0]["plugins"][0].update(weight=2), "filter 'live' cannot take a weight"),
     (lambda r: r["profiles"][0]["plugins"].pop(), "exactly one picker, found 0"),
-    (lambda r: (r["plugins"].append({"name": "p2", "type": "power-of-two"}),
-                r["profiles"][0]["plugins"].append({"plugin": "p2"})), "exactly one picker, found 2"),
+    (
+        lambda r: (
+            r["plugins"].append({"name": "p2", "type": "power-of-two"}),
+            r["profiles"][0]["plugins"].append({"plugin": "p2"}),
+        ),
+        "exactly one picker, found 2",
+    ),
     (lambda r: r["profiles"].pop(), "challenge_profile is 'challenge' but no profile"),
     (lambda r: r["profiles"].append(copy.deepcopy(r["profiles"][0])), "profile 'organic' is declared twice"),
-    (lambda r: r["plugins"].append({"name": "f", "type": "quality-floor", "parameters": {"flor": 0.5}}),
-     "bad parameters.*Valid parameters: floor"),
-    (lambda r: r["plugins"].append({"name": "f", "type": "quality-floor", "parameters": {"floor": 2}}),
-     "bad parameters"),
+    (
+        lambda r: r["plugins"].append({"name": "f", "type": "quality-floor", "parameters": {"flor": 0.5}}),
+        "bad parameters.*Valid parameters: floor",
+    ),
+    (
+        lambda r: r["plugins"].append({"name": "f", "type": "quality-floor", "parameters": {"floor": 2}}),
+        "bad parameters",
+    ),
     (lambda r: r.update(surprise=1), "surprise"),
     (lambda r: r["profiles"][0]["plugins"][1].update(weight=0), "weights sum to 0"),
 ]

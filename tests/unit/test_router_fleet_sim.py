@@ -12,8 +12,15 @@ KEYS = {"p50_ms", "p99_ms", "goodput_tok_s", "dishonest_share"}
 
 def tiny() -> Scenario:
     raw = yaml.safe_load(DEFAULT_SCENARIO.read_text())
-    raw.update(nodes=10, dishonest_fraction=0.2, duration_s=160.0, quick_duration_s=160.0, warmup_s=100.0,
-               drain_s=20.0, mtbf_s=120.0)
+    raw.update(
+        nodes=10,
+        dishonest_fraction=0.2,
+        duration_s=160.0,
+        quick_duration_s=160.0,
+        warmup_s=100.0,
+        drain_s=20.0,
+        mtbf_s=120.0,
+    )
     return Scenario.model_validate(raw)
 
 

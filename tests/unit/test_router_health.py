@@ -21,12 +21,24 @@ CONFIG = {
         {"name": "best", "type": "max-score"},
     ],
     "profiles": [
-        {"name": "organic", "plugins": [{"plugin": "model"}, {"plugin": "live"}, {"plugin": "not-banned"},
-                                        {"plugin": "load", "weight": 1}, {"plugin": "best"}]},
+        {
+            "name": "organic",
+            "plugins": [
+                {"plugin": "model"},
+                {"plugin": "live"},
+                {"plugin": "not-banned"},
+                {"plugin": "load", "weight": 1},
+                {"plugin": "best"},
+            ],
+        },
         {"name": "challenge", "plugins": [{"plugin": "model"}, {"plugin": "best"}]},
     ],
-    "health": {"ban_base_s": 1.0, "ban_max_s": 8.0, "ewma_alpha": 0.5,
-               "timeouts": {"min_s": 2.0, "max_s": 30.0, "ttft_multiplier": 10.0}},
+    "health": {
+        "ban_base_s": 1.0,
+        "ban_max_s": 8.0,
+        "ewma_alpha": 0.5,
+        "timeouts": {"min_s": 2.0, "max_s": 30.0, "ttft_multiplier": 10.0},
+    },
 }
 
 
@@ -41,15 +53,30 @@ class Clock:
 def make(n: int = 3, registry=None):
     clock = Clock()
     router = Router(parse_config(CONFIG), clock=clock, rng=random.Random(0), registry=registry)
-    router.update_nodes([NodeStats(node_id=f"n{i}", model_id="m", operator=OP, accelerator_type="L4", capacity=4,
-                                   live=True, running_replicas=1, joined_at=0.0) for i in range(n)])
+    router.update_nodes(
+        [
+            NodeStats(
+                node_id=f"n{i}",
+                model_id="m",
+                operator=OP,
+                accelerator_type="L4",
+                capacity=4,
+                live=True,
+                running_replicas=1,
+                joined_at=0.0,
+            )
+            for i in range(n)
+        ]
+    )
     return router, clock
 
 
 FACTS = RequestFacts("m", 10, "p")
 
 
-@pytest.mark.parametrize("failures,expected_ban", [(1, 1.0), (2, 2.0), (3, 4.0), (4, 8.0), (5, 8.0), (20, 8.0)])
+@pytest.mark.parametrize(
+    "failures,expected_ban", [(1, 1.0), (2, 2.0), (3, 4.0), (4, 8.0), (5, 8.0), (20, 8.0)]
+)
 def test_ban_doubles_per_consecutive_failure_up_to_the_cap(failures, expected_ban):
     router, clock = make()
     for _ in range(failures):

@@ -33,26 +33,65 @@ FILTER_CASES = [
     # (type, params, facts, nodes, expected kept ids)
     ("serves-model", {}, FACTS, [node("a"), node("b", model_id="other")], ["a"]),
     ("live", {}, FACTS, [node("a", live=False), node("b")], ["b"]),
-    ("not-banned", {}, FACTS, [node("a", banned_until=NOW + 1, last_failure_at=NOW), node("b", banned_until=NOW)],
-     ["b"]),
+    (
+        "not-banned",
+        {},
+        FACTS,
+        [node("a", banned_until=NOW + 1, last_failure_at=NOW), node("b", banned_until=NOW)],
+        ["b"],
+    ),
     # every node banned: the one that failed least recently stays eligible
-    ("not-banned", {}, FACTS, [node("a", banned_until=NOW + 5, last_failure_at=NOW - 1),
-                               node("b", banned_until=NOW + 9, last_failure_at=NOW - 3)], ["b"]),
+    (
+        "not-banned",
+        {},
+        FACTS,
+        [
+            node("a", banned_until=NOW + 5, last_failure_at=NOW - 1),
+            node("b", banned_until=NOW + 9, last_failure_at=NOW - 3),
+        ],
+        ["b"],
+    ),
     ("under-saturation", {"max_load": 1.0}, FACTS, [node("a", in_flight=8), node("b", in_flight=7)], ["b"]),
     ("under-saturation", {"max_load": 1.0}, FACTS, [node("a", in_flight=2, queue_depth=6), node("b")], ["b"]),
-    ("under-saturation", {"max_load": 1.0}, FACTS, [node("a", in_flight=9), node("b", in_flight=8)], ["a", "b"]),
-    ("under-saturation", {"max_load": 1.0, "keep_all_when_saturated": False}, FACTS,
-     [node("a", in_flight=9), node("b", in_flight=8)], []),
+    (
+        "under-saturation",
+        {"max_load": 1.0},
+        FACTS,
+        [node("a", in_flight=9), node("b", in_flight=8)],
+        ["a", "b"],
+    ),
+    (
+        "under-saturation",
+        {"max_load": 1.0, "keep_all_when_saturated": False},
+        FACTS,
+        [node("a", in_flight=9), node("b", in_flight=8)],
+        [],
+    ),
     # capacity-normalised: 20 of 32 is fine, 8 of 8 is full
-    ("under-saturation", {"max_load": 1.0}, FACTS, [node("a", capacity=32, in_flight=20), node("b", in_flight=8)],
-     ["a"]),
-    ("quality-floor", {"floor": 0.5}, FACTS, [node("a", quality=0.49), node("b", quality=0.5), node("c")],
-     ["b", "c"]),
+    (
+        "under-saturation",
+        {"max_load": 1.0},
+        FACTS,
+        [node("a", capacity=32, in_flight=20), node("b", in_flight=8)],
+        ["a"],
+    ),
+    (
+        "quality-floor",
+        {"floor": 0.5},
+        FACTS,
+        [node("a", quality=0.49), node("b", quality=0.5), node("c")],
+        ["b", "c"],
+    ),
     ("probation", {"share": 0.0}, FACTS, [node("a", quality=0.9), node("b")], ["a"]),
     ("probation", {"share": 1.0}, FACTS, [node("a", quality=0.9), node("b")], ["b"]),
     ("probation", {"share": 0.0}, FACTS, [node("b"), node("c")], ["b", "c"]),  # only new nodes: they serve
-    ("probation", {"share": 0.0, "new_for_s": 60}, FACTS,
-     [node("a", quality=0.9, joined_at=NOW - 10), node("b", quality=0.9, joined_at=NOW - 100)], ["b"]),
+    (
+        "probation",
+        {"share": 0.0, "new_for_s": 60},
+        FACTS,
+        [node("a", quality=0.9, joined_at=NOW - 10), node("b", quality=0.9, joined_at=NOW - 100)],
+        ["b"],
+    ),
     ("target-node", {}, FACTS, [node("a"), node("b")], ["a", "b"]),
     ("target-node", {}, RequestFacts("m", target_node="b", is_challenge=True), [node("a"), node("b")], ["b"]),
 ]
@@ -78,12 +117,27 @@ SCORER_CASES = [
     # load normalised by capacity: 8/32 beats 4/8
     ("load", {"max_load": 1.0}, [node("a", capacity=32, in_flight=8), node("b", in_flight=4)], [0.75, 0.5]),
     ("load", {"max_load": 2.0}, [node("a", in_flight=8), node("b", in_flight=0)], [0.5, 1.0]),
-    ("latency", {"output_tokens": 10}, [node("a", ttft_ewma_s=0.1, tpot_ewma_s=0.01),
-                                        node("b", ttft_ewma_s=0.2, tpot_ewma_s=0.02), node("c")], [1.0, 0.5, 0.5]),
+    (
+        "latency",
+        {"output_tokens": 10},
+        [
+            node("a", ttft_ewma_s=0.1, tpot_ewma_s=0.01),
+            node("b", ttft_ewma_s=0.2, tpot_ewma_s=0.02),
+            node("c"),
+        ],
+        [1.0, 0.5, 0.5],
+    ),
     ("latency", {"output_tokens": 0}, [node("a"), node("b")], [0.5, 0.5]),
     # a full node's latency stretches with its queue: 16 in flight on 8 slots = x 2.125
-    ("latency", {"output_tokens": 0}, [node("a", ttft_ewma_s=1.0, tpot_ewma_s=0.0, in_flight=16),
-                                       node("b", ttft_ewma_s=1.0, tpot_ewma_s=0.0)], [1 / 2.125, 1.0]),
+    (
+        "latency",
+        {"output_tokens": 0},
+        [
+            node("a", ttft_ewma_s=1.0, tpot_ewma_s=0.0, in_flight=16),
+            node("b", ttft_ewma_s=1.0, tpot_ewma_s=0.0),
+        ],
+        [1 / 2.125, 1.0],
+    ),
 ]
 
 
@@ -116,8 +170,10 @@ def test_affinity_spreads_keys_and_moves_few_when_a_node_leaves():
     counts = [list(owners.values()).count(n.node_id) for n in nodes]
     assert min(counts) > 50  # ~100 each
     fewer = nodes[1:]
-    moved = sum(fewer[aff.score(RequestFacts("m", 1, f"k{k}"), fewer, ctx()).index(1.0)].node_id != owners[k]
-                for k in range(800))
+    moved = sum(
+        fewer[aff.score(RequestFacts("m", 1, f"k{k}"), fewer, ctx()).index(1.0)].node_id != owners[k]
+        for k in range(800)
+    )
     assert moved == counts[0]  # only the keys of the node that left move
 
 

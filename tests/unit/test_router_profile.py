@@ -17,8 +17,12 @@ FLOOR = 0.5  # deploy/profiles/default.yaml
 
 def eligible(n: NodeSnapshot, facts: RequestFacts, exclude: frozenset[str]) -> bool:
     """The hard constraints of the organic profile (saturation and bans are soft: they fall back)."""
-    return (n.model_id == facts.model and n.live and n.node_id not in exclude
-            and (n.quality is None or n.quality >= FLOOR))
+    return (
+        n.model_id == facts.model
+        and n.live
+        and n.node_id not in exclude
+        and (n.quality is None or n.quality >= FLOOR)
+    )
 
 
 snapshots = st.builds(
@@ -79,8 +83,11 @@ def test_probation_node_gets_about_five_percent_and_low_quality_none():
 
 
 def test_explain_lists_removals_and_per_scorer_scores():
-    d = ROUTER.pick(RequestFacts("m", 10, "p"),
-                    [node("a", quality=0.9), node("b", quality=0.1), node("c", live=False)], explain=True)
+    d = ROUTER.pick(
+        RequestFacts("m", 10, "p"),
+        [node("a", quality=0.9), node("b", quality=0.1), node("c", live=False)],
+        explain=True,
+    )
     assert d.node_id == "a"
     removed = dict(d.explanation.removed)
     assert removed["live"] == ("c",) and removed["quality-floor"] == ("b",)
@@ -97,8 +104,11 @@ def test_challenge_reaches_its_target_even_below_the_floor_and_banned():
 
 
 def test_fast_idle_node_wins_over_slow_and_full_node():
-    nodes = [node("slow", tpot_ewma_s=0.1, quality=0.9), node("fast", tpot_ewma_s=0.01, quality=0.9),
-             node("full", tpot_ewma_s=0.005, quality=0.9, in_flight=8)]
+    nodes = [
+        node("slow", tpot_ewma_s=0.1, quality=0.9),
+        node("fast", tpot_ewma_s=0.01, quality=0.9),
+        node("full", tpot_ewma_s=0.005, quality=0.9, in_flight=8),
+    ]
     picks = [ROUTER.pick(RequestFacts("m", 10, f"p{i}"), nodes).node_id for i in range(50)]
     assert picks.count("fast") == 50
 
@@ -113,7 +123,12 @@ def test_scorer_out_of_range_or_nan_is_clamped():
             return [float("nan"), 7.0, -3.0]
 
     prof = Profile("t", [], [(Wild("wild", NoParams()), 2.0)], MaxScore("best", MaxScore.Params()))
-    d = prof.run(RequestFacts("m"), [node("a"), node("b"), node("c")], PickContext(NOW, random.Random(0)),
-                 PluginTimings(), explain=True)
+    d = prof.run(
+        RequestFacts("m"),
+        [node("a"), node("b"), node("c")],
+        PickContext(NOW, random.Random(0)),
+        PluginTimings(),
+        explain=True,
+    )
     assert d.node_id == "b" and d.score == 1.0
     assert [d.explanation.scores[i]["wild"] for i in "abc"] == [0.0, 1.0, 0.0]

@@ -13,9 +13,7 @@ from scoring.consensus import quality_from_consensus, weighted_median, yuma_epoc
 def test_three_validators_two_nodes_worked_example():
     # Stake 45/35/20 -> S = [0.45, 0.35, 0.20]. Rows already sum to 1.
     # Validator C (20%) is colluding with node 1 and gives it all of its weight.
-    w = [[0.8, 0.2],
-         [0.6, 0.4],
-         [0.0, 1.0]]
+    w = [[0.8, 0.2], [0.6, 0.4], [0.0, 1.0]]
     r = yuma_epoch(w, [45, 35, 20])
     # consensus_0: largest v with stake(w >= v) >= 0.5: v=0.8 -> 0.45 (no); v=0.6 -> 0.80 (yes) => 0.6
     # consensus_1: v=1.0 -> 0.20 (no); v=0.4 -> 0.55 (yes) => 0.4   (C cannot lift node 1 above 0.4)
@@ -32,9 +30,9 @@ def test_three_validators_two_nodes_worked_example():
     np.testing.assert_allclose(r.incentive, [0.48 / 0.79, 0.31 / 0.79])
     # delta B = S_i W'_ij / rank_j: n0 col [.27, .21, 0]/.48 ; n1 col [.09, .14, .08]/.31.
     # No previous bonds: EMA = 0.1 * delta, column-normalised again -> delta.
-    np.testing.assert_allclose(r.bonds, [[0.27 / 0.48, 0.09 / 0.31],
-                                         [0.21 / 0.48, 0.14 / 0.31],
-                                         [0.0, 0.08 / 0.31]])
+    np.testing.assert_allclose(
+        r.bonds, [[0.27 / 0.48, 0.09 / 0.31], [0.21 / 0.48, 0.14 / 0.31], [0.0, 0.08 / 0.31]]
+    )
     # dividends_i = sum_j B_ij inc_j = sum_j S_i W'_ij / 0.79: A .36/.79, B .35/.79, C .08/.79
     np.testing.assert_allclose(r.dividends, [0.36 / 0.79, 0.35 / 0.79, 0.08 / 0.79])
 
@@ -47,8 +45,9 @@ def test_bonds_ema_carries_history():
     # incentive = [1]; dividends = bonds column = [0.95, 0.05]
     np.testing.assert_allclose(r.dividends, [0.95, 0.05])
     # alpha = 1 forgets history entirely
-    np.testing.assert_allclose(yuma_epoch([[1.0], [1.0]], [1, 1], bonds=[[1.0], [0.0]], alpha=1.0).bonds,
-                               [[0.5], [0.5]])
+    np.testing.assert_allclose(
+        yuma_epoch([[1.0], [1.0]], [1, 1], bonds=[[1.0], [0.0]], alpha=1.0).bonds, [[0.5], [0.5]]
+    )
 
 
 def test_rows_are_normalised_and_exact_half_stake_tie_goes_up():
@@ -107,8 +106,9 @@ def _network(draw):
     split = draw(st.lists(st.integers(1, 10), min_size=n_bad, max_size=n_bad))
     bad_stake = [coalition_total * k / sum(split) for k in split]
     cell = st.floats(0.0, 1.0, allow_nan=False)
-    honest_w = draw(st.lists(st.lists(cell, min_size=n_nodes, max_size=n_nodes), min_size=n_honest,
-                             max_size=n_honest))
+    honest_w = draw(
+        st.lists(st.lists(cell, min_size=n_nodes, max_size=n_nodes), min_size=n_honest, max_size=n_honest)
+    )
     bad_w = draw(st.lists(st.lists(cell, min_size=n_nodes, max_size=n_nodes), min_size=n_bad, max_size=n_bad))
     return kappa, np.array(honest_stake, float), np.array(bad_stake), np.array(honest_w), np.array(bad_w)
 
@@ -121,7 +121,9 @@ def test_minority_coalition_cannot_lift_consensus_above_majority(net):
     total = hs.sum() + bs.sum()
     c = bs.sum() / total
     assert c < kappa
-    hwn = np.divide(hw, hw.sum(axis=1, keepdims=True), out=np.zeros_like(hw), where=hw.sum(axis=1, keepdims=True) > 0)
+    hwn = np.divide(
+        hw, hw.sum(axis=1, keepdims=True), out=np.zeros_like(hw), where=hw.sum(axis=1, keepdims=True) > 0
+    )
     for j in range(hw.shape[1]):
         # The most the coalition can achieve: it backs any value with all c of its stake, so a value v
         # needs honest stake (as a share of all stake) >= kappa - c at or above v.

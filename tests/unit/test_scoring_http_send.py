@@ -15,8 +15,14 @@ def test_http_send_posts_the_challenge_with_pinning_headers():
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-            seen.append((self.path, self.headers["x-meritnet-node"], self.headers["x-meritnet-challenge-key"],
-                         body["model"]))
+            seen.append(
+                (
+                    self.path,
+                    self.headers["x-meritnet-node"],
+                    self.headers["x-meritnet-challenge-key"],
+                    body["model"],
+                )
+            )
             self.send_response(503)
             self.end_headers()
             self.wfile.write(b'{"error": {"message": "busy"}}')

@@ -21,28 +21,59 @@ CODEC = LetterCodec()
 def _node(nid: str) -> NodeStats:
     from eth_utils import to_checksum_address
 
-    return NodeStats(node_id=nid, model_id="default", operator=to_checksum_address(OP), accelerator_type="cpu",
-                     capacity=4, live=True, running_replicas=1, joined_at=0.0)
+    return NodeStats(
+        node_id=nid,
+        model_id="default",
+        operator=to_checksum_address(OP),
+        accelerator_type="cpu",
+        capacity=4,
+        live=True,
+        running_replicas=1,
+        joined_at=0.0,
+    )
 
 
 def _fake_send(models: dict[str, BigramModel], inflate: set[str] = frozenset()):
     async def send(req):
         model = models[req.node_id]
-        prompt_ids = CODEC.encode_chat(list(req.messages)) if req.messages else CODEC.encode_prompt(req.prompt)
+        prompt_ids = (
+            CODEC.encode_chat(list(req.messages)) if req.messages else CODEC.encode_prompt(req.prompt)
+        )
         ids, finish = model.generate(prompt_ids, req.max_tokens, req.temperature)
         n = len(ids) + (10 if req.node_id in inflate else 0)
-        return ChallengeResponse(ok=True, status=200, text=CODEC.decode(ids), token_ids=tuple(ids),
-                                 completion_tokens=n, finish_reason=finish, ttft_s=0.01, elapsed_s=0.1)
+        return ChallengeResponse(
+            ok=True,
+            status=200,
+            text=CODEC.decode(ids),
+            token_ids=tuple(ids),
+            completion_tokens=n,
+            finish_reason=finish,
+            ttft_s=0.01,
+            elapsed_s=0.1,
+        )
+
     return send
 
 
 async def test_cheaters_lose_consensus_quality():
-    models = {"honest-a": BigramModel(0), "honest-b": BigramModel(0), "swap": BigramModel(1),
-              "inflate": BigramModel(0)}
+    models = {
+        "honest-a": BigramModel(0),
+        "honest-b": BigramModel(0),
+        "swap": BigramModel(1),
+        "inflate": BigramModel(0),
+    }
     send = _fake_send(models, inflate={"inflate"})
     engines = {"default": FakeReferenceEngine(BigramModel(0))}
-    vals = [Validator(ValidatorConfig(validator_id=f"v{i}", stake=s), send, engines, {"default": CODEC},
-                      rng=random.Random(i)) for i, s in enumerate([50, 30, 20])]
+    vals = [
+        Validator(
+            ValidatorConfig(validator_id=f"v{i}", stake=s),
+            send,
+            engines,
+            {"default": CODEC},
+            rng=random.Random(i),
+        )
+        for i, s in enumerate([50, 30, 20])
+    ]
     nodes = [_node(n) for n in models]
     for _ in range(3):
         for v in vals:
@@ -66,8 +97,12 @@ async def test_unreachable_node_loses_availability_not_integrity():
     async def send(req):
         raise ConnectionError("down")
 
-    v = Validator(ValidatorConfig(validator_id="v"), send, {"default": FakeReferenceEngine(BigramModel(0))},
-                  {"default": CODEC})
+    v = Validator(
+        ValidatorConfig(validator_id="v"),
+        send,
+        {"default": FakeReferenceEngine(BigramModel(0))},
+        {"default": CODEC},
+    )
     out = await v.challenge_once(_node("dead"))
     assert not out.response.ok and out.verification is None
     s = v.scores()[0]
@@ -77,7 +112,9 @@ async def test_unreachable_node_loses_availability_not_integrity():
 async def test_run_loop_challenges_each_live_node():
     models = {"a": BigramModel(0), "b": BigramModel(0)}
     cfg = ValidatorConfig(validator_id="v", challenge=ChallengeConfig(rate_per_node_per_min=6000))
-    v = Validator(cfg, _fake_send(models), {"default": FakeReferenceEngine(BigramModel(0))}, {"default": CODEC})
+    v = Validator(
+        cfg, _fake_send(models), {"default": FakeReferenceEngine(BigramModel(0))}, {"default": CODEC}
+    )
     stop = asyncio.Event()
 
     async def nodes():
@@ -108,8 +145,9 @@ def test_organic_prompts_only_when_enabled():
     off = ChallengePool(ChallengeConfig(), random.Random(0))
     off.observe_organic("PRIVATE")
     assert all("PRIVATE" not in (off.sample("n", "m").body.get("prompt") or "") for _ in range(50))
-    on = ChallengePool(ChallengeConfig(use_organic_prompts=True, organic_share=1.0, kinds=("completion",)),
-                       random.Random(0))
+    on = ChallengePool(
+        ChallengeConfig(use_organic_prompts=True, organic_share=1.0, kinds=("completion",)), random.Random(0)
+    )
     on.observe_organic("PRIVATE")
     assert on.sample("n", "m").body["prompt"] == "PRIVATE"
 
@@ -125,12 +163,27 @@ def test_shadow_sampling_rate_and_determinism():
 
 
 def test_parse_openai_responses():
-    r = parse_completion({"choices": [{"text": "hi", "finish_reason": "stop", "token_ids": [5, 6]}],
-                          "usage": {"completion_tokens": 2}}, 200, 0.1, 0.2)
-    assert (r.ok, r.text, r.token_ids, r.completion_tokens, r.finish_reason) == (True, "hi", (5, 6), 2, "stop")
-    chunks = [{"choices": [{"delta": {"content": "a"}, "token_ids": [1]}]},
-              {"choices": [{"delta": {"content": "b"}, "token_ids": [2], "finish_reason": "length"}]},
-              {"choices": [], "usage": {"completion_tokens": 2}}]
+    r = parse_completion(
+        {
+            "choices": [{"text": "hi", "finish_reason": "stop", "token_ids": [5, 6]}],
+            "usage": {"completion_tokens": 2},
+        },
+        200,
+        0.1,
+        0.2,
+    )
+    assert (r.ok, r.text, r.token_ids, r.completion_tokens, r.finish_reason) == (
+        True,
+        "hi",
+        (5, 6),
+        2,
+        "stop",
+    )
+    chunks = [
+        {"choices": [{"delta": {"content": "a"}, "token_ids": [1]}]},
+        {"choices": [{"delta": {"content": "b"}, "token_ids": [2], "finish_reason": "length"}]},
+        {"choices": [], "usage": {"completion_tokens": 2}},
+    ]
     s = parse_stream(chunks, 0.1, 0.3)
     assert (s.text, s.token_ids, s.finish_reason, s.completion_tokens) == ("ab", (1, 2), "length", 2)
     assert not parse_stream(chunks[:1], 0.1, 0.2).ok  # cut stream

@@ -15,9 +15,15 @@ PROMPT = (0, 5, 9, 3)
 
 def _claim(model: BigramModel, max_tokens=16, temperature=0.0, seed=0, **over) -> Claim:
     ids, finish = model.generate(PROMPT, max_tokens, temperature, np.random.default_rng(seed))
-    fields = {"prompt_token_ids": PROMPT, "text": CODEC.decode(ids), "completion_token_ids": tuple(ids),
-                  "reported_completion_tokens": len(ids), "finish_reason": finish, "max_tokens": max_tokens,
-                  "temperature": temperature}
+    fields = {
+        "prompt_token_ids": PROMPT,
+        "text": CODEC.decode(ids),
+        "completion_token_ids": tuple(ids),
+        "reported_completion_tokens": len(ids),
+        "finish_reason": finish,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+    }
     fields.update(over)
     return Claim(**fields)
 
@@ -52,15 +58,23 @@ def test_substituted_model_is_fraud():
 
 def test_inflated_token_count_is_fraud():
     c = _claim(BigramModel(seed=0))
-    v = verify(c.model_copy(update={"reported_completion_tokens": c.reported_completion_tokens + 5}), REF, CODEC)
+    v = verify(
+        c.model_copy(update={"reported_completion_tokens": c.reported_completion_tokens + 5}), REF, CODEC
+    )
     assert v.verdict == "fraud" and "inflated" in v.reasons[0]
 
 
 def test_truncated_length_claim_is_fraud():
     c = _claim(BigramModel(seed=0), max_tokens=400)
     ids = c.completion_token_ids[:3]
-    cut = c.model_copy(update={"completion_token_ids": ids, "text": CODEC.decode(ids), "reported_completion_tokens": 3,
-                                   "finish_reason": "length"})
+    cut = c.model_copy(
+        update={
+            "completion_token_ids": ids,
+            "text": CODEC.decode(ids),
+            "reported_completion_tokens": 3,
+            "finish_reason": "length",
+        }
+    )
     v = verify(cut, REF, CODEC)
     assert v.verdict == "fraud" and "truncated" in " ".join(v.reasons)
 
@@ -70,8 +84,14 @@ def test_truncated_stop_claim_is_fraud_when_the_model_would_continue():
     # reference's argmax is something else.
     c = _claim(BigramModel(seed=0, eos_bias=-20.0), max_tokens=12)
     ids = c.completion_token_ids[:6]
-    cut = c.model_copy(update={"completion_token_ids": ids, "text": CODEC.decode(ids), "reported_completion_tokens": 6,
-                                   "finish_reason": "stop"})
+    cut = c.model_copy(
+        update={
+            "completion_token_ids": ids,
+            "text": CODEC.decode(ids),
+            "reported_completion_tokens": 6,
+            "finish_reason": "stop",
+        }
+    )
     v = verify(cut, FakeReferenceEngine(BigramModel(seed=0, eos_bias=-20.0)), CODEC)
     assert v.verdict == "fraud" and "would not stop" in " ".join(v.reasons)
 
@@ -81,8 +101,11 @@ def test_stop_with_eos_appended_by_verifier_passes():
     c = _claim(model, max_tokens=50)
     assert c.finish_reason == "stop" and c.completion_token_ids[-1] == EOS
     ids = c.completion_token_ids[:-1]  # an engine that leaves EOS out of the ids
-    v = verify(c.model_copy(update={"completion_token_ids": ids, "reported_completion_tokens": len(ids)}),
-               FakeReferenceEngine(model), CODEC)
+    v = verify(
+        c.model_copy(update={"completion_token_ids": ids, "reported_completion_tokens": len(ids)}),
+        FakeReferenceEngine(model),
+        CODEC,
+    )
     assert v.verdict == "pass", v.reasons
 
 
@@ -95,14 +118,19 @@ def test_ids_that_do_not_match_text_fail():
 def test_perturbed_weights_fail_at_calibrated_thresholds():
     honest_engine = FakeReferenceEngine(BigramModel(seed=0), jitter=1e-4, seed=3)
     node = BigramModel(seed=0, noise=0.8)
-    verdicts = {verify(_claim(node, max_tokens=64, seed=s, finish_reason=None), honest_engine, CODEC).verdict
-                for s in range(3)}
+    verdicts = {
+        verify(_claim(node, max_tokens=64, seed=s, finish_reason=None), honest_engine, CODEC).verdict
+        for s in range(3)
+    }
     assert verdicts & {"fail", "fraud"}
 
 
 def test_calibration_covers_honest_near_ties_with_margin():
     # honest near-ties: rank 2 with gaps up to 0.004; one honest completion all exact
-    honest = [[TokenCheck(0, 5, 2, -0.7, 0.004), TokenCheck(1, 6, 1, -0.1, 0.0)], [TokenCheck(0, 5, 1, -0.2, 0.0)]]
+    honest = [
+        [TokenCheck(0, 5, 2, -0.7, 0.004), TokenCheck(1, 6, 1, -0.1, 0.0)],
+        [TokenCheck(0, 5, 1, -0.2, 0.0)],
+    ]
     th = calibrate(honest, margin=3.0)
     assert th.greedy_gap_tol == pytest.approx(0.012)
     assert th.greedy_fail_rate == 0.0  # nothing honest is left mismatched -> any mismatch fails

@@ -13,8 +13,17 @@ B = "0xAb8483F64d9C6d1EcF9b849Ae677dD3315835cb2"
 
 
 def rec(rid, ended_at, node="n1", operator=A, status="ok", prompt=10, completion=20):
-    return UsageRecord(request_id=rid, node_id=node, operator=operator, model="default", prompt_tokens=prompt,
-                       completion_tokens=completion, started_at=ended_at - 1.0, ended_at=ended_at, status=status)
+    return UsageRecord(
+        request_id=rid,
+        node_id=node,
+        operator=operator,
+        model="default",
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        started_at=ended_at - 1.0,
+        ended_at=ended_at,
+        status=status,
+    )
 
 
 @pytest.fixture
@@ -55,8 +64,14 @@ def test_duplicates_rejected_and_reported_not_double_counted(ledger):
 
 
 def test_only_ok_records_count_as_usage(ledger):
-    ledger.append([rec("a", 1001.0), rec("b", 1001.0, status="error"), rec("c", 1001.0, status="cancelled"),
-                   rec("d", 1001.0, node="n2", operator=B, prompt=1, completion=2)])
+    ledger.append(
+        [
+            rec("a", 1001.0),
+            rec("b", 1001.0, status="error"),
+            rec("c", 1001.0, status="cancelled"),
+            rec("d", 1001.0, node="n2", operator=B, prompt=1, completion=2),
+        ]
+    )
     assert ledger.usage_by_node(0) == {"n1": NodeUsage(A, 10, 20), "n2": NodeUsage(B, 1, 2)}
     frozen = ledger.close_epoch(0)
     assert frozen.n_records == 4

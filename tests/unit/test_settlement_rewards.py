@@ -29,8 +29,12 @@ def test_remainder_goes_to_largest_fraction_then_lowest_node_id():
 
 
 def test_zero_quality_zero_usage_and_unscored_get_nothing():
-    usage = {"q0": NodeUsage(A, 50, 50), "u0": NodeUsage(A, 0, 0), "unscored": NodeUsage(B, 9, 9),
-             "ok": NodeUsage(B, 1, 0)}
+    usage = {
+        "q0": NodeUsage(A, 50, 50),
+        "u0": NodeUsage(A, 0, 0),
+        "unscored": NodeUsage(B, 9, 9),
+        "ok": NodeUsage(B, 1, 0),
+    }
     r = compute_rewards(usage, {"q0": 0.0, "u0": 1.0, "ok": 0.25}, 10**18 + 1, 1, 1)
     assert r.per_node == {"ok": 10**18 + 1, "q0": 0, "u0": 0, "unscored": 0}
     assert r.per_operator == {B: 10**18 + 1}
@@ -64,8 +68,9 @@ def test_bad_amounts_are_rejected():
 
 
 _node_ids = st.sampled_from([f"n{i}" for i in range(8)])
-_usage = st.dictionaries(_node_ids, st.tuples(st.sampled_from([A, B]), st.integers(0, 10**6), st.integers(0, 10**6)),
-                         max_size=8).map(lambda d: {k: NodeUsage(*v) for k, v in d.items()})
+_usage = st.dictionaries(
+    _node_ids, st.tuples(st.sampled_from([A, B]), st.integers(0, 10**6), st.integers(0, 10**6)), max_size=8
+).map(lambda d: {k: NodeUsage(*v) for k, v in d.items()})
 _quality = st.floats(0.0, 1.0, allow_nan=False)
 _emission = st.integers(0, 10**27)
 

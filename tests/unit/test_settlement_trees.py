@@ -45,8 +45,12 @@ def test_usage_tree_fast_path_matches_openzeppelin():
 
 
 def test_usage_tree_equals_generic_build_of_usage_leaves():
-    frozen = SimpleNamespace(epoch=7, rows=tuple(
-        UsageRow(f"r{i}", f"n{i % 4}", ADDR[i % 3], f"m{i % 2}", i * 3, 2**70 + i) for i in range(50)))
+    frozen = SimpleNamespace(
+        epoch=7,
+        rows=tuple(
+            UsageRow(f"r{i}", f"n{i % 4}", ADDR[i % 3], f"m{i % 2}", i * 3, 2**70 + i) for i in range(50)
+        ),
+    )
     generic = StandardMerkleTree.of([usage_leaf(r, 7) for r in frozen.rows], USAGE_LEAF_ENCODING)
     assert usage_tree(frozen).root == generic.root
 

@@ -34,8 +34,12 @@ def cheater_network(tmp_path_factory):
             {"node_id": "l4-b", "operator": HONEST_B, "accelerator_type": "L4"},
             # Claims "default" (the seed-0 model) but serves the seed-1 model: same architecture and
             # tokenizer, other weights.
-            {"node_id": CHEATER, "operator": CHEATER_OP, "accelerator_type": "H100",
-             "model_source": "builtin:default@1"},
+            {
+                "node_id": CHEATER,
+                "operator": CHEATER_OP,
+                "accelerator_type": "H100",
+                "model_source": "builtin:default@1",
+            },
         ],
         validators=[
             {"validator_id": "v1", "stake": 2.0, "challenges_per_node_per_min": rate},

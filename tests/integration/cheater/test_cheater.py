@@ -34,12 +34,18 @@ def _organic(client, i: int) -> str:
     rng = random.Random(i)
     if i % 2:
         raw = client.chat.completions.with_raw_response.create(
-            model="default", messages=[{"role": "user", "content": f"Tell me about town number {i}."}],
-            max_tokens=rng.choice((8, 16, 32)), temperature=0)
+            model="default",
+            messages=[{"role": "user", "content": f"Tell me about town number {i}."}],
+            max_tokens=rng.choice((8, 16, 32)),
+            temperature=0,
+        )
     else:
         raw = client.completions.with_raw_response.create(
-            model="default", prompt=f"The story of house {i} begins", max_tokens=rng.choice((8, 16, 32)),
-            temperature=0)
+            model="default",
+            prompt=f"The story of house {i} begins",
+            max_tokens=rng.choice((8, 16, 32)),
+            temperature=0,
+        )
     return raw.headers["x-meritnet-node"]
 
 
@@ -61,8 +67,22 @@ def _verified(stats, nodes) -> Counter:
     for per_node in stats.values():
         for node in nodes:
             c = per_node.get(node, {})
-            total.update({k: c.get(k, 0) for k in ("pass", "fail", "fraud", "challenges", "answered", "shadow",
-                                                   "shadow_pass", "shadow_fail", "shadow_fraud")})
+            total.update(
+                {
+                    k: c.get(k, 0)
+                    for k in (
+                        "pass",
+                        "fail",
+                        "fraud",
+                        "challenges",
+                        "answered",
+                        "shadow",
+                        "shadow_pass",
+                        "shadow_fail",
+                        "shadow_fraud",
+                    )
+                }
+            )
     return total
 
 
@@ -95,7 +115,10 @@ def detection(cheater_network):
             if detected_at is None and quality.get(CHEATER) == 0.0:
                 detected_at = time.time()
             honest = _verified(stats, HONEST_NODES)
-            if detected_at is not None and honest["pass"] + honest["fail"] + honest["fraud"] >= MIN_HONEST_VERIFICATIONS:
+            if (
+                detected_at is not None
+                and honest["pass"] + honest["fail"] + honest["fraud"] >= MIN_HONEST_VERIFICATIONS
+            ):
                 break
         stop.set()
         for w in workers:
@@ -104,9 +127,14 @@ def detection(cheater_network):
 
     stats = _stats(net)
     result = {
-        "detected_at": detected_at, "seconds": time.monotonic() - t0, "stats": stats,
-        "honest": _verified(stats, HONEST_NODES), "cheater": _verified(stats, (CHEATER,)),
-        "organic_served": dict(served), "organic_errors": errors, "quality": _consensus(net),
+        "detected_at": detected_at,
+        "seconds": time.monotonic() - t0,
+        "stats": stats,
+        "honest": _verified(stats, HONEST_NODES),
+        "cheater": _verified(stats, (CHEATER,)),
+        "organic_served": dict(served),
+        "organic_errors": errors,
+        "quality": _consensus(net),
         "reference_engine": ray.get(net.reference_engines["default"].stats.remote()),
         "shadow_feed": ray.get(net.shadow_feed.stats.remote()),
     }
@@ -116,7 +144,9 @@ def detection(cheater_network):
 
 
 def test_cheater_caught_within_bounded_challenges(detection):
-    assert detection["detected_at"] is not None, f"cheater never reached consensus quality 0: {detection['quality']}"
+    assert detection["detected_at"] is not None, (
+        f"cheater never reached consensus quality 0: {detection['quality']}"
+    )
     for validator, per_node in detection["stats"].items():
         after = per_node.get(CHEATER, {}).get("detected_after")
         assert after is not None and after <= MAX_CHALLENGES_TO_DETECT, (validator, per_node.get(CHEATER))
@@ -139,7 +169,9 @@ def test_organic_traffic_is_shadow_verified_without_false_positives(detection):
     """Validators re-verify a sample of organic completions after the fact (shadow verification)."""
     honest, cheater = detection["honest"], detection["cheater"]
     assert detection["shadow_feed"]["offered"] > 0, detection["shadow_feed"]
-    assert honest["shadow"] > 0, f"no organic completion of an honest node was shadow-verified: {dict(honest)}"
+    assert honest["shadow"] > 0, (
+        f"no organic completion of an honest node was shadow-verified: {dict(honest)}"
+    )
     assert honest["shadow_pass"] == honest["shadow"], f"shadow false positives: {dict(honest)}"
     assert cheater["shadow_pass"] == 0, dict(cheater)  # whatever of the cheater's organic output was sampled
 
@@ -186,6 +218,8 @@ def test_cheater_earns_nothing_in_the_next_settled_epoch(cheater_network, detect
     per_operator, _carried = rewards
     usage = ledger.usage_by_node(epoch)
     print(f"\nepoch {epoch}: rewards {per_operator}; usage nodes {sorted(usage)}")
-    assert CHEATER in usage, "the cheater had no metered usage (challenges) in the epoch: the test proves nothing"
+    assert CHEATER in usage, (
+        "the cheater had no metered usage (challenges) in the epoch: the test proves nothing"
+    )
     assert per_operator.get(CHEATER_OP, 0) == 0, per_operator
     assert per_operator.get(HONEST_A, 0) > 0 and per_operator.get(HONEST_B, 0) > 0, per_operator

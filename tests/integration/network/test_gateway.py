@@ -37,7 +37,10 @@ def test_chat_completion_is_metered_exactly(client, usage_records):
     rid, node = raw.headers["x-meritnet-request-id"], raw.headers["x-meritnet-node"]
     rec = usage_records()[rid]
     assert rec.node_id == node and rec.status == "ok" and rec.model == "default"
-    assert (rec.prompt_tokens, rec.completion_tokens) == (resp.usage.prompt_tokens, resp.usage.completion_tokens)
+    assert (rec.prompt_tokens, rec.completion_tokens) == (
+        resp.usage.prompt_tokens,
+        resp.usage.completion_tokens,
+    )
     assert rec.ended_at >= rec.started_at and rec.ttft_s is not None
 
 
@@ -60,7 +63,9 @@ def test_stop_sequence_ends_generation(client):
     text = free.choices[0].text
     assert len(text) > 2
     stop = text[1:3]
-    stopped = client.completions.create(model="default", prompt="a", max_tokens=16, temperature=0, stop=[stop])
+    stopped = client.completions.create(
+        model="default", prompt="a", max_tokens=16, temperature=0, stop=[stop]
+    )
     assert stop not in stopped.choices[0].text and stopped.choices[0].finish_reason == "stop"
 
 
@@ -91,7 +96,14 @@ def test_token_ids_reach_only_clients_that_ask(network, stream):
     import json
 
     def ask(extra):
-        body = {"model": "default", "messages": CHAT, "max_tokens": 8, "temperature": 0, "stream": stream, **extra}
+        body = {
+            "model": "default",
+            "messages": CHAT,
+            "max_tokens": 8,
+            "temperature": 0,
+            "stream": stream,
+            **extra,
+        }
         r = httpx.post(f"{network.base_url}/v1/chat/completions", json=body, timeout=120)
         assert r.status_code == 200, r.text
         if not stream:
@@ -102,10 +114,15 @@ def test_token_ids_reach_only_clients_that_ask(network, stream):
     assert all(ch.get("token_ids") is None for d in plain for ch in d["choices"])
     assert all(d.get("prompt_token_ids") is None for d in plain)
     ids = [i for d in asked for ch in d["choices"] for i in (ch.get("token_ids") or [])]
-    text = "".join((ch.get("message") or ch.get("delta") or {}).get("content") or "" for d in asked for ch in d["choices"])
+    text = "".join(
+        (ch.get("message") or ch.get("delta") or {}).get("content") or ""
+        for d in asked
+        for ch in d["choices"]
+    )
     assert text and len(ids) >= 1  # greedy output of the same prompt: ids present only when asked
-    assert [ch.get("finish_reason") for d in plain for ch in d["choices"]][-1] == \
-        [ch.get("finish_reason") for d in asked for ch in d["choices"]][-1]
+    assert [ch.get("finish_reason") for d in plain for ch in d["choices"]][-1] == [
+        ch.get("finish_reason") for d in asked for ch in d["choices"]
+    ][-1]
 
 
 def test_unknown_model_is_404(client):
@@ -131,18 +148,23 @@ def test_invalid_parameters_are_400_naming_the_param(network, payload, param):
     assert err["param"] is not None and err["param"].startswith(param)
 
 
-@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b"", "{\"model\": \"\xff\"}".encode("latin-1")])
+@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b"", '{"model": "\xff"}'.encode("latin-1")])
 def test_malformed_json_is_400(network, body):
-    r = httpx.post(f"{network.base_url}/v1/completions", content=body,
-                   headers={"content-type": "application/json"}, timeout=30)
+    r = httpx.post(
+        f"{network.base_url}/v1/completions",
+        content=body,
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
 
 
 @pytest.mark.parametrize("extra", [{"max_tokens": 100000}, {"max_tokens": -3}, {"logprobs": 1000}])
 def test_engine_side_validation_is_4xx(network, extra):
     # Limits only vLLM knows (context window, logprob cap, ...): its error comes back as a 400.
-    r = httpx.post(f"{network.base_url}/v1/completions",
-                   json={"model": "default", "prompt": "hi", **extra}, timeout=60)
+    r = httpx.post(
+        f"{network.base_url}/v1/completions", json={"model": "default", "prompt": "hi", **extra}, timeout=60
+    )
     assert r.status_code == 400
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}
 
@@ -153,13 +175,29 @@ def test_model_without_live_node_is_503(network, client):
     from cluster.records import NodeSpec
     from cluster.registry import get_registry
 
-    ghost = NodeSpec(node_id="ghost", operator="0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266",
-                     model_id="ghost-model", model_source="/nonexistent", accelerator_type="H100")
+    ghost = NodeSpec(
+        node_id="ghost",
+        operator="0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266",
+        model_id="ghost-model",
+        model_source="/nonexistent",
+        accelerator_type="H100",
+    )
     ray.get(get_registry().register.remote(ghost))
     try:
-        r = wait_for(lambda: (x := httpx.post(f"{network.base_url}/v1/completions",
-                                              json={"model": "ghost-model", "prompt": "x"}, timeout=30)
-                              ).status_code != 404 and x, timeout_s=10)
+        r = wait_for(
+            lambda: (
+                (
+                    x := httpx.post(
+                        f"{network.base_url}/v1/completions",
+                        json={"model": "ghost-model", "prompt": "x"},
+                        timeout=30,
+                    )
+                ).status_code
+                != 404
+                and x
+            ),
+            timeout_s=10,
+        )
         assert r.status_code == 503 and r.json()["error"]["code"] == "no_live_node"
     finally:
         ray.get(get_registry().unregister.remote("ghost"))
@@ -189,8 +227,11 @@ def test_each_node_is_placed_on_its_accelerator(network):
     accel_of_ray_node = {
         n["NodeID"]: [k for k in n["Resources"] if k.startswith("accel_")] for n in ray.nodes() if n["Alive"]
     }
-    replicas = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-                if a.class_name.startswith("ServeReplica:node-")]
+    replicas = [
+        a
+        for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+        if a.class_name.startswith("ServeReplica:node-")
+    ]
     placed = {a.class_name.split(":")[1]: accel_of_ray_node[a.node_id] for a in replicas}
     assert placed == {"node-h100-a": ["accel_H100"], "node-l4-b": ["accel_L4"]}
 

@@ -30,8 +30,11 @@ def test_killed_node_is_banned_leaves_registry_and_comes_back(network, client):
     import ray
     from ray.util.state import list_actors
 
-    victim = next(a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-                  if a.class_name == "ServeReplica:node-l4-b:node-l4-b")
+    victim = next(
+        a
+        for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+        if a.class_name == "ServeReplica:node-l4-b:node-l4-b"
+    )
     ray.kill(ray.get_actor(victim.name, namespace="serve"), no_restart=True)
 
     # Every request still succeeds; at most the first ones try the dead node (and are retried).
