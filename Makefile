@@ -35,7 +35,9 @@ test: setup
 test-unit: setup
 	$(PY) -m pytest tests/unit
 
+# Format check first (a diff is printed), then the rule set pinned in pyproject.toml.
 lint: setup
+	$(VENV)/bin/ruff format --check --diff .
 	$(VENV)/bin/ruff check .
 
 clean:

@@ -49,7 +49,7 @@ def measure_gas() -> dict:
     operators = [SettlerKey.generate().address for _ in range(max(NODE_COUNTS))]
     cumulative: dict[str, int] = {}
     trees = {}
-    for epoch, n in enumerate(NODE_COUNTS, start=1):
+    for n in NODE_COUNTS:
         for i, op in enumerate(operators[:n]):
             cumulative[op] = cumulative.get(op, 0) + 10**18 + i
         trees[n] = reward_tree(cumulative)

@@ -86,7 +86,7 @@ async def coalesce_ready(
         try:
             async for item in stream:
                 queue.put_nowait(item)
-        except Exception as exc:  # handed to the consumer, raised there in order
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, raised there in order
             queue.put_nowait(_Failed(exc))
         finally:
             queue.put_nowait(_END)

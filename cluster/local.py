@@ -7,10 +7,13 @@ gateway, registry, Serve controller and proxy.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable
 
 from pydantic import BaseModel, ConfigDict, Field
+
+log = logging.getLogger("meritnet.cluster")
 
 
 class LocalClusterConfig(BaseModel):
@@ -82,8 +85,8 @@ class LocalCluster:
             from ray import serve
 
             serve.shutdown()
-        except Exception:
-            pass
+        except Exception as exc:  # noqa: BLE001 - Serve already gone: shutting Ray down is what matters
+            log.debug("serve.shutdown failed (%s); shutting Ray down anyway", type(exc).__name__)
         ray.shutdown()
         if self._cluster is not None:
             self._cluster.shutdown()

@@ -111,7 +111,7 @@ class NodeRegistry:
             try:
                 running = await asyncio.to_thread(_running_replicas_from_serve, self._core.specs())
                 self._core.set_liveness(running)
-            except Exception as exc:  # Serve restarting: keep the last view, try again
+            except Exception as exc:  # noqa: BLE001 - Serve restarting: keep the last view, try again
                 log.warning("registry: could not read Serve status (%s); keeping last view", exc)
             await asyncio.sleep(self._poll_interval_s)
 

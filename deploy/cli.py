@@ -47,9 +47,9 @@ def up(
 
     try:
         cfg = NetworkConfig.load(config, port=port)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - YAML, validation or I/O: all get the same message
         console.print(f"[red]Invalid configuration:[/red] {exc}")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
 
     with Progress(
         SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console
@@ -68,11 +68,11 @@ def up(
         except NetworkStartError as exc:
             console.print(f"[red]Could not start the network:[/red] {exc}")
             net.stop()
-            raise typer.Exit(1)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             console.print("Interrupted; shutting down.")
             net.stop()
-            raise typer.Exit(130)
+            raise typer.Exit(130) from None
 
     _print_ready(net)
     stop = threading.Event()
@@ -82,7 +82,7 @@ def up(
         try:
             for epoch in net.settle_due_epochs():
                 console.print(f"settled epoch {epoch} on-chain")
-        except Exception as exc:  # the chain being down only delays settlement; keep serving
+        except Exception as exc:  # noqa: BLE001 - the chain being down only delays settlement; keep serving
             console.print(f"[yellow]settlement pass failed ({type(exc).__name__}); will retry[/yellow]")
     with console.status("Shutting down (nodes, gateway, Ray)..."):
         net.stop()
@@ -153,11 +153,11 @@ def status(address: str = typer.Option("auto", help="Ray address of the network.
     try:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, ignore_reinit_error=True)
         stats = ray.get(get_registry().snapshot.remote())
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - no cluster, no registry: the same advice
         console.print(
             f"[red]No running network found ({type(exc).__name__}).[/red] Start one with `meritnet up`."
         )
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     try:
         quality = ray.get(ray.get_actor(CONSENSUS_NAME, namespace=NAMESPACE).latest.remote(), timeout=10)
         if quality is None:

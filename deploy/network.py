@@ -116,7 +116,7 @@ class LocalNetwork:
         store = self.usage_store = start_usage_store(self.ledger_path, cfg.epoch_length_s, self.genesis)
         try:
             ray.get(store.__ray_ready__.remote(), timeout=60)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any start failure is reported the same way
             raise NetworkStartError(f"the usage ledger did not start: {exc}") from None
 
         if cfg.settlement:

@@ -40,7 +40,7 @@ class UsageStore:
             flat = [r for recs, _ in batch for r in recs]
             try:
                 await asyncio.to_thread(self._ledger.append, flat)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - handed to every waiting caller
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(exc)

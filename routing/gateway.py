@@ -171,7 +171,7 @@ class GatewayCore:
         while True:
             try:
                 await self.refresh_once()
-            except Exception as exc:  # registry restarting: keep serving from the last snapshot
+            except Exception as exc:  # noqa: BLE001 - registry restarting: keep serving from the last snapshot
                 log.warning(
                     "gateway: node snapshot refresh failed (%s); using the last one", type(exc).__name__
                 )
@@ -182,8 +182,8 @@ class GatewayCore:
             self._refresher = asyncio.get_running_loop().create_task(self._refresh_forever())
             try:
                 await self.refresh_once()
-            except Exception:
-                pass
+            except Exception as exc:  # noqa: BLE001 - the background refresher retries
+                log.info("gateway: first node snapshot not ready (%s)", type(exc).__name__)
 
     # ---- request entry points ------------------------------------------------------------
     def check_auth(self, request: Request) -> None:
@@ -275,7 +275,7 @@ class GatewayCore:
                 first = await self._first_message(
                     gen, node.node_id, facts, tried, last=attempt == self.config.max_attempts - 1
                 )
-            except (TimeoutError, Exception) as exc:
+            except Exception as exc:  # noqa: BLE001 - any node failure moves the request to another node
                 self._end(node.node_id)
                 self.selector.observe_failure(node.node_id)
                 metrics.RETRIES.labels(model, node.node_id).inc()
@@ -286,8 +286,8 @@ class GatewayCore:
                 )
                 try:
                     gen.cancel()
-                except Exception:
-                    pass
+                except Exception as exc:  # noqa: BLE001 - the node is being abandoned anyway
+                    log.debug("cancel of an abandoned node stream failed (%s)", type(exc).__name__)
                 continue
             head = _first_of(first)
             if type(head).__name__ == "ErrorResponse":
@@ -395,7 +395,7 @@ class GatewayCore:
         except asyncio.CancelledError:
             status = "cancelled"
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a node's failure mid-stream must not crash the gateway
             status = "error"
             self.selector.observe_failure(ctx.node.node_id)
             log.warning("node %s failed mid-stream (%s)", ctx.node.node_id, type(exc).__name__)
@@ -423,7 +423,7 @@ class GatewayCore:
             try:
                 await self._sink.record.remote([rec])
                 return
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - retried, then a clear 503
                 log.error("usage sink write failed (attempt %d: %s)", attempt + 1, type(exc).__name__)
                 await asyncio.sleep(0.2 * (attempt + 1))
         raise errors.APIError(
@@ -445,8 +445,8 @@ class GatewayCore:
     async def _meter_quietly(self, ctx: _Ctx, status: str) -> None:
         try:
             await self._meter(ctx, status)
-        except Exception:
-            pass
+        except Exception as exc:  # noqa: BLE001 - the client's stream already ended; _meter logged it
+            log.debug("metering after the stream failed (%s)", type(exc).__name__)
 
     def _begin(self, node_id: str) -> None:
         self._in_flight[node_id] += 1
@@ -547,7 +547,7 @@ def build_fastapi(core_getter) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception):
-        log.exception("unexpected gateway error")
+        log.error("unexpected gateway error", exc_info=exc)
         return errors.APIError(
             500, "Internal gateway error; it has been logged.", type="server_error"
         ).response()

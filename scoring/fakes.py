@@ -31,9 +31,10 @@ class LetterCodec:
 
     def encode_prompt(self, prompt: str) -> list[int]:
         """BOS + the letters of the prompt (anything else is dropped)."""
-        return [0] + self.encode(
-            "".join(ch for ch in prompt.lower() if "a" <= ch < chr(ord("a") + self.vocab - 2))
-        )
+        return [
+            0,
+            *self.encode("".join(ch for ch in prompt.lower() if "a" <= ch < chr(ord("a") + self.vocab - 2))),
+        ]
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         return self.encode_prompt("".join(m["content"] for m in messages))

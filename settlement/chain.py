@@ -335,7 +335,7 @@ class Chain:
             # eth-tester raises TransactionFailed("execution reverted: b'...'") instead of the
             # JSON-RPC error a real node returns; recover the revert bytes from it.
             text = str(exc)
-            if type(exc).__name__ != "TransactionFailed" or "b'" not in text and 'b"' not in text:
+            if type(exc).__name__ != "TransactionFailed" or ("b'" not in text and 'b"' not in text):
                 raise
             data = ast.literal_eval(text[text.index("b") :].strip())
             raise self.decode_error(data) from None

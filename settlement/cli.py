@@ -12,7 +12,7 @@ audit one interaction or one operator's reward without the ledger.
 from __future__ import annotations
 
 import json
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -33,7 +33,7 @@ LedgerOption = Annotated[
 EpochLengthOption = Annotated[float | None, typer.Option(help="Epoch length in seconds (default: settings).")]
 
 
-class TreeKind(str, Enum):
+class TreeKind(StrEnum):
     usage = "usage"
     rewards = "rewards"
 

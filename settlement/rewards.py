@@ -81,7 +81,7 @@ def compute_rewards(
         weights[node_id] = weighted_usage(u, prompt_weight, completion_weight) * Fraction(q)
 
     total = sum(weights.values(), Fraction(0))
-    per_node = {node_id: 0 for node_id in sorted(usage)}
+    per_node = dict.fromkeys(sorted(usage), 0)
     if total == 0 or emission_wei == 0:
         return RewardResult(per_node, {}, emission_wei if total == 0 else 0)
 

@@ -191,7 +191,7 @@ def test_stream_with_include_usage_passes_usage_through(harness):
 
 
 def test_mid_stream_failure_ends_with_an_error_event_and_no_done(harness):
-    client, nodes, sink = harness
+    client, nodes, _sink = harness
     nodes["a"].fail_at = nodes["b"].fail_at = 1  # first chunk arrives, then the node dies
     body = client.post("/v1/completions", json={"model": "default", "prompt": "hi", "stream": True}).text
     events = [e for e in body.split("\n\n") if e]

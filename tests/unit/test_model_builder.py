@@ -108,7 +108,7 @@ def test_incomplete_cache_dir_is_reported_not_reused(tmp_path):
     target = model_dir_for(ModelRecipe(seed=4), tmp_path)
     target.mkdir(parents=True)
     (target / "config.json").write_text("{}")
-    with pytest.raises(RuntimeError, match="incomplete.*Delete it"):
+    with pytest.raises(RuntimeError, match=r"incomplete.*Delete it"):
         build_default_model(seed=4, cache_dir=tmp_path)
 
 

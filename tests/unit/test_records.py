@@ -8,9 +8,13 @@ from pydantic import ValidationError
 from cluster import NodeSpec, UsageRecord
 
 OP = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"
-GOOD = dict(
-    node_id="h100-a", operator=OP, model_id="default", model_source="/models/x", accelerator_type="H100"
-)
+GOOD = {
+    "node_id": "h100-a",
+    "operator": OP,
+    "model_id": "default",
+    "model_source": "/models/x",
+    "accelerator_type": "H100",
+}
 
 
 def test_good_spec_has_accelerator_resource():
@@ -50,23 +54,23 @@ def test_spec_is_frozen():
 
 
 def _usage(**kw):
-    base = dict(
-        request_id="r1",
-        node_id="n1",
-        operator=OP,
-        model="default",
-        prompt_tokens=3,
-        completion_tokens=4,
-        started_at=1.0,
-        ttft_s=0.1,
-        ended_at=2.0,
-        status="ok",
-    )
+    base = {
+        "request_id": "r1",
+        "node_id": "n1",
+        "operator": OP,
+        "model": "default",
+        "prompt_tokens": 3,
+        "completion_tokens": 4,
+        "started_at": 1.0,
+        "ttft_s": 0.1,
+        "ended_at": 2.0,
+        "status": "ok",
+    }
     return UsageRecord(**{**base, **kw})
 
 
 @pytest.mark.parametrize(
-    "kw", [dict(ttft_s=math.nan), dict(started_at=math.inf), dict(prompt_tokens=-1), dict(status="done")]
+    "kw", [{"ttft_s": math.nan}, {"started_at": math.inf}, {"prompt_tokens": -1}, {"status": "done"}]
 )
 def test_usage_record_rejects_nan_negative_and_unknown_status(kw):
     with pytest.raises(ValidationError):

@@ -149,7 +149,7 @@ def test_near_tie_flip_passes_but_clear_mismatch_fails():
     lp = ref.model.logprobs(c.completion_token_ids[-2])
     second = int(np.argsort(-lp)[1])
     gap = float(np.exp(lp).max() - np.exp(lp[second]))
-    ids = c.completion_token_ids[:-1] + (second,)
+    ids = (*c.completion_token_ids[:-1], second)
     flipped = c.model_copy(update={"completion_token_ids": ids, "text": CODEC.decode(ids)})
     assert verify(flipped, ref, CODEC, VerifyThresholds(greedy_gap_tol=gap + 1e-6)).verdict == "pass"
     v = verify(flipped, ref, CODEC, VerifyThresholds(greedy_gap_tol=gap / 2))

@@ -54,7 +54,7 @@ def test_completion_with_parameters(client):
 
 
 def test_seed_makes_sampling_reproducible(client):
-    kw = dict(model="default", prompt="The river", max_tokens=10, temperature=1.0, seed=1234)
+    kw = {"model": "default", "prompt": "The river", "max_tokens": 10, "temperature": 1.0, "seed": 1234}
     assert client.completions.create(**kw).choices[0].text == client.completions.create(**kw).choices[0].text
 
 
