@@ -24,7 +24,10 @@ consensus rounds that ran while N was open (genesis + N*len <= t < genesis + (N+
 average since rounds are periodic. After every round the running mean of the open epoch is sent with
 `SettlementService.submit_quality(N, {node: q})`; the last send before N ends is the final one, and the
 settler ignores sends once N is committed. A node caught cheating for the whole epoch has mean 0 and so
-earns 0; a node no round scored in N gets the settler's `default_quality`.
+earns 0; a node no round scored in N gets the settler's `default_quality`. A node is scored in a round
+only once validators holding kappa of the stake have a verdict on it (`scoring.ConsensusState`): a
+verification still queued is no opinion, never a 0 (issue 9: an honest node was paid nothing for the
+epoch in which its first verifications were queued behind the reference engine).
 
 Metrics: the consensus actor re-exports every validator's per-node gauges (integrity, availability,
 speed, labelled by validator), the consensus quality per node and the trust per validator

@@ -180,7 +180,12 @@ class ConsensusState:
 
     Feed it every validator's current `NodeScore`s (their `score` is the validator's weight) and stakes;
     it returns the `QualityScores` for the router and settlement plus the raw result for audit.
-    A validator that has not scored a node gives it weight 0.
+    A validator that has not scored a node gives it weight 0 in Yuma, as in subtensor. But a node is
+    only *scored* (present in the returned quality) once validators holding at least kappa of the stake
+    have an opinion on it: before that its consensus is 0 by construction (no kappa-majority can back a
+    positive value), which means "not yet verified", not "caught". Reporting it as quality 0 would make
+    settlement pay an honest node nothing for an epoch in which its verifications were still queued;
+    absent, it is unscored (the router's `unscored` score, settlement's rule for unscored nodes).
     """
 
     def __init__(self, kappa: float = 0.5, alpha: float = 0.1) -> None:
@@ -200,10 +205,12 @@ class ConsensusState:
         )
         col = {n: j for j, n in enumerate(nodes)}
         w = np.zeros((len(validators), len(nodes)))
+        seen = np.zeros(w.shape, dtype=bool)  # which validator has an opinion on which node
         for i, v in enumerate(validators):
             for s in scores_by_validator.get(v, []):
                 if s.node_id in col:
                     w[i, col[s.node_id]] = s.score
+                    seen[i, col[s.node_id]] = True
         b = np.array([[self._bonds.get((v, n), 0.0) for n in nodes] for v in validators]).reshape(w.shape)
         stake = np.array([float(stake_by_validator[v]) for v in validators])
         r = yuma_epoch(w, stake, b, kappa=self.kappa, alpha=self.alpha)
@@ -211,9 +218,10 @@ class ConsensusState:
             (v, n): float(r.bonds[i, j]) for i, v in enumerate(validators) for j, n in enumerate(nodes)
         }
         self.last, self.validators, self.nodes = r, validators, nodes
+        covered = seen.T @ r.stake >= self.kappa - _EPS  # stake share with an opinion, per node
         q = quality_from_consensus(r, nodes, epoch=self.epoch)
         self.epoch += 1
-        return q
+        return q.model_copy(update={"quality": {n: x for n, x in q.quality.items() if covered[col[n]]}})
 
     def validator_trust(self) -> dict[str, float]:
         if self.last is None:

@@ -16,7 +16,10 @@ Penalty (the "hard drop on clear fraud"): a `fraud` verdict, or `fail_strikes` f
 consecutive passes; afterwards the EMA restarts from 0, so trust is re-earned slowly. Honest nodes never
 fail at calibrated thresholds (zero false positives measured), so strikes only hit dishonest nodes.
 
-All EMAs start at the first observation (no prior); a node with no observations has no score yet.
+All EMAs start at the first observation (no prior). A node without a verdict yet has no score: answered
+or failed challenges alone say nothing about which model it serves, and a score of 0 would read as
+"caught" to consensus and settlement (an honest node whose first verification is still queued would
+then earn nothing for the epoch).
 """
 
 from __future__ import annotations
@@ -138,11 +141,13 @@ class NodeScorer:
         return sum(parts) / len(parts) if parts else 0.0
 
     def scores(self) -> list[NodeScore]:
-        """Current NodeScore of every node this validator has observed."""
+        """Current NodeScore of every node this validator has a verdict on (see the module doc)."""
         c = self.config
         out = []
         for node_id, st in self._nodes.items():
-            integrity = 0.0 if st.penalty_left > 0 else (st.integrity if st.integrity is not None else 0.0)
+            if st.integrity is None:  # no verdict yet: no opinion, not a zero
+                continue
+            integrity = 0.0 if st.penalty_left > 0 else st.integrity
             availability = st.availability if st.availability is not None else 0.0
             speed = self._speed(st)
             score = integrity * (c.w_avail * availability + (1 - c.w_avail) * speed)

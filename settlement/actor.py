@@ -38,6 +38,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from settlement.chain import EMBEDDED, Chain, ChainSettings, ChainUnavailable, ContractReverted, fees_of_raw
 from settlement.keys import SettlerKey
 from settlement.rewardbook import EpochCommitment, RewardBook
+from settlement.rewards import epoch_quality
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,7 @@ class Settler:
         scores = self.quality_for(epoch)
         if scores is None and self.config.default_quality is None:
             return None  # wait for consensus scores
-        quality = {node: (scores or {}).get(node, self.config.default_quality or 0.0) for node in usage}
+        quality = epoch_quality(usage, scores, self.config.default_quality)
         self.book.put_quality(epoch, quality)  # before computing: a restart recomputes the same numbers
         previous = self.book.get(epoch - 1)
         carried_in = previous.carried_wei if previous else 0

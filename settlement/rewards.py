@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import NamedTuple
 
-__all__ = ["NodeUsage", "RewardResult", "compute_rewards", "weighted_usage"]
+__all__ = ["NodeUsage", "RewardResult", "compute_rewards", "epoch_quality", "weighted_usage"]
 
 
 class NodeUsage(NamedTuple):
@@ -57,6 +57,15 @@ def _non_negative_int(name: str, value: object) -> int:
 def weighted_usage(usage: NodeUsage, prompt_weight: int, completion_weight: int) -> int:
     """Weighted tokens of one node (integers, so weights are integers too: scale them if needed)."""
     return prompt_weight * usage.prompt_tokens + completion_weight * usage.completion_tokens
+
+
+def epoch_quality(
+    usage: Mapping[str, NodeUsage], scores: Mapping[str, float] | None, default: float | None
+) -> dict[str, float]:
+    """The quality settlement uses for each node with usage: its consensus score for the epoch, or
+    `default` for a node no consensus round scored in the epoch (not yet verified by a kappa-majority
+    of stake: see `scoring.ConsensusState`). `default=None` means unscored nodes weigh 0."""
+    return {node: (scores or {}).get(node, default or 0.0) for node in usage}
 
 
 def compute_rewards(

@@ -267,3 +267,83 @@ async def test_shadow_items_seed_challenges_only_when_organic_prompts_are_allowe
     open_ = Validator(ValidatorConfig(validator_id="o", challenge=cfg), None, engines, {"default": CODEC})
     await open_.shadow_verify(item)
     assert item.messages[0]["content"] in str(open_.pool.sample("n", "default").body)
+
+
+def _epoch_rewards(queued_until: float, late_verifier: str | None, verified_at: float):
+    """The cheater-test sequence of issue 9, on a fake clock with the real scorers, consensus and reward
+    rule (no Ray). Three validators (stakes 2/1/1) score three nodes: l4-b honest and verified, h100-c
+    caught substituting weights, h100-a honest and answering every challenge, but its verifications are
+    queued behind the shared reference engine until `queued_until` (under load on 2 cores), except that
+    `late_verifier` gets its first pass at `verified_at`. Consensus runs every 2 s through epoch 17
+    (t = 510..540); all three nodes served traffic in it. Returns the epoch's quality and rewards."""
+    from scoring.score import NodeScorer
+    from settlement.rewards import NodeUsage, compute_rewards, epoch_quality
+
+    stakes = {"v1": 2.0, "v2": 1.0, "v3": 1.0}
+    scorers = {v: NodeScorer(v) for v in stakes}
+    for t in (500.0, 505.0):
+        for sc in scorers.values():
+            for node in ("l4-b", "h100-c", "h100-a"):
+                sc.observe_challenge(node, "default", True, 0.05, 40.0, now=t)
+            sc.observe_verification("l4-b", "default", "pass", now=t)
+            sc.observe_verification("h100-c", "default", "fraud", now=t)
+    svc = ConsensusService(list(stakes), period_s=2.0, epoch_length_s=30.0, genesis=0.0)
+    for t in range(510, 540, 2):
+        for v, sc in scorers.items():
+            sc.observe_challenge("h100-a", "default", True, 0.05, 40.0, now=t)
+            if t >= queued_until or (v == late_verifier and t >= verified_at):
+                sc.observe_verification("h100-a", "default", "pass", now=t)
+        result = svc.round({v: sc.scores() for v, sc in scorers.items()}, stakes, now=float(t))
+        assert result is not None and result[1] == 17
+    usage = {n: NodeUsage("op-" + n, 300, 200) for n in ("h100-a", "h100-c", "l4-b")}
+    quality = epoch_quality(usage, svc.epochs.mean(17), default=1.0)
+    return quality, compute_rewards(usage, quality, 10**21, 1, 1).per_node
+
+
+@pytest.mark.parametrize(
+    ("queued_until", "late_verifier", "verified_at"),
+    [
+        (1e9, None, 0.0),  # no verdict on h100-a during the whole epoch (verification queued)
+        (1e9, "v2", 516.0),  # only a minority validator (stake 1/4) got its verdict in the epoch
+        (1e9, "v1", 530.0),  # the kappa-majority validator's first pass came late in the epoch
+        (520.0, None, 0.0),  # everyone's first pass arrived a third into the epoch
+    ],
+)
+def test_an_honest_node_whose_verification_lags_still_earns_its_share(
+    queued_until, late_verifier, verified_at
+):
+    """Issue 9: before the fix a node with no verdict yet scored 0 at every validator, Yuma gave it
+    consensus 0, and settlement paid the honest h100-a nothing for epoch 17 (the whole emission went to
+    l4-b). No verdict is no opinion: such a node is unscored, never 'caught'."""
+    quality, rewards = _epoch_rewards(queued_until, late_verifier, verified_at)
+    assert rewards["h100-c"] == 0 and quality["h100-c"] == 0.0  # the cheater still earns nothing
+    assert rewards["h100-a"] > 0 and rewards["l4-b"] > 0, (quality, rewards)
+    # Verified rounds count, unverified ones do not. (A lone validator's verdict is worth less: its row
+    # of weights is normalised over the nodes it has judged, so l4-b still outweighs h100-a there.)
+    assert quality["h100-a"] >= (0.5 if late_verifier == "v1" else 0.9), quality
+
+
+def test_a_kappa_majority_still_zeroes_a_node_it_has_caught():
+    """The coverage rule only hides nodes nobody with kappa of the stake has judged: a node the v1
+    validator (half the stake) caught is scored 0 even while the others have no verdict yet."""
+    from scoring import ConsensusState
+    from scoring.score import NodeScorer
+
+    scorers = {v: NodeScorer(v) for v in ("v1", "v2", "v3")}
+    for sc in scorers.values():
+        sc.observe_challenge("honest", "default", True, 0.05, 40.0)
+        sc.observe_verification("honest", "default", "pass")
+    scorers["v1"].observe_verification("cheat", "default", "fraud")
+    q = ConsensusState().step(
+        {v: sc.scores() for v, sc in scorers.items()}, {"v1": 2.0, "v2": 1.0, "v3": 1.0}
+    )
+    assert q.quality == {"honest": 1.0, "cheat": 0.0}
+    scorers = {v: NodeScorer(v) for v in ("v1", "v2", "v3")}
+    for sc in scorers.values():
+        sc.observe_challenge("honest", "default", True, 0.05, 40.0)
+        sc.observe_verification("honest", "default", "pass")
+    scorers["v2"].observe_verification("new", "default", "pass")  # a quarter of the stake: not yet scored
+    q = ConsensusState().step(
+        {v: sc.scores() for v, sc in scorers.items()}, {"v1": 2.0, "v2": 1.0, "v3": 1.0}
+    )
+    assert q.quality == {"honest": 1.0}

@@ -62,9 +62,22 @@ def test_speed_compares_only_within_the_same_model():
     sc = NodeScorer("v")
     sc.observe_challenge("fast", "small", True, 0.01, 1000)
     sc.observe_challenge("big", "large", True, 1.0, 10)
+    sc.observe_verification("fast", "small", "pass")
+    sc.observe_verification("big", "large", "pass")
     s = _by_node(sc)
     assert s["fast"].speed == 1.0 and s["big"].speed == 1.0  # each is its model's median
 
 
 def test_unobserved_nodes_have_no_score():
     assert NodeScorer("v").scores() == []
+
+
+def test_no_verdict_means_no_score_not_zero():
+    """Answered (or failed) challenges whose verification is still queued are no opinion: a 0 here
+    would read as "caught" to consensus and settle the node's epoch at 0 (issue 9)."""
+    sc = NodeScorer("v")
+    sc.observe_challenge("queued", "m", True, 0.1, 50)
+    sc.observe_challenge("down", "m", False)
+    assert sc.scores() == []
+    sc.observe_verification("queued", "m", "pass")
+    assert [s.node_id for s in sc.scores()] == ["queued"] and sc.scores()[0].score > 0

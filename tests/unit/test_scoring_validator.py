@@ -94,8 +94,13 @@ async def test_cheaters_lose_consensus_quality():
 
 
 async def test_unreachable_node_loses_availability_not_integrity():
+    honest = _fake_send({"dead": BigramModel(0)})
+    down = {"now": False}
+
     async def send(req):
-        raise ConnectionError("down")
+        if down["now"]:
+            raise ConnectionError("down")
+        return await honest(req)
 
     v = Validator(
         ValidatorConfig(validator_id="v"),
@@ -103,10 +108,13 @@ async def test_unreachable_node_loses_availability_not_integrity():
         {"default": FakeReferenceEngine(BigramModel(0))},
         {"default": CODEC},
     )
-    out = await v.challenge_once(_node("dead"))
-    assert not out.response.ok and out.verification is None
+    assert (await v.challenge_once(_node("dead"))).verification.verdict == "pass"
+    down["now"] = True
+    for _ in range(3):
+        out = await v.challenge_once(_node("dead"))
+        assert not out.response.ok and out.verification is None
     s = v.scores()[0]
-    assert s.availability == 0.0 and s.score == 0.0
+    assert s.integrity == 1.0 and s.availability == pytest.approx(0.8**3) and 0 < s.score < 1
 
 
 async def test_run_loop_challenges_each_live_node():
