@@ -103,6 +103,12 @@ class NetworkConfig(BaseSettings):
         "machines). Set false in production: each validator then loads and trusts its own.",
     )
     consensus_period_s: float = Field(default=5.0, gt=0, description="Seconds between consensus rounds.")
+    consensus_activity_cutoff_s: float = Field(
+        default=900.0,
+        gt=0,
+        description="Consensus ignores a validator's score of a node older than this (the validator stopped "
+        "observing it). Keep it well above the mean time between challenges (60 / challenges_per_node_per_min).",
+    )
     shadow_rate: float = Field(
         default=0.02,
         ge=0.0,

@@ -170,6 +170,7 @@ class LocalNetwork:
                 self.genesis,
                 SETTLEMENT_NAME if cfg.settlement else None,
                 cfg.scoring_metrics_port,
+                activity_cutoff_s=cfg.consensus_activity_cutoff_s,
             )
         return self
 

@@ -167,13 +167,18 @@ class ReferenceEngineService:
     step for many teacher-forced completions), so validators do not queue behind each other; the
     engine itself runs in one thread at a time (vllm.LLM is not thread-safe)."""
 
-    def __init__(self, model_source: str, engine_kwargs: Mapping[str, Any] | None = None) -> None:
-        from scoring.reference import VllmReferenceEngine
+    def __init__(
+        self, model_source: str | None, engine_kwargs: Mapping[str, Any] | None = None, engine: Any = None
+    ) -> None:
+        if engine is None:  # `engine`: any object with prompt_logprobs_many (unit tests pass a fake)
+            from scoring.reference import VllmReferenceEngine
 
-        self.engine = VllmReferenceEngine(model_source, **dict(engine_kwargs or {}))
+            engine = VllmReferenceEngine(model_source, **dict(engine_kwargs or {}))
+        self.engine = engine
         self._queue: list[tuple[list, int, asyncio.Future]] = []
         self._worker: asyncio.Task | None = None
         self.calls = self.batches = 0
+        self.isolated = 0  # batches that failed and were re-run caller by caller
 
     async def prompt_logprobs_many(
         self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], top_k: int
@@ -193,10 +198,10 @@ class ReferenceEngineService:
             flat = [p for pairs, _, _ in batch for p in pairs]
             try:
                 out = await asyncio.to_thread(self.engine.prompt_logprobs_many, flat, top_k)
-            except Exception as exc:  # noqa: BLE001 - handed to every waiting caller
-                for _, _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
+            except Exception:  # noqa: BLE001 - one bad item must not fail its batch-mates
+                self.isolated += 1
+                for pairs, _, fut in batch:  # each caller alone: an error reaches only its sender
+                    await self._run_alone(pairs, top_k, fut)
                 continue
             self.calls += len(batch)
             self.batches += 1
@@ -206,8 +211,16 @@ class ReferenceEngineService:
                     fut.set_result(out[i : i + len(pairs)])
                 i += len(pairs)
 
+    async def _run_alone(self, pairs: list, top_k: int, fut: asyncio.Future) -> None:
+        if fut.done():
+            return
+        try:
+            fut.set_result(await asyncio.to_thread(self.engine.prompt_logprobs_many, pairs, top_k))
+        except Exception as exc:  # noqa: BLE001 - handed to that caller alone
+            fut.set_exception(exc)
+
     async def stats(self) -> dict[str, int]:
-        return {"calls": self.calls, "batches": self.batches}
+        return {"calls": self.calls, "batches": self.batches, "isolated": self.isolated}
 
 
 class RemoteReferenceEngine:
@@ -217,9 +230,11 @@ class RemoteReferenceEngine:
     concurrently (`concurrent_calls`): the actor batches what arrives together."""
 
     concurrent_calls = True
+    timeout_s = 300.0  # a stuck engine fails the verification (no verdict), it does not hang a validator
 
-    def __init__(self, handle: Any) -> None:
+    def __init__(self, handle: Any, max_model_len: int | None = None) -> None:
         self.handle = handle
+        self.max_model_len = max_model_len  # the verifier refuses longer claims before calling the engine
 
     def prompt_logprobs(
         self, prompt_token_ids: Sequence[int], completion_token_ids: Sequence[int], top_k: int
@@ -227,7 +242,7 @@ class RemoteReferenceEngine:
         import ray
 
         pair = (list(prompt_token_ids), list(completion_token_ids))
-        return ray.get(self.handle.prompt_logprobs_many.remote([pair], top_k))[0]
+        return ray.get(self.handle.prompt_logprobs_many.remote([pair], top_k), timeout=self.timeout_s)[0]
 
 
 def start_reference_engines(
@@ -286,7 +301,8 @@ def start_validators(
                 f"the shared reference engine did not start ({type(exc).__name__}: {exc}); "
                 "check trusted_models and engine settings (MERITNET_RAY_LOGS=1 shows logs)"
             ) from None
-        shared = {m: RemoteReferenceEngine(h) for m, h in reference_engines.items()}
+        max_len = engine_kwargs.get("max_model_len")
+        shared = {m: RemoteReferenceEngine(h, max_len) for m, h in reference_engines.items()}
     actors: dict[str, Any] = {}
     for spec in specs:
         name = VALIDATOR_PREFIX + spec.validator_id
@@ -331,6 +347,7 @@ class ConsensusService:
         settlement_name: str | None = None,
         metrics_port: int | None = None,
         namespace: str = NAMESPACE,
+        activity_cutoff_s: float | None = 900.0,
     ) -> None:
         from scoring import ConsensusState
 
@@ -338,7 +355,7 @@ class ConsensusService:
         self._period_s = period_s
         self._settlement_name = settlement_name
         self._namespace = namespace
-        self._state = ConsensusState()
+        self._state = ConsensusState(activity_cutoff_s=activity_cutoff_s)
         self.epochs = EpochQuality(epoch_length_s, genesis)
         self._latest: QualityScores | None = None
         self._task: asyncio.Task | None = None
@@ -395,7 +412,7 @@ class ConsensusService:
         quality, epoch, mean = result
         if self._settlement_name:
             settlement = ray.get_actor(self._settlement_name, namespace=self._namespace)
-            await settlement.submit_quality.remote(epoch, mean)
+            await asyncio.wait_for(settlement.submit_quality.remote(epoch, mean), 30)
         return quality
 
     async def _ask(self, name: str) -> tuple[str, list[NodeScore], float] | None:
@@ -403,7 +420,10 @@ class ConsensusService:
 
         try:
             actor = ray.get_actor(name, namespace=self._namespace)
-            scores, stake = await asyncio.gather(actor.scores.remote(), actor.stake.remote())
+            # one that has not answered in 2 periods (at least 10 s) sits the round out: never stalls consensus
+            scores, stake = await asyncio.wait_for(
+                asyncio.gather(actor.scores.remote(), actor.stake.remote()), max(10.0, 2 * self._period_s)
+            )
         except Exception as exc:  # noqa: BLE001 - any failure means "no answer this round"
             log.warning("validator %s did not answer this consensus round (%s)", name, type(exc).__name__)
             return None
@@ -420,7 +440,7 @@ class ConsensusService:
         for ss in scores_by_validator.values():
             for s in ss:
                 metrics.observe_node_score(s)
-        quality = self._state.step(dict(scores_by_validator), dict(stakes))
+        quality = self._state.step(dict(scores_by_validator), dict(stakes), now=now)
         self._latest = quality
         self.rounds += 1
         metrics.observe_quality(quality)
@@ -436,6 +456,7 @@ def start_consensus(
     genesis: float,
     settlement_name: str | None,
     metrics_port: int | None = None,
+    activity_cutoff_s: float | None = 900.0,
 ):
     """Start the named consensus actor the gateway pulls from; returns its handle (keep it)."""
     import ray
@@ -443,7 +464,15 @@ def start_consensus(
     actor = (
         ray.remote(ConsensusService)
         .options(name=CONSENSUS_NAME, namespace=NAMESPACE, num_cpus=0, resources={"head": 0.01})
-        .remote(list(validator_names), period_s, epoch_length_s, genesis, settlement_name, metrics_port)
+        .remote(
+            list(validator_names),
+            period_s,
+            epoch_length_s,
+            genesis,
+            settlement_name,
+            metrics_port,
+            activity_cutoff_s=activity_cutoff_s,
+        )
     )
     ray.get(actor.start.remote())
     return actor

@@ -24,6 +24,7 @@ validators and nodes are disjoint sets and `deploy/` passes only live participan
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -188,15 +189,30 @@ class ConsensusState:
     absent, it is unscored (the router's `unscored` score, settlement's rule for unscored nodes).
     """
 
-    def __init__(self, kappa: float = 0.5, alpha: float = 0.1) -> None:
+    def __init__(
+        self, kappa: float = 0.5, alpha: float = 0.1, activity_cutoff_s: float | None = None
+    ) -> None:
+        if activity_cutoff_s is not None and activity_cutoff_s <= 0:
+            raise ValueError(f"activity_cutoff_s must be > 0 (or None), got {activity_cutoff_s}")
         self.kappa, self.alpha = kappa, alpha
+        # A validator's score of a node older than this (NodeScore.at) is ignored: a validator that
+        # stopped observing a node (dead loop, partition) cannot keep voting on it (subtensor's
+        # activity_cutoff). None keeps every score.
+        self.activity_cutoff_s = activity_cutoff_s
         self.epoch = 0
         self._bonds: dict[tuple[str, str], float] = {}
         self.last: YumaResult | None = None
         self.validators: list[str] = []
         self.nodes: list[str] = []
 
-    def step(self, scores_by_validator, stake_by_validator, node_ids=None) -> QualityScores:
+    def step(
+        self, scores_by_validator, stake_by_validator, node_ids=None, now: float | None = None
+    ) -> QualityScores:
+        if self.activity_cutoff_s is not None:
+            oldest = (time.time() if now is None else now) - self.activity_cutoff_s
+            scores_by_validator = {
+                v: [s for s in ss if s.at >= oldest] for v, ss in scores_by_validator.items()
+            }
         validators = sorted(stake_by_validator)
         nodes = (
             sorted(node_ids)

@@ -23,6 +23,10 @@ class LetterCodec:
     def __init__(self, vocab: int = 24) -> None:
         self.vocab = vocab
 
+    @property
+    def vocab_size(self) -> int:
+        return self.vocab
+
     def encode(self, text: str) -> list[int]:
         return [ord(ch) - ord("a") + _FIRST_LETTER for ch in text]
 

@@ -5,7 +5,7 @@ or the consensus driver); `deploy/` exposes them with prometheus_client's HTTP s
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from cluster.records import NodeScore, QualityScores
 
@@ -39,6 +39,18 @@ VALIDATOR_TRUST = Gauge(
     "meritnet_validator_trust",
     "Yuma validator trust (share of weight within consensus).",
     ["validator"],
+    registry=REGISTRY,
+)
+VERIFY_ERRORS = Counter(
+    "meritnet_validator_verify_errors",
+    "Verifications that failed on the validator's side (reference engine), per validator: no verdict.",
+    ["validator"],
+    registry=REGISTRY,
+)
+LOOP_RESTARTS = Counter(
+    "meritnet_validator_loop_restarts",
+    "Validator loops (challenge, shadow feed) restarted after an unexpected error.",
+    ["validator", "loop"],
     registry=REGISTRY,
 )
 

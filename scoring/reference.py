@@ -23,6 +23,7 @@ class HFCodec:
         if tokenizer.eos_token_id is not None:
             ids.add(int(tokenizer.eos_token_id))
         self.eos_token_ids = frozenset(ids)
+        self.vocab_size = len(tokenizer)  # base vocabulary + added special tokens
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> HFCodec:
@@ -79,6 +80,7 @@ class VllmReferenceEngine:
                 **engine_kwargs,
             )
         self.llm = llm
+        self.max_model_len = int(llm.llm_engine.model_config.max_model_len)
 
     def prompt_logprobs(
         self, prompt_token_ids: Sequence[int], completion_token_ids: Sequence[int], top_k: int

@@ -21,17 +21,27 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from cluster.records import NodeScore, NodeStats, ServedCompletion
 from scoring import metrics
 from scoring.challenge import ChallengeConfig, ChallengePool, ChallengeRequest, ShadowSampler
 from scoring.score import NodeScorer, ScoreConfig
-from scoring.verify import Claim, ReferenceEngine, TextCodec, Verification, VerifyThresholds, verify
+from scoring.verify import (
+    Claim,
+    ReferenceEngine,
+    TextCodec,
+    Verification,
+    VerifyThresholds,
+    malformed,
+    verify,
+)
 
 log = logging.getLogger("meritnet.validator")
+
+MAX_IDS = 1 << 20  # token ids one answer may carry: far above any context; bounds what a node makes us hold
 
 
 class ValidatorConfig(BaseModel):
@@ -64,6 +74,7 @@ class ChallengeResponse:
     ttft_s: float | None = None
     elapsed_s: float = 0.0
     error: str = ""
+    malformed: str = ""  # set when the answer came back but cannot be verified (fraud, not unavailability)
 
 
 SendFn = Callable[[ChallengeRequest], Awaitable[ChallengeResponse]]
@@ -160,11 +171,15 @@ class Validator:
         self.counts[node.node_id]["challenges"] += 1
         if resp.ok:
             self.counts[node.node_id]["answered"] += 1
-            claim = self.claim_for(req, resp)
-            self.tokens_spent += claim.reported_completion_tokens
-            verification = await self.verify_claim(node.model_id, claim)
-            self._observe_verdict(node.node_id, node.model_id, verification.verdict)
-            if verification.verdict != "pass":
+            self.tokens_spent += resp.completion_tokens
+            if resp.malformed:
+                verification = malformed(resp.malformed)
+                self._observe_verdict(node.node_id, node.model_id, verification.verdict)
+            else:
+                verification = await self._judge(
+                    node.node_id, node.model_id, lambda: self.claim_for(req, resp)
+                )
+            if verification is not None and verification.verdict != "pass":
                 log.warning(
                     "validator %s: node %s %s (%s)",
                     self.validator_id,
@@ -174,6 +189,29 @@ class Validator:
                 )
         self._export()
         return ChallengeOutcome(node.node_id, resp, verification)
+
+    async def _judge(
+        self, node_id: str, model_id: str, make_claim: Callable[[], Claim]
+    ) -> Verification | None:
+        """Verify what a node returned and record the verdict. Node output that does not even make a
+        well-typed claim is fraud; a failure of this validator's own engine is no verdict (counted,
+        logged), never an exception that ends the caller's loop."""
+        try:
+            claim = make_claim()
+        except (ValidationError, ValueError, TypeError) as exc:
+            v = malformed(f"output that cannot be verified ({type(exc).__name__})")
+        else:
+            try:
+                v = await self.verify_claim(model_id, claim)
+            except Exception as exc:  # noqa: BLE001 - the reference's failure is not the node's
+                self.counts[node_id]["verify_error"] += 1
+                metrics.VERIFY_ERRORS.labels(self.validator_id).inc()
+                log.warning(
+                    "validator %s: could not verify %s (%s)", self.validator_id, node_id, type(exc).__name__
+                )
+                return None
+        self._observe_verdict(node_id, model_id, v.verdict)
+        return v
 
     def claim_for_served(self, item: ServedCompletion) -> Claim:
         return Claim(
@@ -198,8 +236,9 @@ class Validator:
             )
         elif item.prompt:
             self.pool.observe_organic(item.prompt)
-        v = await self.verify_claim(item.model, self.claim_for_served(item))
-        self._observe_verdict(item.node_id, item.model, v.verdict)
+        v = await self._judge(item.node_id, item.model, lambda: self.claim_for_served(item))
+        if v is None:
+            return None
         self.counts[item.node_id]["shadow"] += 1
         self.counts[item.node_id][f"shadow_{v.verdict}"] += 1
         if v.verdict != "pass":
@@ -252,8 +291,12 @@ class Validator:
             self.detected_after[node_id] = counts["pass"] + counts["fail"] + counts["fraud"]
 
     async def run(self, nodes: Callable[[], Awaitable[Sequence[NodeStats]]], stop: asyncio.Event) -> None:
-        """Challenge every live node forever (until `stop`), each on its own Poisson clock."""
+        """Challenge every live node forever (until `stop`), each on its own Poisson clock.
+
+        Each challenge runs as its own task, so a slow node (or a slow verification) never holds up the
+        challenges of the others; a node with a challenge still in flight is not sent another."""
         due: dict[str, float] = {}
+        in_flight: dict[str, asyncio.Task] = {}
         while not stop.is_set():
             now = time.monotonic()
             try:
@@ -263,16 +306,31 @@ class Validator:
                 live = []
             for n in live:
                 due.setdefault(n.node_id, now + self.pool.next_delay())
-            ready = [n for n in live if due[n.node_id] <= now]
+            ready = [n for n in live if due[n.node_id] <= now and n.node_id not in in_flight]
             for n in ready:
                 due[n.node_id] = now + self.pool.next_delay()
-            if ready:
-                await asyncio.gather(*(self.challenge_once(n) for n in ready))
+                task = asyncio.get_running_loop().create_task(self.challenge_once(n))
+                in_flight[n.node_id] = task
+                task.add_done_callback(lambda t, node=n.node_id: self._challenge_done(in_flight, node, t))
             wait = min((due[n.node_id] for n in live), default=now + 1.0) - time.monotonic()
             try:
                 await asyncio.wait_for(stop.wait(), max(0.05, min(wait, 5.0)))
             except TimeoutError:
                 pass
+        for task in in_flight.values():
+            task.cancel()
+
+    def _challenge_done(self, in_flight: dict[str, asyncio.Task], node_id: str, task: asyncio.Task) -> None:
+        in_flight.pop(node_id, None)
+        if not task.cancelled() and task.exception() is not None:  # a bug, not the node: logged, loop goes on
+            exc = task.exception()
+            log.error(
+                "validator %s: challenge to %s crashed (%s: %s)",
+                self.validator_id,
+                node_id,
+                type(exc).__name__,
+                exc,
+            )
 
     def scores(self) -> list[NodeScore]:
         return self.scorer.scores()
@@ -315,7 +373,11 @@ def http_send(
                 return ChallengeResponse(
                     ok=False, status=r.status_code, elapsed_s=elapsed, error=r.text[:200]
                 )
-            return parse_completion(r.json(), status=200, ttft_s=elapsed, elapsed_s=elapsed)
+            try:
+                data = r.json()
+            except ValueError as exc:  # garbage instead of JSON
+                return _malformed(exc, elapsed, elapsed)
+            return parse_completion(data, status=200, ttft_s=elapsed, elapsed_s=elapsed)
         chunks: list[dict] = []
         ttft = None
         async with http.stream("POST", req.path, json=req.body, headers=headers) as r:
@@ -329,51 +391,107 @@ def http_send(
                     continue
                 if ttft is None:
                     ttft = time.perf_counter() - t0
-                chunks.append(json.loads(line[6:]))
+                try:
+                    chunks.append(json.loads(line[6:]))
+                except ValueError as exc:  # garbage instead of a JSON chunk
+                    return _malformed(exc, time.perf_counter() - t0, ttft)
         return parse_stream(chunks, ttft_s=ttft, elapsed_s=time.perf_counter() - t0)
 
     return send
 
 
-def _choice_text(choice: dict) -> str:
-    if "text" in choice:
-        return choice.get("text") or ""
-    msg = choice.get("message") or choice.get("delta") or {}
-    return msg.get("content") or ""
+class _Message(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    content: str | None = None
 
 
-def parse_completion(data: dict, status: int, ttft_s: float | None, elapsed_s: float) -> ChallengeResponse:
-    """A non-streamed chat or completions response -> ChallengeResponse."""
-    if "error" in data or not data.get("choices"):
-        return ChallengeResponse(ok=False, status=status, error=str(data.get("error", "no choices"))[:200])
-    choice = data["choices"][0]
-    ids = choice.get("token_ids")
-    usage = data.get("usage") or {}
+class _Choice(BaseModel):
+    """The fields of one OpenAI choice (or stream delta) that verification reads, strictly typed."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    text: str | None = None
+    message: _Message | None = None
+    delta: _Message | None = None
+    token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, max_length=MAX_IDS)
+    finish_reason: str | None = None
+
+    @property
+    def content(self) -> str:
+        if self.text is not None:
+            return self.text
+        msg = self.message or self.delta
+        return (msg.content if msg else None) or ""
+
+
+class _Usage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    completion_tokens: int = Field(default=0, ge=0, le=MAX_IDS)
+
+
+class _Body(BaseModel):
+    """A completion response or one stream chunk, as far as verification reads it."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    choices: list[_Choice] = Field(default_factory=list, max_length=64)
+    usage: _Usage | None = None
+    error: Any = None
+
+
+def _malformed(exc: Exception, elapsed_s: float, ttft_s: float | None = None) -> ChallengeResponse:
+    """The node answered, but with output that is not a well-formed completion: fraud, not downtime."""
+    what = f"{exc.error_count()} invalid fields" if isinstance(exc, ValidationError) else type(exc).__name__
+    return ChallengeResponse(
+        ok=True, status=200, malformed=f"malformed completion ({what})", ttft_s=ttft_s, elapsed_s=elapsed_s
+    )
+
+
+def parse_completion(data: Any, status: int, ttft_s: float | None, elapsed_s: float) -> ChallengeResponse:
+    """A non-streamed chat or completions response (decoded JSON) -> ChallengeResponse."""
+    try:
+        body = _Body.model_validate(data)
+    except ValidationError as exc:
+        return _malformed(exc, elapsed_s, ttft_s)
+    if body.error is not None or not body.choices:
+        return ChallengeResponse(ok=False, status=status, error=str(body.error or "no choices")[:200])
+    choice = body.choices[0]
+    usage = body.usage or _Usage()
     return ChallengeResponse(
         ok=True,
         status=status,
-        text=_choice_text(choice),
-        token_ids=tuple(ids) if ids is not None else None,
-        completion_tokens=int(usage.get("completion_tokens") or 0),
-        finish_reason=choice.get("finish_reason"),
+        text=choice.content,
+        token_ids=tuple(choice.token_ids) if choice.token_ids is not None else None,
+        completion_tokens=usage.completion_tokens,
+        finish_reason=choice.finish_reason,
         ttft_s=ttft_s,
         elapsed_s=elapsed_s,
     )
 
 
-def parse_stream(chunks: Sequence[dict], ttft_s: float | None, elapsed_s: float) -> ChallengeResponse:
+def parse_stream(chunks: Sequence[Any], ttft_s: float | None, elapsed_s: float) -> ChallengeResponse:
     """SSE chunks (already JSON-decoded) -> ChallengeResponse; ids and text are concatenated."""
-    text, ids, finish, usage, have_ids = [], [], None, {}, False
-    for ch in chunks:
-        if "error" in ch:
-            return ChallengeResponse(ok=False, status=200, error=str(ch["error"])[:200], elapsed_s=elapsed_s)
-        usage = ch.get("usage") or usage
-        for choice in ch.get("choices") or []:
-            text.append(_choice_text(choice))
-            if choice.get("token_ids") is not None:
+    text, ids, finish, usage, have_ids = [], [], None, _Usage(), False
+    for raw in chunks:
+        try:
+            ch = _Body.model_validate(raw)
+        except ValidationError as exc:
+            return _malformed(exc, elapsed_s, ttft_s)
+        if ch.error is not None:
+            return ChallengeResponse(ok=False, status=200, error=str(ch.error)[:200], elapsed_s=elapsed_s)
+        usage = ch.usage or usage
+        for choice in ch.choices:
+            text.append(choice.content)
+            if choice.token_ids is not None:
                 have_ids = True
-                ids.extend(choice["token_ids"])
-            finish = choice.get("finish_reason") or finish
+                ids.extend(choice.token_ids)
+            finish = choice.finish_reason or finish
+        if len(ids) > MAX_IDS:
+            return ChallengeResponse(
+                ok=True,
+                status=200,
+                malformed=f"malformed completion (over {MAX_IDS} token ids)",
+                ttft_s=ttft_s,
+                elapsed_s=elapsed_s,
+            )
     if finish is None:
         return ChallengeResponse(
             ok=False, status=200, error="stream ended without a finish_reason", elapsed_s=elapsed_s
@@ -383,11 +501,41 @@ def parse_stream(chunks: Sequence[dict], ttft_s: float | None, elapsed_s: float)
         status=200,
         text="".join(text),
         token_ids=tuple(ids) if have_ids else None,
-        completion_tokens=int(usage.get("completion_tokens") or 0),
+        completion_tokens=usage.completion_tokens,
         finish_reason=finish,
         ttft_s=ttft_s,
         elapsed_s=elapsed_s,
     )
+
+
+async def supervise(
+    validator_id: str,
+    name: str,
+    loop_fn: Callable[[], Awaitable[None]],
+    stop: asyncio.Event,
+    backoff_s: float = 1.0,
+) -> None:
+    """Run `loop_fn()` until `stop`; if it ever raises, log, count (`meritnet_validator_loop_restarts`)
+    and start it again after a growing pause (capped at 30 s): a validator never goes silent."""
+    pause = backoff_s
+    while not stop.is_set():
+        try:
+            await loop_fn()
+            return
+        except Exception as exc:  # noqa: BLE001 - whatever killed it, the loop must come back
+            metrics.LOOP_RESTARTS.labels(validator_id, name).inc()
+            log.error(
+                "validator %s: %s loop died (%s: %s); restarting in %.0f s",
+                validator_id,
+                name,
+                type(exc).__name__,
+                exc,
+                pause,
+            )
+        try:
+            await asyncio.wait_for(stop.wait(), pause)
+        except TimeoutError:
+            pause = min(30.0, pause * 2)
 
 
 # ---- Ray wrapper ----------------------------------------------------------------------------------
@@ -437,18 +585,24 @@ class ValidatorActor:
         registry = ray.get_actor(self._registry[0], namespace=self._registry[1])
 
         async def nodes():
-            return await registry.snapshot.remote()
+            return await asyncio.wait_for(registry.snapshot.remote(), 30)
 
         async def fetch(cursor: int):
             if self._feed is None:
                 self._feed = ray.get_actor(self._shadow_feed_name, namespace=self._registry[1])
-            return await self._feed.since.remote(cursor)
+            return await asyncio.wait_for(self._feed.since.remote(cursor), 30)
 
         if self._task is None:
-            loop = asyncio.get_running_loop()
-            self._task = loop.create_task(self.validator.run(nodes, self._stop))
+            v, loop = self.validator, asyncio.get_running_loop()
+            self._task = loop.create_task(
+                supervise(v.validator_id, "challenge", lambda: v.run(nodes, self._stop), self._stop)
+            )
             if self._shadow_feed_name:
-                self._shadow_task = loop.create_task(self.validator.follow_shadow_feed(fetch, self._stop))
+                self._shadow_task = loop.create_task(
+                    supervise(
+                        v.validator_id, "shadow", lambda: v.follow_shadow_feed(fetch, self._stop), self._stop
+                    )
+                )
 
     async def stop(self) -> None:
         self._stop.set()

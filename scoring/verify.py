@@ -51,6 +51,7 @@ class TextCodec(Protocol):
     """The claimed model's tokenizer, as far as verification needs it."""
 
     eos_token_ids: frozenset[int]
+    vocab_size: int  # ids a node returns must lie in [0, vocab_size)
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -208,13 +209,46 @@ def structural_reasons(
     return fraud, fail
 
 
+def unverifiable_reasons(
+    claim: Claim, ids: Sequence[int], codec: TextCodec, max_len: int | None
+) -> list[str]:
+    """Why a claim cannot even be put to the reference engine (node output outside what the claimed
+    model can produce): ids out of the vocabulary, more ids than the request allowed or than the
+    model's context holds. Each is fraud: an honest engine cannot emit it, and feeding it to the
+    reference would fail the engine call (for every claim batched with it)."""
+    out = []
+    bad = [t for t in ids if not 0 <= t < codec.vocab_size]
+    if bad:
+        out.append(
+            f"{len(bad)} token ids outside the model's vocabulary of {codec.vocab_size} (e.g. {bad[0]})"
+        )
+    if claim.max_tokens is not None and len(ids) > claim.max_tokens + 1:  # + 1: a trailing EOS id
+        out.append(f"{len(ids)} token ids for max_tokens {claim.max_tokens}")
+    if max_len is not None and len(claim.prompt_token_ids) + len(ids) > max_len:
+        out.append(
+            f"prompt + completion of {len(claim.prompt_token_ids) + len(ids)} ids exceed the context of {max_len}"
+        )
+    return out
+
+
+def malformed(reason: str) -> Verification:
+    """The verdict on output that cannot be verified at all (see `unverifiable_reasons`): fraud."""
+    return Verification(
+        "fraud", (reason,), greedy=False, n_tokens=0, flagged=0, max_gap=0.0, mean_logprob=0.0, tokens=()
+    )
+
+
 def verify(
     claim: Claim, engine: ReferenceEngine, codec: TextCodec, thresholds: VerifyThresholds | None = None
 ) -> Verification:
-    """Verdict on one completion. Calls `engine.prompt_logprobs` once (blocking: run it off the event loop)."""
+    """Verdict on one completion. Calls `engine.prompt_logprobs` once (blocking: run it off the event loop),
+    unless the claim is unverifiable (fraud without an engine call)."""
     th = thresholds or VerifyThresholds()
     ids_from_node = claim.completion_token_ids is not None
     ids = list(claim.completion_token_ids) if ids_from_node else codec.encode(claim.text)
+    unverifiable = unverifiable_reasons(claim, ids, codec, getattr(engine, "max_model_len", None))
+    if unverifiable:
+        return malformed("; ".join(unverifiable))
     fraud, fail = structural_reasons(claim, ids, ids_from_node, codec, th)
     greedy = claim.temperature == 0.0
     # A natural 'stop' ends with EOS; when the node's ids leave it out, teach-force it to check the ending.

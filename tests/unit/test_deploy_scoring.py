@@ -139,6 +139,8 @@ class _CountingEngine:
 
     def prompt_logprobs_many(self, pairs, top_k):
         self.calls.append(len(pairs))
+        if any(c[0] < 0 for _p, c in pairs):  # as vLLM does for an id it cannot embed
+            raise ValueError("token id out of range")
         return [[{int(c[0]): -0.1 * top_k}] for _p, c in pairs]
 
 
@@ -147,14 +149,28 @@ async def test_shared_reference_engine_batches_concurrent_calls_and_returns_each
 
     from deploy.scoring import ReferenceEngineService
 
-    svc = ReferenceEngineService.__new__(ReferenceEngineService)  # skip loading vLLM
-    svc.engine, svc._queue, svc._worker, svc.calls, svc.batches = _CountingEngine(), [], None, 0, 0
+    svc = ReferenceEngineService(None, engine=_CountingEngine())
     outs = await asyncio.gather(
         *(svc.prompt_logprobs_many([([1], [i]), ([2], [i + 100])], 20) for i in range(5))
     )
     assert [[next(iter(d)) for (d,) in o] for o in outs] == [[i, i + 100] for i in range(5)]
     assert sum(svc.engine.calls) == 10 and len(svc.engine.calls) < 5  # batched, nothing lost
-    assert await svc.stats() == {"calls": 5, "batches": len(svc.engine.calls)}
+    assert await svc.stats() == {"calls": 5, "batches": len(svc.engine.calls), "isolated": 0}
+
+
+async def test_shared_reference_engine_isolates_a_bad_item_from_its_batch():
+    """One caller's bad item (an id the engine rejects) fails that caller alone; batch-mates get results."""
+    import asyncio
+
+    from deploy.scoring import ReferenceEngineService
+
+    svc = ReferenceEngineService(None, engine=_CountingEngine())
+    outs = await asyncio.gather(
+        *(svc.prompt_logprobs_many([([1], [i])], 20) for i in (3, -1, 4)), return_exceptions=True
+    )
+    assert isinstance(outs[1], ValueError)
+    assert [next(iter(o[0][0])) for o in (outs[0], outs[2])] == [3, 4]
+    assert (await svc.stats())["isolated"] >= 1
 
 
 def test_shadow_feed_gives_each_reader_every_item_and_drops_the_oldest_when_full():
