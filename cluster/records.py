@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 from eth_utils import is_checksum_address
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from cluster.completions import MAX_COUNT
+
 _NODE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
@@ -105,8 +107,14 @@ class UsageRecord(_Frozen):
     node_id: NodeId = Field(description="Node that served the request.")
     operator: Address = Field(description="Operator of that node (paid for it).")
     model: str = Field(min_length=1, description="Model id the client asked for.")
-    prompt_tokens: int = Field(ge=0, description="Prompt tokens, as reported to the client.")
-    completion_tokens: int = Field(ge=0, description="Completion tokens, as reported to the client.")
+    prompt_tokens: int = Field(
+        ge=0,
+        le=MAX_COUNT,
+        description="Prompt tokens, counted by the gateway (bounded: sums never overflow).",
+    )
+    completion_tokens: int = Field(
+        ge=0, le=MAX_COUNT, description="Completion tokens, counted by the gateway from what it forwarded."
+    )
     started_at: FiniteFloat = Field(description="Unix time (s) the gateway received the request.")
     ttft_s: FiniteFloat | None = Field(
         default=None, ge=0.0, description="Seconds from receipt to the first byte sent to the client."

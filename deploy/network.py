@@ -23,6 +23,7 @@ from deploy.config import BUILTIN_MODEL, NetworkConfig
 from deploy.scoring import start_consensus, start_reference_engines, start_shadow_feed, start_validators
 from deploy.usage import SETTLEMENT_NAME, USAGE_STORE_NAME, start_settlement, start_usage_store
 from routing.gateway import GatewayConfig, gateway_deployment
+from routing.metering import MeteredModel
 
 GATEWAY_APP = "meritnet"
 
@@ -147,6 +148,11 @@ class LocalNetwork:
             api_keys=tuple(cfg.api_keys),
             challenge_keys=(SecretStr(challenge_key),),
             shadow_rate=cfg.shadow_rate if shadow else 0.0,
+            # the gateway counts tokens itself with the trusted models' tokenizers (never the nodes' word)
+            metered_models={
+                m: MeteredModel(source=resolve_model_source(src), max_model_len=cfg.engine.max_model_len)
+                for m, src in cfg.trusted_models.items()
+            },
         )
         serve.run(gateway_deployment(gw), name=GATEWAY_APP, route_prefix="/")
         self._wait_live(registry, timeout_s=60)

@@ -27,8 +27,10 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from cluster.completions import parse_body
 from cluster.records import NodeStats, QualityScores, UsageRecord, keyed_sample
 from routing import errors, metrics
+from routing.metering import MeteredModel, Tally, TokenCounter, metered, observe
 from routing.selection import NodeSelector, facts_for
 from routing.shadow import Capture, strip_token_ids, verifiable
 
@@ -83,17 +85,15 @@ class GatewayConfig(BaseModel):
         le=1.0,
         description="Share of verifiable organic requests offered to validators.",
     )
+    metered_models: dict[str, MeteredModel] = Field(
+        default_factory=dict,
+        description="model id -> its tokenizer, so the gateway counts prompt and completion tokens itself "
+        "(routing/metering.py). A model without one is metered from the node's ids and clamped report.",
+    )
     shadow_key: SecretStr = Field(
         default_factory=lambda: SecretStr(secrets.token_hex(16)),
         description="Key of the shadow sample's hash (random per gateway unless set); nodes never see it.",
     )
-
-
-def _usage_of(obj: Any) -> tuple[int, int]:
-    usage = getattr(obj, "usage", None)
-    if usage is None:
-        return 0, 0
-    return int(usage.prompt_tokens or 0), int(usage.completion_tokens or 0)
 
 
 def _first_of(item: Any) -> Any:
@@ -106,8 +106,16 @@ def _first_of(item: Any) -> Any:
 class GatewayCore:
     """The gateway's logic, independent of how it is hosted (Serve ingress or a test harness)."""
 
-    def __init__(self, config: GatewayConfig, selector: NodeSelector, handle_for, sink, registry=None):
+    def __init__(
+        self, config: GatewayConfig, selector: NodeSelector, handle_for, sink, registry=None, counters=None
+    ):
         self.config = config
+        # model id -> TokenCounter; loaded here (once per replica) unless given (unit tests)
+        self._counters = (
+            counters
+            if counters is not None
+            else {m: TokenCounter.load(spec) for m, spec in config.metered_models.items()}
+        )
         self.selector = selector
         self._handle_for = handle_for  # node_id -> Serve handle of the node's LLMServer
         self._sink = sink  # Ray actor handle with record.remote(list[UsageRecord])
@@ -300,14 +308,24 @@ class GatewayCore:
                     continue
                 self.selector.observe_success(node.node_id, None, None)
                 raise api_error
-            ctx = _Ctx(rid, node, model, started, t0, client_wants_usage, strip_ids, capture)
+            ctx = _Ctx(rid, node, body, started, t0, client_wants_usage, strip_ids, capture)
+            ctx.counter = self._counters.get(model)
+            if not stream:
+                try:
+                    payload = head.model_dump_json()
+                    ctx.tally.add(parse_body(payload))
+                except (ValidationError, ValueError, AttributeError) as exc:  # not a completion
+                    self._end(node.node_id)
+                    self._node_malformed(node.node_id, exc)
+                    last_error = errors.upstream_failed(model)
+                    continue
+                return await self._complete(ctx, payload)
             if stream:
                 return StreamingResponse(
                     self._stream(ctx, first, gen),
                     media_type="text/event-stream",
                     headers={"x-meritnet-request-id": rid, "x-meritnet-node": node.node_id},
                 )
-            return await self._complete(ctx, head)
         if not tried:
             raise errors.no_live_node(model)
         raise last_error or errors.upstream_failed(model)
@@ -332,15 +350,13 @@ class GatewayCore:
                 step.cancel()
 
     # ---- response paths --------------------------------------------------------------------
-    async def _complete(self, ctx: _Ctx, response: Any) -> Response:
+    async def _complete(self, ctx: _Ctx, payload: str) -> Response:
         try:
-            if ctx.capture is not None:
-                ctx.capture.add_response(response)
-            payload = response.model_dump_json()
+            ttft = time.perf_counter() - ctx.t0
+            ctx.count()
+            payload = _with_usage(payload, ctx)  # the client sees what it is billed, not the node's claim
             if ctx.strip_ids:
                 payload = strip_token_ids(payload)
-            ttft = time.perf_counter() - ctx.t0
-            ctx.prompt_tokens, ctx.completion_tokens = _usage_of(response)
             ctx.digest.update(payload.encode())
             ctx.ttft = ttft
             await self._meter(ctx, "ok")
@@ -373,12 +389,15 @@ class GatewayCore:
                         break
                     if piece.startswith(DONE[:12]):
                         continue  # sent after the usage record is durable
-                    if '"usage":{' in piece and _is_usage_only(piece):
-                        ctx.prompt_tokens, ctx.completion_tokens = _parse_usage(piece)
+                    if not piece.startswith("data: {"):
+                        raise ValueError("not a data event")
+                    parsed = parse_body(piece[6:])
+                    ctx.tally.add(parsed)
+                    if not parsed.choices and parsed.usage is not None:  # the node's usage chunk
                         if not ctx.client_wants_usage:
                             continue
-                    if ctx.capture is not None:
-                        ctx.capture.add_event(piece)
+                        ctx.count()
+                        piece = "data: " + _with_usage(piece[6:], ctx) + "\n\n"
                     out.append(strip_token_ids(piece) if ctx.strip_ids else piece)
                 if out:
                     if ctx.ttft is None:
@@ -389,6 +408,7 @@ class GatewayCore:
                 if status == "error":
                     return
             status = "ok"
+            ctx.count()
             await self._meter(ctx, "ok")
             self.selector.observe_success(ctx.node.node_id, ctx.ttft, _tpot(ctx))
             yield DONE
@@ -397,8 +417,11 @@ class GatewayCore:
             raise
         except Exception as exc:  # noqa: BLE001 - a node's failure mid-stream must not crash the gateway
             status = "error"
-            self.selector.observe_failure(ctx.node.node_id)
-            log.warning("node %s failed mid-stream (%s)", ctx.node.node_id, type(exc).__name__)
+            if isinstance(exc, ValueError):  # includes ValidationError: output that is not a completion
+                self._node_malformed(ctx.node.node_id, exc)
+            else:
+                self.selector.observe_failure(ctx.node.node_id)
+                log.warning("node %s failed mid-stream (%s)", ctx.node.node_id, type(exc).__name__)
             yield errors.stream_interrupted().sse_event().decode()
         finally:
             self._end(ctx.node.node_id)
@@ -408,6 +431,9 @@ class GatewayCore:
                 asyncio.get_running_loop().create_task(self._meter_quietly(ctx, status))
 
     async def _meter(self, ctx: _Ctx, status: str) -> None:
+        if status != "ok":
+            ctx.count()  # what was forwarded before the failure (audit only: not an ok record)
+        observe(ctx.node.node_id, ctx.tally, ctx.prompt_tokens, ctx.completion_tokens, ctx.counted)
         rec = ctx.record(status)
         metrics.REQUESTS.labels(ctx.model, ctx.node.node_id, status).inc()
         metrics.E2E.labels(ctx.model).observe(time.perf_counter() - ctx.t0)
@@ -433,10 +459,17 @@ class GatewayCore:
             code="metering_unavailable",
         )
 
+    def _node_malformed(self, node_id: str, exc: Exception) -> None:
+        """A node sent something that is not a completion: penalised like a failure, counted."""
+        self.selector.observe_failure(node_id)
+        metrics.MALFORMED.labels(node_id).inc()
+        log.warning("node %s sent a malformed answer (%s)", node_id, type(exc).__name__)
+
     def _offer_for_shadow(self, ctx: _Ctx) -> None:
         """Hand a sampled organic completion to validators; fire-and-forget, never fails the request."""
         try:
-            item = ctx.capture.served(ctx.node.node_id, ctx.completion_tokens)
+            claimed = ctx.tally.reported.completion_tokens if ctx.tally.reported else ctx.completion_tokens
+            item = ctx.capture.served(ctx.node.node_id, ctx.tally, claimed)
             self._shadow_feed.offer.remote([item])
             metrics.SHADOW_OFFERED.labels(ctx.model, ctx.node.node_id).inc()
         except Exception as exc:  # noqa: BLE001 - content is never logged, only the failure kind
@@ -463,9 +496,13 @@ class _Ctx:
     """Everything one in-flight request accumulates for its usage record."""
 
     __slots__ = (
+        "body",
         "capture",
         "client_wants_usage",
         "completion_tokens",
+        "counted",
+        "counted",
+        "counter",
         "digest",
         "model",
         "node",
@@ -474,16 +511,26 @@ class _Ctx:
         "started",
         "strip_ids",
         "t0",
+        "tally",
         "ttft",
     )
 
-    def __init__(self, rid, node, model, started, t0, client_wants_usage, strip_ids=False, capture=None):
-        self.rid, self.node, self.model = rid, node, model
+    def __init__(self, rid, node, body, started, t0, client_wants_usage, strip_ids=False, capture=None):
+        self.rid, self.node, self.body, self.model = rid, node, body, body.model
         self.started, self.t0, self.client_wants_usage = started, t0, client_wants_usage
         self.strip_ids, self.capture = strip_ids, capture
         self.prompt_tokens = self.completion_tokens = 0
         self.ttft: float | None = None
         self.digest = hashlib.sha256()
+        self.tally = Tally()
+        self.counter: TokenCounter | None = None
+        self.counted = False
+
+    def count(self) -> None:
+        """The gateway's own token counts of what was forwarded so far (routing/metering.py)."""
+        self.prompt_tokens, self.completion_tokens, self.counted = metered(
+            self.body, self.tally, self.counter
+        )
 
     def record(self, status: str) -> UsageRecord:
         return UsageRecord(
@@ -501,6 +548,17 @@ class _Ctx:
         )
 
 
+def _with_usage(data: str, ctx: _Ctx) -> str:
+    """A node's JSON body (or stream chunk) with its usage replaced by the gateway's counts."""
+    obj = json.loads(data)
+    obj["usage"] = {
+        "prompt_tokens": ctx.prompt_tokens,
+        "completion_tokens": ctx.completion_tokens,
+        "total_tokens": ctx.prompt_tokens + ctx.completion_tokens,
+    }
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
 def _tpot(ctx: _Ctx) -> float | None:
     if ctx.ttft is None or ctx.completion_tokens <= 1:
         return None
@@ -511,16 +569,6 @@ async def _chain(first, gen):
     yield first
     async for item in gen:
         yield item
-
-
-def _is_usage_only(piece: str) -> bool:
-    return '"choices":[]' in piece
-
-
-def _parse_usage(piece: str) -> tuple[int, int]:
-    data = json.loads(piece[len("data: ") :])
-    usage = data.get("usage") or {}
-    return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
 
 
 # ---- FastAPI app and Serve deployment ----------------------------------------------------------

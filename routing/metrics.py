@@ -47,3 +47,16 @@ SHADOW_OFFERED = Counter(
     ["model", "node"],
     registry=REGISTRY,
 )
+USAGE_DISAGREEMENTS = Counter(
+    "meritnet_usage_disagreements",
+    "Requests where a node's self-reported usage differs from the gateway's count (field: prompt or "
+    "completion), or where the gateway could not count a prompt itself (field: unmetered_prompt).",
+    ["node", "field"],
+    registry=REGISTRY,
+)
+MALFORMED = Counter(
+    "meritnet_node_malformed_output",
+    "Node answers the gateway could not parse (the node is penalised; the client gets a retry or an error).",
+    ["node"],
+    registry=REGISTRY,
+)

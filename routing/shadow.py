@@ -14,11 +14,11 @@ Offered items hold prompts and outputs: they live in memory only and never go to
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
 from cluster.records import ServedCompletion
+from routing.metering import Tally
 
 # The parameters a verifiable request may set (a whitelist, so a new distribution-changing vLLM
 # parameter is excluded by default). `stop` is allowed: stop strings only cut the text.
@@ -74,46 +74,18 @@ def strip_token_ids(piece: str) -> str:
 
 
 class Capture:
-    """Accumulates choice 0 of one sampled organic request (streamed or not)."""
+    """A sampled organic request: its body, and on completion what the node sent for choice 0 (from
+    the request's `Tally`, i.e. the same parse the gateway meters with)."""
 
-    __slots__ = ("body", "finish_reason", "ids", "request_id", "text")
+    __slots__ = ("body", "request_id")
 
     def __init__(self, request_id: str, body: Any) -> None:
         self.request_id, self.body = request_id, body
-        self.text: list[str] = []
-        self.ids: list[int] | None = None
-        self.finish_reason: str | None = None
 
-    def add_event(self, piece: str) -> None:
-        """One SSE piece from the node (before any stripping)."""
-        for line in piece.split("\n"):
-            if not line.startswith("data: {"):
-                continue
-            try:
-                data = json.loads(line[6:])
-            except json.JSONDecodeError:
-                continue
-            for choice in data.get("choices") or ():
-                if choice.get("index", 0) == 0:
-                    self._add_choice(choice)
-
-    def add_response(self, response: Any) -> None:
-        """A whole (non-streamed) response object."""
-        for choice in response.choices:
-            if choice.index == 0:
-                self._add_choice(choice.model_dump())
-
-    def _add_choice(self, choice: dict) -> None:
-        delta = choice.get("delta") or choice.get("message") or {}
-        text = choice.get("text") if "text" in choice else delta.get("content")
-        if text:
-            self.text.append(text)
-        if choice.get("token_ids") is not None:
-            self.ids = (self.ids or []) + list(choice["token_ids"])
-        self.finish_reason = choice.get("finish_reason") or self.finish_reason
-
-    def served(self, node_id: str, completion_tokens: int) -> ServedCompletion:
+    def served(self, node_id: str, tally: Tally, completion_tokens: int) -> ServedCompletion:
+        """`completion_tokens`: what the node *reported*, so validators can hold it to its word."""
         b = self.body
+        text, ids, finish_reason = tally.choice(0)
         messages = getattr(b, "messages", None)
         max_tokens = getattr(b, "max_completion_tokens", None) or getattr(b, "max_tokens", None)
         temperature = getattr(b, "temperature", None)
@@ -126,10 +98,10 @@ class Capture:
             messages=None
             if messages is None
             else tuple({"role": m["role"], "content": m["content"]} for m in messages),
-            text="".join(self.text),
-            token_ids=None if self.ids is None else tuple(self.ids),
+            text=text,
+            token_ids=None if ids is None else tuple(ids),
             completion_tokens=completion_tokens,
-            finish_reason=self.finish_reason,
+            finish_reason=finish_reason,
             max_tokens=max_tokens,
             temperature=1.0 if temperature is None else float(temperature),
             stop_strings=bool(stop),

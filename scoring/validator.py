@@ -21,10 +21,11 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
+from cluster.completions import MAX_IDS, NodeUsage, parse_body
 from cluster.records import NodeScore, NodeStats, ServedCompletion
 from scoring import metrics
 from scoring.challenge import ChallengeConfig, ChallengePool, ChallengeRequest, ShadowSampler
@@ -40,8 +41,6 @@ from scoring.verify import (
 )
 
 log = logging.getLogger("meritnet.validator")
-
-MAX_IDS = 1 << 20  # token ids one answer may carry: far above any context; bounds what a node makes us hold
 
 
 class ValidatorConfig(BaseModel):
@@ -400,43 +399,6 @@ def http_send(
     return send
 
 
-class _Message(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-    content: str | None = None
-
-
-class _Choice(BaseModel):
-    """The fields of one OpenAI choice (or stream delta) that verification reads, strictly typed."""
-
-    model_config = ConfigDict(strict=True, extra="ignore")
-    text: str | None = None
-    message: _Message | None = None
-    delta: _Message | None = None
-    token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, max_length=MAX_IDS)
-    finish_reason: str | None = None
-
-    @property
-    def content(self) -> str:
-        if self.text is not None:
-            return self.text
-        msg = self.message or self.delta
-        return (msg.content if msg else None) or ""
-
-
-class _Usage(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-    completion_tokens: int = Field(default=0, ge=0, le=MAX_IDS)
-
-
-class _Body(BaseModel):
-    """A completion response or one stream chunk, as far as verification reads it."""
-
-    model_config = ConfigDict(strict=True, extra="ignore")
-    choices: list[_Choice] = Field(default_factory=list, max_length=64)
-    usage: _Usage | None = None
-    error: Any = None
-
-
 def _malformed(exc: Exception, elapsed_s: float, ttft_s: float | None = None) -> ChallengeResponse:
     """The node answered, but with output that is not a well-formed completion: fraud, not downtime."""
     what = f"{exc.error_count()} invalid fields" if isinstance(exc, ValidationError) else type(exc).__name__
@@ -448,13 +410,13 @@ def _malformed(exc: Exception, elapsed_s: float, ttft_s: float | None = None) ->
 def parse_completion(data: Any, status: int, ttft_s: float | None, elapsed_s: float) -> ChallengeResponse:
     """A non-streamed chat or completions response (decoded JSON) -> ChallengeResponse."""
     try:
-        body = _Body.model_validate(data)
+        body = parse_body(data)
     except ValidationError as exc:
         return _malformed(exc, elapsed_s, ttft_s)
     if body.error is not None or not body.choices:
         return ChallengeResponse(ok=False, status=status, error=str(body.error or "no choices")[:200])
     choice = body.choices[0]
-    usage = body.usage or _Usage()
+    usage = body.usage or NodeUsage()
     return ChallengeResponse(
         ok=True,
         status=status,
@@ -469,10 +431,10 @@ def parse_completion(data: Any, status: int, ttft_s: float | None, elapsed_s: fl
 
 def parse_stream(chunks: Sequence[Any], ttft_s: float | None, elapsed_s: float) -> ChallengeResponse:
     """SSE chunks (already JSON-decoded) -> ChallengeResponse; ids and text are concatenated."""
-    text, ids, finish, usage, have_ids = [], [], None, _Usage(), False
+    text, ids, finish, usage, have_ids = [], [], None, NodeUsage(), False
     for raw in chunks:
         try:
-            ch = _Body.model_validate(raw)
+            ch = parse_body(raw)
         except ValidationError as exc:
             return _malformed(exc, elapsed_s, ttft_s)
         if ch.error is not None:

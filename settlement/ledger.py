@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import NamedTuple, Self
 
 from cluster import UsageRecord
+from cluster.completions import MAX_COUNT
 from settlement.rewards import NodeUsage
 
 __all__ = ["AppendResult", "FrozenEpoch", "LedgerError", "PendingTx", "UsageLedger", "UsageRow"]
@@ -72,6 +73,10 @@ _IN_CHUNK = 500  # bound parameters per duplicate lookup (SQLite's limit is 3276
 _PAGE = 10_000
 
 
+def _counts_in_bounds(r: UsageRecord) -> bool:
+    return all(type(n) is int and 0 <= n <= MAX_COUNT for n in (r.prompt_tokens, r.completion_tokens))
+
+
 class LedgerError(RuntimeError):
     """A ledger operation that cannot proceed; the message says what to do instead."""
 
@@ -83,6 +88,7 @@ class AppendResult:
     accepted: int
     duplicates: tuple[str, ...]
     late: int  # accepted records whose natural epoch was closed; assigned to the next open epoch
+    rejected: tuple[str, ...] = ()  # request ids with counts outside UsageRecord's bounds: not stored
 
 
 class UsageRow(NamedTuple):
@@ -251,8 +257,13 @@ class UsageLedger:
         for r in records:
             if not isinstance(r, UsageRecord):
                 raise TypeError(f"UsageLedger.append takes cluster.UsageRecord items, got {type(r).__name__}")
+        # A record built around validation (model_construct, an old pickled class) must not fail the
+        # batch it came in, nor overflow an epoch's SUM() later: it is refused alone.
+        rejected = tuple(r.request_id for r in records if not _counts_in_bounds(r))
+        if rejected:
+            records = [r for r in records if _counts_in_bounds(r)]
         if not records:
-            return AppendResult(0, (), 0)
+            return AppendResult(0, (), 0, rejected)
         with self._write() as c:
             last = c.execute("SELECT MAX(epoch) FROM epochs").fetchone()[0]
             first_open = 0 if last is None else last + 1
@@ -300,7 +311,7 @@ class UsageLedger:
             c.executemany(
                 f"INSERT INTO records (request_id, epoch, {_FIELDS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows
             )
-        return AppendResult(len(rows), tuple(duplicates), late)
+        return AppendResult(len(rows), tuple(duplicates), late, rejected)
 
     def records(self, epoch: int) -> Iterator[UsageRecord]:
         """Every record of an epoch (all statuses) in request_id order, read page by page."""

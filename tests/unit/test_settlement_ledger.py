@@ -186,3 +186,18 @@ def test_rejects_non_records(ledger):
     with pytest.raises(TypeError, match="UsageRecord"):
         ledger.append([{"request_id": "a"}])
     assert ledger.append([]).accepted == 0
+
+
+@pytest.mark.parametrize("bad", [2**63, 2**24 + 1, -5])
+def test_an_out_of_bounds_count_is_refused_alone_and_epoch_sums_stay_exact(ledger, bad):
+    """Issue 10: one count >= 2^63 used to fail its whole batch (honest requests got 503) and an epoch
+    sum >= 2^63 made SUM() overflow, stopping settlement for everyone."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        rec("x", 1010.0, prompt=bad)
+    forged = rec("forged", 1010.0).model_copy(update={"prompt_tokens": bad})  # skips validation
+    result = ledger.append([rec("a", 1010.0), forged, rec("b", 1011.0, completion=2**24)])
+    assert result.accepted == 2 and result.rejected == ("forged",)
+    ledger.close_epoch(0)
+    assert ledger.usage_by_node(0) == {"n1": NodeUsage(A, 20, 20 + 2**24)}

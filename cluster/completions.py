@@ -1,0 +1,75 @@
+"""What a node returns for a completion, parsed strictly: the one parser of node output.
+
+The gateway (metering, shadow capture) and the validators read a node's answers through these
+models and nothing else, so a node cannot show validators one thing and the gateway another. Only
+the fields the network reads are declared (others are ignored); each is strictly typed and bounded:
+a string is a string, ids are non-negative ints (never bools or numeric strings), counts and list
+lengths have ceilings far above any real context. Anything else raises `pydantic.ValidationError`.
+
+A body is a whole (non-streamed) chat or completions response, or one streamed chunk (`data: {...}`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_IDS = 1 << 20  # token ids one answer may carry: far above any context; bounds what a node makes us hold
+MAX_COUNT = (
+    1 << 24
+)  # a token count one record may carry (UsageRecord's bound too): sums of them cannot overflow
+MAX_CHOICES = 1024  # choices per body (the gateway bounds n far lower)
+
+TokenId = Annotated[int, Field(ge=0)]
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+
+class NodeMessage(_Strict):
+    content: str | None = None
+
+
+class NodeChoice(_Strict):
+    """One choice (or stream delta) of a node's answer."""
+
+    index: int = Field(default=0, ge=0, le=MAX_CHOICES)
+    text: str | None = None
+    message: NodeMessage | None = None
+    delta: NodeMessage | None = None
+    token_ids: list[TokenId] | None = Field(default=None, max_length=MAX_IDS)
+    finish_reason: str | None = Field(default=None, max_length=64)
+
+    @property
+    def content(self) -> str:
+        """The text of this choice or delta ('' when there is none)."""
+        if self.text is not None:
+            return self.text
+        msg = self.message or self.delta
+        return (msg.content if msg else None) or ""
+
+
+class NodeUsage(_Strict):
+    """The usage a node reports about itself: compared with the gateway's own count, never paid."""
+
+    prompt_tokens: Count = 0
+    completion_tokens: Count = 0
+
+
+class NodeBody(_Strict):
+    """A node's whole response, or one stream chunk, as far as the network reads it."""
+
+    choices: list[NodeChoice] = Field(default_factory=list, max_length=MAX_CHOICES)
+    usage: NodeUsage | None = None
+    error: Any = None
+
+
+def parse_body(raw: str | bytes | dict[str, Any] | Any) -> NodeBody:
+    """Parse one body: JSON text (a stream chunk without its `data: ` prefix, or a whole response) or
+    already-decoded JSON. Raises `pydantic.ValidationError` for anything malformed."""
+    if isinstance(raw, str | bytes):
+        return NodeBody.model_validate_json(raw)
+    return NodeBody.model_validate(raw)

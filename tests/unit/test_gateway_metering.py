@@ -1,0 +1,184 @@
+"""Metering trusts no node (issue 10): the gateway bills its own count of what it forwarded; a node's
+usage report, however inflated, is only compared. Fake nodes and a fake tokenizer (no Ray, no vLLM);
+the real tokenizer and real lying nodes run in the integration tests."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from cluster.metering import MemoryUsageSink
+from routing import metrics
+from routing.gateway import GatewayConfig, GatewayCore, build_fastapi
+from routing.metering import TokenCounter, limits
+from routing.selection import load_selector
+from tests.unit.test_gateway_core import FakeNode, _Gen, _stats
+
+
+class CharTokenizer:
+    """One token per character (ids = code points); a chat template of <role>content per message."""
+
+    def encode(self, text, add_special_tokens=False):
+        return ([1] if add_special_tokens else []) + [ord(c) for c in text]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids if i > 1)
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False):
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+
+class LyingNode(FakeNode):
+    """Answers 'hello' with honest ids (or `ids`), but reports `usage` of its own choosing."""
+
+    def __init__(self, node_id, usage=(10**6, 999), ids=None, chunks=None):
+        super().__init__(node_id)
+        self.usage, self.ids, self.chunks = usage, ids, chunks
+
+    def _respond(self, body, kind):
+        self.calls += 1
+        from ray.serve.llm.openai_api_models import CompletionResponse
+
+        ids = self.ids if self.ids is not None else [ord(c) for c in "hello"]
+        p, c = self.usage
+        if self.chunks is not None:
+            return _Gen([[x] for x in self.chunks])
+        if not body.stream:
+            resp = CompletionResponse(
+                id="x",
+                model=body.model,
+                created=0,
+                choices=[{"index": 0, "text": "hello", "finish_reason": "stop", "token_ids": ids}],
+                usage={"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c},
+            )
+            return _Gen([resp])
+        return _Gen(
+            [
+                [
+                    f'data: {{"choices":[{{"index":0,"text":"hello","finish_reason":"stop","token_ids":{ids}}}]}}\n\n'
+                ],
+                [
+                    f'data: {{"choices":[],"usage":{{"prompt_tokens":{p},"completion_tokens":{c},"total_tokens":{p + c}}}}}\n\n'
+                ],
+                ["data: [DONE]\n\n"],
+            ]
+        )
+
+
+def _gateway(node, counter=True, honest=None):
+    nodes = {"liar": node, **({"honest": honest} if honest else {})}
+    sink = MemoryUsageSink()
+
+    class _Sink:
+        class record:
+            @staticmethod
+            def remote(records):
+                return sink.record(records)
+
+    counters = {"default": TokenCounter(CharTokenizer(), max_model_len=1024)} if counter else {}
+    core = GatewayCore(
+        GatewayConfig(),
+        load_selector(registry=None),
+        nodes.__getitem__,
+        _Sink(),
+        registry=None,
+        counters=counters,
+    )
+    core.set_nodes([_stats(n) for n in nodes])
+    return TestClient(build_fastapi(lambda: core)), sink
+
+
+def _records(sink):
+    return asyncio.run(sink.all())
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_inflated_usage_is_not_billed_and_the_client_sees_the_gateways_count(stream):
+    client, sink = _gateway(LyingNode("liar"))
+    before = metrics.USAGE_DISAGREEMENTS.labels("liar", "completion")._value.get()
+    body = {
+        "model": "default",
+        "prompt": "hi there",
+        "max_tokens": 8,
+        "stream": stream,
+        "stream_options": {"include_usage": True} if stream else None,
+    }
+    r = client.post("/v1/completions", json={k: v for k, v in body.items() if v is not None})
+    assert r.status_code == 200
+    usage = (
+        r.json()
+        if not stream
+        else next(json.loads(e[6:]) for e in r.text.split("\n\n") if '"choices":[]' in e)
+    )
+    (rec,) = _records(sink)
+    # prompt: BOS + 8 characters by the model's tokenizer; completion: the 5 ids that decode to "hello"
+    assert (rec.prompt_tokens, rec.completion_tokens) == (9, 5)
+    assert usage["usage"] == {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14}
+    assert metrics.USAGE_DISAGREEMENTS.labels("liar", "completion")._value.get() == before + 1
+
+
+def test_ids_that_do_not_decode_to_the_text_are_billed_as_the_text():
+    client, sink = _gateway(LyingNode("liar", usage=(9, 50), ids=[ord("x")] * 50))
+    client.post("/v1/completions", json={"model": "default", "prompt": "hi there", "max_tokens": 64})
+    assert _records(sink)[0].completion_tokens == 5  # "hello", not the 50 ids it made up
+
+
+def test_without_a_tokenizer_counts_are_still_bounded_by_the_request():
+    client, sink = _gateway(LyingNode("liar", ids=list(range(2, 40))), counter=False)
+    client.post("/v1/completions", json={"model": "default", "prompt": "hi", "max_tokens": 8})
+    (rec,) = _records(sink)
+    assert rec.completion_tokens == 8  # 38 ids, clamped to max_tokens
+    assert rec.prompt_tokens <= 64 + 2  # 10^6 reported, bounded by the prompt's bytes + template allowance
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        ['data: {"choices":[{"index":0,"text":"he","token_ids":[104,-1]}]}\n\n'],  # negative id
+        ['data: {"choices":[{"index":0,"text":5,"token_ids":[104]}]}\n\n'],  # text not a string
+        ["data: {not json\n\n"],
+        ["event: surprise\n\n"],
+        ['data: {"choices":[{"index":0,"text":"h","token_ids":[104]}],"usage":{"prompt_tokens":1e30}}\n\n'],
+    ],
+)
+def test_malformed_stream_ends_in_a_clean_error_and_bills_nothing_ok(chunks):
+    client, sink = _gateway(
+        LyingNode("liar", chunks=['data: {"choices":[{"index":0,"text":"x"}]}\n\n', *chunks])
+    )
+    before = metrics.MALFORMED.labels("liar")._value.get()
+    r = client.post("/v1/completions", json={"model": "default", "prompt": "hi", "stream": True})
+    events = [e for e in r.text.split("\n\n") if e]
+    assert r.status_code == 200 and json.loads(events[-1][6:])["error"]["code"] == "stream_interrupted"
+    assert "[DONE]" not in r.text and "surprise" not in r.text and "not json" not in r.text
+    (rec,) = _records(sink)
+    assert rec.status == "error"
+    assert metrics.MALFORMED.labels("liar")._value.get() == before + 1
+
+
+def test_a_malformed_non_streamed_answer_is_retried_on_another_node():
+    bad = LyingNode("liar", chunks=["not a response object"])  # a node answering with a bare string
+    honest = LyingNode("honest", usage=(9, 5))
+    client, sink = _gateway(bad, honest=honest)
+    for _ in range(3):
+        r = client.post("/v1/completions", json={"model": "default", "prompt": "hi there"})
+        assert r.status_code == 200 and r.headers["x-meritnet-node"] == "honest"
+    assert {rec.node_id for rec in _records(sink)} == {"honest"}
+
+
+def test_chat_prompts_are_counted_with_the_chat_template():
+    from ray.serve.llm.openai_api_models import ChatCompletionRequest
+
+    counter = TokenCounter(CharTokenizer(), max_model_len=1024)
+    body = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hey"}])
+    assert counter.prompt_tokens(body) == len("<user>hey<assistant>")
+
+
+def test_limits_scale_with_n_and_prompts():
+    from ray.serve.llm.openai_api_models import CompletionRequest
+
+    body = CompletionRequest(model="m", prompt=["a", "b", "c"], max_tokens=10, n=2)
+    prompt_cap, completion_cap = limits(body, max_model_len=100)
+    assert completion_cap == 60 and prompt_cap <= 3 * 100
