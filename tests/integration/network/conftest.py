@@ -15,7 +15,12 @@ def network(tmp_path_factory):
     from deploy.config import NetworkConfig
     from deploy.network import LocalNetwork
 
-    cfg = NetworkConfig(port=free_port(), state_dir=tmp_path_factory.mktemp("meritnet-state"))
+    cfg = NetworkConfig(
+        port=free_port(),
+        state_dir=tmp_path_factory.mktemp("meritnet-state"),
+        # the lying node (test_lying_node.py) claims model "liar"; the gateway meters it with this tokenizer
+        trusted_models={"default": "builtin:default", "liar": "builtin:default"},
+    )
     net = LocalNetwork(cfg).start()
     yield net
     net.stop()
