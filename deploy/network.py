@@ -6,6 +6,7 @@ Used by `meritnet up`, the integration tests and the benchmarks, so all three ru
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shutil
 import time
@@ -24,6 +25,7 @@ from deploy.scoring import start_consensus, start_reference_engines, start_shado
 from deploy.usage import SETTLEMENT_NAME, USAGE_STORE_NAME, start_settlement, start_usage_store
 from routing.gateway import GatewayConfig, gateway_deployment
 from routing.metering import MeteredModel
+from settlement.keys import KEY_ENV, KEY_FILE_ENV
 
 GATEWAY_APP = "meritnet"
 
@@ -102,6 +104,11 @@ class LocalNetwork:
         from ray.serve import RunTarget
 
         cfg = self.config
+        if os.environ.get(KEY_ENV):
+            raise NetworkStartError(
+                f"${KEY_ENV} is set: every Ray worker (vLLM processes included) would inherit the settler key. "
+                f"Put the key in a file (chmod 600), set ${KEY_FILE_ENV} to its path, and unset ${KEY_ENV}."
+            )
         self.on_step("Building models")
         self.specs = [n.to_spec(resolve_model_source) for n in cfg.nodes]
 

@@ -86,11 +86,12 @@ def start_settlement(cfg, ledger_path: Path, genesis: float):
     from settlement.actor import SettlementConfig, settlement_actor
     from settlement.chain import ChainSettings
 
-    key_file = None
-    if not os.environ.get("MERITNET_SETTLER_KEY") and not os.environ.get("MERITNET_SETTLER_KEY_FILE"):
+    key_file = os.environ.get("MERITNET_SETTLER_KEY_FILE")
+    if not key_file:
         if cfg.chain_url != "embedded":
             raise RuntimeError(
-                "set MERITNET_SETTLER_KEY or MERITNET_SETTLER_KEY_FILE to settle on a real chain"
+                "set MERITNET_SETTLER_KEY_FILE to a file (chmod 600) holding the settler key to settle on a "
+                "real chain"
             )
         from eth_account import Account
 

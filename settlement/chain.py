@@ -27,6 +27,25 @@ from settlement.keys import SettlerKey
 EMBEDDED = "embedded"
 
 
+def redact_url(url: str) -> str:
+    """A JSON-RPC URL safe for logs and errors: scheme, host and port only. Hosted providers put the
+    API key in the path, the query or the userinfo, so all three are replaced by '...'."""
+    from urllib.parse import urlsplit
+
+    if url == EMBEDDED:
+        return url
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or "?"
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "<unparseable url>"
+    hidden = (
+        "/..." if (parts.path not in ("", "/") or parts.query or parts.username or parts.password) else ""
+    )
+    return f"{parts.scheme}://{host}{port}{hidden}"
+
+
 class ChainSettings(BaseSettings):
     """Where the chain is and how settlement transacts on it (env: MERITNET_CHAIN_<FIELD>)."""
 
@@ -34,6 +53,7 @@ class ChainSettings(BaseSettings):
 
     url: str = Field(
         default=EMBEDDED,
+        repr=False,  # may hold a provider's API key; logs and errors use redact_url()
         description="'embedded' for the in-process py-evm chain (eth-tester), or a JSON-RPC URL "
         "(http://, https://), e.g. anvil's http://127.0.0.1:8545.",
     )
@@ -353,11 +373,13 @@ class Chain:
         try:
             return call()
         except (ConnectionError, OSError, TimeoutError) as exc:
-            raise ChainUnavailable(f"the chain node at {self.settings.url} is not reachable: {exc}") from None
+            raise ChainUnavailable(
+                f"the chain node at {redact_url(self.settings.url)} is not reachable ({type(exc).__name__})"
+            ) from None
         except Exception as exc:
             # requests' ConnectionError does not subclass the builtin one; match it by module.
             if type(exc).__module__.startswith(("requests", "urllib3")):
                 raise ChainUnavailable(
-                    f"the chain node at {self.settings.url} is not reachable ({type(exc).__name__})"
+                    f"the chain node at {redact_url(self.settings.url)} is not reachable ({type(exc).__name__})"
                 ) from None
             raise

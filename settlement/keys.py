@@ -1,5 +1,9 @@
 """The settler's private key: loaded from the environment or a key file, never shown.
 
+A key file must not be readable by group or others (it is refused, with the chmod to run). The
+environment variable suits a standalone settler process only: a process that starts Ray passes its
+environment to every Ray worker (vLLM processes included), so `meritnet up` refuses it.
+
 `SettlerKey` holds the key inside an eth-account `LocalAccount` and exposes only the address and
 signing. Its repr/str name the address, and every error message here names where the key was looked
 for, never the key's bytes, so neither a log line nor a traceback can leak it.
@@ -52,6 +56,12 @@ class SettlerKey:
                 f"no settler key: set ${KEY_ENV} to a hex private key, or ${KEY_FILE_ENV} to a file holding one"
             )
         try:
+            mode = Path(path).stat().st_mode
+            if mode & 0o077:
+                raise SettlerKeyError(
+                    f"the settler key file {path} is readable by group or others (mode {mode & 0o777:o}); "
+                    f"run `chmod 600 {path}`"
+                )
             text = Path(path).read_text()
         except OSError as exc:
             raise SettlerKeyError(f"cannot read the settler key file {path}: {exc.strerror}") from None

@@ -200,3 +200,28 @@ def test_settlement_reward_tree_proofs_are_accepted_by_the_contract():
     assert oz_tree(["address", "uint256"], [list(v) for v in (tree.at(i) for i in range(len(tree)))])[
         0
     ] == bytes.fromhex(tree.root[2:])
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://eth-mainnet.example.com/v2/SECRETKEY123", "https://eth-mainnet.example.com/..."),
+        ("https://user:SECRETKEY123@rpc.example.com", "https://rpc.example.com/..."),
+        ("https://rpc.example.com/?apikey=SECRETKEY123", "https://rpc.example.com/..."),
+        ("http://127.0.0.1:8545", "http://127.0.0.1:8545"),
+        ("embedded", "embedded"),
+    ],
+)
+def test_rpc_urls_are_redacted_in_errors_and_reprs(url, shown):
+    from settlement.chain import ChainSettings, redact_url
+
+    assert redact_url(url) == shown and "SECRETKEY123" not in repr(ChainSettings(url=url))
+
+
+def test_an_unreachable_chain_error_does_not_quote_the_key():
+    from settlement.chain import Chain, ChainSettings, ChainUnavailable
+
+    chain = Chain.connect(ChainSettings(url="http://127.0.0.1:9/v2/SECRETKEY123"))  # nothing listens on 9
+    with pytest.raises(ChainUnavailable) as info:
+        _ = chain.chain_id
+    assert "SECRETKEY123" not in str(info.value) and "127.0.0.1:9" in str(info.value)

@@ -241,7 +241,12 @@ def test_the_key_never_shows(monkeypatch, tmp_path):
     monkeypatch.delenv("MERITNET_SETTLER_KEY")
     key_file = tmp_path / "settler.key"
     key_file.write_text(secret + "\n")
+    key_file.chmod(0o644)
     monkeypatch.setenv("MERITNET_SETTLER_KEY_FILE", str(key_file))
+    with pytest.raises(SettlerKeyError, match="chmod 600") as info:  # readable by others: refused
+        SettlerKey.load()
+    assert secret[4:-3] not in str(info.value)
+    key_file.chmod(0o600)
     assert SettlerKey.load().address == key.address
     with pytest.raises(TypeError):
         __import__("pickle").dumps(key)
