@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 from collections.abc import Iterable
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -37,6 +39,29 @@ class LocalClusterConfig(BaseModel):
     )
 
 
+AUTH_TOKEN_FILE = "ray-auth-token"  # in the network's state folder, mode 0600
+
+
+def use_auth_token(path: Path) -> None:
+    """Turn on Ray token authentication for this process and the Ray processes it starts, with the
+    token in `path` (created, mode 0600, if missing). A process keeps one token for its lifetime:
+    Ray caches it, so a later network in the same process writes the same token to its own file."""
+    current = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if current and Path(current).is_file() and Path(current) != path:
+        token = Path(current).read_text().strip()
+    elif path.is_file():
+        token = path.read_text().strip()
+    else:
+        token = secrets.token_hex(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token)
+    os.chmod(path, 0o600)
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
+
+
 class LocalCluster:
     """Start with `LocalCluster(accelerators, config).start()`; `shutdown()` stops every process."""
 
@@ -51,10 +76,14 @@ class LocalCluster:
         assert self._cluster is not None, "cluster not started"
         return self._cluster.address
 
-    def start(self) -> LocalCluster:
+    def start(self, auth_token_file: Path | None = None) -> LocalCluster:
+        """Start the cluster; with `auth_token_file`, under Ray token authentication with that token:
+        a process without it cannot join or call any actor (`use_auth_token`)."""
         import ray
         from ray.cluster_utils import Cluster
 
+        if auth_token_file is not None:
+            use_auth_token(auth_token_file)
         cfg = self.config
         mem = cfg.object_store_mb * 1024 * 1024
         self._cluster = Cluster(

@@ -150,6 +150,7 @@ def get_or_create_registry(poll_interval_s: float = 1.0):
             get_if_exists=True,
             num_cpus=0,
             max_restarts=-1,
+            resources={"head": 0.01},  # control plane: on the head node, never beside a node's engine
         )
         .remote(poll_interval_s)
     )

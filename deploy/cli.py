@@ -143,9 +143,20 @@ def nodes_table(stats, quality) -> Table:
 
 
 @app.command()
-def status(address: str = typer.Option("auto", help="Ray address of the network.")) -> None:
+def status(
+    address: str = typer.Option("auto", help="Ray address of the network."),
+    state_dir: Path = typer.Option(
+        Path(".meritnet"), help="The network's state folder (holds its Ray token)."
+    ),
+) -> None:
     """Show the network's nodes: liveness, load, and the validators' consensus quality."""
     import ray
+
+    from cluster.local import AUTH_TOKEN_FILE
+
+    token = state_dir / AUTH_TOKEN_FILE
+    if token.is_file() and not os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
 
     from cluster.registry import get_registry
     from deploy.scoring import CONSENSUS_NAME, NAMESPACE

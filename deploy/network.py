@@ -17,7 +17,7 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from cluster.deployment import build_node_app, deployment_name
-from cluster.local import LocalCluster
+from cluster.local import AUTH_TOKEN_FILE, LocalCluster
 from cluster.records import NodeSpec
 from cluster.registry import get_or_create_registry
 from deploy.config import BUILTIN_MODEL, NetworkConfig
@@ -112,15 +112,17 @@ class LocalNetwork:
         self.on_step("Building models")
         self.specs = [n.to_spec(resolve_model_source) for n in cfg.nodes]
 
-        self.on_step("Starting the Ray cluster")
-        self.cluster = LocalCluster({s.accelerator_type for s in self.specs}, cfg.cluster).start()
+        self.genesis = prepare_state(cfg.state_dir, cfg.chain_url)  # before Ray: the token file lives there
+        self.on_step("Starting the Ray cluster (token authentication on)")
+        self.cluster = LocalCluster({s.accelerator_type for s in self.specs}, cfg.cluster).start(
+            auth_token_file=cfg.state_dir / AUTH_TOKEN_FILE
+        )
         serve.start(proxy_location="HeadOnly", http_options={"host": cfg.host, "port": cfg.port})
 
         import ray
 
         self.on_step("Starting registry and usage ledger")
         registry = get_or_create_registry()
-        self.genesis = prepare_state(cfg.state_dir, cfg.chain_url)
         store = self.usage_store = start_usage_store(self.ledger_path, cfg.epoch_length_s, self.genesis)
         try:
             ray.get(store.__ray_ready__.remote(), timeout=60)

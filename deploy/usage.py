@@ -67,7 +67,12 @@ def start_usage_store(path: Path, epoch_length_s: float, genesis: float):
     return (
         ray.remote(UsageStore)
         .options(
-            name=USAGE_STORE_NAME, namespace="meritnet", get_if_exists=True, num_cpus=0, max_concurrency=1000
+            name=USAGE_STORE_NAME,
+            namespace="meritnet",
+            get_if_exists=True,
+            num_cpus=0,
+            max_concurrency=1000,
+            resources={"head": 0.01},  # the ledger file is on the head node; so is every control-plane actor
         )
         .remote(str(path), epoch_length_s, genesis)
     )
@@ -103,7 +108,7 @@ def start_settlement(cfg, ledger_path: Path, genesis: float):
     settle_cfg = SettlementConfig(ledger_path=ledger_path, epoch_length_s=cfg.epoch_length_s, genesis=genesis)
     actor = (
         settlement_actor()
-        .options(name=SETTLEMENT_NAME, namespace="meritnet", get_if_exists=True)
+        .options(name=SETTLEMENT_NAME, namespace="meritnet", get_if_exists=True, resources={"head": 0.01})
         .remote(settle_cfg, ChainSettings(url=cfg.chain_url), None, key_file)
     )
     ray.get(actor.status.remote(), timeout=120)  # surfaces a failed start (bad key, chain down) now

@@ -1,5 +1,7 @@
 """Network configuration and state: YAML/env loading, validation messages, genesis persistence."""
 
+import os
+
 import pytest
 from pydantic import ValidationError
 
@@ -80,3 +82,28 @@ def test_status_table_shows_consensus_quality_or_why_there_is_none():
     scored = render(QualityScores(epoch=3, quality={"a": 0.0}))
     assert "0.00" in scored and "unscored" in scored  # a was caught, b not scored yet
     assert "unscored" not in render(None) and op in render(None)
+
+
+def test_the_network_refuses_a_settler_key_in_the_environment(monkeypatch, tmp_path):
+    """Every Ray worker (vLLM processes included) would inherit it; refused before anything starts."""
+    from deploy.config import NetworkConfig
+    from deploy.network import LocalNetwork, NetworkStartError
+
+    secret = "ab" * 32
+    monkeypatch.setenv("MERITNET_SETTLER_KEY", secret)
+    with pytest.raises(NetworkStartError, match="MERITNET_SETTLER_KEY_FILE") as info:
+        LocalNetwork(NetworkConfig(state_dir=tmp_path)).start()
+    assert secret not in str(info.value)
+
+
+def test_auth_token_file_is_private_and_kept_for_the_process(monkeypatch, tmp_path):
+    from cluster.local import use_auth_token
+
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    first, second = tmp_path / "a" / "token", tmp_path / "b" / "token"
+    use_auth_token(first)
+    assert oct(first.stat().st_mode & 0o777) == "0o600" and len(first.read_text()) == 64
+    assert os.environ["RAY_AUTH_MODE"] == "token" and os.environ["RAY_AUTH_TOKEN_PATH"] == str(first)
+    use_auth_token(second)  # a second network in the same process: Ray cached the first token
+    assert second.read_text() == first.read_text() and os.environ["RAY_AUTH_TOKEN_PATH"] == str(second)

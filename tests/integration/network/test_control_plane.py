@@ -1,0 +1,59 @@
+"""The control plane is closed (issue 10): the network's Ray cluster runs with token authentication, so
+a process without the network's token cannot join it or call its actors (the ledger, the registry,
+the settlement actor); the control-plane actors live on the head node."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+PROBE = (
+    "import ray; ray.init(address={address!r}, namespace='meritnet', log_to_driver=False); "
+    "print(ray.get(ray.get_actor('meritnet-usage').__ray_ready__.remote(), timeout=30))"
+)
+
+
+def _probe(address: str, env: dict) -> subprocess.CompletedProcess | None:
+    try:
+        return subprocess.run(
+            [sys.executable, "-c", PROBE.format(address=address)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+    except subprocess.TimeoutExpired:
+        return None  # never got in
+
+
+def test_a_process_without_the_token_cannot_reach_the_control_plane(network, tmp_path):
+    from cluster.local import AUTH_TOKEN_FILE
+
+    address = network.cluster.address
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env["HOME"] = str(tmp_path)  # and no ~/.ray/auth_token to fall back on
+    outsider = _probe(address, env)
+    assert outsider is None or outsider.returncode != 0, outsider.stdout
+    token_file = network.config.state_dir / AUTH_TOKEN_FILE
+    assert oct(token_file.stat().st_mode & 0o777) == "0o600"
+    member = _probe(address, {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)})
+    assert member is not None and member.returncode == 0, member.stderr[-2000:] if member else "timeout"
+
+
+def test_control_plane_actors_run_on_the_head_node(network):
+    import ray
+    from ray.util.state import list_actors
+
+    head = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("head"))
+    placed = {
+        a.name: a.node_id
+        for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+        if a.name in ("meritnet-registry", "meritnet-usage", "meritnet-settlement")
+    }
+    assert set(placed) == {"meritnet-registry", "meritnet-usage", "meritnet-settlement"}, placed
+    assert set(placed.values()) == {head}, placed
