@@ -107,3 +107,15 @@ def test_auth_token_file_is_private_and_kept_for_the_process(monkeypatch, tmp_pa
     assert os.environ["RAY_AUTH_MODE"] == "token" and os.environ["RAY_AUTH_TOKEN_PATH"] == str(first)
     use_auth_token(second)  # a second network in the same process: Ray cached the first token
     assert second.read_text() == first.read_text() and os.environ["RAY_AUTH_TOKEN_PATH"] == str(second)
+
+
+def test_cluster_yaml_passes_rays_own_schema_with_token_auth():
+    from pathlib import Path
+
+    import yaml
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((Path(__file__).parents[2] / "deploy" / "cluster.yaml").read_text())
+    validate_config(prepare_config(raw))  # raises on a schema error (e.g. a command parsed as a mapping)
+    starts = raw["head_start_ray_commands"] + raw["worker_start_ray_commands"]
+    assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
