@@ -29,7 +29,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from cluster.completions import parse_body
 from cluster.records import NodeStats, QualityScores, UsageRecord, keyed_sample
-from routing import errors, metrics
+from routing import errors, intake, metrics
+from routing.intake import IntakeLimits
 from routing.metering import MeteredModel, Tally, TokenCounter, metered, observe
 from routing.selection import NodeSelector, facts_for
 from routing.shadow import Capture, strip_token_ids, verifiable
@@ -84,6 +85,9 @@ class GatewayConfig(BaseModel):
         ge=0.0,
         le=1.0,
         description="Share of verifiable organic requests offered to validators.",
+    )
+    intake: IntakeLimits = Field(
+        default_factory=IntakeLimits, description="Body size, nesting and parameter caps of one request."
     )
     metered_models: dict[str, MeteredModel] = Field(
         default_factory=dict,
@@ -210,19 +214,10 @@ class GatewayCore:
         }
 
     async def parse(self, request: Request, request_cls: type[BaseModel]) -> BaseModel:
-        raw = await request.body()
-        try:
-            payload = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise errors.malformed_json(str(exc)) from None
-        if not isinstance(payload, dict):
-            raise errors.malformed_json("expected a JSON object at the top level")
-        try:
-            return request_cls.model_validate(payload)
-        except ValidationError as exc:
-            raise errors.from_validation_error(exc) from None
-        except (ValueError, TypeError) as exc:  # validators in the protocol models may raise these
-            raise errors.APIError(400, f"Invalid request: {exc}", code="invalid_value") from None
+        """The validated request, or an OpenAI-shaped 4xx (routing/intake.py)."""
+        return intake.validate(
+            await intake.read_json(request, self.config.intake), request_cls, self.config.intake
+        )
 
     def _target_node(self, request: Request) -> str | None:
         """Validators may pin a challenge to one node; only with a challenge key."""

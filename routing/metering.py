@@ -160,7 +160,7 @@ def metered(body: Any, tally: Tally, counter: TokenCounter | None) -> tuple[int,
             prompt, counted = counter.prompt_tokens(body), True
         except Exception as exc:  # noqa: BLE001 - exotic content parts: the node's count, clamped
             log.info("prompt of a %s request not countable here (%s)", body.model, type(exc).__name__)
-    return min(prompt, prompt_cap), min(completion, completion_cap), counted
+    return max(0, min(prompt, prompt_cap)), max(0, min(completion, completion_cap)), counted
 
 
 def observe(node_id: str, tally: Tally, prompt: int, completion: int, counted: bool) -> None:

@@ -1,0 +1,209 @@
+"""Request intake: a client's bytes become a validated request, or an OpenAI-shaped 4xx. Never a 5xx.
+
+In order: JSON content type (415: a web page cannot post a form to a local gateway), body size (413,
+read with a cap, never buffered past it), strict UTF-8, JSON without NaN/Infinity or duplicate keys,
+nesting depth and lone surrogates (one walk over the parsed value), then vLLM's protocol models, then
+the network's own caps (`n`, `max_tokens`, known content-part types), all before any node is called.
+A client's bad request is therefore never sent to a node, and never counted against one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from routing import errors
+
+# Content parts vLLM's chat models understand; anything else is the client's mistake, not a node's.
+CONTENT_PART_TYPES = frozenset(
+    {
+        "text",
+        "image_url",
+        "input_audio",
+        "audio_url",
+        "video_url",
+        "file",
+        "refusal",
+        "image_embeds",
+        "image_pil",
+        "input_image",
+        "input_text",
+        "output_text",
+    }
+)
+
+
+class IntakeLimits(BaseModel):
+    """What one request may ask of the network (checked before a node is called)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_body_bytes: int = Field(default=4 << 20, ge=1024, description="Largest request body (413 above).")
+    max_json_depth: int = Field(default=32, ge=4, le=256, description="Deepest nesting of arrays/objects.")
+    max_n: int = Field(default=16, ge=1, le=1024, description="Largest `n` (choices per request).")
+    max_tokens: int = Field(default=32768, ge=1, description="Largest max_tokens / max_completion_tokens.")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"the number {text[:40]} is out of range")
+    return value
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"duplicate key {dup!r}")
+    return obj
+
+
+_STRUCTURE = re.compile(rb'[\[\]{}"\\]')
+
+
+def _too_deep(raw: bytes, max_depth: int) -> bool:
+    """Whether the JSON text nests deeper than `max_depth`, found without parsing it: json's parser
+    recurses, and a deep enough body would exhaust the stack whatever the recursion limit is."""
+    if raw.count(b"[") + raw.count(b"{") <= max_depth:
+        return False  # the common case: cannot be deeper than its number of openings
+    depth, in_string, escaped_at = 0, False, -1
+    for m in _STRUCTURE.finditer(raw):
+        c, at = m.group(), m.start()
+        if in_string:
+            if at == escaped_at:
+                continue
+            if c == b"\\":
+                escaped_at = at + 1
+            elif c == b'"':
+                in_string = False
+        elif c == b'"':
+            in_string = True
+        elif c in (b"[", b"{"):
+            depth += 1
+            if depth > max_depth:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
+def _walk(value: Any, max_depth: int) -> None:
+    """Depth and string checks, iteratively (a deep value must not exhaust the stack)."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise errors.APIError(
+                    400,
+                    "The request contains a lone UTF-16 surrogate (e.g. \\ud800); send valid Unicode.",
+                    code="invalid_unicode",
+                ) from None
+        elif isinstance(v, dict | list):
+            if depth > max_depth:
+                raise errors.APIError(
+                    400, f"The request body nests deeper than {max_depth} levels.", code="too_deep"
+                )
+            items = v.values() if isinstance(v, dict) else v
+            stack.extend((x, depth + 1) for x in items)
+            if isinstance(v, dict):
+                stack.extend((k, depth) for k in v)
+
+
+async def read_json(request: Request, limits: IntakeLimits) -> dict:
+    """The request's JSON object, or an APIError (413, 415 or 400)."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json":
+        raise errors.APIError(
+            415,
+            f"Send the body as JSON with 'Content-Type: application/json' (got {ctype or 'none'!r}).",
+            code="unsupported_media_type",
+        )
+    too_big = errors.APIError(
+        413, f"The request body exceeds {limits.max_body_bytes} bytes.", code="request_too_large"
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limits.max_body_bytes:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limits.max_body_bytes:
+            raise too_big
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if _too_deep(raw, limits.max_json_depth):
+        raise errors.APIError(
+            400, f"The request body nests deeper than {limits.max_json_depth} levels.", code="too_deep"
+        )
+    try:
+        text = raw.decode("utf-8")
+        payload = json.loads(
+            text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant, parse_float=_finite_float
+        )
+    except UnicodeDecodeError:
+        raise errors.malformed_json("it is not valid UTF-8") from None
+    except RecursionError:
+        raise errors.APIError(
+            400, f"The request body nests deeper than {limits.max_json_depth} levels.", code="too_deep"
+        ) from None
+    except ValueError as exc:  # JSONDecodeError is a ValueError, as are the hooks' refusals
+        raise errors.malformed_json(str(exc)) from None
+    if not isinstance(payload, dict):
+        raise errors.malformed_json("expected a JSON object at the top level")
+    _walk(payload, limits.max_json_depth)
+    return payload
+
+
+def validate(payload: dict, request_cls: type[BaseModel], limits: IntakeLimits) -> BaseModel:
+    """vLLM's protocol model of the request, then the network's caps; any refusal is a 400."""
+    try:
+        body = request_cls.model_validate(payload)
+    except ValidationError as exc:
+        raise errors.from_validation_error(exc) from None
+    except Exception as exc:  # noqa: BLE001 - vLLM's validators raise their own types: all are the client's
+        param = getattr(exc, "parameter", None)
+        raise errors.APIError(400, f"Invalid request: {exc}", param=param, code="invalid_value") from None
+    if not getattr(body, "model", None):
+        raise errors.APIError(
+            400, "'model' is required: name one of GET /v1/models.", param="model", code="invalid_value"
+        )
+    n = getattr(body, "n", 1) or 1
+    if not 1 <= n <= limits.max_n:
+        raise errors.APIError(
+            400, f"'n' is {n}; this network allows at most {limits.max_n}.", param="n", code="invalid_value"
+        )
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = getattr(body, name, None)
+        if value is not None and not 1 <= value <= limits.max_tokens:
+            raise errors.APIError(
+                400,
+                f"'{name}' is {value}; it must be between 1 and {limits.max_tokens}.",
+                param=name,
+                code="invalid_value",
+            )
+    for i, message in enumerate(payload.get("messages") or ()):
+        content = message.get("content") if isinstance(message, dict) else None
+        for part in content if isinstance(content, list) else ():
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind not in CONTENT_PART_TYPES:
+                raise errors.APIError(
+                    400,
+                    f"messages[{i}].content has a part of unknown type {kind!r}; use one of "
+                    f"{', '.join(sorted(CONTENT_PART_TYPES))}.",
+                    param=f"messages.{i}.content",
+                    code="invalid_value",
+                )
+    return body
