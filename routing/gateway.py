@@ -274,10 +274,15 @@ class GatewayCore:
             tried.add(node.node_id)
             gen = getattr(self._handle_for(node.node_id).options(stream=True), method).remote(body, None)
             self._begin(node.node_id)
+            ctx = _Ctx(rid, node, body, started, t0, client_wants_usage, strip_ids, capture)
+            ctx.counter = self._counters.get(model)
             try:
                 first = await self._first_message(
                     gen, node.node_id, facts, tried, last=attempt == self.config.max_attempts - 1
                 )
+            except asyncio.CancelledError:  # the client went away while the node was working
+                self._abandon(ctx, gen)
+                raise
             except Exception as exc:  # noqa: BLE001 - any node failure moves the request to another node
                 self._end(node.node_id)
                 self.selector.observe_failure(node.node_id)
@@ -303,8 +308,6 @@ class GatewayCore:
                     continue
                 self.selector.observe_success(node.node_id, None, None)
                 raise api_error
-            ctx = _Ctx(rid, node, body, started, t0, client_wants_usage, strip_ids, capture)
-            ctx.counter = self._counters.get(model)
             if not stream:
                 try:
                     payload = head.model_dump_json()
@@ -324,6 +327,16 @@ class GatewayCore:
         if not tried:
             raise errors.no_live_node(model)
         raise last_error or errors.upstream_failed(model)
+
+    def _abandon(self, ctx: _Ctx, gen) -> None:
+        """A client disconnected before its answer: free the node, stop its work, keep one 'cancelled'
+        record (written in the background: the request's own task is being cancelled)."""
+        self._end(ctx.node.node_id)
+        try:
+            gen.cancel()
+        except Exception as exc:  # noqa: BLE001 - the node is being abandoned anyway
+            log.debug("cancel of an abandoned node stream failed (%s)", type(exc).__name__)
+        asyncio.get_running_loop().create_task(self._meter_quietly(ctx, "cancelled"))
 
     async def _first_message(self, gen, node_id: str, facts, tried: set[str], last: bool) -> Any:
         """The node's first message. Its adaptive timeout (a multiple of its usual TTFT) only serves to

@@ -229,3 +229,37 @@ def test_a_hung_node_still_times_out(harness):
     client.core.config = client.core.config.model_copy(update={"first_byte_timeout_s": 0.3})
     r = client.post("/v1/completions", json={"model": "default", "prompt": "hi"})
     assert r.status_code == 503 and r.json()["error"]["code"] == "upstream_failed"
+
+
+async def test_a_client_that_leaves_before_the_answer_frees_the_node_and_leaves_one_cancelled_record():
+    """Issue 13: a non-streaming client's disconnect cancels the request task while the node works; the
+    node's in-flight count used to leak and no record was written."""
+    import asyncio
+
+    from ray.serve.llm.openai_api_models import CompletionRequest
+    from starlette.requests import Request
+
+    node = FakeNode("a")
+    node.delay_s = 5.0  # the node is slow to answer; the client gives up after 0.2 s
+    sink = MemoryUsageSink()
+
+    class _Sink:
+        class record:
+            @staticmethod
+            def remote(records):
+                return sink.record(records)
+
+    core = GatewayCore(GatewayConfig(), load_selector(registry=None), {"a": node}.__getitem__, _Sink(), None)
+    core.set_nodes([_stats("a")])
+    request = Request({"type": "http", "method": "POST", "path": "/v1/completions", "headers": []})
+    body = CompletionRequest(model="default", prompt="hi", max_tokens=4)
+    task = asyncio.ensure_future(core.handle(request, body, "completions"))
+    await asyncio.sleep(0.2)
+    assert core._in_flight["a"] == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.05)  # the cancelled record is written in the background
+    assert core._in_flight["a"] == 0
+    (rec,) = await sink.all()
+    assert rec.status == "cancelled" and rec.node_id == "a"
