@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import json
 import logging
 import secrets
@@ -98,6 +99,11 @@ class GatewayConfig(BaseModel):
         default_factory=lambda: SecretStr(secrets.token_hex(16)),
         description="Key of the shadow sample's hash (random per gateway unless set); nodes never see it.",
     )
+
+
+def _one_of(secret: str, accepted: set[str]) -> bool:
+    """Constant-time membership (no timing hint about how much of a key matched)."""
+    return bool(secret) and any(hmac.compare_digest(secret.encode(), k.encode()) for k in accepted)
 
 
 def _first_of(item: Any) -> Any:
@@ -199,11 +205,15 @@ class GatewayCore:
 
     # ---- request entry points ------------------------------------------------------------
     def check_auth(self, request: Request) -> None:
-        if not self._api_keys:
+        """A valid bearer key, or a validator's challenge key (validators are not clients: with API keys
+        required, their challenges must still get through, or every node would score 0)."""
+        if not self._api_keys or _one_of(
+            request.headers.get("x-meritnet-challenge-key", ""), self._challenge_keys
+        ):
             return
         auth = request.headers.get("authorization", "")
         scheme, _, token = auth.partition(" ")
-        if scheme.lower() != "bearer" or token.strip() not in self._api_keys:
+        if scheme.lower() != "bearer" or not _one_of(token.strip(), self._api_keys):
             raise errors.unauthorized()
 
     def models(self) -> dict:
@@ -225,7 +235,7 @@ class GatewayCore:
         if node is None:
             return None
         auth = request.headers.get("x-meritnet-challenge-key", "")
-        if not self._challenge_keys or auth not in self._challenge_keys:
+        if not _one_of(auth, self._challenge_keys):
             raise errors.APIError(
                 403,
                 "x-meritnet-node requires a valid x-meritnet-challenge-key.",

@@ -263,3 +263,27 @@ async def test_a_client_that_leaves_before_the_answer_frees_the_node_and_leaves_
     assert core._in_flight["a"] == 0
     (rec,) = await sink.all()
     assert rec.status == "cancelled" and rec.node_id == "a"
+
+
+def test_with_api_keys_required_validator_challenges_still_get_through():
+    """Issue 13: with api_keys set, validators got 401 on every challenge, every node scored 0."""
+    from pydantic import SecretStr
+
+    node = FakeNode("a")
+    cfg = GatewayConfig(api_keys=(SecretStr("client-key"),), challenge_keys=(SecretStr("validator-key"),))
+    core = GatewayCore(cfg, load_selector(registry=None), {"a": node}.__getitem__, None, registry=None)
+    core.set_nodes([_stats("a")])
+    client = TestClient(build_fastapi(lambda: core))
+    body = {"model": "default", "prompt": "hi", "max_tokens": 2}
+    assert client.post("/v1/completions", json=body).status_code == 401
+    assert (
+        client.post("/v1/completions", json=body, headers={"authorization": "Bearer nope"}).status_code == 401
+    )
+    assert (
+        client.post("/v1/completions", json=body, headers={"authorization": "Bearer client-key"}).status_code
+        == 200
+    )
+    pinned = {"x-meritnet-node": "a", "x-meritnet-challenge-key": "validator-key"}
+    assert client.post("/v1/completions", json=body, headers=pinned).status_code == 200
+    wrong = {"x-meritnet-node": "a", "x-meritnet-challenge-key": "guess"}
+    assert client.post("/v1/completions", json=body, headers=wrong).status_code == 401
