@@ -48,6 +48,13 @@ class IntakeLimits(BaseModel):
     max_tokens: int = Field(default=32768, ge=1, description="Largest max_tokens / max_completion_tokens.")
 
 
+def int_field(body: Any, name: str) -> int | None:
+    """An integer parameter of a validated request, or None. vLLM's models keep unknown fields (a
+    completions body may carry `max_completion_tokens: []`), so a field is used only if it is an int."""
+    value = getattr(body, name, None)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -180,13 +187,13 @@ def validate(payload: dict, request_cls: type[BaseModel], limits: IntakeLimits) 
         raise errors.APIError(
             400, "'model' is required: name one of GET /v1/models.", param="model", code="invalid_value"
         )
-    n = getattr(body, "n", 1) or 1
+    n = int_field(body, "n") or 1
     if not 1 <= n <= limits.max_n:
         raise errors.APIError(
             400, f"'n' is {n}; this network allows at most {limits.max_n}.", param="n", code="invalid_value"
         )
     for name in ("max_tokens", "max_completion_tokens"):
-        value = getattr(body, name, None)
+        value = int_field(body, name)
         if value is not None and not 1 <= value <= limits.max_tokens:
             raise errors.APIError(
                 400,

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.completions import MAX_COUNT, NodeBody, NodeUsage
 from routing import metrics
+from routing.intake import int_field
 
 log = logging.getLogger("meritnet.metering")
 
@@ -134,8 +135,8 @@ def limits(body: Any, max_model_len: int | None) -> tuple[int, int]:
     """(prompt bound, completion bound) of a request: what an honest engine can count for it."""
     prompt = getattr(body, "prompt", None)
     prompts = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
-    n = max(1, getattr(body, "n", 1) or 1)
-    max_tokens = getattr(body, "max_completion_tokens", None) or getattr(body, "max_tokens", None)
+    n = max(1, int_field(body, "n") or 1)
+    max_tokens = int_field(body, "max_completion_tokens") or int_field(body, "max_tokens")
     per_choice = max_tokens if max_tokens is not None else (max_model_len or MAX_COUNT)
     context = max_model_len or MAX_COUNT
     prompt_cap = min(MAX_COUNT, context * prompts, _prompt_bytes(body))

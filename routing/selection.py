@@ -15,8 +15,9 @@ from routing.router import NoEligibleNode, RequestFacts, Router
 
 def facts_for(body: Any, session_key: str | None = None, target_node: str | None = None) -> RequestFacts:
     """Routing facts of a validated Chat/CompletionRequest (never the request object itself)."""
-    if hasattr(body, "messages"):
-        text = "".join(str(m.get("content", "")) if isinstance(m, dict) else str(m) for m in body.messages)
+    messages = getattr(body, "messages", None)  # a completions body may carry an (ignored) extra field
+    if isinstance(messages, list):
+        text = "".join(str(m.get("content", "")) if isinstance(m, dict) else str(m) for m in messages)
     else:
         text = body.prompt if isinstance(body.prompt, str) else str(body.prompt)
     return RequestFacts.from_text(

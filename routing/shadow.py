@@ -18,6 +18,7 @@ import re
 from typing import Any
 
 from cluster.records import ServedCompletion
+from routing.intake import int_field
 from routing.metering import Tally
 
 # The parameters a verifiable request may set (a whitelist, so a new distribution-changing vLLM
@@ -87,7 +88,7 @@ class Capture:
         b = self.body
         text, ids, finish_reason = tally.choice(0)
         messages = getattr(b, "messages", None)
-        max_tokens = getattr(b, "max_completion_tokens", None) or getattr(b, "max_tokens", None)
+        max_tokens = int_field(b, "max_completion_tokens") or int_field(b, "max_tokens")
         temperature = getattr(b, "temperature", None)
         stop = getattr(b, "stop", None)
         return ServedCompletion(
