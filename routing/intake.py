@@ -48,6 +48,12 @@ class IntakeLimits(BaseModel):
     max_tokens: int = Field(default=32768, ge=1, description="Largest max_tokens / max_completion_tokens.")
 
 
+def chat_messages(body: Any) -> list | None:
+    """The messages of a chat request; None for a completions request, even one that carries an extra
+    `messages` field (vLLM's models keep unknown fields: never decide the kind by attribute)."""
+    return body.messages if "messages" in type(body).model_fields else None
+
+
 def int_field(body: Any, name: str) -> int | None:
     """An integer parameter of a validated request, or None. vLLM's models keep unknown fields (a
     completions body may carry `max_completion_tokens: []`), so a field is used only if it is an int."""
@@ -201,7 +207,9 @@ def validate(payload: dict, request_cls: type[BaseModel], limits: IntakeLimits) 
                 param=name,
                 code="invalid_value",
             )
-    for i, message in enumerate(payload.get("messages") or ()):
+    # content parts are checked on the payload: the validated model holds them as one-shot iterators
+    raw_messages = payload.get("messages") if chat_messages(body) is not None else None
+    for i, message in enumerate(raw_messages if isinstance(raw_messages, list) else ()):
         content = message.get("content") if isinstance(message, dict) else None
         for part in content if isinstance(content, list) else ():
             kind = part.get("type") if isinstance(part, dict) else None

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.completions import MAX_COUNT, NodeBody, NodeUsage
 from routing import metrics
-from routing.intake import int_field
+from routing.intake import chat_messages, int_field
 
 log = logging.getLogger("meritnet.metering")
 
@@ -55,7 +55,7 @@ class TokenCounter:
 
     def prompt_tokens(self, body: Any) -> int:
         """Tokens of the request's prompt(s), as the engine sees them. Raises if it cannot tell."""
-        messages = getattr(body, "messages", None)
+        messages = chat_messages(body)
         if messages is not None:
             # as vLLM and the validators do: render the template, then tokenize without extra specials
             text = self.tok.apply_chat_template(
@@ -118,7 +118,7 @@ _TEMPLATE_BYTES = 64  # allowance per message (and per request) for a chat templ
 def _prompt_bytes(body: Any) -> int:
     """An upper bound of the prompt's tokens that needs no tokenizer: byte-level BPE never makes more
     tokens than bytes; token-id prompts count themselves; chat templates add a little per message."""
-    messages = getattr(body, "messages", None)
+    messages = chat_messages(body)
     if messages is not None:
         return _TEMPLATE_BYTES + sum(
             _TEMPLATE_BYTES + len(json.dumps(_as_dict(m)).encode()) for m in messages

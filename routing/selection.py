@@ -10,13 +10,14 @@ from typing import Any
 
 from cluster.records import NodeStats, QualityScores
 from routing import metrics
+from routing.intake import chat_messages
 from routing.router import NoEligibleNode, RequestFacts, Router
 
 
 def facts_for(body: Any, session_key: str | None = None, target_node: str | None = None) -> RequestFacts:
     """Routing facts of a validated Chat/CompletionRequest (never the request object itself)."""
-    messages = getattr(body, "messages", None)  # a completions body may carry an (ignored) extra field
-    if isinstance(messages, list):
+    messages = chat_messages(body)
+    if messages is not None:
         text = "".join(str(m.get("content", "")) if isinstance(m, dict) else str(m) for m in messages)
     else:
         text = body.prompt if isinstance(body.prompt, str) else str(body.prompt)

@@ -18,7 +18,7 @@ import re
 from typing import Any
 
 from cluster.records import ServedCompletion
-from routing.intake import int_field
+from routing.intake import chat_messages, int_field
 from routing.metering import Tally
 
 # The parameters a verifiable request may set (a whitelist, so a new distribution-changing vLLM
@@ -57,7 +57,7 @@ def verifiable(body: Any) -> bool:
         return False
     if (getattr(body, "temperature", None) or 0.0) > 1.0:
         return False  # flatter than the model: rare tokens become likely, the logprob floor would misfire
-    messages = getattr(body, "messages", None)
+    messages = chat_messages(body)
     if messages is not None:
         return all(
             isinstance(m, dict)
@@ -87,7 +87,7 @@ class Capture:
         """`completion_tokens`: what the node *reported*, so validators can hold it to its word."""
         b = self.body
         text, ids, finish_reason = tally.choice(0)
-        messages = getattr(b, "messages", None)
+        messages = chat_messages(b)
         max_tokens = int_field(b, "max_completion_tokens") or int_field(b, "max_tokens")
         temperature = getattr(b, "temperature", None)
         stop = getattr(b, "stop", None)
