@@ -60,6 +60,12 @@ def use_auth_token(path: Path) -> None:
     os.chmod(path, 0o600)
     os.environ["RAY_AUTH_MODE"] = "token"
     os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
+    # Ray read its config (auth mode included) when it was imported: refresh it, as Ray's own
+    # authentication helpers do, so this process talks token auth to the cluster it starts.
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 class LocalCluster:
