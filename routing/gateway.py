@@ -288,7 +288,12 @@ class GatewayCore:
             ctx.counter = self._counters.get(model)
             try:
                 first = await self._first_message(
-                    gen, node.node_id, facts, tried, last=attempt == self.config.max_attempts - 1
+                    gen,
+                    node.node_id,
+                    facts,
+                    tried,
+                    last=attempt == self.config.max_attempts - 1,
+                    stream=stream,
                 )
             except asyncio.CancelledError:  # the client went away while the node was working
                 self._abandon(ctx, gen)
@@ -348,15 +353,19 @@ class GatewayCore:
             log.debug("cancel of an abandoned node stream failed (%s)", type(exc).__name__)
         asyncio.get_running_loop().create_task(self._meter_quietly(ctx, "cancelled"))
 
-    async def _first_message(self, gen, node_id: str, facts, tried: set[str], last: bool) -> Any:
+    async def _first_message(
+        self, gen, node_id: str, facts, tried: set[str], last: bool, stream: bool = True
+    ) -> Any:
         """The node's first message. Its adaptive timeout (a multiple of its usual TTFT) only serves to
         move the request to another node: when there is none to move to (last attempt, a pinned
         challenge, every other node tried or filtered out), a slow node is waited for up to
-        `first_byte_timeout_s` instead of turning an overloaded moment into a 503."""
+        `first_byte_timeout_s` instead of turning an overloaded moment into a 503. A non-streamed
+        answer's first message is the whole generation, so a TTFT-based timeout does not apply to it
+        (it would ban a healthy node for a long answer and run the work twice)."""
         step = asyncio.ensure_future(gen.__anext__())
         try:
             limit = self.config.first_byte_timeout_s
-            adaptive = min(limit, self.selector.timeout_s(node_id))
+            adaptive = min(limit, self.selector.timeout_s(node_id)) if stream else limit
             done, _ = await asyncio.wait({step}, timeout=adaptive)
             if not done and adaptive < limit and (last or self.selector.pick(facts, exclude=tried) is None):
                 done, _ = await asyncio.wait({step}, timeout=limit - adaptive)

@@ -214,7 +214,7 @@ def test_a_slow_node_is_left_only_for_another_and_waited_for_when_it_is_the_last
     for n in nodes.values():
         n.delay_s = 0.3
     client.core.selector.timeout_s = lambda node_id: 0.05  # far below the nodes' 0.3 s first byte
-    r = client.post("/v1/completions", json={"model": "default", "prompt": "hi"})
+    r = client.post("/v1/completions", json={"model": "default", "prompt": "hi", "stream": True})
     assert r.status_code == 200, r.text
     assert sum(n.calls for n in nodes.values()) == 2  # left the first node, waited for the second
     (rec,) = _records(sink)
@@ -287,3 +287,19 @@ def test_with_api_keys_required_validator_challenges_still_get_through():
     assert client.post("/v1/completions", json=body, headers=pinned).status_code == 200
     wrong = {"x-meritnet-node": "a", "x-meritnet-challenge-key": "guess"}
     assert client.post("/v1/completions", json=body, headers=wrong).status_code == 401
+
+
+def test_a_long_non_streamed_answer_is_waited_for_not_moved(harness):
+    """Issue 13: the TTFT-based timeout fired on non-streamed answers (their first message is the whole
+    generation), banned a healthy node and ran the work twice."""
+    client, nodes, _sink = harness
+    client.core.selector.timeout_s = lambda node_id: 0.05  # a node's usual TTFT: 50 ms
+    for node in nodes.values():
+        node.delay_s = 0.5  # the whole answer takes 10x that
+    r = client.post("/v1/completions", json={"model": "default", "prompt": "hi", "max_tokens": 2})
+    assert r.status_code == 200
+    assert sum(n.calls for n in nodes.values()) == 1  # run once, on one node
+    streamed = client.post("/v1/completions", json={"model": "default", "prompt": "hi", "stream": True})
+    assert (
+        streamed.status_code == 200 and sum(n.calls for n in nodes.values()) == 3
+    )  # a slow first token moves
