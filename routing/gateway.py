@@ -63,6 +63,9 @@ class GatewayConfig(BaseModel):
     first_byte_timeout_s: float = Field(
         default=120.0, gt=0, description="A node that sends nothing for this long counts as failed."
     )
+    stream_idle_timeout_s: float = Field(
+        default=60.0, gt=0, description="A node silent this long in the middle of a stream is cut off."
+    )
     router_config: str | None = Field(
         default=None, description="Path of the routing profile YAML; None uses deploy/profiles/default.yaml."
     )
@@ -402,7 +405,7 @@ class GatewayCore:
     async def _stream(self, ctx: _Ctx, first: Any, gen) -> AsyncIterator[str]:
         status = "cancelled"
         try:
-            async for chunk in _chain(first, gen):
+            async for chunk in _chain(first, gen, self.config.stream_idle_timeout_s):
                 out: list[str] = []  # one message downstream per message from the node
                 for piece in chunk if isinstance(chunk, list) else [chunk]:
                     if not isinstance(piece, str):  # an ErrorResponse mid-stream
@@ -592,9 +595,15 @@ def _tpot(ctx: _Ctx) -> float | None:
     return (time.perf_counter() - ctx.t0 - ctx.ttft) / (ctx.completion_tokens - 1)
 
 
-async def _chain(first, gen):
+async def _chain(first, gen, idle_timeout_s: float):
+    """The node's messages, the first one already received; a node silent for `idle_timeout_s` in the
+    middle of a stream raises TimeoutError (the client gets a clean error event, not a hang)."""
     yield first
-    async for item in gen:
+    while True:
+        try:
+            item = await asyncio.wait_for(gen.__anext__(), idle_timeout_s)
+        except StopAsyncIteration:
+            return
         yield item
 
 

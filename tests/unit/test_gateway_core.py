@@ -303,3 +303,32 @@ def test_a_long_non_streamed_answer_is_waited_for_not_moved(harness):
     assert (
         streamed.status_code == 200 and sum(n.calls for n in nodes.values()) == 3
     )  # a slow first token moves
+
+
+def test_a_node_that_stalls_mid_stream_is_cut_off_with_a_clean_error(harness):
+    """Issue 13: a node that stops sending in the middle of a stream left the client hanging."""
+    client, nodes, sink = harness
+    client.core.config = client.core.config.model_copy(update={"stream_idle_timeout_s": 0.2})
+
+    class _Stall(_Gen):
+        async def __anext__(self):
+            if self._i == 1:
+                import asyncio
+
+                await asyncio.sleep(30)  # sends one chunk, then nothing
+            return await super().__anext__()
+
+    for node in nodes.values():
+        respond = node._respond
+        node._respond = lambda body, kind, respond=respond: _Stall(respond(body, kind)._items)
+    r = client.post("/v1/completions", json={"model": "default", "prompt": "hi", "stream": True})
+    events = [e for e in r.text.split("\n\n") if e]
+    assert json.loads(events[-1][6:])["error"]["code"] == "stream_interrupted" and "[DONE]" not in r.text
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + 5
+    while not asyncio.run(sink.all()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (rec,) = _records(sink)
+    assert rec.status == "error" and client.core._in_flight[rec.node_id] == 0
