@@ -39,6 +39,9 @@ _mount_optional_subcommands()
 def up(
     config: Path | None = typer.Option(None, "--config", "-c", help="Network YAML (defaults are embedded)."),
     port: int | None = typer.Option(None, help="Port of the OpenAI endpoint (default 8000)."),
+    open_endpoint: bool = typer.Option(
+        False, "--open", help="Serve a non-loopback host without API keys (anyone who can reach it)."
+    ),
 ) -> None:
     """Start a local meritnet (Ray cluster, vLLM nodes, gateway) and serve until Ctrl-C."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -46,7 +49,7 @@ def up(
     from deploy.network import LocalNetwork, NetworkStartError
 
     try:
-        cfg = NetworkConfig.load(config, port=port)
+        cfg = NetworkConfig.load(config, port=port, open_endpoint=open_endpoint or None)
     except Exception as exc:  # noqa: BLE001 - YAML, validation or I/O: all get the same message
         console.print(f"[red]Invalid configuration:[/red] {exc}")
         raise typer.Exit(2) from None

@@ -59,6 +59,10 @@ class NetworkConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MERITNET_", env_nested_delimiter="__", extra="forbid")
 
     host: str = Field(default="127.0.0.1", description="Address the OpenAI endpoint binds to.")
+    open_endpoint: bool = Field(
+        default=False,
+        description="Allow a non-loopback `host` without `api_keys` (anyone who can reach it may use it).",
+    )
     port: int = Field(default=8000, ge=1, le=65535, description="Port of the OpenAI endpoint.")
     state_dir: Path = Field(default=Path(".meritnet"), description="Ledger and chain state live here.")
     nodes: list[NodeConfig] = Field(default_factory=_default_nodes, description="Inference nodes to start.")
@@ -123,6 +127,16 @@ class NetworkConfig(BaseSettings):
         description="Serve the scoring gauges at http://127.0.0.1:<port>/metrics (None: only via the "
         "consensus actor's metrics_text()).",
     )
+
+    @model_validator(mode="after")
+    def _no_open_endpoint_by_accident(self) -> NetworkConfig:
+        loopback = self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")
+        if not loopback and not self.api_keys and not self.open_endpoint:
+            raise ValueError(
+                f"host {self.host!r} is reachable from other machines and no api_keys are set: set api_keys, "
+                "or pass --open (open_endpoint: true) to serve anyone who can reach it"
+            )
+        return self
 
     @model_validator(mode="after")
     def _unique_nodes(self) -> NetworkConfig:

@@ -119,3 +119,11 @@ def test_cluster_yaml_passes_rays_own_schema_with_token_auth():
     validate_config(prepare_config(raw))  # raises on a schema error (e.g. a command parsed as a mapping)
     starts = raw["head_start_ray_commands"] + raw["worker_start_ray_commands"]
     assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
+
+
+def test_a_reachable_endpoint_without_keys_needs_an_explicit_open():
+    with pytest.raises(ValidationError, match="--open"):
+        NetworkConfig(host="0.0.0.0")
+    assert NetworkConfig(host="0.0.0.0", open_endpoint=True).open_endpoint
+    assert NetworkConfig(host="0.0.0.0", api_keys=["k"]).host == "0.0.0.0"
+    assert NetworkConfig(host="127.0.0.1").host == "127.0.0.1"
