@@ -23,7 +23,8 @@ from cluster.registry import get_or_create_registry
 from deploy.config import BUILTIN_MODEL, NetworkConfig
 from deploy.scoring import start_consensus, start_reference_engines, start_shadow_feed, start_validators
 from deploy.usage import SETTLEMENT_NAME, USAGE_STORE_NAME, start_settlement, start_usage_store
-from routing.gateway import GatewayConfig, gateway_deployment
+from routing.app import gateway_deployment
+from routing.gateway import GatewayConfig
 from routing.metering import MeteredModel
 from settlement.keys import KEY_ENV, KEY_FILE_ENV
 

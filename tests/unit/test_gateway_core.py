@@ -13,7 +13,8 @@ from fastapi.testclient import TestClient
 
 from cluster import NodeStats
 from cluster.metering import MemoryUsageSink
-from routing.gateway import GatewayConfig, GatewayCore, build_fastapi
+from routing.app import build_fastapi
+from routing.gateway import GatewayConfig, GatewayCore
 from routing.selection import load_selector
 
 OP = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"

@@ -10,7 +10,8 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from routing.gateway import GatewayConfig, GatewayCore, build_fastapi
+from routing.app import build_fastapi
+from routing.gateway import GatewayConfig, GatewayCore
 from routing.selection import load_selector
 from tests.unit.test_gateway_core import FakeNode, _stats
 

@@ -8,7 +8,8 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from routing.gateway import GatewayConfig, GatewayCore, build_fastapi
+from routing.app import build_fastapi
+from routing.gateway import GatewayConfig, GatewayCore
 from routing.intake import IntakeLimits
 from routing.selection import load_selector
 from tests.unit.test_gateway_core import FakeNode, _stats

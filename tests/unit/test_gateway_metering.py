@@ -12,7 +12,8 @@ from fastapi.testclient import TestClient
 
 from cluster.metering import MemoryUsageSink
 from routing import metrics
-from routing.gateway import GatewayConfig, GatewayCore, build_fastapi
+from routing.app import build_fastapi
+from routing.gateway import GatewayConfig, GatewayCore
 from routing.metering import TokenCounter, limits
 from routing.selection import load_selector
 from tests.unit.test_gateway_core import FakeNode, _Gen, _stats

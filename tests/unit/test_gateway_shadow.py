@@ -11,7 +11,8 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
 from cluster.metering import MemoryUsageSink
-from routing.gateway import GatewayConfig, GatewayCore, build_fastapi
+from routing.app import build_fastapi
+from routing.gateway import GatewayConfig, GatewayCore
 from routing.selection import load_selector
 from routing.shadow import strip_token_ids, verifiable
 from tests.unit.test_gateway_core import FakeNode, _stats

@@ -1,0 +1,134 @@
+"""The gateway's HTTP surface (FastAPI) and its Ray Serve deployment; the request path itself is
+`routing.gateway.GatewayCore`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+
+from routing import errors, metrics
+from routing.gateway import GatewayConfig, GatewayCore
+
+log = logging.getLogger("meritnet.gateway")
+
+
+def build_fastapi(core_getter) -> FastAPI:
+    """The HTTP surface; `core_getter()` returns the GatewayCore of this replica."""
+    from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
+
+    app = FastAPI(title="meritnet", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(errors.APIError)
+    async def _api_error(_: Request, exc: errors.APIError):
+        metrics.ERRORS.labels(str(exc.status), exc.code or exc.type).inc()
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            return errors.not_found(request.url.path).response()
+        if exc.status_code == 405:
+            return errors.method_not_allowed(request.method, request.url.path).response()
+        return errors.APIError(exc.status_code, str(exc.detail)).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception):
+        log.error("unexpected gateway error", exc_info=exc)
+        return errors.APIError(
+            500, "Internal gateway error; it has been logged.", type="server_error"
+        ).response()
+
+    @app.get("/health")
+    async def health():
+        core = core_getter()
+        await core.ensure_started()
+        live = sum(1 for s in core._nodes.values() if s.live)
+        return JSONResponse(
+            {"status": "ok" if live else "degraded", "live_nodes": live}, status_code=200 if live else 503
+        )
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        core = core_getter()
+        core.check_auth(request)
+        await core.ensure_started()
+        return core.models()
+
+    async def _generate(request: Request, request_cls: type[BaseModel], method: str) -> Response:
+        core = core_getter()
+        core.check_auth(request)
+        await core.ensure_started()
+        body = await core.parse(request, request_cls)
+        return await core.handle(request, body, method)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await _generate(request, ChatCompletionRequest, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await _generate(request, CompletionRequest, "completions")
+
+    return app
+
+
+# The replica's GatewayCore. Routes reach it through `current_core`, a module-level function, so
+# it is pickled by reference and resolves in the replica process to the core its __init__ set.
+_REPLICA: dict[str, GatewayCore] = {}
+
+
+def current_core() -> GatewayCore:
+    return _REPLICA["core"]
+
+
+def gateway_deployment(config: GatewayConfig):
+    """The gateway as a bound Serve application."""
+    import ray
+    from ray import serve
+
+    app = build_fastapi(current_core)
+
+    @serve.deployment(name="gateway", max_ongoing_requests=2048, ray_actor_options={"num_cpus": 0.5})
+    @serve.ingress(app)
+    class Gateway:
+        def __init__(self, cfg: GatewayConfig):
+            from ray.serve import get_deployment_handle
+
+            from cluster.deployment import deployment_name_for_id
+            from routing.selection import load_selector
+
+            handles: dict[str, Any] = {}
+
+            def handle_for(node_id: str):
+                if node_id not in handles:
+                    name = deployment_name_for_id(node_id)
+                    handles[node_id] = get_deployment_handle(name, app_name=name)
+                return handles[node_id]
+
+            registry = ray.get_actor(cfg.registry_name, namespace=cfg.namespace)
+            sink = (
+                ray.get_actor(cfg.usage_sink_name, namespace=cfg.namespace) if cfg.usage_sink_name else None
+            )
+            import routing.app as this_module
+
+            this_module._REPLICA["core"] = GatewayCore(
+                cfg, load_selector(cfg.router_config), handle_for, sink, registry
+            )
+
+        async def check_health(self):
+            import routing.app as this_module
+
+            await this_module._REPLICA["core"].ensure_started()
+
+    return Gateway.bind(config)
