@@ -72,6 +72,7 @@ def start_usage_store(path: Path, epoch_length_s: float, genesis: float):
             get_if_exists=True,
             num_cpus=0,
             max_concurrency=1000,
+            max_restarts=-1,  # the ledger is durable: a restarted store reopens it, nothing acknowledged is lost
             resources={"head": 0.01},  # the ledger file is on the head node; so is every control-plane actor
         )
         .remote(str(path), epoch_length_s, genesis)

@@ -474,13 +474,14 @@ class GatewayCore:
             self._offer_for_shadow(ctx)
         if self._sink is None:
             return
-        for attempt in range(3):
+        for attempt in range(5):  # 0.2 + 0.4 + 0.8 + 1.6 s: long enough for the store to restart
             try:
-                await self._sink.record.remote([rec])
+                await asyncio.wait_for(self._sink.record.remote([rec]), 10)
                 return
             except Exception as exc:  # noqa: BLE001 - retried, then a clear 503
                 log.error("usage sink write failed (attempt %d: %s)", attempt + 1, type(exc).__name__)
-                await asyncio.sleep(0.2 * (attempt + 1))
+                if attempt < 4:
+                    await asyncio.sleep(0.2 * 2**attempt)
         raise errors.APIError(
             503,
             "The request ran but its usage could not be recorded; it is not billed. Retry shortly.",

@@ -57,3 +57,15 @@ def test_control_plane_actors_run_on_the_head_node(network):
     }
     assert set(placed) == {"meritnet-registry", "meritnet-usage", "meritnet-settlement"}, placed
     assert set(placed.values()) == {head}, placed
+
+
+def test_the_usage_store_comes_back_after_a_crash_and_nothing_is_lost(network, client, usage_records):
+    """Issue 13: the store had no restarts and the gateway kept its dead handle (every request 503'd)."""
+    import ray
+
+    before = client.completions.with_raw_response.create(model="default", prompt="before", max_tokens=2)
+    ray.kill(ray.get_actor("meritnet-usage", namespace="meritnet"), no_restart=False)
+    after = client.completions.with_raw_response.create(model="default", prompt="after", max_tokens=2)
+    records = usage_records()
+    for raw in (before, after):
+        assert records[raw.headers["x-meritnet-request-id"]].status == "ok"
