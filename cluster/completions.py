@@ -59,12 +59,26 @@ class NodeUsage(_Strict):
     completion_tokens: Count = 0
 
 
+class NodeError(_Strict):
+    """An error a node (vLLM's ErrorResponse) or the gateway reports instead of a completion."""
+
+    message: str = Field(default="", max_length=4096)
+    type: str | None = Field(default=None, max_length=128)
+    code: int | str | None = None
+
+
 class NodeBody(_Strict):
     """A node's whole response, or one stream chunk, as far as the network reads it."""
 
     choices: list[NodeChoice] = Field(default_factory=list, max_length=MAX_CHOICES)
     usage: NodeUsage | None = None
-    error: Any = None
+    error: NodeError | None = None
+
+
+def as_text(message: Any) -> str:
+    """What a node sends for one message: JSON text (a stream chunk already is; a whole response or
+    an ErrorResponse is dumped). The gateway reads nothing but text from a node."""
+    return message if isinstance(message, str) else message.model_dump_json()
 
 
 def parse_body(raw: str | bytes | dict[str, Any] | Any) -> NodeBody:

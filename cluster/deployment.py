@@ -122,11 +122,23 @@ async def coalesce_ready(
         task.cancel()
 
 
+async def _texts(stream: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]:
+    from cluster.completions import as_text
+
+    async for item in stream:
+        yield [as_text(x) for x in item] if isinstance(item, list) else as_text(item)
+
+
 def _node_server_cls():
     """ray.serve.llm's LLMServer with the coalescing stream above (everything else is stock)."""
     from ray.serve.llm import LLMServer
 
     class NodeServer(LLMServer):
+        async def _run_request(self, request, **kwargs):
+            # Text only leaves a node: the gateway parses it (cluster/completions.py) and never uses a
+            # node's objects (an object's methods would be the node's code running in the gateway).
+            return _texts(await super()._run_request(request, **kwargs))
+
         def _batch_output_stream(self, generator):
             if self._get_batch_interval_ms():
                 return super()._batch_output_stream(generator)

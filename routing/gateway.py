@@ -27,7 +27,7 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from starlette.responses import Response, StreamingResponse
 
-from cluster.completions import parse_body
+from cluster.completions import NodeError, parse_body
 from cluster.records import NodeStats, QualityScores, UsageRecord, keyed_sample
 from routing import errors, intake, metrics
 from routing.intake import IntakeLimits
@@ -101,6 +101,18 @@ class GatewayConfig(BaseModel):
         default_factory=lambda: SecretStr(secrets.token_hex(16)),
         description="Key of the shadow sample's hash (random per gateway unless set); nodes never see it.",
     )
+
+
+def _is_event(message: Any) -> bool:
+    """A stream event (`data: ...`) rather than a whole JSON body; anything but text raises."""
+    if not isinstance(message, str):
+        raise TypeError(f"a node sent a {type(message).__name__}, not text")
+    return message.startswith("data: ")
+
+
+def _engine_error(error: NodeError) -> errors.APIError:
+    code = error.code if isinstance(error.code, int) else 500  # the node's own failure when unclear
+    return errors.from_engine_error(error.message, code, error.type)
 
 
 def _one_of(secret: str, accepted: set[str]) -> bool:
@@ -315,10 +327,16 @@ class GatewayCore:
                     log.debug("cancel of an abandoned node stream failed (%s)", type(exc).__name__)
                 continue
             head = _first_of(first)
-            if type(head).__name__ == "ErrorResponse":
+            try:
+                parsed = None if _is_event(head) else parse_body(head)  # a whole answer, or an error
+            except (ValidationError, ValueError, TypeError) as exc:  # neither: not a completion
                 self._end(node.node_id)
-                err = head.error
-                api_error = errors.from_engine_error(err.message, int(err.code), err.type)
+                self._node_malformed(node.node_id, exc)
+                last_error = errors.upstream_failed(model)
+                continue
+            if parsed is not None and parsed.error is not None:
+                self._end(node.node_id)
+                api_error = _engine_error(parsed.error)
                 if api_error.status >= 500:  # the node's fault: try another
                     self.selector.observe_failure(node.node_id)
                     last_error = api_error
@@ -326,15 +344,15 @@ class GatewayCore:
                 self.selector.observe_success(node.node_id, None, None)
                 raise api_error
             if not stream:
-                try:
-                    payload = head.model_dump_json()
-                    ctx.tally.add(parse_body(payload))
-                except (ValidationError, ValueError, AttributeError) as exc:  # not a completion
+                if parsed is None:  # an event where a whole answer belongs
                     self._end(node.node_id)
-                    self._node_malformed(node.node_id, exc)
+                    self._node_malformed(
+                        node.node_id, ValueError("a stream event for a non-streamed request")
+                    )
                     last_error = errors.upstream_failed(model)
                     continue
-                return await self._complete(ctx, payload)
+                ctx.tally.add(parsed)
+                return await self._complete(ctx, head)
             if stream:
                 return StreamingResponse(
                     self._stream(ctx, first, gen),
@@ -407,13 +425,11 @@ class GatewayCore:
             async for chunk in _chain(first, gen, self.config.stream_idle_timeout_s):
                 out: list[str] = []  # one message downstream per message from the node
                 for piece in chunk if isinstance(chunk, list) else [chunk]:
-                    if not isinstance(piece, str):  # an ErrorResponse mid-stream
-                        err = piece.error
-                        out.append(
-                            errors.from_engine_error(err.message, int(err.code), err.type)
-                            .sse_event()
-                            .decode()
-                        )
+                    if not _is_event(piece):  # an ErrorResponse mid-stream (or garbage: raises)
+                        error = parse_body(piece).error
+                        if error is None:
+                            raise ValueError("not a stream event")
+                        out.append(_engine_error(error).sse_event().decode())
                         status = "error"
                         break
                     if piece.startswith(DONE[:12]):

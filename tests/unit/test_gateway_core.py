@@ -74,7 +74,7 @@ class FakeNode:
                 ],
                 usage={"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
             )
-            return _Gen([resp], self.fail_at, self.delay_s)
+            return _Gen([resp.model_dump_json()], self.fail_at, self.delay_s)
         chunks = [
             [
                 f'data: {{"id":"c","choices":[{{"index":0,"text":"{t}","finish_reason":{fin},'

@@ -55,7 +55,7 @@ class LyingNode(FakeNode):
                 choices=[{"index": 0, "text": "hello", "finish_reason": "stop", "token_ids": ids}],
                 usage={"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c},
             )
-            return _Gen([resp])
+            return _Gen([resp.model_dump_json()])
         return _Gen(
             [
                 [
@@ -183,3 +183,49 @@ def test_limits_scale_with_n_and_prompts():
     body = CompletionRequest(model="m", prompt=["a", "b", "c"], max_tokens=10, n=2)
     prompt_cap, completion_cap = limits(body, max_model_len=100)
     assert completion_cap == 60 and prompt_cap <= 3 * 100
+
+
+class ErrorNode(LyingNode):
+    """Answers with vLLM's ErrorResponse, as JSON text (what every node sends)."""
+
+    def __init__(self, node_id, code):
+        super().__init__(node_id)
+        self.code = code
+
+    def _respond(self, body, kind):
+        self.calls += 1
+        err = {
+            "error": {
+                "message": "engine says no",
+                "type": "BadRequestError",
+                "param": None,
+                "code": self.code,
+            }
+        }
+        return _Gen([json.dumps(err)])
+
+
+def test_an_engine_4xx_reaches_the_client_and_a_5xx_moves_the_request():
+    client, _ = _gateway(ErrorNode("liar", 400))
+    r = client.post("/v1/completions", json={"model": "default", "prompt": "hi"})
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("engine says no")
+    client, _sink = _gateway(ErrorNode("liar", 500), honest=LyingNode("honest", usage=(9, 5)))
+    for _ in range(3):
+        r = client.post("/v1/completions", json={"model": "default", "prompt": "hi there"})
+        assert r.status_code == 200 and r.headers["x-meritnet-node"] == "honest"
+
+
+def test_a_node_that_sends_an_object_instead_of_text_is_not_trusted():
+    """The gateway never calls methods on what a node sends: an object (here a response object that
+    would run code in `model_dump_json`) is malformed output, and the request moves on."""
+
+    class Trojan:
+        def model_dump_json(self):
+            raise AssertionError("the gateway ran a node's code")
+
+    bad = LyingNode("liar", chunks=[])
+    bad._respond = lambda body, kind: _Gen([Trojan()])
+    client, _sink = _gateway(bad, honest=LyingNode("honest", usage=(9, 5)))
+    for _ in range(3):
+        r = client.post("/v1/completions", json={"model": "default", "prompt": "hi there"})
+        assert r.status_code == 200 and r.headers["x-meritnet-node"] == "honest"

@@ -33,13 +33,13 @@ def liar_app(ids_of_text: list[int]):
             ids = [10**9, 10**9 + 1] if mode == "oov" else ids_of_text
             huge = 10**6
             if not body.stream:
-                yield CompletionResponse(
+                yield CompletionResponse(  # as text, like every node (cluster/deployment.py)
                     id="x",
                     model=body.model,
                     created=0,
                     choices=[{"index": 0, "text": TEXT, "token_ids": ids, "finish_reason": "stop"}],
                     usage={"prompt_tokens": huge, "completion_tokens": huge, "total_tokens": 2 * huge},
-                )
+                ).model_dump_json()
                 return
             yield [_chunk(TEXT[:5], ids[:1])]
             if mode == "garbage":
