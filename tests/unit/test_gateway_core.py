@@ -103,6 +103,20 @@ class FakeNode:
         return _M()
 
 
+def sink_handle(sink: MemoryUsageSink):
+    """The actor-handle shape of a usage sink: `handle.record.remote(records)` is awaitable."""
+
+    class _Record:
+        @staticmethod
+        def remote(records):
+            return sink.record(records)
+
+    class _Handle:
+        record = _Record
+
+    return _Handle()
+
+
 def _stats(node_id):
     return NodeStats(
         node_id=node_id,
@@ -120,15 +134,8 @@ def _stats(node_id):
 def harness():
     nodes = {"a": FakeNode("a"), "b": FakeNode("b")}
     sink = MemoryUsageSink()
-
-    class _SinkHandle:  # the actor-handle shape: sink.record.remote(records) is awaitable
-        class record:
-            @staticmethod
-            def remote(records):
-                return sink.record(records)
-
     core = GatewayCore(
-        GatewayConfig(), load_selector(registry=None), nodes.__getitem__, _SinkHandle(), registry=None
+        GatewayConfig(), load_selector(registry=None), nodes.__getitem__, sink_handle(sink), registry=None
     )
     core.set_nodes([_stats("a"), _stats("b")])
     client = TestClient(build_fastapi(lambda: core))
@@ -243,14 +250,9 @@ async def test_a_client_that_leaves_before_the_answer_frees_the_node_and_leaves_
     node = FakeNode("a")
     node.delay_s = 5.0  # the node is slow to answer; the client gives up after 0.2 s
     sink = MemoryUsageSink()
-
-    class _Sink:
-        class record:
-            @staticmethod
-            def remote(records):
-                return sink.record(records)
-
-    core = GatewayCore(GatewayConfig(), load_selector(registry=None), {"a": node}.__getitem__, _Sink(), None)
+    core = GatewayCore(
+        GatewayConfig(), load_selector(registry=None), {"a": node}.__getitem__, sink_handle(sink), None
+    )
     core.set_nodes([_stats("a")])
     request = Request({"type": "http", "method": "POST", "path": "/v1/completions", "headers": []})
     body = CompletionRequest(model="default", prompt="hi", max_tokens=4)

@@ -16,7 +16,7 @@ from routing.app import build_fastapi
 from routing.gateway import GatewayConfig, GatewayCore
 from routing.metering import TokenCounter, limits
 from routing.selection import load_selector
-from tests.unit.test_gateway_core import FakeNode, _Gen, _stats
+from tests.unit.test_gateway_core import FakeNode, _Gen, _stats, sink_handle
 
 
 class CharTokenizer:
@@ -73,18 +73,12 @@ def _gateway(node, counter=True, honest=None):
     nodes = {"liar": node, **({"honest": honest} if honest else {})}
     sink = MemoryUsageSink()
 
-    class _Sink:
-        class record:
-            @staticmethod
-            def remote(records):
-                return sink.record(records)
-
     counters = {"default": TokenCounter(CharTokenizer(), max_model_len=1024)} if counter else {}
     core = GatewayCore(
         GatewayConfig(),
         load_selector(registry=None),
         nodes.__getitem__,
-        _Sink(),
+        sink_handle(sink),
         registry=None,
         counters=counters,
     )

@@ -15,7 +15,7 @@ from routing.app import build_fastapi
 from routing.gateway import GatewayConfig, GatewayCore
 from routing.selection import load_selector
 from routing.shadow import strip_token_ids, verifiable
-from tests.unit.test_gateway_core import FakeNode, _stats
+from tests.unit.test_gateway_core import FakeNode, _stats, sink_handle
 
 
 class _Feed:
@@ -37,14 +37,12 @@ def _gateway(**cfg):
     nodes = {"a": FakeNode("a")}
     sink = MemoryUsageSink()
 
-    class _SinkHandle:
-        class record:
-            @staticmethod
-            def remote(records):
-                return sink.record(records)
-
     core = GatewayCore(
-        GatewayConfig(**cfg), load_selector(registry=None), nodes.__getitem__, _SinkHandle(), registry=None
+        GatewayConfig(**cfg),
+        load_selector(registry=None),
+        nodes.__getitem__,
+        sink_handle(sink),
+        registry=None,
     )
     core.set_nodes([_stats("a")])
     feed = _Feed()
