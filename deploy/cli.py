@@ -155,11 +155,11 @@ def status(
     """Show the network's nodes: liveness, load, and the validators' consensus quality."""
     import ray
 
-    from cluster.local import AUTH_TOKEN_FILE
+    from cluster.local import AUTH_TOKEN_FILE, use_auth_token
 
     token = state_dir / AUTH_TOKEN_FILE
     if token.is_file() and not os.environ.get("RAY_AUTH_TOKEN_PATH"):
-        os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+        use_auth_token(token)  # the network's cluster admits only holders of its token
 
     from cluster.registry import get_registry
     from deploy.scoring import CONSENSUS_NAME, NAMESPACE

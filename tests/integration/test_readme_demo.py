@@ -1,0 +1,84 @@
+"""The README's main job, as a new user runs it: `meritnet up` (what `make demo` runs), the README's
+curl and Python snippets against it, `meritnet status` from another process, then Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import free_port
+
+pytestmark = pytest.mark.integration
+
+README = Path(__file__).parents[2] / "README.md"
+MERITNET = Path(sys.executable).with_name("meritnet")
+
+
+def _blocks(lang: str) -> list[str]:
+    section = README.read_text().split("### Calling it", 1)[1].split("\n## ", 1)[0]
+    return re.findall(rf"```{lang}\n(.*?)```", section, re.S)
+
+
+def test_readme_demo_commands_work(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(MERITNET), "up", "--port", str(port)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    out: list[str] = []
+    try:
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                break
+            out.append(line)
+            if "Press Ctrl-C to stop" in line:
+                break
+        assert "Press Ctrl-C to stop" in "".join(out), "".join(out)[-3000:]
+
+        (curl,) = _blocks("bash")
+        r = subprocess.run(
+            ["bash", "-c", curl.replace(":8000", f":{port}")], capture_output=True, text=True, timeout=120
+        )
+        assert r.returncode == 0 and '"choices"' in r.stdout, (r.stdout, r.stderr)
+
+        (snippet,) = _blocks("python")
+        r = subprocess.run(
+            [sys.executable, "-c", snippet.replace(":8000", f":{port}")],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "completion_tokens=" in r.stdout  # the streamed usage chunk was printed
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}  # as another terminal
+        r = subprocess.run(
+            [str(MERITNET), "status"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**env, "COLUMNS": "200"},
+        )
+        assert r.returncode == 0 and "h100-a" in r.stdout and "l4-b" in r.stdout, r.stdout + r.stderr[-2000:]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            rest, _ = proc.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rest, _ = proc.communicate()
+    assert proc.returncode == 0 and "Stopped." in rest, rest[-3000:]
