@@ -9,9 +9,12 @@ so nothing on a request's hot path waits for the registry.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from cluster.deployment import deployment_name
 from cluster.records import NodeSpec, NodeStats
@@ -32,10 +35,40 @@ class _Entry:
 
 
 class NodeRegistryCore:
-    """The registry's state and rules, without Ray (unit-testable)."""
+    """The registry's state and rules, without Ray (unit-testable).
 
-    def __init__(self) -> None:
+    With `state_path`, the registered nodes (spec and join time) are written there on every change
+    (atomically: a temporary file renamed over it) and read back at start, so a registry that
+    crashed and was restarted by Ray knows its nodes again instead of 404ing every model."""
+
+    def __init__(self, state_path: Path | None = None) -> None:
         self._nodes: dict[str, _Entry] = {}
+        self._path = state_path
+        if state_path is not None and state_path.is_file():
+            for item in json.loads(state_path.read_text()):
+                spec = NodeSpec.model_validate(item["spec"])
+                self._nodes[spec.node_id] = _Entry(spec, joined_at=float(item["joined_at"]))
+
+    def _save(self) -> None:
+        if self._path is None:
+            return
+        items = [
+            {"spec": e.spec.model_dump(mode="json"), "joined_at": e.joined_at} for e in self._nodes.values()
+        ]
+        tmp = self._path.with_name(self._path.name + ".tmp")
+        tmp.write_text(json.dumps(items))
+        os.replace(tmp, self._path)
+
+    def sync(self, specs: list[NodeSpec], now: float | None = None) -> None:
+        """Hold exactly `specs` (the network's configured nodes): new ones join, changed ones re-join,
+        others leave."""
+        wanted = {s.node_id: s for s in specs}
+        for node_id in [n for n, e in self._nodes.items() if wanted.get(n) != e.spec]:
+            del self._nodes[node_id]
+        for spec in specs:
+            if spec.node_id not in self._nodes:
+                self._nodes[spec.node_id] = _Entry(spec, joined_at=now if now is not None else time.time())
+        self._save()
 
     def register(self, spec: NodeSpec, now: float | None = None) -> None:
         current = self._nodes.get(spec.node_id)
@@ -46,9 +79,11 @@ class NodeRegistryCore:
             )
         if current is None:
             self._nodes[spec.node_id] = _Entry(spec, joined_at=now if now is not None else time.time())
+            self._save()
 
     def unregister(self, node_id: str) -> None:
-        self._nodes.pop(node_id, None)
+        if self._nodes.pop(node_id, None) is not None:
+            self._save()
 
     def specs(self) -> list[NodeSpec]:
         return [e.spec for e in self._nodes.values()]
@@ -101,8 +136,8 @@ def _running_replicas_from_serve(specs: list[NodeSpec]) -> dict[str, int]:
 class NodeRegistry:
     """Ray actor around NodeRegistryCore that polls Serve for liveness."""
 
-    def __init__(self, poll_interval_s: float = 1.0) -> None:
-        self._core = NodeRegistryCore()
+    def __init__(self, poll_interval_s: float = 1.0, state_path: str | None = None) -> None:
+        self._core = NodeRegistryCore(Path(state_path) if state_path else None)
         self._poll_interval_s = poll_interval_s
         self._poller: asyncio.Task | None = None
 
@@ -126,6 +161,10 @@ class NodeRegistry:
     async def unregister(self, node_id: str) -> None:
         self._core.unregister(node_id)
 
+    async def sync(self, specs: list[NodeSpec]) -> None:
+        self._ensure_polling()
+        self._core.sync(specs)
+
     async def report_load(self, gateway_id: str, in_flight: dict[str, int]) -> None:
         self._core.report_load(gateway_id, in_flight)
 
@@ -137,8 +176,9 @@ class NodeRegistry:
         return self._core.specs()
 
 
-def get_or_create_registry(poll_interval_s: float = 1.0):
-    """The cluster's registry actor handle (created detached on first use)."""
+def get_or_create_registry(poll_interval_s: float = 1.0, state_path: Path | None = None):
+    """The cluster's registry actor handle (created detached on first use; with `state_path` its nodes
+    survive a restart of the actor)."""
     import ray
 
     return (
@@ -152,7 +192,7 @@ def get_or_create_registry(poll_interval_s: float = 1.0):
             max_restarts=-1,
             resources={"head": 0.01},  # control plane: on the head node, never beside a node's engine
         )
-        .remote(poll_interval_s)
+        .remote(poll_interval_s, str(state_path) if state_path else None)
     )
 
 

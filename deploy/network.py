@@ -123,7 +123,7 @@ class LocalNetwork:
         import ray
 
         self.on_step("Starting registry and usage ledger")
-        registry = get_or_create_registry()
+        registry = get_or_create_registry(state_path=cfg.state_dir / "registry.json")
         store = self.usage_store = start_usage_store(self.ledger_path, cfg.epoch_length_s, self.genesis)
         try:
             ray.get(store.__ray_ready__.remote(), timeout=60)
@@ -143,7 +143,7 @@ class LocalNetwork:
             wait_for_applications_running=False,
         )
 
-        ray.get([registry.register.remote(s) for s in self.specs])
+        ray.get(registry.sync.remote(self.specs))  # exactly the configured nodes (also after a restart)
         scoring_sources, scoring_engine = self._start_reference_engines()  # loads alongside the nodes
         self._wait_running([deployment_name(s) for s in self.specs], timeout_s)
 

@@ -53,3 +53,29 @@ def test_reregistering_a_different_spec_is_refused():
     reg.register(spec("a"))  # same spec: idempotent
     with pytest.raises(ValueError, match="already registered"):
         reg.register(spec("a", "L4"))
+
+
+def test_a_restarted_registry_knows_its_nodes_again(tmp_path):
+    """Issue 13: the registry was in memory; after a restart every model 404'd."""
+    path = tmp_path / "registry.json"
+    reg = NodeRegistryCore(path)
+    reg.register(spec("a"), now=10.0)
+    reg.register(spec("b", accel="L4"), now=11.0)
+    reg.unregister("b")
+    again = NodeRegistryCore(path)  # what Ray's restart of the actor does
+    assert [(s.node_id, s.joined_at, s.live) for s in again.snapshot()] == [("a", 10.0, False)]
+    again.set_liveness({"a": 1})
+    assert again.snapshot()[0].live  # liveness is re-read from Serve, never persisted
+
+
+def test_sync_holds_exactly_the_configured_nodes(tmp_path):
+    reg = NodeRegistryCore(tmp_path / "registry.json")
+    reg.sync([spec("a"), spec("b")], now=1.0)
+    reg.sync([spec("a"), spec("b", capacity=4), spec("c")], now=2.0)  # b changed, c new
+    assert {s.node_id: (s.joined_at, s.capacity) for s in reg.snapshot()} == {
+        "a": (1.0, 8),
+        "b": (2.0, 4),
+        "c": (2.0, 8),
+    }
+    reg.sync([spec("c")], now=3.0)
+    assert [s.node_id for s in NodeRegistryCore(tmp_path / "registry.json").snapshot()] == ["c"]

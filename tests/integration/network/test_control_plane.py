@@ -69,3 +69,27 @@ def test_the_usage_store_comes_back_after_a_crash_and_nothing_is_lost(network, c
     records = usage_records()
     for raw in (before, after):
         assert records[raw.headers["x-meritnet-request-id"]].status == "ok"
+
+
+def test_the_registry_comes_back_with_its_nodes_after_a_crash(network, client):
+    """Issue 13: the registry was in memory and came back empty (every model 404'd)."""
+    import time
+
+    import ray
+
+    from cluster.registry import get_registry
+
+    ray.kill(get_registry(), no_restart=False)
+    served = client.completions.with_raw_response.create(model="default", prompt="during", max_tokens=2)
+    assert served.headers["x-meritnet-node"]  # the gateway serves from its last snapshot meanwhile
+    deadline = time.monotonic() + 60
+    live: set[str] = set()
+    while time.monotonic() < deadline and live != {s.node_id for s in network.specs}:
+        try:
+            live = {s.node_id for s in ray.get(get_registry().snapshot.remote(), timeout=10) if s.live}
+        except Exception:  # noqa: BLE001 - still restarting
+            live = set()
+        time.sleep(0.5)
+    assert live == {s.node_id for s in network.specs}
+    after = client.completions.with_raw_response.create(model="default", prompt="after", max_tokens=2)
+    assert after.headers["x-meritnet-node"] in live
