@@ -54,7 +54,17 @@ def _ledger(config: SettlementConfig):
         raise typer.BadParameter(
             f"no ledger at {config.ledger_path}; pass --ledger or set MERITNET_SETTLEMENT_LEDGER_PATH"
         )
-    return UsageLedger(config.ledger_path, config.epoch_length_s, genesis=config.genesis)
+    stored = UsageLedger.stored_settings(config.ledger_path)
+    if stored is None:
+        return UsageLedger(config.ledger_path, config.epoch_length_s, genesis=config.genesis)
+    # An existing ledger knows its epoch length and genesis: audits read it as it was written.
+    length, genesis = stored
+    if "epoch_length_s" in config.model_fields_set and config.epoch_length_s != length:
+        raise typer.BadParameter(
+            f"the ledger at {config.ledger_path} uses epochs of {length:g} s, not {config.epoch_length_s:g} s; "
+            "drop --epoch-length (it is read from the ledger)"
+        )
+    return UsageLedger(config.ledger_path, length, genesis=genesis)
 
 
 def build_tree(config: SettlementConfig, epoch: int, tree: TreeKind):

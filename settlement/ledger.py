@@ -185,6 +185,23 @@ class UsageLedger:
         self._conn.executescript(_SCHEMA)
         self._check_meta()
 
+    @staticmethod
+    def stored_settings(path: str | Path) -> tuple[float, float] | None:
+        """(epoch_length_s, genesis) an existing ledger file was created with; None for a new file.
+        Readers (audits, the CLI) open a ledger with these, so they never need to know them."""
+        if not Path(path).is_file():
+            return None
+        conn = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True)
+        try:
+            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        except sqlite3.OperationalError:
+            return None
+        finally:
+            conn.close()
+        if "epoch_length_s" not in meta or "genesis" not in meta:
+            return None
+        return float(meta["epoch_length_s"]), float(meta["genesis"])
+
     def _check_meta(self) -> None:
         wanted = {"epoch_length_s": repr(self.epoch_length_s), "genesis": repr(self.genesis)}
         with self._write() as c:

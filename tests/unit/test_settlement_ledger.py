@@ -201,3 +201,31 @@ def test_an_out_of_bounds_count_is_refused_alone_and_epoch_sums_stay_exact(ledge
     assert result.accepted == 2 and result.rejected == ("forged",)
     ledger.close_epoch(0)
     assert ledger.usage_by_node(0) == {"n1": NodeUsage(A, 20, 20 + 2**24)}
+
+
+def test_the_readme_audit_commands_read_a_ledgers_own_genesis(tmp_path):
+    """Issue 14: `meritnet settlement status --ledger .meritnet/usage.db --epoch-length 60` failed on the
+    demo's ledger ("created with genesis=1796191572.0, not 0.0"): audits now read it from the ledger."""
+    import json as _json
+
+    from typer.testing import CliRunner
+
+    from deploy.cli import app
+
+    path = tmp_path / "usage.db"
+    genesis = 1796191572.0
+    with UsageLedger(path, epoch_length_s=60.0, genesis=genesis) as led:
+        led.append([rec("r1", genesis + 5), rec("r2", genesis + 7, node="n2", operator=B)])
+        led.close_epoch(0)
+    assert UsageLedger.stored_settings(path) == (60.0, genesis)
+    runner = CliRunner()
+    common = ["--ledger", str(path), "--epoch-length", "60"]
+    r = runner.invoke(app, ["settlement", "status", *common])
+    assert r.exit_code == 0 and _json.loads(r.output)["last_closed_epoch"] == 0, r.output
+    out = tmp_path / "usage-0.json"
+    r = runner.invoke(
+        app, ["settlement", "export", "--epoch", "0", "--tree", "usage", "--out", str(out), *common]
+    )
+    assert r.exit_code == 0 and len(_json.loads(out.read_text())["values"]) == 2, r.output
+    r = runner.invoke(app, ["settlement", "status", "--ledger", str(path), "--epoch-length", "30"])
+    assert r.exit_code != 0 and "drop --epoch-length" in r.output
