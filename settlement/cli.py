@@ -14,13 +14,13 @@ from __future__ import annotations
 import json
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from settlement.actor import SettlementConfig
-from settlement.chain import Chain, ChainSettings
-from settlement.rewardbook import RewardBook
+if TYPE_CHECKING:  # imported where used: web3 and the chain client cost a second, `--help` should not
+    from settlement.actor import SettlementConfig
+    from settlement.chain import Chain
 
 app = typer.Typer(
     help="Settlement: usage/reward Merkle trees, proofs against the chain, the settler.", no_args_is_help=True
@@ -39,6 +39,8 @@ class TreeKind(StrEnum):
 
 
 def _config(ledger: Path | None, epoch_length: float | None) -> SettlementConfig:
+    from settlement.actor import SettlementConfig
+
     overrides: dict[str, Any] = {}
     if ledger is not None:
         overrides["ledger_path"] = ledger
@@ -81,6 +83,8 @@ def build_tree(config: SettlementConfig, epoch: int, tree: TreeKind):
             raise typer.BadParameter(
                 f"epoch {epoch} has no ok usage, so no usage tree (root is zero)"
             ) from None
+    from settlement.rewardbook import RewardBook
+
     commitment = RewardBook(config.book_path).get(epoch)
     if commitment is None:
         raise typer.BadParameter(f"epoch {epoch} has no committed rewards yet (the settler commits them)")
@@ -178,6 +182,8 @@ def verify(
     from settlement.merkle import StandardMerkleTree
 
     proof = json.loads(proof_file.read_text())
+    from settlement.chain import Chain, ChainSettings
+
     settings = ChainSettings(**{k: v for k, v in {"contract": contract, "url": url}.items() if v})
     if not settings.contract:
         raise typer.BadParameter("no contract address: pass --contract or set MERITNET_CHAIN_CONTRACT")
@@ -216,6 +222,9 @@ def status(
     """Ledger and chain progress: last closed, committed and settled epochs, totals."""
     config = _config(ledger, epoch_length)
     led = _ledger(config)
+    from settlement.chain import Chain, ChainSettings
+    from settlement.rewardbook import RewardBook
+
     latest = RewardBook(config.book_path).latest()
     report: dict[str, Any] = {
         "last_closed_epoch": led.last_closed_epoch(),
