@@ -183,6 +183,60 @@ def status(
     console.print(nodes_table(stats, quality))
 
 
+keys_app = typer.Typer(help="Client API keys: stored hashed, with per-key limits.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+StateDirOption = typer.Option(Path(".meritnet"), "--state-dir", help="The network's state folder.")
+
+
+def _key_store(state_dir: Path):
+    from routing.keys import KEYS_FILE, KeyStore
+
+    return KeyStore(state_dir / KEYS_FILE)
+
+
+@keys_app.command("create")
+def keys_create(
+    rpm: float | None = typer.Option(None, "--rpm", help="Requests per minute (default: no limit)."),
+    tpm: float | None = typer.Option(None, "--tpm", help="Tokens per minute (default: no limit)."),
+    model: list[str] | None = typer.Option(None, "--model", help="Allowed model (repeat; default: all)."),
+    state_dir: Path = StateDirOption,
+) -> None:
+    """Create a key; its secret is shown this once (only its hash is stored)."""
+    key, secret = _key_store(state_dir).create(rpm, tpm, tuple(model) if model else None)
+    console.print(
+        f"key id [bold]{key.key_id}[/bold] (requests/min {rpm or '-'}, tokens/min {tpm or '-'}, "
+        f"models {', '.join(key.models) if key.models else 'all'})"
+    )
+    console.print("secret (shown once; send it as 'Authorization: Bearer <secret>'):")
+    print(secret)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str, state_dir: Path = StateDirOption) -> None:
+    """Revoke a key: the gateway refuses it within a second."""
+    try:
+        _key_store(state_dir).revoke(key_id)
+    except KeyError as exc:
+        console.print(f"[red]{exc.args[0]}[/red]")
+        raise typer.Exit(1) from None
+    console.print(f"revoked {key_id}")
+
+
+@keys_app.command("list")
+def keys_list(state_dir: Path = StateDirOption) -> None:
+    """The keys (ids and limits; never the secrets)."""
+    table = Table("key id", "requests/min", "tokens/min", "models", "state")
+    for k in _key_store(state_dir).load():
+        table.add_row(
+            k.key_id,
+            f"{k.requests_per_min or '-'}",
+            f"{k.tokens_per_min or '-'}",
+            ", ".join(k.models) if k.models else "all",
+            "revoked" if k.revoked else "active",
+        )
+    console.print(table)
+
+
 @models_app.command("build")
 def models_build(seeds: list[int] = typer.Option([0, 1], "--seed", help="Seeds to build.")) -> None:
     """Build the default model for each seed into the cache (reused afterwards)."""

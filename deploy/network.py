@@ -25,6 +25,7 @@ from deploy.scoring import start_consensus, start_reference_engines, start_shado
 from deploy.usage import SETTLEMENT_NAME, USAGE_STORE_NAME, start_settlement, start_usage_store
 from routing.app import gateway_deployment
 from routing.gateway import GatewayConfig
+from routing.keys import KEYS_FILE
 from routing.metering import MeteredModel
 from settlement.keys import KEY_ENV, KEY_FILE_ENV
 
@@ -156,6 +157,7 @@ class LocalNetwork:
             usage_sink_name=USAGE_STORE_NAME,
             router_config=cfg.router_config,
             api_keys=tuple(cfg.api_keys),
+            keys_file=str(cfg.state_dir / KEYS_FILE),  # `meritnet keys create|revoke` edit it live
             challenge_keys=(SecretStr(challenge_key),),
             shadow_rate=cfg.shadow_rate if shadow else 0.0,
             # the gateway counts tokens itself with the trusted models' tokenizers (never the nodes' word)

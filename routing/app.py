@@ -67,10 +67,11 @@ def build_fastapi(core_getter) -> FastAPI:
 
     async def _generate(request: Request, request_cls: type[BaseModel], method: str) -> Response:
         core = core_getter()
-        core.check_auth(request)
+        key = core.check_auth(request)
         await core.ensure_started()
         body = await core.parse(request, request_cls)
-        return await core.handle(request, body, method)
+        core.admit(key, body.model)
+        return await core.handle(request, body, method, key)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):

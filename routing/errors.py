@@ -7,6 +7,7 @@ package) always get an error they can read, never a stack trace or a bare 500.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 from pydantic import ValidationError
@@ -20,11 +21,14 @@ class APIError(Exception):
     type: str = "invalid_request_error"
     param: str | None = None
     code: str | None = None
+    retry_after_s: float | None = None  # a 429's Retry-After (whole seconds, rounded up)
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self, headers: dict[str, str] | None = None) -> Response:
+        if self.retry_after_s is not None:
+            headers = {**(headers or {}), "Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
         return Response(
             json.dumps(self.body()), status_code=self.status, media_type="application/json", headers=headers
         )

@@ -16,11 +16,13 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import secrets
 import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from fastapi import Request
@@ -31,6 +33,7 @@ from cluster.completions import NodeError, parse_body
 from cluster.records import NodeStats, QualityScores, UsageRecord, keyed_sample
 from routing import errors, intake, metrics
 from routing.intake import IntakeLimits
+from routing.keys import ClientKey, KeyStore, RateLimiter, hash_key, key_from_secret
 from routing.metering import MeteredModel, Tally, TokenCounter, metered, observe
 from routing.selection import NodeSelector, facts_for
 from routing.shadow import Capture, strip_token_ids, verifiable
@@ -69,7 +72,13 @@ class GatewayConfig(BaseModel):
         default=None, description="Path of the routing profile YAML; None uses deploy/profiles/default.yaml."
     )
     api_keys: tuple[SecretStr, ...] = Field(
-        default=(), description="Accepted bearer keys; empty means the endpoint is open (local use)."
+        default=(),
+        description="Bearer keys from config (unlimited); with none here and none in keys_file "
+        "the endpoint is open (local use).",
+    )
+    keys_file: str | None = Field(
+        default=None,
+        description="The key store of `meritnet keys` (hashed keys with limits), re-read on change.",
     )
     challenge_keys: tuple[SecretStr, ...] = Field(
         default=(), description="Keys validators use to target a node with the 'x-meritnet-node' header."
@@ -153,7 +162,11 @@ class GatewayCore:
         self._shadow_key = config.shadow_key.get_secret_value().encode()
         self._quality_epoch: int | None = None
         self._gateway_id = uuid.uuid4().hex[:12]
-        self._api_keys = {k.get_secret_value() for k in config.api_keys}
+        self._config_keys = [key_from_secret(k.get_secret_value()) for k in config.api_keys]
+        self._keys: dict[str, ClientKey] = {k.sha256: k for k in self._config_keys}  # sha256 -> key
+        self._keys_mtime: float | None = None
+        self._limiter = RateLimiter()
+        self.reload_keys()
         self._challenge_keys = {k.get_secret_value() for k in config.challenge_keys}
 
     # ---- background snapshot -------------------------------------------------------------
@@ -162,6 +175,7 @@ class GatewayCore:
         self.selector.update_nodes(stats)
 
     async def refresh_once(self) -> None:
+        self.reload_keys()
         if self._registry is None:
             return
         stats: list[NodeStats] = await self._registry.snapshot.remote()
@@ -218,17 +232,54 @@ class GatewayCore:
                 log.info("gateway: first node snapshot not ready (%s)", type(exc).__name__)
 
     # ---- request entry points ------------------------------------------------------------
-    def check_auth(self, request: Request) -> None:
-        """A valid bearer key, or a validator's challenge key (validators are not clients: with API keys
-        required, their challenges must still get through, or every node would score 0)."""
-        if not self._api_keys or _one_of(
+    def reload_keys(self) -> None:
+        """Re-read the key file if it changed (revocations take effect without a restart)."""
+        path = self.config.keys_file
+        mtime = os.stat(path).st_mtime if path and os.path.isfile(path) else None
+        if mtime == self._keys_mtime:
+            return
+        stored = KeyStore(Path(path)).load() if mtime is not None else []
+        self._keys = {k.sha256: k for k in [*self._config_keys, *stored]}
+        self._keys_mtime = mtime
+
+    def check_auth(self, request: Request) -> ClientKey | None:
+        """The client's key (None when the endpoint is open, or for a validator's challenge key:
+        validators are not clients, and with keys required their challenges must still get through, or
+        every node would score 0). A missing, unknown or revoked key is a 401."""
+        if not self._keys or _one_of(
             request.headers.get("x-meritnet-challenge-key", ""), self._challenge_keys
         ):
-            return
-        auth = request.headers.get("authorization", "")
-        scheme, _, token = auth.partition(" ")
-        if scheme.lower() != "bearer" or not _one_of(token.strip(), self._api_keys):
+            return None
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        key = (
+            self._keys.get(hash_key(token.strip())) if scheme.lower() == "bearer" and token.strip() else None
+        )
+        if key is None or key.revoked:  # a dict lookup by hash: no timing hint about the key itself
             raise errors.unauthorized()
+        return key
+
+    def admit(self, key: ClientKey | None, model: str) -> None:
+        """The key's model allow-list (403) and rate limits (429 with Retry-After)."""
+        if key is None:
+            return
+        if key.models is not None and model not in key.models:
+            raise errors.APIError(
+                403,
+                f"This API key may not use model '{model}'.",
+                param="model",
+                type="permission_error",
+                code="model_not_allowed",
+            )
+        wait = self._limiter.admit(key)
+        if wait is not None:
+            metrics.KEY_REQUESTS.labels(key.key_id, "rate_limited").inc()
+            raise errors.APIError(
+                429,
+                f"Rate limit of API key {key.key_id} reached; retry in {wait:.1f} s.",
+                type="rate_limit_error",
+                code="rate_limit_exceeded",
+                retry_after_s=wait,
+            )
 
     def models(self) -> dict:
         live = sorted({s.model_id for s in self._nodes.values() if s.live})
@@ -258,7 +309,9 @@ class GatewayCore:
             )
         return node
 
-    async def handle(self, request: Request, body: Any, method: str) -> Response:
+    async def handle(
+        self, request: Request, body: Any, method: str, key: ClientKey | None = None
+    ) -> Response:
         """Route `body` (a validated Chat/CompletionRequest) to a node and answer the client."""
         started = time.time()
         t0 = time.perf_counter()
@@ -299,7 +352,7 @@ class GatewayCore:
             gen = getattr(self._handle_for(node.node_id).options(stream=True), method).remote(body, None)
             self._begin(node.node_id)
             ctx = _Ctx(rid, node, body, started, t0, client_wants_usage, strip_ids, capture)
-            ctx.counter = self._counters.get(model)
+            ctx.counter, ctx.key = self._counters.get(model), key
             try:
                 first = await self._first_message(
                     gen,
@@ -479,6 +532,10 @@ class GatewayCore:
         if status != "ok":
             ctx.count()  # what was forwarded before the failure (audit only: not an ok record)
         observe(ctx.node.node_id, ctx.tally, ctx.prompt_tokens, ctx.completion_tokens, ctx.counted)
+        if ctx.key is not None:  # per key: requests by outcome, tokens against its limit
+            metrics.KEY_REQUESTS.labels(ctx.key.key_id, status).inc()
+            metrics.KEY_TOKENS.labels(ctx.key.key_id).inc(ctx.prompt_tokens + ctx.completion_tokens)
+            self._limiter.charge_tokens(ctx.key, ctx.prompt_tokens + ctx.completion_tokens)
         rec = ctx.record(status)
         metrics.REQUESTS.labels(ctx.model, ctx.node.node_id, status).inc()
         metrics.E2E.labels(ctx.model).observe(time.perf_counter() - ctx.t0)
@@ -550,6 +607,7 @@ class _Ctx:
         "counted",
         "counter",
         "digest",
+        "key",
         "model",
         "node",
         "prompt_tokens",
@@ -571,6 +629,7 @@ class _Ctx:
         self.tally = Tally()
         self.counter: TokenCounter | None = None
         self.counted = False
+        self.key: ClientKey | None = None
 
     def count(self) -> None:
         """The gateway's own token counts of what was forwarded so far (routing/metering.py)."""

@@ -60,3 +60,12 @@ MALFORMED = Counter(
     ["node"],
     registry=REGISTRY,
 )
+KEY_REQUESTS = Counter(
+    "meritnet_key_requests",
+    "Requests per client key id (never the key) by outcome: ok, error, cancelled, rate_limited.",
+    ["key", "status"],
+    registry=REGISTRY,
+)
+KEY_TOKENS = Counter(
+    "meritnet_key_tokens", "Tokens billed per client key id (gateway counts).", ["key"], registry=REGISTRY
+)

@@ -1,0 +1,141 @@
+"""Client API keys: stored hashed, each with its own limits (the virtual keys users know from LiteLLM).
+
+A key is shown once, when `meritnet keys create` makes it; the store (`keys.json` in the network's
+state folder, mode 0600) holds only its SHA-256, an id that can be logged and metered, its limits
+and whether it was revoked. The gateway re-reads the store when it changes, so a revocation takes
+effect within a refresh (0.5 s) without a restart.
+
+Limits are token buckets per key, refilled continuously: `requests_per_min` is checked when a
+request arrives; `tokens_per_min` is charged with what the request used when it ends (a request
+may overdraw the bucket; the next ones wait until it refills). A refusal is a 429 with
+`Retry-After`: the seconds until the bucket has room again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+KEYS_FILE = "keys.json"
+
+
+def hash_key(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class ClientKey(BaseModel):
+    """One client key as stored: never the key itself."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    key_id: str = Field(
+        min_length=1, max_length=64, description="Public id: logged, metered, used to revoke."
+    )
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the key.")
+    requests_per_min: float | None = Field(default=None, gt=0, description="Request rate limit (None: none).")
+    tokens_per_min: float | None = Field(default=None, gt=0, description="Token rate limit (None: none).")
+    models: tuple[str, ...] | None = Field(default=None, description="Models it may use (None: all).")
+    revoked: bool = Field(default=False, description="A revoked key is refused (401).")
+
+
+def key_from_secret(secret: str, key_id: str | None = None) -> ClientKey:
+    """A stored key for a secret given in config (`api_keys`), unlimited."""
+    digest = hash_key(secret)
+    return ClientKey(key_id=key_id or f"cfg-{digest[:8]}", sha256=digest)
+
+
+class KeyStore:
+    """The key file: create, revoke, list (the `meritnet keys` commands) and load (the gateway)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def load(self) -> list[ClientKey]:
+        if not self.path.is_file():
+            return []
+        return [ClientKey.model_validate(k) for k in json.loads(self.path.read_text())]
+
+    def _save(self, keys: Iterable[ClientKey]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump([k.model_dump(mode="json") for k in keys], f, indent=1)
+        os.replace(tmp, self.path)
+
+    def create(
+        self,
+        requests_per_min: float | None = None,
+        tokens_per_min: float | None = None,
+        models: tuple[str, ...] | None = None,
+    ) -> tuple[ClientKey, str]:
+        """A new key: (what is stored, the secret to hand to the client once)."""
+        secret = "mn-" + secrets.token_urlsafe(32)
+        key = ClientKey(
+            key_id="k-" + secrets.token_hex(4),
+            sha256=hash_key(secret),
+            requests_per_min=requests_per_min,
+            tokens_per_min=tokens_per_min,
+            models=models,
+        )
+        self._save([*self.load(), key])
+        return key, secret
+
+    def revoke(self, key_id: str) -> ClientKey:
+        keys = self.load()
+        match = [k for k in keys if k.key_id == key_id]
+        if not match:
+            raise KeyError(f"no key {key_id!r} in {self.path}; `meritnet keys list` shows the ids")
+        self._save([k.model_copy(update={"revoked": True}) if k.key_id == key_id else k for k in keys])
+        return match[0].model_copy(update={"revoked": True})
+
+
+class _Bucket:
+    __slots__ = ("at", "level")
+
+    def __init__(self, capacity: float, now: float) -> None:
+        self.level, self.at = capacity, now
+
+
+class RateLimiter:
+    """Token buckets per key (pure: the clock is injected). Capacity = one minute's allowance."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._buckets: dict[tuple[str, str], _Bucket] = {}
+
+    def _level(self, key_id: str, kind: str, per_min: float) -> _Bucket:
+        now = self.clock()
+        b = self._buckets.get((key_id, kind))
+        if b is None:
+            b = self._buckets[(key_id, kind)] = _Bucket(per_min, now)
+        b.level = min(per_min, b.level + (now - b.at) * per_min / 60.0)
+        b.at = now
+        return b
+
+    def admit(self, key: ClientKey) -> float | None:
+        """None if the request may go ahead (and takes one request from the bucket), else the seconds
+        until it may (for Retry-After)."""
+        waits = []
+        if key.tokens_per_min is not None:
+            b = self._level(key.key_id, "tokens", key.tokens_per_min)
+            if b.level <= 0:
+                waits.append((1 - b.level) * 60.0 / key.tokens_per_min)
+        if key.requests_per_min is not None:
+            b = self._level(key.key_id, "requests", key.requests_per_min)
+            if b.level < 1:
+                waits.append((1 - b.level) * 60.0 / key.requests_per_min)
+            elif not waits:
+                b.level -= 1
+        return max(waits) if waits else None
+
+    def charge_tokens(self, key: ClientKey, tokens: int) -> None:
+        if key.tokens_per_min is not None and tokens > 0:
+            self._level(key.key_id, "tokens", key.tokens_per_min).level -= tokens
