@@ -21,9 +21,26 @@ README = Path(__file__).parents[2] / "README.md"
 MERITNET = Path(sys.executable).with_name("meritnet")
 
 
-def _blocks(lang: str) -> list[str]:
-    section = README.read_text().split("### Calling it", 1)[1].split("\n## ", 1)[0]
+def _blocks(heading: str, lang: str) -> list[str]:
+    section = README.read_text().split(heading, 1)[1].split("\n#", 1)[0]
     return re.findall(rf"```{lang}\n(.*?)```", section, re.S)
+
+
+def _status(port: int, secret: str | None) -> int:
+    import urllib.error
+    import urllib.request
+
+    headers = {
+        "Content-Type": "application/json",
+        **({"Authorization": f"Bearer {secret}"} if secret else {}),
+    }
+    body = b'{"model": "default", "prompt": "hi", "max_tokens": 2}'
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
 
 
 def test_readme_demo_commands_work(tmp_path):
@@ -48,13 +65,13 @@ def test_readme_demo_commands_work(tmp_path):
                 break
         assert "Press Ctrl-C to stop" in "".join(out), "".join(out)[-3000:]
 
-        (curl,) = _blocks("bash")
+        (curl,) = _blocks("### Calling it", "bash")
         r = subprocess.run(
             ["bash", "-c", curl.replace(":8000", f":{port}")], capture_output=True, text=True, timeout=120
         )
         assert r.returncode == 0 and '"choices"' in r.stdout, (r.stdout, r.stderr)
 
-        (snippet,) = _blocks("python")
+        (snippet,) = _blocks("### Calling it", "python")
         r = subprocess.run(
             [sys.executable, "-c", snippet.replace(":8000", f":{port}")],
             capture_output=True,
@@ -74,6 +91,42 @@ def test_readme_demo_commands_work(tmp_path):
             env={**env, "COLUMNS": "200"},
         )
         assert r.returncode == 0 and "h100-a" in r.stdout and "l4-b" in r.stdout, r.stdout + r.stderr[-2000:]
+
+        # The README's key commands, in order: create (its secret works, no key is refused), list, revoke.
+        create, list_, revoke = [
+            line.split("#")[0].strip() for line in _blocks("### API keys", "bash")[0].splitlines()
+        ]
+        r = subprocess.run(
+            ["bash", "-c", f"{MERITNET.parent}/{create}"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode == 0, r.stderr
+        secret = next(line for line in r.stdout.splitlines() if line.startswith("mn-"))
+        key_id = re.search(r"key id (k-[0-9a-f]+)", r.stdout).group(1)
+        time.sleep(2)  # the gateway re-reads the key file within a refresh
+        assert _status(port, None) == 401 and _status(port, secret) == 200
+        listed = subprocess.run(
+            ["bash", "-c", f"{MERITNET.parent}/{list_}"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "COLUMNS": "200"},
+        )
+        assert key_id in listed.stdout and secret not in listed.stdout
+        r = subprocess.run(
+            ["bash", "-c", f"{MERITNET.parent}/{revoke.replace('k-1a2b3c4d', key_id)}"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode == 0, r.stderr
+        time.sleep(2)
+        assert _status(port, secret) == 401
     finally:
         proc.send_signal(signal.SIGINT)
         try:
