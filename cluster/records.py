@@ -121,6 +121,11 @@ class UsageRecord(_Frozen):
     )
     ended_at: FiniteFloat = Field(description="Unix time (s) the last byte was sent.")
     status: UsageStatus = Field(description="'ok' when completed; 'error' / 'cancelled' otherwise.")
+    key_id: str = Field(
+        default="",
+        max_length=64,
+        description="Id of the client's API key (never the key); '' when none was needed.",
+    )
     request_hash: str = Field(default="", description="sha256 hex of the canonical request body.")
     response_hash: str = Field(default="", description="sha256 hex of the response content.")
 

@@ -59,6 +59,10 @@ class NetworkConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MERITNET_", env_nested_delimiter="__", extra="forbid")
 
     host: str = Field(default="127.0.0.1", description="Address the OpenAI endpoint binds to.")
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Browser origins allowed to call the endpoint (CORS); none by default.",
+    )
     open_endpoint: bool = Field(
         default=False,
         description="Allow a non-loopback `host` without `api_keys` (anyone who can reach it may use it).",

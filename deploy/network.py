@@ -157,7 +157,8 @@ class LocalNetwork:
             usage_sink_name=USAGE_STORE_NAME,
             router_config=cfg.router_config,
             api_keys=tuple(cfg.api_keys),
-            keys_file=str(cfg.state_dir / KEYS_FILE),  # `meritnet keys create|revoke` edit it live
+            keys_file=str(cfg.state_dir / KEYS_FILE),
+            cors_origins=tuple(cfg.cors_origins),  # `meritnet keys create|revoke` edit it live
             challenge_keys=(SecretStr(challenge_key),),
             shadow_rate=cfg.shadow_rate if shadow else 0.0,
             # the gateway counts tokens itself with the trusted models' tokenizers (never the nodes' word)

@@ -17,11 +17,21 @@ from routing.gateway import GatewayConfig, GatewayCore
 log = logging.getLogger("meritnet.gateway")
 
 
-def build_fastapi(core_getter) -> FastAPI:
-    """The HTTP surface; `core_getter()` returns the GatewayCore of this replica."""
+def build_fastapi(core_getter, cors_origins: tuple[str, ...] = ()) -> FastAPI:
+    """The HTTP surface; `core_getter()` returns the GatewayCore of this replica. CORS is off unless
+    origins are listed (a web page on another origin cannot read answers from a local gateway)."""
     from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
     app = FastAPI(title="meritnet", docs_url=None, redoc_url=None)
+    if cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type"],
+        )
 
     @app.exception_handler(errors.APIError)
     async def _api_error(_: Request, exc: errors.APIError):
@@ -98,7 +108,7 @@ def gateway_deployment(config: GatewayConfig):
     import ray
     from ray import serve
 
-    app = build_fastapi(current_core)
+    app = build_fastapi(current_core, config.cors_origins)
 
     @serve.deployment(name="gateway", max_ongoing_requests=2048, ray_actor_options={"num_cpus": 0.5})
     @serve.ingress(app)

@@ -76,6 +76,9 @@ class GatewayConfig(BaseModel):
         description="Bearer keys from config (unlimited); with none here and none in keys_file "
         "the endpoint is open (local use).",
     )
+    cors_origins: tuple[str, ...] = Field(
+        default=(), description="Origins allowed to call the endpoint from a browser (CORS); none by default."
+    )
     keys_file: str | None = Field(
         default=None,
         description="The key store of `meritnet keys` (hashed keys with limits), re-read on change.",
@@ -649,6 +652,7 @@ class _Ctx:
             ttft_s=self.ttft,
             ended_at=self.started + (time.perf_counter() - self.t0),
             status=status,
+            key_id=self.key.key_id if self.key is not None else "",
             response_hash=self.digest.hexdigest(),
         )
 

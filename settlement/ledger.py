@@ -47,7 +47,7 @@ CREATE TABLE IF NOT EXISTS records (
     node_id TEXT NOT NULL, operator TEXT NOT NULL, model TEXT NOT NULL,
     prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,
     started_at REAL NOT NULL, ttft_s REAL, ended_at REAL NOT NULL, status TEXT NOT NULL,
-    request_hash TEXT NOT NULL, response_hash TEXT NOT NULL
+    request_hash TEXT NOT NULL, response_hash TEXT NOT NULL, key_id TEXT NOT NULL DEFAULT ''
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS records_by_epoch ON records (epoch, request_id);
 CREATE TABLE IF NOT EXISTS epochs (
@@ -66,7 +66,7 @@ CREATE TABLE IF NOT EXISTS operator_rewards (
 """
 _FIELDS = (
     "node_id, operator, model, prompt_tokens, completion_tokens, started_at, ttft_s, ended_at, status, "
-    "request_hash, response_hash"
+    "request_hash, response_hash, key_id"
 )
 _COLUMNS = "request_id, " + _FIELDS
 _IN_CHUNK = 500  # bound parameters per duplicate lookup (SQLite's limit is 32766; small is fast too)
@@ -183,6 +183,9 @@ class UsageLedger:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")  # fsync the WAL at every commit: see module doc
         self._conn.executescript(_SCHEMA)
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(records)")}
+        if "key_id" not in columns:  # a ledger written before records carried the client key's id
+            self._conn.execute("ALTER TABLE records ADD COLUMN key_id TEXT NOT NULL DEFAULT ''")
         self._check_meta()
 
     @staticmethod
@@ -323,10 +326,12 @@ class UsageLedger:
                         r.status,
                         r.request_hash,
                         r.response_hash,
+                        r.key_id,
                     )
                 )
             c.executemany(
-                f"INSERT INTO records (request_id, epoch, {_FIELDS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows
+                f"INSERT INTO records (request_id, epoch, {_FIELDS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                rows,
             )
         return AppendResult(len(rows), tuple(duplicates), late, rejected)
 

@@ -187,3 +187,27 @@ def test_depth_is_found_without_parsing(raw, deep):
     from routing.intake import _too_deep
 
     assert _too_deep(raw, 32) is deep
+
+
+@pytest.mark.parametrize("origins", [(), ("https://app.example",)])
+def test_cors_is_off_unless_origins_are_configured(origins):
+    from routing.app import build_fastapi as build
+
+    core = GatewayCore(
+        GatewayConfig(cors_origins=origins),
+        load_selector(registry=None),
+        {"a": FakeNode("a")}.__getitem__,
+        None,
+        None,
+    )
+    core.set_nodes([_stats("a")])
+    client = TestClient(build(lambda: core, core.config.cors_origins))
+    r = client.options(
+        "/v1/completions", headers={"origin": "https://app.example", "access-control-request-method": "POST"}
+    )
+    allowed = r.headers.get("access-control-allow-origin")
+    assert allowed == ("https://app.example" if origins else None)
+    evil = client.options(
+        "/v1/completions", headers={"origin": "https://evil.example", "access-control-request-method": "POST"}
+    )
+    assert evil.headers.get("access-control-allow-origin") is None

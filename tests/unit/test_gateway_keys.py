@@ -137,3 +137,25 @@ def test_malformed_authorization_is_401(tmp_path, bad):
     KeyStore(tmp_path / "keys.json").create()
     client, _ = _gateway(tmp_path / "keys.json")
     assert client.post("/v1/completions", json=BODY, headers={"authorization": bad}).status_code == 401
+
+
+def test_the_usage_record_names_the_key_id_never_the_key(tmp_path):
+    import asyncio
+
+    from cluster.metering import MemoryUsageSink
+    from tests.unit.test_gateway_core import sink_handle
+
+    key, secret = KeyStore(tmp_path / "keys.json").create()
+    sink = MemoryUsageSink()
+    core = GatewayCore(
+        GatewayConfig(keys_file=str(tmp_path / "keys.json")),
+        load_selector(registry=None),
+        {"a": FakeNode("a")}.__getitem__,
+        sink_handle(sink),
+        None,
+    )
+    core.set_nodes([_stats("a")])
+    client = TestClient(build_fastapi(lambda: core))
+    assert client.post("/v1/completions", json=BODY, headers=_auth(secret)).status_code == 200
+    (rec,) = asyncio.run(sink.all())
+    assert rec.key_id == key.key_id and secret not in rec.model_dump_json()

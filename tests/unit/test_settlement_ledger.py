@@ -229,3 +229,21 @@ def test_the_readme_audit_commands_read_a_ledgers_own_genesis(tmp_path):
     assert r.exit_code == 0 and len(_json.loads(out.read_text())["values"]) == 2, r.output
     r = runner.invoke(app, ["settlement", "status", "--ledger", str(path), "--epoch-length", "30"])
     assert r.exit_code != 0 and "drop --epoch-length" in r.output
+
+
+def test_records_keep_the_client_key_id_and_old_ledgers_gain_the_column(tmp_path):
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)  # a ledger from before records carried key_id
+    old.executescript(
+        "CREATE TABLE records (request_id TEXT PRIMARY KEY, epoch INTEGER NOT NULL, node_id TEXT NOT NULL,"
+        " operator TEXT NOT NULL, model TEXT NOT NULL, prompt_tokens INTEGER NOT NULL,"
+        " completion_tokens INTEGER NOT NULL, started_at REAL NOT NULL, ttft_s REAL, ended_at REAL NOT NULL,"
+        " status TEXT NOT NULL, request_hash TEXT NOT NULL, response_hash TEXT NOT NULL) WITHOUT ROWID;"
+        f"INSERT INTO records VALUES ('old', 0, 'n1', '{A}', 'default', 1, 2, 1000, NULL, 1001, 'ok', '', '');"
+    )
+    old.commit()
+    old.close()
+    with UsageLedger(path, epoch_length_s=60.0, genesis=1000.0) as led:
+        led.append([rec("new", 1010.0).model_copy(update={"key_id": "k-1234abcd"})])
+        by_id = {r.request_id: r.key_id for r in led.records(0)}
+    assert by_id == {"old": "", "new": "k-1234abcd"}
