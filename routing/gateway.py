@@ -16,7 +16,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import secrets
 import time
 import uuid
@@ -33,7 +32,7 @@ from cluster.completions import NodeError, parse_body
 from cluster.records import NodeStats, QualityScores, UsageRecord, keyed_sample
 from routing import errors, intake, metrics
 from routing.intake import IntakeLimits
-from routing.keys import ClientKey, KeyStore, RateLimiter, hash_key, key_from_secret
+from routing.keys import ClientKey, KeyRing, key_from_secret
 from routing.metering import MeteredModel, Tally, TokenCounter, metered, observe
 from routing.selection import NodeSelector, facts_for
 from routing.shadow import Capture, strip_token_ids, verifiable
@@ -165,11 +164,10 @@ class GatewayCore:
         self._shadow_key = config.shadow_key.get_secret_value().encode()
         self._quality_epoch: int | None = None
         self._gateway_id = uuid.uuid4().hex[:12]
-        self._config_keys = [key_from_secret(k.get_secret_value()) for k in config.api_keys]
-        self._keys: dict[str, ClientKey] = {k.sha256: k for k in self._config_keys}  # sha256 -> key
-        self._keys_mtime: float | None = None
-        self._limiter = RateLimiter()
-        self.reload_keys()
+        self.keys = KeyRing(
+            [key_from_secret(k.get_secret_value()) for k in config.api_keys],
+            Path(config.keys_file) if config.keys_file else None,
+        )
         self._challenge_keys = {k.get_secret_value() for k in config.challenge_keys}
 
     # ---- background snapshot -------------------------------------------------------------
@@ -178,7 +176,7 @@ class GatewayCore:
         self.selector.update_nodes(stats)
 
     async def refresh_once(self) -> None:
-        self.reload_keys()
+        self.keys.reload()
         if self._registry is None:
             return
         stats: list[NodeStats] = await self._registry.snapshot.remote()
@@ -235,54 +233,17 @@ class GatewayCore:
                 log.info("gateway: first node snapshot not ready (%s)", type(exc).__name__)
 
     # ---- request entry points ------------------------------------------------------------
-    def reload_keys(self) -> None:
-        """Re-read the key file if it changed (revocations take effect without a restart)."""
-        path = self.config.keys_file
-        mtime = os.stat(path).st_mtime if path and os.path.isfile(path) else None
-        if mtime == self._keys_mtime:
-            return
-        stored = KeyStore(Path(path)).load() if mtime is not None else []
-        self._keys = {k.sha256: k for k in [*self._config_keys, *stored]}
-        self._keys_mtime = mtime
-
     def check_auth(self, request: Request) -> ClientKey | None:
         """The client's key (None when the endpoint is open, or for a validator's challenge key:
         validators are not clients, and with keys required their challenges must still get through, or
         every node would score 0). A missing, unknown or revoked key is a 401."""
-        if not self._keys or _one_of(
-            request.headers.get("x-meritnet-challenge-key", ""), self._challenge_keys
-        ):
+        if _one_of(request.headers.get("x-meritnet-challenge-key", ""), self._challenge_keys):
             return None
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        key = (
-            self._keys.get(hash_key(token.strip())) if scheme.lower() == "bearer" and token.strip() else None
-        )
-        if key is None or key.revoked:  # a dict lookup by hash: no timing hint about the key itself
-            raise errors.unauthorized()
-        return key
+        return self.keys.authenticate(request.headers.get("authorization", ""))
 
     def admit(self, key: ClientKey | None, model: str) -> None:
         """The key's model allow-list (403) and rate limits (429 with Retry-After)."""
-        if key is None:
-            return
-        if key.models is not None and model not in key.models:
-            raise errors.APIError(
-                403,
-                f"This API key may not use model '{model}'.",
-                param="model",
-                type="permission_error",
-                code="model_not_allowed",
-            )
-        wait = self._limiter.admit(key)
-        if wait is not None:
-            metrics.KEY_REQUESTS.labels(key.key_id, "rate_limited").inc()
-            raise errors.APIError(
-                429,
-                f"Rate limit of API key {key.key_id} reached; retry in {wait:.1f} s.",
-                type="rate_limit_error",
-                code="rate_limit_exceeded",
-                retry_after_s=wait,
-            )
+        self.keys.admit(key, model)
 
     def models(self) -> dict:
         live = sorted({s.model_id for s in self._nodes.values() if s.live})
@@ -538,7 +499,7 @@ class GatewayCore:
         if ctx.key is not None:  # per key: requests by outcome, tokens against its limit
             metrics.KEY_REQUESTS.labels(ctx.key.key_id, status).inc()
             metrics.KEY_TOKENS.labels(ctx.key.key_id).inc(ctx.prompt_tokens + ctx.completion_tokens)
-            self._limiter.charge_tokens(ctx.key, ctx.prompt_tokens + ctx.completion_tokens)
+            self.keys.limiter.charge_tokens(ctx.key, ctx.prompt_tokens + ctx.completion_tokens)
         rec = ctx.record(status)
         metrics.REQUESTS.labels(ctx.model, ctx.node.node_id, status).inc()
         metrics.E2E.labels(ctx.model).observe(time.perf_counter() - ctx.t0)

@@ -23,6 +23,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from routing import errors, metrics
+
 KEYS_FILE = "keys.json"
 
 
@@ -139,3 +141,64 @@ class RateLimiter:
     def charge_tokens(self, key: ClientKey, tokens: int) -> None:
         if key.tokens_per_min is not None and tokens > 0:
             self._level(key.key_id, "tokens", key.tokens_per_min).level -= tokens
+
+
+class KeyRing:
+    """The keys a gateway accepts: those from config (hashed on load) and the key file (re-read when it
+    changes), with their rate limiters. No keys at all means an open endpoint."""
+
+    def __init__(
+        self,
+        config_keys: list[ClientKey],
+        keys_file: Path | None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._config_keys, self._file = config_keys, keys_file
+        self._by_hash: dict[str, ClientKey] = {}
+        self._mtime: float | None = -1.0  # never equal to a real mtime or None: the first reload reads
+        self.limiter = RateLimiter(clock)
+        self.reload()
+
+    def reload(self) -> None:
+        """Re-read the key file if it changed (revocations take effect without a restart)."""
+        mtime = self._file.stat().st_mtime if self._file is not None and self._file.is_file() else None
+        if mtime == self._mtime:
+            return
+        stored = KeyStore(self._file).load() if mtime is not None else []
+        self._by_hash = {k.sha256: k for k in [*self._config_keys, *stored]}
+        self._mtime = mtime
+
+    def authenticate(self, authorization: str) -> ClientKey | None:
+        """The key of an `Authorization: Bearer ...` header; None when no keys are configured. A lookup
+        by hash: nothing about how much of a key matched shows in the timing."""
+        if not self._by_hash:
+            return None
+        scheme, _, token = authorization.partition(" ")
+        token = token.strip()
+        key = self._by_hash.get(hash_key(token)) if scheme.lower() == "bearer" and token else None
+        if key is None or key.revoked:
+            raise errors.unauthorized()
+        return key
+
+    def admit(self, key: ClientKey | None, model: str) -> None:
+        """The key's model allow-list (403) and rate limits (429 with Retry-After)."""
+        if key is None:
+            return
+        if key.models is not None and model not in key.models:
+            raise errors.APIError(
+                403,
+                f"This API key may not use model '{model}'.",
+                param="model",
+                type="permission_error",
+                code="model_not_allowed",
+            )
+        wait = self.limiter.admit(key)
+        if wait is not None:
+            metrics.KEY_REQUESTS.labels(key.key_id, "rate_limited").inc()
+            raise errors.APIError(
+                429,
+                f"Rate limit of API key {key.key_id} reached; retry in {wait:.1f} s.",
+                type="rate_limit_error",
+                code="rate_limit_exceeded",
+                retry_after_s=wait,
+            )

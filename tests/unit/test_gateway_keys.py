@@ -36,7 +36,7 @@ def _gateway(keys_file, clock=None):
     )
     core.set_nodes([_stats("a")])
     if clock is not None:
-        core._limiter = RateLimiter(clock)
+        core.keys.limiter = RateLimiter(clock)
     return TestClient(build_fastapi(lambda: core)), core
 
 
@@ -94,7 +94,7 @@ def test_model_allow_list_and_revocation_without_restart(tmp_path):
     import os
 
     os.utime(tmp_path / "keys.json", (0, 12345))  # a distinct mtime even within the same clock tick
-    core.reload_keys()  # what the background refresh does every 0.5 s
+    core.keys.reload()  # what the background refresh does every 0.5 s
     assert client.post("/v1/completions", json=BODY, headers=_auth(secret)).status_code == 401
 
 
@@ -126,10 +126,9 @@ def test_config_keys_are_hashed_too():
         None,
         None,
     )
-    assert list(core._keys) == [hash_key("s3cret")] and all(
-        isinstance(k, ClientKey) for k in core._keys.values()
-    )
-    assert "s3cret" not in json.dumps([k.model_dump() for k in core._keys.values()])
+    stored = core.keys._by_hash
+    assert list(stored) == [hash_key("s3cret")] and all(isinstance(k, ClientKey) for k in stored.values())
+    assert "s3cret" not in json.dumps([k.model_dump() for k in stored.values()])
 
 
 @pytest.mark.parametrize("bad", ["", "Bearer", "Basic abc", "Bearer  "])
