@@ -40,6 +40,7 @@ from routing.shadow import Capture, strip_token_ids, verifiable
 log = logging.getLogger("meritnet.gateway")
 
 DONE = "data: [DONE]\n\n"
+_REMOTE_TIMEOUT_S = 10.0  # every background call to another actor is bounded by this
 _ABSENT_RETRY_S = 5.0  # validators start after the gateway: their actors appear within seconds
 
 
@@ -179,7 +180,8 @@ class GatewayCore:
         self.keys.reload()
         if self._registry is None:
             return
-        stats: list[NodeStats] = await self._registry.snapshot.remote()
+        # bounded: a stuck registry must not stall the refresher (the last snapshot keeps serving)
+        stats: list[NodeStats] = await asyncio.wait_for(self._registry.snapshot.remote(), _REMOTE_TIMEOUT_S)
         self.set_nodes(stats)
         await self._refresh_quality()
         if self._shadow_feed is None and self.config.shadow_rate > 0:
@@ -195,7 +197,9 @@ class GatewayCore:
             self._consensus = await self._named_actor(self.config.consensus_name)
             if self._consensus is None:
                 return  # no validators in this network: every node stays unscored
-        scores: QualityScores | None = await self._consensus.latest.remote()
+        scores: QualityScores | None = await asyncio.wait_for(
+            self._consensus.latest.remote(), _REMOTE_TIMEOUT_S
+        )
         if scores is not None and scores.epoch != self._quality_epoch:
             self.selector.update_quality(scores)
             self._quality_epoch = scores.epoch
@@ -209,7 +213,9 @@ class GatewayCore:
         if now < self._absent_until.get(name, 0.0):
             return None
         try:
-            return await asyncio.to_thread(ray.get_actor, name, namespace=self.config.namespace)
+            return await asyncio.wait_for(
+                asyncio.to_thread(ray.get_actor, name, namespace=self.config.namespace), _REMOTE_TIMEOUT_S
+            )
         except ValueError:
             self._absent_until[name] = now + _ABSENT_RETRY_S
             return None
