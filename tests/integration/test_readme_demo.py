@@ -26,6 +26,20 @@ def _blocks(heading: str, lang: str) -> list[str]:
     return re.findall(rf"```{lang}\n(.*?)```", section, re.S)
 
 
+def _cli(cwd: Path, command: str) -> str:
+    """Run a README `meritnet ...` command line with this checkout's meritnet; its output."""
+    r = subprocess.run(
+        ["bash", "-c", f"{MERITNET.parent}/{command}"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert r.returncode == 0, (command, r.stdout, r.stderr[-2000:])
+    return r.stdout
+
+
 def _status(port: int, secret: str | None) -> int:
     import urllib.error
     import urllib.request
@@ -96,35 +110,14 @@ def test_readme_demo_commands_work(tmp_path):
         create, list_, revoke = [
             line.split("#")[0].strip() for line in _blocks("### API keys", "bash")[0].splitlines()
         ]
-        r = subprocess.run(
-            ["bash", "-c", f"{MERITNET.parent}/{create}"],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert r.returncode == 0, r.stderr
-        secret = next(line for line in r.stdout.splitlines() if line.startswith("mn-"))
-        key_id = re.search(r"key id (k-[0-9a-f]+)", r.stdout).group(1)
+        out = _cli(tmp_path, create)
+        secret = next(line for line in out.splitlines() if line.startswith("mn-"))
+        key_id = re.search(r"key id (k-[0-9a-f]+)", out).group(1)
         time.sleep(2)  # the gateway re-reads the key file within a refresh
         assert _status(port, None) == 401 and _status(port, secret) == 200
-        listed = subprocess.run(
-            ["bash", "-c", f"{MERITNET.parent}/{list_}"],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={**os.environ, "COLUMNS": "200"},
-        )
-        assert key_id in listed.stdout and secret not in listed.stdout
-        r = subprocess.run(
-            ["bash", "-c", f"{MERITNET.parent}/{revoke.replace('k-1a2b3c4d', key_id)}"],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert r.returncode == 0, r.stderr
+        listed = _cli(tmp_path, list_)
+        assert key_id in listed and secret not in listed
+        _cli(tmp_path, revoke.replace("k-1a2b3c4d", key_id))
         time.sleep(2)
         assert _status(port, secret) == 401
     finally:
