@@ -376,12 +376,11 @@ class GatewayCore:
                     continue
                 ctx.tally.add(parsed)
                 return await self._complete(ctx, head)
-            if stream:
-                return StreamingResponse(
-                    self._stream(ctx, first, gen),
-                    media_type="text/event-stream",
-                    headers={"x-meritnet-request-id": rid, "x-meritnet-node": node.node_id},
-                )
+            return StreamingResponse(
+                self._stream(ctx, first, gen),
+                media_type="text/event-stream",
+                headers={"x-meritnet-request-id": rid, "x-meritnet-node": node.node_id},
+            )
         if not tried:
             raise errors.no_live_node(model)
         raise last_error or errors.upstream_failed(model)

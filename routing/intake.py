@@ -110,11 +110,11 @@ def _too_deep(raw: bytes, max_depth: int) -> bool:
     return False
 
 
-def _walk(value: Any, max_depth: int) -> None:
-    """Depth and string checks, iteratively (a deep value must not exhaust the stack)."""
-    stack = [(value, 1)]
+def _check_strings(value: Any) -> None:
+    """Refuse lone surrogates in any key or string, iteratively (depth was bounded before parsing)."""
+    stack = [value]
     while stack:
-        v, depth = stack.pop()
+        v = stack.pop()
         if isinstance(v, str):
             try:
                 v.encode("utf-8")
@@ -124,15 +124,11 @@ def _walk(value: Any, max_depth: int) -> None:
                     "The request contains a lone UTF-16 surrogate (e.g. \\ud800); send valid Unicode.",
                     code="invalid_unicode",
                 ) from None
-        elif isinstance(v, dict | list):
-            if depth > max_depth:
-                raise errors.APIError(
-                    400, f"The request body nests deeper than {max_depth} levels.", code="too_deep"
-                )
-            items = v.values() if isinstance(v, dict) else v
-            stack.extend((x, depth + 1) for x in items)
-            if isinstance(v, dict):
-                stack.extend((k, depth) for k in v)
+        elif isinstance(v, dict):
+            stack.extend(v)
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
 
 
 async def read_json(request: Request, limits: IntakeLimits) -> dict:
@@ -168,15 +164,11 @@ async def read_json(request: Request, limits: IntakeLimits) -> dict:
         )
     except UnicodeDecodeError:
         raise errors.malformed_json("it is not valid UTF-8") from None
-    except RecursionError:
-        raise errors.APIError(
-            400, f"The request body nests deeper than {limits.max_json_depth} levels.", code="too_deep"
-        ) from None
     except ValueError as exc:  # JSONDecodeError is a ValueError, as are the hooks' refusals
         raise errors.malformed_json(str(exc)) from None
     if not isinstance(payload, dict):
         raise errors.malformed_json("expected a JSON object at the top level")
-    _walk(payload, limits.max_json_depth)
+    _check_strings(payload)
     return payload
 
 

@@ -68,15 +68,18 @@ BASES = [
 ]
 
 
+class _ChatNode(FakeNode):
+    """Answers chat like completions (the gateway only relays it); a subclass, so FakeNode stays as is."""
+
+    @property
+    def chat(self):
+        return self.completions
+
+
 def _gateway():
-    node = FakeNode("a")
+    node = _ChatNode("a")
     core = GatewayCore(GatewayConfig(), load_selector(registry=None), {"a": node}.__getitem__, None, None)
     core.set_nodes([_stats("a")])
-
-    class _ChatNode(FakeNode):  # the fake answers chat like completions (the gateway only relays it)
-        pass
-
-    node.__class__.chat = property(lambda self: self.completions)
     return TestClient(build_fastapi(lambda: core), raise_server_exceptions=False)
 
 
