@@ -85,6 +85,12 @@ class NodeSpec(_Frozen):
         default_factory=dict,
         description="Extra vLLM engine arguments (validated by vLLM itself when the engine starts).",
     )
+    endpoint: str | None = Field(
+        default=None,
+        max_length=256,
+        description="An *open* node's base URL (its operator runs it; the gateway calls it over HTTP with "
+        "a per-node secret). None: a *managed* node, a Serve deployment in the network's own Ray cluster.",
+    )
 
     @property
     def accelerator_resource(self) -> str:
@@ -142,6 +148,9 @@ class NodeStats(_Frozen):
     running_replicas: int = Field(ge=0)
     in_flight: int = Field(default=0, ge=0, description="Requests the gateways have outstanding on it.")
     joined_at: FiniteFloat = Field(description="Unix time the node joined the network.")
+    kind: Literal["managed", "open"] = Field(
+        default="managed", description="Managed (the runner's Ray cluster) or open (an operator's machine)."
+    )
 
 
 class NodeScore(_Frozen):

@@ -1,7 +1,8 @@
 """The node registry: which nodes exist, which are live, what they serve, how loaded they are.
 
-It runs as one named, detached Ray actor. Liveness comes from Serve itself (a node is live while
-its deployment has a RUNNING replica); load comes from the gateways, which push their in-flight
+It runs as one named, detached Ray actor. A managed node's liveness comes from Serve itself (live while
+its deployment has a RUNNING replica), an open node's from a health probe of its endpoint every poll;
+load comes from the gateways, which push their in-flight
 counts. Readers (gateways, validators) poll `snapshot()` in the background and keep a local copy,
 so nothing on a request's hot path waits for the registry.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from cluster.deployment import deployment_name
 from cluster.records import NodeSpec, NodeStats
+from cluster.registration import RegistrationError
 
 log = logging.getLogger(__name__)
 
@@ -32,41 +34,70 @@ class _Entry:
     live: bool = False
     running_replicas: int = 0
     in_flight: dict[str, int] = field(default_factory=dict)  # gateway id -> count
+    secret: str | None = None  # an open node's per-node secret (the gateway presents it); never in a snapshot
+
+
+@dataclass(frozen=True)
+class NodeLink:
+    """How a gateway reaches an open node: its endpoint and the secret it presents there."""
+
+    endpoint: str
+    secret: str
 
 
 class NodeRegistryCore:
     """The registry's state and rules, without Ray (unit-testable).
 
-    With `state_path`, the registered nodes (spec and join time) are written there on every change
-    (atomically: a temporary file renamed over it) and read back at start, so a registry that
+    Managed nodes come from the network's config (`sync`); open nodes join and leave by signed
+    registration (`join` / `leave`, after the gateway checked the signature and probed the endpoint).
+    Each operator's last registration nonce is kept, so a signed message is accepted once.
+
+    With `state_path`, nodes (spec, join time, an open node's secret) and nonces are written there on
+    every change (atomically, mode 0600: it holds secrets) and read back at start, so a registry that
     crashed and was restarted by Ray knows its nodes again instead of 404ing every model."""
 
     def __init__(self, state_path: Path | None = None) -> None:
         self._nodes: dict[str, _Entry] = {}
+        self._nonces: dict[str, int] = {}  # operator address -> last accepted registration nonce
         self._path = state_path
         if state_path is not None and state_path.is_file():
-            for item in json.loads(state_path.read_text()):
+            data = json.loads(state_path.read_text())
+            if isinstance(data, list):  # the format before open nodes: managed nodes only
+                data = {"nodes": data, "nonces": {}}
+            for item in data["nodes"]:
                 spec = NodeSpec.model_validate(item["spec"])
-                self._nodes[spec.node_id] = _Entry(spec, joined_at=float(item["joined_at"]))
+                self._nodes[spec.node_id] = _Entry(
+                    spec, joined_at=float(item["joined_at"]), secret=item.get("secret")
+                )
+            self._nonces = {a: int(n) for a, n in data["nonces"].items()}
 
     def _save(self) -> None:
         if self._path is None:
             return
-        items = [
-            {"spec": e.spec.model_dump(mode="json"), "joined_at": e.joined_at} for e in self._nodes.values()
+        nodes = [
+            {"spec": e.spec.model_dump(mode="json"), "joined_at": e.joined_at, "secret": e.secret}
+            for e in self._nodes.values()
         ]
         tmp = self._path.with_name(self._path.name + ".tmp")
-        tmp.write_text(json.dumps(items))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"nodes": nodes, "nonces": self._nonces}, f)
         os.replace(tmp, self._path)
 
     def sync(self, specs: list[NodeSpec], now: float | None = None) -> None:
-        """Hold exactly `specs` (the network's configured nodes): new ones join, changed ones re-join,
-        others leave."""
+        """Hold exactly `specs` as the managed nodes (the network's config): new ones join, changed ones
+        re-join, others leave. Open nodes are not the config's to change."""
         wanted = {s.node_id: s for s in specs}
-        for node_id in [n for n, e in self._nodes.items() if wanted.get(n) != e.spec]:
+        for node_id in [
+            n for n, e in self._nodes.items() if e.spec.endpoint is None and wanted.get(n) != e.spec
+        ]:
             del self._nodes[node_id]
         for spec in specs:
-            if spec.node_id not in self._nodes:
+            current = self._nodes.get(spec.node_id)
+            if current is not None and current.spec.endpoint is not None:
+                log.warning("config node %s has the id of an open node; the open node keeps it", spec.node_id)
+                continue
+            if current is None:
                 self._nodes[spec.node_id] = _Entry(spec, joined_at=now if now is not None else time.time())
         self._save()
 
@@ -85,11 +116,55 @@ class NodeRegistryCore:
         if self._nodes.pop(node_id, None) is not None:
             self._save()
 
+    # ---- open nodes (signatures and probes are checked by the caller; nonces and ownership here) ----
+    def check(self, node_id: str, operator: str, nonce: int, leaving: bool = False) -> None:
+        """Raise RegistrationError if `operator` may not (re)register or remove `node_id` with `nonce`."""
+        if nonce <= self._nonces.get(operator, -1):
+            raise RegistrationError(
+                409,
+                "this registration was already used (its nonce is not above the last one); sign a new one",
+                "replayed",
+            )
+        current = self._nodes.get(node_id)
+        if current is None:
+            if leaving:
+                raise RegistrationError(404, f"node {node_id!r} is not registered", "unknown_node")
+            return
+        if current.spec.endpoint is None or current.spec.operator != operator:
+            raise RegistrationError(
+                409, f"node id {node_id!r} is held by another operator; pick another", "node_id_taken"
+            )
+
+    def join(self, spec: NodeSpec, secret: str, nonce: int, now: float | None = None) -> None:
+        """Add (or move: same operator, new endpoint) the open node `spec`."""
+        assert spec.endpoint is not None, "an open node has an endpoint"
+        self.check(spec.node_id, spec.operator, nonce)
+        self._nonces[spec.operator] = nonce
+        self._nodes[spec.node_id] = _Entry(
+            spec, joined_at=now if now is not None else time.time(), secret=secret
+        )
+        self._save()
+
+    def leave(self, node_id: str, operator: str, nonce: int) -> None:
+        self.check(node_id, operator, nonce, leaving=True)
+        self._nonces[operator] = nonce
+        del self._nodes[node_id]
+        self._save()
+
+    def links(self) -> dict[str, NodeLink]:
+        """Open nodes' endpoints and secrets (for gateways only: never part of a snapshot)."""
+        return {
+            n: NodeLink(e.spec.endpoint, e.secret)
+            for n, e in self._nodes.items()
+            if e.spec.endpoint is not None and e.secret is not None
+        }
+
     def specs(self) -> list[NodeSpec]:
         return [e.spec for e in self._nodes.values()]
 
     def set_liveness(self, replicas_running: dict[str, int]) -> None:
-        """`replicas_running`: node id -> RUNNING replicas per Serve (missing = 0)."""
+        """`replicas_running`: node id -> RUNNING replicas per Serve, or 1 for an open node that answered its
+        health probe (missing = 0)."""
         for node_id, entry in self._nodes.items():
             running = replicas_running.get(node_id, 0)
             entry.running_replicas = running
@@ -111,6 +186,7 @@ class NodeRegistryCore:
                 running_replicas=e.running_replicas,
                 in_flight=sum(e.in_flight.values()),
                 joined_at=e.joined_at,
+                kind="managed" if e.spec.endpoint is None else "open",
             )
             for e in self._nodes.values()
         ]
@@ -133,8 +209,38 @@ def _running_replicas_from_serve(specs: list[NodeSpec]) -> dict[str, int]:
     return running
 
 
+async def _probe_open_nodes(links: dict[str, NodeLink], timeout_s: float = 2.0) -> dict[str, int]:
+    """1 for each open node whose /health answers 200 within `timeout_s`, else 0 (concurrently)."""
+    import httpx
+
+    async def one(client: httpx.AsyncClient, link: NodeLink) -> int:
+        try:
+            return int((await client.get(f"{link.endpoint}/health")).status_code == 200)
+        except httpx.HTTPError:
+            return 0
+
+    async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False) as client:
+        results = await asyncio.gather(*(one(client, link) for link in links.values()))
+    return dict(zip(links, results, strict=True))
+
+
+def _refused(call, *args) -> tuple[int, str, str] | None:
+    try:
+        call(*args)
+    except RegistrationError as exc:
+        return exc.status, str(exc), exc.code
+    return None
+
+
+def refusal_of(answer: tuple[int, str, str] | None) -> None:
+    """Raise the RegistrationError a registry actor call returned (if any)."""
+    if answer is not None:
+        raise RegistrationError(*answer)
+
+
 class NodeRegistry:
-    """Ray actor around NodeRegistryCore that polls Serve for liveness."""
+    """Ray actor around NodeRegistryCore that polls Serve (managed nodes) and endpoints (open nodes)
+    for liveness."""
 
     def __init__(self, poll_interval_s: float = 1.0, state_path: str | None = None) -> None:
         self._core = NodeRegistryCore(Path(state_path) if state_path else None)
@@ -144,8 +250,12 @@ class NodeRegistry:
     async def _poll(self) -> None:
         while True:
             try:
-                running = await asyncio.to_thread(_running_replicas_from_serve, self._core.specs())
-                self._core.set_liveness(running)
+                managed = [s for s in self._core.specs() if s.endpoint is None]
+                running, probed = await asyncio.gather(
+                    asyncio.to_thread(_running_replicas_from_serve, managed),
+                    _probe_open_nodes(self._core.links()),
+                )
+                self._core.set_liveness({**running, **probed})
             except Exception as exc:  # noqa: BLE001 - Serve restarting: keep the last view, try again
                 log.warning("registry: could not read Serve status (%s); keeping last view", exc)
             await asyncio.sleep(self._poll_interval_s)
@@ -164,6 +274,21 @@ class NodeRegistry:
     async def sync(self, specs: list[NodeSpec]) -> None:
         self._ensure_polling()
         self._core.sync(specs)
+
+    # A refusal is returned, not raised, so its status and code cross the actor boundary intact
+    # (`refusal_of` turns it back into the RegistrationError on the caller's side).
+    async def check(self, node_id: str, operator: str, nonce: int, leaving: bool = False) -> tuple | None:
+        return _refused(self._core.check, node_id, operator, nonce, leaving)
+
+    async def join(self, spec: NodeSpec, secret: str, nonce: int) -> tuple | None:
+        self._ensure_polling()
+        return _refused(self._core.join, spec, secret, nonce)
+
+    async def leave(self, node_id: str, operator: str, nonce: int) -> tuple | None:
+        return _refused(self._core.leave, node_id, operator, nonce)
+
+    async def links(self) -> dict[str, NodeLink]:
+        return self._core.links()
 
     async def report_load(self, gateway_id: str, in_flight: dict[str, int]) -> None:
         self._core.report_load(gateway_id, in_flight)

@@ -1,9 +1,9 @@
 """The OpenAI-compatible gateway's request path (its HTTP app and Serve deployment: routing/app.py).
 
 One request: parse and validate with vLLM's protocol models (through ray.serve.llm) -> choose a
-live node (in-process, from a snapshot refreshed in the background) -> call the node's
-LLMServer deployment through a Serve handle -> pass chunks through as they come -> write one
-usage record durably -> tell the client the request completed.
+live node (in-process, from a snapshot refreshed in the background) -> call the node (a managed
+node's LLMServer by Serve handle, an open node over HTTP: cluster/nodes.py) -> pass chunks through
+as they come -> write one usage record durably -> tell the client the request completed.
 
 A node that fails before the first byte reaches the client is reported to the router and the
 request is retried on another node; after the first byte, the stream ends with an error event.
@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from starlette.responses import Response, StreamingResponse
 
 from cluster.completions import NodeError, parse_body
+from cluster.nodes import NodeDirectory
 from cluster.records import NodeStats, QualityScores, UsageRecord, keyed_sample
 from routing import errors, intake, metrics
 from routing.intake import IntakeLimits
@@ -153,7 +154,8 @@ class GatewayCore:
             else {m: TokenCounter.load(spec) for m, spec in config.metered_models.items()}
         )
         self.selector = selector
-        self._handle_for = handle_for  # node_id -> Serve handle of the node's LLMServer
+        # managed nodes by Serve handle (`handle_for(node_id)`), open nodes over HTTP (registry links)
+        self.nodes = NodeDirectory(handle_for)
         self._sink = sink  # Ray actor handle with record.remote(list[UsageRecord])
         self._registry = registry
         self._nodes: dict[str, NodeStats] = {}
@@ -182,6 +184,7 @@ class GatewayCore:
             return
         # bounded: a stuck registry must not stall the refresher (the last snapshot keeps serving)
         stats: list[NodeStats] = await asyncio.wait_for(self._registry.snapshot.remote(), _REMOTE_TIMEOUT_S)
+        self.nodes.set_links(await asyncio.wait_for(self._registry.links.remote(), _REMOTE_TIMEOUT_S))
         self.set_nodes(stats)
         await self._refresh_quality()
         if self._shadow_feed is None and self.config.shadow_rate > 0:
@@ -319,7 +322,7 @@ class GatewayCore:
             if node is None:
                 break
             tried.add(node.node_id)
-            gen = getattr(self._handle_for(node.node_id).options(stream=True), method).remote(body, None)
+            gen = self.nodes.client(node.node_id).call(method, body)
             self._begin(node.node_id)
             ctx = _Ctx(rid, node, body, started, t0, client_wants_usage, strip_ids, capture)
             ctx.counter, ctx.key = self._counters.get(model), key
@@ -459,6 +462,10 @@ class GatewayCore:
                     if not piece.startswith("data: {"):
                         raise ValueError("not a data event")
                     parsed = parse_body(piece[6:])
+                    if parsed.error is not None:  # an open node's error event (HTTP carries it as data)
+                        out.append(_engine_error(parsed.error).sse_event().decode())
+                        status = "error"
+                        break
                     ctx.tally.add(parsed)
                     if not parsed.choices and parsed.usage is not None:  # the node's usage chunk
                         if not ctx.client_wants_usage:

@@ -1,0 +1,147 @@
+"""An open node's HTTP face: the operator's Serve app that the network's gateway calls.
+
+`meritnet node serve` deploys the node's LLMServer (cluster/deployment.py, the same node as a managed
+one) and, in front of it, this small ingress on the operator's Serve HTTP port:
+
+    GET  /health                 200 while the ingress runs (the registry's liveness probe)
+    GET  /v1/models              the model id it serves (the gateway's probe at join)
+    POST /v1/chat/completions    OpenAI-compatible, streaming, token ids: only with the node's secret
+    POST /v1/completions         same
+
+The answer is the node's text as it comes (whole JSON, or `data: ...` events; an error in the middle
+of a stream is sent as a `data:` event too). The secret is the one the network handed out at join
+(`meritnet node join` writes it to `secret_file`, mode 0600); it is re-read when the file changes, so
+a node can join, leave and re-join without a restart. Until it exists, generation answers 503.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from pathlib import Path
+
+INGRESS_NAME = "node-ingress"
+
+
+class SecretFile:
+    """The accepted secret, re-read when the file's mtime or size changes (a stat per request)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._seen: tuple[int, int] | None = None
+        self._secret: bytes | None = None
+
+    def current(self) -> bytes | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            self._seen, self._secret = None, None
+            return None
+        if (st.st_mtime_ns, st.st_size) != self._seen:
+            self._secret = self.path.read_bytes().strip() or None
+            self._seen = (st.st_mtime_ns, st.st_size)
+        return self._secret
+
+    def accepts(self, authorization: str) -> bool:
+        secret = self.current()
+        scheme, _, presented = authorization.partition(" ")
+        return (
+            secret is not None
+            and scheme.lower() == "bearer"
+            and hmac.compare_digest(presented.strip().encode(), secret)
+        )
+
+
+def _error(status: int, message: str, type_: str):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": {"message": message, "type": type_, "code": status}}, status_code=status)
+
+
+def _status_of(text: str) -> int:
+    """The HTTP status of a whole answer: an engine error's code (4xx/5xx), else 200."""
+    from cluster.completions import parse_body
+
+    try:
+        error = parse_body(text).error
+    except ValueError:
+        return 500
+    if error is None:
+        return 200
+    return error.code if isinstance(error.code, int) and 400 <= error.code < 600 else 500
+
+
+def node_ingress_app(model_id: str, node_app_name: str, secret_file: Path):
+    """The ingress deployment, bound (place it with the node's app; it reaches the node by handle)."""
+    from fastapi import FastAPI, Request
+    from ray import serve
+    from starlette.responses import Response, StreamingResponse
+
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+
+    # On the head node: the secret file lives where `meritnet node serve` and `node join` run.
+    @serve.deployment(
+        name=INGRESS_NAME,
+        max_ongoing_requests=1024,
+        ray_actor_options={"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}},
+    )
+    @serve.ingress(app)
+    class NodeIngress:
+        def __init__(self) -> None:
+            self._secret = SecretFile(secret_file)
+            self._node = serve.get_deployment_handle(node_app_name, app_name=node_app_name).options(
+                stream=True
+            )
+
+        @app.get("/health")
+        async def health(self):
+            return {"status": "ok"}
+
+        @app.get("/v1/models")
+        async def models(self):
+            return {"object": "list", "data": [{"id": model_id, "object": "model", "owned_by": "operator"}]}
+
+        async def _generate(self, request: Request, request_cls, method: str) -> Response:
+            if self._secret.current() is None:
+                return _error(
+                    503, "this node has not joined a network yet (meritnet node join)", "unavailable"
+                )
+            if not self._secret.accepts(request.headers.get("authorization", "")):
+                return _error(401, "only the network this node joined may call it", "authentication_error")
+            try:
+                body = request_cls.model_validate_json(await request.body())
+            except ValueError as exc:
+                return _error(400, f"invalid request: {exc.__class__.__name__}", "invalid_request_error")
+            if body.model != model_id:
+                return _error(404, f"this node serves {model_id!r}", "invalid_request_error")
+            gen = getattr(self._node, method).remote(body, None)
+            first = await anext(gen)
+            text = first[0] if isinstance(first, list) else first
+            if not body.stream or not text.startswith("data: "):  # a whole answer, or an error up front
+                return Response(text, status_code=_status_of(text), media_type="application/json")
+
+            async def events():
+                message = first
+                while True:
+                    for piece in message if isinstance(message, list) else [message]:
+                        yield piece if piece.startswith("data: ") else f"data: {piece}\n\n"
+                    try:
+                        message = await anext(gen)
+                    except StopAsyncIteration:
+                        return
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        @app.post("/v1/chat/completions")
+        async def chat(self, request: Request):
+            from ray.serve.llm.openai_api_models import ChatCompletionRequest
+
+            return await self._generate(request, ChatCompletionRequest, "chat")
+
+        @app.post("/v1/completions")
+        async def completions(self, request: Request):
+            from ray.serve.llm.openai_api_models import CompletionRequest
+
+            return await self._generate(request, CompletionRequest, "completions")
+
+    return NodeIngress.bind()

@@ -1,0 +1,181 @@
+"""One interface to a node, whichever kind it is: the gateway does not care how it reaches one.
+
+`NodeClient.call(method, body)` starts a completion and returns a `NodeStream`: an async iterator of
+what the node sent, as text (a whole JSON answer, or `data: ...` stream events, one or a list per
+message), with `cancel()` to stop the node's work. The gateway parses that text strictly
+(cluster/completions.py) and bounds how long it waits for each message, for both kinds alike.
+
+- `ServeNode`: a *managed* node, a Serve deployment in the network's own Ray cluster (a handle call).
+- `HttpNode`: an *open* node, an operator's Serve app reached over HTTP (cluster/node_http.py on the
+  other side) through one keep-alive pool per gateway, presenting the node's secret. Everything it
+  reads is bounded: an event larger than `MAX_EVENT_BYTES`, or a whole answer larger than
+  `MAX_BODY_BYTES`, ends the call with a ValueError (a malformed answer, the node's fault).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from cluster.registry import NodeLink
+
+MAX_EVENT_BYTES = 8 << 20  # one stream event: a chunk's text and ids are far smaller
+MAX_BODY_BYTES = 64 << 20  # one whole answer (n choices of up to max_tokens each, with ids)
+
+
+class NodeStream(Protocol):
+    def __aiter__(self) -> NodeStream: ...
+
+    async def __anext__(self) -> str | list[str]: ...
+
+    def cancel(self) -> None: ...
+
+
+class NodeClient(Protocol):
+    def call(self, method: str, body: Any) -> NodeStream:
+        """Start `method` ('chat' or 'completions') with a validated vLLM request model."""
+        ...
+
+
+class ServeNode:
+    """A managed node through its Serve handle (ray.serve.llm's LLMServer, cluster/deployment.py)."""
+
+    def __init__(self, handle) -> None:
+        self._handle = handle.options(stream=True)
+
+    def call(self, method: str, body: Any) -> NodeStream:
+        return getattr(self._handle, method).remote(body, None)
+
+
+_PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+
+
+class HttpNode:
+    """An open node over HTTP. `client` is the gateway's shared httpx.AsyncClient (its pool)."""
+
+    def __init__(self, link: NodeLink, client) -> None:
+        self.link = link
+        self._client = client
+
+    def call(self, method: str, body: Any) -> NodeStream:
+        return _HttpStream(self, method, body)
+
+
+class _HttpStream:
+    """One HTTP call as a NodeStream. Non-streamed: one message, the body. Streamed: each network read's
+    complete events as one message (events already here travel together, like a managed node's
+    coalesced chunks). A non-200 answer is one message with its body (the node's error JSON)."""
+
+    def __init__(self, node: HttpNode, method: str, body: Any) -> None:
+        self._node, self._method, self._body = node, method, body
+        self._response = None
+        self._chunks = None
+        self._buffer = b""
+        self._done = False
+        self._cancelled = False
+
+    def __aiter__(self) -> _HttpStream:
+        return self
+
+    async def _open(self) -> None:
+        client = self._node._client
+        request = client.build_request(
+            "POST",
+            self._node.link.endpoint + _PATHS[self._method],
+            content=self._body.model_dump_json(exclude_unset=True),
+            # identity: what a node sends is read as it comes, never inflated by a decompressor
+            headers={
+                "authorization": f"Bearer {self._node.link.secret}",
+                "content-type": "application/json",
+                "accept-encoding": "identity",
+            },
+        )
+        self._response = await client.send(request, stream=True)
+        self._chunks = self._response.aiter_raw()
+
+    async def _read_all(self) -> str:
+        data = bytearray()
+        async for piece in self._chunks:
+            data += piece
+            if len(data) > MAX_BODY_BYTES:
+                raise ValueError(f"answer larger than {MAX_BODY_BYTES} bytes")
+        return data.decode()
+
+    async def __anext__(self) -> str | list[str]:
+        if self._done or self._cancelled:
+            raise StopAsyncIteration
+        try:
+            if self._response is None:
+                await self._open()
+                if self._response.status_code != 200 or not getattr(self._body, "stream", False):
+                    self._done = True
+                    return await self._read_all()
+            while True:
+                events = self._split()
+                if events:
+                    return events
+                piece = await anext(self._chunks, None)
+                if piece is None:
+                    self._done = True
+                    if self._buffer.strip():
+                        raise ValueError("the stream ended inside an event")
+                    raise StopAsyncIteration
+                self._buffer += piece
+        except BaseException:
+            self.cancel()
+            raise
+
+    def _split(self) -> list[str]:
+        """The complete events in the buffer (`data: ...\\n\\n` each), removed from it."""
+        head, sep, rest = self._buffer.rpartition(b"\n\n")
+        if not sep:
+            if len(self._buffer) > MAX_EVENT_BYTES:
+                raise ValueError(f"a stream event larger than {MAX_EVENT_BYTES} bytes")
+            return []
+        self._buffer = rest
+        return [e.decode() + "\n\n" for e in (head + b"\n\n").split(b"\n\n")[:-1] if e.strip()]
+
+    def cancel(self) -> None:
+        """Close the connection: the node sees the client leave and stops the generation."""
+        if self._cancelled:
+            return
+        self._cancelled = True
+        if self._response is not None:
+            asyncio.get_running_loop().create_task(self._response.aclose())
+
+
+class NodeDirectory:
+    """node id -> NodeClient for the gateway: managed nodes through Serve handles (made on first use),
+    open nodes over HTTP from the registry's links (refreshed in the background)."""
+
+    def __init__(self, handle_for: Callable[[str], Any], http_client=None) -> None:
+        self._handle_for = handle_for
+        self._http = http_client
+        self._managed: dict[str, ServeNode] = {}
+        self._open: dict[str, HttpNode] = {}
+
+    def set_links(self, links: dict[str, NodeLink]) -> None:
+        """The open nodes' current endpoints and secrets (a node that re-joined gets a new client)."""
+        if links and self._http is None:
+            import httpx
+
+            # One pool for every open node: keep-alive connections, no total timeout (the gateway bounds
+            # the wait for each message itself); connecting is bounded here.
+            self._http = httpx.AsyncClient(
+                timeout=httpx.Timeout(None, connect=5.0),
+                limits=httpx.Limits(max_connections=4096, max_keepalive_connections=256),
+                follow_redirects=False,
+            )
+        self._open = {
+            n: self._open[n] if n in self._open and self._open[n].link == link else HttpNode(link, self._http)
+            for n, link in links.items()
+        }
+
+    def client(self, node_id: str) -> NodeClient:
+        node = self._open.get(node_id)
+        if node is not None:
+            return node
+        if node_id not in self._managed:
+            self._managed[node_id] = ServeNode(self._handle_for(node_id))
+        return self._managed[node_id]
