@@ -20,6 +20,8 @@ import hmac
 import os
 from pathlib import Path
 
+from fastapi import FastAPI, Request  # module level: FastAPI resolves the routes' annotations here
+
 INGRESS_NAME = "node-ingress"
 
 
@@ -73,7 +75,6 @@ def _status_of(text: str) -> int:
 
 def node_ingress_app(model_id: str, node_app_name: str, secret_file: Path):
     """The ingress deployment, bound (place it with the node's app; it reaches the node by handle)."""
-    from fastapi import FastAPI, Request
     from ray import serve
     from starlette.responses import Response, StreamingResponse
 

@@ -123,9 +123,9 @@ def typed_data(reg: Registration) -> dict:
     }
 
 
-def sign(reg: Registration, private_key) -> SignedRegistration:
-    """Sign with a key (bytes, hex, or an eth-account LocalAccount's key)."""
-    signed = Account.sign_message(encode_typed_data(full_message=typed_data(reg)), private_key)
+def sign(reg: Registration, account) -> SignedRegistration:
+    """Sign with an eth-account LocalAccount (or anything with its `sign_typed_data`, e.g. SettlerKey)."""
+    signed = account.sign_typed_data(full_message=typed_data(reg))
     return SignedRegistration(registration=reg, signature="0x" + bytes(signed.signature).hex())
 
 

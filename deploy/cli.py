@@ -3,6 +3,7 @@
 meritnet up                 start a local network in the foreground (Ctrl-C stops it)
 meritnet status             nodes, liveness and load of the running network
 meritnet models build       build the default model(s) into the cache
+meritnet node ...           run a node of your own and join a network with it (deploy/node_cli.py)
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from deploy.node_cli import node_app
+
 app = typer.Typer(help="meritnet: a decentralized inference network on Ray.", no_args_is_help=True)
 models_app = typer.Typer(help="Build and inspect local models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+app.add_typer(node_app, name="node")
 console = Console()
 
 

@@ -21,7 +21,14 @@ from deploy.scoring import ValidatorSpec
 # A well-known test address (anvil's first account); replace with your own in a real network.
 DEMO_OPERATOR_A = "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266"
 DEMO_OPERATOR_B = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"
-BUILTIN_MODEL = "builtin:default"  # model_source placeholder: the locally built default model
+BUILTIN_MODEL = "builtin:default"
+# vLLM on CPU: 1 GiB KV cache per engine is plenty for the small default model. vLLM pins each CPU
+# engine to a core by default, and every engine on one machine would pick the same core.
+CPU_ENGINE_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "OMP_NUM_THREADS": "1",
+}  # model_source placeholder: the locally built default model
 
 
 class NodeConfig(BaseModel):
@@ -74,18 +81,17 @@ class NetworkConfig(BaseSettings):
         default_factory=EngineDefaults, description="Engine settings shared by all nodes."
     )
     cluster: LocalClusterConfig = Field(
-        default_factory=lambda: LocalClusterConfig(
-            # 1 GiB KV cache per engine is plenty for the small default model. vLLM pins each
-            # CPU engine to a core by default, and every engine would pick the same core here.
-            env_vars={
-                "VLLM_CPU_KVCACHE_SPACE": "1",
-                "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-                "OMP_NUM_THREADS": "1",
-            }
-        ),
+        default_factory=lambda: LocalClusterConfig(env_vars=CPU_ENGINE_ENV),
         description="Shape of the local Ray cluster.",
     )
     api_keys: list[SecretStr] = Field(default_factory=list, description="Bearer keys; empty = open endpoint.")
+    admit_open_nodes: bool = Field(
+        default=True,
+        description="Operators may bring nodes of their own (`meritnet node join`, signed registration).",
+    )
+    stream_idle_timeout_s: float = Field(
+        default=60.0, gt=0, description="A node silent this long in the middle of a stream is cut off."
+    )
     router_config: str | None = Field(
         default=None, description="Routing profile YAML (default profile if unset)."
     )

@@ -68,6 +68,31 @@ def prepare_state(state_dir: Path, chain_url: str) -> float:
     return genesis
 
 
+def wait_running(apps: list[str], timeout_s: float) -> None:
+    """Wait until every Serve application in `apps` is RUNNING; NetworkStartError (with the failed
+    app's message and what to do) if one fails or time runs out."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        statuses = serve.status().applications
+        states = {
+            a: str(getattr(statuses[a].status, "value", statuses[a].status)) if a in statuses else "NEW"
+            for a in apps
+        }
+        failed = [a for a, s in states.items() if s in ("DEPLOY_FAILED", "UNHEALTHY")]
+        if failed:
+            msg = "; ".join(f"{a}: {statuses[a].message[-600:]}" for a in failed)
+            raise NetworkStartError(
+                f"node deployment failed: {msg}\nCheck the node's model_source and engine_kwargs; "
+                "set MERITNET_RAY_LOGS=1 to see engine logs."
+            )
+        if all(s == "RUNNING" for s in states.values()):
+            return
+        time.sleep(1.0)
+    raise NetworkStartError(f"nodes did not become ready within {timeout_s:.0f}s: {states}")
+
+
 @dataclass
 class LocalNetwork:
     """A running local network. Use as a context manager or call start()/stop()."""
@@ -144,17 +169,24 @@ class LocalNetwork:
             wait_for_applications_running=False,
         )
 
-        ray.get(registry.sync.remote(self.specs))  # exactly the configured nodes (also after a restart)
+        ray.get(
+            registry.sync.remote(self.specs)
+        )  # exactly the configured managed nodes (also after a restart)
         scoring_sources, scoring_engine = self._start_reference_engines()  # loads alongside the nodes
-        self._wait_running([deployment_name(s) for s in self.specs], timeout_s)
+        wait_running([deployment_name(s) for s in self.specs], timeout_s)
 
         self.on_step("Starting the gateway")
         challenge_key = secrets.token_hex(16)  # per run; only validators know it
         shadow = bool(cfg.validators) and cfg.shadow_rate > 0
         if shadow:
             self.shadow_feed = start_shadow_feed()
+        # open nodes sign their registrations for the chain this network settles on
+        chain_id = ray.get(self.settlement.status.remote())["chain_id"] if self.settlement else 0
         gw = GatewayConfig(
             usage_sink_name=USAGE_STORE_NAME,
+            chain_id=chain_id,
+            admit_open_nodes=cfg.admit_open_nodes,
+            stream_idle_timeout_s=cfg.stream_idle_timeout_s,
             router_config=cfg.router_config,
             api_keys=tuple(cfg.api_keys),
             keys_file=str(cfg.state_dir / KEYS_FILE),
@@ -204,34 +236,12 @@ class LocalNetwork:
             self.reference_engines = start_reference_engines(sources, engine)
         return sources, engine
 
-    def _wait_running(self, apps: list[str], timeout_s: float) -> None:
-        from ray import serve
-
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            statuses = serve.status().applications
-            states = {
-                a: str(getattr(statuses[a].status, "value", statuses[a].status)) if a in statuses else "NEW"
-                for a in apps
-            }
-            failed = [a for a, s in states.items() if s in ("DEPLOY_FAILED", "UNHEALTHY")]
-            if failed:
-                msg = "; ".join(f"{a}: {statuses[a].message[-600:]}" for a in failed)
-                raise NetworkStartError(
-                    f"node deployment failed: {msg}\nCheck the node's model_source and engine_kwargs; "
-                    "set MERITNET_RAY_LOGS=1 to see engine logs."
-                )
-            if all(s == "RUNNING" for s in states.values()):
-                return
-            time.sleep(1.0)
-        raise NetworkStartError(f"nodes did not become ready within {timeout_s:.0f}s: {states}")
-
     def _wait_live(self, registry, timeout_s: float) -> None:
         import ray
 
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            live = [s for s in ray.get(registry.snapshot.remote()) if s.live]
+            live = [s for s in ray.get(registry.snapshot.remote()) if s.live and s.kind == "managed"]
             if len(live) == len(self.specs):
                 return
             time.sleep(0.5)

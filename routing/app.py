@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
-from routing import errors, metrics
+from routing import errors, intake, metrics
 from routing.gateway import GatewayConfig, GatewayCore
 
 log = logging.getLogger("meritnet.gateway")
@@ -83,6 +83,31 @@ def build_fastapi(core_getter, cors_origins: tuple[str, ...] = ()) -> FastAPI:
         core.admit(key, body.model)
         return await core.handle(request, body, method, key)
 
+    @app.get("/v1/nodes")
+    async def nodes_list():
+        core = core_getter()
+        await core.ensure_started()
+        return {"object": "list", "data": [s.model_dump(exclude={"in_flight"}) for s in core._nodes.values()]}
+
+    @app.get("/v1/nodes/domain")
+    async def nodes_domain():
+        return _admission(core_getter()).domain()
+
+    @app.post("/v1/nodes", status_code=201)
+    async def nodes_join(request: Request):
+        core = core_getter()
+        raw = await intake.read_json(request, core.config.intake)
+        answer = await _admission(core).join(raw)
+        log.info("open node %s joined for operator %s", answer["node_id"], answer["operator"])
+        return JSONResponse(answer, status_code=201, headers={"cache-control": "no-store"})
+
+    @app.post("/v1/nodes/leave")
+    async def nodes_leave(request: Request):
+        core = core_getter()
+        answer = await _admission(core).leave(await intake.read_json(request, core.config.intake))
+        log.info("open node %s left", answer["node_id"])
+        return answer
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         return await _generate(request, ChatCompletionRequest, "chat")
@@ -92,6 +117,14 @@ def build_fastapi(core_getter, cors_origins: tuple[str, ...] = ()) -> FastAPI:
         return await _generate(request, CompletionRequest, "completions")
 
     return app
+
+
+def _admission(core: GatewayCore):
+    if core.admission is None:
+        raise errors.APIError(
+            403, "This network does not admit open nodes.", type="permission_error", code="no_open_nodes"
+        )
+    return core.admission
 
 
 # The replica's GatewayCore. Routes reach it through `current_core`, a module-level function, so

@@ -32,6 +32,7 @@ from cluster.completions import NodeError, parse_body
 from cluster.nodes import NodeDirectory
 from cluster.records import NodeStats, QualityScores, UsageRecord, keyed_sample
 from routing import errors, intake, metrics
+from routing.admission import Admission
 from routing.intake import IntakeLimits
 from routing.keys import ClientKey, KeyRing, key_from_secret
 from routing.metering import MeteredModel, Tally, TokenCounter, metered, observe
@@ -110,6 +111,15 @@ class GatewayConfig(BaseModel):
         description="model id -> its tokenizer, so the gateway counts prompt and completion tokens itself "
         "(routing/metering.py). A model without one is metered from the node's ids and clamped report.",
     )
+    chain_id: int = Field(
+        default=0,
+        ge=0,
+        description="Chain id of the network's settlement chain: open nodes sign registrations for it.",
+    )
+    admit_open_nodes: bool = Field(
+        default=True,
+        description="Accept signed registrations of open nodes at POST /v1/nodes (routing/admission.py).",
+    )
     shadow_key: SecretStr = Field(
         default_factory=lambda: SecretStr(secrets.token_hex(16)),
         description="Key of the shadow sample's hash (random per gateway unless set); nodes never see it.",
@@ -158,6 +168,11 @@ class GatewayCore:
         self.nodes = NodeDirectory(handle_for)
         self._sink = sink  # Ray actor handle with record.remote(list[UsageRecord])
         self._registry = registry
+        self.admission = (
+            Admission(registry, config.chain_id, set(config.metered_models))
+            if registry is not None and config.admit_open_nodes
+            else None
+        )
         self._nodes: dict[str, NodeStats] = {}
         self._in_flight: Counter[str] = Counter()
         self._refresher: asyncio.Task | None = None

@@ -374,6 +374,7 @@ class SettlementService:
         latest = self.book.latest()
         return {
             "contract": self.chain.address,
+            "chain_id": self.chain.chain_id,
             "settler": self.key.address,
             "last_closed_epoch": self.ledger.last_closed_epoch(),
             "last_committed_epoch": None if latest is None else latest.epoch,

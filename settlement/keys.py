@@ -55,17 +55,22 @@ class SettlerKey:
             raise SettlerKeyError(
                 f"no settler key: set ${KEY_ENV} to a hex private key, or ${KEY_FILE_ENV} to a file holding one"
             )
+        return cls.from_file(Path(path))
+
+    @classmethod
+    def from_file(cls, path: Path, what: str = "settler key") -> SettlerKey:
+        """From a key file that only its owner can read (any signing key: the settler's, an operator's)."""
         try:
-            mode = Path(path).stat().st_mode
+            mode = path.stat().st_mode
             if mode & 0o077:
                 raise SettlerKeyError(
-                    f"the settler key file {path} is readable by group or others (mode {mode & 0o777:o}); "
+                    f"the {what} file {path} is readable by group or others (mode {mode & 0o777:o}); "
                     f"run `chmod 600 {path}`"
                 )
-            text = Path(path).read_text()
+            text = path.read_text()
         except OSError as exc:
-            raise SettlerKeyError(f"cannot read the settler key file {path}: {exc.strerror}") from None
-        return cls.from_hex(text, f"key file {path}")
+            raise SettlerKeyError(f"cannot read the {what} file {path}: {exc.strerror}") from None
+        return cls.from_hex(text, f"{what} file {path}")
 
     @classmethod
     def generate(cls) -> SettlerKey:
@@ -79,6 +84,10 @@ class SettlerKey:
     def sign_transaction(self, tx: dict) -> bytes:
         """Raw signed transaction bytes, ready for eth_sendRawTransaction."""
         return bytes(self._account.sign_transaction(tx).raw_transaction)
+
+    def sign_typed_data(self, full_message: dict):
+        """An EIP-712 signature (eth-account's SignedMessage: the signature and hash, not the key)."""
+        return self._account.sign_typed_data(full_message=full_message)
 
     def export_hex(self) -> str:
         """The secret itself, only for writing a key file the caller controls (e.g. tests)."""

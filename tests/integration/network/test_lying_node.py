@@ -1,63 +1,138 @@
-"""A lying node on the real network (issue 10): it inflates its usage, returns ids outside the
-vocabulary, and sends malformed chunks. Clients get clean answers or clean OpenAI errors; the ledger
+"""A lying node on the real network (issues 10 and 11), managed (a Serve deployment) and open (an HTTP
+server joined by signed registration): it inflates its usage, returns ids outside the vocabulary,
+sends malformed chunks, stalls and answers with non-JSON. Clients get clean answers or clean OpenAI errors; the ledger
 holds only what the gateway counted of what it really forwarded."""
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 import urllib.request
+from dataclasses import dataclass
 
 import pytest
 
-from tests.integration.network.liar import LIAR_ID, LIAR_MODEL, TEXT, liar_app
+from tests.integration.conftest import free_port
+from tests.integration.network.liar import LIAR_MODEL, TEXT, http_liar, liar_app
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def liar(network):
+@dataclass
+class Liar:
+    node_id: str
+    tok: object  # the trusted tokenizer
+
+
+def _wait_live(node_id: str, live: bool = True) -> None:
+    import ray
+
+    from cluster.registry import get_registry
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if any(s.node_id == node_id and s.live for s in ray.get(get_registry().snapshot.remote())) == live:
+            break
+        time.sleep(0.5)
+    time.sleep(1.5)  # the gateway refreshes its snapshot every 0.5 s
+
+
+def _managed(ids: list[int]):
     import ray
     from ray import serve
-    from transformers import AutoTokenizer
 
     from cluster.records import NodeSpec
     from cluster.registry import get_registry
-    from deploy.network import resolve_model_source
 
-    tok = AutoTokenizer.from_pretrained(resolve_model_source("builtin:default"))
-    serve.run(liar_app(tok.encode(TEXT, add_special_tokens=False)), name=f"node-{LIAR_ID}", route_prefix=None)
+    node_id = "liar-1"
+    serve.run(liar_app(node_id, ids), name=f"node-{node_id}", route_prefix=None)
     spec = NodeSpec(
-        node_id=LIAR_ID,
+        node_id=node_id,
         operator="0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC",
         model_id=LIAR_MODEL,
         model_source="builtin:default",
         accelerator_type="H100",
     )
-    registry = get_registry()
-    ray.get(registry.register.remote(spec))
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if any(s.node_id == LIAR_ID and s.live for s in ray.get(registry.snapshot.remote())):
-            break
-        time.sleep(0.5)
-    time.sleep(1.5)  # the gateway refreshes its snapshot every 0.5 s
-    yield tok
-    ray.get(registry.unregister.remote(LIAR_ID))
-    serve.delete(f"node-{LIAR_ID}")
+    ray.get(get_registry().register.remote(spec))
+    yield node_id
+    ray.get(get_registry().unregister.remote(node_id))
+    serve.delete(f"node-{node_id}")
 
 
-def _post(network, body: dict) -> tuple[int, dict, str]:
+def _signed(network, account, **fields) -> tuple[int, dict]:
+    from cluster.registration import Registration, sign
+
+    chain_id = json.loads(urllib.request.urlopen(f"{network.base_url}/v1/nodes/domain").read())["chain_id"]
+    reg = Registration(
+        operator=account.address,
+        chain_id=chain_id,
+        nonce=time.time_ns(),
+        expiry=int(time.time()) + 60,
+        **fields,
+    )
+    return sign(reg, account).model_dump()
+
+
+def _open(network, ids: list[int]):
+    """The HTTP liar on 127.0.0.1, joined by a signed registration like any operator's node."""
+    import uvicorn
+    from eth_account import Account
+
+    port, node_id, account = free_port(), "liar-2", Account.create()
+    server = uvicorn.Server(uvicorn.Config(http_liar(ids), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    join = _signed(
+        network,
+        account,
+        action="join",
+        node_id=node_id,
+        model=LIAR_MODEL,
+        accelerator="H100",
+        endpoint=f"http://127.0.0.1:{port}",
+    )
+    status, _, text = _send(f"{network.base_url}/v1/nodes", join)
+    assert status == 201, text
+    yield node_id
+    status, _, text = _send(
+        f"{network.base_url}/v1/nodes/leave", _signed(network, account, action="leave", node_id=node_id)
+    )
+    assert status == 200, text
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture(scope="module", params=["managed", "open"])
+def liar(network, request):
+    from transformers import AutoTokenizer
+
+    from deploy.network import resolve_model_source
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_source("builtin:default"))
+    ids = tok.encode(TEXT, add_special_tokens=False)
+    kind = _managed(ids) if request.param == "managed" else _open(network, ids)
+    node_id = next(kind)
+    _wait_live(node_id)
+    yield Liar(node_id, tok)
+    next(kind, None)
+
+
+def _send(url: str, body: dict) -> tuple[int, dict, str]:
     req = urllib.request.Request(
-        f"{network.base_url}/v1/completions",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
     )
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             return r.status, dict(r.headers), r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, dict(e.headers), e.read().decode()
+
+
+def _post(network, body: dict) -> tuple[int, dict, str]:
+    return _send(f"{network.base_url}/v1/completions", body)
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -76,8 +151,8 @@ def test_inflated_usage_is_billed_as_counted(network, liar, usage_records, strea
     assert status == 200, text
     rid = headers["x-meritnet-request-id"]
     rec = usage_records()[rid]
-    expected_prompt = len(liar.encode(prompt, add_special_tokens=True))
-    expected_completion = len(liar.encode(TEXT, add_special_tokens=False))
+    expected_prompt = len(liar.tok.encode(prompt, add_special_tokens=True))
+    expected_completion = len(liar.tok.encode(TEXT, add_special_tokens=False))
     assert (rec.prompt_tokens, rec.completion_tokens, rec.status) == (
         expected_prompt,
         expected_completion,
@@ -95,7 +170,7 @@ def test_out_of_vocabulary_ids_are_billed_as_the_text(network, liar, usage_recor
     status, headers, _text = _post(network, {"model": LIAR_MODEL, "prompt": "oov please", "max_tokens": 16})
     assert status == 200
     rec = usage_records()[headers["x-meritnet-request-id"]]
-    assert rec.completion_tokens == len(liar.encode(TEXT, add_special_tokens=False))
+    assert rec.completion_tokens == len(liar.tok.encode(TEXT, add_special_tokens=False))
 
 
 @pytest.mark.parametrize("mode", ["garbage", "badtype"])
@@ -112,5 +187,26 @@ def test_malformed_chunks_end_in_a_clean_error_event(network, liar, usage_record
 
 def test_the_lies_are_counted_per_node(network, liar):
     metrics = urllib.request.urlopen(f"{network.base_url}/metrics", timeout=10).read().decode()
-    assert f'meritnet_usage_disagreements_total{{field="completion",node="{LIAR_ID}"}}' in metrics
-    assert f'meritnet_node_malformed_output_total{{node="{LIAR_ID}"}}' in metrics
+    assert f'meritnet_usage_disagreements_total{{field="completion",node="{liar.node_id}"}}' in metrics
+    assert f'meritnet_node_malformed_output_total{{node="{liar.node_id}"}}' in metrics
+
+
+def test_a_stalled_stream_ends_in_a_clean_error_and_a_record(network, liar, usage_records):
+    status, headers, text = _post(network, {"model": LIAR_MODEL, "prompt": "stall now", "stream": True})
+    assert status == 200 and "[DONE]" not in text
+    assert json.loads([e for e in text.split("\n\n") if e][-1][6:])["error"]["code"] == "stream_interrupted"
+    deadline = time.monotonic() + 10
+    while headers["x-meritnet-request-id"] not in usage_records() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert usage_records()[headers["x-meritnet-request-id"]].status == "error"
+
+
+def test_a_non_json_answer_is_a_clean_503_and_nothing_is_billed(network, liar, usage_records):
+    before = {r for r, rec in usage_records().items() if rec.node_id == liar.node_id}
+    status, _, text = _post(network, {"model": LIAR_MODEL, "prompt": "nonjson please", "max_tokens": 8})
+    assert status == 503 and json.loads(text)["error"]["code"] == "upstream_failed", text
+    assert not [
+        r
+        for r, rec in usage_records().items()
+        if rec.node_id == liar.node_id and r not in before and rec.status == "ok"
+    ]

@@ -1,0 +1,218 @@
+"""`meritnet node ...`: run a node of your own and bring it to a network.
+
+meritnet node serve --model default --accelerator H100 --port 8100       your node, on your Ray
+meritnet node join --network URL --node-id ID --key-file KEY             register it (signed, EIP-712)
+meritnet node leave --network URL --node-id ID --key-file KEY            take it out
+meritnet node list --network URL                                         every node of a network
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+node_app = typer.Typer(help="Run a node of your own and join a network with it.", no_args_is_help=True)
+console = Console()
+StateDir = typer.Option(
+    Path(".meritnet/node"), "--state-dir", help="The node's state folder (secret, node.json)."
+)
+Network = typer.Option(..., "--network", help="The network's endpoint, e.g. http://127.0.0.1:8000.")
+KeyFile = typer.Option(..., "--key-file", help="File (chmod 600) with your Ethereum private key: the payee.")
+VALIDITY_S = 300  # a signed message is good for five minutes
+
+
+@node_app.command("serve")
+def serve(
+    model: str = typer.Option(
+        "default", "--model", help="Model id the node serves (as the network names it)."
+    ),
+    accelerator: str = typer.Option(..., "--accelerator", help="Accelerator type, e.g. H100, L4."),
+    port: int = typer.Option(8100, "--port", help="HTTP port the network calls the node on."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (0.0.0.0 to be reachable)."),
+    address: str | None = typer.Option(None, "--address", help="Your Ray cluster (default: a private one)."),
+    source: str | None = typer.Option(
+        None, "--source", help="Weights: HF id or path (default: the model id)."
+    ),
+    capacity: int = typer.Option(8, "--capacity", help="Concurrent sequences the node takes."),
+    state_dir: Path = StateDir,
+) -> None:
+    """Start your node (vLLM on ray.serve.llm) behind an HTTP endpoint and serve until Ctrl-C."""
+    from deploy.config import CPU_ENGINE_ENV
+    from deploy.network import NetworkStartError
+    from deploy.open_node import OpenNode
+
+    node = OpenNode(
+        model=model,
+        accelerator=accelerator,
+        port=port,
+        host=host,
+        source=source,
+        capacity=capacity,
+        address=address,
+        state_dir=state_dir,
+        env_vars=CPU_ENGINE_ENV,
+    )
+    with console.status("Starting the node...") as status:
+        node.on_step = lambda msg: status.update(f"{msg}...")
+        try:
+            node.start()
+        except (NetworkStartError, KeyboardInterrupt) as exc:
+            console.print(f"[red]The node did not start:[/red] {exc}")
+            node.stop()
+            raise typer.Exit(1) from None
+    console.print(
+        f"Node ready at [bold]{node.endpoint}[/bold] ({model} on {accelerator}). Join a network with:"
+    )
+    console.print(
+        f"  meritnet node join --network http://NETWORK:8000 --node-id my-node --endpoint {node.endpoint} "
+        f"--key-file operator.key --state-dir {state_dir}",
+        soft_wrap=True,
+        highlight=False,
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop.wait()
+    with console.status("Stopping the node..."):
+        node.stop()
+    console.print("Stopped.")
+
+
+def _post(url: str, body: dict) -> dict:
+    import httpx
+
+    try:
+        answer = httpx.post(url, json=body, timeout=30)
+    except httpx.HTTPError as exc:
+        console.print(
+            f"[red]Could not reach {url} ({type(exc).__name__}).[/red] Is the network up at that address?"
+        )
+        raise typer.Exit(1) from None
+    try:
+        data = answer.json()
+    except ValueError:
+        data = {}
+    if answer.status_code >= 400:
+        message = (data.get("error") or {}).get("message") if isinstance(data, dict) else None
+        console.print(f"[red]Refused ({answer.status_code}):[/red] {message or answer.text[:300]}")
+        raise typer.Exit(1)
+    return data
+
+
+def _signed(network: str, key_file: Path, **fields) -> dict:
+    import httpx
+
+    from cluster.registration import Registration, sign
+    from settlement.keys import SettlerKey, SettlerKeyError
+
+    try:
+        key = SettlerKey.from_file(key_file, what="operator key")
+    except SettlerKeyError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    try:
+        domain = httpx.get(f"{network}/v1/nodes/domain", timeout=30).json()
+        chain_id = int(domain["chain_id"])
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        console.print(f"[red]{network} does not look like a meritnet endpoint (no /v1/nodes/domain).[/red]")
+        raise typer.Exit(1) from None
+    reg = Registration(
+        operator=key.address,
+        chain_id=chain_id,
+        nonce=time.time_ns(),  # grows with every message: the network accepts each one once
+        expiry=int(time.time()) + VALIDITY_S,
+        **fields,
+    )
+    return sign(reg, key).model_dump()
+
+
+@node_app.command("join")
+def join(
+    network: str = Network,
+    node_id: str = typer.Option(
+        ..., "--node-id", help="The node's id in the network (yours while you hold it)."
+    ),
+    key_file: Path = KeyFile,
+    model: str | None = typer.Option(None, "--model", help="Model id (default: what `node serve` runs)."),
+    endpoint: str | None = typer.Option(
+        None, "--endpoint", help="Your node's URL as the network reaches it."
+    ),
+    accelerator: str | None = typer.Option(
+        None, "--accelerator", help="Accelerator type (default: the node's)."
+    ),
+    capacity: int | None = typer.Option(
+        None, "--capacity", help="Concurrent sequences (default: the node's)."
+    ),
+    state_dir: Path = StateDir,
+) -> None:
+    """Register your node with a network, signed with your key; you are paid at the key's address."""
+    served = state_dir / "node.json"
+    defaults = json.loads(served.read_text()) if served.is_file() else {}
+    fields = {
+        "model": model or defaults.get("model"),
+        "endpoint": endpoint or defaults.get("endpoint"),
+        "accelerator": accelerator or defaults.get("accelerator"),
+        "capacity": capacity or defaults.get("capacity", 8),
+    }
+    missing = [f"--{k}" for k, v in fields.items() if not v]
+    if missing:
+        console.print(
+            f"[red]Missing {', '.join(missing)}[/red] (no node in {state_dir}: pass them, or `node serve` first)."
+        )
+        raise typer.Exit(2)
+    network = network.rstrip("/")
+    answer = _post(
+        f"{network}/v1/nodes", _signed(network, key_file, action="join", node_id=node_id, **fields)
+    )
+    secret_path = state_dir / "secret"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(answer["secret"])
+    console.print(
+        f"Joined: node [bold]{answer['node_id']}[/bold] serves {answer['model']}; paid to {answer['operator']}.\n"
+        f"The network's secret is in {secret_path} (your node accepts only it). "
+        f"See your traffic with `meritnet node list --network {network}` and rewards with "
+        f"`meritnet settlement status`."
+    )
+
+
+@node_app.command("leave")
+def leave(
+    network: str = Network, node_id: str = typer.Option(..., "--node-id"), key_file: Path = KeyFile
+) -> None:
+    """Take your node out of a network (signed with the key it joined with)."""
+    network = network.rstrip("/")
+    _post(f"{network}/v1/nodes/leave", _signed(network, key_file, action="leave", node_id=node_id))
+    console.print(f"Node {node_id} left {network}; it gets no more traffic.")
+
+
+@node_app.command("list")
+def list_nodes(network: str = Network) -> None:
+    """Every node of a network: kind, operator, model, accelerator, liveness."""
+    import httpx
+
+    try:
+        nodes = httpx.get(f"{network.rstrip('/')}/v1/nodes", timeout=30).json()["data"]
+    except (httpx.HTTPError, ValueError, KeyError):
+        console.print(f"[red]Could not list the nodes of {network}.[/red] Is the network up at that address?")
+        raise typer.Exit(1) from None
+    table = Table("node", "kind", "model", "accelerator", "live", "operator")
+    for n in nodes:
+        table.add_row(
+            n["node_id"],
+            n["kind"],
+            n["model_id"],
+            n["accelerator_type"],
+            "yes" if n["live"] else "no",
+            n["operator"],
+        )
+    console.print(table)
