@@ -49,6 +49,14 @@ class ServeNode:
 
 
 _PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+# Statuses that say nothing about the client's request, only about the node (its secret, its routes,
+# its load): the gateway tries another node instead of passing them on. Other 4xx are vLLM's own
+# verdict on the request (e.g. a prompt longer than the context) and reach the client as they are.
+_NODE_FAULTS = {401, 403, 404, 405, 407, 408, 429}
+
+
+class NodeRefused(ConnectionError):
+    """An open node refused the call for a reason of its own (a node failure, not the client's)."""
 
 
 class HttpNode:
@@ -108,7 +116,10 @@ class _HttpStream:
         try:
             if self._response is None:
                 await self._open()
-                if self._response.status_code != 200 or not getattr(self._body, "stream", False):
+                status = self._response.status_code
+                if status in _NODE_FAULTS:
+                    raise NodeRefused(f"the node answered {status}")
+                if status != 200 or not getattr(self._body, "stream", False):
                     self._done = True
                     return await self._read_all()
             while True:

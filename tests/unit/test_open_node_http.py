@@ -1,0 +1,193 @@
+"""The gateway with open nodes over real HTTP (cluster/nodes.py HttpNode, routing/admission.py probe):
+real servers on 127.0.0.1 that answer well or lie, no Ray. Every lie ends in a clean client answer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+import cluster.nodes
+from cluster.metering import MemoryUsageSink
+from cluster.registration import RegistrationError
+from cluster.registry import NodeLink
+from routing.admission import probe
+from routing.app import build_fastapi
+from routing.gateway import GatewayConfig, GatewayCore
+from routing.selection import load_selector
+from tests.integration.conftest import free_port
+from tests.unit.test_gateway_core import _stats, sink_handle
+
+SECRET = "s3cret"
+
+
+def _event(text: str, finish=None) -> str:
+    choice = {"index": 0, "text": text, "token_ids": [5], "finish_reason": finish}
+    return "data: " + json.dumps({"id": "x", "choices": [choice]}) + "\n\n"
+
+
+def node_app(model: str = "default", seen: list | None = None) -> Starlette:
+    """A node whose behaviour is the prompt's first word; it records the authorization it was sent."""
+
+    async def completions(request: Request):
+        if seen is not None:
+            seen.append(request.headers.get("authorization"))
+        body = await request.json()
+        mode = body["prompt"].split(" ")[0]
+        if mode == "e400":
+            return JSONResponse(
+                {"error": {"message": "prompt too long", "type": "BadRequestError", "code": 400}}, 400
+            )
+        if mode in ("e401", "e429"):
+            return JSONResponse({"error": {"message": "no", "code": int(mode[1:])}}, int(mode[1:]))
+        if not body.get("stream"):
+            choice = {"index": 0, "text": "hello", "token_ids": [5, 6], "finish_reason": "stop"}
+            return JSONResponse(
+                {"id": "x", "choices": [choice], "usage": {"prompt_tokens": 1, "completion_tokens": 2}}
+            )
+
+        async def events():
+            yield _event("hel")
+            if mode == "huge":
+                yield "data: " + "x" * 5000  # never terminated, larger than the (patched) event cap
+                return
+            if mode == "cut":
+                yield 'data: {"choices": [{"index": 0, "te'  # the connection ends inside an event
+                return
+            yield _event("lo", "stop")
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def models(_: Request):
+        return Response(json.dumps({"data": [{"id": model}]}) if model != "garbage" else "<html>", 200)
+
+    async def health(_: Request):
+        return JSONResponse({"status": "ok"})
+
+    return Starlette(
+        routes=[
+            Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/models", models),
+            Route("/health", health),
+        ]
+    )
+
+
+def serve_http(app) -> tuple[str, uvicorn.Server]:
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return f"http://127.0.0.1:{port}", server
+
+
+@pytest.fixture(scope="module")
+def nodes():
+    seen: list = []
+    honest, s1 = serve_http(node_app(seen=seen))
+    other, s2 = serve_http(node_app())
+    yield {"a": honest, "b": other, "seen": seen}
+    s1.should_exit = s2.should_exit = True
+
+
+@pytest.fixture()
+def gateway(nodes, monkeypatch):
+    monkeypatch.setattr(cluster.nodes, "MAX_EVENT_BYTES", 1024)
+    sink = MemoryUsageSink()
+    core = GatewayCore(
+        GatewayConfig(), load_selector(registry=None), {}.__getitem__, sink_handle(sink), registry=None
+    )
+    core.nodes.set_links({n: NodeLink(nodes[n], SECRET) for n in ("a", "b")})
+    core.set_nodes([_stats("a"), _stats("b")])
+    with TestClient(build_fastapi(lambda: core)) as client:
+        client.records = lambda: asyncio.run(sink.all())
+        yield client
+
+
+def _post(client, prompt: str, stream: bool = False):
+    return client.post(
+        "/v1/completions", json={"model": "default", "prompt": prompt, "stream": stream, "max_tokens": 4}
+    )
+
+
+def test_an_open_node_serves_both_ways_with_its_secret_and_gateway_counted_usage(gateway, nodes):
+    plain = _post(gateway, "hi")
+    assert plain.status_code == 200 and plain.json()["choices"][0]["text"] == "hello"
+    streamed = _post(gateway, "hi", stream=True)
+    assert streamed.status_code == 200 and streamed.text.endswith("data: [DONE]\n\n")
+    assert "hel" in streamed.text and '"lo"' in streamed.text
+    assert {r.status for r in gateway.records()} == {"ok"}
+    assert f"Bearer {SECRET}" in nodes["seen"]
+
+
+@pytest.mark.parametrize("mode", ["huge", "cut"])
+def test_an_oversized_or_cut_event_ends_in_a_clean_error_event(gateway, mode):
+    r = _post(gateway, f"{mode} please", stream=True)
+    events = [e for e in r.text.split("\n\n") if e]
+    assert r.status_code == 200 and "[DONE]" not in r.text and "xxxx" not in r.text
+    assert json.loads(events[-1][6:])["error"]["code"] == "stream_interrupted"
+    assert [rec.status for rec in gateway.records()] == ["error"]
+
+
+def test_a_request_error_from_the_engine_reaches_the_client_as_it_is(gateway):
+    r = _post(gateway, "e400 please")
+    assert r.status_code == 400 and "prompt too long" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("mode", ["e401", "e429"])
+def test_a_node_refusing_for_reasons_of_its_own_is_a_node_failure_not_the_clients(gateway, mode):
+    r = _post(gateway, f"{mode} please")
+    assert r.status_code == 503 and r.json()["error"]["code"] == "upstream_failed"
+
+
+def test_an_unreachable_node_is_tried_and_the_request_moves_on(nodes, monkeypatch):
+    sink = MemoryUsageSink()
+    core = GatewayCore(
+        GatewayConfig(), load_selector(registry=None), {}.__getitem__, sink_handle(sink), registry=None
+    )
+    core.nodes.set_links({"a": NodeLink("http://127.0.0.1:9", SECRET), "b": NodeLink(nodes["b"], SECRET)})
+    core.set_nodes([_stats("a"), _stats("b")])
+    with TestClient(build_fastapi(lambda: core)) as client:
+        for _ in range(3):
+            r = _post(client, "hi")
+            assert r.status_code == 200 and r.headers["x-meritnet-node"] == "b"
+
+
+def test_the_join_probe_checks_health_and_the_claimed_model(nodes):
+    asyncio.run(probe(nodes["a"], "default"))
+    with pytest.raises(RegistrationError) as wrong:
+        asyncio.run(probe(nodes["a"], "llama-70b"))
+    assert (wrong.value.status, wrong.value.code) == (422, "wrong_model")
+    with pytest.raises(RegistrationError) as down:
+        asyncio.run(probe("http://127.0.0.1:9", "default"))
+    assert down.value.code == "unreachable"
+    garbage, server = serve_http(node_app(model="garbage"))
+    try:
+        with pytest.raises(RegistrationError) as bad:
+            asyncio.run(probe(garbage, "default"))
+        assert bad.value.code == "bad_models"
+    finally:
+        server.should_exit = True
+
+
+def test_a_node_that_rejoins_elsewhere_gets_a_new_client_and_others_keep_theirs(nodes):
+    directory = cluster.nodes.NodeDirectory(lambda _: SimpleNamespace(options=lambda **_: "serve handle"))
+    directory.set_links({"a": NodeLink(nodes["a"], "s1"), "b": NodeLink(nodes["b"], "s2")})
+    a, b = directory.client("a"), directory.client("b")
+    directory.set_links({"a": NodeLink(nodes["b"], "s3"), "b": NodeLink(nodes["b"], "s2")})
+    assert directory.client("a") is not a and directory.client("b") is b
+    directory.set_links({})
+    assert isinstance(directory.client("a"), cluster.nodes.ServeNode)  # gone from the links: not over HTTP

@@ -1,0 +1,154 @@
+"""Signed node registration (cluster/registration.py) and the registry's rules for open nodes."""
+
+from __future__ import annotations
+
+import json
+import stat
+
+import pytest
+from eth_account import Account
+
+from cluster.records import NodeSpec
+from cluster.registration import MAX_VALIDITY_S, Registration, RegistrationError, sign, verify
+from cluster.registry import NodeRegistryCore
+
+NOW = 1_800_000_000
+CHAIN = 31337
+ALICE, BOB = Account.create(), Account.create()
+
+
+def reg(account=ALICE, **fields) -> Registration:
+    base = {
+        "action": "join",
+        "node_id": "n1",
+        "operator": account.address,
+        "model": "default",
+        "accelerator": "H100",
+        "endpoint": "http://127.0.0.1:8100",
+        "chain_id": CHAIN,
+        "nonce": 1,
+        "expiry": NOW + 60,
+    }
+    return Registration(**{**base, **fields})
+
+
+def refusal(call) -> tuple[int, str]:
+    with pytest.raises(RegistrationError) as info:
+        call()
+    return info.value.status, info.value.code
+
+
+def test_a_signed_registration_recovers_to_its_operator():
+    assert verify(sign(reg(), ALICE), CHAIN, now=NOW).operator == ALICE.address
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("endpoint", "http://203.0.113.9:8100"),
+        ("model", "other"),
+        ("node_id", "n2"),
+        ("capacity", 4096),
+        ("nonce", 2),
+        ("expiry", NOW + 61),
+        ("accelerator", "L4"),
+    ],
+)
+def test_any_change_after_signing_breaks_the_signature(field, value):
+    signed = sign(reg(), ALICE)
+    tampered = signed.model_copy(
+        update={"registration": signed.registration.model_copy(update={field: value})}
+    )
+    assert refusal(lambda: verify(tampered, CHAIN, now=NOW)) == (401, "bad_signature")
+
+
+def test_signing_in_someone_elses_name_is_refused():
+    assert refusal(lambda: verify(sign(reg(operator=BOB.address), ALICE), CHAIN, now=NOW)) == (
+        401,
+        "bad_signature",
+    )
+
+
+def test_a_malformed_signature_is_a_refusal_not_a_crash():
+    signed = sign(reg(), ALICE).model_copy(update={"signature": "0x" + "00" * 65})
+    assert refusal(lambda: verify(signed, CHAIN, now=NOW)) == (401, "bad_signature")
+
+
+@pytest.mark.parametrize(
+    "registration,code",
+    [
+        (reg(expiry=NOW - 1), "expired"),
+        (reg(expiry=NOW + MAX_VALIDITY_S + 1), "expiry_too_far"),
+        (reg(chain_id=1), "wrong_chain"),
+        (reg(endpoint=""), "incomplete"),
+    ],
+)
+def test_stale_foreign_or_incomplete_registrations_are_refused(registration, code):
+    assert refusal(lambda: verify(sign(registration, ALICE), CHAIN, now=NOW)) == (400, code)
+
+
+@pytest.mark.parametrize(
+    "endpoint", ["ftp://x", "http://", "http://u:p@host", "http://host/?q=1", "file:///etc/passwd", "x" * 300]
+)
+def test_endpoints_are_plain_http_urls(endpoint):
+    with pytest.raises(ValueError):
+        reg(endpoint=endpoint)
+
+
+def spec(node_id="n1", operator=ALICE.address, endpoint="http://127.0.0.1:8100") -> NodeSpec:
+    return NodeSpec(
+        node_id=node_id,
+        operator=operator,
+        model_id="default",
+        model_source="operator",
+        accelerator_type="H100",
+        endpoint=endpoint,
+    )
+
+
+def test_a_nonce_is_accepted_once_per_operator():
+    core = NodeRegistryCore()
+    core.join(spec(), "s1", nonce=5)
+    assert refusal(lambda: core.join(spec(), "s2", nonce=5)) == (409, "replayed")
+    assert refusal(lambda: core.leave("n1", ALICE.address, nonce=4)) == (409, "replayed")
+    core.join(spec(endpoint="http://127.0.0.1:8200"), "s3", nonce=6)  # the owner moves the node
+    assert core.links()["n1"].endpoint == "http://127.0.0.1:8200" and core.links()["n1"].secret == "s3"
+
+
+def test_a_node_id_belongs_to_its_operator_and_managed_ids_are_not_for_taking():
+    core = NodeRegistryCore()
+    core.sync([spec("managed-a", endpoint=None)])
+    core.join(spec(), "s", nonce=1)
+    assert refusal(lambda: core.join(spec(operator=BOB.address), "x", nonce=1)) == (409, "node_id_taken")
+    assert refusal(lambda: core.join(spec("managed-a", BOB.address), "x", nonce=1)) == (409, "node_id_taken")
+    assert refusal(lambda: core.leave("n1", BOB.address, nonce=9)) == (409, "node_id_taken")
+    assert refusal(lambda: core.leave("nobody", ALICE.address, nonce=9)) == (404, "unknown_node")
+    core.leave("n1", ALICE.address, nonce=2)
+    assert {s.node_id for s in core.snapshot()} == {"managed-a"}
+
+
+def test_config_sync_leaves_open_nodes_alone_and_snapshots_carry_no_secret():
+    core = NodeRegistryCore()
+    core.join(spec(), "top-secret", nonce=1)
+    core.sync([spec("managed-a", endpoint=None)])
+    core.sync([])
+    (stats,) = core.snapshot()
+    assert (stats.node_id, stats.kind) == ("n1", "open")
+    assert "top-secret" not in stats.model_dump_json()
+
+
+def test_open_nodes_and_nonces_survive_a_restart_in_an_owner_only_file(tmp_path):
+    path = tmp_path / "registry.json"
+    core = NodeRegistryCore(path)
+    core.join(spec(), "s1", nonce=7)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    again = NodeRegistryCore(path)
+    assert again.links()["n1"].secret == "s1"
+    assert refusal(lambda: again.join(spec(), "s2", nonce=7)) == (409, "replayed")
+
+
+def test_a_registry_file_from_before_open_nodes_still_loads(tmp_path):
+    path = tmp_path / "registry.json"
+    old = spec("a", endpoint=None)
+    path.write_text(json.dumps([{"spec": old.model_dump(mode="json"), "joined_at": 1.0}]))
+    assert [s.node_id for s in NodeRegistryCore(path).specs()] == ["a"]
