@@ -4,6 +4,7 @@ meritnet node serve --model default --accelerator H100 --port 8100       your no
 meritnet node join --network URL --node-id ID --key-file KEY             register it (signed, EIP-712)
 meritnet node leave --network URL --node-id ID --key-file KEY            take it out
 meritnet node list --network URL                                         every node of a network
+meritnet node rewards --network URL --operator 0x...                     your nodes and your rewards
 """
 
 from __future__ import annotations
@@ -216,3 +217,35 @@ def list_nodes(network: str = Network) -> None:
             n["operator"],
         )
     console.print(table)
+
+
+@node_app.command("rewards")
+def rewards(
+    network: str = Network,
+    operator: str = typer.Option(..., "--operator", help="Your payout address (the key you joined with)."),
+) -> None:
+    """Your nodes in a network, and what you have earned through the last settled epoch."""
+    import httpx
+
+    try:
+        answer = httpx.get(f"{network.rstrip('/')}/v1/operators/{operator}", timeout=30)
+        data = answer.json()
+    except (httpx.HTTPError, ValueError):
+        console.print(f"[red]Could not reach {network}.[/red] Is the network up at that address?")
+        raise typer.Exit(1) from None
+    if answer.status_code != 200:
+        console.print(f"[red]Refused ({answer.status_code}):[/red] {data.get('error', {}).get('message')}")
+        raise typer.Exit(1)
+    table = Table("node", "model", "accelerator", "live")
+    for n in data["nodes"]:
+        table.add_row(n["node_id"], n["model_id"], n["accelerator_type"], "yes" if n["live"] else "no")
+    console.print(table)
+    r = data["rewards"]
+    if r is None:
+        console.print("This network runs no settlement.")
+    else:
+        console.print(
+            f"Earned through epoch {r['last_committed_epoch']}: {int(r['cumulative_wei']) / 1e18:.6f} "
+            f"({r['cumulative_wei']} wei), claimable from contract {r['contract']} on chain {r['chain_id']} "
+            "with a proof from `meritnet settlement prove --operator`."
+        )

@@ -98,6 +98,7 @@ class OpenNode:
             blocking=False,
         )
         wait_running([name, INGRESS_NAME], timeout_s)
+        self._warm_up()
         (self.state_dir / NODE_FILE).write_text(
             json.dumps(
                 {
@@ -109,6 +110,16 @@ class OpenNode:
             )
         )
         return self
+
+    def _warm_up(self) -> None:
+        """One request through the proxy and ingress (refused: no secret yet). The first POST a fresh
+        Serve app takes seconds to set up; here, not on the network's first call (its join probe)."""
+        import httpx
+
+        try:
+            httpx.post(f"{self.endpoint}/v1/completions", json={}, timeout=120)
+        except httpx.HTTPError:
+            pass  # only a warm-up: the network's probes will tell if the node is unreachable
 
     def stop(self) -> None:
         import ray

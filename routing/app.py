@@ -93,6 +93,13 @@ def build_fastapi(core_getter, cors_origins: tuple[str, ...] = ()) -> FastAPI:
     async def nodes_domain():
         return _admission(core_getter()).domain()
 
+    @app.get("/v1/operators/{address}")
+    async def operator_view(address: str):
+        """An operator's nodes (as listed) and, with settlement, what they have earned so far."""
+        core = core_getter()
+        await core.ensure_started()
+        return await core.operator_view(address)
+
     @app.post("/v1/nodes", status_code=201)
     async def nodes_join(request: Request):
         core = core_getter()

@@ -111,6 +111,10 @@ class GatewayConfig(BaseModel):
         description="model id -> its tokenizer, so the gateway counts prompt and completion tokens itself "
         "(routing/metering.py). A model without one is metered from the node's ids and clamped report.",
     )
+    settlement_name: str = Field(
+        default="meritnet-settlement",
+        description="Named settlement actor (operators' rewards; absent: none).",
+    )
     chain_id: int = Field(
         default=0,
         ge=0,
@@ -281,6 +285,21 @@ class GatewayCore:
         return intake.validate(
             await intake.read_json(request, self.config.intake), request_cls, self.config.intake
         )
+
+    async def operator_view(self, address: str) -> dict:
+        """GET /v1/operators/{address}: the operator's nodes and rewards (the settlement actor's view)."""
+        from eth_utils import is_checksum_address
+
+        if not is_checksum_address(address):
+            raise errors.APIError(
+                400, f"{address[:64]!r} is not an EIP-55 checksummed address", param="address"
+            )
+        nodes = [s.model_dump(exclude={"in_flight"}) for s in self._nodes.values() if s.operator == address]
+        settlement = await self._named_actor(self.config.settlement_name)
+        rewards = None
+        if settlement is not None:
+            rewards = await asyncio.wait_for(settlement.rewards_of.remote(address), _REMOTE_TIMEOUT_S)
+        return {"operator": address, "nodes": nodes, "rewards": rewards}
 
     def _target_node(self, request: Request) -> str | None:
         """Validators may pin a challenge to one node; only with a challenge key."""

@@ -380,6 +380,18 @@ class SettlementService:
             "last_committed_epoch": None if latest is None else latest.epoch,
         }
 
+    def rewards_of(self, operator: str) -> dict[str, Any]:
+        """What an operator has earned: cumulative wei through the last committed epoch (what they can
+        claim with a Merkle proof from `meritnet settlement prove --operator`), and where to claim it."""
+        latest = self.book.latest()
+        return {
+            "operator": operator,
+            "last_committed_epoch": None if latest is None else latest.epoch,
+            "cumulative_wei": str(latest.cumulative.get(operator, 0)) if latest else "0",
+            "contract": self.chain.address,
+            "chain_id": self.chain.chain_id,
+        }
+
     def run(self) -> None:
         self.settler.run()
 

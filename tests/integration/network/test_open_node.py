@@ -101,7 +101,7 @@ def operator(tmp_path_factory):
 def _signed(network, account, **fields) -> dict:
     from cluster.registration import Registration, sign
 
-    chain_id = httpx.get(f"{network.base_url}/v1/nodes/domain").json()["chain_id"]
+    chain_id = httpx.get(f"{network.base_url}/v1/nodes/domain", timeout=30).json()["chain_id"]
     base = {
         "operator": account.address,
         "chain_id": chain_id,
@@ -119,15 +119,15 @@ def _wait(predicate, timeout_s: float = 60) -> None:
 
 
 def _listed(network) -> dict:
-    return {n["node_id"]: n for n in httpx.get(f"{network.base_url}/v1/nodes").json()["data"]}
+    return {n["node_id"]: n for n in httpx.get(f"{network.base_url}/v1/nodes", timeout=30).json()["data"]}
 
 
 def test_the_node_refuses_anyone_without_the_network_secret(operator):
     body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
     assert (
-        httpx.post(f"{operator['endpoint']}/v1/completions", json=body).status_code == 503
+        httpx.post(f"{operator['endpoint']}/v1/completions", json=body, timeout=30).status_code == 503
     )  # not joined yet
-    assert httpx.get(f"{operator['endpoint']}/v1/models").json()["data"][0]["id"] == MODEL
+    assert httpx.get(f"{operator['endpoint']}/v1/models", timeout=30).json()["data"][0]["id"] == MODEL
 
 
 def test_join_with_the_cli(network, operator):
@@ -150,6 +150,7 @@ def test_join_with_the_cli(network, operator):
         f"{operator['endpoint']}/v1/completions",
         json={"model": MODEL, "prompt": "hi", "max_tokens": 2},
         headers={"authorization": "Bearer not-the-secret"},
+        timeout=30,
     )
     assert wrong.status_code == 401
 
@@ -223,9 +224,17 @@ def test_it_is_paid_to_the_signing_address_in_a_settled_epoch(network, operator,
         return book.get(epoch) is not None
 
     _wait(settled, timeout_s=network.config.epoch_length_s * 3 + 30)
-    paid = book.get(epoch).cumulative.get(operator["account"].address, 0)
+    address = operator["account"].address
+    paid = book.get(epoch).cumulative.get(address, 0)
     assert paid > 0
     assert secret.is_file()
+    # the operator sees it from their own machine, through the network's endpoint
+    view = httpx.get(f"{network.base_url}/v1/operators/{address}", timeout=30).json()
+    assert int(view["rewards"]["cumulative_wei"]) >= paid and [n["node_id"] for n in view["nodes"]] == [
+        NODE_ID
+    ]
+    shown = _cli("node", "rewards", "--network", network.base_url, "--operator", address)
+    assert shown.returncode == 0 and NODE_ID in shown.stdout and "wei" in shown.stdout, shown.stdout
 
 
 def test_leave_with_the_cli_and_no_more_traffic(network, operator, usage_records):
