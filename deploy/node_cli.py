@@ -23,7 +23,7 @@ from rich.table import Table
 node_app = typer.Typer(help="Run a node of your own and join a network with it.", no_args_is_help=True)
 console = Console()
 StateDir = typer.Option(
-    Path(".meritnet/node"), "--state-dir", help="The node's state folder (secret, node.json)."
+    Path(".meritnet-node"), "--state-dir", help="The node's state folder (secret, node.json)."
 )
 Network = typer.Option(..., "--network", help="The network's endpoint, e.g. http://127.0.0.1:8000.")
 KeyFile = typer.Option(..., "--key-file", help="File (chmod 600) with your Ethereum private key: the payee.")

@@ -37,7 +37,7 @@ class OpenNode:
     source: str | None = None  # weights; default: the model id (builtin:default for 'default')
     capacity: int = 8
     address: str | None = None
-    state_dir: Path = Path(".meritnet/node")
+    state_dir: Path = Path(".meritnet-node")
     engine: EngineDefaults = field(default_factory=EngineDefaults)
     env_vars: dict[str, str] = field(default_factory=dict)
     on_step: Callable[[str], None] = lambda _msg: None
