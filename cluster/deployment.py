@@ -47,6 +47,13 @@ class EngineDefaults(BaseModel):
         "token), a message waits up to this long for more chunks: fewer Serve hops per token. 0 sends each "
         "chunk as soon as the previous one left. 40 measured best here (benchmarks/RESULTS.md, gateway).",
     )
+    single_process_engine: bool = Field(
+        default=True,
+        description="Run a one-device engine's model inside vLLM's engine process (vLLM's own default for "
+        "one device, the 'uni' executor), not in a separate worker process as ray.serve.llm forces on CPU "
+        "('mp'): that worker and the engine busy-wait on each other through shared memory, which on a "
+        "small CPU machine takes cores from the model (benchmarks/RESULTS.md, gateway vs bare vLLM).",
+    )
     engine_kwargs: dict[str, Any] = Field(
         # bf16 halves memory traffic on CPU; eager mode skips torch.compile, which takes minutes on
         # 2 cores. On GPUs set this to {} (vLLM's defaults) or your own.
@@ -129,11 +136,30 @@ async def _texts(stream: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]
         yield [as_text(x) for x in item] if isinstance(item, list) else as_text(item)
 
 
+def _single_process_engine_cls():
+    """ray.serve.llm's vLLM engine, with a one-device model run in vLLM's engine process ('uni')."""
+    from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine  # pinned Ray: see pyproject
+
+    class SingleProcessEngine(VLLMEngine):
+        def _start_async_llm_engine(self, engine_args, engine_config, placement_group):
+            if engine_config.parallel_config.world_size == 1:
+                engine_config.parallel_config.distributed_executor_backend = "uni"
+            return super()._start_async_llm_engine(engine_args, engine_config, placement_group)
+
+    return SingleProcessEngine
+
+
 def _node_server_cls():
-    """ray.serve.llm's LLMServer with the coalescing stream above (everything else is stock)."""
+    """ray.serve.llm's LLMServer with the coalescing stream above and, optionally, the single-process
+    engine (everything else is stock)."""
     from ray.serve.llm import LLMServer
 
     class NodeServer(LLMServer):
+        def _get_default_engine_class(self):
+            if self._llm_config.experimental_configs.get("single_process_engine"):
+                return _single_process_engine_cls()
+            return super()._get_default_engine_class()
+
         async def _run_request(self, request, **kwargs):
             # Text only leaves a node: the gateway parses it (cluster/completions.py) and never uses a
             # node's objects (an object's methods would be the node's code running in the gateway).
@@ -182,6 +208,7 @@ def llm_config_for(spec: NodeSpec, defaults: EngineDefaults | None = None):
         experimental_configs={
             "stream_batching_interval_ms": defaults.stream_batching_interval_ms,
             "stream_linger_ms": defaults.stream_linger_ms,
+            "single_process_engine": defaults.single_process_engine,
         },
         log_engine_metrics=False,
     )
