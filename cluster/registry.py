@@ -211,6 +211,8 @@ def _running_replicas_from_serve(specs: list[NodeSpec]) -> dict[str, int]:
 
 async def _probe_open_nodes(links: dict[str, NodeLink], timeout_s: float = 2.0) -> dict[str, int]:
     """1 for each open node whose /health answers 200 within `timeout_s`, else 0 (concurrently)."""
+    if not links:
+        return {}  # no client at all: making one (its TLS context) costs more than the poll itself
     import httpx
 
     async def one(client: httpx.AsyncClient, link: NodeLink) -> int:
@@ -242,7 +244,7 @@ class NodeRegistry:
     """Ray actor around NodeRegistryCore that polls Serve (managed nodes) and endpoints (open nodes)
     for liveness."""
 
-    def __init__(self, poll_interval_s: float = 1.0, state_path: str | None = None) -> None:
+    def __init__(self, poll_interval_s: float = 2.0, state_path: str | None = None) -> None:
         self._core = NodeRegistryCore(Path(state_path) if state_path else None)
         self._poll_interval_s = poll_interval_s
         self._poller: asyncio.Task | None = None
@@ -301,7 +303,7 @@ class NodeRegistry:
         return self._core.specs()
 
 
-def get_or_create_registry(poll_interval_s: float = 1.0, state_path: Path | None = None):
+def get_or_create_registry(poll_interval_s: float = 2.0, state_path: Path | None = None):
     """The cluster's registry actor handle (created detached on first use; with `state_path` its nodes
     survive a restart of the actor)."""
     import ray
