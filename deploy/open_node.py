@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cluster.deployment import EngineDefaults, build_node_app, deployment_name
+from cluster.local import use_serve_fast_path
 from cluster.node_http import INGRESS_NAME, node_ingress_app
 from cluster.records import NodeSpec
 
@@ -70,7 +71,7 @@ class OpenNode:
         spec = self.spec(source)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.on_step("Starting Ray" if self.address is None else f"Connecting to Ray at {self.address}")
-        runtime_env = {"env_vars": {"RAY_SERVE_LOG_TO_STDERR": "0", **self.env_vars}}
+        runtime_env = {"env_vars": {"RAY_SERVE_LOG_TO_STDERR": "0", **use_serve_fast_path(), **self.env_vars}}
         if self.address is None:
             ray.init(
                 # logical CPUs overcommitted, as in the network's local cluster: they only gate scheduling
