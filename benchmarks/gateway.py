@@ -196,6 +196,7 @@ def main() -> None:
         for url in urls.values():  # warm both paths
             asyncio.run(_round(url, 2, 4, max_tokens))
         out: dict = {name: {} for name in urls}
+        samples: dict = {}  # every TTFT and inter-token gap, for benchmarks/plot_gateway.py
         for level, (conc, n) in plan.items():
             acc = {name: ([], 0.0) for name in urls}
             for r in range(rounds):
@@ -207,6 +208,10 @@ def main() -> None:
                     acc[name] = (acc[name][0] + res, acc[name][1] + wall)
             for name, (res, wall) in acc.items():
                 out[name][level] = _summary(res, wall, max_tokens)
+                samples.setdefault(name, {})[level] = {
+                    "ttft_ms": [round(r[0] * 1000, 2) for r in res],
+                    "itl_ms": [round(g * 1000, 2) for r in res for g in r[3]],
+                }
         m, s, b = out["meritnet"], out["ray_serve_llm"], out["bare_vllm"]
         out["ratio"] = {
             f"{lv}_{k}": round(m[lv][f"{k}_ms"] / s[lv][f"{k}_ms"], 3)
@@ -235,8 +240,9 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             bare.kill()
         net.stop()
+    out["samples"] = samples
     args.out.write_text(json.dumps(out, indent=2))
-    console.print_json(json.dumps(out))
+    console.print_json(json.dumps({k: v for k, v in out.items() if k != "samples"}))
 
 
 if __name__ == "__main__":
