@@ -49,6 +49,12 @@ class EngineDefaults(BaseModel):
         "engine: against 0, c8 e2e -18% and c32 tokens/s +10%, while the c1 inter-token gap p90 stays "
         "within 1.3x of bare vLLM (benchmarks/RESULTS.md, gateway).",
     )
+    stream_linger_from_streams: int = Field(
+        default=4,
+        ge=0,
+        description="Linger only while the replica sends at least this many streams: a lone stream gets "
+        "every token as it comes (no clumps), a busy replica saves hops (0: always linger).",
+    )
     single_process_engine: bool = Field(
         default=True,
         description="Run a one-device engine's model inside vLLM's engine process (vLLM's own default for "
@@ -74,8 +80,24 @@ class _Failed:
         self.exc = exc
 
 
+class StreamCount:
+    """Streams a replica is sending right now; lingering only pays when there are many."""
+
+    __slots__ = ("active", "linger_from")
+
+    def __init__(self, linger_from: int = 0) -> None:
+        self.active = 0
+        self.linger_from = linger_from
+
+    def busy(self) -> bool:
+        return self.active >= self.linger_from
+
+
 async def coalesce_ready(
-    stream: AsyncGenerator[Any, None], linger_s: float = 0.0, immediate: int = 2
+    stream: AsyncGenerator[Any, None],
+    linger_s: float = 0.0,
+    immediate: int = 2,
+    streams: StreamCount | None = None,
 ) -> AsyncGenerator[list[Any], None]:
     """Yield lists of chunks. The first `immediate` lists go out as soon as a chunk is there (with
     whatever else is already queued). Later lists hold whatever queued up while the previous list
@@ -86,7 +108,9 @@ async def coalesce_ready(
     time-to-first-token, while sending every token as its own message costs one Serve streaming hop
     per token, which on a busy CPU is more than the decode step itself. So: never delay the first
     token (a chat stream's first chunk is only the role header, hence two immediate messages), and
-    after it trade a few milliseconds of smoothness for far fewer messages.
+    after it trade a few milliseconds of smoothness for far fewer messages. With `streams`, that trade
+    is made only while at least `streams.linger_from` streams are being sent: a lone stream's hops are
+    cheap, and lingering would only make its tokens arrive in clumps.
     """
     queue: asyncio.Queue = asyncio.Queue()
     loop = asyncio.get_running_loop()
@@ -102,11 +126,14 @@ async def coalesce_ready(
 
     task = loop.create_task(pump())
     sent = 0
+    if streams is not None:
+        streams.active += 1
     try:
         while True:
             batch: list[Any] = []
             item = await queue.get()
-            deadline = loop.time() + (0.0 if sent < immediate else linger_s)
+            lingers = sent >= immediate and (streams is None or streams.busy())
+            deadline = loop.time() + (linger_s if lingers else 0.0)
             sent += 1
             while True:
                 if item is _END or isinstance(item, _Failed):
@@ -129,6 +156,8 @@ async def coalesce_ready(
             yield batch
     finally:
         task.cancel()
+        if streams is not None:
+            streams.active -= 1
 
 
 async def _texts(stream: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]:
@@ -170,8 +199,12 @@ def _node_server_cls():
         def _batch_output_stream(self, generator):
             if self._get_batch_interval_ms():
                 return super()._batch_output_stream(generator)
-            linger_ms = self._llm_config.experimental_configs.get("stream_linger_ms", 0.0)
-            return coalesce_ready(generator, linger_s=linger_ms / 1000.0)
+            cfg = self._llm_config.experimental_configs
+            if not hasattr(self, "_streams"):
+                self._streams = StreamCount(cfg.get("stream_linger_from_streams", 0))
+            return coalesce_ready(
+                generator, linger_s=cfg.get("stream_linger_ms", 0.0) / 1000.0, streams=self._streams
+            )
 
     return NodeServer
 
@@ -211,6 +244,7 @@ def llm_config_for(spec: NodeSpec, defaults: EngineDefaults | None = None):
             "stream_batching_interval_ms": defaults.stream_batching_interval_ms,
             "stream_linger_ms": defaults.stream_linger_ms,
             "single_process_engine": defaults.single_process_engine,
+            "stream_linger_from_streams": defaults.stream_linger_from_streams,
         },
         log_engine_metrics=False,
     )

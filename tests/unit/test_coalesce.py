@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from cluster.deployment import coalesce_ready
+from cluster.deployment import StreamCount, coalesce_ready
 
 
 async def _source(items, delay=0.0, fail=False):
@@ -54,3 +54,18 @@ def test_linger_groups_later_chunks_but_never_delays_the_first_two():
     assert [x for b in batches for x in b] == list(range(12)) and len(batches) <= 5
     one = asyncio.run(_collect(coalesce_ready(_source(range(12), delay=0.005), linger_s=0.05, immediate=1)))
     assert one[0] == [0] and len(one[1]) > 1
+
+
+def test_a_lone_stream_never_lingers_a_busy_replica_does():
+    """Lingering saves hops only when many streams share the replica; alone, tokens must not clump."""
+    lone = StreamCount(linger_from=2)
+    batches = asyncio.run(
+        _collect(coalesce_ready(_source(range(8), delay=0.005), linger_s=0.05, streams=lone))
+    )
+    assert batches == [[i] for i in range(8)] and lone.active == 0
+    busy = StreamCount(linger_from=2)
+    busy.active = 1  # another stream is being sent
+    batches = asyncio.run(
+        _collect(coalesce_ready(_source(range(8), delay=0.005), linger_s=0.05, streams=busy))
+    )
+    assert len(batches) < 8 and busy.active == 1
