@@ -33,6 +33,10 @@ class NodeStream(Protocol):
 
 
 class NodeClient(Protocol):
+    # Whether the node's 4xx verdict on a request is taken as the request's fault (passed to the client).
+    # An open node's is not: it could refuse valid requests at no cost, so the gateway tries another node.
+    vouched: bool
+
     def call(self, method: str, body: Any) -> NodeStream:
         """Start `method` ('chat' or 'completions') with a validated vLLM request model."""
         ...
@@ -40,6 +44,8 @@ class NodeClient(Protocol):
 
 class ServeNode:
     """A managed node through its Serve handle (ray.serve.llm's LLMServer, cluster/deployment.py)."""
+
+    vouched = True
 
     def __init__(self, handle) -> None:
         self._handle = handle.options(stream=True)
@@ -62,6 +68,8 @@ class NodeRefused(ConnectionError):
 class HttpNode:
     """An open node over HTTP. `client` is the gateway's shared httpx.AsyncClient (its pool)."""
 
+    vouched = False
+
     def __init__(self, link: NodeLink, client) -> None:
         self.link = link
         self._client = client
@@ -79,7 +87,8 @@ class _HttpStream:
         self._node, self._method, self._body = node, method, body
         self._response = None
         self._chunks = None
-        self._buffer = b""
+        self._buffer = bytearray()
+        self._scanned = 0  # bytes of the buffer already searched for an event end
         self._done = False
         self._cancelled = False
 
@@ -138,14 +147,19 @@ class _HttpStream:
             raise
 
     def _split(self) -> list[str]:
-        """The complete events in the buffer (`data: ...\\n\\n` each), removed from it."""
-        head, sep, rest = self._buffer.rpartition(b"\n\n")
-        if not sep:
-            if len(self._buffer) > MAX_EVENT_BYTES:
+        """The complete events in the buffer (`data: ...\\n\\n` each), removed from it. Only bytes not
+        searched before are searched (plus one, for a separator split across reads), so a node sending a
+        large event in tiny pieces costs linear, not quadratic, time."""
+        end = self._buffer.rfind(b"\n\n", max(0, self._scanned - 1))
+        if end < 0:
+            self._scanned = len(self._buffer)
+            if self._scanned > MAX_EVENT_BYTES:
                 raise ValueError(f"a stream event larger than {MAX_EVENT_BYTES} bytes")
             return []
-        self._buffer = rest
-        return [e.decode() + "\n\n" for e in (head + b"\n\n").split(b"\n\n")[:-1] if e.strip()]
+        head = bytes(self._buffer[: end + 2])
+        del self._buffer[: end + 2]
+        self._scanned = 0
+        return [e.decode() + "\n\n" for e in head.split(b"\n\n") if e.strip()]
 
     def cancel(self) -> None:
         """Close the connection: the node sees the client leave and stops the generation."""
@@ -154,6 +168,24 @@ class _HttpStream:
         self._cancelled = True
         if self._response is not None:
             asyncio.get_running_loop().create_task(self._response.aclose())
+
+
+class _Gone:
+    """An open node with no link (it left): every call fails before the first byte."""
+
+    vouched = False
+
+    def call(self, method: str, body: Any) -> NodeStream:
+        return self
+
+    def __aiter__(self) -> _Gone:
+        return self
+
+    async def __anext__(self) -> str | list[str]:
+        raise NodeRefused("the node has left the network")
+
+    def cancel(self) -> None:
+        pass
 
 
 class NodeDirectory:
@@ -183,10 +215,14 @@ class NodeDirectory:
             for n, link in links.items()
         }
 
-    def client(self, node_id: str) -> NodeClient:
+    def client(self, node_id: str, open_node: bool = False) -> NodeClient:
+        """The node's client; `open_node` for a node the snapshot lists as open (one that left between the
+        snapshot and the links fails like an unreachable node, never falls back to a Serve handle)."""
         node = self._open.get(node_id)
         if node is not None:
             return node
+        if open_node:
+            return _Gone()
         if node_id not in self._managed:
             self._managed[node_id] = ServeNode(self._handle_for(node_id))
         return self._managed[node_id]

@@ -7,7 +7,8 @@ work: nobody can register a node in someone else's name, or redirect another ope
 Replays are refused by a per-operator nonce that must grow with every message (the CLI uses the
 time in nanoseconds), and every message expires within `MAX_VALIDITY_S`, so a captured message is
 useless after a few minutes even on a network that has not seen it. The domain names the network's
-chain id, so a registration for one network is refused by every other.
+chain id and the network's own id (its salt), so a registration for one network is refused by every
+other, on the same chain too.
 
 Checks that need state (nonces, who holds a node id) live in the registry (cluster/registry.py);
 checks that need the network (health and model probes) in the gateway (routing/admission.py).
@@ -46,6 +47,7 @@ _DOMAIN = [
     {"name": "name", "type": "string"},
     {"name": "version", "type": "string"},
     {"name": "chainId", "type": "uint256"},
+    {"name": "salt", "type": "bytes32"},  # the network's id: networks on one chain do not share messages
 ]
 
 
@@ -61,9 +63,13 @@ def _endpoint(value: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{value!r} is not an http(s) URL with a host, e.g. http://203.0.113.7:8100")
-    if parts.username or parts.password or parts.query or parts.fragment:
-        raise ValueError("the endpoint must not carry credentials, a query or a fragment")
-    return value.rstrip("/")
+    if parts.username or parts.password or parts.query or parts.fragment or parts.path:
+        raise ValueError("the endpoint is a bare base URL: no credentials, path, query or fragment")
+    try:
+        parts.port  # noqa: B018 - raises for a port outside 0-65535
+    except ValueError:
+        raise ValueError(f"{value!r} has an invalid port") from None
+    return value
 
 
 Endpoint = Annotated[str, Field(max_length=256), AfterValidator(_endpoint)]
@@ -89,6 +95,9 @@ class Registration(BaseModel):
     )
     capacity: int = Field(default=8, ge=1, le=4096, description="Concurrent sequences the node takes.")
     chain_id: int = Field(ge=0, le=UINT256, description="Chain id of the network's settlement chain.")
+    network_id: str = Field(
+        pattern=r"^0x[0-9a-f]{64}$", description="The network's id (GET /v1/nodes/domain): the EIP-712 salt."
+    )
     nonce: int = Field(ge=0, le=UINT256, description="Larger than every earlier nonce of this operator.")
     expiry: int = Field(ge=0, lt=1 << 64, description="Unix time after which the message is refused.")
 
@@ -107,7 +116,12 @@ def typed_data(reg: Registration) -> dict:
     return {
         "types": {"EIP712Domain": _DOMAIN, "NodeRegistration": _FIELDS},
         "primaryType": "NodeRegistration",
-        "domain": {"name": DOMAIN_NAME, "version": DOMAIN_VERSION, "chainId": reg.chain_id},
+        "domain": {
+            "name": DOMAIN_NAME,
+            "version": DOMAIN_VERSION,
+            "chainId": reg.chain_id,
+            "salt": reg.network_id,
+        },
         "message": {
             "action": reg.action,
             "nodeId": reg.node_id,
@@ -129,7 +143,9 @@ def sign(reg: Registration, account) -> SignedRegistration:
     return SignedRegistration(registration=reg, signature="0x" + bytes(signed.signature).hex())
 
 
-def verify(signed: SignedRegistration, chain_id: int, now: float | None = None) -> Registration:
+def verify(
+    signed: SignedRegistration, chain_id: int, network_id: str, now: float | None = None
+) -> Registration:
     """The registration, if it is for this network, not expired, and signed by its operator.
     Raises RegistrationError otherwise (nonces and node ownership: the registry checks those)."""
     reg = signed.registration
@@ -139,6 +155,10 @@ def verify(signed: SignedRegistration, chain_id: int, now: float | None = None) 
             400,
             f"signed for chain {reg.chain_id}, but this network settles on chain {chain_id}",
             "wrong_chain",
+        )
+    if reg.network_id != network_id:
+        raise RegistrationError(
+            400, "signed for another network (GET /v1/nodes/domain gives this one's id)", "wrong_network"
         )
     if reg.expiry < now:
         raise RegistrationError(400, "the registration has expired; sign a fresh one", "expired")

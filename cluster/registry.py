@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cluster.deployment import deployment_name
+from cluster.probe import ProbeFailed, get_bounded
 from cluster.records import NodeSpec, NodeStats
 from cluster.registration import RegistrationError
 
@@ -56,8 +57,11 @@ class NodeRegistryCore:
     every change (atomically, mode 0600: it holds secrets) and read back at start, so a registry that
     crashed and was restarted by Ray knows its nodes again instead of 404ing every model."""
 
-    def __init__(self, state_path: Path | None = None) -> None:
+    def __init__(self, state_path: Path | None = None, max_open_nodes: int = 256) -> None:
         self._nodes: dict[str, _Entry] = {}
+        self._max_open = (
+            max_open_nodes  # keys cost nothing: the registry, its file and the probes stay bounded
+        )
         self._nonces: dict[str, int] = {}  # operator address -> last accepted registration nonce
         self._path = state_path
         if state_path is not None and state_path.is_file():
@@ -95,8 +99,12 @@ class NodeRegistryCore:
         for spec in specs:
             current = self._nodes.get(spec.node_id)
             if current is not None and current.spec.endpoint is not None:
-                log.warning("config node %s has the id of an open node; the open node keeps it", spec.node_id)
-                continue
+                # the runner's config wins: an operator could otherwise take the id of a node about to be added
+                log.warning(
+                    "open node %s leaves: the network's config now names a node with its id", spec.node_id
+                )
+                del self._nodes[spec.node_id]
+                current = None
             if current is None:
                 self._nodes[spec.node_id] = _Entry(spec, joined_at=now if now is not None else time.time())
         self._save()
@@ -139,6 +147,15 @@ class NodeRegistryCore:
         """Add (or move: same operator, new endpoint) the open node `spec`."""
         assert spec.endpoint is not None, "an open node has an endpoint"
         self.check(spec.node_id, spec.operator, nonce)
+        others = [e.spec for n, e in self._nodes.items() if e.spec.endpoint is not None and n != spec.node_id]
+        if any(o.endpoint == spec.endpoint for o in others):
+            raise RegistrationError(409, "another node is registered at this endpoint", "endpoint_taken")
+        if len(others) >= self._max_open:
+            raise RegistrationError(
+                403,
+                f"the network admits at most {self._max_open} open nodes; try again later",
+                "network_full",
+            )
         self._nonces[spec.operator] = nonce
         self._nodes[spec.node_id] = _Entry(
             spec, joined_at=now if now is not None else time.time(), secret=secret
@@ -217,11 +234,13 @@ async def _probe_open_nodes(links: dict[str, NodeLink], timeout_s: float = 2.0) 
 
     async def one(client: httpx.AsyncClient, link: NodeLink) -> int:
         try:
-            return int((await client.get(f"{link.endpoint}/health")).status_code == 200)
-        except httpx.HTTPError:
+            status, _ = await get_bounded(client, f"{link.endpoint}/health", 4096, timeout_s)
+        except ProbeFailed:
             return 0
+        return int(status == 200)
 
-    async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False) as client:
+    headers = {"accept-encoding": "identity"}
+    async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False, headers=headers) as client:
         results = await asyncio.gather(*(one(client, link) for link in links.values()))
     return dict(zip(links, results, strict=True))
 

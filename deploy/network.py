@@ -93,6 +93,17 @@ def wait_running(apps: list[str], timeout_s: float) -> None:
     raise NetworkStartError(f"nodes did not become ready within {timeout_s:.0f}s: {states}")
 
 
+def network_id(state_dir: Path) -> str:
+    """The network's id (0x + 32 random bytes, kept in state.json beside genesis): the salt of its node
+    registrations, so a message signed for one network is refused by every other, on the same chain too."""
+    state_file = state_dir / "state.json"
+    state = json.loads(state_file.read_text())
+    if "network_id" not in state:
+        state["network_id"] = "0x" + secrets.token_hex(32)
+        state_file.write_text(json.dumps(state))
+    return state["network_id"]
+
+
 @dataclass
 class LocalNetwork:
     """A running local network. Use as a context manager or call start()/stop()."""
@@ -185,6 +196,7 @@ class LocalNetwork:
         gw = GatewayConfig(
             usage_sink_name=USAGE_STORE_NAME,
             chain_id=chain_id,
+            network_id=network_id(cfg.state_dir),
             admit_open_nodes=cfg.admit_open_nodes,
             stream_idle_timeout_s=cfg.stream_idle_timeout_s,
             router_config=cfg.router_config,

@@ -110,6 +110,7 @@ def _post(url: str, body: dict) -> dict:
 
 def _signed(network: str, key_file: Path, **fields) -> dict:
     import httpx
+    from pydantic import ValidationError
 
     from cluster.registration import Registration, sign
     from settlement.keys import SettlerKey, SettlerKeyError
@@ -121,17 +122,23 @@ def _signed(network: str, key_file: Path, **fields) -> dict:
         raise typer.Exit(2) from None
     try:
         domain = httpx.get(f"{network}/v1/nodes/domain", timeout=30).json()
-        chain_id = int(domain["chain_id"])
+        chain_id, net_id = int(domain["chain_id"]), str(domain["network_id"])
     except (httpx.HTTPError, ValueError, KeyError, TypeError):
         console.print(f"[red]{network} does not look like a meritnet endpoint (no /v1/nodes/domain).[/red]")
         raise typer.Exit(1) from None
-    reg = Registration(
-        operator=key.address,
-        chain_id=chain_id,
-        nonce=time.time_ns(),  # grows with every message: the network accepts each one once
-        expiry=int(time.time()) + VALIDITY_S,
-        **fields,
-    )
+    try:
+        reg = Registration(
+            operator=key.address,
+            chain_id=chain_id,
+            network_id=net_id,
+            nonce=time.time_ns(),  # grows with every message: the network accepts each one once
+            expiry=int(time.time()) + VALIDITY_S,
+            **fields,
+        )
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        console.print(f"[red]Invalid registration:[/red] {problems}")
+        raise typer.Exit(2) from None
     return sign(reg, key).model_dump()
 
 
@@ -156,7 +163,10 @@ def join(
 ) -> None:
     """Register your node with a network, signed with your key; you are paid at the key's address."""
     served = state_dir / "node.json"
-    defaults = json.loads(served.read_text()) if served.is_file() else {}
+    try:
+        defaults = json.loads(served.read_text()) if served.is_file() else {}
+    except ValueError:
+        defaults = {}  # a damaged node.json: the flags must say it all
     fields = {
         "model": model or defaults.get("model"),
         "endpoint": endpoint or defaults.get("endpoint"),
@@ -176,6 +186,7 @@ def join(
     secret_path = state_dir / "secret"
     state_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
     with os.fdopen(fd, "w") as f:
         f.write(answer["secret"])
     console.print(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,7 +47,9 @@ class OpenNode:
 
     @property
     def endpoint(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        """Where a network reaches the node (bound to every interface: this machine's address)."""
+        host = socket.gethostbyname(socket.gethostname()) if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.port}"
 
     def spec(self, source: str) -> NodeSpec:
         return NodeSpec(

@@ -6,9 +6,10 @@
     GET  /v1/nodes/domain  what to sign: EIP-712 domain name, version and chain id
 
 Order of checks, cheapest first, so a refused message costs the network little: strict parse ->
-signature, chain and expiry -> the model is one the network can meter and verify -> nonce and node id
-ownership (registry) -> the endpoint answers /health and lists the model in /v1/models -> join (the
-registry checks the nonce again, atomically). Every refusal is an OpenAI-shaped 4xx saying why.
+signature, chain, network id and expiry -> the model is one the network can meter and verify -> nonce
+and node id ownership (registry) -> the endpoint answers /health and lists the model in /v1/models
+(bounded in time and size: cluster/probe.py) -> join (the registry checks the nonce again, atomically,
+plus one node per endpoint and a cap on open nodes). Every refusal is an OpenAI-shaped 4xx saying why.
 
 The probe only shows that the endpoint is up and configured for the model; whether its outputs really
 come from that model is for the validators to find out, as for every node.
@@ -24,6 +25,7 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
+from cluster.probe import ProbeFailed, get_bounded
 from cluster.records import NodeSpec
 from cluster.registration import DOMAIN_NAME, DOMAIN_VERSION, RegistrationError, SignedRegistration, verify
 from cluster.registry import refusal_of
@@ -54,29 +56,29 @@ def parse_signed(raw: Any) -> SignedRegistration:
 
 async def probe(endpoint: str, model: str) -> None:
     """Raise RegistrationError unless `endpoint` answers /health and lists `model` in /v1/models."""
+    headers = {"accept-encoding": "identity"}
     try:
-        async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S, follow_redirects=False) as client:
-            health = await client.get(f"{endpoint}/health")
-            if health.status_code != 200:
-                raise RegistrationError(422, f"{endpoint}/health answered {health.status_code}", "unhealthy")
-            async with client.stream("GET", f"{endpoint}/v1/models") as answer:
-                data = b""
-                async for piece in answer.aiter_raw():
-                    data += piece
-                    if len(data) > PROBE_MAX_BYTES:
-                        raise RegistrationError(422, f"{endpoint}/v1/models answered too much", "bad_models")
-    except httpx.HTTPError as exc:
+        async with httpx.AsyncClient(
+            timeout=PROBE_TIMEOUT_S, follow_redirects=False, headers=headers
+        ) as client:
+            health, _ = await get_bounded(client, f"{endpoint}/health", PROBE_MAX_BYTES, PROBE_TIMEOUT_S)
+            if health != 200:
+                raise RegistrationError(422, f"{endpoint}/health answered {health}", "unhealthy")
+            _, data = await get_bounded(client, f"{endpoint}/v1/models", PROBE_MAX_BYTES, PROBE_TIMEOUT_S)
+    except ProbeFailed as exc:
         raise RegistrationError(
             422,
-            f"the endpoint did not answer a health probe ({type(exc).__name__}); is it reachable from the network?",
+            f"the endpoint did not answer a health probe ({exc}); is it reachable from the network?",
             "unreachable",
         ) from None
     try:
         served = {m["id"] for m in json.loads(data)["data"]}
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         raise RegistrationError(
             422, f"{endpoint}/v1/models is not an OpenAI model list", "bad_models"
         ) from None
+    if not all(isinstance(m, str) for m in served):
+        raise RegistrationError(422, f"{endpoint}/v1/models lists ids that are not strings", "bad_models")
     if model not in served:
         raise RegistrationError(
             422, f"the endpoint serves {sorted(served)[:8]}, not the claimed model {model!r}", "wrong_model"
@@ -86,20 +88,25 @@ async def probe(endpoint: str, model: str) -> None:
 class Admission:
     """Join and leave against the registry actor; `models` are the ones this network meters."""
 
-    def __init__(self, registry, chain_id: int, models: set[str]) -> None:
+    def __init__(self, registry, chain_id: int, network_id: str, models: set[str]) -> None:
         self._registry = registry
-        self.chain_id = chain_id
+        self.chain_id, self.network_id = chain_id, network_id
         self._models = models
 
     def domain(self) -> dict:
-        return {"name": DOMAIN_NAME, "version": DOMAIN_VERSION, "chain_id": self.chain_id}
+        return {
+            "name": DOMAIN_NAME,
+            "version": DOMAIN_VERSION,
+            "chain_id": self.chain_id,
+            "network_id": self.network_id,
+        }
 
     async def _call(self, method, *args):
         refusal_of(await asyncio.wait_for(method.remote(*args), _REMOTE_TIMEOUT_S))
 
     async def join(self, raw: Any) -> dict:
         try:
-            reg = verify(parse_signed(raw), self.chain_id)
+            reg = verify(parse_signed(raw), self.chain_id, self.network_id)
             if reg.action != "join":
                 raise RegistrationError(400, "this is a leave; send it to /v1/nodes/leave", "wrong_action")
             if reg.model not in self._models:
@@ -127,7 +134,7 @@ class Admission:
 
     async def leave(self, raw: Any) -> dict:
         try:
-            reg = verify(parse_signed(raw), self.chain_id)
+            reg = verify(parse_signed(raw), self.chain_id, self.network_id)
             if reg.action != "leave":
                 raise RegistrationError(400, "this is a join; send it to /v1/nodes", "wrong_action")
             await self._call(self._registry.leave, reg.node_id, reg.operator, reg.nonce)

@@ -120,6 +120,11 @@ class GatewayConfig(BaseModel):
         ge=0,
         description="Chain id of the network's settlement chain: open nodes sign registrations for it.",
     )
+    network_id: str = Field(
+        default_factory=lambda: "0x" + secrets.token_hex(32),
+        pattern=r"^0x[0-9a-f]{64}$",
+        description="The network's id, the salt of open nodes' registrations (deploy keeps it in state.json).",
+    )
     admit_open_nodes: bool = Field(
         default=True,
         description="Accept signed registrations of open nodes at POST /v1/nodes (routing/admission.py).",
@@ -173,7 +178,7 @@ class GatewayCore:
         self._sink = sink  # Ray actor handle with record.remote(list[UsageRecord])
         self._registry = registry
         self.admission = (
-            Admission(registry, config.chain_id, set(config.metered_models))
+            Admission(registry, config.chain_id, config.network_id, set(config.metered_models))
             if registry is not None and config.admit_open_nodes
             else None
         )
@@ -356,7 +361,9 @@ class GatewayCore:
             if node is None:
                 break
             tried.add(node.node_id)
-            gen = self.nodes.client(node.node_id).call(method, body)
+            stats = self._nodes.get(node.node_id)
+            client = self.nodes.client(node.node_id, open_node=stats is not None and stats.kind == "open")
+            gen = client.call(method, body)
             self._begin(node.node_id)
             ctx = _Ctx(rid, node, body, started, t0, client_wants_usage, strip_ids, capture)
             ctx.counter, ctx.key = self._counters.get(model), key
@@ -397,7 +404,7 @@ class GatewayCore:
             if parsed is not None and parsed.error is not None:
                 self._end(node.node_id)
                 api_error = _engine_error(parsed.error)
-                if api_error.status >= 500:  # the node's fault: try another
+                if api_error.status >= 500 or not client.vouched:  # the node's fault (or maybe): try another
                     self.selector.observe_failure(node.node_id)
                     last_error = api_error
                     continue

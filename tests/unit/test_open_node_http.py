@@ -191,3 +191,33 @@ def test_a_node_that_rejoins_elsewhere_gets_a_new_client_and_others_keep_theirs(
     assert directory.client("a") is not a and directory.client("b") is b
     directory.set_links({})
     assert isinstance(directory.client("a"), cluster.nodes.ServeNode)  # gone from the links: not over HTTP
+
+
+def test_an_open_node_that_left_between_snapshot_and_links_is_skipped_not_called_by_handle(nodes):
+    """The snapshot still lists it (open) but its link is gone: the request moves on, nothing crashes."""
+    sink = MemoryUsageSink()
+    core = GatewayCore(
+        GatewayConfig(), load_selector(registry=None), {}.__getitem__, sink_handle(sink), registry=None
+    )
+    core.nodes.set_links({"b": NodeLink(nodes["b"], SECRET)})
+    core.set_nodes([_stats("a").model_copy(update={"kind": "open"}), _stats("b")])
+    with TestClient(build_fastapi(lambda: core)) as client:
+        for _ in range(3):
+            r = _post(client, "hi")
+            assert r.status_code == 200 and r.headers["x-meritnet-node"] == "b"
+
+
+def test_a_400_from_an_open_node_is_tried_elsewhere_before_the_client_sees_it():
+    """An open node could refuse valid requests at no cost: its 4xx moves the request on."""
+    seen_a, seen_b = [], []
+    (a, server_a), (b, server_b) = serve_http(node_app(seen=seen_a)), serve_http(node_app(seen=seen_b))
+    try:
+        core = GatewayCore(GatewayConfig(), load_selector(registry=None), {}.__getitem__, None, registry=None)
+        core.nodes.set_links({"a": NodeLink(a, SECRET), "b": NodeLink(b, SECRET)})
+        core.set_nodes([_stats("a"), _stats("b")])
+        with TestClient(build_fastapi(lambda: core)) as client:
+            r = _post(client, "e400 please")  # both nodes refuse it
+        assert r.status_code == 400 and "prompt too long" in r.json()["error"]["message"]
+        assert len(seen_a) == len(seen_b) == 1  # the client saw the 400 only after both were tried
+    finally:
+        server_a.should_exit = server_b.should_exit = True

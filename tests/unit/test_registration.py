@@ -14,6 +14,7 @@ from cluster.registry import NodeRegistryCore
 
 NOW = 1_800_000_000
 CHAIN = 31337
+NET = "0x" + "ab" * 32
 ALICE, BOB = Account.create(), Account.create()
 
 
@@ -26,6 +27,7 @@ def reg(account=ALICE, **fields) -> Registration:
         "accelerator": "H100",
         "endpoint": "http://127.0.0.1:8100",
         "chain_id": CHAIN,
+        "network_id": NET,
         "nonce": 1,
         "expiry": NOW + 60,
     }
@@ -39,7 +41,7 @@ def refusal(call) -> tuple[int, str]:
 
 
 def test_a_signed_registration_recovers_to_its_operator():
-    assert verify(sign(reg(), ALICE), CHAIN, now=NOW).operator == ALICE.address
+    assert verify(sign(reg(), ALICE), CHAIN, NET, now=NOW).operator == ALICE.address
 
 
 @pytest.mark.parametrize(
@@ -59,11 +61,11 @@ def test_any_change_after_signing_breaks_the_signature(field, value):
     tampered = signed.model_copy(
         update={"registration": signed.registration.model_copy(update={field: value})}
     )
-    assert refusal(lambda: verify(tampered, CHAIN, now=NOW)) == (401, "bad_signature")
+    assert refusal(lambda: verify(tampered, CHAIN, NET, now=NOW)) == (401, "bad_signature")
 
 
 def test_signing_in_someone_elses_name_is_refused():
-    assert refusal(lambda: verify(sign(reg(operator=BOB.address), ALICE), CHAIN, now=NOW)) == (
+    assert refusal(lambda: verify(sign(reg(operator=BOB.address), ALICE), CHAIN, NET, now=NOW)) == (
         401,
         "bad_signature",
     )
@@ -71,7 +73,7 @@ def test_signing_in_someone_elses_name_is_refused():
 
 def test_a_malformed_signature_is_a_refusal_not_a_crash():
     signed = sign(reg(), ALICE).model_copy(update={"signature": "0x" + "00" * 65})
-    assert refusal(lambda: verify(signed, CHAIN, now=NOW)) == (401, "bad_signature")
+    assert refusal(lambda: verify(signed, CHAIN, NET, now=NOW)) == (401, "bad_signature")
 
 
 @pytest.mark.parametrize(
@@ -80,15 +82,27 @@ def test_a_malformed_signature_is_a_refusal_not_a_crash():
         (reg(expiry=NOW - 1), "expired"),
         (reg(expiry=NOW + MAX_VALIDITY_S + 1), "expiry_too_far"),
         (reg(chain_id=1), "wrong_chain"),
+        (reg(network_id="0x" + "cd" * 32), "wrong_network"),
         (reg(endpoint=""), "incomplete"),
     ],
 )
 def test_stale_foreign_or_incomplete_registrations_are_refused(registration, code):
-    assert refusal(lambda: verify(sign(registration, ALICE), CHAIN, now=NOW)) == (400, code)
+    assert refusal(lambda: verify(sign(registration, ALICE), CHAIN, NET, now=NOW)) == (400, code)
 
 
 @pytest.mark.parametrize(
-    "endpoint", ["ftp://x", "http://", "http://u:p@host", "http://host/?q=1", "file:///etc/passwd", "x" * 300]
+    "endpoint",
+    [
+        "ftp://x",
+        "http://",
+        "http://u:p@host",
+        "http://host/?q=1",
+        "http://host/",
+        "http://host/v1",
+        "http://host:99999",
+        "file:///etc/passwd",
+        "x" * 300,
+    ],
 )
 def test_endpoints_are_plain_http_urls(endpoint):
     with pytest.raises(ValueError):
@@ -152,3 +166,20 @@ def test_a_registry_file_from_before_open_nodes_still_loads(tmp_path):
     old = spec("a", endpoint=None)
     path.write_text(json.dumps([{"spec": old.model_dump(mode="json"), "joined_at": 1.0}]))
     assert [s.node_id for s in NodeRegistryCore(path).specs()] == ["a"]
+
+
+def test_one_endpoint_one_node_and_a_bounded_number_of_open_nodes():
+    core = NodeRegistryCore(max_open_nodes=2)
+    core.join(spec("n1"), "s", nonce=1)
+    assert refusal(lambda: core.join(spec("n2", BOB.address), "x", nonce=1)) == (409, "endpoint_taken")
+    core.join(spec("n2", BOB.address, "http://127.0.0.1:8200"), "x", nonce=2)
+    third = spec("n3", BOB.address, "http://127.0.0.1:8300")
+    assert refusal(lambda: core.join(third, "y", nonce=3)) == (403, "network_full")
+
+
+def test_the_networks_config_wins_a_node_id_an_open_node_took_first():
+    core = NodeRegistryCore()
+    core.join(spec("planned"), "s", nonce=1)
+    core.sync([spec("planned", endpoint=None)])
+    (stats,) = core.snapshot()
+    assert stats.kind == "managed" and core.links() == {}

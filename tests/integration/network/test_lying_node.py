@@ -63,10 +63,11 @@ def _managed(ids: list[int]):
 def _signed(network, account, **fields) -> tuple[int, dict]:
     from cluster.registration import Registration, sign
 
-    chain_id = json.loads(urllib.request.urlopen(f"{network.base_url}/v1/nodes/domain").read())["chain_id"]
+    domain = json.loads(urllib.request.urlopen(f"{network.base_url}/v1/nodes/domain").read())
     reg = Registration(
         operator=account.address,
-        chain_id=chain_id,
+        chain_id=domain["chain_id"],
+        network_id=domain["network_id"],
         nonce=time.time_ns(),
         expiry=int(time.time()) + 60,
         **fields,

@@ -101,10 +101,11 @@ def operator(tmp_path_factory):
 def _signed(network, account, **fields) -> dict:
     from cluster.registration import Registration, sign
 
-    chain_id = httpx.get(f"{network.base_url}/v1/nodes/domain", timeout=30).json()["chain_id"]
+    domain = httpx.get(f"{network.base_url}/v1/nodes/domain", timeout=30).json()
     base = {
         "operator": account.address,
-        "chain_id": chain_id,
+        "chain_id": domain["chain_id"],
+        "network_id": domain["network_id"],
         "nonce": time.time_ns(),
         "expiry": int(time.time()) + 60,
     }
@@ -198,6 +199,7 @@ def test_refused_registrations_say_why(network, operator):
             network, account, node_id="op-2", **{**join, "endpoint": "http://127.0.0.1:9"}
         ),
         "wrong_chain": _signed(network, account, node_id="op-2", **join, chain_id=1),
+        "wrong_network": _signed(network, account, node_id="op-2", **join, network_id="0x" + "00" * 32),
         "unknown_model": _signed(network, account, node_id="op-2", **{**join, "model": "gpt-9"}),
     }
     for code, body in cases.items():

@@ -1,0 +1,32 @@
+"""One bounded HTTP GET for probing a node that may lie: the registry's liveness probe and the gateway's
+join probe. Bounded in time as a whole (not per read: a node dripping a byte a second must not hold a
+probe open) and in size (a node cannot make the prober hold more than `max_bytes`)."""
+
+from __future__ import annotations
+
+import asyncio
+
+
+class ProbeFailed(Exception):
+    """The endpoint did not answer in time, within the size bound, or at all."""
+
+
+async def get_bounded(client, url: str, max_bytes: int, timeout_s: float) -> tuple[int, bytes]:
+    """(status, body) of GET `url` through the httpx.AsyncClient `client`; ProbeFailed otherwise."""
+    import httpx
+
+    async def fetch() -> tuple[int, bytes]:
+        async with client.stream("GET", url) as answer:
+            data = bytearray()
+            async for piece in answer.aiter_raw():
+                data += piece
+                if len(data) > max_bytes:
+                    raise ProbeFailed(f"answered more than {max_bytes} bytes")
+            return answer.status_code, bytes(data)
+
+    try:
+        return await asyncio.wait_for(fetch(), timeout_s)
+    except TimeoutError:
+        raise ProbeFailed(f"no whole answer within {timeout_s:g} s") from None
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        raise ProbeFailed(type(exc).__name__) from None
