@@ -18,6 +18,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from cluster.probe import read_capped
 from cluster.registry import NodeLink
 
 MAX_EVENT_BYTES = 8 << 20  # one stream event: a chunk's text and ids are far smaller
@@ -112,12 +113,7 @@ class _HttpStream:
         self._chunks = self._response.aiter_raw()
 
     async def _read_all(self) -> str:
-        data = bytearray()
-        async for piece in self._chunks:
-            data += piece
-            if len(data) > MAX_BODY_BYTES:
-                raise ValueError(f"answer larger than {MAX_BODY_BYTES} bytes")
-        return data.decode()
+        return (await read_capped(self._chunks, MAX_BODY_BYTES)).decode()
 
     async def __anext__(self) -> str | list[str]:
         if self._done or self._cancelled:

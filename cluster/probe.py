@@ -11,21 +11,29 @@ class ProbeFailed(Exception):
     """The endpoint did not answer in time, within the size bound, or at all."""
 
 
+async def read_capped(pieces, max_bytes: int) -> bytes:
+    """All of an async iterator of bytes (an httpx response's `aiter_raw()`), or ValueError as soon as
+    it passes `max_bytes`: what a node sends is never held beyond the bound."""
+    data = bytearray()
+    async for piece in pieces:
+        data += piece
+        if len(data) > max_bytes:
+            raise ValueError(f"answered more than {max_bytes} bytes")
+    return bytes(data)
+
+
 async def get_bounded(client, url: str, max_bytes: int, timeout_s: float) -> tuple[int, bytes]:
     """(status, body) of GET `url` through the httpx.AsyncClient `client`; ProbeFailed otherwise."""
     import httpx
 
     async def fetch() -> tuple[int, bytes]:
         async with client.stream("GET", url) as answer:
-            data = bytearray()
-            async for piece in answer.aiter_raw():
-                data += piece
-                if len(data) > max_bytes:
-                    raise ProbeFailed(f"answered more than {max_bytes} bytes")
-            return answer.status_code, bytes(data)
+            return answer.status_code, await read_capped(answer.aiter_raw(), max_bytes)
 
     try:
         return await asyncio.wait_for(fetch(), timeout_s)
+    except ValueError as exc:
+        raise ProbeFailed(str(exc)) from None
     except TimeoutError:
         raise ProbeFailed(f"no whole answer within {timeout_s:g} s") from None
     except (httpx.HTTPError, httpx.InvalidURL) as exc:

@@ -157,9 +157,12 @@ class NodeRegistryCore:
                 "network_full",
             )
         self._nonces[spec.operator] = nonce
-        self._nodes[spec.node_id] = _Entry(
-            spec, joined_at=now if now is not None else time.time(), secret=secret
-        )
+        entry = _Entry(spec, joined_at=now if now is not None else time.time(), secret=secret)
+        current = self._nodes.get(spec.node_id)
+        if current is not None and current.spec.endpoint == spec.endpoint:  # a new secret, the same node
+            entry.joined_at, entry.live = current.joined_at, current.live
+            entry.running_replicas = current.running_replicas
+        self._nodes[spec.node_id] = entry
         self._save()
 
     def leave(self, node_id: str, operator: str, nonce: int) -> None:
@@ -226,22 +229,17 @@ def _running_replicas_from_serve(specs: list[NodeSpec]) -> dict[str, int]:
     return running
 
 
-async def _probe_open_nodes(links: dict[str, NodeLink], timeout_s: float = 2.0) -> dict[str, int]:
+async def _probe_open_nodes(client, links: dict[str, NodeLink], timeout_s: float = 2.0) -> dict[str, int]:
     """1 for each open node whose /health answers 200 within `timeout_s`, else 0 (concurrently)."""
-    if not links:
-        return {}  # no client at all: making one (its TLS context) costs more than the poll itself
-    import httpx
 
-    async def one(client: httpx.AsyncClient, link: NodeLink) -> int:
+    async def one(link: NodeLink) -> int:
         try:
             status, _ = await get_bounded(client, f"{link.endpoint}/health", 4096, timeout_s)
         except ProbeFailed:
             return 0
         return int(status == 200)
 
-    headers = {"accept-encoding": "identity"}
-    async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False, headers=headers) as client:
-        results = await asyncio.gather(*(one(client, link) for link in links.values()))
+    results = await asyncio.gather(*(one(link) for link in links.values()))
     return dict(zip(links, results, strict=True))
 
 
@@ -267,14 +265,24 @@ class NodeRegistry:
         self._core = NodeRegistryCore(Path(state_path) if state_path else None)
         self._poll_interval_s = poll_interval_s
         self._poller: asyncio.Task | None = None
+        self._http = None  # one keep-alive client for every liveness probe, made with the first open node
+
+    async def _probe(self) -> dict[str, int]:
+        links = self._core.links()
+        if not links:
+            return {}
+        if self._http is None:
+            import httpx
+
+            self._http = httpx.AsyncClient(follow_redirects=False, headers={"accept-encoding": "identity"})
+        return await _probe_open_nodes(self._http, links)
 
     async def _poll(self) -> None:
         while True:
             try:
                 managed = [s for s in self._core.specs() if s.endpoint is None]
                 running, probed = await asyncio.gather(
-                    asyncio.to_thread(_running_replicas_from_serve, managed),
-                    _probe_open_nodes(self._core.links()),
+                    asyncio.to_thread(_running_replicas_from_serve, managed), self._probe()
                 )
                 self._core.set_liveness({**running, **probed})
             except Exception as exc:  # noqa: BLE001 - Serve restarting: keep the last view, try again

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster.deployment import EngineDefaults, build_node_app, deployment_name
+from cluster.deployment import EngineDefaults, build_node_app, deployment_name, deployment_name_for_id
 from cluster.local import use_serve_fast_path
 from cluster.node_http import INGRESS_NAME, node_ingress_app
 from cluster.records import NodeSpec
@@ -134,6 +134,6 @@ class OpenNode:
                 serve.shutdown()
             else:  # someone else's cluster: remove only what this node deployed
                 serve.delete(INGRESS_NAME)
-                serve.delete(deployment_name(self.spec("-")))
+                serve.delete(deployment_name_for_id(NODE_APP_ID))
         finally:
             ray.shutdown()

@@ -123,10 +123,14 @@ def spec(node_id="n1", operator=ALICE.address, endpoint="http://127.0.0.1:8100")
 def test_a_nonce_is_accepted_once_per_operator():
     core = NodeRegistryCore()
     core.join(spec(), "s1", nonce=5)
+    core.set_liveness({"n1": 1})
     assert refusal(lambda: core.join(spec(), "s2", nonce=5)) == (409, "replayed")
+    core.join(spec(), "s2", nonce=6)  # a new secret for the same node: it stays live
+    assert core.snapshot()[0].live and core.links()["n1"].secret == "s2"
     assert refusal(lambda: core.leave("n1", ALICE.address, nonce=4)) == (409, "replayed")
-    core.join(spec(endpoint="http://127.0.0.1:8200"), "s3", nonce=6)  # the owner moves the node
+    core.join(spec(endpoint="http://127.0.0.1:8200"), "s3", nonce=7)  # the owner moves the node
     assert core.links()["n1"].endpoint == "http://127.0.0.1:8200" and core.links()["n1"].secret == "s3"
+    assert not core.snapshot()[0].live  # live again only once the new endpoint answers its probe
 
 
 def test_a_node_id_belongs_to_its_operator_and_managed_ids_are_not_for_taking():
