@@ -17,6 +17,7 @@ from cluster.deployment import EngineDefaults
 from cluster.local import LocalClusterConfig
 from cluster.records import NodeSpec
 from deploy.scoring import ValidatorSpec
+from routing.timeouts import Timeouts
 
 # A well-known test address (anvil's first account); replace with your own in a real network.
 DEMO_OPERATOR_A = "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266"
@@ -89,8 +90,10 @@ class NetworkConfig(BaseSettings):
         default=True,
         description="Operators may bring nodes of their own (`meritnet node join`, signed registration).",
     )
-    stream_idle_timeout_s: float = Field(
-        default=60.0, gt=0, description="A node silent this long in the middle of a stream is cut off."
+    timeouts: Timeouts = Field(
+        default_factory=lambda: Timeouts(),
+        description="How long a node may take per request: first_byte_s, stream_idle_s, total_base_s, "
+        "total_per_token_s, total_max_s (routing/gateway.py).",
     )
     router_config: str | None = Field(
         default=None, description="Routing profile YAML (default profile if unset)."

@@ -198,7 +198,7 @@ class LocalNetwork:
             chain_id=chain_id,
             network_id=network_id(cfg.state_dir),
             admit_open_nodes=cfg.admit_open_nodes,
-            stream_idle_timeout_s=cfg.stream_idle_timeout_s,
+            timeouts=cfg.timeouts,
             router_config=cfg.router_config,
             api_keys=tuple(cfg.api_keys),
             keys_file=str(cfg.state_dir / KEYS_FILE),

@@ -93,6 +93,16 @@ def stream_interrupted() -> APIError:
     )
 
 
+def timed_out(seconds: float) -> APIError:
+    return APIError(
+        504,
+        f"The request passed its time limit of {seconds:.0f} s (a base plus an allowance per requested "
+        "token); ask for fewer tokens or retry.",
+        type="server_error",
+        code="timeout",
+    )
+
+
 def from_engine_error(message: str, status: int, type_: str | None) -> APIError:
     """An error vLLM reported (e.g. max_tokens beyond the context window)."""
     status = status if 400 <= status < 600 else 400

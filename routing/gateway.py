@@ -38,6 +38,7 @@ from routing.keys import ClientKey, KeyRing, key_from_secret
 from routing.metering import MeteredModel, Tally, TokenCounter, metered, observe
 from routing.selection import NodeSelector, facts_for
 from routing.shadow import Capture, strip_token_ids, verifiable
+from routing.timeouts import Timeouts
 
 log = logging.getLogger("meritnet.gateway")
 
@@ -64,11 +65,8 @@ class GatewayConfig(BaseModel):
         default=0.5, gt=0, description="How often the local node snapshot is refreshed from the registry."
     )
     max_attempts: int = Field(default=3, ge=1, le=10, description="Nodes tried per request before giving up.")
-    first_byte_timeout_s: float = Field(
-        default=120.0, gt=0, description="A node that sends nothing for this long counts as failed."
-    )
-    stream_idle_timeout_s: float = Field(
-        default=60.0, gt=0, description="A node silent this long in the middle of a stream is cut off."
+    timeouts: Timeouts = Field(
+        default_factory=lambda: Timeouts(), description="How long a node may take (first byte, gaps, total)."
     )
     router_config: str | None = Field(
         default=None, description="Path of the routing profile YAML; None uses deploy/profiles/default.yaml."
@@ -356,7 +354,12 @@ class GatewayCore:
 
         tried: set[str] = set()
         last_error: errors.APIError | None = None
+        asked = intake.int_field(body, "max_completion_tokens") or intake.int_field(body, "max_tokens")
+        allowed = self.config.timeouts.total_s(asked, intake.int_field(body, "n") or 1)
+        deadline = t0 + allowed
         for attempt in range(self.config.max_attempts):
+            if time.perf_counter() >= deadline:
+                raise errors.timed_out(allowed)
             node = self.selector.pick(facts, exclude=tried)
             if node is None:
                 break
@@ -366,7 +369,7 @@ class GatewayCore:
             gen = client.call(method, body)
             self._begin(node.node_id)
             ctx = _Ctx(rid, node, body, started, t0, client_wants_usage, strip_ids, capture)
-            ctx.counter, ctx.key = self._counters.get(model), key
+            ctx.counter, ctx.key, ctx.deadline = self._counters.get(model), key, deadline
             try:
                 first = await self._first_message(
                     gen,
@@ -374,6 +377,7 @@ class GatewayCore:
                     facts,
                     tried,
                     last=attempt == self.config.max_attempts - 1,
+                    deadline=deadline,
                     stream=stream,
                 )
             except asyncio.CancelledError:  # the client went away while the node was working
@@ -427,6 +431,8 @@ class GatewayCore:
             )
         if not tried:
             raise errors.no_live_node(model)
+        if time.perf_counter() >= deadline:
+            raise errors.timed_out(allowed)
         raise last_error or errors.upstream_failed(model)
 
     def _abandon(self, ctx: _Ctx, gen) -> None:
@@ -440,17 +446,18 @@ class GatewayCore:
         asyncio.get_running_loop().create_task(self._meter_quietly(ctx, "cancelled"))
 
     async def _first_message(
-        self, gen, node_id: str, facts, tried: set[str], last: bool, stream: bool = True
+        self, gen, node_id: str, facts, tried: set[str], last: bool, deadline: float, stream: bool = True
     ) -> Any:
         """The node's first message. Its adaptive timeout (a multiple of its usual TTFT) only serves to
         move the request to another node: when there is none to move to (last attempt, a pinned
         challenge, every other node tried or filtered out), a slow node is waited for up to
-        `first_byte_timeout_s` instead of turning an overloaded moment into a 503. A non-streamed
-        answer's first message is the whole generation, so a TTFT-based timeout does not apply to it
-        (it would ban a healthy node for a long answer and run the work twice)."""
+        `timeouts.first_byte_s` instead of turning an overloaded moment into a 503. A non-streamed
+        answer's first message is the whole generation: only the request's total time limit applies to
+        it (a TTFT-based timeout would ban a healthy node for a long answer and run the work twice)."""
         step = asyncio.ensure_future(gen.__anext__())
         try:
-            limit = self.config.first_byte_timeout_s
+            remaining = max(0.0, deadline - time.perf_counter())
+            limit = min(self.config.timeouts.first_byte_s, remaining) if stream else remaining
             adaptive = min(limit, self.selector.timeout_s(node_id)) if stream else limit
             done, _ = await asyncio.wait({step}, timeout=adaptive)
             if not done and adaptive < limit and (last or self.selector.pick(facts, exclude=tried) is None):
@@ -488,7 +495,7 @@ class GatewayCore:
     async def _stream(self, ctx: _Ctx, first: Any, gen) -> AsyncIterator[str]:
         status = "cancelled"
         try:
-            async for chunk in _chain(first, gen, self.config.stream_idle_timeout_s):
+            async for chunk in _chain(first, gen, self.config.timeouts.stream_idle_s, ctx.deadline):
                 out: list[str] = []  # one message downstream per message from the node
                 for piece in chunk if isinstance(chunk, list) else [chunk]:
                     if not _is_event(piece):  # an ErrorResponse mid-stream (or garbage: raises)
@@ -537,7 +544,9 @@ class GatewayCore:
             else:
                 self.selector.observe_failure(ctx.node.node_id)
                 log.warning("node %s failed mid-stream (%s)", ctx.node.node_id, type(exc).__name__)
-            yield errors.stream_interrupted().sse_event().decode()
+            late = time.perf_counter() >= ctx.deadline
+            error = errors.timed_out(ctx.deadline - ctx.t0) if late else errors.stream_interrupted()
+            yield error.sse_event().decode()
         finally:
             self._end(ctx.node.node_id)
             if status != "ok":
@@ -621,8 +630,8 @@ class _Ctx:
         "client_wants_usage",
         "completion_tokens",
         "counted",
-        "counted",
         "counter",
+        "deadline",
         "digest",
         "key",
         "model",
@@ -647,6 +656,7 @@ class _Ctx:
         self.counter: TokenCounter | None = None
         self.counted = False
         self.key: ClientKey | None = None
+        self.deadline = float("inf")
 
     def count(self) -> None:
         """The gateway's own token counts of what was forwarded so far (routing/metering.py)."""
@@ -688,13 +698,17 @@ def _tpot(ctx: _Ctx) -> float | None:
     return (time.perf_counter() - ctx.t0 - ctx.ttft) / (ctx.completion_tokens - 1)
 
 
-async def _chain(first, gen, idle_timeout_s: float):
+async def _chain(first, gen, idle_timeout_s: float, deadline: float):
     """The node's messages, the first one already received; a node silent for `idle_timeout_s` in the
-    middle of a stream raises TimeoutError (the client gets a clean error event, not a hang)."""
+    middle of a stream, or still sending at the request's `deadline` (perf_counter), raises TimeoutError
+    (the client gets a clean error event, not a hang)."""
     yield first
     while True:
+        wait = min(idle_timeout_s, deadline - time.perf_counter())
+        if wait <= 0:
+            raise TimeoutError("the request's total time limit passed")
         try:
-            item = await asyncio.wait_for(gen.__anext__(), idle_timeout_s)
+            item = await asyncio.wait_for(gen.__anext__(), wait)
         except StopAsyncIteration:
             return
         yield item

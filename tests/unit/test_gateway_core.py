@@ -16,6 +16,7 @@ from cluster.metering import MemoryUsageSink
 from routing.app import build_fastapi
 from routing.gateway import GatewayConfig, GatewayCore
 from routing.selection import load_selector
+from routing.timeouts import Timeouts
 
 OP = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"
 
@@ -217,7 +218,7 @@ def test_api_keys_are_enforced_when_configured():
 
 def test_a_slow_node_is_left_only_for_another_and_waited_for_when_it_is_the_last(harness):
     """The adaptive first-byte timeout moves a request to another node; with nobody left it waits
-    (up to first_byte_timeout_s) instead of answering 503."""
+    (up to timeouts.first_byte_s) instead of answering 503."""
     client, nodes, sink = harness
     for n in nodes.values():
         n.delay_s = 0.3
@@ -234,9 +235,69 @@ def test_a_hung_node_still_times_out(harness):
     for n in nodes.values():
         n.delay_s = 5.0
     client.core.selector.timeout_s = lambda node_id: 0.05
-    client.core.config = client.core.config.model_copy(update={"first_byte_timeout_s": 0.3})
-    r = client.post("/v1/completions", json={"model": "default", "prompt": "hi"})
+    client.core.config = client.core.config.model_copy(update={"timeouts": Timeouts(first_byte_s=0.3)})
+    r = client.post("/v1/completions", json={"model": "default", "prompt": "hi", "stream": True})
     assert r.status_code == 503 and r.json()["error"]["code"] == "upstream_failed"
+
+
+def test_the_total_limit_scales_with_the_requested_tokens():
+    t = Timeouts(total_base_s=10, total_per_token_s=0.5, total_max_s=100)
+    assert t.total_s(20) == 20.0
+    assert t.total_s(20, n=3) == 40.0
+    assert t.total_s(1000) == 100.0  # capped
+    assert t.total_s(None) == 100.0  # unbounded tokens: the cap
+
+
+def test_a_non_streamed_answer_is_held_to_its_total_limit_not_the_first_byte_one(harness):
+    """Issue 13: a first-byte timeout separate from a total timeout scaled by max_tokens. A non-streamed
+    answer slower than first_byte_s is waited for; one past base + per-token allowance is a 504, run
+    once (not retried on every node with its time already spent)."""
+    client, nodes, _sink = harness
+    fast_first_byte = Timeouts(first_byte_s=0.05, total_base_s=5.0, total_per_token_s=0.1)
+    client.core.config = client.core.config.model_copy(update={"timeouts": fast_first_byte})
+    for node in nodes.values():
+        node.delay_s = 0.3
+    body = {"model": "default", "prompt": "hi", "max_tokens": 2}
+    assert client.post("/v1/completions", json=body).status_code == 200
+    assert sum(n.calls for n in nodes.values()) == 1
+
+    tight = Timeouts(total_base_s=0.1, total_per_token_s=0.05)  # 0.2 s for 2 tokens
+    client.core.config = client.core.config.model_copy(update={"timeouts": tight})
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+    assert sum(n.calls for n in nodes.values()) == 2  # one more call, on one node
+    assert all(v == 0 for v in client.core._in_flight.values())
+
+
+def test_a_stream_that_trickles_past_its_total_limit_ends_with_a_timeout_event(harness):
+    """A node that keeps each gap under stream_idle_s but never finishes is still cut off."""
+    client, nodes, sink = harness
+    tight = Timeouts(stream_idle_s=5.0, total_base_s=0.2, total_per_token_s=0.01)
+    client.core.config = client.core.config.model_copy(update={"timeouts": tight})
+
+    class _Trickle(_Gen):
+        async def __anext__(self):
+            if self._i >= 1:
+                import asyncio
+
+                await asyncio.sleep(0.15)  # every gap well under the idle limit
+            return await super().__anext__()
+
+    for node in nodes.values():
+        respond = node._respond
+        node._respond = lambda body, kind, respond=respond: _Trickle(respond(body, kind)._items * 4)
+    body = {"model": "default", "prompt": "hi", "stream": True, "max_tokens": 2}
+    r = client.post("/v1/completions", json=body)
+    events = [e for e in r.text.split("\n\n") if e]
+    assert json.loads(events[-1][6:])["error"]["code"] == "timeout" and "[DONE]" not in r.text
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + 5
+    while not asyncio.run(sink.all()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (rec,) = _records(sink)
+    assert rec.status == "error" and client.core._in_flight[rec.node_id] == 0
 
 
 async def test_a_client_that_leaves_before_the_answer_frees_the_node_and_leaves_one_cancelled_record():
@@ -311,7 +372,7 @@ def test_a_long_non_streamed_answer_is_waited_for_not_moved(harness):
 def test_a_node_that_stalls_mid_stream_is_cut_off_with_a_clean_error(harness):
     """Issue 13: a node that stops sending in the middle of a stream left the client hanging."""
     client, nodes, sink = harness
-    client.core.config = client.core.config.model_copy(update={"stream_idle_timeout_s": 0.2})
+    client.core.config = client.core.config.model_copy(update={"timeouts": Timeouts(stream_idle_s=0.2)})
 
     class _Stall(_Gen):
         async def __anext__(self):

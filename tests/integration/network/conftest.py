@@ -21,7 +21,7 @@ def network(tmp_path_factory):
         # the lying nodes (test_lying_node.py) claim model "liar", the operator's node (test_open_node.py)
         # serves "open"; the gateway meters both with this tokenizer
         trusted_models={"default": "builtin:default", "liar": "builtin:default", "open": "builtin:default"},
-        stream_idle_timeout_s=15,  # a stalled stream ends this soon (test_lying_node.py)
+        timeouts={"stream_idle_s": 15},  # a stalled stream ends this soon (test_lying_node.py)
         epoch_length_s=20,  # an open node's traffic is settled this soon (test_open_node.py)
     )
     net = LocalNetwork(cfg).start()

@@ -1,16 +1,78 @@
-"""A node dies under traffic: it is banned and leaves the registry, requests keep succeeding on the
-other node, and once Serve has restarted it (and its ban has expired) it gets traffic again.
+"""Kill tests (issue 13). The gateway's replica dies with streams in flight: they end (no hang), Serve
+starts a new one, new requests succeed. A node dies in the middle of a stream: the client gets a clean
+error event and one error record, the node leaves rotation and the registry, requests keep succeeding on
+the other node, and once Serve has restarted it (and its ban has expired) it gets traffic again.
 
 Named test_zz_* so it runs after the other modules that share this package's network.
 """
 
 from __future__ import annotations
 
+import json
 import time
 
+import httpx
 import pytest
 
 pytestmark = pytest.mark.integration
+
+LONG = {"model": "default", "prompt": "a long story", "max_tokens": 400, "ignore_eos": True, "stream": True}
+
+
+def _replica(class_name: str):
+    import ray
+    from ray.util.state import list_actors
+
+    alive = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+    victim = next(a for a in alive if a.class_name == class_name)
+    return ray.get_actor(victim.name, namespace="serve")
+
+
+def _events(lines) -> list[str]:
+    return [line[6:] for line in lines if line.startswith("data: ")]
+
+
+def _stream_on(http: httpx.Client, node_id: str, tries: int = 12):
+    """Open long streams until one is served by `node_id` (the others are closed); its response."""
+    held = []
+    try:
+        for _ in range(tries):
+            cm = http.stream("POST", "/v1/completions", json=LONG)
+            r = cm.__enter__()
+            assert r.status_code == 200, r.read()
+            if r.headers["x-meritnet-node"] == node_id:
+                return cm, r
+            held.append(cm)
+        raise AssertionError(f"no stream landed on {node_id} in {tries} tries")
+    finally:
+        for other in held:
+            other.__exit__(None, None, None)
+
+
+def test_a_killed_gateway_replica_ends_its_streams_and_serve_replaces_it(network, client):
+    import ray
+
+    from deploy.network import GATEWAY_APP
+
+    with httpx.Client(base_url=network.base_url, timeout=60) as http:
+        with http.stream("POST", "/v1/completions", json=LONG) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            assert _events([next(lines) for _ in range(4)])  # tokens are flowing
+            ray.kill(_replica(f"ServeReplica:{GATEWAY_APP}:gateway"), no_restart=True)
+            try:
+                rest = list(lines)  # ends: cut short by the proxy, or a protocol error (no hang)
+            except (httpx.RemoteProtocolError, httpx.ReadError):  # not a ReadTimeout: that is a hang
+                rest = []
+            assert "[DONE]" not in _events(rest)
+    # Serve starts a new gateway replica; new requests succeed on it.
+    deadline, answer = time.monotonic() + 180, None
+    while answer is None and time.monotonic() < deadline:
+        try:
+            answer = client.completions.create(model="default", prompt="back?", max_tokens=2)
+        except Exception:  # noqa: BLE001 - 5xx or refused while the replica restarts
+            time.sleep(1.0)
+    assert answer is not None and answer.choices[0].text is not None
 
 
 def _node_of(client, i: int) -> str:
@@ -26,16 +88,27 @@ def _live(node_id: str) -> bool:
     return {s.node_id: s.live for s in ray.get(get_registry().snapshot.remote())}[node_id]
 
 
-def test_killed_node_is_banned_leaves_registry_and_comes_back(network, client):
+def test_a_node_killed_mid_stream_ends_it_cleanly_leaves_rotation_and_comes_back(
+    network, client, usage_records
+):
     import ray
-    from ray.util.state import list_actors
 
-    victim = next(
-        a
-        for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-        if a.class_name == "ServeReplica:node-l4-b:node-l4-b"
-    )
-    ray.kill(ray.get_actor(victim.name, namespace="serve"), no_restart=True)
+    with httpx.Client(base_url=network.base_url, timeout=60) as http:
+        cm, r = _stream_on(http, "l4-b")
+        try:
+            rid, lines = r.headers["x-meritnet-request-id"], r.iter_lines()
+            assert _events([next(lines) for _ in range(4)])  # tokens are flowing
+            ray.kill(_replica("ServeReplica:node-l4-b:node-l4-b"), no_restart=True)
+            killed_at = time.monotonic()
+            events = _events(list(lines))  # the gateway ends the stream itself: no hang, no cut
+        finally:
+            cm.__exit__(None, None, None)
+    assert "[DONE]" not in events
+    assert json.loads(events[-1])["error"]["code"] == "stream_interrupted"
+    deadline = time.monotonic() + 30
+    while rid not in usage_records() and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert usage_records()[rid].status == "error"
 
     # Every request still succeeds; at most the first ones try the dead node (and are retried).
     served = [_node_of(client, i) for i in range(8)]
@@ -45,6 +118,7 @@ def test_killed_node_is_banned_leaves_registry_and_comes_back(network, client):
     while _live("l4-b") and time.monotonic() < deadline:
         time.sleep(0.25)
     assert not _live("l4-b"), "the registry still lists the killed node as live"
+    print(f"l4-b left the registry {time.monotonic() - killed_at:.1f} s after the kill")
 
     # Serve starts a new replica (a fresh vLLM engine); the node rejoins and, its ban expired,
     # receives traffic again.
