@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from settlement.chain import EMBEDDED, Chain, ChainSettings, ChainUnavailable, ContractReverted, fees_of_raw
@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 
 CRASH_ENV = "MERITNET_CRASH_AT"
 CRASH_STEPS = ("freeze", "roots", "sign", "written", "broadcast", "receipt")
+# Default emission cap = this x emission_wei: an epoch after one with no eligible usage pays both
+# epochs' emission at once; longer carries drain at one extra emission per epoch (see commitment()).
+EMISSION_CAP_HEADROOM = 2
 ZERO_ROOT = b"\x00" * 32
 
 QualitySource = Callable[[int], Mapping[str, float] | None] | Mapping[int, Mapping[str, float]]
@@ -60,6 +63,13 @@ class SettlementConfig(BaseSettings):
     epoch_length_s: float = Field(default=3600.0, gt=0, description="Length of one epoch in seconds.")
     genesis: float = Field(default=0.0, description="Unix time at which epoch 0 starts.")
     emission_wei: int = Field(default=10**21, ge=0, description="Reward minted per epoch (wei, 18 decimals).")
+    emission_cap_wei: int | None = Field(
+        default=None,
+        ge=0,
+        description="The most one epoch may pay (wei), fixed in a distributor the settler deploys (the "
+        f"contract refuses more). None: {EMISSION_CAP_HEADROOM} x emission_wei. A bound distributor "
+        "(MERITNET_CHAIN_CONTRACT) keeps the cap it was deployed with.",
+    )
     prompt_weight: int = Field(default=1, ge=0, description="Usage weight of one prompt token (integer).")
     completion_weight: int = Field(
         default=1, ge=0, description="Usage weight of one completion token (integer)."
@@ -72,6 +82,22 @@ class SettlementConfig(BaseSettings):
         "None makes the settler wait for scores before committing an epoch.",
     )
     tick_s: float = Field(default=5.0, gt=0, description="Seconds between settlement passes in run().")
+
+    @model_validator(mode="after")
+    def _cap_covers_emission(self) -> SettlementConfig:
+        if self.emission_cap_wei is not None and self.emission_cap_wei < self.emission_wei:
+            raise ValueError(
+                f"emission_cap_wei ({self.emission_cap_wei}) is below emission_wei ({self.emission_wei}): "
+                "the carried difference would grow every epoch and never be paid; raise the cap"
+            )
+        return self
+
+    @property
+    def emission_cap(self) -> int:
+        """The cap a newly deployed distributor gets."""
+        if self.emission_cap_wei is not None:
+            return self.emission_cap_wei
+        return EMISSION_CAP_HEADROOM * self.emission_wei
 
     @property
     def book_path(self) -> Path:
@@ -120,6 +146,7 @@ class Settler:
         self._quality = quality
         self.clock = clock
         self._rewards = rewards  # settlement.rewards.compute_rewards unless a test injects one
+        self._emission_cap: int | None = None  # the contract's, read once (it is immutable)
 
     # -- scheduling -----------------------------------------------------------------------------
 
@@ -143,9 +170,30 @@ class Settler:
         """Bind to the configured distributor, or deploy one starting at the first unsettled epoch."""
         if self.chain.address is None:
             first = self._first_unsettled()
-            self.chain.deploy(self.key, first)
-            log.info("deployed the distributor at %s (first epoch %d)", self.chain.address, first)
+            cap = self.config.emission_cap
+            self.chain.deploy(self.key, first, cap, self.chain.settings.admin)
+            log.info(
+                "deployed the distributor at %s (first epoch %d, emission cap %d wei, admin %s)",
+                self.chain.address,
+                first,
+                cap,
+                self.chain.admin(),
+            )
         return self.chain.address
+
+    def emission_cap(self) -> int:
+        """The most one epoch may pay: the contract's cap, read on first use (it is immutable)."""
+        if self._emission_cap is None:
+            self._emission_cap = self.chain.emission_cap()
+            if self._emission_cap < self.config.emission_wei:
+                log.error(
+                    "the distributor at %s caps an epoch at %d wei, below the configured emission of "
+                    "%d wei: the difference carries forward every epoch and is never paid",
+                    self.chain.address,
+                    self._emission_cap,
+                    self.config.emission_wei,
+                )
+        return self._emission_cap
 
     def tick(self) -> list[int]:
         """One pass: close due epochs, then settle closed ones in order. Returns epochs settled now."""
@@ -212,18 +260,17 @@ class Settler:
         quality = epoch_quality(usage, scores, self.config.default_quality)
         self.book.put_quality(epoch, quality)  # before computing: a restart recomputes the same numbers
         previous = self.book.get(epoch - 1)
-        carried_in = previous.carried_wei if previous else 0
+        available = self.config.emission_wei + (previous.carried_wei if previous else 0)
+        # The contract refuses an epoch above its cap: pay up to the cap, carry the rest on.
+        budget = min(available, self.emission_cap())
         if self._rewards is None:
             from settlement.rewards import compute_rewards
 
             self._rewards = compute_rewards
         result = self._rewards(
-            usage,
-            quality,
-            self.config.emission_wei + carried_in,
-            self.config.prompt_weight,
-            self.config.completion_weight,
+            usage, quality, budget, self.config.prompt_weight, self.config.completion_weight
         )
+        carried_wei = result.carried_wei + available - budget
         cumulative = dict(previous.cumulative) if previous else {}
         for operator, amount in result.per_operator.items():
             cumulative[operator] = cumulative.get(operator, 0) + amount
@@ -234,7 +281,7 @@ class Settler:
         except EmptyTreeError:
             usage_root, interactions = ZERO_ROOT, 0
         reward_root = _bytes32(reward_root_of(cumulative))
-        self.ledger.put_rewards(epoch, result.per_operator, result.carried_wei)
+        self.ledger.put_rewards(epoch, result.per_operator, carried_wei)
         stored = self.book.put(
             EpochCommitment(
                 epoch=epoch,
@@ -242,7 +289,7 @@ class Settler:
                 reward_root=reward_root,
                 interactions=interactions,
                 epoch_reward=sum(result.per_operator.values()),
-                carried_wei=result.carried_wei,
+                carried_wei=carried_wei,
                 cumulative=cumulative,
             )
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +63,12 @@ class ChainSettings(BaseSettings):
         description="Address of the deployed distributor. Unset: the settlement actor deploys one "
         "(always the case on the embedded chain, whose state lives only as long as the process).",
     )
+    admin: str | None = Field(
+        default=None,
+        description="Admin of a distributor the settler deploys: pauses settle and rotates the roles; "
+        "meant for a multisig. Unset: the settler key's own address (fine for a local network, not "
+        "for a real chain). A bound distributor (contract) keeps its admin.",
+    )
     receipt_timeout_s: float = Field(
         default=60.0, gt=0, description="How long to wait for a receipt before treating the tx as stuck."
     )
@@ -73,7 +80,7 @@ class ChainSettings(BaseSettings):
         description="Fee increase when re-signing a dropped tx at the same nonce; nodes require >= 10%.",
     )
     settle_gas_limit: int = Field(
-        default=150_000, ge=60_000, description="Gas limit of a settle tx (it costs ~60k, constant)."
+        default=150_000, ge=60_000, description="Gas limit of a settle tx (it costs ~67k, constant)."
     )
     claim_gas_limit: int = Field(default=200_000, ge=60_000, description="Gas limit of a claim tx.")
 
@@ -178,11 +185,25 @@ class Chain:
         self.wait_receipt(tx)
 
     def deploy(
-        self, key: SettlerKey, first_epoch: int, name: str = "meritnet reward", symbol: str = "MRT"
+        self,
+        key: SettlerKey,
+        first_epoch: int,
+        emission_cap: int,
+        admin: str | None = None,
+        name: str = "meritnet reward",
+        symbol: str = "MRT",
     ) -> str:
-        """Deploy the distributor with `key` as settler; returns (and binds to) its address."""
+        """Deploy the distributor with `key` as settler (it also pays for the deploy), `admin` as admin
+        (default: the settler's own address, fine for a local network; a real one names a multisig)
+        and at most `emission_cap` wei per settle. Returns (and binds to) its address."""
+        admin = to_checksum_address(admin) if admin else key.address
         factory = self.w3.eth.contract(abi=self.artifact["abi"], bytecode=self.artifact["bytecode"])
-        tx = factory.constructor(name, symbol, key.address, first_epoch).build_transaction(
+        constructor = factory.constructor(name, symbol, admin, key.address, first_epoch, emission_cap)
+        # Simulated first, so a zero admin comes back as ZeroAddress rather than a failed receipt.
+        self._raise_by_name(
+            lambda: self.w3.eth.call({"from": key.address, "data": constructor.data_in_transaction})
+        )
+        tx = constructor.build_transaction(
             self._tx_fields(key.address, self.nonce(key.address), self.fees(), gas=2_000_000)
         )
         receipt = self.wait_receipt(self.send_raw(key.sign_transaction(tx)))
@@ -220,6 +241,15 @@ class Chain:
 
     def settler(self) -> str:
         return self._view("settler")
+
+    def admin(self) -> str:
+        return self._view("admin")
+
+    def emission_cap(self) -> int:
+        return self._view("emission_cap")
+
+    def paused(self) -> bool:
+        return self._view("paused")
 
     def settled_events(self, epoch: int | None = None) -> list[dict[str, Any]]:
         """EpochSettled logs (all, or one epoch's): the auditable history of roots and totals."""
@@ -347,8 +377,12 @@ class Chain:
     # -- errors ---------------------------------------------------------------------------------
 
     def _simulate(self, fn: Any, sender: str) -> None:
+        self._raise_by_name(lambda: fn.call({"from": sender}))
+
+    def _raise_by_name(self, call: Callable[[], Any]) -> None:
+        """Run an eth_call; a revert comes back as ContractReverted with the custom error's name."""
         try:
-            self._rpc(lambda: fn.call({"from": sender}))
+            self._rpc(call)
         except ContractCustomError as exc:
             raise self.decode_error(exc.data) from None
         except Exception as exc:

@@ -219,7 +219,7 @@ def status(
     ledger: LedgerOption = None,
     epoch_length: EpochLengthOption = None,
 ) -> None:
-    """Ledger and chain progress: last closed, committed and settled epochs, totals."""
+    """Ledger and chain progress: last closed, committed and settled epochs, totals, roles, pause."""
     config = _config(ledger, epoch_length)
     led = _ledger(config)
     from settlement.chain import Chain, ChainSettings
@@ -238,5 +238,9 @@ def status(
             "next_epoch": chain.next_epoch(),
             "total_rewarded": str(chain.total_rewarded()),
             "total_claimed": str(chain.total_supply()),
+            "emission_cap": str(chain.emission_cap()),
+            "settler": chain.settler(),
+            "admin": chain.admin(),
+            "paused": chain.paused(),
         }
     typer.echo(json.dumps(report, indent=2))

@@ -6,6 +6,11 @@
         its cumulative reward up to this epoch) and the epoch's totals. An operator (or anyone
         on its behalf) claims its cumulative amount with a proof and is minted the difference
         to what it already claimed; a second claim of the same amount pays nothing.
+        Two roles, so no single key can bend settlement: the settler (a hot key) posts epochs, at
+        most `emission_cap` each, fixed at deploy; the admin (meant for a multisig) may pause
+        settle and rotate both roles, each in two steps (proposed, then accepted by the new key),
+        so a mistyped address can never take a role. A leaked settler key mints at most the cap
+        per epoch until the admin pauses it or hands the role to a new key.
 @dev Supply model: mint on claim, capped by what settlements posted (totalSupply <= total_rewarded),
      so settle() touches no balance and costs the same whatever the claims did (constant gas).
      Leaves use OpenZeppelin's StandardMerkleTree encoding: keccak256(keccak256(abi.encode(values))),
@@ -21,7 +26,14 @@ exports: reward_token.__interface__
 # A proof of 32 levels covers 2**32 operators; the bound only sizes calldata decoding.
 MAX_PROOF_DEPTH: constant(uint256) = 32
 
+# The most one settle may post (wei). Immutable: raising it means deploying a new distributor.
+emission_cap: public(immutable(uint256))
+
+admin: public(address)
+pending_admin: public(address)
 settler: public(address)
+pending_settler: public(address)
+paused: public(bool)
 next_epoch: public(uint256)
 usage_root: public(HashMap[uint256, bytes32])
 reward_root: public(bytes32)
@@ -44,16 +56,52 @@ event Claimed:
     amount: uint256
 
 
+event SettlerProposed:
+    settler: indexed(address)
+    proposed: indexed(address)
+
+
 event SettlerChanged:
     previous: indexed(address)
     settler: indexed(address)
 
 
+event AdminProposed:
+    admin: indexed(address)
+    proposed: indexed(address)
+
+
+event AdminChanged:
+    previous: indexed(address)
+    admin: indexed(address)
+
+
+# OpenZeppelin Pausable's events.
+event Paused:
+    account: address
+
+
+event Unpaused:
+    account: address
+
+
 @deploy
-def __init__(name_: String[32], symbol_: String[8], settler_: address, first_epoch: uint256):
+def __init__(
+    name_: String[32],
+    symbol_: String[8],
+    admin_: address,
+    settler_: address,
+    first_epoch: uint256,
+    emission_cap_: uint256,
+):
     reward_token.__init__(name_, symbol_)
+    self._check_nonzero(admin_)
+    self._check_nonzero(settler_)
+    emission_cap = emission_cap_
+    self.admin = admin_
     self.settler = settler_
     self.next_epoch = first_epoch
+    log AdminChanged(previous=empty(address), admin=admin_)
     log SettlerChanged(previous=empty(address), settler=settler_)
 
 
@@ -64,6 +112,14 @@ def settle(
     """Post one epoch. Epochs are strictly sequential, so a settled epoch is never rewritten."""
     if msg.sender != self.settler:
         raw_revert(concat(method_id("NotSettler(address)"), abi_encode(msg.sender)))
+    if self.paused:
+        raw_revert(method_id("EnforcedPause()"))
+    if epoch_reward > emission_cap:
+        raw_revert(
+            concat(
+                method_id("EmissionCapExceeded(uint256,uint256)"), abi_encode(epoch_reward, emission_cap)
+            )
+        )
     expected: uint256 = self.next_epoch
     if epoch < expected:
         raw_revert(concat(method_id("EpochAlreadySettled(uint256)"), abi_encode(epoch)))
@@ -103,12 +159,75 @@ def claim(account: address, cumulative: uint256, proof: DynArray[bytes32, MAX_PR
 
 
 @external
-def set_settler(settler_: address):
-    """Hand the settler role to a new key (key rotation); only the current settler can."""
-    if msg.sender != self.settler:
-        raw_revert(concat(method_id("NotSettler(address)"), abi_encode(msg.sender)))
-    log SettlerChanged(previous=self.settler, settler=settler_)
-    self.settler = settler_
+def propose_settler(settler_: address):
+    """Admin: name the next settler (key rotation). It takes the role when it calls accept_settler;
+    a new proposal replaces the last one."""
+    self._check_admin()
+    self._check_nonzero(settler_)
+    self.pending_settler = settler_
+    log SettlerProposed(settler=self.settler, proposed=settler_)
+
+
+@external
+def accept_settler():
+    """The proposed settler takes the role (proving it holds the key)."""
+    if msg.sender != self.pending_settler:
+        raw_revert(concat(method_id("NotPendingSettler(address)"), abi_encode(msg.sender)))
+    log SettlerChanged(previous=self.settler, settler=msg.sender)
+    self.settler = msg.sender
+    self.pending_settler = empty(address)
+
+
+@external
+def propose_admin(admin_: address):
+    """Admin: name the next admin; it takes the role when it calls accept_admin."""
+    self._check_admin()
+    self._check_nonzero(admin_)
+    self.pending_admin = admin_
+    log AdminProposed(admin=self.admin, proposed=admin_)
+
+
+@external
+def accept_admin():
+    """The proposed admin takes the role."""
+    if msg.sender != self.pending_admin:
+        raw_revert(concat(method_id("NotPendingAdmin(address)"), abi_encode(msg.sender)))
+    log AdminChanged(previous=self.admin, admin=msg.sender)
+    self.admin = msg.sender
+    self.pending_admin = empty(address)
+
+
+@external
+def pause():
+    """Admin: stop settle (e.g. the settler key leaked). Claims stay open: they only pay what was posted."""
+    self._check_admin()
+    if self.paused:
+        raw_revert(method_id("EnforcedPause()"))
+    self.paused = True
+    log Paused(account=msg.sender)
+
+
+@external
+def unpause():
+    self._check_admin()
+    if not self.paused:
+        raw_revert(method_id("ExpectedPause()"))
+    self.paused = False
+    log Unpaused(account=msg.sender)
+
+
+@internal
+@view
+def _check_admin():
+    if msg.sender != self.admin:
+        raw_revert(concat(method_id("NotAdmin(address)"), abi_encode(msg.sender)))
+
+
+@internal
+@pure
+def _check_nonzero(account: address):
+    if account == empty(address):
+        raw_revert(method_id("ZeroAddress()"))
 
 
 @internal

@@ -11,7 +11,12 @@ from settlement.anvil import Anvil
 from settlement.chain import Chain, ChainSettings, ChainUnavailable
 from settlement.keys import SettlerKey
 from settlement.rewardbook import RewardBook
-from tests.unit.test_settlement_chain import CLAIM_GAS_GOAL, SETTLE_GAS_GOAL, contract_scenario
+from tests.unit.test_settlement_chain import (
+    CLAIM_GAS_GOAL,
+    SETTLE_GAS_GOAL,
+    contract_scenario,
+    roles_scenario,
+)
 from tests.unit.test_settlement_chain_actor import EPOCH_S, Clock, FakeLedger, equal_split
 
 pytestmark = pytest.mark.integration
@@ -31,6 +36,10 @@ def connect(node: Anvil, **kw) -> Chain:
 def test_contract_scenario_on_anvil(anvil):
     gas = contract_scenario(connect(anvil))
     assert gas["settle"] <= SETTLE_GAS_GOAL and gas["claim_again"] <= CLAIM_GAS_GOAL
+
+
+def test_roles_scenario_on_anvil(anvil):
+    roles_scenario(connect(anvil))
 
 
 def _world(tmp_path, chain: Chain, key: SettlerKey):

@@ -82,7 +82,7 @@ def network(tmp_path):
     chain = Chain.connect(ChainSettings(url=node.url))
     key = SettlerKey.generate()
     chain.fund(key.address, 10**20)
-    chain.deploy(key, first_epoch=0)
+    chain.deploy(key, first_epoch=0, emission_cap=EMISSION)
     genesis = time.time() - 3.5 * EPOCH_S  # epochs 0, 1, 2 have ended
     env = {
         **os.environ,

@@ -1,6 +1,7 @@
-"""The distributor contract on the embedded chain (py-evm via eth-tester): settle, claim, every error.
+"""The distributor contract on the embedded chain (py-evm via eth-tester): settle, claim, roles, every error.
 
-`contract_scenario` is also run against anvil by tests/integration/test_settlement_anvil.py. The
+`contract_scenario` and `roles_scenario` are also run against anvil by
+tests/integration/test_settlement_anvil.py. The
 proofs here come from a tiny independent OpenZeppelin-StandardMerkleTree builder (below), so the
 contract's leaf encoding is checked against the standard itself, not only against our own builder.
 """
@@ -12,6 +13,7 @@ import json
 import pytest
 from eth_abi import encode
 from web3 import Web3
+from web3.logs import DISCARD
 
 from settlement.chain import Chain, ContractReverted
 from settlement.compile import ARTIFACT_PATH, compile_artifact
@@ -19,6 +21,8 @@ from settlement.keys import SettlerKey
 
 SETTLE_GAS_GOAL = 80_000
 CLAIM_GAS_GOAL = 100_000
+BIG_CAP = 10**27  # emission cap for tests about something else
+ZERO = "0x" + "00" * 20
 
 
 def oz_leaf(types: list[str], values: list) -> bytes:
@@ -71,11 +75,17 @@ def expect_revert(error: str, fn, *args) -> ContractReverted:
     return info.value
 
 
+def events(chain: Chain, receipt, name: str) -> list[dict]:
+    """The `name` events a receipt carries, as dicts of their arguments."""
+    logs = getattr(chain.contract.events, name)().process_receipt(receipt, errors=DISCARD)
+    return [dict(e["args"]) for e in logs]
+
+
 def contract_scenario(chain: Chain) -> dict[str, int]:
     """Settle three epochs, claim cumulatively, and hit every rejection. Returns measured gas."""
     settler, stranger = funded_key(chain), funded_key(chain)
     ops = [funded_key(chain).address for _ in range(3)]
-    chain.deploy(settler, first_epoch=5)
+    chain.deploy(settler, first_epoch=5, emission_cap=BIG_CAP)
     assert chain.next_epoch() == 5 and chain.settler() == settler.address
     usage_root = Web3.keccak(text="usage")
 
@@ -137,7 +147,7 @@ def test_contract_scenario_on_eth_tester():
 def test_settle_gas_does_not_depend_on_tree_size():
     chain = Chain.embedded()
     key = funded_key(chain)
-    chain.deploy(key, first_epoch=0)
+    chain.deploy(key, first_epoch=0, emission_cap=BIG_CAP)
     settle(chain, key, 0, Web3.keccak(text="u"), Web3.keccak(text="r"), 1, 1)
     gas = {
         settle(chain, key, e, Web3.keccak(text=f"u{e}"), Web3.keccak(text=f"r{e}"), n, n * 10**18)["gasUsed"]
@@ -148,14 +158,91 @@ def test_settle_gas_does_not_depend_on_tree_size():
     assert max(gas) - min(gas) <= 100, gas
 
 
-def test_only_settler_hands_over_the_role():
-    chain = Chain.embedded()
-    settler, stranger = funded_key(chain), funded_key(chain)
-    chain.deploy(settler, first_epoch=0)
-    expect_revert("NotSettler", chain.transact, stranger, "set_settler", stranger.address)
-    chain.transact(settler, "set_settler", stranger.address)
-    assert chain.settler() == stranger.address
-    expect_revert("NotSettler", chain.preflight_settle, settler.address, 0, b"\x01" * 32, b"\x02" * 32, 0, 0)
+def roles_scenario(chain: Chain) -> None:
+    """The emission cap, admin/settler separation, pause, two-step rotation of both roles and the
+    zero address, each refusal checked by its custom error."""
+    admin, settler, successor, stranger = (funded_key(chain) for _ in range(4))
+    cap = 1000
+    root = Web3.keccak(text="root")
+
+    # No role ever goes to the zero address, from the constructor either.
+    expect_revert("ZeroAddress", chain.deploy, settler, 0, cap, ZERO)
+    factory = chain.w3.eth.contract(abi=chain.artifact["abi"], bytecode=chain.artifact["bytecode"])
+    no_settler = factory.constructor("n", "s", admin.address, ZERO, 0, cap).data_in_transaction
+    expect_revert(
+        "ZeroAddress",
+        chain._raise_by_name,
+        lambda: chain.w3.eth.call({"from": admin.address, "data": no_settler}),
+    )
+    chain.deploy(settler, 0, cap, admin.address)
+    assert (chain.admin(), chain.settler(), chain.emission_cap(), chain.paused()) == (
+        admin.address,
+        settler.address,
+        cap,
+        False,
+    )
+    for name, role, holder in (("AdminChanged", "admin", admin), ("SettlerChanged", "settler", settler)):
+        logs = getattr(chain.contract.events, name).get_logs(from_block=0)
+        assert [dict(e["args"]) for e in logs] == [{"previous": ZERO, role: holder.address}]
+
+    # The cap: exactly the cap settles, one wei more is refused (and says by how much).
+    over = expect_revert(
+        "EmissionCapExceeded", chain.preflight_settle, settler.address, 0, root, root, 1, cap + 1
+    )
+    assert over.error_args == (cap + 1, cap)
+    settle(chain, settler, 0, root, root, 1, cap)
+    assert chain.total_rewarded() == cap
+
+    # Separation: the settler cannot pause or hand out roles; the admin cannot settle.
+    expect_revert("NotAdmin", chain.transact, settler, "pause")
+    expect_revert("NotAdmin", chain.transact, settler, "propose_settler", successor.address)
+    expect_revert("NotAdmin", chain.transact, settler, "propose_admin", settler.address)
+    expect_revert("NotSettler", chain.preflight_settle, admin.address, 1, root, root, 1, 1)
+
+    # Pause stops settle until the admin unpauses; pausing twice or unpausing twice is refused.
+    assert events(chain, chain.transact(admin, "pause"), "Paused") == [{"account": admin.address}]
+    assert chain.paused()
+    expect_revert("EnforcedPause", chain.preflight_settle, settler.address, 1, root, root, 1, 1)
+    expect_revert("EnforcedPause", chain.transact, admin, "pause")
+    expect_revert("NotAdmin", chain.transact, settler, "unpause")
+    assert events(chain, chain.transact(admin, "unpause"), "Unpaused") == [{"account": admin.address}]
+    expect_revert("ExpectedPause", chain.transact, admin, "unpause")
+    settle(chain, settler, 1, root, root, 1, 1)
+
+    # Settler rotation takes two steps: the admin proposes, the new key accepts.
+    expect_revert("ZeroAddress", chain.transact, admin, "propose_settler", ZERO)
+    proposed = chain.transact(admin, "propose_settler", successor.address)
+    assert events(chain, proposed, "SettlerProposed") == [
+        {"settler": settler.address, "proposed": successor.address}
+    ]
+    assert chain.settler() == settler.address  # nothing changes until the new key accepts
+    expect_revert("NotPendingSettler", chain.transact, stranger, "accept_settler")
+    accepted = chain.transact(successor, "accept_settler")
+    assert events(chain, accepted, "SettlerChanged") == [
+        {"previous": settler.address, "settler": successor.address}
+    ]
+    expect_revert("NotPendingSettler", chain.transact, successor, "accept_settler")  # proposal used up
+    expect_revert("NotSettler", chain.preflight_settle, settler.address, 2, root, root, 1, 1)
+    settle(chain, successor, 2, root, root, 1, 1)
+
+    # The admin role moves the same way (e.g. to a multisig).
+    expect_revert("ZeroAddress", chain.transact, admin, "propose_admin", ZERO)
+    expect_revert("NotAdmin", chain.transact, stranger, "propose_admin", stranger.address)
+    proposed = chain.transact(admin, "propose_admin", stranger.address)
+    assert events(chain, proposed, "AdminProposed") == [
+        {"admin": admin.address, "proposed": stranger.address}
+    ]
+    expect_revert("NotPendingAdmin", chain.transact, admin, "accept_admin")
+    accepted = chain.transact(stranger, "accept_admin")
+    assert events(chain, accepted, "AdminChanged") == [{"previous": admin.address, "admin": stranger.address}]
+    assert chain.admin() == stranger.address
+    expect_revert("NotAdmin", chain.transact, admin, "pause")
+    chain.transact(stranger, "pause")
+    expect_revert("EnforcedPause", chain.preflight_settle, successor.address, 3, root, root, 1, 1)
+
+
+def test_roles_scenario_on_eth_tester():
+    roles_scenario(Chain.embedded())
 
 
 def test_committed_artifact_matches_a_fresh_compile():
@@ -169,6 +256,13 @@ def test_committed_artifact_matches_a_fresh_compile():
         "EpochAlreadySettled",
         "InvalidProof",
         "NothingToClaim",
+        "EmissionCapExceeded",
+        "NotAdmin",
+        "NotPendingSettler",
+        "NotPendingAdmin",
+        "ZeroAddress",
+        "EnforcedPause",
+        "ExpectedPause",
     }
 
 
@@ -189,7 +283,7 @@ def test_settlement_reward_tree_proofs_are_accepted_by_the_contract():
 
     chain = Chain.embedded()
     settler, payer = funded_key(chain), funded_key(chain)
-    chain.deploy(settler, first_epoch=0)
+    chain.deploy(settler, first_epoch=0, emission_cap=BIG_CAP)
     cumulative = {SettlerKey.generate().address: 10**18 + i for i in range(9)}  # odd count: unbalanced tree
     tree = reward_tree(cumulative)
     settle(chain, settler, 0, b"\x00" * 32, bytes.fromhex(tree.root[2:]), 9, sum(cumulative.values()))

@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import pytest
 from web3 import Web3
 
-from settlement.actor import SettlementConfig, SettlementConflict, Settler
-from settlement.chain import Chain, ChainSettings, ChainUnavailable, fees_of_raw
+from settlement.actor import EMISSION_CAP_HEADROOM, SettlementConfig, SettlementConflict, Settler
+from settlement.chain import Chain, ChainSettings, ChainUnavailable, ContractReverted, fees_of_raw
 from settlement.keys import SettlerKey, SettlerKeyError
 from settlement.rewardbook import RewardBook
 
@@ -138,6 +138,68 @@ def test_closes_due_epochs_and_settles_each_once_in_order(world):
     proof = [bytes.fromhex(p[2:]) for p in tree.get_proof(find_reward_leaf(tree, OPS[1]))]
     world.chain.claim(world.key, OPS[1], latest.cumulative[OPS[1]], proof)
     assert world.chain.balance_of(OPS[1]) == latest.cumulative[OPS[1]]
+
+
+def test_deploys_with_the_settler_as_admin_and_twice_the_emission_as_cap_by_default(world):
+    world.settler().ensure_contract()
+    assert world.chain.admin() == world.chain.settler() == world.key.address
+    assert world.chain.emission_cap() == EMISSION_CAP_HEADROOM * world.config.emission_wei == 2000
+
+
+def test_an_emission_cap_below_the_emission_is_refused():
+    with pytest.raises(ValueError, match="below emission_wei"):
+        SettlementConfig(emission_wei=1000, emission_cap_wei=999)
+
+
+def test_carry_above_the_cap_is_paid_over_later_epochs(world):
+    """Epochs 0 and 1 are scored 0 (their emission carries); later epochs pay at most the cap and
+    carry the rest on until the carry is drained. Every epoch settles, and each one's paid plus
+    carried wei equals its emission plus the wei carried into it."""
+    world.config = SettlementConfig(epoch_length_s=EPOCH_S, emission_wei=1000, emission_cap_wei=1500)
+    world.clock.t = 6.5 * EPOCH_S
+    unscored = {f"node-{i}": 0.0 for i in range(len(OPS))}
+    settler = Settler(
+        world.ledger,
+        world.chain,
+        world.key,
+        world.book,
+        world.config,
+        quality={0: unscored, 1: unscored},
+        clock=world.clock,
+        rewards=equal_split,
+    )
+    settler.ensure_contract()
+    assert settler.tick() == [0, 1, 2, 3, 4, 5]
+    paid = [world.book.get(e).epoch_reward for e in range(6)]
+    carried = [world.book.get(e).carried_wei for e in range(6)]
+    assert paid == [0, 0, 1500, 1500, 1500, 1500] and carried == [1000, 2000, 1500, 1000, 500, 0]
+    assert world.chain.total_rewarded() == 6 * 1000
+
+
+def test_a_bound_contract_with_a_cap_below_the_emission_pays_the_cap_and_says_so(world, caplog):
+    world.chain.deploy(world.key, 0, 600)  # deployed elsewhere, with a smaller cap than configured
+    settler = world.settler()
+    with caplog.at_level("ERROR", logger="settlement.actor"):
+        assert settler.tick() == [0, 1, 2]
+    assert [world.book.get(e).carried_wei for e in range(3)] == [400, 800, 1200]
+    assert world.chain.total_rewarded() == 3 * 600
+    assert sum("below the configured emission" in r.message for r in caplog.records) == 1  # said once
+
+
+def test_a_paused_contract_holds_epochs_until_the_admin_unpauses(world):
+    admin = SettlerKey.generate()
+    world.chain.fund(admin.address, 10**20)
+    world.chain.settings.admin = admin.address
+    settler = world.settler()
+    settler.ensure_contract()
+    assert world.chain.admin() == admin.address != world.key.address
+    world.chain.transact(admin, "pause")
+    with pytest.raises(ContractReverted) as info:
+        settler.tick()
+    assert info.value.error == "EnforcedPause"
+    assert world.ledger.pending == {} and world.ledger.marks == []  # refused before anything was signed
+    world.chain.transact(admin, "unpause")
+    assert settler.tick() == [0, 1, 2] and onchain_epochs(world.chain) == [0, 1, 2]
 
 
 def test_written_ahead_but_never_sent_is_resigned_at_the_same_nonce_with_bumped_fees(world, monkeypatch):
