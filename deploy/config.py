@@ -108,7 +108,8 @@ class NetworkConfig(BaseSettings):
         default_factory=list,
         description="Validators to run, e.g. [{validator_id: v1, stake: 2.0}] (deploy/scoring.py). None by "
         "default: a reference engine is one more vLLM engine on a 2-core machine. Without validators "
-        "every node stays unscored (router: 'unscored' score; settlement: default_quality).",
+        "every node stays unscored (router: 'unscored' score) and settlement pays it at quality 1.0; with "
+        "validators an unscored node is on probation (quality 0) until its first consensus score.",
     )
     trusted_models: dict[str, str] = Field(
         default_factory=lambda: {"default": BUILTIN_MODEL},
@@ -160,6 +161,16 @@ class NetworkConfig(BaseSettings):
                     f"node id {node.node_id!r} appears twice in 'nodes'; node ids must be unique"
                 )
             seen.add(node.node_id)
+        return self
+
+    @model_validator(mode="after")
+    def _unique_validators(self) -> NetworkConfig:
+        ids = [v.validator_id for v in self.validators]
+        twice = sorted({v for v in ids if ids.count(v) > 1})
+        if twice:
+            raise ValueError(
+                f"validator id(s) {twice} appear twice in 'validators'; validator ids must be unique"
+            )
         return self
 
     @classmethod

@@ -21,7 +21,13 @@ from cluster.local import AUTH_TOKEN_FILE, LocalCluster
 from cluster.records import NodeSpec
 from cluster.registry import get_or_create_registry
 from deploy.config import BUILTIN_MODEL, NetworkConfig
-from deploy.scoring import start_consensus, start_reference_engines, start_shadow_feed, start_validators
+from deploy.scoring import (
+    start_consensus,
+    start_reference_engines,
+    start_shadow_feed,
+    start_validators,
+    validator_keys,
+)
 from deploy.usage import SETTLEMENT_NAME, USAGE_STORE_NAME, start_settlement, start_usage_store
 from routing.app import gateway_deployment
 from routing.gateway import GatewayConfig
@@ -217,8 +223,10 @@ class LocalNetwork:
         if cfg.validators:
             self.on_step(f"Starting {len(cfg.validators)} validator(s) and consensus")
             # Handles are kept on the network: Ray ends a non-detached actor with its last handle.
+            keys = validator_keys(cfg.validators, cfg.state_dir / "validator-keys")
             self.validators = start_validators(
                 cfg.validators,
+                keys,
                 self.base_url,
                 challenge_key,
                 scoring_sources,
@@ -227,7 +235,8 @@ class LocalNetwork:
                 shadow=shadow,
             )
             self.consensus = start_consensus(
-                list(self.validators),
+                cfg.validators,
+                {v: k.address for v, k in keys.items()},  # stakes and addresses: config, never the actors
                 cfg.consensus_period_s,
                 cfg.epoch_length_s,
                 self.genesis,

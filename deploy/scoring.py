@@ -3,7 +3,7 @@
 What runs (all in Ray namespace "meritnet", started by `LocalNetwork.start` when `validators` is set):
 
 - `meritnet-validator-<id>`: one `scoring.ValidatorActor` per configured validator, with its own
-  stake and identity. It challenges every live node through the gateway, pinned to the node with
+  identity and signing key (`validator_keys`: generated into the state folder on first start). It challenges every live node through the gateway, pinned to the node with
   `x-meritnet-node` + the per-run challenge key, and verifies each answer against a trusted
   reference engine of the claimed model.
 - `meritnet-reference-<model>` (shared mode, the default here): ONE vLLM reference engine per model
@@ -14,9 +14,13 @@ What runs (all in Ray namespace "meritnet", started by `LocalNetwork.start` when
   verifiable organic requests (`shadow_rate`, default 2%); every validator reads the feed and verifies
   what falls in its own sample, exactly like a challenge answer. The feed is an in-memory ring
   (`ShadowFeed`): organic prompts and outputs are never written to disk or logs.
-- `meritnet-consensus`: every `period_s` it gathers each validator's `NodeScore`s and stake, runs
-  Yuma (`scoring.ConsensusState`), and serves the result as `latest()`. The gateway pulls that every
-  0.5 s into the router's quality scorer (live scores).
+- `meritnet-consensus`: every `period_s` it asks each configured validator for a signed score report,
+  runs Yuma (`scoring.ConsensusState`), and serves the result as `latest()`. The gateway pulls that
+  every 0.5 s into the router's quality scorer (live scores). Stakes and the validators' addresses are
+  the network's configuration, given at start; nothing a validator says changes its stake. A report
+  whose signature does not recover to the validator's address, or that answers another round or is
+  stale, is refused (logged, `meritnet_score_reports_refused`) and counts as no answer: the validator
+  weights nothing that round and its stake stays in the denominator (`scoring.report`).
 
 Settlement mapping (per epoch): quality_i of settlement epoch N is the mean of node i's consensus
 quality (`scoring.quality_from_consensus`: consensus_i / max_k consensus_k, in [0, 1]) over the
@@ -24,8 +28,10 @@ consensus rounds that ran while N was open (genesis + N*len <= t < genesis + (N+
 average since rounds are periodic. After every round the running mean of the open epoch is sent with
 `SettlementService.submit_quality(N, {node: q})`; the last send before N ends is the final one, and the
 settler ignores sends once N is committed. A node caught cheating for the whole epoch has mean 0 and so
-earns 0; a node no round scored in N gets the settler's `default_quality`. A node is scored in a round
-only once validators holding kappa of the stake have a verdict on it (`scoring.ConsensusState`): a
+earns 0; a node no round scored in N gets the settler's `default_quality`, which the network sets to 0
+with validators (probation: no weight until a first consensus score) and to 1.0 without them (the
+demo). A node is scored in a round only once validators holding more than kappa of the stake have a
+verdict on it (`scoring.ConsensusState`): a
 verification still queued is no opinion, never a 0 (issue 9: an honest node was paid nothing for the
 epoch in which its first verifications were queued behind the reference engine).
 
@@ -38,11 +44,14 @@ speed, labelled by validator), the consensus quality per node and the trust per 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
+import os
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -62,8 +71,13 @@ class ValidatorSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    validator_id: str = Field(min_length=1, description="Identity (a row of the consensus weight matrix).")
-    stake: float = Field(default=1.0, ge=0, description="Stake behind its weights in consensus.")
+    validator_id: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$",
+        description="Identity (a row of the consensus weight matrix; names its actor and key file).",
+    )
+    stake: float = Field(
+        default=1.0, ge=0, allow_inf_nan=False, description="Stake behind its weights in consensus."
+    )
     challenges_per_node_per_min: float = Field(
         default=0.5,
         gt=0,
@@ -270,8 +284,31 @@ def start_reference_engines(
 # ---- validators -----------------------------------------------------------------------------------
 
 
+class ValidatorKey(NamedTuple):
+    path: Path  # the key file (mode 0600), loaded only inside the validator's own actor
+    address: str  # what consensus checks the validator's reports against
+
+
+def validator_keys(specs: Sequence[ValidatorSpec], folder: Path) -> dict[str, ValidatorKey]:
+    """Each validator's signing key: folder/<id>.key, generated on first start (mode 0600) and kept."""
+    from settlement.keys import SettlerKey
+
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = {}
+    for spec in specs:
+        path = folder / f"{spec.validator_id}.key"
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(SettlerKey.generate().export_hex())
+        address = SettlerKey.from_file(path, what="validator key").address
+        keys[spec.validator_id] = ValidatorKey(path, address)
+    return keys
+
+
 def start_validators(
     specs: Sequence[ValidatorSpec],
+    keys: Mapping[str, ValidatorKey],
     gateway_url: str,
     challenge_key: str,
     model_sources: Mapping[str, str],
@@ -282,6 +319,7 @@ def start_validators(
     shadow: bool = True,
 ) -> dict[str, Any]:
     """Start one ValidatorActor per spec and its challenge loop; returns actor name -> handle.
+    `keys`: `validator_keys(specs, ...)`; each actor loads its own key file.
 
     `reference_engines` (model -> ReferenceEngineService handle) makes every validator share those
     engines; without it each validator loads its own vLLM engine per model (production). Keep the
@@ -291,6 +329,7 @@ def start_validators(
 
     from scoring.challenge import ChallengeConfig
     from scoring.validator import ValidatorActor, ValidatorConfig
+    from settlement.keys import SettlerKey
 
     shared = None
     if reference_engines:
@@ -308,7 +347,6 @@ def start_validators(
         name = VALIDATOR_PREFIX + spec.validator_id
         cfg = ValidatorConfig(
             validator_id=spec.validator_id,
-            stake=spec.stake,
             challenge=ChallengeConfig(
                 rate_per_node_per_min=spec.challenges_per_node_per_min,
                 use_organic_prompts=spec.use_organic_prompts,
@@ -326,6 +364,7 @@ def start_validators(
                 engine_kwargs=dict(engine_kwargs),
                 engines=shared,
                 shadow_feed_name=SHADOW_FEED_NAME if shadow else None,
+                signer=functools.partial(SettlerKey.from_file, keys[spec.validator_id].path, "validator key"),
             )
         )
     ray.get([a.start.remote() for a in actors.values()], timeout=ready_timeout_s)
@@ -336,11 +375,16 @@ def start_validators(
 
 
 class ConsensusService:
-    """Runs Yuma over the validators' scores every `period_s`; serves `latest()`; feeds settlement."""
+    """Runs Yuma over the validators' signed scores every `period_s`; serves `latest()`; feeds settlement.
+
+    `validators` (their stakes) and `addresses` (validator id -> the address its reports must recover
+    to) are the network's configuration. `actor_of` finds a validator's actor by id (Ray's named
+    actors by default; unit tests pass fakes)."""
 
     def __init__(
         self,
-        validator_names: Sequence[str],
+        validators: Sequence[ValidatorSpec],
+        addresses: Mapping[str, str],
         period_s: float,
         epoch_length_s: float,
         genesis: float,
@@ -348,18 +392,31 @@ class ConsensusService:
         metrics_port: int | None = None,
         namespace: str = NAMESPACE,
         activity_cutoff_s: float | None = 900.0,
+        actor_of: Callable[[str], Any] | None = None,
     ) -> None:
         from scoring import ConsensusState
 
-        self._names = list(validator_names)
+        missing = [v.validator_id for v in validators if v.validator_id not in addresses]
+        if missing:
+            raise ValueError(
+                f"no signing address for validator(s) {missing}: their reports cannot be checked"
+            )
+        self._addresses = {v.validator_id: addresses[v.validator_id] for v in validators}
         self._period_s = period_s
+        # one that has not answered in 2 periods (at least 10 s) sits the round out: never stalls consensus;
+        # a report older than that is stale
+        self._timeout_s = max(10.0, 2 * period_s)
         self._settlement_name = settlement_name
         self._namespace = namespace
-        self._state = ConsensusState(activity_cutoff_s=activity_cutoff_s)
+        self._actor_of = actor_of or self._named_actor
+        self._state = ConsensusState(
+            {v.validator_id: v.stake for v in validators}, activity_cutoff_s=activity_cutoff_s
+        )
         self.epochs = EpochQuality(epoch_length_s, genesis)
         self._latest: QualityScores | None = None
         self._task: asyncio.Task | None = None
-        self.rounds = 0
+        self.rounds = 0  # rounds that produced a result
+        self.asked = 0  # rounds asked for (the round number validators sign)
         if metrics_port is not None:
             from prometheus_client import start_http_server
 
@@ -397,42 +454,64 @@ class ConsensusService:
                 log.warning("consensus round failed (%s: %s)", type(exc).__name__, exc)
 
     async def step(self) -> QualityScores | None:
-        """One round: gather scores and stakes, run Yuma, publish, submit the epoch's running mean.
-
-        A validator that does not answer (restarting, dead) sits this round out, with its stake."""
-        import ray
-
-        answers = await asyncio.gather(*(self._ask(n) for n in self._names))
-        answers = [a for a in answers if a is not None]
-        scores = {v: s for v, s, _ in answers}
-        stakes = {v: st for v, _, st in answers}
-        result = self.round(scores, stakes, time.time()) if answers else None
+        """One round: ask every validator for its signed report, keep those that check, run Yuma,
+        publish, submit the epoch's running mean. A validator with no accepted report weights nothing
+        this round; its configured stake still counts."""
+        self.asked += 1
+        round_ = self.asked
+        ids = list(self._addresses)
+        answers = await asyncio.gather(*(self._ask(v, round_) for v in ids))
+        now = time.time()
+        scores = {}
+        for v, text in zip(ids, answers):
+            accepted = None if text is None else self.accept(v, text, round_, now)
+            if accepted is not None:
+                scores[v] = accepted
+        result = self.round(scores, now)
         if result is None:
             return None
         quality, epoch, mean = result
         if self._settlement_name:
+            import ray
+
             settlement = ray.get_actor(self._settlement_name, namespace=self._namespace)
             await asyncio.wait_for(settlement.submit_quality.remote(epoch, mean), 30)
         return quality
 
-    async def _ask(self, name: str) -> tuple[str, list[NodeScore], float] | None:
+    def _named_actor(self, validator: str) -> Any:
         import ray
 
+        return ray.get_actor(VALIDATOR_PREFIX + validator, namespace=self._namespace)
+
+    async def _ask(self, validator: str, round_: int) -> str | None:
         try:
-            actor = ray.get_actor(name, namespace=self._namespace)
-            # one that has not answered in 2 periods (at least 10 s) sits the round out: never stalls consensus
-            scores, stake = await asyncio.wait_for(
-                asyncio.gather(actor.scores.remote(), actor.stake.remote()), max(10.0, 2 * self._period_s)
-            )
+            return await asyncio.wait_for(self._actor_of(validator).report.remote(round_), self._timeout_s)
         except Exception as exc:  # noqa: BLE001 - any failure means "no answer this round"
-            log.warning("validator %s did not answer this consensus round (%s)", name, type(exc).__name__)
+            log.warning(
+                "validator %s did not answer consensus round %d (%s)", validator, round_, type(exc).__name__
+            )
             return None
-        return name.removeprefix(VALIDATOR_PREFIX), scores, stake  # rows are validator ids, as in NodeScore
+
+    def accept(self, validator: str, text: str, round_: int, now: float) -> list[NodeScore] | None:
+        """The scores of `validator`'s report if it checks (`scoring.report.accept_report`); None, logged
+        and counted, if it does not."""
+        from scoring import metrics
+        from scoring.report import ReportRefused, accept_report
+
+        try:
+            return list(
+                accept_report(text, validator, self._addresses[validator], round_, now, self._timeout_s)
+            )
+        except ReportRefused as exc:
+            metrics.REPORTS_REFUSED.labels(validator, exc.reason).inc()
+            log.warning("refused validator %s's score report (%s): %s", validator, exc.reason, exc)
+            return None
 
     def round(
-        self, scores_by_validator: Mapping[str, list[NodeScore]], stakes: Mapping[str, float], now: float
+        self, scores_by_validator: Mapping[str, list[NodeScore]], now: float
     ) -> tuple[QualityScores, int, dict[str, float]] | None:
-        """The pure part of a round (no Ray): Yuma, metrics, and the epoch mean. None before any score."""
+        """The pure part of a round (no Ray): Yuma over the configured stakes, metrics, and the epoch
+        mean. None before any score."""
         from scoring import metrics
 
         if not any(scores_by_validator.values()):
@@ -440,7 +519,7 @@ class ConsensusService:
         for ss in scores_by_validator.values():
             for s in ss:
                 metrics.observe_node_score(s)
-        quality = self._state.step(dict(scores_by_validator), dict(stakes), now=now)
+        quality = self._state.step(scores_by_validator, now=now)
         self._latest = quality
         self.rounds += 1
         metrics.observe_quality(quality)
@@ -450,7 +529,8 @@ class ConsensusService:
 
 
 def start_consensus(
-    validator_names: Sequence[str],
+    validators: Sequence[ValidatorSpec],
+    addresses: Mapping[str, str],
     period_s: float,
     epoch_length_s: float,
     genesis: float,
@@ -465,7 +545,8 @@ def start_consensus(
         ray.remote(ConsensusService)
         .options(name=CONSENSUS_NAME, namespace=NAMESPACE, num_cpus=0, resources={"head": 0.01})
         .remote(
-            list(validator_names),
+            list(validators),
+            dict(addresses),
             period_s,
             epoch_length_s,
             genesis,

@@ -82,6 +82,11 @@ def start_usage_store(path: Path, epoch_length_s: float, genesis: float):
 SETTLEMENT_NAME = "meritnet-settlement"
 
 
+def settlement_default_quality(cfg) -> float:
+    """Quality of a node no consensus round scored in an epoch: 0 with validators, 1.0 without."""
+    return 0.0 if cfg.validators else 1.0
+
+
 def start_settlement(cfg, ledger_path: Path, genesis: float):
     """The settlement actor on the network's ledger; with no settler key configured, a dev key is
     generated into the state folder (mode 0600) — fine for the embedded chain, never for real ones."""
@@ -106,7 +111,15 @@ def start_settlement(cfg, ledger_path: Path, genesis: float):
             key_path.touch(mode=0o600)
             key_path.write_text(Account.create().key.hex())
         key_file = str(key_path)
-    settle_cfg = SettlementConfig(ledger_path=ledger_path, epoch_length_s=cfg.epoch_length_s, genesis=genesis)
+    # With validators an unscored node is on probation (quality 0) until its first consensus score;
+    # without them (the demo) nothing scores nodes, so every node is paid at quality 1.0. Not None
+    # (wait for scores): an epoch no consensus round reached would then stop settlement for good.
+    settle_cfg = SettlementConfig(
+        ledger_path=ledger_path,
+        epoch_length_s=cfg.epoch_length_s,
+        genesis=genesis,
+        default_quality=settlement_default_quality(cfg),
+    )
     actor = (
         settlement_actor()
         .options(name=SETTLEMENT_NAME, namespace="meritnet", get_if_exists=True, resources={"head": 0.01})

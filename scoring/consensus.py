@@ -2,11 +2,14 @@
 
 Validators (rows) weight nodes (columns). One epoch:
 
-1. stake is normalised to sum 1 (validators with no stake take no part);
-   weights are row-normalised (each validator spends a unit of weight).
+1. stake is normalised to sum 1 over every *configured* validator (validators with no stake take no
+   part); weights are row-normalised (each validator spends a unit of weight). Stake is the network's
+   configuration, never a validator's own word, and a validator that sent nothing this round keeps its
+   stake with a zero row: it weights nothing, and the others do not grow to 100% of the stake.
 2. prerank_j   = sum_i S_i W_ij                       (stake-weighted support before clipping)
 3. consensus_j = stake-weighted median of column j with majority kappa: the largest value v that
-   validators holding at least kappa of the stake weight at >= v (`_weighted_median_col`).
+   validators holding kappa of the stake weight at >= v (`weighted_median`; an exact kappa share
+   is a tie, see below).
 4. clipped W'_ij = min(W_ij, consensus_j): weight above what the majority agrees on is ignored,
    so a minority cannot lift a node it favours.
 5. validator_trust_i = sum_j W'_ij                    (share of i's weight that survived clipping)
@@ -16,20 +19,32 @@ Validators (rows) weight nodes (columns). One epoch:
    default bonds_moving_average 900_000 / 1e6 -> 1 - 0.9.
 8. dividends_i = sum_j B_ij incentive_j, normalised to sum 1.
 
+One deliberate difference from subtensor, at an exact tie in step 3. Subtensor takes the largest value
+backed by *at least* kappa of the stake (its default kappa, 32767/65535, is even just under 0.5), so
+when validators holding exactly half the stake weight a node at a and the other half at b < a (or not
+at all: 0), the median is a, and the first half decides alone. Here a value backed by exactly kappa
+of the stake is half a majority: the median is the midpoint (a + b) / 2 between it and the largest
+value backed by more than kappa, the textbook median of an even split. Neither half sets it alone,
+upward or downward; without an exact tie the result is subtensor's. `ConsensusState` adds the other
+half of the rule: a node is scored only once more than kappa of the stake has an opinion on it.
+kappa is in (0, 1).
+
 Subtensor runs this in I32F32 fixed point; we use float64, with a 1e-12 tolerance in the median so
-exact ties (e.g. two validators of stake 0.5 each) resolve the same way as the fixed-point code.
+an exact kappa share (e.g. stakes 1/3 + 1/6 against 1/2) is found as a tie despite rounding.
 Subtensor's masks for inactive / unpermitted / self-weights / recently registered do not apply here:
-validators and nodes are disjoint sets and `deploy/` passes only live participants.
+validators and nodes are disjoint sets, and stale scores are dropped by `ConsensusState`'s activity
+cutoff.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from cluster.records import QualityScores
+from cluster.records import NodeScore, QualityScores
 
 _EPS = 1e-12
 
@@ -67,20 +82,31 @@ def _col_normalize(m: np.ndarray) -> np.ndarray:
 
 
 def weighted_median(stake: np.ndarray, scores: np.ndarray, kappa: float) -> float:
-    """Largest score v such that the validators scoring >= v hold at least `kappa` of the stake.
+    """Largest score v such that the validators scoring >= v hold `kappa` of the stake.
 
-    Equivalent to subtensor's `weighted_median` with minority = 1 - kappa: stake strictly below the
-    result is <= 1 - kappa, stake at or below it is > 1 - kappa. Only positive stake counts.
+    Subtensor's `weighted_median` with minority = 1 - kappa, except at an exact tie: when the largest
+    such v is backed by exactly kappa, the result is the midpoint between it and the largest value
+    backed by more than kappa (see the module doc). Only positive stake counts; a zero score is a
+    score (an absent validator's zero row backs nothing above 0).
     """
     keep = stake > 0
     if not keep.any():
         return 0.0
     s = stake[keep] / stake[keep].sum()
     x = scores[keep]
-    for v in np.unique(x)[::-1]:  # descending: the first value with enough support wins
-        if s[x >= v].sum() >= kappa - _EPS:
-            return float(v)
-    return float(x.min())  # kappa > 1 cannot be met; fall back to the unanimous floor
+    tie = None
+    for v in np.unique(x)[::-1]:  # descending; the smallest value has all the stake, so this returns
+        share = s[x >= v].sum()
+        if _majority(share, kappa):
+            return float(v if tie is None else (tie + v) / 2)
+        if tie is None and share >= kappa - _EPS:
+            tie = v  # exactly kappa: half a majority
+    raise AssertionError("unreachable for kappa < 1")
+
+
+def _majority(share, kappa: float):
+    """More than kappa of the (normalised) stake; an exact kappa share, up to rounding, is not."""
+    return share > kappa + _EPS
 
 
 def _weighted_median_col(stake: np.ndarray, weights: np.ndarray, kappa: float) -> np.ndarray:
@@ -107,7 +133,7 @@ def yuma_epoch(
 
     weights: V x N non-negative (any scale; rows are normalised). stake: V non-negative.
     bonds: last epoch's `YumaResult.bonds` (V x N) or None for a fresh start.
-    kappa: majority fraction of stake for the consensus median. alpha: bonds EMA rate.
+    kappa: a value needs more than this fraction of stake behind it. alpha: bonds EMA rate.
     bonds_penalty: 1 builds bonds from clipped weights (subtensor's default), 0 from raw weights.
     """
     w = _as_matrix("weights", weights)
@@ -117,8 +143,8 @@ def yuma_epoch(
         raise ValueError(f"stake must have one entry per validator ({v_count}), got shape {s.shape}")
     if not np.all(np.isfinite(s)) or (s < 0).any():
         raise ValueError("stake must be finite and non-negative")
-    if not 0.0 < kappa <= 1.0:
-        raise ValueError(f"kappa must be in (0, 1], got {kappa}")
+    if not 0.0 < kappa < 1.0:
+        raise ValueError(f"kappa must be in (0, 1) (more than kappa of the stake decides), got {kappa}")
     if not 0.0 <= alpha <= 1.0 or not 0.0 <= bonds_penalty <= 1.0:
         raise ValueError("alpha and bonds_penalty must be in [0, 1]")
     b_prev = np.zeros_like(w) if bonds is None else _as_matrix("bonds", bonds, w.shape)
@@ -177,23 +203,39 @@ def quality_from_consensus(result: YumaResult, node_ids, epoch: int = 0) -> Qual
 
 
 class ConsensusState:
-    """Runs Yuma epoch after epoch over changing sets of validators and nodes, carrying the bonds.
+    """Runs Yuma epoch after epoch over the configured validators and changing nodes, carrying the bonds.
 
-    Feed it every validator's current `NodeScore`s (their `score` is the validator's weight) and stakes;
-    it returns the `QualityScores` for the router and settlement plus the raw result for audit.
+    `stakes` (validator id -> stake) is the network's configuration and fixes the rows: each round's
+    scores come from the validators that answered, scores of an id not configured are ignored, and
+    a configured validator that sent nothing (dead, late, or refused) keeps its stake in the
+    denominator with a zero row. No validator's own word changes a weight's stake.
+
+    Feed it every validator's current `NodeScore`s (their `score` is the validator's weight); it
+    returns the `QualityScores` for the router and settlement plus the raw result for audit.
     A validator that has not scored a node gives it weight 0 in Yuma, as in subtensor. But a node is
-    only *scored* (present in the returned quality) once validators holding at least kappa of the stake
-    have an opinion on it: before that its consensus is 0 by construction (no kappa-majority can back a
-    positive value), which means "not yet verified", not "caught". Reporting it as quality 0 would make
-    settlement pay an honest node nothing for an epoch in which its verifications were still queued;
-    absent, it is unscored (the router's `unscored` score, settlement's rule for unscored nodes).
+    only *scored* (present in the returned quality) once validators holding more than kappa of the
+    stake have an opinion on it: before that no majority can back a positive value, so its consensus
+    is 0 by construction, which means "not yet verified", not "caught". Reporting it as quality 0
+    would make settlement pay an honest node nothing for an epoch in which its verifications were
+    still queued; absent, it is unscored (the router's `unscored` score, settlement's rule for
+    unscored nodes). The same rule keeps a validator with half the stake from scoring a node alone.
     """
 
     def __init__(
-        self, kappa: float = 0.5, alpha: float = 0.1, activity_cutoff_s: float | None = None
+        self,
+        stakes: Mapping[str, float],
+        kappa: float = 0.5,
+        alpha: float = 0.1,
+        activity_cutoff_s: float | None = None,
     ) -> None:
+        if not stakes:
+            raise ValueError("consensus needs at least one configured validator (stakes is empty)")
         if activity_cutoff_s is not None and activity_cutoff_s <= 0:
             raise ValueError(f"activity_cutoff_s must be > 0 (or None), got {activity_cutoff_s}")
+        self.validators = sorted(stakes)
+        self.stake = np.array([float(stakes[v]) for v in self.validators])
+        if not np.all(np.isfinite(self.stake)) or (self.stake < 0).any():
+            raise ValueError("stakes must be finite and non-negative")
         self.kappa, self.alpha = kappa, alpha
         # A validator's score of a node older than this (NodeScore.at) is ignored: a validator that
         # stopped observing a node (dead loop, partition) cannot keep voting on it (subtensor's
@@ -202,39 +244,34 @@ class ConsensusState:
         self.epoch = 0
         self._bonds: dict[tuple[str, str], float] = {}
         self.last: YumaResult | None = None
-        self.validators: list[str] = []
         self.nodes: list[str] = []
 
     def step(
-        self, scores_by_validator, stake_by_validator, node_ids=None, now: float | None = None
+        self, scores_by_validator: Mapping[str, Sequence[NodeScore]], node_ids=None, now: float | None = None
     ) -> QualityScores:
         if self.activity_cutoff_s is not None:
             oldest = (time.time() if now is None else now) - self.activity_cutoff_s
             scores_by_validator = {
                 v: [s for s in ss if s.at >= oldest] for v, ss in scores_by_validator.items()
             }
-        validators = sorted(stake_by_validator)
-        nodes = (
-            sorted(node_ids)
-            if node_ids is not None
-            else sorted({s.node_id for ss in scores_by_validator.values() for s in ss})
-        )
+        validators = self.validators
+        known = [scores_by_validator.get(v, ()) for v in validators]  # unconfigured ids are dropped here
+        nodes = sorted(node_ids) if node_ids is not None else sorted({s.node_id for ss in known for s in ss})
         col = {n: j for j, n in enumerate(nodes)}
         w = np.zeros((len(validators), len(nodes)))
         seen = np.zeros(w.shape, dtype=bool)  # which validator has an opinion on which node
-        for i, v in enumerate(validators):
-            for s in scores_by_validator.get(v, []):
+        for i, ss in enumerate(known):
+            for s in ss:
                 if s.node_id in col:
                     w[i, col[s.node_id]] = s.score
                     seen[i, col[s.node_id]] = True
         b = np.array([[self._bonds.get((v, n), 0.0) for n in nodes] for v in validators]).reshape(w.shape)
-        stake = np.array([float(stake_by_validator[v]) for v in validators])
-        r = yuma_epoch(w, stake, b, kappa=self.kappa, alpha=self.alpha)
+        r = yuma_epoch(w, self.stake, b, kappa=self.kappa, alpha=self.alpha)
         self._bonds = {
             (v, n): float(r.bonds[i, j]) for i, v in enumerate(validators) for j, n in enumerate(nodes)
         }
-        self.last, self.validators, self.nodes = r, validators, nodes
-        covered = seen.T @ r.stake >= self.kappa - _EPS  # stake share with an opinion, per node
+        self.last, self.nodes = r, nodes
+        covered = _majority(seen.T @ r.stake, self.kappa)  # stake share with an opinion, per node
         q = quality_from_consensus(r, nodes, epoch=self.epoch)
         self.epoch += 1
         return q.model_copy(update={"quality": {n: x for n, x in q.quality.items() if covered[col[n]]}})

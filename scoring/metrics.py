@@ -47,6 +47,12 @@ VERIFY_ERRORS = Counter(
     ["validator"],
     registry=REGISTRY,
 )
+REPORTS_REFUSED = Counter(
+    "meritnet_score_reports_refused",
+    "Score reports consensus refused (malformed, wrong_validator, bad_signature, stale), per validator.",
+    ["validator", "reason"],
+    registry=REGISTRY,
+)
 LOOP_RESTARTS = Counter(
     "meritnet_validator_loop_restarts",
     "Validator loops (challenge, shadow feed) restarted after an unexpected error.",

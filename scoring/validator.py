@@ -29,6 +29,7 @@ from cluster.completions import MAX_IDS, NodeUsage, parse_body
 from cluster.records import NodeScore, NodeStats, ServedCompletion
 from scoring import metrics
 from scoring.challenge import ChallengeConfig, ChallengePool, ChallengeRequest, ShadowSampler
+from scoring.report import ScoreReport, sign_report
 from scoring.score import NodeScorer, ScoreConfig
 from scoring.verify import (
     Claim,
@@ -49,7 +50,6 @@ class ValidatorConfig(BaseModel):
     validator_id: str = Field(
         min_length=1, description="This validator's identity (a row of the weight matrix)."
     )
-    stake: float = Field(default=1.0, ge=0, description="Stake behind this validator's weights in consensus.")
     challenge: ChallengeConfig = Field(default_factory=ChallengeConfig, description="Challenge traffic.")
     thresholds: VerifyThresholds = Field(
         default_factory=VerifyThresholds, description="Verification thresholds."
@@ -511,6 +511,9 @@ class ValidatorActor:
     ReferenceEngine per model, e.g. a proxy to an engine several validators share on a small machine).
     Nodes come from the cluster registry actor (polled by `run`); organic completions to shadow-verify
     come from the named feed actor `shadow_feed_name` (polled; None turns shadow verification off).
+    `signer` is a picklable zero-argument callable that loads this validator's signing key (anything
+    with eth-account's `address` and `sign_typed_data`); it runs here, so the key is never shipped.
+    Consensus asks for `report(round)`: the current scores, signed (`scoring.report`).
     """
 
     def __init__(
@@ -525,8 +528,13 @@ class ValidatorActor:
         engine_kwargs: Mapping[str, Any] | None = None,
         engines: Mapping[str, ReferenceEngine] | None = None,
         shadow_feed_name: str | None = "meritnet-shadow",
+        signer: Callable[[], Any] | None = None,
     ) -> None:
         from scoring.reference import HFCodec, VllmReferenceEngine
+
+        if signer is None:
+            raise ValueError("a validator needs a signing key: consensus refuses unsigned score reports")
+        self._key = signer()
 
         if engines is None:
             engines = {
@@ -572,8 +580,15 @@ class ValidatorActor:
     async def scores(self) -> list[NodeScore]:
         return self.validator.scores()
 
-    async def stake(self) -> float:
-        return self.validator.config.stake
+    async def report(self, round_: int) -> str:
+        """This validator's scores for consensus round `round_`, signed (JSON, `SignedScoreReport`)."""
+        report = ScoreReport(
+            validator=self.validator.validator_id,
+            round=round_,
+            issued_at_ms=int(time.time() * 1000),
+            scores=tuple(self.validator.scores()),
+        )
+        return sign_report(report, self._key).model_dump_json()
 
     async def stats(self) -> dict[str, dict[str, int]]:
         return self.validator.stats()

@@ -28,6 +28,13 @@ def _score(validator: str, node: str, score: float) -> NodeScore:
     )
 
 
+def _service(stakes: dict[str, float], **kwargs) -> ConsensusService:
+    """A consensus actor (no Ray) over validators with these configured stakes (addresses unused here)."""
+    specs = [ValidatorSpec(validator_id=v, stake=st) for v, st in stakes.items()]
+    kwargs = {"period_s": 1.0, "epoch_length_s": 30.0, "genesis": 0.0} | kwargs
+    return ConsensusService(specs, dict.fromkeys(stakes, "0x" + "00" * 20), **kwargs)
+
+
 def test_epoch_quality_is_the_mean_of_the_rounds_in_each_epoch():
     eq = EpochQuality(epoch_length_s=10.0, genesis=100.0)
     assert eq.add(101.0, {"a": 1.0, "c": 0.5}) == (0, {"a": 1.0, "c": 0.5})
@@ -47,15 +54,15 @@ def test_epoch_quality_rejects_a_bad_length():
 
 
 def test_consensus_round_zeroes_the_node_the_stake_majority_zeroes():
-    svc = ConsensusService(["v1", "v2", "v3"], period_s=1.0, epoch_length_s=30.0, genesis=0.0)
-    assert svc.round({"v1": [], "v2": [], "v3": []}, {"v1": 1, "v2": 1, "v3": 1}, now=1.0) is None
+    svc = _service({"v1": 2.0, "v2": 1.0, "v3": 0.5})
+    assert svc.round({"v1": [], "v2": [], "v3": []}, now=1.0) is None
     scores = {
         "v1": [_score("v1", "a", 0.9), _score("v1", "b", 0.8), _score("v1", "cheat", 0.0)],
         "v2": [_score("v2", "a", 0.9), _score("v2", "b", 0.9), _score("v2", "cheat", 0.0)],
         # a minority validator vouching for the cheater cannot lift it above what the majority set
         "v3": [_score("v3", "a", 0.1), _score("v3", "b", 0.1), _score("v3", "cheat", 1.0)],
     }
-    quality, epoch, mean = svc.round(scores, {"v1": 2.0, "v2": 1.0, "v3": 0.5}, now=31.0)
+    quality, epoch, mean = svc.round(scores, now=31.0)
     assert epoch == 1 and svc.rounds == 1
     assert quality.quality["cheat"] == 0.0 and mean["cheat"] == 0.0
     assert max(quality.quality.values()) == 1.0 and quality.quality["b"] > 0.5
@@ -66,8 +73,8 @@ def test_consensus_round_exports_gauges():
 
     from scoring.metrics import REGISTRY
 
-    svc = ConsensusService(["vx"], period_s=1.0, epoch_length_s=30.0, genesis=0.0)
-    svc.round({"vx": [_score("vx", "gauge-a", 1.0), _score("vx", "gauge-b", 0.0)]}, {"vx": 1.0}, now=0.0)
+    svc = _service({"vx": 1.0})
+    svc.round({"vx": [_score("vx", "gauge-a", 1.0), _score("vx", "gauge-b", 0.0)]}, now=0.0)
     text = generate_latest(REGISTRY).decode()
     assert 'meritnet_node_consensus_quality{node="gauge-b"} 0.0' in text
     assert 'meritnet_node_integrity{node="gauge-a",validator="vx"} 1.0' in text
@@ -287,7 +294,7 @@ async def test_shadow_items_seed_challenges_only_when_organic_prompts_are_allowe
 
 def _epoch_rewards(queued_until: float, late_verifier: str | None, verified_at: float):
     """The cheater-test sequence of issue 9, on a fake clock with the real scorers, consensus and reward
-    rule (no Ray). Three validators (stakes 2/1/1) score three nodes: l4-b honest and verified, h100-c
+    rule (no Ray). Three validators (stakes 3/1/1: v1 alone is a kappa-majority) score three nodes: l4-b honest and verified, h100-c
     caught substituting weights, h100-a honest and answering every challenge, but its verifications are
     queued behind the shared reference engine until `queued_until` (under load on 2 cores), except that
     `late_verifier` gets its first pass at `verified_at`. Consensus runs every 2 s through epoch 17
@@ -295,7 +302,7 @@ def _epoch_rewards(queued_until: float, late_verifier: str | None, verified_at: 
     from scoring.score import NodeScorer
     from settlement.rewards import NodeUsage, compute_rewards, epoch_quality
 
-    stakes = {"v1": 2.0, "v2": 1.0, "v3": 1.0}
+    stakes = {"v1": 3.0, "v2": 1.0, "v3": 1.0}
     scorers = {v: NodeScorer(v) for v in stakes}
     for t in (500.0, 505.0):
         for sc in scorers.values():
@@ -303,13 +310,13 @@ def _epoch_rewards(queued_until: float, late_verifier: str | None, verified_at: 
                 sc.observe_challenge(node, "default", True, 0.05, 40.0, now=t)
             sc.observe_verification("l4-b", "default", "pass", now=t)
             sc.observe_verification("h100-c", "default", "fraud", now=t)
-    svc = ConsensusService(list(stakes), period_s=2.0, epoch_length_s=30.0, genesis=0.0)
+    svc = _service(stakes, period_s=2.0)
     for t in range(510, 540, 2):
         for v, sc in scorers.items():
             sc.observe_challenge("h100-a", "default", True, 0.05, 40.0, now=t)
             if t >= queued_until or (v == late_verifier and t >= verified_at):
                 sc.observe_verification("h100-a", "default", "pass", now=t)
-        result = svc.round({v: sc.scores() for v, sc in scorers.items()}, stakes, now=float(t))
+        result = svc.round({v: sc.scores() for v, sc in scorers.items()}, now=float(t))
         assert result is not None and result[1] == 17
     usage = {n: NodeUsage("op-" + n, 300, 200) for n in ("h100-a", "h100-c", "l4-b")}
     quality = epoch_quality(usage, svc.epochs.mean(17), default=1.0)
@@ -320,7 +327,7 @@ def _epoch_rewards(queued_until: float, late_verifier: str | None, verified_at: 
     ("queued_until", "late_verifier", "verified_at"),
     [
         (1e9, None, 0.0),  # no verdict on h100-a during the whole epoch (verification queued)
-        (1e9, "v2", 516.0),  # only a minority validator (stake 1/4) got its verdict in the epoch
+        (1e9, "v2", 516.0),  # only a minority validator (stake 1/5) got its verdict in the epoch
         (1e9, "v1", 530.0),  # the kappa-majority validator's first pass came late in the epoch
         (520.0, None, 0.0),  # everyone's first pass arrived a third into the epoch
     ],
@@ -340,8 +347,8 @@ def test_an_honest_node_whose_verification_lags_still_earns_its_share(
 
 
 def test_a_kappa_majority_still_zeroes_a_node_it_has_caught():
-    """The coverage rule only hides nodes nobody with kappa of the stake has judged: a node the v1
-    validator (half the stake) caught is scored 0 even while the others have no verdict yet."""
+    """The coverage rule only hides nodes nobody with more than kappa of the stake has judged: a node
+    the v1 validator (3/5 of the stake) caught is scored 0 even while the others have no verdict yet."""
     from scoring import ConsensusState
     from scoring.score import NodeScorer
 
@@ -350,16 +357,12 @@ def test_a_kappa_majority_still_zeroes_a_node_it_has_caught():
         sc.observe_challenge("honest", "default", True, 0.05, 40.0)
         sc.observe_verification("honest", "default", "pass")
     scorers["v1"].observe_verification("cheat", "default", "fraud")
-    q = ConsensusState().step(
-        {v: sc.scores() for v, sc in scorers.items()}, {"v1": 2.0, "v2": 1.0, "v3": 1.0}
-    )
+    q = ConsensusState({"v1": 3.0, "v2": 1.0, "v3": 1.0}).step({v: sc.scores() for v, sc in scorers.items()})
     assert q.quality == {"honest": 1.0, "cheat": 0.0}
     scorers = {v: NodeScorer(v) for v in ("v1", "v2", "v3")}
     for sc in scorers.values():
         sc.observe_challenge("honest", "default", True, 0.05, 40.0)
         sc.observe_verification("honest", "default", "pass")
-    scorers["v2"].observe_verification("new", "default", "pass")  # a quarter of the stake: not yet scored
-    q = ConsensusState().step(
-        {v: sc.scores() for v, sc in scorers.items()}, {"v1": 2.0, "v2": 1.0, "v3": 1.0}
-    )
+    scorers["v2"].observe_verification("new", "default", "pass")  # a fifth of the stake: not yet scored
+    q = ConsensusState({"v1": 3.0, "v2": 1.0, "v3": 1.0}).step({v: sc.scores() for v, sc in scorers.items()})
     assert q.quality == {"honest": 1.0}

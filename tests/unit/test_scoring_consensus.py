@@ -50,22 +50,29 @@ def test_bonds_ema_carries_history():
     )
 
 
-def test_rows_are_normalised_and_exact_half_stake_tie_goes_up():
+def test_rows_are_normalised_and_an_exact_half_stake_tie_takes_the_midpoint():
     # Rows [2, 2] and [3, 1] normalise to [.5, .5] and [.75, .25]; equal stake.
     r = yuma_epoch([[2, 2], [3, 1]], [1, 1])
     np.testing.assert_allclose(r.weights, [[0.5, 0.5], [0.75, 0.25]])
-    # node 0: v=.75 has exactly 0.5 of stake >= kappa 0.5 -> consensus .75 (subtensor's tie rule)
-    # node 1: v=.5 has exactly 0.5 -> .5
-    np.testing.assert_allclose(r.consensus, [0.75, 0.5])
+    # node 0: v=.75 has exactly 0.5 of the stake (a tie), v=.5 all of it -> (.75 + .5) / 2
+    # node 1: v=.5 has exactly 0.5, v=.25 all of it -> (.5 + .25) / 2
+    # (subtensor's tie rule gave .75 and .5: the validator weighting higher decided alone)
+    np.testing.assert_allclose(r.consensus, [0.625, 0.375])
+    # stakes that make an exact half only up to rounding are a tie too
+    assert weighted_median(np.array([1 / 3, 1 / 6, 1 / 2]), np.array([1.0, 1.0, 0.0]), 0.5) == 0.5
+    with pytest.raises(ValueError, match="kappa"):
+        yuma_epoch([[1.0]], [1], kappa=1.0)
 
 
 def test_weighted_median_examples():
     s = np.array([0.2, 0.3, 0.5])
     x = np.array([0.9, 0.5, 0.1])
     # stake at or above each value: >=.9 -> .2 ; >=.5 -> .2+.3 = .5 ; >=.1 -> 1.0
-    assert weighted_median(s, x, 0.5) == 0.5  # .5 >= kappa .5 (tie counts)
-    assert weighted_median(s, x, 0.6) == 0.1  # .5 < .6, only the floor has enough
-    assert weighted_median(s, x, 0.2) == 0.9
+    assert weighted_median(s, x, 0.5) == pytest.approx(0.3)  # .5 is exactly kappa: midpoint of .5 and .1
+    assert weighted_median(s, x, 0.49) == 0.5
+    assert weighted_median(s, x, 0.6) == 0.1
+    assert weighted_median(s, x, 0.2) == pytest.approx(0.7)  # .9 has exactly .2: midpoint of .9 and .5
+    assert weighted_median(s, x, 0.19) == 0.9
     assert weighted_median(np.zeros(3), x, 0.5) == 0.0
 
 

@@ -150,17 +150,18 @@ def _score(v: str, node: str, at: float) -> NodeScore:
 def test_consensus_ignores_scores_past_the_activity_cutoff():
     """v1 (half the stake) stopped observing node b an hour ago: its old score no longer counts, so b is
     judged only by v2 (a quarter of the stake) and becomes unscored rather than kept alive by v1."""
-    state = ConsensusState(activity_cutoff_s=900.0)
+    stakes = {"v1": 2.0, "v2": 1.0, "v3": 1.0}
+    state = ConsensusState(stakes, activity_cutoff_s=900.0)
     scores = {
         "v1": [_score("v1", "a", 9_000), _score("v1", "b", 5_000)],
         "v2": [_score("v2", "a", 9_000), _score("v2", "b", 9_000)],
         "v3": [],
     }
-    q = state.step(scores, {"v1": 2.0, "v2": 1.0, "v3": 1.0}, now=9_100)
+    q = state.step(scores, now=9_100)
     assert q.quality == {"a": 1.0}
-    assert ConsensusState().step(scores, {"v1": 2.0, "v2": 1.0, "v3": 1.0}, now=9_100).quality.keys() == {
+    assert ConsensusState(stakes).step(scores, now=9_100).quality.keys() == {
         "a",
         "b",
     }
     with pytest.raises(ValueError, match="activity_cutoff_s"):
-        ConsensusState(activity_cutoff_s=0)
+        ConsensusState(stakes, activity_cutoff_s=0)

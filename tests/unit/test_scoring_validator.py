@@ -66,13 +66,13 @@ async def test_cheaters_lose_consensus_quality():
     engines = {"default": FakeReferenceEngine(BigramModel(0))}
     vals = [
         Validator(
-            ValidatorConfig(validator_id=f"v{i}", stake=s),
+            ValidatorConfig(validator_id=f"v{i}"),
             send,
             engines,
             {"default": CODEC},
             rng=random.Random(i),
         )
-        for i, s in enumerate([50, 30, 20])
+        for i in range(3)
     ]
     nodes = [_node(n) for n in models]
     for _ in range(3):
@@ -84,13 +84,13 @@ async def test_cheaters_lose_consensus_quality():
         assert s["swap"].integrity == 0.0 and s["inflate"].integrity == 0.0
         assert s["honest-a"].integrity == 1.0 and s["honest-a"].availability == 1.0
         assert v.tokens_spent > 0
-    cs = ConsensusState()
-    q = cs.step({v.validator_id: v.scores() for v in vals}, {v.validator_id: v.config.stake for v in vals})
+    cs = ConsensusState({"v0": 50, "v1": 30, "v2": 20})
+    q = cs.step({v.validator_id: v.scores() for v in vals})
     assert q.quality["swap"] == 0.0 and q.quality["inflate"] == 0.0
     # honest nodes differ only in measured tokens/s (completion lengths differ): both near the top
     assert min(q.quality["honest-a"], q.quality["honest-b"]) > 0.9
     assert cs.validator_trust()["v0"] == pytest.approx(1.0)
-    assert cs.step({}, {"v0": 1.0}, node_ids=["honest-a"]).epoch == 1
+    assert cs.step({}, node_ids=["honest-a"]).epoch == 1
 
 
 async def test_unreachable_node_loses_availability_not_integrity():
