@@ -1,8 +1,10 @@
-"""A multi-node Ray cluster on one machine, each worker node advertising a (simulated) accelerator.
+"""The Ray cluster a network runs on: a multi-node cluster on one machine (`LocalCluster`, each worker
+node advertising a simulated accelerator), or one someone else runs (`ExistingCluster`: `ray start`,
+`ray up`, KubeRay), which meritnet only connects to.
 
 Placement is real: node deployments ask for `accel_<type>` resources, and only the Ray node
-started with that resource can host them. The head node carries no accelerator; it runs the
-gateway, registry, Serve controller and proxy.
+started with that resource can host them. The control plane (gateway, registry, usage store,
+settlement, consensus, Serve controller and proxy) runs on the head node (`HEAD_NODE`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ class LocalClusterConfig(BaseModel):
 
 
 AUTH_TOKEN_FILE = "ray-auth-token"  # in the network's state folder, mode 0600
+
+# Ray's own marker resource of the head node (every cluster has it): control-plane actors ask for a
+# sliver of it, so they run on the head and never beside a node's engine.
+HEAD_NODE = {"node:__internal_head__": 0.001}
 
 # Ray Serve's own throughput settings (part of its RAY_SERVE_THROUGHPUT_OPTIMIZED set): replicas run
 # their code and their request router on the replica's main event loop instead of handing every
@@ -103,7 +109,6 @@ class LocalCluster:
     def start(self, auth_token_file: Path | None = None) -> LocalCluster:
         """Start the cluster; with `auth_token_file`, under Ray token authentication with that token:
         a process without it cannot join or call any actor (`use_auth_token`)."""
-        import ray
         from ray.cluster_utils import Cluster
 
         if auth_token_file is not None:
@@ -113,7 +118,7 @@ class LocalCluster:
         mem = cfg.object_store_mb * 1024 * 1024
         self._cluster = Cluster(
             initialize_head=True,
-            head_node_args={"num_cpus": cfg.head_cpus, "object_store_memory": mem, "resources": {"head": 1}},
+            head_node_args={"num_cpus": cfg.head_cpus, "object_store_memory": mem},
         )
         for accel in self.accelerator_types:
             node = self._cluster.add_node(
@@ -123,13 +128,7 @@ class LocalCluster:
             )
             self.node_ids[accel] = node.node_id
         self._cluster.wait_for_nodes()
-        env = {"RAY_SERVE_LOG_TO_STDERR": "0", **fast_path, **cfg.env_vars}
-        ray.init(
-            address=self._cluster.address,
-            namespace="meritnet",
-            runtime_env={"env_vars": env},
-            log_to_driver=os.environ.get("MERITNET_RAY_LOGS", "0") == "1",
-        )
+        connect(self._cluster.address, {**fast_path, **cfg.env_vars})
         return self
 
     def shutdown(self) -> None:
@@ -151,3 +150,50 @@ class LocalCluster:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def connect(address: str, env_vars: dict[str, str]) -> None:
+    """Connect this process to the Ray cluster at `address` as the network's driver (namespace
+    `meritnet`); every Ray worker of the network gets `env_vars`."""
+    import ray
+
+    env = {"RAY_SERVE_LOG_TO_STDERR": "0", **env_vars}
+    ray.init(
+        address=address,
+        namespace="meritnet",
+        runtime_env={"env_vars": env},
+        log_to_driver=os.environ.get("MERITNET_RAY_LOGS", "0") == "1",
+    )
+
+
+class ExistingCluster:
+    """A Ray cluster run by someone else. `start()` connects to it (with the token its operator gave this
+    machine, under RAY_AUTH_MODE=token); `shutdown()` removes only what the network put there (its Serve
+    applications `apps` and the named actors of namespace `meritnet`), then disconnects: the cluster,
+    Serve itself and anyone else's applications stay up."""
+
+    def __init__(self, address: str, apps: Iterable[str], config: LocalClusterConfig | None = None):
+        self.address, self.apps, self.config = address, list(apps), config or LocalClusterConfig()
+
+    def start(self, auth_token_file: Path | None = None) -> ExistingCluster:
+        connect(self.address, {**use_serve_fast_path(), **self.config.env_vars})
+        return self
+
+    def shutdown(self) -> None:
+        import ray
+        from ray import serve
+
+        if not ray.is_initialized():
+            return
+        for app in self.apps:
+            try:
+                serve.delete(app, _blocking=True)
+            except Exception as exc:  # noqa: BLE001 - never deployed or already gone: nothing to remove
+                log.debug("serve.delete(%s) failed (%s)", app, type(exc).__name__)
+        for actor in ray.util.list_named_actors(all_namespaces=True):
+            if actor["namespace"] == "meritnet":
+                try:
+                    ray.kill(ray.get_actor(actor["name"], namespace="meritnet"), no_restart=True)
+                except ValueError:  # gone between the listing and the kill
+                    pass
+        ray.shutdown()

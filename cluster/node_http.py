@@ -22,6 +22,8 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request  # module level: FastAPI resolves the routes' annotations here
 
+from cluster.local import HEAD_NODE
+
 INGRESS_NAME = "node-ingress"
 
 
@@ -84,7 +86,7 @@ def node_ingress_app(model_id: str, node_app_name: str, secret_file: Path):
     @serve.deployment(
         name=INGRESS_NAME,
         max_ongoing_requests=1024,
-        ray_actor_options={"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}},
+        ray_actor_options={"num_cpus": 0, "resources": HEAD_NODE},
     )
     @serve.ingress(app)
     class NodeIngress:

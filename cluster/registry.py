@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cluster.deployment import deployment_name
+from cluster.local import HEAD_NODE
 from cluster.probe import ProbeFailed, get_bounded
 from cluster.records import NodeSpec, NodeStats
 from cluster.registration import RegistrationError
@@ -344,7 +345,7 @@ def get_or_create_registry(poll_interval_s: float = 2.0, state_path: Path | None
             get_if_exists=True,
             num_cpus=0,
             max_restarts=-1,
-            resources={"head": 0.01},  # control plane: on the head node, never beside a node's engine
+            resources=HEAD_NODE,  # control plane: on the head node, never beside a node's engine
         )
         .remote(poll_interval_s, str(state_path) if state_path else None)
     )

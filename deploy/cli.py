@@ -46,14 +46,21 @@ def up(
     open_endpoint: bool = typer.Option(
         False, "--open", help="Serve a non-loopback host without API keys (anyone who can reach it)."
     ),
+    address: str | None = typer.Option(
+        None,
+        "--address",
+        help="Deploy onto this running Ray cluster ('auto' or HOST:PORT; run on its head node) "
+        "instead of starting a local one. Ctrl-C removes the network, not the cluster.",
+    ),
 ) -> None:
-    """Start a local meritnet (Ray cluster, vLLM nodes, gateway) and serve until Ctrl-C."""
+    """Start a meritnet (vLLM nodes, gateway, control plane) and serve until Ctrl-C: on a local Ray
+    cluster of its own, or on yours with --address."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from deploy.config import NetworkConfig
     from deploy.network import LocalNetwork, NetworkStartError
 
     try:
-        cfg = NetworkConfig.load(config, port=port, open_endpoint=open_endpoint or None)
+        cfg = NetworkConfig.load(config, port=port, open_endpoint=open_endpoint or None, ray_address=address)
     except Exception as exc:  # noqa: BLE001 - YAML, validation or I/O: all get the same message
         console.print(f"[red]Invalid configuration:[/red] {exc}")
         raise typer.Exit(2) from None

@@ -81,6 +81,11 @@ class NetworkConfig(BaseSettings):
     engine: EngineDefaults = Field(
         default_factory=EngineDefaults, description="Engine settings shared by all nodes."
     )
+    ray_address: str | None = Field(
+        default=None,
+        description="Deploy onto this running Ray cluster ('auto', 'HOST:6379'); run `meritnet up` on its "
+        "head node. None starts a local test cluster on this machine.",
+    )
     cluster: LocalClusterConfig = Field(
         default_factory=lambda: LocalClusterConfig(env_vars=CPU_ENGINE_ENV),
         description="Shape of the local Ray cluster.",

@@ -17,7 +17,7 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from cluster.deployment import build_node_app, deployment_name
-from cluster.local import AUTH_TOKEN_FILE, LocalCluster
+from cluster.local import AUTH_TOKEN_FILE, ExistingCluster, LocalCluster
 from cluster.records import NodeSpec
 from cluster.registry import get_or_create_registry
 from deploy.config import BUILTIN_MODEL, NetworkConfig
@@ -117,7 +117,7 @@ class LocalNetwork:
     config: NetworkConfig
     on_step: Step = lambda _msg: None
     specs: list[NodeSpec] = field(default_factory=list)
-    cluster: LocalCluster | None = None
+    cluster: LocalCluster | ExistingCluster | None = None
 
     genesis: float = 0.0
     settlement: object | None = None  # the settlement actor handle, when enabled
@@ -157,10 +157,15 @@ class LocalNetwork:
         self.specs = [n.to_spec(resolve_model_source) for n in cfg.nodes]
 
         self.genesis = prepare_state(cfg.state_dir, cfg.chain_url)  # before Ray: the token file lives there
-        self.on_step("Starting the Ray cluster (token authentication on)")
-        self.cluster = LocalCluster({s.accelerator_type for s in self.specs}, cfg.cluster).start(
-            auth_token_file=cfg.state_dir / AUTH_TOKEN_FILE
-        )
+        if cfg.ray_address:
+            self.on_step(f"Connecting to the Ray cluster at {cfg.ray_address}")
+            apps = [GATEWAY_APP, *(deployment_name(s) for s in self.specs)]
+            self.cluster = ExistingCluster(cfg.ray_address, apps, cfg.cluster).start()
+        else:
+            self.on_step("Starting the Ray cluster (token authentication on)")
+            self.cluster = LocalCluster({s.accelerator_type for s in self.specs}, cfg.cluster).start(
+                auth_token_file=cfg.state_dir / AUTH_TOKEN_FILE
+            )
         serve.start(proxy_location="HeadOnly", http_options={"host": cfg.host, "port": cfg.port})
 
         import ray

@@ -55,6 +55,7 @@ from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cluster.local import HEAD_NODE
 from cluster.records import NodeScore, QualityScores
 
 log = logging.getLogger("meritnet.scoring")
@@ -166,7 +167,7 @@ def start_shadow_feed(capacity: int = 1024):
 
     return (
         ray.remote(ShadowFeed)
-        .options(name=SHADOW_FEED_NAME, namespace=NAMESPACE, num_cpus=0, resources={"head": 0.01})
+        .options(name=SHADOW_FEED_NAME, namespace=NAMESPACE, num_cpus=0, resources=HEAD_NODE)
         .remote(capacity)
     )
 
@@ -273,7 +274,7 @@ def start_reference_engines(
                 name=REFERENCE_PREFIX + model,
                 namespace=NAMESPACE,
                 num_cpus=1,
-                resources={"head": 0.01},
+                resources=HEAD_NODE,
                 max_restarts=1,
             )
             .remote(source, dict(engine_kwargs))
@@ -354,7 +355,7 @@ def start_validators(
         )
         actors[name] = (
             ray.remote(ValidatorActor)
-            .options(name=name, namespace=NAMESPACE, num_cpus=0 if shared else 1, resources={"head": 0.01})
+            .options(name=name, namespace=NAMESPACE, num_cpus=0 if shared else 1, resources=HEAD_NODE)
             .remote(
                 cfg,
                 gateway_url,
@@ -543,7 +544,7 @@ def start_consensus(
 
     actor = (
         ray.remote(ConsensusService)
-        .options(name=CONSENSUS_NAME, namespace=NAMESPACE, num_cpus=0, resources={"head": 0.01})
+        .options(name=CONSENSUS_NAME, namespace=NAMESPACE, num_cpus=0, resources=HEAD_NODE)
         .remote(
             list(validators),
             dict(addresses),

@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from cluster.local import HEAD_NODE
 from cluster.records import UsageRecord
 
 USAGE_STORE_NAME = "meritnet-usage"
@@ -73,7 +74,7 @@ def start_usage_store(path: Path, epoch_length_s: float, genesis: float):
             num_cpus=0,
             max_concurrency=1000,
             max_restarts=-1,  # the ledger is durable: a restarted store reopens it, nothing acknowledged is lost
-            resources={"head": 0.01},  # the ledger file is on the head node; so is every control-plane actor
+            resources=HEAD_NODE,  # the ledger file is on the head node; so is every control-plane actor
         )
         .remote(str(path), epoch_length_s, genesis)
     )
@@ -122,7 +123,7 @@ def start_settlement(cfg, ledger_path: Path, genesis: float):
     )
     actor = (
         settlement_actor()
-        .options(name=SETTLEMENT_NAME, namespace="meritnet", get_if_exists=True, resources={"head": 0.01})
+        .options(name=SETTLEMENT_NAME, namespace="meritnet", get_if_exists=True, resources=HEAD_NODE)
         .remote(settle_cfg, ChainSettings(url=cfg.chain_url), None, key_file)
     )
     ray.get(actor.status.remote(), timeout=120)  # surfaces a failed start (bad key, chain down) now

@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
+from cluster.local import HEAD_NODE
 from routing import errors, intake, metrics
 from routing.gateway import GatewayConfig, GatewayCore
 
@@ -150,7 +151,11 @@ def gateway_deployment(config: GatewayConfig):
 
     app = build_fastapi(current_core, config.cors_origins)
 
-    @serve.deployment(name="gateway", max_ongoing_requests=2048, ray_actor_options={"num_cpus": 0.5})
+    @serve.deployment(
+        name="gateway",
+        max_ongoing_requests=2048,
+        ray_actor_options={"num_cpus": 0.5, "resources": HEAD_NODE},  # beside the proxy, on the head
+    )
     @serve.ingress(app)
     class Gateway:
         def __init__(self, cfg: GatewayConfig):

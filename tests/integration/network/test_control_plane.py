@@ -49,14 +49,15 @@ def test_control_plane_actors_run_on_the_head_node(network):
     import ray
     from ray.util.state import list_actors
 
-    head = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("head"))
-    placed = {
-        a.name: a.node_id
-        for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-        if a.name in ("meritnet-registry", "meritnet-usage", "meritnet-settlement")
-    }
-    assert set(placed) == {"meritnet-registry", "meritnet-usage", "meritnet-settlement"}, placed
-    assert set(placed.values()) == {head}, placed
+    head = next(
+        n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("node:__internal_head__")
+    )
+    alive = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+    control = ("meritnet-registry", "meritnet-usage", "meritnet-settlement")
+    placed = {a.name: a.node_id for a in alive if a.name in control}
+    assert set(placed) == set(control), placed
+    gateway = {a.node_id for a in alive if a.class_name.startswith("ServeReplica:meritnet:gateway")}
+    assert set(placed.values()) | gateway == {head}, (placed, gateway)
 
 
 def test_the_usage_store_comes_back_after_a_crash_and_nothing_is_lost(network, client, usage_records):

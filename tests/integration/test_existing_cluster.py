@@ -1,0 +1,145 @@
+"""A network deployed onto a Ray cluster meritnet did not start (issue 14): a head and a GPU-less
+"L4" worker started with `ray start` under token authentication, then `meritnet up --address` as a
+user runs it. The node's engine lands on the worker that advertises its accelerator, the control plane
+and the gateway on the head; the endpoint serves the official client; Ctrl-C removes the network's
+applications and actors and leaves the cluster running."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.integration.conftest import free_port
+
+pytestmark = pytest.mark.integration
+
+VENV_BIN = Path(sys.executable).parent
+OPERATOR = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"
+
+# Run inside the cluster (a driver of its own): where each named actor lives, and Serve's apps.
+WHERE = """
+import json, sys, ray
+from ray import serve
+ray.init(address=sys.argv[1], log_to_driver=False)
+kinds = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
+def kind(node_id):
+    res = kinds[node_id]
+    return "head" if "node:__internal_head__" in res else ",".join(sorted(k for k in res if k.startswith("accel_")))
+placed = {}
+for a in ray.util.list_named_actors(all_namespaces=True):
+    handle = ray.get_actor(a["name"], namespace=a["namespace"])
+    node = ray.get(handle.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()), timeout=60)
+    placed[a["namespace"] + "/" + a["name"]] = kind(node)
+print(json.dumps({"placed": placed, "apps": sorted(serve.status().applications), "nodes": len(kinds)}))
+"""
+
+
+def _ray(args: list[str], env: dict) -> None:
+    subprocess.run([str(VENV_BIN / "ray"), *args], env=env, check=True, capture_output=True, timeout=180)
+
+
+def _where(address: str, env: dict) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", WHERE, address],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _kill_cluster(temp_dir: Path) -> None:
+    """Stop the Ray processes of this cluster only (`ray stop` would stop every cluster on the machine)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and str(temp_dir) in (proc / "cmdline").read_text(errors="ignore"):
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A two-node Ray cluster on 127.0.0.1, started the way an operator starts one."""
+    home = tmp_path_factory.mktemp("existing")
+    temp_dir = Path(f"/tmp/mn-{secrets.token_hex(3)}")  # short: Ray's socket paths must stay < 108 bytes
+    token = home / "ray-token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    env.pop("RAY_ADDRESS", None)
+    address = f"127.0.0.1:{free_port()}"
+    common = ["--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+    try:
+        _ray(
+            ["start", "--head", f"--port={address.split(':')[1]}", f"--temp-dir={temp_dir}", "--num-cpus=4",
+             "--include-dashboard=false", *common],
+            env,
+        )  # fmt: skip
+        _ray(["start", f"--address={address}", "--num-cpus=4", '--resources={"accel_L4": 1}', *common], env)
+        yield address, env, home
+    finally:
+        _kill_cluster(temp_dir)
+
+
+def test_meritnet_up_deploys_onto_a_cluster_it_did_not_start(cluster):
+    from openai import OpenAI
+
+    address, env, home = cluster
+    port = free_port()
+    config = home / "network.yaml"
+    node = {"node_id": "l4-a", "operator": OPERATOR, "accelerator_type": "L4"}
+    config.write_text(yaml.safe_dump({"port": port, "state_dir": str(home / "state"), "nodes": [node]}))
+    up = subprocess.Popen(
+        [str(VENV_BIN / "meritnet"), "up", "--address", address, "--config", str(config)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 900  # a vLLM engine start on a loaded 2-core machine
+        ready = False
+        while not ready and up.poll() is None and time.monotonic() < deadline:
+            try:
+                ready = "default" in httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).text
+            except httpx.HTTPError:
+                time.sleep(2)
+        assert ready, f"meritnet up did not serve (exit {up.poll()})"
+
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+        raw = client.completions.with_raw_response.create(model="default", prompt="Hello", max_tokens=4)
+        assert raw.headers["x-meritnet-node"] == "l4-a" and raw.parse().usage.completion_tokens == 4
+
+        where = _where(address, env)
+        control = {k: v for k, v in where["placed"].items() if k.startswith("meritnet/")}
+        assert {"meritnet/meritnet-registry", "meritnet/meritnet-usage"} <= set(control), where
+        assert set(control.values()) == {"head"}, where
+        serve = {k: v for k, v in where["placed"].items() if k.startswith("serve/SERVE_REPLICA")}
+        assert {v for k, v in serve.items() if "node-l4-a" in k} == {"accel_L4"}, where
+        assert {v for k, v in serve.items() if "#gateway#" in k} == {"head"}, where
+    finally:
+        up.send_signal(signal.SIGINT)
+        try:
+            out, _ = up.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            up.kill()
+            out, _ = up.communicate()
+    assert up.returncode == 0, out[-3000:]
+
+    after = _where(address, env)  # the network is gone; the cluster is not
+    assert after["nodes"] == 2
+    assert not [k for k in after["placed"] if k.startswith("meritnet/")], after
+    assert not {"meritnet", "node-l4-a"} & set(after["apps"]), after
