@@ -119,6 +119,30 @@ def test_cluster_yaml_passes_rays_own_schema_with_token_auth():
     validate_config(prepare_config(raw))  # raises on a schema error (e.g. a command parsed as a mapping)
     starts = raw["head_start_ray_commands"] + raw["worker_start_ray_commands"]
     assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
+    assert "--autoscaling-config" in " ".join(raw["head_start_ray_commands"])
+
+
+def test_cluster_yaml_offers_what_nodes_of_each_gpu_type_ask_for():
+    """The autoscaler starts a worker for a pending `accel_<type>` demand only if a worker type declares
+    it: every GPU type a node may name has one, with a GPU per accelerator slot."""
+    from pathlib import Path
+
+    import yaml
+
+    from deploy.config import NodeConfig
+
+    raw = yaml.safe_load((Path(__file__).parents[2] / "deploy" / "cluster.yaml").read_text())
+    types = raw["available_node_types"]
+    for accel in ("L4", "A100", "H100"):
+        spec = NodeConfig(node_id="n", operator=OP, accelerator_type=accel).to_spec(lambda s: s)
+        offering = [t for t in types.values() if t["resources"].get(spec.accelerator_resource, 0) >= 1]
+        assert offering, f"no worker type offers {spec.accelerator_resource}"
+        assert all(t["resources"]["GPU"] == t["resources"][spec.accelerator_resource] for t in offering)
+        assert all(t["min_workers"] == 0 and t["max_workers"] >= 1 for t in offering)  # scaled on demand
+    assert raw["idle_timeout_minutes"] > 0
+    setup = " ".join(raw["setup_commands"])
+    assert "|| true" not in setup and "/home/ubuntu/meritnet" in setup  # the mounted checkout, failures fail
+    assert raw["file_mounts"]["/home/ubuntu/meritnet"] == "."
 
 
 def test_a_reachable_endpoint_without_keys_needs_an_explicit_open():
