@@ -11,6 +11,9 @@ Crash safety, step by step (each step is durable before the next starts):
   sign     the settle tx is signed at the settler's next nonce.
   written  the raw bytes are written ahead (ledger.put_pending_tx) BEFORE broadcast.
   broadcast / receipt   sent; the receipt is awaited; ledger.mark_settled(e, tx_hash).
+The contract also refuses an epoch before the chain's clock has passed its end (EpochNotEnded, see
+settlement.epochs); the ledger closes an epoch no earlier, so that refusal only means the chain's
+clock lags this process's: the epoch waits for the next pass.
 On every pass `_settle_epoch` first asks the chain: the contract's next_epoch > e means e is on-chain
 (mark it, whichever tx did it); a written-ahead tx that is pending is rebroadcast byte for byte; one
 the node no longer knows (dropped) is re-signed at the same nonce with bumped fees. The contract
@@ -24,7 +27,6 @@ reaches that step (freeze, roots, sign, written, broadcast, receipt).
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 import time
@@ -36,6 +38,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from settlement.chain import EMBEDDED, Chain, ChainSettings, ChainUnavailable, ContractReverted, fees_of_raw
+from settlement.epochs import Epochs
 from settlement.keys import SettlerKey
 from settlement.rewardbook import EpochCommitment, RewardBook
 from settlement.rewards import epoch_quality
@@ -60,8 +63,17 @@ class SettlementConfig(BaseSettings):
     ledger_path: Path = Field(
         default=Path("meritnet-ledger.sqlite"), description="The usage ledger (SQLite)."
     )
-    epoch_length_s: float = Field(default=3600.0, gt=0, description="Length of one epoch in seconds.")
-    genesis: float = Field(default=0.0, description="Unix time at which epoch 0 starts.")
+    epoch_length_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="Length of one epoch in seconds: a whole number (>= 1), since the distributor times "
+        "epochs with block timestamps (whole seconds).",
+    )
+    genesis: float = Field(
+        default=0.0,
+        description="Unix time at which epoch 0 starts; a distributor the settler deploys gets it floored "
+        "to a whole second (its epochs then end at or before the ledger's).",
+    )
     emission_wei: int = Field(default=10**21, ge=0, description="Reward minted per epoch (wei, 18 decimals).")
     emission_cap_wei: int | None = Field(
         default=None,
@@ -90,7 +102,12 @@ class SettlementConfig(BaseSettings):
                 f"emission_cap_wei ({self.emission_cap_wei}) is below emission_wei ({self.emission_wei}): "
                 "the carried difference would grow every epoch and never be paid; raise the cap"
             )
+        self.epochs.onchain()  # whole-second epoch length: the contract must agree with the ledger
         return self
+
+    @property
+    def epochs(self) -> Epochs:
+        return Epochs(self.genesis, self.epoch_length_s)
 
     @property
     def emission_cap(self) -> int:
@@ -106,7 +123,8 @@ class SettlementConfig(BaseSettings):
 
 
 class SettlementConflict(RuntimeError):
-    """The chain holds different roots for an epoch than this settler committed: stop, a human decides."""
+    """The chain disagrees with this settler (different roots for an epoch, or a distributor timing
+    different epochs): stop, a human decides."""
 
 
 def _crash(step: str) -> None:
@@ -147,13 +165,13 @@ class Settler:
         self.clock = clock
         self._rewards = rewards  # settlement.rewards.compute_rewards unless a test injects one
         self._emission_cap: int | None = None  # the contract's, read once (it is immutable)
+        self.epochs = self.config.epochs
 
     # -- scheduling -----------------------------------------------------------------------------
 
     def due_epoch(self) -> int:
         """The last epoch that has fully ended by now (-1 if none)."""
-        elapsed = self.clock() - self.config.genesis
-        return math.floor(elapsed / self.config.epoch_length_s) - 1
+        return self.epochs.last_ended(self.clock())
 
     def close_due_epochs(self) -> list[int]:
         """Freeze every epoch that has ended and is not closed yet, oldest first."""
@@ -167,17 +185,31 @@ class Settler:
         return closed
 
     def ensure_contract(self) -> str:
-        """Bind to the configured distributor, or deploy one starting at the first unsettled epoch."""
+        """Bind to the configured distributor, or deploy one starting at the first unsettled epoch.
+        A bound distributor must time the same epochs as the ledger (SettlementConflict if not)."""
+        genesis, length = self.epochs.onchain()
         if self.chain.address is None:
             first = self._first_unsettled()
             cap = self.config.emission_cap
-            self.chain.deploy(self.key, first, cap, self.chain.settings.admin)
+            self.chain.deploy(
+                self.key, first, cap, self.chain.settings.admin, genesis=genesis, epoch_length=length
+            )
             log.info(
-                "deployed the distributor at %s (first epoch %d, emission cap %d wei, admin %s)",
+                "deployed the distributor at %s (first epoch %d, emission cap %d wei, admin %s, "
+                "genesis %d, epochs of %d s)",
                 self.chain.address,
                 first,
                 cap,
                 self.chain.admin(),
+                genesis,
+                length,
+            )
+        elif (bound := self.chain.epochs()) != (genesis, length):
+            raise SettlementConflict(
+                f"the distributor at {self.chain.address} times epochs as (genesis, length) = "
+                f"{bound}, but this ledger uses {(genesis, length)}: its epoch numbers "
+                "would mean other hours; set MERITNET_SETTLEMENT_GENESIS/EPOCH_LENGTH_S to the "
+                "distributor's, or deploy a new one"
             )
         return self.chain.address
 
@@ -304,10 +336,20 @@ class Settler:
         if self.chain.next_epoch() > epoch:
             return self._adopt_onchain(epoch, c)
         pending = self.ledger.pending_tx(epoch)
-        if pending is not None:
-            raw = self._reconcile_pending(epoch, c, pending)
-        else:
-            raw = self._sign(c, self.chain.nonce(self.key.address, "pending"), self.chain.fees())
+        try:
+            if pending is not None:
+                raw = self._reconcile_pending(epoch, c, pending)
+            else:
+                raw = self._sign(c, self.chain.nonce(self.key.address, "pending"), self.chain.fees())
+        except ContractReverted as exc:
+            if exc.error != "EpochNotEnded":
+                raise
+            log.info(
+                "epoch %d: the chain's clock has not reached its end (%d) yet; settling it next pass",
+                epoch,
+                exc.error_args[1],
+            )
+            return False
         if raw is None:
             return self._adopt_onchain(epoch, c)
         tx_hash = self.chain.send_raw(raw)

@@ -145,6 +145,7 @@ class Chain:
         }
         self.address: str | None = None
         self.contract = None
+        self._tester = None  # the embedded chain's EthereumTester (see _keep_time)
         if address or self.settings.contract:
             self.at(address or self.settings.contract)
 
@@ -164,7 +165,9 @@ class Chain:
         from eth_tester import EthereumTester
         from web3 import EthereumTesterProvider
 
-        return cls(Web3(EthereumTesterProvider(EthereumTester())), settings)
+        chain = cls(Web3(EthereumTesterProvider(EthereumTester())), settings)
+        chain._tester = chain.w3.provider.ethereum_tester
+        return chain
 
     def at(self, address: str) -> Chain:
         self.address = to_checksum_address(address)
@@ -190,15 +193,22 @@ class Chain:
         first_epoch: int,
         emission_cap: int,
         admin: str | None = None,
+        *,
+        genesis: int,
+        epoch_length: int,
         name: str = "meritnet reward",
         symbol: str = "MRT",
     ) -> str:
         """Deploy the distributor with `key` as settler (it also pays for the deploy), `admin` as admin
-        (default: the settler's own address, fine for a local network; a real one names a multisig)
-        and at most `emission_cap` wei per settle. Returns (and binds to) its address."""
+        (default: the settler's own address, fine for a local network; a real one names a multisig),
+        at most `emission_cap` wei per settle, and epochs of `epoch_length` whole seconds from
+        `genesis` (unix seconds; see settlement.epochs.Epochs.onchain): epoch e settles only once
+        the chain's clock has passed its end. Returns (and binds to) its address."""
         admin = to_checksum_address(admin) if admin else key.address
         factory = self.w3.eth.contract(abi=self.artifact["abi"], bytecode=self.artifact["bytecode"])
-        constructor = factory.constructor(name, symbol, admin, key.address, first_epoch, emission_cap)
+        constructor = factory.constructor(
+            name, symbol, admin, key.address, first_epoch, emission_cap, genesis, epoch_length
+        )
         # Simulated first, so a zero admin comes back as ZeroAddress rather than a failed receipt.
         self._raise_by_name(
             lambda: self.w3.eth.call({"from": key.address, "data": constructor.data_in_transaction})
@@ -250,6 +260,17 @@ class Chain:
 
     def paused(self) -> bool:
         return self._view("paused")
+
+    def pending_settler(self) -> str:
+        return self._view("pending_settler")
+
+    def epochs(self) -> tuple[int, int]:
+        """(genesis, epoch length) the distributor times epochs with, in whole seconds."""
+        return self._view("genesis"), self._view("epoch_length")
+
+    def timestamp(self) -> int:
+        """The latest block's timestamp: the chain's clock as of its last block (unix seconds)."""
+        return self._rpc(lambda: self.w3.eth.get_block("latest")["timestamp"])
 
     def settled_events(self, epoch: int | None = None) -> list[dict[str, Any]]:
         """EpochSettled logs (all, or one epoch's): the auditable history of roots and totals."""
@@ -314,7 +335,20 @@ class Chain:
     ) -> None:
         """Simulate settle; raises ContractReverted with the custom error's name if it would fail."""
         fn = self.contract.functions.settle(epoch, usage_root, reward_root, interactions, epoch_reward)
+        self._keep_time()
         self._simulate(fn, sender)
+
+    def _keep_time(self) -> None:
+        """Embedded chain only: bring its clock up to now. py-evm stamps a block with the time the
+        block before it was mined and mines only on transactions, so an idle embedded chain's clock
+        stands still, and settle, which waits for an epoch's end by block.timestamp, would be refused
+        for good. An empty block at the current second fixes it; nodes (anvil, real chains) keep
+        their own clock."""
+        if self._tester is None:
+            return
+        now = int(time.time())
+        if self._tester.get_block_by_number("pending")["timestamp"] <= now:
+            self._tester.time_travel(now + 1)  # mines a block at `now`; the next one is at now + 1
 
     def send_raw(self, raw: bytes) -> bytes:
         """Broadcast signed bytes; a node that already has them is not an error (idempotent)."""
@@ -377,7 +411,9 @@ class Chain:
     # -- errors ---------------------------------------------------------------------------------
 
     def _simulate(self, fn: Any, sender: str) -> None:
-        self._raise_by_name(lambda: fn.call({"from": sender}))
+        # Against the pending block, where the tx would land: its timestamp is the node's clock now,
+        # while the latest block's stands still on a chain that mines only on transactions (anvil).
+        self._raise_by_name(lambda: fn.call({"from": sender}, block_identifier="pending"))
 
     def _raise_by_name(self, call: Callable[[], Any]) -> None:
         """Run an eth_call; a revert comes back as ContractReverted with the custom error's name."""

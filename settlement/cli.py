@@ -1,4 +1,5 @@
-"""`meritnet settlement ...` / `python -m settlement ...`: export trees, prove and verify, run, status.
+"""`meritnet settlement ...` / `python -m settlement ...`: export trees, prove and verify, run, status,
+accept the settler role.
 
 One typer app; the main `meritnet` CLI mounts this same object as its `settlement` group. Settings
 come from the environment (MERITNET_SETTLEMENT_* for the ledger, MERITNET_CHAIN_* for the chain,
@@ -31,6 +32,10 @@ LedgerOption = Annotated[
     Path | None, typer.Option(help="Ledger path (default: MERITNET_SETTLEMENT_LEDGER_PATH).")
 ]
 EpochLengthOption = Annotated[float | None, typer.Option(help="Epoch length in seconds (default: settings).")]
+ContractOption = Annotated[
+    str | None, typer.Option(help="Distributor address (default: MERITNET_CHAIN_CONTRACT).")
+]
+UrlOption = Annotated[str | None, typer.Option(help="JSON-RPC URL (default: MERITNET_CHAIN_URL).")]
 
 
 class TreeKind(StrEnum):
@@ -170,30 +175,69 @@ def onchain_root(chain: Chain, kind: str, epoch: int) -> bytes:
     return bytes(events[-1]["reward_root"])
 
 
-@app.command()
-def verify(
-    proof_file: Annotated[Path, typer.Argument(help="A proof written by `prove`.")],
-    contract: Annotated[
-        str | None, typer.Option(help="Distributor address (default: MERITNET_CHAIN_CONTRACT).")
-    ] = None,
-    url: Annotated[str | None, typer.Option(help="JSON-RPC URL (default: MERITNET_CHAIN_URL).")] = None,
-) -> None:
-    """Check a proof against the root the contract holds; exit code 1 if it does not verify."""
-    from settlement.merkle import StandardMerkleTree
-
-    proof = json.loads(proof_file.read_text())
+def _bound_chain(contract: str | None, url: str | None) -> Chain:
+    """The distributor named by the options, else by MERITNET_CHAIN_CONTRACT / MERITNET_CHAIN_URL."""
     from settlement.chain import Chain, ChainSettings
 
     settings = ChainSettings(**{k: v for k, v in {"contract": contract, "url": url}.items() if v})
     if not settings.contract:
         raise typer.BadParameter("no contract address: pass --contract or set MERITNET_CHAIN_CONTRACT")
-    root = onchain_root(Chain.connect(settings), proof["tree"], int(proof["epoch"]))
+    return Chain.connect(settings)
+
+
+@app.command()
+def verify(
+    proof_file: Annotated[Path, typer.Argument(help="A proof written by `prove`.")],
+    contract: ContractOption = None,
+    url: UrlOption = None,
+) -> None:
+    """Check a proof against the root the contract holds; exit code 1 if it does not verify."""
+    from settlement.merkle import StandardMerkleTree
+
+    proof = json.loads(proof_file.read_text())
+    root = onchain_root(_bound_chain(contract, url), proof["tree"], int(proof["epoch"]))
     ok = StandardMerkleTree.verify("0x" + root.hex(), proof["leafEncoding"], proof["value"], proof["proof"])
     typer.echo(
         f"{'VALID' if ok else 'INVALID'}: {proof['tree']} leaf of epoch {proof['epoch']} against "
         f"on-chain root 0x{root.hex()}"
     )
     raise typer.Exit(0 if ok else 1)
+
+
+@app.command("accept-settler")
+def accept_settler(
+    key_file: Annotated[
+        Path, typer.Option(help="File (chmod 600) holding the private key the admin proposed as settler.")
+    ],
+    contract: ContractOption = None,
+    url: UrlOption = None,
+) -> None:
+    """Take the settler role the admin proposed for this key (the second step of a rotation).
+
+    The key pays the gas. Afterwards run the settler with this key (MERITNET_SETTLER_KEY_FILE)."""
+    from settlement.chain import ContractReverted
+    from settlement.keys import SettlerKey, SettlerKeyError
+
+    try:
+        key = SettlerKey.from_file(key_file)
+    except SettlerKeyError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    chain = _bound_chain(contract, url)
+    try:
+        receipt = chain.transact(key, "accept_settler")
+    except ContractReverted as exc:
+        if exc.error != "NotPendingSettler":
+            raise
+        typer.echo(
+            f"{key.address} is not the proposed settler of {chain.address} (proposed: "
+            f"{chain.pending_settler()}); the admin proposes it first with propose_settler",
+            err=True,
+        )
+        raise typer.Exit(1) from None
+    if receipt is None or receipt["status"] != 1:
+        typer.echo("the accept_settler tx was not mined (or failed); check the chain and retry", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{key.address} is now the settler of {chain.address}")
 
 
 @app.command()
@@ -233,12 +277,15 @@ def status(
     settings = ChainSettings()
     if settings.contract:
         chain = Chain.connect(settings)
+        genesis, length = chain.epochs()
         report |= {
             "contract": chain.address,
             "next_epoch": chain.next_epoch(),
             "total_rewarded": str(chain.total_rewarded()),
             "total_claimed": str(chain.total_supply()),
             "emission_cap": str(chain.emission_cap()),
+            "genesis": genesis,
+            "epoch_length_s": length,
             "settler": chain.settler(),
             "admin": chain.admin(),
             "paused": chain.paused(),

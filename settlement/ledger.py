@@ -6,8 +6,9 @@ means: a record whose append returned survives kill -9 (and power loss, which NO
 guarantee in WAL mode: there a commit is only fsynced at the next checkpoint). One transaction and
 one fsync per batch is what makes batched ingest fast.
 
-Epochs: the epoch of a record is floor((ended_at - genesis) / epoch_length_s), clamped at 0, fixed
-when the record is appended and stored with it. Epochs close strictly in order (0, 1, 2, ...).
+Epochs (settlement.epochs): the epoch of a record is floor((ended_at - genesis) / epoch_length_s),
+clamped at 0, fixed when the record is appended and stored with it. Epochs close strictly in order
+(0, 1, 2, ...).
 Closing freezes the epoch: its records, ordered by request_id, never change again.
 
 Late records: a record whose natural epoch is already closed is assigned to the next open epoch
@@ -25,7 +26,6 @@ computed rewards with the emission it carried forward.
 from __future__ import annotations
 
 import hashlib
-import math
 import sqlite3
 import threading
 import time
@@ -36,6 +36,7 @@ from typing import NamedTuple, Self
 
 from cluster import UsageRecord
 from cluster.completions import MAX_COUNT
+from settlement.epochs import Epochs
 from settlement.rewards import NodeUsage
 
 __all__ = ["AppendResult", "FrozenEpoch", "LedgerError", "PendingTx", "UsageLedger", "UsageRow"]
@@ -169,13 +170,10 @@ class UsageLedger:
     def __init__(
         self, path: str | Path, epoch_length_s: float, genesis: float = 0.0, busy_timeout_s: float = 30.0
     ) -> None:
-        if not (math.isfinite(epoch_length_s) and epoch_length_s > 0):
-            raise ValueError(f"epoch_length_s must be a positive number of seconds, got {epoch_length_s!r}")
-        if not math.isfinite(genesis):
-            raise ValueError(f"genesis must be a finite unix time, got {genesis!r}")
+        self.epochs = Epochs(float(genesis), float(epoch_length_s))  # validates both
         self.path = Path(path)
-        self.epoch_length_s = float(epoch_length_s)
-        self.genesis = float(genesis)
+        self.epoch_length_s = self.epochs.length_s
+        self.genesis = self.epochs.genesis
         self._lock = threading.Lock()
         self._conn = sqlite3.connect(
             self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
@@ -260,11 +258,10 @@ class UsageLedger:
 
     def epoch_of(self, ended_at: float) -> int:
         """Natural epoch of a timestamp (before any late-record reassignment)."""
-        return max(0, math.floor((ended_at - self.genesis) / self.epoch_length_s))
+        return self.epochs.epoch_of(ended_at)
 
     def epoch_bounds(self, epoch: int) -> tuple[float, float]:
-        start = self.genesis + epoch * self.epoch_length_s
-        return start, start + self.epoch_length_s
+        return self.epochs.bounds(epoch)
 
     # ------------------------------------------------------------ records
 
@@ -305,9 +302,9 @@ class UsageLedger:
                     del by_id[rid]
             late = 0
             rows = []
-            genesis, length = self.genesis, self.epoch_length_s
+            epoch_of = self.epochs.epoch_of
             for r in by_id.values():
-                epoch = max(0, math.floor((r.ended_at - genesis) / length))
+                epoch = epoch_of(r.ended_at)
                 if epoch < first_open:
                     epoch = first_open
                     late += 1

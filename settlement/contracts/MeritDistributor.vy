@@ -9,8 +9,10 @@
         Two roles, so no single key can bend settlement: the settler (a hot key) posts epochs, at
         most `emission_cap` each, fixed at deploy; the admin (meant for a multisig) may pause
         settle and rotate both roles, each in two steps (proposed, then accepted by the new key),
-        so a mistyped address can never take a role. A leaked settler key mints at most the cap
-        per epoch until the admin pauses it or hands the role to a new key.
+        so a mistyped address can never take a role. Epochs are tied to time: epoch e can be
+        settled only once it has ended (block.timestamp >= genesis + (e + 1) * epoch_length), so
+        a leaked settler key mints at most the cap per elapsed epoch, never ahead of time, until
+        the admin pauses it or hands the role to a new key.
 @dev Supply model: mint on claim, capped by what settlements posted (totalSupply <= total_rewarded),
      so settle() touches no balance and costs the same whatever the claims did (constant gas).
      Leaves use OpenZeppelin's StandardMerkleTree encoding: keccak256(keccak256(abi.encode(values))),
@@ -28,6 +30,9 @@ MAX_PROOF_DEPTH: constant(uint256) = 32
 
 # The most one settle may post (wei). Immutable: raising it means deploying a new distributor.
 emission_cap: public(immutable(uint256))
+# Epoch e is [genesis + e * epoch_length, genesis + (e + 1) * epoch_length), unix seconds.
+genesis: public(immutable(uint256))
+epoch_length: public(immutable(uint256))
 
 admin: public(address)
 pending_admin: public(address)
@@ -93,11 +98,17 @@ def __init__(
     settler_: address,
     first_epoch: uint256,
     emission_cap_: uint256,
+    genesis_: uint256,
+    epoch_length_: uint256,
 ):
     reward_token.__init__(name_, symbol_)
     self._check_nonzero(admin_)
     self._check_nonzero(settler_)
+    if epoch_length_ == 0:
+        raw_revert(method_id("ZeroEpochLength()"))
     emission_cap = emission_cap_
+    genesis = genesis_
+    epoch_length = epoch_length_
     self.admin = admin_
     self.settler = settler_
     self.next_epoch = first_epoch
@@ -109,7 +120,8 @@ def __init__(
 def settle(
     epoch: uint256, usage_root_: bytes32, reward_root_: bytes32, interactions: uint256, epoch_reward: uint256
 ):
-    """Post one epoch. Epochs are strictly sequential, so a settled epoch is never rewritten."""
+    """Post one epoch once it has ended. Epochs are strictly sequential, so a settled epoch is
+    never rewritten."""
     if msg.sender != self.settler:
         raw_revert(concat(method_id("NotSettler(address)"), abi_encode(msg.sender)))
     if self.paused:
@@ -125,6 +137,10 @@ def settle(
         raw_revert(concat(method_id("EpochAlreadySettled(uint256)"), abi_encode(epoch)))
     if epoch != expected:
         raw_revert(concat(method_id("EpochOutOfOrder(uint256,uint256)"), abi_encode(epoch, expected)))
+    # After the order check, so `epoch` is next_epoch and the product cannot overflow.
+    ends_at: uint256 = genesis + (epoch + 1) * epoch_length
+    if block.timestamp < ends_at:
+        raw_revert(concat(method_id("EpochNotEnded(uint256,uint256)"), abi_encode(epoch, ends_at)))
     total: uint256 = self.total_rewarded + epoch_reward
     self.next_epoch = epoch + 1
     self.usage_root[epoch] = usage_root_

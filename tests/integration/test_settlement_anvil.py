@@ -13,8 +13,13 @@ from settlement.keys import SettlerKey
 from settlement.rewardbook import RewardBook
 from tests.unit.test_settlement_chain import (
     CLAIM_GAS_GOAL,
+    ENDED,
     SETTLE_GAS_GOAL,
     contract_scenario,
+    epoch_clock_scenario,
+    expect_revert,
+    funded_key,
+    idle_chain_scenario,
     roles_scenario,
 )
 from tests.unit.test_settlement_chain_actor import EPOCH_S, Clock, FakeLedger, equal_split
@@ -40,6 +45,51 @@ def test_contract_scenario_on_anvil(anvil):
 
 def test_roles_scenario_on_anvil(anvil):
     roles_scenario(connect(anvil))
+
+
+def test_epoch_clock_scenario_on_anvil(anvil):
+    epoch_clock_scenario(connect(anvil))
+
+
+def test_idle_chain_scenario_on_anvil(anvil):
+    idle_chain_scenario(connect(anvil))
+
+
+def test_cli_accept_settler_takes_the_proposed_role(anvil, tmp_path):
+    """`meritnet settlement accept-settler --key-file K`: the second step of a settler rotation."""
+    from typer.testing import CliRunner
+
+    from settlement.cli import app
+
+    chain = connect(anvil)
+    admin, settler, successor, stranger = (funded_key(chain) for _ in range(4))
+    chain.deploy(settler, 0, 1000, admin.address, **ENDED)
+    chain.transact(admin, "propose_settler", successor.address)
+
+    def accept(key: SettlerKey):
+        key_file = tmp_path / f"{key.address}.key"
+        key_file.touch(mode=0o600)
+        key_file.write_text(key.export_hex())
+        args = [
+            "accept-settler",
+            "--key-file",
+            str(key_file),
+            "--contract",
+            chain.address,
+            "--url",
+            anvil.url,
+        ]
+        return CliRunner().invoke(app, args)
+
+    refused = accept(stranger)
+    assert refused.exit_code == 1 and "is not the proposed settler" in refused.output, refused.output
+    assert chain.settler() == settler.address
+    accepted = accept(successor)
+    assert accepted.exit_code == 0, accepted.output
+    assert f"{successor.address} is now the settler" in accepted.output
+    assert chain.settler() == successor.address and chain.pending_settler() == "0x" + "00" * 20
+    expect_revert("NotSettler", chain.preflight_settle, settler.address, 0, b"\1" * 32, b"\1" * 32, 1, 1)
+    chain.preflight_settle(successor.address, 0, b"\1" * 32, b"\1" * 32, 1, 1)
 
 
 def _world(tmp_path, chain: Chain, key: SettlerKey):

@@ -21,6 +21,7 @@ from cluster import UsageRecord
 from settlement.actor import CRASH_STEPS
 from settlement.anvil import Anvil
 from settlement.chain import Chain, ChainSettings
+from settlement.epochs import Epochs
 from settlement.keys import SettlerKey
 from settlement.ledger import UsageLedger
 
@@ -82,8 +83,9 @@ def network(tmp_path):
     chain = Chain.connect(ChainSettings(url=node.url))
     key = SettlerKey.generate()
     chain.fund(key.address, 10**20)
-    chain.deploy(key, first_epoch=0, emission_cap=EMISSION)
     genesis = time.time() - 3.5 * EPOCH_S  # epochs 0, 1, 2 have ended
+    chain_genesis, length = Epochs(genesis, EPOCH_S).onchain()
+    chain.deploy(key, first_epoch=0, emission_cap=EMISSION, genesis=chain_genesis, epoch_length=length)
     env = {
         **os.environ,
         "MERITNET_CHAIN_URL": node.url,

@@ -1,14 +1,14 @@
 """The distributor contract on the embedded chain (py-evm via eth-tester): settle, claim, roles, every error.
 
-`contract_scenario` and `roles_scenario` are also run against anvil by
-tests/integration/test_settlement_anvil.py. The
-proofs here come from a tiny independent OpenZeppelin-StandardMerkleTree builder (below), so the
+`contract_scenario`, `roles_scenario`, `epoch_clock_scenario` and `idle_chain_scenario` are also run against anvil by
+tests/integration/test_settlement_anvil.py. The proofs here come from a tiny independent OpenZeppelin-StandardMerkleTree builder (below), so the
 contract's leaf encoding is checked against the standard itself, not only against our own builder.
 """
 
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from eth_abi import encode
@@ -22,6 +22,10 @@ from settlement.keys import SettlerKey
 SETTLE_GAS_GOAL = 80_000
 CLAIM_GAS_GOAL = 100_000
 BIG_CAP = 10**27  # emission cap for tests about something else
+ENDED = {
+    "genesis": 0,
+    "epoch_length": 1,
+}  # every epoch below today's unix time has ended: tests about something else
 ZERO = "0x" + "00" * 20
 
 
@@ -57,20 +61,39 @@ def funded_key(chain: Chain) -> SettlerKey:
     return key
 
 
-def settle(
+def send_settle(
     chain: Chain, key: SettlerKey, epoch: int, usage_root: bytes, reward_root: bytes, n: int, amount: int
 ):
+    """A settle tx sent without simulating it first, so it is mined even if it reverts."""
     raw = chain.sign_settle(
         key, epoch, usage_root, reward_root, n, amount, chain.nonce(key.address), chain.fees()
     )
     receipt = chain.wait_receipt(chain.send_raw(raw))
-    assert receipt is not None and receipt["status"] == 1
+    assert receipt is not None
     return receipt
 
 
-def expect_revert(error: str, fn, *args) -> ContractReverted:
+def settle(
+    chain: Chain, key: SettlerKey, epoch: int, usage_root: bytes, reward_root: bytes, n: int, amount: int
+):
+    receipt = send_settle(chain, key, epoch, usage_root, reward_root, n, amount)
+    assert receipt["status"] == 1
+    return receipt
+
+
+def next_block_at(chain: Chain, timestamp: int) -> None:
+    """Make the chain's next block carry `timestamp` (a dev chain's clock may only move forward)."""
+    provider = chain.w3.provider
+    if hasattr(provider, "ethereum_tester"):  # py-evm: mines a block at timestamp - 1; the next is +1
+        provider.ethereum_tester.time_travel(timestamp)
+    else:  # anvil
+        reply = provider.make_request("evm_setNextBlockTimestamp", [timestamp])
+        assert "error" not in reply, reply
+
+
+def expect_revert(error: str, fn, *args, **kwargs) -> ContractReverted:
     with pytest.raises(ContractReverted) as info:
-        fn(*args)
+        fn(*args, **kwargs)
     assert info.value.error == error
     return info.value
 
@@ -85,7 +108,7 @@ def contract_scenario(chain: Chain) -> dict[str, int]:
     """Settle three epochs, claim cumulatively, and hit every rejection. Returns measured gas."""
     settler, stranger = funded_key(chain), funded_key(chain)
     ops = [funded_key(chain).address for _ in range(3)]
-    chain.deploy(settler, first_epoch=5, emission_cap=BIG_CAP)
+    chain.deploy(settler, first_epoch=5, emission_cap=BIG_CAP, **ENDED)
     assert chain.next_epoch() == 5 and chain.settler() == settler.address
     usage_root = Web3.keccak(text="usage")
 
@@ -147,7 +170,7 @@ def test_contract_scenario_on_eth_tester():
 def test_settle_gas_does_not_depend_on_tree_size():
     chain = Chain.embedded()
     key = funded_key(chain)
-    chain.deploy(key, first_epoch=0, emission_cap=BIG_CAP)
+    chain.deploy(key, first_epoch=0, emission_cap=BIG_CAP, **ENDED)
     settle(chain, key, 0, Web3.keccak(text="u"), Web3.keccak(text="r"), 1, 1)
     gas = {
         settle(chain, key, e, Web3.keccak(text=f"u{e}"), Web3.keccak(text=f"r{e}"), n, n * 10**18)["gasUsed"]
@@ -166,15 +189,15 @@ def roles_scenario(chain: Chain) -> None:
     root = Web3.keccak(text="root")
 
     # No role ever goes to the zero address, from the constructor either.
-    expect_revert("ZeroAddress", chain.deploy, settler, 0, cap, ZERO)
+    expect_revert("ZeroAddress", chain.deploy, settler, 0, cap, ZERO, **ENDED)
     factory = chain.w3.eth.contract(abi=chain.artifact["abi"], bytecode=chain.artifact["bytecode"])
-    no_settler = factory.constructor("n", "s", admin.address, ZERO, 0, cap).data_in_transaction
+    no_settler = factory.constructor("n", "s", admin.address, ZERO, 0, cap, 0, 1).data_in_transaction
     expect_revert(
         "ZeroAddress",
         chain._raise_by_name,
         lambda: chain.w3.eth.call({"from": admin.address, "data": no_settler}),
     )
-    chain.deploy(settler, 0, cap, admin.address)
+    chain.deploy(settler, 0, cap, admin.address, **ENDED)
     assert (chain.admin(), chain.settler(), chain.emission_cap(), chain.paused()) == (
         admin.address,
         settler.address,
@@ -245,6 +268,70 @@ def test_roles_scenario_on_eth_tester():
     roles_scenario(Chain.embedded())
 
 
+def epoch_clock_scenario(chain: Chain) -> None:
+    """Epochs are tied to time: settle(e) is refused until the chain's clock reaches e's end
+    (EpochNotEnded names the epoch and that end) and accepted at exactly the end, so a leaked
+    settler key can mint at most the cap per epoch that has ended, never ahead of time."""
+    settler = funded_key(chain)
+    cap, length = 1000, 100
+    genesis = chain.timestamp() + 1000  # epoch 0 lies ahead: the test moves the chain's clock
+    root = Web3.keccak(text="root")
+    expect_revert("ZeroEpochLength", chain.deploy, settler, 0, cap, genesis=genesis, epoch_length=0)
+    chain.deploy(settler, 0, cap, genesis=genesis, epoch_length=length)
+    assert chain.epochs() == (genesis, length)
+
+    # Before genesis: refused, saying when the epoch ends.
+    early = expect_revert("EpochNotEnded", chain.preflight_settle, settler.address, 0, root, root, 1, cap)
+    assert early.error_args == (0, genesis + length)
+    # A settle mined one second before the end reverts; one mined at the end exactly settles.
+    next_block_at(chain, genesis + length - 1)
+    assert send_settle(chain, settler, 0, root, root, 1, cap)["status"] == 0
+    assert chain.next_epoch() == 0 and chain.total_rewarded() == 0
+    next_block_at(chain, genesis + length)
+    receipt = settle(chain, settler, 0, root, root, 1, cap)
+    assert chain.w3.eth.get_block(receipt["blockNumber"])["timestamp"] == genesis + length
+
+    # The settler key leaks: the next epoch is still running, so it cannot be posted; later ones
+    # are out of order. Only epochs that have ended can be, each at most the cap.
+    leaked = settler
+    running = expect_revert("EpochNotEnded", chain.preflight_settle, leaked.address, 1, root, root, 1, cap)
+    assert running.error_args == (1, genesis + 2 * length)
+    expect_revert("EpochOutOfOrder", chain.preflight_settle, leaked.address, 2, root, root, 1, cap)
+    next_block_at(chain, genesis + 3 * length + length // 2)  # epochs 1 and 2 have ended, 3 has not
+    chain.fund(leaked.address, 1)  # mines that block
+    settle(chain, leaked, 1, root, root, 1, cap)
+    settle(chain, leaked, 2, root, root, 1, cap)
+    ahead = expect_revert("EpochNotEnded", chain.preflight_settle, leaked.address, 3, root, root, 1, cap)
+    assert ahead.error_args == (3, genesis + 4 * length)
+    assert chain.next_epoch() == 3 and chain.total_rewarded() == 3 * cap  # cap x ended epochs
+
+
+def test_epoch_clock_scenario_on_eth_tester():
+    epoch_clock_scenario(Chain.embedded())
+
+
+def idle_chain_scenario(chain: Chain) -> None:
+    """A chain that mines only on transactions (anvil, the embedded one) still settles an epoch as
+    soon as it ends: settle is simulated against the pending block, which carries the clock's time."""
+    settler = funded_key(chain)
+    length = 100
+    # py-evm stamps blocks one second apart even within one second, so its clock may run ahead.
+    now = max(int(time.time()), chain.timestamp() + 1)
+    genesis = now + 2 - length  # epoch 0 ends in 2 s
+    chain.deploy(settler, 0, 1, genesis=genesis, epoch_length=length)
+    root = Web3.keccak(text="root")
+    expect_revert("EpochNotEnded", chain.preflight_settle, settler.address, 0, root, root, 1, 1)
+    time.sleep(max(0.0, genesis + length - time.time()) + 1.1)  # no block is mined meanwhile
+    assert chain.timestamp() < genesis + length  # the latest block is older than the epoch's end
+    chain.preflight_settle(settler.address, 0, root, root, 1, 1)
+    receipt = settle(chain, settler, 0, root, root, 1, 1)
+    assert chain.w3.eth.get_block(receipt["blockNumber"])["timestamp"] >= genesis + length
+
+
+def test_idle_chain_scenario_on_eth_tester():
+    idle_chain_scenario(Chain.embedded())
+
+
 def test_committed_artifact_matches_a_fresh_compile():
     committed = json.loads(ARTIFACT_PATH.read_text())
     fresh = compile_artifact()
@@ -263,6 +350,8 @@ def test_committed_artifact_matches_a_fresh_compile():
         "ZeroAddress",
         "EnforcedPause",
         "ExpectedPause",
+        "EpochNotEnded",
+        "ZeroEpochLength",
     }
 
 
@@ -283,7 +372,7 @@ def test_settlement_reward_tree_proofs_are_accepted_by_the_contract():
 
     chain = Chain.embedded()
     settler, payer = funded_key(chain), funded_key(chain)
-    chain.deploy(settler, first_epoch=0, emission_cap=BIG_CAP)
+    chain.deploy(settler, first_epoch=0, emission_cap=BIG_CAP, **ENDED)
     cumulative = {SettlerKey.generate().address: 10**18 + i for i in range(9)}  # odd count: unbalanced tree
     tree = reward_tree(cumulative)
     settle(chain, settler, 0, b"\x00" * 32, bytes.fromhex(tree.root[2:]), 9, sum(cumulative.values()))

@@ -16,6 +16,7 @@ from settlement.actor import EMISSION_CAP_HEADROOM, SettlementConfig, Settlement
 from settlement.chain import Chain, ChainSettings, ChainUnavailable, ContractReverted, fees_of_raw
 from settlement.keys import SettlerKey, SettlerKeyError
 from settlement.rewardbook import RewardBook
+from tests.unit.test_settlement_chain import next_block_at
 
 OPS = [SettlerKey.generate().address for _ in range(2)]
 EPOCH_S = 100.0
@@ -177,7 +178,9 @@ def test_carry_above_the_cap_is_paid_over_later_epochs(world):
 
 
 def test_a_bound_contract_with_a_cap_below_the_emission_pays_the_cap_and_says_so(world, caplog):
-    world.chain.deploy(world.key, 0, 600)  # deployed elsewhere, with a smaller cap than configured
+    genesis, length = world.config.epochs.onchain()
+    # Deployed elsewhere, with a smaller cap than configured.
+    world.chain.deploy(world.key, 0, 600, genesis=genesis, epoch_length=length)
     settler = world.settler()
     with caplog.at_level("ERROR", logger="settlement.actor"):
         assert settler.tick() == [0, 1, 2]
@@ -200,6 +203,37 @@ def test_a_paused_contract_holds_epochs_until_the_admin_unpauses(world):
     assert world.ledger.pending == {} and world.ledger.marks == []  # refused before anything was signed
     world.chain.transact(admin, "unpause")
     assert settler.tick() == [0, 1, 2] and onchain_epochs(world.chain) == [0, 1, 2]
+
+
+def test_deploys_with_the_ledgers_epochs_and_a_closed_epoch_settles_once_the_chain_reaches_its_end(world):
+    """The settler's clock runs ahead of the chain's: the ledger closes epoch 0, the contract refuses
+    it (EpochNotEnded) and the settler waits, signing nothing; once the chain's clock reaches the
+    contract's end of the epoch it settles. Genesis is fractional: the contract gets it floored."""
+    genesis = world.chain.timestamp() + 1000 + 0.75
+    world.config = SettlementConfig(epoch_length_s=EPOCH_S, emission_wei=1000, genesis=genesis)
+    world.clock.t = genesis + 1.5 * EPOCH_S
+    settler = world.settler()
+    settler.ensure_contract()
+    assert world.chain.epochs() == (int(genesis), int(EPOCH_S))
+    assert settler.tick() == [] and world.ledger.last_closed_epoch() == 0
+    assert world.ledger.pending == {} and world.chain.next_epoch() == 0  # nothing signed or sent
+    # A block at the contract's end of epoch 0 (0.75 s before the ledger's): the settle goes through.
+    next_block_at(world.chain, int(genesis) + int(EPOCH_S))
+    world.chain.fund(world.key.address, 1)  # mines it
+    assert world.chain.timestamp() == int(genesis) + int(EPOCH_S)
+    assert settler.tick() == [0] and onchain_epochs(world.chain) == [0]
+
+
+def test_a_bound_contract_timing_other_epochs_is_refused(world):
+    world.chain.deploy(world.key, 0, 2000, genesis=0, epoch_length=60)  # the ledger's epochs are 100 s
+    with pytest.raises(SettlementConflict, match="times epochs"):
+        world.settler().ensure_contract()
+
+
+@pytest.mark.parametrize("length", [0.5, 90.5])
+def test_an_epoch_length_in_fractions_of_a_second_is_refused(length):
+    with pytest.raises(ValueError, match="whole number of seconds"):
+        SettlementConfig(epoch_length_s=length)
 
 
 def test_written_ahead_but_never_sent_is_resigned_at_the_same_nonce_with_bumped_fees(world, monkeypatch):
