@@ -2,7 +2,9 @@
 
 anvil comes from the npm package `@foundry-rs/anvil` that `make setup` installs under .tools/. It is
 bound to 127.0.0.1 on a free port; `state_file` makes it load its state at start and dump it at
-exit, so a test can stop the chain mid-run and bring the same chain back.
+exit, so a test can stop the chain mid-run and bring the same chain back. `meritnet up --chain anvil`
+runs one for the network (deploy/localchain.py), its output in `log_file` (a pipe nobody reads would
+fill up and stall a node that runs for days).
 """
 
 from __future__ import annotations
@@ -42,11 +44,16 @@ class Anvil:
     """One anvil process. Use as a context manager, or call stop()."""
 
     def __init__(
-        self, port: int | None = None, state_file: Path | None = None, block_time: float | None = None
+        self,
+        port: int | None = None,
+        state_file: Path | None = None,
+        block_time: float | None = None,
+        log_file: Path | None = None,
     ):
         self.port = port or free_port()
         self.state_file = state_file
         self.block_time = block_time
+        self.log_file = log_file
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -59,11 +66,18 @@ class Anvil:
             cmd += ["--state", str(self.state_file)]
         if self.block_time is not None:
             cmd += ["--block-time", str(self.block_time)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if self.log_file is not None:
+            with self.log_file.open("ab") as log:
+                self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
+        else:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                if self.proc.stderr:
+                    err = self.proc.stderr.read().decode(errors="replace")
+                else:
+                    err = self.log_file.read_text(errors="replace")
                 raise RuntimeError(f"anvil exited at start (code {self.proc.returncode}): {err[-500:]}")
             if self.rpc("eth_chainId", raise_errors=False) is not None:
                 return self

@@ -223,6 +223,10 @@ class Chain:
 
     # -- reads ----------------------------------------------------------------------------------
 
+    def has_code(self) -> bool:
+        """Whether a contract is deployed at the bound address (a wrong address has none)."""
+        return self.address is not None and len(self._rpc(lambda: self.w3.eth.get_code(self.address))) > 0
+
     def _view(self, name: str, *args: Any) -> Any:
         if self.contract is None:
             raise RuntimeError("no distributor address: set MERITNET_CHAIN_CONTRACT or deploy one first")

@@ -1,5 +1,5 @@
-"""`meritnet settlement ...` / `python -m settlement ...`: export trees, prove and verify, run, status,
-accept the settler role.
+"""`meritnet settlement ...` / `python -m settlement ...`: export trees, prove and verify, claim, run,
+status, accept the settler role.
 
 One typer app; the main `meritnet` CLI mounts this same object as its `settlement` group. Settings
 come from the environment (MERITNET_SETTLEMENT_* for the ledger, MERITNET_CHAIN_* for the chain,
@@ -7,21 +7,26 @@ MERITNET_SETTLER_KEY[_FILE] for the key) and the options below override the comm
 
 A proof file (written by `prove`) is self-contained: tree kind, epoch, leaf encoding, value and
 proof; `verify` checks it against the root the contract holds, so anyone with chain access can
-audit one interaction or one operator's reward without the ledger.
+audit one interaction or one operator's reward without the ledger. `claim` is the operator's side:
+its cumulative reward, proven against the root on-chain, minted to it in a tx it signs itself.
+Epoch length and genesis are read from the ledger a command opens, never passed.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
 if TYPE_CHECKING:  # imported where used: web3 and the chain client cost a second, `--help` should not
     from settlement.actor import SettlementConfig
     from settlement.chain import Chain
+    from settlement.rewardbook import EpochCommitment
 
 app = typer.Typer(
     help="Settlement: usage/reward Merkle trees, proofs against the chain, the settler.", no_args_is_help=True
@@ -31,7 +36,10 @@ app = typer.Typer(
 LedgerOption = Annotated[
     Path | None, typer.Option(help="Ledger path (default: MERITNET_SETTLEMENT_LEDGER_PATH).")
 ]
-EpochLengthOption = Annotated[float | None, typer.Option(help="Epoch length in seconds (default: settings).")]
+EpochLengthOption = Annotated[
+    float | None,
+    typer.Option(help="Epoch length in seconds; only for a new ledger (an existing one knows its own)."),
+]
 ContractOption = Annotated[
     str | None, typer.Option(help="Distributor address (default: MERITNET_CHAIN_CONTRACT).")
 ]
@@ -44,14 +52,27 @@ class TreeKind(StrEnum):
 
 
 def _config(ledger: Path | None, epoch_length: float | None) -> SettlementConfig:
+    """Settings from the options and the environment; an existing ledger's own epoch length and
+    genesis win (it was written with them), so audits of a ledger need neither flag."""
     from settlement.actor import SettlementConfig
+    from settlement.ledger import UsageLedger
 
     overrides: dict[str, Any] = {}
     if ledger is not None:
         overrides["ledger_path"] = ledger
     if epoch_length is not None:
         overrides["epoch_length_s"] = epoch_length
-    return SettlementConfig(**overrides)
+    config = SettlementConfig(**overrides)
+    stored = UsageLedger.stored_settings(config.ledger_path)
+    if stored is None:
+        return config
+    length, genesis = stored
+    if "epoch_length_s" in config.model_fields_set and config.epoch_length_s != length:
+        raise typer.BadParameter(
+            f"the ledger at {config.ledger_path} uses epochs of {length:g} s, not {config.epoch_length_s:g} s; "
+            "drop --epoch-length (it is read from the ledger)"
+        )
+    return config.model_copy(update={"epoch_length_s": length, "genesis": genesis})
 
 
 def _ledger(config: SettlementConfig):
@@ -61,17 +82,7 @@ def _ledger(config: SettlementConfig):
         raise typer.BadParameter(
             f"no ledger at {config.ledger_path}; pass --ledger or set MERITNET_SETTLEMENT_LEDGER_PATH"
         )
-    stored = UsageLedger.stored_settings(config.ledger_path)
-    if stored is None:
-        return UsageLedger(config.ledger_path, config.epoch_length_s, genesis=config.genesis)
-    # An existing ledger knows its epoch length and genesis: audits read it as it was written.
-    length, genesis = stored
-    if "epoch_length_s" in config.model_fields_set and config.epoch_length_s != length:
-        raise typer.BadParameter(
-            f"the ledger at {config.ledger_path} uses epochs of {length:g} s, not {config.epoch_length_s:g} s; "
-            "drop --epoch-length (it is read from the ledger)"
-        )
-    return UsageLedger(config.ledger_path, length, genesis=genesis)
+    return UsageLedger(config.ledger_path, config.epoch_length_s, genesis=config.genesis)
 
 
 def build_tree(config: SettlementConfig, epoch: int, tree: TreeKind):
@@ -177,12 +188,51 @@ def onchain_root(chain: Chain, kind: str, epoch: int) -> bytes:
 
 def _bound_chain(contract: str | None, url: str | None) -> Chain:
     """The distributor named by the options, else by MERITNET_CHAIN_CONTRACT / MERITNET_CHAIN_URL."""
-    from settlement.chain import Chain, ChainSettings
+    from eth_utils import is_address
+
+    from settlement.chain import Chain, ChainSettings, redact_url
 
     settings = ChainSettings(**{k: v for k, v in {"contract": contract, "url": url}.items() if v})
     if not settings.contract:
         raise typer.BadParameter("no contract address: pass --contract or set MERITNET_CHAIN_CONTRACT")
-    return Chain.connect(settings)
+    if not is_address(settings.contract):
+        raise typer.BadParameter(f"--contract {settings.contract!r} is not an address (0x and 40 hex digits)")
+    chain = Chain.connect(settings)
+    with chain_errors():
+        if not chain.has_code():
+            where = redact_url(settings.url)
+            hint = (
+                " (the embedded chain lives inside `meritnet up`: pass --url of a JSON-RPC node)"
+                if where == "embedded"
+                else ""
+            )
+            _fail(f"no contract at {chain.address} on the chain at {where}{hint}: wrong --contract or --url?")
+    return chain
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+@contextmanager
+def chain_errors() -> Iterator[None]:
+    """Chain failures as one line each (exit 1), never a traceback: unreachable node, a contract that
+    is not a distributor, a reverted call, a node that refused the transaction."""
+    from web3.exceptions import BadFunctionCallOutput, ContractLogicError, Web3RPCError
+
+    from settlement.chain import ChainUnavailable, ContractReverted
+
+    try:
+        yield
+    except ChainUnavailable as exc:
+        _fail(str(exc))
+    except ContractReverted as exc:
+        _fail(f"the contract refused: {exc.error}{exc.error_args}")
+    except (BadFunctionCallOutput, ContractLogicError):
+        _fail("the contract does not answer as a meritnet distributor: wrong --contract?")
+    except Web3RPCError as exc:
+        _fail(f"the chain node refused the request: {exc.message or exc}")
 
 
 @app.command()
@@ -195,7 +245,9 @@ def verify(
     from settlement.merkle import StandardMerkleTree
 
     proof = json.loads(proof_file.read_text())
-    root = onchain_root(_bound_chain(contract, url), proof["tree"], int(proof["epoch"]))
+    chain = _bound_chain(contract, url)
+    with chain_errors():
+        root = onchain_root(chain, proof["tree"], int(proof["epoch"]))
     ok = StandardMerkleTree.verify("0x" + root.hex(), proof["leafEncoding"], proof["value"], proof["proof"])
     typer.echo(
         f"{'VALID' if ok else 'INVALID'}: {proof['tree']} leaf of epoch {proof['epoch']} against "
@@ -262,11 +314,13 @@ def run(
 def status(
     ledger: LedgerOption = None,
     epoch_length: EpochLengthOption = None,
+    contract: ContractOption = None,
+    url: UrlOption = None,
 ) -> None:
     """Ledger and chain progress: last closed, committed and settled epochs, totals, roles, pause."""
     config = _config(ledger, epoch_length)
     led = _ledger(config)
-    from settlement.chain import Chain, ChainSettings
+    from settlement.chain import ChainSettings
     from settlement.rewardbook import RewardBook
 
     latest = RewardBook(config.book_path).latest()
@@ -274,20 +328,97 @@ def status(
         "last_closed_epoch": led.last_closed_epoch(),
         "last_committed_epoch": None if latest is None else latest.epoch,
     }
-    settings = ChainSettings()
-    if settings.contract:
-        chain = Chain.connect(settings)
-        genesis, length = chain.epochs()
-        report |= {
-            "contract": chain.address,
-            "next_epoch": chain.next_epoch(),
-            "total_rewarded": str(chain.total_rewarded()),
-            "total_claimed": str(chain.total_supply()),
-            "emission_cap": str(chain.emission_cap()),
-            "genesis": genesis,
-            "epoch_length_s": length,
-            "settler": chain.settler(),
-            "admin": chain.admin(),
-            "paused": chain.paused(),
-        }
+    if contract or ChainSettings().contract:
+        chain = _bound_chain(contract, url)
+        with chain_errors():
+            genesis, length = chain.epochs()
+            report |= {
+                "contract": chain.address,
+                "next_epoch": chain.next_epoch(),
+                "total_rewarded": str(chain.total_rewarded()),
+                "total_claimed": str(chain.total_supply()),
+                "emission_cap": str(chain.emission_cap()),
+                "genesis": genesis,
+                "epoch_length_s": length,
+                "settler": chain.settler(),
+                "admin": chain.admin(),
+                "paused": chain.paused(),
+            }
     typer.echo(json.dumps(report, indent=2))
+
+
+def _operator_key(path: Path):
+    from settlement.keys import SettlerKey, SettlerKeyError
+
+    try:
+        return SettlerKey.from_file(path, what="operator key")
+    except SettlerKeyError as exc:
+        _fail(str(exc))
+
+
+def settled_rewards(config: SettlementConfig, chain: Chain) -> EpochCommitment:
+    """The committed epoch whose reward root the contract holds now (the last one it settled): its
+    cumulative amounts are what every operator can claim. A root this ledger never committed means
+    the contract or the ledger is not the one the other belongs to."""
+    from settlement.rewardbook import RewardBook
+
+    if not Path(config.book_path).is_file():
+        _fail(f"no reward book beside the ledger ({config.book_path}); pass the network's --ledger")
+    with chain_errors():
+        last = chain.next_epoch() - 1
+        root = chain.reward_root()
+        # A distributor deployed mid-life starts at a later epoch: a zero root may mean none settled yet.
+        unsettled = last < 0 or (root == bytes(32) and not chain.settled_events(last))
+    if unsettled:
+        _fail(f"no reward yet: no epoch is settled on {chain.address} yet")
+    committed = RewardBook(config.book_path).get(last)
+    if committed is None or committed.reward_root != root:
+        _fail(
+            f"the reward root of epoch {last} on {chain.address} (0x{root.hex()}) is not the one this "
+            f"ledger committed: wrong --contract, or another network's --ledger?"
+        )
+    return committed
+
+
+@app.command()
+def claim(
+    operator_key_file: Annotated[
+        Path, typer.Option(help="File (chmod 600) holding the operator's private key; it signs and pays gas.")
+    ],
+    ledger: LedgerOption = None,
+    contract: ContractOption = None,
+    url: UrlOption = None,
+) -> None:
+    """Claim the operator's cumulative reward through the last settled epoch: mints what it has not
+    claimed yet, with a proof from the ledger's reward tree against the root on-chain."""
+    from settlement.merkle import MerkleTreeError
+    from settlement.trees import EmptyTreeError, find_reward_leaf, reward_tree
+
+    key = _operator_key(operator_key_file)
+    config = _config(ledger, None)
+    _ledger(config)  # a clear error when there is no ledger here
+    chain = _bound_chain(contract, url)
+    committed = settled_rewards(config, chain)
+    try:
+        tree = reward_tree(committed.cumulative)
+        index = find_reward_leaf(tree, key.address)
+    except (EmptyTreeError, MerkleTreeError):
+        _fail(f"no reward yet for {key.address} through epoch {committed.epoch} (its nodes earned nothing)")
+    cumulative = int(tree.at(index)[1])
+    proof = [bytes.fromhex(p[2:]) for p in tree.get_proof(index)]
+    with chain_errors():
+        already = chain.claimed(key.address)
+        if already >= cumulative:
+            typer.echo(
+                f"nothing to claim: {key.address} has claimed {already} wei, all of its cumulative reward "
+                f"through epoch {committed.epoch}"
+            )
+            return
+        receipt = chain.claim(key, key.address, cumulative, proof)
+    tx = "0x" + bytes(receipt["transactionHash"]).hex()
+    if receipt["status"] != 1:
+        _fail(f"the claim tx {tx} failed on-chain (out of gas?)")
+    typer.echo(
+        f"claimed {cumulative - already} wei for {key.address} (cumulative {cumulative} wei through "
+        f"epoch {committed.epoch}) in tx {tx}"
+    )

@@ -1,0 +1,174 @@
+"""The README's audit loop, as a new user runs it: `meritnet up --chain anvil`, a request served by
+`h100-a`, and once its epoch has settled, the README's settlement commands verbatim (status, export,
+prove, verify against anvil, claim with the operator's key; only the placeholders filled in), then
+Ctrl-C, which stops anvil with the network."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import httpx
+import pytest
+
+from settlement.trees import request_key
+from tests.integration.conftest import free_port
+
+pytestmark = pytest.mark.integration
+
+README = Path(__file__).parents[2] / "README.md"
+BIN = Path(sys.executable).parent
+EPOCH_S = 10  # short epochs: the request's epoch settles seconds after it ends
+OPERATOR_A = "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266"  # h100-a's operator in the demo
+
+
+def _audit_block() -> list[str]:
+    section = (
+        README.read_text().split("## Rewards, on-chain settlement and audits", 1)[1].split("\n## ", 1)[0]
+    )
+    (block,) = re.findall(r"```bash\n(.*?)```", section, re.S)
+    return block.splitlines()
+
+
+def _served_by_h100(port: int) -> tuple[str, float, float]:
+    """Send completions until h100-a serves one (the README's key is its operator's): its request id,
+    and times before and after it, which bound the end time its usage record carries."""
+    for _ in range(30):
+        body = json.dumps({"model": "default", "prompt": "Hello", "max_tokens": 8}).encode()
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/completions", data=body, headers={"Content-Type": "application/json"}
+        )
+        before = time.time()
+        with urllib.request.urlopen(req, timeout=120) as r:
+            assert r.status == 200
+            node, rid = r.headers["x-meritnet-node"], r.headers["x-meritnet-request-id"]
+        if node == "h100-a":
+            return rid, before, time.time()
+    raise AssertionError("h100-a served none of 30 requests")
+
+
+def test_readme_audit_commands_work_on_anvil(tmp_path):
+    port = free_port()
+    env = {
+        **os.environ,
+        "COLUMNS": "200",
+        "MERITNET_EPOCH_LENGTH_S": str(EPOCH_S),
+        "PATH": f"{BIN}:{os.environ['PATH']}",  # the README's `meritnet` is this checkout's
+    }
+    proc = subprocess.Popen(
+        [str(BIN / "meritnet"), "up", "--chain", "anvil", "--port", str(port)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    out: list[str] = []
+    url = None
+    try:
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                break
+            out.append(line)
+            if "Press Ctrl-C to stop" in line:
+                break
+        started = "".join(out)
+        assert "Press Ctrl-C to stop" in started, started[-3000:]
+        printed = re.search(
+            r"Audit and claim on it with: --url (http://127\.0\.0\.1:\d+) --contract (0x[0-9a-fA-F]{40})",
+            started,
+        )
+        assert printed, started[-3000:]
+        url, contract = printed.groups()
+        assert f"on the {url} chain" in started
+
+        rid, before, after = _served_by_h100(port)
+        genesis = json.loads((tmp_path / ".meritnet" / "state.json").read_text())["genesis"]
+        # Its record is in the epoch of its end time, or the next one if it landed as that epoch closed.
+        candidates = range(int((before - genesis) // EPOCH_S), int((after - genesis) // EPOCH_S) + 2)
+
+        # The README's block as written: its two assignments (placeholders filled in) and six commands.
+        lines = [ln for ln in _audit_block() if ln.strip()]
+        assigns = [ln for ln in lines if re.match(r"[A-Z]+=", ln)]
+        assigns = [
+            ln.replace("http://127.0.0.1:PORT", url).replace("0x...", contract) if ln.startswith("C=") else ln
+            for ln in assigns
+        ]
+        status_cmd, export_cmd, prove_cmd, verify_cmd, key_cmd, claim_cmd = [
+            ln for ln in lines if ln not in assigns and not re.match(r"[A-Z]+=", ln)
+        ]
+
+        def run(command: str, epoch: int | None = None) -> str:
+            if epoch is not None:
+                command = command.replace("--epoch 3", f"--epoch {epoch}")
+            command = command.replace("<x-meritnet-request-id>", rid)
+            r = subprocess.run(
+                ["bash", "-c", "\n".join([*assigns, command])],
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env=env,
+            )
+            assert r.returncode == 0, (command, r.stdout, r.stderr[-2000:])
+            return r.stdout
+
+        deadline = time.monotonic() + 300
+        while (status := json.loads(run(status_cmd)))["next_epoch"] <= candidates[-1]:
+            assert time.monotonic() < deadline, status  # the request's epoch never settled
+            time.sleep(3)
+        assert status["contract"] == contract and status["epoch_length_s"] == EPOCH_S
+        assert status["last_committed_epoch"] >= candidates[-1]
+
+        for epoch in candidates:  # the README's export, per candidate epoch, until it holds the request
+            exported = run(export_cmd, epoch)
+            assert re.match(r"wrote usage-3\.json: \d+ leaves, root 0x[0-9a-f]{64}", exported), exported
+            dump = json.loads((tmp_path / "usage-3.json").read_text())
+            if any(v["value"][0] == request_key(rid) for v in dump["values"]):
+                break
+        else:
+            raise AssertionError(f"request {rid} is in no usage tree of epochs {list(candidates)}")
+
+        assert run(prove_cmd, epoch).strip() == "wrote proof.json"
+        proof = json.loads((tmp_path / "proof.json").read_text())
+        assert proof["tree"] == "usage" and proof["epoch"] == epoch and proof["value"][2] == OPERATOR_A
+        verified = run(verify_cmd)
+        assert verified.startswith(f"VALID: usage leaf of epoch {epoch} against on-chain root 0x"), verified
+
+        run(key_cmd)
+        assert (tmp_path / "operator.key").stat().st_mode & 0o777 == 0o600
+        claimed = run(claim_cmd)
+        found = re.match(
+            rf"claimed (\d+) wei for {OPERATOR_A} \(cumulative (\d+) wei through epoch (\d+)\) in tx (0x[0-9a-f]{{64}})",
+            claimed,
+        )
+        assert found, claimed
+        amount, cumulative, through, tx = found.groups()
+        assert int(amount) == int(cumulative) > 0 and int(through) >= epoch
+        receipt = httpx.post(
+            url, json={"jsonrpc": "2.0", "id": 1, "method": "eth_getTransactionReceipt", "params": [tx]}
+        ).json()["result"]
+        assert receipt["status"] == "0x1" and receipt["from"].lower() == OPERATOR_A.lower()
+        again = run(claim_cmd)
+        assert again.startswith(f"nothing to claim: {OPERATOR_A}"), again
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            rest, _ = proc.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rest, _ = proc.communicate()
+    assert proc.returncode == 0 and "Stopped." in rest, rest[-3000:]
+    assert url is not None
+    with pytest.raises(httpx.HTTPError):  # stopping the network stopped anvil
+        httpx.post(url, json={"jsonrpc": "2.0", "id": 1, "method": "eth_chainId"}, timeout=5)
+    assert (tmp_path / ".meritnet" / "anvil" / "state.json").is_file()
