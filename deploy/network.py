@@ -14,13 +14,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydantic import SecretStr
-
 from cluster.deployment import build_node_app, deployment_name
 from cluster.local import AUTH_TOKEN_FILE, ExistingCluster, LocalCluster
 from cluster.records import NodeSpec
-from cluster.registry import get_or_create_registry
-from deploy.config import BUILTIN_MODEL, NetworkConfig
+from deploy.config import NetworkConfig, resolve_model_source
+from deploy.localchain import ANVIL, NetworkAnvil
+from deploy.plane import StartError, gateway_config, start_control_plane
 from deploy.scoring import (
     start_consensus,
     start_reference_engines,
@@ -28,11 +27,8 @@ from deploy.scoring import (
     start_validators,
     validator_keys,
 )
-from deploy.usage import SETTLEMENT_NAME, USAGE_STORE_NAME, start_settlement, start_usage_store
+from deploy.usage import SETTLEMENT_NAME
 from routing.app import gateway_deployment
-from routing.gateway import GatewayConfig
-from routing.keys import KEYS_FILE
-from routing.metering import MeteredModel
 from settlement.keys import KEY_ENV, KEY_FILE_ENV
 
 GATEWAY_APP = "meritnet"
@@ -40,29 +36,20 @@ GATEWAY_APP = "meritnet"
 Step = Callable[[str], None]  # progress callback: a human-readable step name
 
 
-def resolve_model_source(source: str) -> str:
-    """`builtin:default[@seed]` -> the locally built model's directory (built once, cached)."""
-    if not source.startswith(BUILTIN_MODEL):
-        return source
-    from cluster.model import build_default_model
-
-    _, _, seed = source.partition("@")
-    return str(build_default_model(seed=int(seed or 0)))
-
-
 class NetworkStartError(RuntimeError):
     pass
 
 
-def prepare_state(state_dir: Path, chain_url: str) -> float:
+def prepare_state(state_dir: Path, chain_url: str, fresh: bool = True) -> float:
     """Create the state folder and return the network's genesis (unix time of epoch 0).
 
     Genesis is fixed at the first start and kept in state.json, because epochs are numbered from
-    it and settle strictly in order. The embedded chain lives only as long as the process, so
-    with it the ledger and reward book start afresh too (an old state is moved aside).
+    it and settle strictly in order. The embedded chain lives only as long as its settlement actor, so
+    on a `fresh` start with it the ledger and reward book start afresh too (an old state is moved aside);
+    `fresh=False` keeps the state of a network whose settlement actor is still running.
     """
     state_file = state_dir / "state.json"
-    if chain_url == "embedded" and state_file.exists():
+    if fresh and chain_url == "embedded" and state_file.exists():
         old = state_dir.with_name(state_dir.name + ".previous")
         shutil.rmtree(old, ignore_errors=True)
         state_dir.rename(old)
@@ -121,11 +108,13 @@ class LocalNetwork:
 
     genesis: float = 0.0
     settlement: object | None = None  # the settlement actor handle, when enabled
+    clock: object | None = None  # settles due epochs every few seconds, when settlement is enabled
     usage_store: object | None = None
     validators: dict = field(default_factory=dict)  # validator actor name -> handle
     reference_engines: dict = field(default_factory=dict)  # model -> shared reference engine handle
     consensus: object | None = None  # the consensus actor handle, with validators
     shadow_feed: object | None = None  # organic completions offered to validators, with validators
+    anvil: NetworkAnvil | None = None  # the local chain, with chain_url 'anvil'
 
     @property
     def base_url(self) -> str:
@@ -157,6 +146,8 @@ class LocalNetwork:
         self.specs = [n.to_spec(resolve_model_source) for n in cfg.nodes]
 
         self.genesis = prepare_state(cfg.state_dir, cfg.chain_url)  # before Ray: the token file lives there
+        if cfg.chain_url == ANVIL:  # before Ray too, so no Ray process takes its port
+            self.anvil = NetworkAnvil(cfg.state_dir).start()
         if cfg.ray_address:
             self.on_step(f"Connecting to the Ray cluster at {cfg.ray_address}")
             apps = [GATEWAY_APP, *(deployment_name(s) for s in self.specs)]
@@ -170,17 +161,12 @@ class LocalNetwork:
 
         import ray
 
-        self.on_step("Starting registry and usage ledger")
-        registry = get_or_create_registry(state_path=cfg.state_dir / "registry.json")
-        store = self.usage_store = start_usage_store(self.ledger_path, cfg.epoch_length_s, self.genesis)
+        self.on_step("Starting the control plane (registry, usage ledger, settlement)")
         try:
-            ray.get(store.__ray_ready__.remote(), timeout=60)
-        except Exception as exc:  # noqa: BLE001 - any start failure is reported the same way
-            raise NetworkStartError(f"the usage ledger did not start: {exc}") from None
-
-        if cfg.settlement:
-            self.on_step(f"Deploying the settlement contract ({cfg.chain_url} chain)")
-            self.settlement = start_settlement(cfg, self.ledger_path, self.genesis)
+            plane = start_control_plane(cfg, self.specs, self.genesis)
+        except StartError as exc:
+            raise NetworkStartError(str(exc)) from None
+        self.usage_store, self.settlement, self.clock = plane.usage_store, plane.settlement, plane.clock
 
         self.on_step(f"Loading {len(self.specs)} vLLM engines")
         serve.run_many(
@@ -191,9 +177,6 @@ class LocalNetwork:
             wait_for_applications_running=False,
         )
 
-        ray.get(
-            registry.sync.remote(self.specs)
-        )  # exactly the configured managed nodes (also after a restart)
         scoring_sources, scoring_engine = self._start_reference_engines()  # loads alongside the nodes
         wait_running([deployment_name(s) for s in self.specs], timeout_s)
 
@@ -202,28 +185,10 @@ class LocalNetwork:
         shadow = bool(cfg.validators) and cfg.shadow_rate > 0
         if shadow:
             self.shadow_feed = start_shadow_feed()
-        # open nodes sign their registrations for the chain this network settles on
         chain_id = ray.get(self.settlement.status.remote())["chain_id"] if self.settlement else 0
-        gw = GatewayConfig(
-            usage_sink_name=USAGE_STORE_NAME,
-            chain_id=chain_id,
-            network_id=network_id(cfg.state_dir),
-            admit_open_nodes=cfg.admit_open_nodes,
-            timeouts=cfg.timeouts,
-            router_config=cfg.router_config,
-            api_keys=tuple(cfg.api_keys),
-            keys_file=str(cfg.state_dir / KEYS_FILE),
-            cors_origins=tuple(cfg.cors_origins),  # `meritnet keys create|revoke` edit it live
-            challenge_keys=(SecretStr(challenge_key),),
-            shadow_rate=cfg.shadow_rate if shadow else 0.0,
-            # the gateway counts tokens itself with the trusted models' tokenizers (never the nodes' word)
-            metered_models={
-                m: MeteredModel(source=resolve_model_source(src), max_model_len=cfg.engine.max_model_len)
-                for m, src in cfg.trusted_models.items()
-            },
-        )
+        gw = gateway_config(cfg, chain_id, network_id(cfg.state_dir), challenge_key, shadow)
         serve.run(gateway_deployment(gw), name=GATEWAY_APP, route_prefix="/")
-        self._wait_live(registry, timeout_s=60)
+        self._wait_live(plane.registry, timeout_s=60)
 
         if cfg.validators:
             self.on_step(f"Starting {len(cfg.validators)} validator(s) and consensus")
@@ -277,6 +242,9 @@ class LocalNetwork:
         if self.cluster is not None:
             self.cluster.shutdown()
             self.cluster = None
+        if self.anvil is not None:
+            self.anvil.stop()
+            self.anvil = None
 
     def __enter__(self) -> LocalNetwork:
         return self.start()

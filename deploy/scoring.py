@@ -98,14 +98,15 @@ class EpochQuality:
     """Time average of consensus quality per settlement epoch (see the module doc for the mapping)."""
 
     def __init__(self, epoch_length_s: float, genesis: float) -> None:
-        if epoch_length_s <= 0:
-            raise ValueError(f"epoch_length_s must be > 0, got {epoch_length_s}")
+        from settlement.epochs import Epochs
+
+        self._epochs = Epochs(genesis, epoch_length_s)  # validates; the one epoch arithmetic
         self.epoch_length_s, self.genesis = epoch_length_s, genesis
         self._sums: dict[int, dict[str, float]] = {}
         self._rounds: dict[int, dict[str, int]] = {}
 
     def epoch_of(self, t: float) -> int:
-        return max(0, int((t - self.genesis) // self.epoch_length_s))
+        return self._epochs.epoch_of(t)
 
     def add(self, t: float, quality: Mapping[str, float]) -> tuple[int, dict[str, float]]:
         """Record one consensus round at unix time t; returns (its epoch, that epoch's mean so far)."""

@@ -71,6 +71,7 @@ def start_usage_store(path: Path, epoch_length_s: float, genesis: float):
             name=USAGE_STORE_NAME,
             namespace="meritnet",
             get_if_exists=True,
+            lifetime="detached",  # outlives the process that started it (serve deploy, KubeRay)
             num_cpus=0,
             max_concurrency=1000,
             max_restarts=-1,  # the ledger is durable: a restarted store reopens it, nothing acknowledged is lost
@@ -100,7 +101,7 @@ def start_settlement(cfg, ledger_path: Path, genesis: float):
 
     key_file = os.environ.get("MERITNET_SETTLER_KEY_FILE")
     if not key_file:
-        if cfg.chain_url != "embedded":
+        if cfg.chain_url not in ("embedded", "anvil"):
             raise RuntimeError(
                 "set MERITNET_SETTLER_KEY_FILE to a file (chmod 600) holding the settler key to settle on a "
                 "real chain"
@@ -112,6 +113,11 @@ def start_settlement(cfg, ledger_path: Path, genesis: float):
             key_path.touch(mode=0o600)
             key_path.write_text(Account.create().key.hex())
         key_file = str(key_path)
+    chain = ChainSettings(url=cfg.chain_url)
+    if cfg.chain_url == "anvil":  # the network's own anvil (deploy/localchain.py), started before Ray
+        from deploy.localchain import anvil_chain_settings, record_contract
+
+        chain = anvil_chain_settings(cfg.state_dir)
     # With validators an unscored node is on probation (quality 0) until its first consensus score;
     # without them (the demo) nothing scores nodes, so every node is paid at quality 1.0. Not None
     # (wait for scores): an epoch no consensus round reached would then stop settlement for good.
@@ -123,8 +129,16 @@ def start_settlement(cfg, ledger_path: Path, genesis: float):
     )
     actor = (
         settlement_actor()
-        .options(name=SETTLEMENT_NAME, namespace="meritnet", get_if_exists=True, resources=HEAD_NODE)
-        .remote(settle_cfg, ChainSettings(url=cfg.chain_url), None, key_file)
+        .options(
+            name=SETTLEMENT_NAME,
+            namespace="meritnet",
+            get_if_exists=True,
+            lifetime="detached",
+            resources=HEAD_NODE,
+        )
+        .remote(settle_cfg, chain, None, key_file)
     )
-    ray.get(actor.status.remote(), timeout=120)  # surfaces a failed start (bad key, chain down) now
+    status = ray.get(actor.status.remote(), timeout=120)  # surfaces a failed start (bad key, chain down) now
+    if cfg.chain_url == "anvil":
+        record_contract(cfg.state_dir, status["contract"])
     return actor

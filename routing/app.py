@@ -9,10 +9,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from cluster.local import HEAD_NODE
-from routing import errors, intake, metrics
+from routing import errors, intake, metrics, status
 from routing.gateway import GatewayConfig, GatewayCore
 
 log = logging.getLogger("meritnet.gateway")
@@ -62,6 +62,18 @@ def build_fastapi(core_getter, cors_origins: tuple[str, ...] = ()) -> FastAPI:
         return JSONResponse(
             {"status": "ok" if live else "degraded", "live_nodes": live}, status_code=200 if live else 503
         )
+
+    @app.get("/status", response_class=HTMLResponse)
+    async def status_page():
+        core = core_getter()
+        await core.ensure_started()
+        return HTMLResponse(status.render(await core.status_view()))
+
+    @app.get("/status.json")
+    async def status_data():
+        core = core_getter()
+        await core.ensure_started()
+        return JSONResponse(await core.status_view())
 
     @app.get("/metrics")
     async def prometheus_metrics():

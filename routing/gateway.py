@@ -188,6 +188,8 @@ class GatewayCore:
         self._absent_until: dict[str, float] = {}  # actor name -> when to look it up again
         self._shadow_key = config.shadow_key.get_secret_value().encode()
         self._quality_epoch: int | None = None
+        self._scores: QualityScores | None = None  # the latest consensus, for /status
+        self._served: Counter[str] = Counter()  # completed requests per node through this replica
         self._gateway_id = uuid.uuid4().hex[:12]
         self.keys = KeyRing(
             [key_from_secret(k.get_secret_value()) for k in config.api_keys],
@@ -227,7 +229,7 @@ class GatewayCore:
         )
         if scores is not None and scores.epoch != self._quality_epoch:
             self.selector.update_quality(scores)
-            self._quality_epoch = scores.epoch
+            self._quality_epoch, self._scores = scores.epoch, scores
 
     async def _named_actor(self, name: str):
         """The named actor, or None while it does not exist (validators are optional). An absent actor
@@ -303,6 +305,37 @@ class GatewayCore:
         if settlement is not None:
             rewards = await asyncio.wait_for(settlement.rewards_of.remote(address), _REMOTE_TIMEOUT_S)
         return {"operator": address, "nodes": nodes, "rewards": rewards}
+
+    async def status_view(self, epochs: int = 10) -> dict:
+        """What `/status` shows: every node (with consensus quality, share of this replica's completed
+        requests and TTFT average) and the last `epochs` settled epochs."""
+        total = sum(self._served.values()) or 1
+        quality = self._scores.quality if self._scores is not None else {}
+        nodes = []
+        for s in sorted(self._nodes.values(), key=lambda s: s.node_id):
+            ttft = self.selector.router.health.state(s.node_id).ttft_ewma_s
+            nodes.append(
+                {
+                    "node_id": s.node_id,
+                    "model": s.model_id,
+                    "accelerator": s.accelerator_type,
+                    "kind": s.kind,
+                    "operator": s.operator,
+                    "live": s.live,
+                    "quality": quality.get(s.node_id),
+                    "share": self._served[s.node_id] / total,
+                    "ttft_ms": None if ttft is None else 1000 * ttft,
+                }
+            )
+        recent: list[dict] | None = []
+        settlement = None if self._registry is None else await self._named_actor(self.config.settlement_name)
+        if settlement is not None:
+            try:
+                recent = await asyncio.wait_for(settlement.recent_epochs.remote(epochs), _REMOTE_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001 - the page still shows the nodes
+                log.warning("settlement did not answer for /status (%s)", type(exc).__name__)
+                recent = None
+        return {"nodes": nodes, "epochs": recent, "settlement": settlement is not None}
 
     def _target_node(self, request: Request) -> str | None:
         """Validators may pin a challenge to one node; only with a challenge key."""
@@ -494,6 +527,7 @@ class GatewayCore:
 
     async def _stream(self, ctx: _Ctx, first: Any, gen) -> AsyncIterator[str]:
         status = "cancelled"
+        itl, sent_at = metrics.ITL.labels(ctx.model, ctx.node.node_id), 0.0
         try:
             async for chunk in _chain(first, gen, self.config.timeouts.stream_idle_s, ctx.deadline):
                 out: list[str] = []  # one message downstream per message from the node
@@ -522,8 +556,12 @@ class GatewayCore:
                         piece = "data: " + _with_usage(piece[6:], ctx) + "\n\n"
                     out.append(strip_token_ids(piece) if ctx.strip_ids else piece)
                 if out:
+                    now = time.perf_counter()
                     if ctx.ttft is None:
-                        ctx.ttft = time.perf_counter() - ctx.t0
+                        ctx.ttft = now - ctx.t0
+                    else:
+                        itl.observe(now - sent_at)
+                    sent_at = now
                     text = "".join(out)
                     ctx.digest.update(text.encode())
                     yield text
@@ -563,10 +601,12 @@ class GatewayCore:
             metrics.KEY_TOKENS.labels(ctx.key.key_id).inc(ctx.prompt_tokens + ctx.completion_tokens)
             self.keys.limiter.charge_tokens(ctx.key, ctx.prompt_tokens + ctx.completion_tokens)
         rec = ctx.record(status)
+        if status == "ok":
+            self._served[ctx.node.node_id] += 1
         metrics.REQUESTS.labels(ctx.model, ctx.node.node_id, status).inc()
-        metrics.E2E.labels(ctx.model).observe(time.perf_counter() - ctx.t0)
+        metrics.E2E.labels(ctx.model, ctx.node.node_id).observe(time.perf_counter() - ctx.t0)
         if ctx.ttft is not None:
-            metrics.TTFT.labels(ctx.model).observe(ctx.ttft)
+            metrics.TTFT.labels(ctx.model, ctx.node.node_id).observe(ctx.ttft)
         metrics.TOKENS.labels(ctx.model, ctx.node.node_id, "prompt").inc(rec.prompt_tokens)
         metrics.TOKENS.labels(ctx.model, ctx.node.node_id, "completion").inc(rec.completion_tokens)
         if status == "ok" and ctx.capture is not None:

@@ -30,15 +30,22 @@ _LAT = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 TTFT = Histogram(
     "meritnet_ttft_seconds",
     "Time to first byte sent to the client.",
-    ["model"],
+    ["model", "node"],
     buckets=_LAT,
     registry=REGISTRY,
 )
 E2E = Histogram(
     "meritnet_request_seconds",
     "Time from receipt to the last byte.",
-    ["model"],
+    ["model", "node"],
     buckets=_LAT,
+    registry=REGISTRY,
+)
+ITL = Histogram(
+    "meritnet_inter_token_seconds",
+    "Gap between successive stream messages sent to a client (each carries one or more tokens).",
+    ["model", "node"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.5, 5),
     registry=REGISTRY,
 )
 SHADOW_OFFERED = Counter(

@@ -481,6 +481,21 @@ class SettlementService:
             "chain_id": self.chain.chain_id,
         }
 
+    def recent_epochs(self, count: int = 10) -> list[dict[str, Any]]:
+        """The last `count` settled epochs, newest first: the transaction that settled each and its
+        rewards per operator (wei, as decimal strings: JSON numbers lose precision past 2**53)."""
+        last = self.ledger.last_settled_epoch()
+        out: list[dict[str, Any]] = []
+        for epoch in range(last if last is not None else -1, -1, -1):
+            if len(out) >= count:
+                break
+            tx = self.ledger.settled(epoch)
+            if tx is None:
+                continue
+            per_operator, _carried = self.ledger.rewards(epoch) or ({}, 0)
+            out.append({"epoch": epoch, "tx": tx, "rewards": {op: str(w) for op, w in per_operator.items()}})
+        return out
+
     def run(self) -> None:
         self.settler.run()
 

@@ -28,3 +28,27 @@ def free_port() -> int:
                 continue
             return port
     raise RuntimeError("no free port below the ephemeral range")
+
+
+def start_meritnet_up(args: list[str], cwd, env: dict, timeout_s: float = 900):
+    """`meritnet <args>` (an `up`) as a user runs it, read until it prints "Press Ctrl-C to stop";
+    (the process, what it printed so far). The caller stops it with SIGINT."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    meritnet = Path(sys.executable).with_name("meritnet")
+    proc = subprocess.Popen(
+        [str(meritnet), *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    out: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        out.append(line)
+        if "Press Ctrl-C to stop" in line:
+            break
+    return proc, "".join(out)

@@ -1,8 +1,12 @@
 """A network deployed onto a Ray cluster meritnet did not start (issue 14): a head and a GPU-less
-"L4" worker started with `ray start` under token authentication, then `meritnet up --address` as a
-user runs it. The node's engine lands on the worker that advertises its accelerator, the control plane
-and the gateway on the head; the endpoint serves the official client; Ctrl-C removes the network's
-applications and actors and leaves the cluster running."""
+"L4" worker started with `ray start` under token authentication.
+
+- `meritnet up --address`, as a user runs it: the node's engine lands on the worker that advertises its
+  accelerator, the control plane and the gateway on the head; the endpoint serves the official client;
+  Ctrl-C removes the network's applications and actors and leaves the cluster running.
+- `deploy/serve.yaml` through Serve's own config path (the controller builds the applications, as
+  `serve deploy` and KubeRay do): the network serves with no meritnet driver attached, and its
+  settlement clock settles the epoch of that traffic."""
 
 from __future__ import annotations
 
@@ -94,14 +98,32 @@ def cluster(tmp_path_factory):
         _kill_cluster(temp_dir)
 
 
+def _network_yaml(home: Path, name: str, **extra) -> tuple[Path, int]:
+    port = free_port()
+    config = home / f"{name}.yaml"
+    node = {"node_id": "l4-a", "operator": OPERATOR, "accelerator_type": "L4"}
+    body = {"port": port, "state_dir": str(home / f"{name}-state"), "nodes": [node], **extra}
+    config.write_text(yaml.safe_dump(body))
+    return config, port
+
+
+def _wait_serving(port: int, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + 900  # a vLLM engine start on a loaded 2-core machine
+    while (proc is None or proc.poll() is None) and time.monotonic() < deadline:
+        try:
+            if "default" in httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).text:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    raise AssertionError(f"the network did not serve on {port} (exit {proc.poll() if proc else None})")
+
+
 def test_meritnet_up_deploys_onto_a_cluster_it_did_not_start(cluster):
     from openai import OpenAI
 
     address, env, home = cluster
-    port = free_port()
-    config = home / "network.yaml"
-    node = {"node_id": "l4-a", "operator": OPERATOR, "accelerator_type": "L4"}
-    config.write_text(yaml.safe_dump({"port": port, "state_dir": str(home / "state"), "nodes": [node]}))
+    config, port = _network_yaml(home, "up")
     up = subprocess.Popen(
         [str(VENV_BIN / "meritnet"), "up", "--address", address, "--config", str(config)],
         env=env,
@@ -110,14 +132,7 @@ def test_meritnet_up_deploys_onto_a_cluster_it_did_not_start(cluster):
         text=True,
     )
     try:
-        deadline = time.monotonic() + 900  # a vLLM engine start on a loaded 2-core machine
-        ready = False
-        while not ready and up.poll() is None and time.monotonic() < deadline:
-            try:
-                ready = "default" in httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).text
-            except httpx.HTTPError:
-                time.sleep(2)
-        assert ready, f"meritnet up did not serve (exit {up.poll()})"
+        _wait_serving(port, up)
 
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
         raw = client.completions.with_raw_response.create(model="default", prompt="Hello", max_tokens=4)
@@ -143,3 +158,43 @@ def test_meritnet_up_deploys_onto_a_cluster_it_did_not_start(cluster):
     assert after["nodes"] == 2
     assert not [k for k in after["placed"] if k.startswith("meritnet/")], after
     assert not {"meritnet", "node-l4-a"} & set(after["apps"]), after
+
+
+def test_the_serve_config_runs_the_network_with_no_driver_attached(cluster):
+    from openai import OpenAI
+
+    from settlement import UsageLedger
+
+    address, env, home = cluster
+    config, port = _network_yaml(home, "served", epoch_length_s=10)
+    serve_config = yaml.safe_load((Path(__file__).parents[2] / "deploy" / "serve.yaml").read_text())
+    serve_config["http_options"]["port"] = port
+    gateway, node_app = serve_config["applications"][:2]
+    gateway["args"]["config"] = node_app["args"]["config"] = str(config)
+    node_app.update(name="node-l4-a", args={"config": str(config), "node_id": "l4-a"})
+    serve_config["applications"] = [gateway, node_app]
+    (home / "serve-config.yaml").write_text(yaml.safe_dump(serve_config))
+
+    serve = [
+        str(VENV_BIN / "serve"),
+        "run",
+        str(home / "serve-config.yaml"),
+        "--non-blocking",
+        "--address",
+        address,
+    ]
+    subprocess.run(serve, env=env, check=True, capture_output=True, timeout=300)  # returns once submitted
+    _wait_serving(port)
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+    raw = client.completions.with_raw_response.create(model="default", prompt="Hello", max_tokens=4)
+    assert raw.headers["x-meritnet-node"] == "l4-a"
+
+    state = json.loads((home / "served-state" / "state.json").read_text())
+    ledger = UsageLedger(home / "served-state" / "usage.db", 10, genesis=state["genesis"])
+    epoch = ledger.epoch_of(time.time())
+    deadline = time.monotonic() + 180  # the epoch ends, then the clock's next beat settles it
+    while ledger.settled(epoch) is None and time.monotonic() < deadline:
+        time.sleep(2)
+    assert ledger.settled(epoch), f"epoch {epoch} was not settled with no driver attached"
+    placed = _where(address, env)["placed"]
+    assert placed.get("meritnet/meritnet-settlement-clock") == "head", placed

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from settlement.trees import request_key
-from tests.integration.conftest import free_port
+from tests.integration.conftest import free_port, start_meritnet_up
 
 pytestmark = pytest.mark.integration
 
@@ -62,26 +62,9 @@ def test_readme_audit_commands_work_on_anvil(tmp_path):
         "MERITNET_EPOCH_LENGTH_S": str(EPOCH_S),
         "PATH": f"{BIN}:{os.environ['PATH']}",  # the README's `meritnet` is this checkout's
     }
-    proc = subprocess.Popen(
-        [str(BIN / "meritnet"), "up", "--chain", "anvil", "--port", str(port)],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-    out: list[str] = []
+    proc, started = start_meritnet_up(["up", "--chain", "anvil", "--port", str(port)], tmp_path, env)
     url = None
     try:
-        deadline = time.monotonic() + 900
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line and proc.poll() is not None:
-                break
-            out.append(line)
-            if "Press Ctrl-C to stop" in line:
-                break
-        started = "".join(out)
         assert "Press Ctrl-C to stop" in started, started[-3000:]
         printed = re.search(
             r"Audit and claim on it with: --url (http://127\.0\.0\.1:\d+) --contract (0x[0-9a-fA-F]{40})",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import free_port
+from tests.integration.conftest import free_port, start_meritnet_up
 
 pytestmark = pytest.mark.integration
 
@@ -59,25 +59,9 @@ def _status(port: int, secret: str | None) -> int:
 
 def test_readme_demo_commands_work(tmp_path):
     port = free_port()
-    proc = subprocess.Popen(
-        [str(MERITNET), "up", "--port", str(port)],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "COLUMNS": "200"},
-    )
-    out: list[str] = []
+    proc, started = start_meritnet_up(["up", "--port", str(port)], tmp_path, {**os.environ, "COLUMNS": "200"})
     try:
-        deadline = time.monotonic() + 900
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line and proc.poll() is not None:
-                break
-            out.append(line)
-            if "Press Ctrl-C to stop" in line:
-                break
-        assert "Press Ctrl-C to stop" in "".join(out), "".join(out)[-3000:]
+        assert "Press Ctrl-C to stop" in started, started[-3000:]
 
         (curl,) = _blocks("### Calling it", "bash")
         r = subprocess.run(

@@ -72,3 +72,8 @@ def test_service_settles_epochs_and_operators_claim(tmp_path, monkeypatch):
             chain.claim(key, op, cumulative[op], proof)
     assert chain.total_supply() == sum(cumulative.values()) == 4 * 10**18
     assert service.status()["last_committed_epoch"] == 3
+    # the status page's view: newest first, each with its transaction and the ledger's rewards
+    recent = service.recent_epochs(2)
+    assert [e["epoch"] for e in recent] == [3, 2]
+    assert recent[0]["tx"] == service.ledger.settled(3)
+    assert {op: int(w) for op, w in recent[0]["rewards"].items()} == service.ledger.rewards(3)[0]

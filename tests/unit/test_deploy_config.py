@@ -151,3 +151,45 @@ def test_a_reachable_endpoint_without_keys_needs_an_explicit_open():
     assert NetworkConfig(host="0.0.0.0", open_endpoint=True).open_endpoint
     assert NetworkConfig(host="0.0.0.0", api_keys=["k"]).host == "0.0.0.0"
     assert NetworkConfig(host="127.0.0.1").host == "127.0.0.1"
+
+
+def test_serve_yaml_passes_serves_schema_with_one_app_per_default_node():
+    """deploy/serve.yaml is what `serve deploy` and a RayService read: Ray's own schema accepts it, its
+    builders exist, and its node applications are named as the registry follows them."""
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    import deploy.serve_app as builders
+    from cluster.deployment import deployment_name_for_id
+    from deploy.config import NetworkConfig
+
+    raw = yaml.safe_load((Path(__file__).parents[2] / "deploy" / "serve.yaml").read_text())
+    apps = ServeDeploySchema.model_validate(raw).applications
+    for app in apps:
+        module, _, name = app.import_path.partition(":")
+        assert module == "deploy.serve_app" and callable(getattr(builders, name))
+    nodes = {a.args["node_id"]: a.name for a in apps if a.import_path.endswith(":node")}
+    assert nodes == {n.node_id: deployment_name_for_id(n.node_id) for n in NetworkConfig().nodes}
+    assert all(a.route_prefix is None for a in apps if a.import_path.endswith(":node"))
+
+
+def test_serve_builders_refuse_a_relative_state_dir_and_validators(tmp_path):
+    import pytest
+
+    from deploy.serve_app import _config, network
+
+    with pytest.raises(ValueError, match="absolute path"):
+        _config({"network": {"state_dir": "relative/state"}})
+    cfg = {"state_dir": str(tmp_path), "validators": [{"validator_id": "v1"}]}
+    with pytest.raises(ValueError, match="meritnet up"):
+        network({"network": cfg})
+
+
+def test_epochs_are_whole_seconds_when_settlement_runs():
+    import pytest
+
+    with pytest.raises(ValueError, match="whole number of seconds"):
+        NetworkConfig(epoch_length_s=2.5)
+    assert NetworkConfig(epoch_length_s=2.5, settlement=False).epoch_length_s == 2.5

@@ -396,3 +396,18 @@ def test_a_node_that_stalls_mid_stream_is_cut_off_with_a_clean_error(harness):
         time.sleep(0.05)
     (rec,) = _records(sink)
     assert rec.status == "error" and client.core._in_flight[rec.node_id] == 0
+
+
+def test_latency_histograms_carry_the_node_and_streams_record_their_gaps(harness):
+    from routing import metrics
+
+    client, _nodes, _sink = harness
+
+    def count(name: str, node: str) -> float:
+        return metrics.REGISTRY.get_sample_value(f"{name}_count", {"model": "default", "node": node}) or 0.0
+
+    before = {n: count("meritnet_inter_token_seconds", n) for n in ("a", "b")}
+    r = client.post("/v1/completions", json={"model": "default", "prompt": "hi", "stream": True})
+    node = r.headers["x-meritnet-node"]
+    assert count("meritnet_inter_token_seconds", node) == before[node] + 1  # two messages: one gap
+    assert count("meritnet_ttft_seconds", node) >= 1 and count("meritnet_request_seconds", node) >= 1
