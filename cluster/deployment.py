@@ -218,14 +218,26 @@ def deployment_name_for_id(node_id: str) -> str:
     return f"node-{node_id}"
 
 
+def bundles_for(spec: NodeSpec, defaults: EngineDefaults, engine_kwargs: dict) -> list[dict[str, float]]:
+    """One replica's placement-group bundles: on CPU one bundle; on GPUs one bundle per device the
+    engine shards over (tensor x pipeline parallel), the first also holding the replica's CPUs. Every
+    bundle carries the accelerator marker and STRICT_PACK keeps them on one Ray node, so a multi-GPU
+    engine gets GPUs of the node's type on one machine."""
+    marker = {spec.accelerator_resource: ACCEL_SHARE}
+    if not defaults.use_gpu:
+        return [{"CPU": defaults.cpus_per_replica, **marker}]
+    devices = int(engine_kwargs.get("tensor_parallel_size", 1)) * int(
+        engine_kwargs.get("pipeline_parallel_size", 1)
+    )
+    first = {"CPU": defaults.cpus_per_replica, "GPU": 1.0, **marker}
+    return [first] + [{"GPU": 1.0, **marker} for _ in range(devices - 1)]
+
+
 def llm_config_for(spec: NodeSpec, defaults: EngineDefaults | None = None):
     """The ray.serve.llm LLMConfig that runs `spec` on its accelerator."""
     from ray.serve.llm import LLMConfig
 
     defaults = defaults or EngineDefaults()
-    bundle: dict[str, float] = {"CPU": defaults.cpus_per_replica, spec.accelerator_resource: ACCEL_SHARE}
-    if defaults.use_gpu:
-        bundle["GPU"] = 1.0
     engine_kwargs = {
         "max_model_len": defaults.max_model_len,
         "max_num_seqs": spec.capacity,
@@ -235,7 +247,10 @@ def llm_config_for(spec: NodeSpec, defaults: EngineDefaults | None = None):
     return LLMConfig(
         model_loading_config={"model_id": spec.model_id, "model_source": spec.model_source},
         engine_kwargs=engine_kwargs,
-        placement_group_config={"bundles": [bundle], "strategy": "STRICT_PACK"},
+        placement_group_config={
+            "bundles": bundles_for(spec, defaults, engine_kwargs),
+            "strategy": "STRICT_PACK",
+        },
         deployment_config={
             "num_replicas": spec.replicas,
             "max_ongoing_requests": defaults.max_ongoing_requests,

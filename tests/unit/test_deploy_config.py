@@ -193,3 +193,21 @@ def test_epochs_are_whole_seconds_when_settlement_runs():
     with pytest.raises(ValueError, match="whole number of seconds"):
         NetworkConfig(epoch_length_s=2.5)
     assert NetworkConfig(epoch_length_s=2.5, settlement=False).epoch_length_s == 2.5
+
+
+def test_a_multi_gpu_engine_gets_one_bundle_per_device_on_one_node_of_its_type():
+    from cluster.deployment import ACCEL_SHARE, EngineDefaults, llm_config_for
+    from deploy.config import NodeConfig
+
+    node = NodeConfig(
+        node_id="big", operator=OP, accelerator_type="H100", engine_kwargs={"tensor_parallel_size": 4}
+    ).to_spec(lambda s: s)
+    pg = llm_config_for(node, EngineDefaults(use_gpu=True)).placement_group_config
+    assert pg["strategy"] == "STRICT_PACK" and len(pg["bundles"]) == 4
+    assert all(b["GPU"] == 1.0 and b["accel_H100"] == ACCEL_SHARE for b in pg["bundles"])
+    assert "CPU" in pg["bundles"][0] and all("CPU" not in b for b in pg["bundles"][1:])
+
+    cpu = llm_config_for(
+        node.model_copy(update={"engine_kwargs": {}}), EngineDefaults()
+    ).placement_group_config
+    assert cpu["bundles"] == [{"CPU": 1.0, "accel_H100": ACCEL_SHARE}]
