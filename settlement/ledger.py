@@ -123,8 +123,8 @@ class FrozenEpoch:
     digest: str  # sha256 hex over every record of the epoch in request_id order (see _digest)
     rows: tuple[UsageRow, ...]  # status "ok" only
 
-    def usage_by_node(self) -> dict[str, NodeUsage]:
-        """Tokens per node over the ok rows (same answer as UsageLedger.usage_by_node)."""
+    def usage_by_node(self) -> dict[str, tuple[NodeUsage, ...]]:
+        """Tokens per node and operator over the ok rows (same answer as UsageLedger.usage_by_node)."""
         return _group_by_node(
             (r.node_id, r.operator, r.prompt_tokens, r.completion_tokens) for r in self.rows
         )
@@ -132,22 +132,18 @@ class FrozenEpoch:
 
 def _group_by_node(
     rows: Iterator[tuple[str, str, int, int]] | Sequence[tuple[str, str, int, int]],
-) -> dict[str, NodeUsage]:
-    out: dict[str, NodeUsage] = {}
+) -> dict[str, tuple[NodeUsage, ...]]:
+    """Tokens per node id, one NodeUsage per operator it served under (sorted by operator): a node id
+    can change operator within an epoch (unregister + register), and each operator is paid for its own
+    part (settlement.rewards)."""
+    tokens: dict[tuple[str, str], tuple[int, int]] = {}
     for node_id, operator, prompt, completion in rows:
-        prev = out.get(node_id)
-        if prev is None:
-            out[node_id] = NodeUsage(operator, prompt, completion)
-        elif prev.operator != operator:
-            raise LedgerError(
-                f"node {node_id!r} served for two operators ({prev.operator}, {operator}) in one epoch; "
-                "a node id must keep one operator: register the new operator's node under a new node id"
-            )
-        else:
-            out[node_id] = NodeUsage(
-                operator, prev.prompt_tokens + prompt, prev.completion_tokens + completion
-            )
-    return dict(sorted(out.items()))
+        p, c = tokens.get((node_id, operator), (0, 0))
+        tokens[(node_id, operator)] = (p + prompt, c + completion)
+    out: dict[str, tuple[NodeUsage, ...]] = {}
+    for (node_id, operator), (prompt, completion) in sorted(tokens.items()):
+        out[node_id] = (*out.get(node_id, ()), NodeUsage(operator, prompt, completion))
+    return out
 
 
 def _digest(rows: Sequence[tuple]) -> str:
@@ -353,8 +349,8 @@ class UsageLedger:
             return self._read("SELECT COUNT(*) FROM records")[0][0]
         return self._read("SELECT COUNT(*) FROM records WHERE epoch = ?", (epoch,))[0][0]
 
-    def usage_by_node(self, epoch: int) -> dict[str, NodeUsage]:
-        """Ok tokens per node of an epoch (final once the epoch is closed), sorted by node id."""
+    def usage_by_node(self, epoch: int) -> dict[str, tuple[NodeUsage, ...]]:
+        """Ok tokens per node, one NodeUsage per operator (final once the epoch is closed)."""
         rows = self._read(
             "SELECT node_id, operator, SUM(prompt_tokens), SUM(completion_tokens) FROM records "
             "WHERE epoch = ? AND status = 'ok' GROUP BY node_id, operator",

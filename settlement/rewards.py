@@ -8,11 +8,15 @@ float's exact binary value (no rounding, same on every IEEE-754 machine), and al
 integers and Fractions. No float ever touches an amount.
 
 Remainder rule (largest remainder, a.k.a. Hamilton): each node first gets floor(exact share); the
-R wei left over (R < number of nodes with a fractional share) go one each to the nodes with the
-largest fractional part, ties broken by node_id ascending. So rewards sum exactly to the emission,
+R wei left over (R < number of shares with a fractional part) go one each to the shares with the
+largest fractional part, ties broken by (node_id, operator) ascending. So rewards sum exactly to the emission,
 and a node's reward never decreases when its usage or quality grows (others fixed): a node that
 held a remainder wei can only be overtaken by nodes whose floor dropped, and each such drop adds
 one wei to R.
+
+Operators: a node id may serve under two operators in one epoch (the registry allows unregister +
+register). Each (node, operator) pair is then a share of its own: its weighted tokens x the node's
+quality, paid to that operator. A node's entry in `usage` is one NodeUsage, or one per operator.
 
 Eligibility: zero usage, zero quality, or no quality entry at all (unscored nodes are on probation)
 means weight 0 and reward 0. When no node has positive weight the whole emission is returned as
@@ -23,12 +27,12 @@ Only ok records count as usage: that filter is the ledger's (UsageLedger.usage_b
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import NamedTuple
 
-__all__ = ["NodeUsage", "RewardResult", "compute_rewards", "epoch_quality", "weighted_usage"]
+__all__ = ["NodeShares", "NodeUsage", "RewardResult", "compute_rewards", "epoch_quality", "weighted_usage"]
 
 
 class NodeUsage(NamedTuple):
@@ -59,8 +63,15 @@ def weighted_usage(usage: NodeUsage, prompt_weight: int, completion_weight: int)
     return prompt_weight * usage.prompt_tokens + completion_weight * usage.completion_tokens
 
 
+NodeShares = NodeUsage | Sequence[NodeUsage]  # a node's usage: one NodeUsage, or one per operator
+
+
+def _shares(entry: NodeShares) -> Sequence[NodeUsage]:
+    return (entry,) if isinstance(entry, NodeUsage) else entry
+
+
 def epoch_quality(
-    usage: Mapping[str, NodeUsage], scores: Mapping[str, float] | None, default: float | None
+    usage: Mapping[str, NodeShares], scores: Mapping[str, float] | None, default: float | None
 ) -> dict[str, float]:
     """The quality settlement uses for each node with usage: its consensus score for the epoch, or
     `default` for a node no consensus round scored in the epoch (not yet verified by a kappa-majority
@@ -69,48 +80,54 @@ def epoch_quality(
 
 
 def compute_rewards(
-    usage: Mapping[str, NodeUsage],
+    usage: Mapping[str, NodeShares],
     quality: Mapping[str, float],
     emission_wei: int,
     prompt_weight: int,
     completion_weight: int,
 ) -> RewardResult:
-    """Split `emission_wei` over nodes by weighted usage x quality (see the module doc for the rules)."""
+    """Split `emission_wei` over (node, operator) shares by weighted usage x the node's quality (see
+    the module doc for the rules); per_node is each node's total over its operators."""
     _non_negative_int("emission_wei", emission_wei)
     _non_negative_int("prompt_weight", prompt_weight)
     _non_negative_int("completion_weight", completion_weight)
 
-    weights: dict[str, Fraction] = {}
-    for node_id, u in usage.items():
-        _non_negative_int(f"prompt_tokens of {node_id}", u.prompt_tokens)
-        _non_negative_int(f"completion_tokens of {node_id}", u.completion_tokens)
+    weights: dict[tuple[str, str], Fraction] = {}
+    for node_id, entry in usage.items():
         q = quality.get(node_id, 0.0)
         if isinstance(q, bool) or not isinstance(q, (int, float)) or not math.isfinite(q) or not 0 <= q <= 1:
             raise ValueError(f"quality of {node_id} must be a finite number in [0, 1], got {q!r}")
-        weights[node_id] = weighted_usage(u, prompt_weight, completion_weight) * Fraction(q)
+        for u in _shares(entry):
+            _non_negative_int(f"prompt_tokens of {node_id}", u.prompt_tokens)
+            _non_negative_int(f"completion_tokens of {node_id}", u.completion_tokens)
+            share = (node_id, u.operator)
+            weights[share] = weights.get(share, Fraction(0)) + weighted_usage(
+                u, prompt_weight, completion_weight
+            ) * Fraction(q)
 
     total = sum(weights.values(), Fraction(0))
     per_node = dict.fromkeys(sorted(usage), 0)
     if total == 0 or emission_wei == 0:
         return RewardResult(per_node, {}, emission_wei if total == 0 else 0)
 
-    fractional: list[tuple[Fraction, str]] = []
-    for node_id in per_node:
-        share = emission_wei * weights[node_id] / total
-        whole = share.numerator // share.denominator
-        per_node[node_id] = whole
-        if share != whole:
-            fractional.append((share - whole, node_id))
-    remainder = emission_wei - sum(per_node.values())
+    per_share: dict[tuple[str, str], int] = {}
+    fractional: list[tuple[Fraction, tuple[str, str]]] = []
+    for key in sorted(weights):
+        exact = emission_wei * weights[key] / total
+        whole = exact.numerator // exact.denominator
+        per_share[key] = whole
+        if exact != whole:
+            fractional.append((exact - whole, key))
+    remainder = emission_wei - sum(per_share.values())
     assert 0 <= remainder <= len(fractional), "largest-remainder invariant broken"
-    # largest fractional part first; among equal parts, smaller node_id first
+    # largest fractional part first; among equal parts, smaller (node_id, operator) first
     fractional.sort(key=lambda item: (-item[0], item[1]))
-    for _, node_id in fractional[:remainder]:
-        per_node[node_id] += 1
+    for _, key in fractional[:remainder]:
+        per_share[key] += 1
 
     per_operator: dict[str, int] = {}
-    for node_id, amount in per_node.items():
+    for (node_id, operator), amount in per_share.items():
+        per_node[node_id] += amount
         if amount:
-            operator = usage[node_id].operator
             per_operator[operator] = per_operator.get(operator, 0) + amount
     return RewardResult(per_node, dict(sorted(per_operator.items())), 0)

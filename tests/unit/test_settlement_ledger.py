@@ -60,7 +60,7 @@ def test_duplicates_rejected_and_reported_not_double_counted(ledger):
     assert res.accepted == 1
     assert sorted(res.duplicates) == ["b", "c"]
     assert ledger.count() == 3
-    assert ledger.usage_by_node(0) == {"n1": NodeUsage(A, 30, 60)}
+    assert ledger.usage_by_node(0) == {"n1": (NodeUsage(A, 30, 60),)}
 
 
 def test_only_ok_records_count_as_usage(ledger):
@@ -72,7 +72,7 @@ def test_only_ok_records_count_as_usage(ledger):
             rec("d", 1001.0, node="n2", operator=B, prompt=1, completion=2),
         ]
     )
-    assert ledger.usage_by_node(0) == {"n1": NodeUsage(A, 10, 20), "n2": NodeUsage(B, 1, 2)}
+    assert ledger.usage_by_node(0) == {"n1": (NodeUsage(A, 10, 20),), "n2": (NodeUsage(B, 1, 2),)}
     frozen = ledger.close_epoch(0)
     assert frozen.n_records == 4
     assert [r.request_id for r in frozen.rows] == ["a", "d"]
@@ -124,10 +124,11 @@ def test_altered_frozen_epoch_is_detected(ledger, path):
         ledger.frozen_epoch(0)
 
 
-def test_node_with_two_operators_in_one_epoch_is_refused(ledger):
-    ledger.append([rec("a", 1010.0, operator=A), rec("b", 1010.0, operator=B)])
-    with pytest.raises(LedgerError, match="two operators"):
-        ledger.usage_by_node(0)
+def test_node_with_two_operators_in_one_epoch_keeps_each_operators_part(ledger):
+    # unregister + register under another operator within one epoch: grouped by (node, operator)
+    ledger.append([rec("a", 1010.0, operator=B), rec("b", 1010.0, operator=A), rec("c", 1011.0, operator=B)])
+    assert ledger.usage_by_node(0) == {"n1": (NodeUsage(A, 10, 20), NodeUsage(B, 20, 40))}
+    assert ledger.close_epoch(0).usage_by_node() == ledger.usage_by_node(0)
 
 
 def test_settlement_status_and_pending_tx(ledger, path):
@@ -200,7 +201,7 @@ def test_an_out_of_bounds_count_is_refused_alone_and_epoch_sums_stay_exact(ledge
     result = ledger.append([rec("a", 1010.0), forged, rec("b", 1011.0, completion=2**24)])
     assert result.accepted == 2 and result.rejected == ("forged",)
     ledger.close_epoch(0)
-    assert ledger.usage_by_node(0) == {"n1": NodeUsage(A, 20, 20 + 2**24)}
+    assert ledger.usage_by_node(0) == {"n1": (NodeUsage(A, 20, 20 + 2**24),)}
 
 
 def test_the_readme_audit_commands_read_a_ledgers_own_genesis(tmp_path):

@@ -110,3 +110,16 @@ def test_monotone_in_quality(usage, data, emission):
     before = compute_rewards(usage, quality, emission, 1, 1).per_node[node]
     after = compute_rewards(usage, higher, emission, 1, 1).per_node[node]
     assert after >= before
+
+
+def test_a_node_under_two_operators_pays_each_its_own_share():
+    # n1 served 300 weighted tokens for A and 100 for B (unregister + register); n2 200 for B.
+    usage = {"n1": (NodeUsage(A, 300, 0), NodeUsage(B, 100, 0)), "n2": NodeUsage(B, 200, 0)}
+    r = compute_rewards(usage, {"n1": 0.5, "n2": 1.0}, 1000, 1, 1)
+    # weights: (n1, A) 150, (n1, B) 50, (n2, B) 200 of 400
+    assert r.per_node == {"n1": 500, "n2": 500}
+    assert r.per_operator == {A: 375, B: 625}
+    # remainder wei go by share: 10 wei over three equal shares -> 4, 3, 3 by (node, operator)
+    even = {"n1": (NodeUsage(A, 1, 0), NodeUsage(B, 1, 0)), "n2": NodeUsage(B, 1, 0)}
+    r = compute_rewards(even, {"n1": 1.0, "n2": 1.0}, 10, 1, 1)
+    assert r.per_operator == {A: 4, B: 6} and r.per_node == {"n1": 7, "n2": 3}
