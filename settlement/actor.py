@@ -6,8 +6,10 @@
 
 Crash safety, step by step (each step is durable before the next starts):
   freeze   ledger.close_epoch(e) freezes the epoch's records.
-  roots    the rewards, both roots and every operator's cumulative amount go to the RewardBook;
-           a restart reuses them, so late quality scores never change a committed epoch.
+  roots    the quality, then the rewards (ledger), then both roots and every operator's cumulative
+           amount (RewardBook); a restart reuses them. The quality is frozen once the ledger holds
+           the rewards (submit_quality ignores later scores), so a crash between the ledger and the
+           book recomputes the same numbers and late scores never change a stored epoch.
   sign     the settle tx is signed at the settler's next nonce.
   written  the raw bytes are written ahead (ledger.put_pending_tx) BEFORE broadcast.
   broadcast / receipt   sent; the receipt is awaited; ledger.mark_settled(e, tx_hash).
@@ -277,6 +279,18 @@ class Settler:
             scores = None
         return None if scores is None else dict(scores)
 
+    def quality_frozen(self, epoch: int) -> bool:
+        """Whether the epoch's quality is final: its rewards are stored (ledger) or committed (book)."""
+        return self.ledger.rewards(epoch) is not None or self.book.get(epoch) is not None
+
+    def submit_quality(self, epoch: int, quality: Mapping[str, float]) -> bool:
+        """Consensus scores for an epoch; ignored (False) once its quality is frozen."""
+        if self.quality_frozen(epoch):
+            log.info("epoch %d: late quality scores ignored, its rewards are already stored", epoch)
+            return False
+        self.book.put_quality(epoch, dict(quality))
+        return True
+
     def commitment(self, epoch: int) -> EpochCommitment | None:
         """The epoch's committed rewards and roots, computing and storing them the first time."""
         existing = self.book.get(epoch)
@@ -448,9 +462,9 @@ class SettlementService:
         self.settler.ensure_contract()
 
     def submit_quality(self, epoch: int, quality: Mapping[str, float]) -> None:
-        """Consensus scores for an epoch (scoring -> deploy -> here); ignored once it is committed."""
-        if self.book.get(epoch) is None:
-            self.book.put_quality(epoch, dict(quality))
+        """Consensus scores for an epoch (scoring -> deploy -> here); ignored once its quality is
+        frozen (see Settler.submit_quality)."""
+        self.settler.submit_quality(epoch, quality)
 
     def tick(self) -> list[int]:
         try:

@@ -66,9 +66,13 @@ class FakeLedger:
     def last_settled_epoch(self):
         return max(self.settled_tx) if self.settled_tx else None
 
+    def rewards(self, epoch):
+        return getattr(self, "_rewards", {}).get(epoch)
+
     def put_rewards(self, epoch, per_operator, carried_wei):
-        self.rewards = getattr(self, "rewards", {})
-        assert self.rewards.setdefault(epoch, (per_operator, carried_wei)) == (per_operator, carried_wei)
+        # Like UsageLedger: a second, different split for a stored epoch is refused.
+        self._rewards = getattr(self, "_rewards", {})
+        assert self._rewards.setdefault(epoch, (per_operator, carried_wei)) == (per_operator, carried_wei)
 
     def put_pending_tx(self, epoch, raw_tx, nonce, tx_hash):
         self.pending[epoch] = SimpleNamespace(raw_tx=raw_tx, nonce=nonce, tx_hash=tx_hash)
@@ -346,3 +350,29 @@ def test_the_key_never_shows(monkeypatch, tmp_path):
     assert SettlerKey.load().address == key.address
     with pytest.raises(TypeError):
         __import__("pickle").dumps(key)
+
+
+def test_a_crash_between_ledger_and_book_then_late_quality_settles_with_the_frozen_quality(world):
+    both = {"node-0": 1.0, "node-1": 1.0}
+    world.clock.t = 1.5 * EPOCH_S
+    settler = world.settler()
+    settler.ensure_contract()
+    assert settler.submit_quality(0, both)
+
+    def crash(commitment):
+        raise KeyboardInterrupt("killed between the ledger and the book")
+
+    settler.book = SimpleNamespace(
+        get=world.book.get, quality=world.book.quality, put_quality=world.book.put_quality, put=crash
+    )
+    with pytest.raises(KeyboardInterrupt):
+        settler.tick()
+    assert world.ledger.rewards(0) is not None and world.book.get(0) is None
+
+    restarted = world.settler()
+    assert not restarted.submit_quality(0, {"node-0": 1.0, "node-1": 0.0})  # late: frozen
+    assert restarted.tick() == [0] and restarted.tick() == []
+    assert onchain_epochs(world.chain) == [0] and world.ledger.marks == [0]
+    assert world.book.quality(0) == both
+    assert world.ledger.rewards(0)[0] == {OPS[0]: 500, OPS[1]: 500}
+    assert world.book.get(0).cumulative == {OPS[0]: 500, OPS[1]: 500}
