@@ -20,7 +20,7 @@ from hexbytes import HexBytes
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from web3 import Web3
-from web3.exceptions import ContractCustomError, TransactionNotFound, Web3RPCError
+from web3.exceptions import ContractCustomError, TimeExhausted, TransactionNotFound, Web3RPCError
 
 from settlement.compile import load_artifact
 from settlement.keys import SettlerKey
@@ -68,6 +68,18 @@ class ChainSettings(BaseSettings):
         description="Admin of a distributor the settler deploys: pauses settle and rotates the roles; "
         "meant for a multisig. Unset: the settler key's own address (fine for a local network, not "
         "for a real chain). A bound distributor (contract) keeps its admin.",
+    )
+    deploy_block: int = Field(
+        default=0,
+        ge=0,
+        description="Block the bound distributor (contract) was deployed in: event history is read from "
+        "here. A distributor the settler deploys records its own.",
+    )
+    log_chunk_blocks: int = Field(
+        default=2_000,
+        ge=1,
+        description="Blocks per eth_getLogs request: hosted RPC providers refuse wider ranges, so logs "
+        "are read in pages of this many blocks from deploy_block to the latest block.",
     )
     receipt_timeout_s: float = Field(
         default=60.0, gt=0, description="How long to wait for a receipt before treating the tx as stuck."
@@ -145,6 +157,7 @@ class Chain:
         }
         self.address: str | None = None
         self.contract = None
+        self.deploy_block = self.settings.deploy_block  # where the distributor's event history starts
         self._tester = None  # the embedded chain's EthereumTester (see _keep_time)
         if address or self.settings.contract:
             self.at(address or self.settings.contract)
@@ -219,6 +232,7 @@ class Chain:
         receipt = self.wait_receipt(self.send_raw(key.sign_transaction(tx)))
         if receipt["status"] != 1:
             raise RuntimeError("deploying the distributor failed (out of gas or no funds on the settler)")
+        self.deploy_block = receipt["blockNumber"]
         return self.at(receipt["contractAddress"]).address
 
     # -- reads ----------------------------------------------------------------------------------
@@ -277,10 +291,20 @@ class Chain:
         return self._rpc(lambda: self.w3.eth.get_block("latest")["timestamp"])
 
     def settled_events(self, epoch: int | None = None) -> list[dict[str, Any]]:
-        """EpochSettled logs (all, or one epoch's): the auditable history of roots and totals."""
+        """EpochSettled logs (all, or one epoch's): the auditable history of roots and totals, read in
+        pages of log_chunk_blocks from the deploy block to the latest block."""
         event = self.contract.events.EpochSettled
         filters = {"epoch": epoch} if epoch is not None else None
-        logs = self._rpc(lambda: event.get_logs(from_block=0, argument_filters=filters))
+        latest = self._rpc(lambda: self.w3.eth.block_number)
+        chunk = self.settings.log_chunk_blocks
+        logs = []
+        for start in range(self.deploy_block, latest + 1, chunk):
+            end = min(start + chunk - 1, latest)
+            logs += self._rpc(
+                lambda start=start, end=end: event.get_logs(
+                    from_block=start, to_block=end, argument_filters=filters
+                )
+            )
         return [
             {**dict(log["args"]), "tx_hash": bytes(log["transactionHash"]), "block": log["blockNumber"]}
             for log in logs
@@ -381,17 +405,18 @@ class Chain:
         return self._rpc(read)
 
     def wait_receipt(self, tx_hash: bytes, timeout_s: float | None = None) -> dict[str, Any] | None:
-        """The receipt, or None if the tx is not mined within the timeout."""
-        deadline = time.monotonic() + (
-            timeout_s if timeout_s is not None else self.settings.receipt_timeout_s
-        )
-        while True:
-            try:
-                return dict(self._rpc(lambda: self.w3.eth.get_transaction_receipt(tx_hash)))
-            except TransactionNotFound:
-                if time.monotonic() >= deadline:
-                    return None
-                time.sleep(self.settings.poll_interval_s)
+        """The receipt, or None if the tx is not mined within the timeout (web3's own wait, which also
+        waits through a node's "transaction indexing in progress")."""
+        timeout = timeout_s if timeout_s is not None else self.settings.receipt_timeout_s
+        try:
+            receipt = self._rpc(
+                lambda: self.w3.eth.wait_for_transaction_receipt(
+                    tx_hash, timeout=timeout, poll_latency=self.settings.poll_interval_s
+                )
+            )
+        except TimeExhausted:
+            return None
+        return dict(receipt)
 
     def claim(self, key: SettlerKey, account: str, cumulative: int, proof: list[bytes]) -> dict[str, Any]:
         """Claim for `account` (tokens go to it; `key` only pays gas). Raises ContractReverted."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from types import SimpleNamespace
 
 import pytest
@@ -155,3 +156,36 @@ def test_tx_dropped_by_a_restarted_node_is_resigned_with_bumped_fees(anvil, tmp_
         assert [e["epoch"] for e in chain.settled_events()] == [0, 1, 2]
     finally:
         node.stop()
+
+
+def test_settled_events_are_read_in_bounded_block_ranges_from_the_deploy_block(anvil, tmp_path):
+    chain = connect(anvil, log_chunk_blocks=3, receipt_timeout_s=5)
+    key = SettlerKey.generate()
+    chain.fund(key.address, 10**20)
+    anvil.rpc("anvil_mine", ["0x5"])  # blocks before the deploy are never read
+    w = _world(tmp_path, chain, key)
+    settler = w.settler()
+    settler.ensure_contract()
+    assert chain.deploy_block > 5
+    assert settler.tick() == [0, 1, 2]
+    anvil.rpc("anvil_mine", ["0xa"])
+    latest = chain.w3.eth.block_number
+    assert latest - chain.deploy_block >= 12  # far more blocks than one page
+
+    ranges = []
+    get_logs = chain.w3.eth.get_logs
+
+    def recording(params):
+        ranges.append((int(params["fromBlock"]), int(params["toBlock"])))
+        return get_logs(params)
+
+    chain.w3.eth.get_logs = recording
+    assert [e["epoch"] for e in chain.settled_events()] == [0, 1, 2]
+    assert [e["epoch"] for e in chain.settled_events(1)] == [1]
+    pages = ranges[: len(ranges) // 2]
+    assert pages[0][0] == chain.deploy_block and pages[-1][1] == latest
+    assert all(end - start + 1 <= 3 for start, end in ranges)
+    assert all(b[0] == a[1] + 1 for a, b in itertools.pairwise(pages))  # contiguous, no gap
+    # A client bound to the same contract with its deploy block reads the same history.
+    bound = connect(anvil, contract=chain.address, deploy_block=chain.deploy_block, log_chunk_blocks=4)
+    assert [e["epoch"] for e in bound.settled_events()] == [0, 1, 2]
