@@ -17,8 +17,10 @@ The contract also refuses an epoch before the chain's clock has passed its end (
 settlement.epochs); the ledger closes an epoch no earlier, so that refusal only means the chain's
 clock lags this process's: the epoch waits for the next pass.
 On every pass `_settle_epoch` first asks the chain: the contract's next_epoch > e means e is on-chain
-(mark it, whichever tx did it); a written-ahead tx that is pending is rebroadcast byte for byte; one
-the node no longer knows (dropped) is re-signed at the same nonce with bumped fees. The contract
+(mark it, whichever tx did it); a written-ahead tx that is pending is rebroadcast byte for byte, and
+replaced at the same nonce with bumped fees (never above max_fee_cap_wei) once it has been pending
+for reprice_after_blocks; one the node no longer knows (dropped) is re-signed at the same nonce with
+bumped fees. The contract
 accepts each epoch once (epoch == next_epoch), so nothing is ever paid twice. A chain that does not
 answer raises ChainUnavailable: the epochs stay queued and settle in order once it is back.
 
@@ -39,7 +41,16 @@ from typing import Any
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from settlement.chain import EMBEDDED, Chain, ChainSettings, ChainUnavailable, ContractReverted, fees_of_raw
+from settlement import metrics
+from settlement.chain import (
+    EMBEDDED,
+    Chain,
+    ChainSettings,
+    ChainUnavailable,
+    ContractReverted,
+    Fees,
+    fees_of_raw,
+)
 from settlement.epochs import Epochs
 from settlement.keys import SettlerKey
 from settlement.rewardbook import EpochCommitment, RewardBook
@@ -167,6 +178,8 @@ class Settler:
         self.clock = clock
         self._rewards = rewards  # settlement.rewards.compute_rewards unless a test injects one
         self._emission_cap: int | None = None  # the contract's, read once (it is immutable)
+        # tx hash -> block at which this process first saw it pending (a restart starts counting again)
+        self._pending_since: dict[bytes, int] = {}
         self.epochs = self.config.epochs
 
     # -- scheduling -----------------------------------------------------------------------------
@@ -232,7 +245,19 @@ class Settler:
     def tick(self) -> list[int]:
         """One pass: close due epochs, then settle closed ones in order. Returns epochs settled now."""
         self.close_due_epochs()
-        return self.settle_closed()
+        try:
+            return self.settle_closed()
+        except ChainUnavailable:
+            metrics.CHAIN_ERRORS.labels("unavailable").inc()
+            raise
+        except ContractReverted:
+            metrics.CHAIN_ERRORS.labels("reverted").inc()
+            raise
+        except RuntimeError:
+            metrics.CHAIN_ERRORS.labels("error").inc()
+            raise
+        finally:
+            self._report()
 
     def settle_closed(self) -> list[int]:
         last = self.ledger.last_closed_epoch()
@@ -244,6 +269,15 @@ class Settler:
                 break  # keep order: a later epoch never goes before an earlier one
             done.append(epoch)
         return done
+
+    def _report(self) -> None:
+        """Metrics of the epochs that wait (each wait is logged where it is detected)."""
+        settled = self.ledger.last_settled_epoch()
+        closed = self.ledger.last_closed_epoch()
+        metrics.LAST_SETTLED_EPOCH.set(-1 if settled is None else settled)
+        metrics.EPOCHS_WAITING.set((-1 if closed is None else closed) - (-1 if settled is None else settled))
+        if not self._pending_since or self.ledger.pending_tx(self._first_unsettled()) is None:
+            metrics.PENDING_TX_AGE_BLOCKS.set(0)
 
     def _first_unsettled(self) -> int:
         # Epochs settle strictly in order, so everything after the last settled one is open.
@@ -302,7 +336,8 @@ class Settler:
         usage = self.ledger.usage_by_node(epoch)
         scores = self.quality_for(epoch)
         if scores is None and self.config.default_quality is None:
-            return None  # wait for consensus scores
+            log.info("epoch %d: waiting for its consensus scores before committing it", epoch)
+            return None
         quality = epoch_quality(usage, scores, self.config.default_quality)
         self.book.put_quality(epoch, quality)  # before computing: a restart recomputes the same numbers
         previous = self.book.get(epoch - 1)
@@ -385,7 +420,8 @@ class Settler:
         log.info("epoch %d settled in tx %s (gas %d)", epoch, tx_hash.hex(), receipt["gasUsed"])
         return True
 
-    def _sign(self, c: EpochCommitment, nonce: int, fees) -> bytes:
+    def _sign(self, c: EpochCommitment, nonce: int, fees: Fees) -> bytes:
+        fees = fees.capped(self.chain.settings.max_fee_cap_wei)  # never sign above the fee cap
         try:
             self.chain.preflight_settle(
                 self.key.address, c.epoch, c.usage_root, c.reward_root, c.interactions, c.epoch_reward
@@ -407,7 +443,7 @@ class Settler:
         raw = bytes(pending.raw_tx)
         info = self.chain.tx_info(self._hash(raw))
         if info.state == "pending":
-            return raw  # rebroadcast the same bytes (idempotent)
+            return self._reprice_if_stuck(c, raw)
         if info.state == "mined":
             # Mined but the epoch is not on-chain (checked before): it reverted; its nonce is spent.
             return self._sign(c, self.chain.nonce(self.key.address, "pending"), self.chain.fees())
@@ -417,6 +453,40 @@ class Settler:
             nonce = self.chain.nonce(self.key.address, "pending")
         fees = old_fees.bumped(self.chain.settings.fee_bump_percent).at_least(self.chain.fees())
         log.info("epoch %d: written-ahead tx dropped; re-signing at nonce %d with bumped fees", epoch, nonce)
+        return self._sign(c, nonce, fees)
+
+    def _reprice_if_stuck(self, c: EpochCommitment, raw: bytes) -> bytes:
+        """A pending tx: the same bytes (rebroadcast, idempotent) until it has been pending for
+        reprice_after_blocks, then a replacement at the same nonce with bumped fees, never above the
+        fee cap. One the cap leaves no room to replace stays as it is (logged each pass)."""
+        settings = self.chain.settings
+        block = self.chain.block_number()
+        since = self._pending_since.setdefault(self._hash(raw), block)
+        metrics.PENDING_TX_AGE_BLOCKS.set(block - since)
+        if block - since < settings.reprice_after_blocks:
+            return raw
+        nonce, old = fees_of_raw(raw)
+        fees = (
+            old.bumped(settings.fee_bump_percent).at_least(self.chain.fees()).capped(settings.max_fee_cap_wei)
+        )
+        if not fees.replaces(old):
+            log.warning(
+                "epoch %d: settle tx pending for %d blocks at max fee %d wei; the fee cap (%d wei) "
+                "leaves no room to re-price it",
+                c.epoch,
+                block - since,
+                old.max_fee,
+                settings.max_fee_cap_wei,
+            )
+            return raw
+        log.info(
+            "epoch %d: settle tx pending for %d blocks; re-pricing at nonce %d, max fee %d -> %d wei",
+            c.epoch,
+            block - since,
+            nonce,
+            old.max_fee,
+            fees.max_fee,
+        )
         return self._sign(c, nonce, fees)
 
     def _adopt_onchain(self, epoch: int, c: EpochCommitment) -> bool:
@@ -509,6 +579,12 @@ class SettlementService:
             per_operator, _carried = self.ledger.rewards(epoch) or ({}, 0)
             out.append({"epoch": epoch, "tx": tx, "rewards": {op: str(w) for op, w in per_operator.items()}})
         return out
+
+    def metrics_text(self) -> str:
+        """The settler's metrics (settlement.metrics) in Prometheus' text format."""
+        from prometheus_client import generate_latest
+
+        return generate_latest(metrics.REGISTRY).decode()
 
     def run(self) -> None:
         self.settler.run()

@@ -87,9 +87,22 @@ class ChainSettings(BaseSettings):
     poll_interval_s: float = Field(default=0.2, gt=0, description="Receipt polling interval (seconds).")
     fee_bump_percent: int = Field(
         default=25,
-        ge=10,
+        ge=13,
         le=500,
-        description="Fee increase when re-signing a dropped tx at the same nonce; nodes require >= 10%.",
+        description="Fee increase when replacing a tx at the same nonce (dropped, or pending too long); "
+        "nodes require at least 10-12.5%.",
+    )
+    reprice_after_blocks: int = Field(
+        default=20,
+        ge=1,
+        description="A settle tx still pending after this many blocks is replaced at the same nonce with "
+        "bumped fees (up to max_fee_cap_wei).",
+    )
+    max_fee_cap_wei: int = Field(
+        default=500 * 10**9,
+        gt=0,
+        description="The highest max fee per gas (wei) settlement ever signs; a tx that would need more "
+        "stays pending at the cap (logged) until the market comes down or the cap is raised.",
     )
     settle_gas_limit: int = Field(
         default=150_000, ge=60_000, description="Gas limit of a settle tx (it costs ~67k, constant)."
@@ -126,6 +139,13 @@ class Fees:
 
     def at_least(self, other: Fees) -> Fees:
         return Fees(max(self.max_fee, other.max_fee), max(self.priority_fee, other.priority_fee))
+
+    def capped(self, max_fee: int) -> Fees:
+        return Fees(min(self.max_fee, max_fee), min(self.priority_fee, max_fee))
+
+    def replaces(self, old: Fees) -> bool:
+        """Whether a node takes this as a replacement of `old`: both fees >= 12.5% higher."""
+        return 8 * self.max_fee >= 9 * old.max_fee and 8 * self.priority_fee >= 9 * old.priority_fee
 
 
 @dataclass(frozen=True)
@@ -295,7 +315,7 @@ class Chain:
         pages of log_chunk_blocks from the deploy block to the latest block."""
         event = self.contract.events.EpochSettled
         filters = {"epoch": epoch} if epoch is not None else None
-        latest = self._rpc(lambda: self.w3.eth.block_number)
+        latest = self.block_number()
         chunk = self.settings.log_chunk_blocks
         logs = []
         for start in range(self.deploy_block, latest + 1, chunk):
@@ -311,6 +331,9 @@ class Chain:
         ]
 
     # -- transactions ---------------------------------------------------------------------------
+
+    def block_number(self) -> int:
+        return self._rpc(lambda: self.w3.eth.block_number)
 
     def nonce(self, address: str, block: str = "pending") -> int:
         return self._rpc(lambda: self.w3.eth.get_transaction_count(to_checksum_address(address), block))
@@ -379,12 +402,15 @@ class Chain:
             self._tester.time_travel(now + 1)  # mines a block at `now`; the next one is at now + 1
 
     def send_raw(self, raw: bytes) -> bytes:
-        """Broadcast signed bytes; a node that already has them is not an error (idempotent)."""
+        """Broadcast signed bytes; a node that already has them is not an error (idempotent), nor one
+        that refuses them for now as priced below the block's base fee: the settler sees the tx
+        pending or dropped on its next pass and re-prices it (up to the fee cap)."""
         tx_hash = Web3.keccak(raw)
         try:
             self._rpc(lambda: self.w3.eth.send_raw_transaction(raw))
         except Web3RPCError as exc:
-            if "already known" not in str(exc).lower() and "already imported" not in str(exc).lower():
+            text = str(exc).lower()
+            if not any(m in text for m in ("already known", "already imported", "less than block base fee")):
                 raise
         return bytes(tx_hash)
 

@@ -9,7 +9,7 @@ import pytest
 
 from settlement.actor import SettlementConfig, Settler
 from settlement.anvil import Anvil
-from settlement.chain import Chain, ChainSettings, ChainUnavailable
+from settlement.chain import Chain, ChainSettings, ChainUnavailable, fees_of_raw
 from settlement.keys import SettlerKey
 from settlement.rewardbook import RewardBook
 from tests.unit.test_settlement_chain import (
@@ -189,3 +189,38 @@ def test_settled_events_are_read_in_bounded_block_ranges_from_the_deploy_block(a
     # A client bound to the same contract with its deploy block reads the same history.
     bound = connect(anvil, contract=chain.address, deploy_block=chain.deploy_block, log_chunk_blocks=4)
     assert [e["epoch"] for e in bound.settled_events()] == [0, 1, 2]
+
+
+def test_an_underpriced_pending_tx_is_repriced_at_the_same_nonce_up_to_the_cap(anvil, tmp_path):
+    cap = 40 * 10**9
+    chain = connect(anvil, receipt_timeout_s=0.5, reprice_after_blocks=2, max_fee_cap_wei=cap)
+    key = SettlerKey.generate()
+    chain.fund(key.address, 10**20)
+    w = _world(tmp_path, chain, key)
+    w.clock.t = 1.5 * EPOCH_S  # one epoch due
+    settler = w.settler()
+    settler.ensure_contract()
+    anvil.rpc("evm_setAutomine", [False])
+    assert settler.tick() == []  # broadcast at market fees, not mined
+    first = w.ledger.pending_tx(0)
+    _, first_fees = fees_of_raw(first.raw_tx)
+    # The market moves: the base fee jumps far above the tx's max fee, so it is stuck.
+    anvil.rpc("anvil_setNextBlockBaseFeePerGas", [hex(20 * first_fees.max_fee)])
+    seen = [first_fees]
+    for _ in range(30):
+        anvil.rpc("anvil_mine", ["0x2"])  # only txs paying the base fee get in
+        if settler.tick() == [0]:
+            break
+        nonce, fees = fees_of_raw(w.ledger.pending_tx(0).raw_tx)
+        assert nonce == first.nonce and fees.max_fee <= cap
+        if fees != seen[-1]:
+            # each re-pricing is >= 12.5% higher, or at the cap
+            assert 8 * fees.max_fee >= 9 * seen[-1].max_fee or fees.max_fee == cap
+            seen.append(fees)
+    else:
+        pytest.fail("the stuck settle tx was never re-priced into a block")
+    assert len(seen) > 1  # re-priced, not rebroadcast unchanged
+    mined = chain.w3.eth.get_transaction(w.ledger.settled_tx[0])
+    assert mined["nonce"] == first.nonce and first_fees.max_fee < mined["maxFeePerGas"] <= cap
+    assert [e["epoch"] for e in chain.settled_events()] == [0] and w.ledger.marks == [0]
+    assert settler.tick() == []  # exactly once

@@ -376,3 +376,23 @@ def test_a_crash_between_ledger_and_book_then_late_quality_settles_with_the_froz
     assert world.book.quality(0) == both
     assert world.ledger.rewards(0)[0] == {OPS[0]: 500, OPS[1]: 500}
     assert world.book.get(0).cumulative == {OPS[0]: 500, OPS[1]: 500}
+
+
+def test_metrics_report_settled_and_waiting_epochs_and_chain_errors(world):
+    from settlement.metrics import REGISTRY
+
+    def value(name, **labels):
+        return REGISTRY.get_sample_value(name, labels)
+
+    settler = world.settler()
+    settler.ensure_contract()
+    assert settler.tick() == [0, 1, 2]
+    assert value("meritnet_settlement_last_settled_epoch") == 2
+    assert value("meritnet_settlement_epochs_waiting") == 0
+    before = value("meritnet_settlement_chain_errors_total", kind="unavailable") or 0
+    world.chain._rpc = lambda call: (_ for _ in ()).throw(ChainUnavailable("down"))
+    world.clock.t = 5.5 * EPOCH_S
+    with pytest.raises(ChainUnavailable):
+        settler.tick()  # epochs 3 and 4 close and wait
+    assert value("meritnet_settlement_epochs_waiting") == 2
+    assert value("meritnet_settlement_chain_errors_total", kind="unavailable") == before + 1
