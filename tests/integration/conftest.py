@@ -52,3 +52,18 @@ def start_meritnet_up(args: list[str], cwd, env: dict, timeout_s: float = 900):
         if "Press Ctrl-C to stop" in line:
             break
     return proc, "".join(out)
+
+
+def stop_meritnet_up(proc) -> str:
+    """Ctrl-C a `start_meritnet_up` process (killed if it takes over 3 minutes); what it printed since.
+    The caller asserts its exit."""
+    import signal
+    import subprocess
+
+    proc.send_signal(signal.SIGINT)
+    try:
+        rest, _ = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        rest, _ = proc.communicate()
+    return rest

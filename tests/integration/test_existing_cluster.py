@@ -23,7 +23,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.integration.conftest import free_port
+from tests.integration.conftest import free_port, stop_meritnet_up
 
 pytestmark = pytest.mark.integration
 
@@ -146,12 +146,7 @@ def test_meritnet_up_deploys_onto_a_cluster_it_did_not_start(cluster):
         assert {v for k, v in serve.items() if "node-l4-a" in k} == {"accel_L4"}, where
         assert {v for k, v in serve.items() if "#gateway#" in k} == {"head"}, where
     finally:
-        up.send_signal(signal.SIGINT)
-        try:
-            out, _ = up.communicate(timeout=180)
-        except subprocess.TimeoutExpired:
-            up.kill()
-            out, _ = up.communicate()
+        out = stop_meritnet_up(up)
     assert up.returncode == 0, out[-3000:]
 
     after = _where(address, env)  # the network is gone; the cluster is not

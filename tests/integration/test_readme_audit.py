@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import httpx
 import pytest
 
 from settlement.trees import request_key
-from tests.integration.conftest import free_port, start_meritnet_up
+from tests.integration.conftest import free_port, start_meritnet_up, stop_meritnet_up
 
 pytestmark = pytest.mark.integration
 
@@ -144,12 +143,7 @@ def test_readme_audit_commands_work_on_anvil(tmp_path):
         again = run(claim_cmd)
         assert again.startswith(f"nothing to claim: {OPERATOR_A}"), again
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            rest, _ = proc.communicate(timeout=180)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            rest, _ = proc.communicate()
+        rest = stop_meritnet_up(proc)
     assert proc.returncode == 0 and "Stopped." in rest, rest[-3000:]
     assert url is not None
     with pytest.raises(httpx.HTTPError):  # stopping the network stopped anvil

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import free_port, start_meritnet_up
+from tests.integration.conftest import free_port, start_meritnet_up, stop_meritnet_up
 
 pytestmark = pytest.mark.integration
 
@@ -105,10 +104,5 @@ def test_readme_demo_commands_work(tmp_path):
         time.sleep(2)
         assert _status(port, secret) == 401
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            rest, _ = proc.communicate(timeout=180)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            rest, _ = proc.communicate()
+        rest = stop_meritnet_up(proc)
     assert proc.returncode == 0 and "Stopped." in rest, rest[-3000:]
