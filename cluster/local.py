@@ -169,8 +169,8 @@ def connect(address: str, env_vars: dict[str, str]) -> None:
 class ExistingCluster:
     """A Ray cluster run by someone else. `start()` connects to it (with the token its operator gave this
     machine, under RAY_AUTH_MODE=token); `shutdown()` removes only what the network put there (its Serve
-    applications `apps` and the named actors of namespace `meritnet`), then disconnects: the cluster,
-    Serve itself and anyone else's applications stay up."""
+    applications `apps`, Serve itself when no other application is left, and the named actors of
+    namespace `meritnet`), then disconnects: the cluster and anyone else's applications stay up."""
 
     def __init__(self, address: str, apps: Iterable[str], config: LocalClusterConfig | None = None):
         self.address, self.apps, self.config = address, list(apps), config or LocalClusterConfig()
@@ -190,6 +190,11 @@ class ExistingCluster:
                 serve.delete(app, _blocking=True)
             except Exception as exc:  # noqa: BLE001 - never deployed or already gone: nothing to remove
                 log.debug("serve.delete(%s) failed (%s)", app, type(exc).__name__)
+        try:  # Serve with no application left was ours: stop it too, freeing its HTTP port
+            if not serve.status().applications:
+                serve.shutdown()
+        except Exception as exc:  # noqa: BLE001 - Serve already gone
+            log.debug("serve status/shutdown failed (%s)", type(exc).__name__)
         for actor in ray.util.list_named_actors(all_namespaces=True):
             if actor["namespace"] == "meritnet":
                 try:

@@ -751,4 +751,8 @@ async def _chain(first, gen, idle_timeout_s: float, deadline: float):
             item = await asyncio.wait_for(gen.__anext__(), wait)
         except StopAsyncIteration:
             return
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():  # the client left: this task is being cancelled
+                raise
+            raise ConnectionError("the node's stream was cancelled (its replica died)") from None
         yield item

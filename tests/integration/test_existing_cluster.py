@@ -44,7 +44,11 @@ for a in ray.util.list_named_actors(all_namespaces=True):
     handle = ray.get_actor(a["name"], namespace=a["namespace"])
     node = ray.get(handle.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()), timeout=60)
     placed[a["namespace"] + "/" + a["name"]] = kind(node)
-print(json.dumps({"placed": placed, "apps": sorted(serve.status().applications), "nodes": len(kinds)}))
+try:
+    apps = sorted(serve.status().applications)
+except Exception:  # Serve is not running (the network stopped it with its last app)
+    apps = []
+print(json.dumps({"placed": placed, "apps": apps, "nodes": len(kinds)}))
 """
 
 

@@ -411,3 +411,31 @@ def test_latency_histograms_carry_the_node_and_streams_record_their_gaps(harness
     node = r.headers["x-meritnet-node"]
     assert count("meritnet_inter_token_seconds", node) == before[node] + 1  # two messages: one gap
     assert count("meritnet_ttft_seconds", node) >= 1 and count("meritnet_request_seconds", node) >= 1
+
+
+def test_a_node_stream_cancelled_under_the_gateway_is_a_node_failure_not_a_client_leaving(harness):
+    """Ray may end a dead replica's stream with CancelledError: the client still gets a clean error
+    event and the request an 'error' record (a 'cancelled' record is for clients that left)."""
+    import asyncio
+
+    client, nodes, sink = harness
+
+    class _Dies(_Gen):
+        async def __anext__(self):
+            if self._i == 1:
+                raise asyncio.CancelledError()
+            return await super().__anext__()
+
+    for node in nodes.values():
+        respond = node._respond
+        node._respond = lambda body, kind, respond=respond: _Dies(respond(body, kind)._items)
+    r = client.post("/v1/completions", json={"model": "default", "prompt": "hi", "stream": True})
+    events = [e for e in r.text.split("\n\n") if e]
+    assert json.loads(events[-1][6:])["error"]["code"] == "stream_interrupted"
+    import time
+
+    deadline = time.monotonic() + 5
+    while not asyncio.run(sink.all()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (rec,) = _records(sink)
+    assert rec.status == "error"
