@@ -313,7 +313,8 @@ class GatewayCore:
         quality = self._scores.quality if self._scores is not None else {}
         nodes = []
         for s in sorted(self._nodes.values(), key=lambda s: s.node_id):
-            ttft = self.selector.router.health.state(s.node_id).ttft_ewma_s
+            health = self.selector.router.health.nodes.get(s.node_id)  # read only: never creates state
+            ttft = health.ttft_ewma_s if health is not None else None
             nodes.append(
                 {
                     "node_id": s.node_id,

@@ -150,6 +150,17 @@ def _records(sink):
     return asyncio.run(sink.all())
 
 
+def _background_record(sink):
+    """The one usage record of a request whose record is written in the background (up to 5 s)."""
+    import time
+
+    deadline = time.monotonic() + 5
+    while not _records(sink) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (rec,) = _records(sink)
+    return rec
+
+
 def test_non_streaming_is_metered_with_the_usage_the_client_saw(harness):
     client, _, sink = harness
     r = client.post("/v1/completions", json={"model": "default", "prompt": "hi", "max_tokens": 2})
@@ -290,13 +301,7 @@ def test_a_stream_that_trickles_past_its_total_limit_ends_with_a_timeout_event(h
     r = client.post("/v1/completions", json=body)
     events = [e for e in r.text.split("\n\n") if e]
     assert json.loads(events[-1][6:])["error"]["code"] == "timeout" and "[DONE]" not in r.text
-    import asyncio
-    import time
-
-    deadline = time.monotonic() + 5
-    while not asyncio.run(sink.all()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    (rec,) = _records(sink)
+    rec = _background_record(sink)
     assert rec.status == "error" and client.core._in_flight[rec.node_id] == 0
 
 
@@ -388,13 +393,7 @@ def test_a_node_that_stalls_mid_stream_is_cut_off_with_a_clean_error(harness):
     r = client.post("/v1/completions", json={"model": "default", "prompt": "hi", "stream": True})
     events = [e for e in r.text.split("\n\n") if e]
     assert json.loads(events[-1][6:])["error"]["code"] == "stream_interrupted" and "[DONE]" not in r.text
-    import asyncio
-    import time
-
-    deadline = time.monotonic() + 5
-    while not asyncio.run(sink.all()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    (rec,) = _records(sink)
+    rec = _background_record(sink)
     assert rec.status == "error" and client.core._in_flight[rec.node_id] == 0
 
 
@@ -432,10 +431,5 @@ def test_a_node_stream_cancelled_under_the_gateway_is_a_node_failure_not_a_clien
     r = client.post("/v1/completions", json={"model": "default", "prompt": "hi", "stream": True})
     events = [e for e in r.text.split("\n\n") if e]
     assert json.loads(events[-1][6:])["error"]["code"] == "stream_interrupted"
-    import time
-
-    deadline = time.monotonic() + 5
-    while not asyncio.run(sink.all()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    (rec,) = _records(sink)
+    rec = _background_record(sink)
     assert rec.status == "error"
