@@ -43,6 +43,7 @@ from routing.timeouts import Timeouts
 log = logging.getLogger("meritnet.gateway")
 
 DONE = "data: [DONE]\n\n"
+SEED_BOUND = 2**63  # vLLM takes any int64 seed
 _REMOTE_TIMEOUT_S = 10.0  # every background call to another actor is bounded by this
 _ABSENT_RETRY_S = 5.0  # validators start after the gateway: their actors appear within seconds
 
@@ -366,6 +367,8 @@ class GatewayCore:
             raise errors.unknown_model(model, sorted(known))
         pinned = self._target_node(request)
         stream = bool(getattr(body, "stream", False))
+        if body.seed is None:  # every request carries a seed, so a seed tells a node nothing
+            body.seed = secrets.randbelow(SEED_BOUND)
         capture = None
         if (
             pinned is None
@@ -384,7 +387,7 @@ class GatewayCore:
 
             body.stream_options = StreamOptions(include_usage=True)
         body.request_id = rid
-        facts = facts_for(body, session_key=request.headers.get("x-session-id"), target_node=pinned)
+        facts = facts_for(body, request.headers, target_node=pinned)
 
         tried: set[str] = set()
         last_error: errors.APIError | None = None

@@ -6,6 +6,7 @@ scores arrive through `update_nodes` / `update_quality` from background refreshe
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from cluster.records import NodeStats, QualityScores
@@ -14,8 +15,8 @@ from routing.intake import chat_messages
 from routing.router import NoEligibleNode, RequestFacts, Router
 
 
-def facts_for(body: Any, session_key: str | None = None, target_node: str | None = None) -> RequestFacts:
-    """Routing facts of a validated Chat/CompletionRequest (never the request object itself)."""
+def facts_for(body: Any, headers: Mapping[str, str], target_node: str | None = None) -> RequestFacts:
+    """Routing facts of a validated Chat/CompletionRequest and its headers (never the request itself)."""
     messages = chat_messages(body)
     if messages is not None:
         text = "".join(str(m.get("content", "")) if isinstance(m, dict) else str(m) for m in messages)
@@ -24,7 +25,7 @@ def facts_for(body: Any, session_key: str | None = None, target_node: str | None
     return RequestFacts.from_text(
         body.model,
         text,
-        session_key=session_key,
+        session_key=headers.get("x-session-id"),
         is_challenge=target_node is not None,
         target_node=target_node,
     )

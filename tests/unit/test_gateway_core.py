@@ -433,3 +433,13 @@ def test_a_node_stream_cancelled_under_the_gateway_is_a_node_failure_not_a_clien
     assert json.loads(events[-1][6:])["error"]["code"] == "stream_interrupted"
     rec = _background_record(sink)
     assert rec.status == "error"
+
+
+def test_every_request_reaches_its_node_with_a_seed_and_a_client_seed_is_kept(harness):
+    client, nodes, _ = harness
+    for body in ({}, {}, {"seed": 7}):
+        r = client.post("/v1/completions", json={"model": "default", "prompt": "hi", "max_tokens": 2, **body})
+        assert r.status_code == 200
+    seeds = [b.seed for node in nodes.values() for b in node.bodies]
+    assert len(seeds) == 3 and None not in seeds and 7 in seeds
+    assert len(set(seeds)) == 3  # drawn per request: a seed tells a node nothing
