@@ -62,6 +62,12 @@ class EngineDefaults(BaseModel):
         "('mp'): that worker and the engine busy-wait on each other through shared memory, which on a "
         "small CPU machine takes cores from the model (benchmarks/RESULTS.md, gateway vs bare vLLM).",
     )
+    engine_metrics: bool = Field(
+        default=True,
+        description="Export vLLM's engine metrics (queue, KV cache use, token counts, its own latency "
+        "histograms) through Ray's metrics agent as ray_vllm_*: Prometheus scrapes them with Ray's "
+        "service discovery (deploy/prometheus/prometheus.yml).",
+    )
     engine_kwargs: dict[str, Any] = Field(
         # bf16 halves memory traffic on CPU; eager mode skips torch.compile, which takes minutes on
         # 2 cores. On GPUs set this to {} (vLLM's defaults) or your own.
@@ -261,7 +267,7 @@ def llm_config_for(spec: NodeSpec, defaults: EngineDefaults | None = None):
             "single_process_engine": defaults.single_process_engine,
             "stream_linger_from_streams": defaults.stream_linger_from_streams,
         },
-        log_engine_metrics=False,
+        log_engine_metrics=defaults.engine_metrics,
     )
 
 

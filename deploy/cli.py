@@ -71,6 +71,11 @@ def up(
         help="Deploy onto this running Ray cluster ('auto' or HOST:PORT; run on its head node) "
         "instead of starting a local one. Ctrl-C removes the network, not the cluster.",
     ),
+    start_timeout: float | None = typer.Option(
+        None,
+        "--start-timeout",
+        help="Seconds to wait for every node's engine to load (default 900; start_timeout_s in the YAML).",
+    ),
     chain: str | None = typer.Option(
         None,
         "--chain",
@@ -86,7 +91,12 @@ def up(
 
     try:
         cfg = NetworkConfig.load(
-            config, port=port, open_endpoint=open_endpoint or None, ray_address=address, chain_url=chain
+            config,
+            port=port,
+            open_endpoint=open_endpoint or None,
+            ray_address=address,
+            chain_url=chain,
+            start_timeout_s=start_timeout,
         )
     except Exception as exc:  # noqa: BLE001 - YAML, validation or I/O: all get the same message
         console.print(f"[red]Invalid configuration:[/red] {exc}")

@@ -113,6 +113,12 @@ class NetworkConfig(BaseSettings):
     router_config: str | None = Field(
         default=None, description="Routing profile YAML (default profile if unset)."
     )
+    start_timeout_s: float = Field(
+        default=900.0,
+        gt=0,
+        description="How long `meritnet up` waits for every node's engine to be running (models download "
+        "and load; large models on a cold cluster need more) before it stops with the nodes' states.",
+    )
     epoch_length_s: float = Field(default=60.0, gt=0, description="Settlement epoch length in seconds.")
     chain_url: str = Field(
         default="embedded",

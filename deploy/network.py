@@ -83,7 +83,10 @@ def wait_running(apps: list[str], timeout_s: float) -> None:
         if all(s == "RUNNING" for s in states.values()):
             return
         time.sleep(1.0)
-    raise NetworkStartError(f"nodes did not become ready within {timeout_s:.0f}s: {states}")
+    raise NetworkStartError(
+        f"nodes did not become ready within {timeout_s:.0f}s: {states}. A large model on a cold cluster "
+        "may need longer: pass --start-timeout SECONDS (start_timeout_s in the network YAML)."
+    )
 
 
 def network_id(state_dir: Path) -> str:
@@ -132,7 +135,8 @@ class LocalNetwork:
             return []
         return ray.get(self.settlement.tick.remote())
 
-    def start(self, timeout_s: float = 900.0) -> LocalNetwork:
+    def start(self, timeout_s: float | None = None) -> LocalNetwork:
+        """Start everything; wait up to `timeout_s` (default: the config's start_timeout_s) for the nodes."""
         from ray import serve
         from ray.serve import RunTarget
 
@@ -178,7 +182,7 @@ class LocalNetwork:
         )
 
         scoring_sources, scoring_engine = self._start_reference_engines()  # loads alongside the nodes
-        wait_running([deployment_name(s) for s in self.specs], timeout_s)
+        wait_running([deployment_name(s) for s in self.specs], timeout_s or cfg.start_timeout_s)
 
         self.on_step("Starting the gateway")
         challenge_key = secrets.token_hex(16)  # per run; only validators know it

@@ -77,9 +77,9 @@ def build_fastapi(core_getter, cors_origins: tuple[str, ...] = ()) -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus_metrics():
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        from prometheus_client import CONTENT_TYPE_LATEST
 
-        return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+        return Response(await core_getter().metrics_text(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models(request: Request):

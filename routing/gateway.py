@@ -45,6 +45,7 @@ log = logging.getLogger("meritnet.gateway")
 DONE = "data: [DONE]\n\n"
 SEED_BOUND = 2**63  # vLLM takes any int64 seed
 _REMOTE_TIMEOUT_S = 10.0  # every background call to another actor is bounded by this
+_SCRAPE_TIMEOUT_S = 2.0  # /metrics waits this long for another actor's metrics
 _ABSENT_RETRY_S = 5.0  # validators start after the gateway: their actors appear within seconds
 
 
@@ -191,6 +192,7 @@ class GatewayCore:
         self._quality_epoch: int | None = None
         self._scores: QualityScores | None = None  # the latest consensus, for /status
         self._served: Counter[str] = Counter()  # completed requests per node through this replica
+        self._scraped: dict[str, str] = {}  # actor name -> its last metrics text (GET /metrics)
         self._gateway_id = uuid.uuid4().hex[:12]
         self.keys = KeyRing(
             [key_from_secret(k.get_secret_value()) for k in config.api_keys],
@@ -306,6 +308,24 @@ class GatewayCore:
         if settlement is not None:
             rewards = await asyncio.wait_for(settlement.rewards_of.remote(address), _REMOTE_TIMEOUT_S)
         return {"operator": address, "nodes": nodes, "rewards": rewards}
+
+    async def metrics_text(self) -> str:
+        """GET /metrics: this replica's metrics, then the consensus actor's (scoring gauges) and the
+        settlement actor's, each asked with a short bound; an actor that does not answer keeps its last
+        text, so one scrape target shows the whole control plane."""
+        from prometheus_client import generate_latest
+
+        parts = [generate_latest(metrics.REGISTRY).decode()]
+        for name in (self.config.consensus_name, self.config.settlement_name):
+            actor = None if self._registry is None else await self._named_actor(name)
+            if actor is not None:
+                try:
+                    text = await asyncio.wait_for(actor.metrics_text.remote(), _SCRAPE_TIMEOUT_S)
+                    self._scraped[name] = text if isinstance(text, str) else ""
+                except Exception as exc:  # noqa: BLE001 - its last text serves; the scrape must not fail
+                    log.warning("%s did not answer for /metrics (%s)", name, type(exc).__name__)
+            parts.append(self._scraped.get(name, ""))
+        return "".join(parts)
 
     async def status_view(self, epochs: int = 10) -> dict:
         """What `/status` shows: every node (with consensus quality, share of this replica's completed

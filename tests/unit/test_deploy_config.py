@@ -211,3 +211,12 @@ def test_a_multi_gpu_engine_gets_one_bundle_per_device_on_one_node_of_its_type()
         node.model_copy(update={"engine_kwargs": {}}), EngineDefaults()
     ).placement_group_config
     assert cpu["bundles"] == [{"CPU": 1.0, "accel_H100": ACCEL_SHARE}]
+
+
+def test_the_start_timeout_is_configurable_and_positive():
+    from deploy.config import NetworkConfig
+
+    assert NetworkConfig.load(None).start_timeout_s == 900
+    assert NetworkConfig.load(None, start_timeout_s=1800).start_timeout_s == 1800
+    with pytest.raises(ValueError, match="start_timeout_s"):
+        NetworkConfig.load(None, start_timeout_s=0)

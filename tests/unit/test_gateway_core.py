@@ -443,3 +443,49 @@ def test_every_request_reaches_its_node_with_a_seed_and_a_client_seed_is_kept(ha
     seeds = [b.seed for node in nodes.values() for b in node.bodies]
     assert len(seeds) == 3 and None not in seeds and 7 in seeds
     assert len(set(seeds)) == 3  # drawn per request: a seed tells a node nothing
+
+
+def test_metrics_page_serves_scoring_and_settlement_metrics_and_survives_a_silent_actor(harness):
+    import asyncio
+
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from scoring import metrics as scoring_metrics
+    from settlement import metrics as settlement_metrics
+
+    class Actor:
+        def __init__(self, registry):
+            self.registry, self.silent = registry, False
+
+            async def text():
+                if self.silent:
+                    await asyncio.sleep(60)  # hangs: the scrape must not wait for it
+                return generate_latest(self.registry).decode()
+
+            self.metrics_text = type("M", (), {"remote": staticmethod(text)})
+
+    client, _, _ = harness
+    actors = {
+        GatewayConfig().consensus_name: Actor(scoring_metrics.REGISTRY),
+        GatewayConfig().settlement_name: Actor(settlement_metrics.REGISTRY),
+    }
+    scoring_metrics.NODE_QUALITY.labels("a").set(0.75)
+
+    async def named(name):
+        return actors.get(name)
+
+    client.core._registry, client.core._named_actor = object(), named
+
+    def families():
+        r = client.get("/metrics")
+        assert r.status_code == 200
+        return {f.name: f for f in text_string_to_metric_families(r.text)}
+
+    first = families()
+    assert {"meritnet_node_consensus_quality", "meritnet_settlement_last_settled_epoch"} <= set(first)
+    assert "meritnet_requests" in first  # the gateway's own
+    (sample,) = [s for s in first["meritnet_node_consensus_quality"].samples if s.labels == {"node": "a"}]
+    assert sample.value == 0.75
+    actors[GatewayConfig().settlement_name].silent = True
+    assert "meritnet_settlement_last_settled_epoch" in families()  # its last text still serves
