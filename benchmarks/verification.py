@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import statistics
@@ -153,6 +154,231 @@ def _claim_from(gen, codec, prompt, max_tokens):
     )
 
 
+# ---- challenge distinguishability ------------------------------------------------------------------
+#
+# What a node sees of a request (text, parameters, timing), for an organic stream and for challenges
+# drawn by a validator that learned the organic mix from the shadow feed. The organic stand-in: human-
+# written text (the half of the corpus paragraphs the validator's writer never sees) in request shapes
+# drawn from a chat-API-like mix that includes parameters the shadow feed does not carry (top_p, stream).
+
+
+def _paragraph_halves() -> tuple[list[str], list[str]]:
+    """English paragraphs split by a hash: (the validator's private text source, the organic clients'
+    text). The corpus alone (11k words) is too small: a few hundred passages repeat until a classifier
+    memorises them, as a node would; Python's own documentation (pydoc_data, 65k words) adds enough."""
+    import hashlib
+    from pydoc_data.topics import topics
+
+    from scoring.organic import corpus_text
+
+    a, b = [], []
+    for text in [*corpus_text(), *topics.values()]:
+        for para in (" ".join(p.split()) for p in text.split("\n\n")):
+            if len(para.split()) >= 8:
+                (a if hashlib.sha256(para.encode()).digest()[0] % 2 else b).append(para)
+    return a, b
+
+
+class OrganicClients:
+    """Organic requests: real sentences, shapes from a fixed chat-API-like mix."""
+
+    _ROLES = (
+        (("user",), 0.55),
+        (("system", "user"), 0.2),
+        (("user", "assistant", "user"), 0.15),
+        (("system", "user", "assistant", "user"), 0.1),
+    )
+    _TEMPS = ((None, 0.25), (0.0, 0.2), (0.2, 0.05), (0.7, 0.25), (0.8, 0.1), (1.0, 0.15))
+    _TOP_P = ((None, 0.8), (0.9, 0.1), (0.95, 0.1))
+    _MAX_TOKENS = ((16, 0.1), (32, 0.15), (64, 0.2), (100, 0.1), (128, 0.2), (256, 0.15), (512, 0.1))
+
+    def __init__(self, paragraphs: list[str], rng: random.Random) -> None:
+        import re
+
+        self.rng = rng
+        self.words = [
+            w for p in paragraphs for w in re.findall(r"\S+", p) if w not in ("User:", "Assistant:")
+        ]
+        self.starts = [
+            i
+            for i, w in enumerate(self.words)
+            if w[:1].isupper() and (i == 0 or self.words[i - 1][-1] in ".?!")
+        ]
+
+    def _pick(self, table):
+        return self.rng.choices([v for v, _ in table], [w for _, w in table])[0]
+
+    def _text(self, words: int) -> str:
+        i = self.rng.choice(self.starts)
+        out = []
+        while len(out) < words or out[-1][-1] not in ".?!":
+            out.append(self.words[i % len(self.words)])
+            i += 1
+            if len(out) > 3 * words:
+                break
+        return " ".join(out)
+
+    def request(self, model: str = "default") -> tuple[str, dict]:
+        rng = self.rng
+        chat = rng.random() < 0.75
+        roles = self._pick(self._ROLES) if chat else ("prompt",)
+        texts = [
+            self._text(max(1, int(rng.lognormvariate(math.log(15 if r == "system" else 20), 0.7))))
+            for r in roles
+        ]
+        body: dict = {"model": model, "max_tokens": self._pick(self._MAX_TOKENS)}
+        for key, table in (("temperature", self._TEMPS), ("top_p", self._TOP_P)):
+            v = self._pick(table)
+            if v is not None:
+                body[key] = v
+        body["seed"] = rng.randrange(2**63)  # the gateway gives every request a seed
+        if rng.random() < 0.6:
+            body["stream"] = True
+        if chat:
+            body["messages"] = [{"role": r, "content": t} for r, t in zip(roles, texts)]
+            return "/v1/chat/completions", body
+        body["prompt"] = texts[0]
+        return "/v1/completions", body
+
+
+def request_features(path: str, body: dict, gap_s: float, codec=None) -> list[float]:
+    """Everything a node sees of one request, as numbers: parameters, text statistics, timing."""
+    import re
+
+    msgs = body.get("messages") or [{"role": "prompt", "content": body.get("prompt", "")}]
+    last = next((m["content"] for m in reversed(msgs) if m["role"] in ("user", "prompt")), "")
+    allt = " ".join(m["content"] for m in msgs)
+    words = re.findall(r"\S+", last)
+    n_chars = max(1, len(last))
+    roles = "".join(m["role"][0] for m in msgs)
+    tok = 0.0
+    if codec is not None:
+        tok = float(len(codec.encode_chat(msgs) if "messages" in body else codec.encode_prompt(last)))
+    return [
+        float(path.endswith("chat/completions")),
+        float(len(msgs)),
+        float("s" in roles),
+        float("a" in roles),
+        body.get("temperature", -1.0),
+        body.get("top_p", -1.0),
+        float("temperature" in body),
+        float(body.get("max_tokens", -1)),
+        float(bool(body.get("stream"))),
+        float(body.get("n", 1)),
+        float(len(last)),
+        float(len(words)),
+        float(len(allt)),
+        sum(len(w) for w in words) / max(1, len(words)),
+        sum(not c.isalnum() and not c.isspace() for c in last) / n_chars,
+        sum(c.isdigit() for c in last) / n_chars,
+        sum(c.isupper() for c in last) / n_chars,
+        float(last.rstrip()[-1:] in (".", "?", "!")),
+        float(last.rstrip()[-1:] == "?"),
+        float(last[:1].isupper()),
+        len({w.lower() for w in words}) / max(1, len(words)),
+        float(last.count(",")) / max(1, len(words)),
+        float(sum(w[-1:] in ".?!" for w in words)),
+        tok,
+        tok / n_chars if tok else 0.0,
+        gap_s,
+    ]
+
+
+class _FullShape:
+    """A ServedCompletion plus the request fields today's record lacks (top_p, stream, temperature set)."""
+
+    def __init__(self, item, **extra) -> None:
+        self._item = item
+        self.__dict__.update(extra)
+
+    def __getattr__(self, name):
+        return getattr(self._item, name)
+
+
+def distinguishability(
+    n: int,
+    seed: int,
+    codec=None,
+    organic_rps: float = 1.0,
+    full_feed: bool = False,
+    challenge_config=None,
+) -> dict:
+    """Held-out AUC of classifiers telling challenges from organic requests at one node.
+
+    A validator learns the organic mix from the shadow feed (a ServedCompletion per organic request:
+    parameters and lengths only), then draws n challenges; n organic requests arrive meanwhile. Arrivals
+    at the node are the merged Poisson streams of both (organic at `organic_rps`, challenges at 3
+    validators' default rate). 70/30 stratified split; logistic regression and gradient boosting.
+    `full_feed`: the feed also carries top_p, stream and whether temperature was set (not yet the case)."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import train_test_split
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from cluster.records import ServedCompletion
+    from scoring.challenge import ChallengeConfig, ChallengePool
+    from scoring.organic import PromptWriter, shape_of
+
+    rng = random.Random(seed)
+    source, organic_text = _paragraph_halves()
+    clients = OrganicClients(organic_text, random.Random(seed + 1))
+    pool = ChallengePool(challenge_config or ChallengeConfig(), random.Random(seed + 2))
+    pool.writer = PromptWriter(source)  # the validator's text; the organic half stays unseen
+    for i in range(512):  # the shadow feed: what the validator sees of organic traffic
+        path, body = clients.request()
+        msgs = body.get("messages")
+        item = ServedCompletion(
+            request_id=f"r{i}",
+            node_id="n",
+            model="default",
+            prompt=body.get("prompt"),
+            messages=None if msgs is None else tuple(msgs),
+            text="",
+            completion_tokens=0,
+            max_tokens=body["max_tokens"],
+            temperature=body.get("temperature", 1.0),
+        )
+        if full_feed:
+            item = _FullShape(
+                item,
+                top_p=body.get("top_p"),
+                stream=bool(body.get("stream")),
+                temperature_set="temperature" in body,
+            )
+        pool.observe_shape(shape_of(item))
+    challenge_rate = 3 * ChallengeConfig().rate_per_node_per_min / 60.0
+    # One merged Poisson stream at the node; organic requests are kept at the challenges' rate so the
+    # classes balance, but every gap is to the previous request of any kind (what the node measures).
+    keep = challenge_rate / organic_rps
+    rows, labels, t, last_t, n_chal = [], [], 0.0, 0.0, 0
+    while n_chal < n:
+        t += rng.expovariate(organic_rps + challenge_rate)
+        gap, last_t = t - last_t, t
+        is_challenge = rng.random() < challenge_rate / (organic_rps + challenge_rate)
+        if is_challenge:
+            r = pool.sample("n", "default")
+            path, body = r.path, r.body
+            n_chal += 1
+        elif rng.random() < keep:
+            path, body = clients.request()
+        else:
+            continue
+        rows.append(request_features(path, body, gap, codec))
+        labels.append(int(is_challenge))
+    x_tr, x_te, y_tr, y_te = train_test_split(rows, labels, test_size=0.3, stratify=labels, random_state=seed)
+    models = {
+        "logistic_regression": make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)),
+        "gradient_boosting": HistGradientBoostingClassifier(random_state=seed),
+    }
+    aucs = {}
+    for name, m in models.items():
+        m.fit(x_tr, y_tr)
+        aucs[name] = roc_auc_score(y_te, m.predict_proba(x_te)[:, 1])
+    return {"auc": max(aucs.values()), "by_classifier": aucs, "requests": len(rows), "held_out": len(y_te)}
+
+
 def run(quick: bool, max_challenges: int, organic_rps: float) -> dict:
     from cluster.model import build_default_model
     from routing.gateway import GatewayConfig
@@ -251,6 +477,14 @@ def run(quick: bool, max_challenges: int, organic_rps: float) -> dict:
         }
         con.log(f"{name}: {attacks[name]}")
 
+    con.log("challenge distinguishability (classifiers over what a node sees)")
+    n_dist = 1000 if quick else 3000
+    dist = {
+        "shadow_feed_today": distinguishability(n_dist, seed=11, codec=codec),
+        "shadow_feed_with_top_p_stream": distinguishability(n_dist, seed=11, codec=codec, full_feed=True),
+    }
+    con.log(f"distinguishability: {dist}")
+
     mean_tokens = statistics.mean(len(c.prompt_token_ids) + c.reported_completion_tokens for c in honest)
     challenge_rps = 3 * ChallengeConfig().rate_per_node_per_min / 60.0
     overhead = (challenge_rps * mean_tokens) / (organic_rps * mean_tokens)
@@ -261,6 +495,8 @@ def run(quick: bool, max_challenges: int, organic_rps: float) -> dict:
         "false_positive_rate": fp / len(held),
         "verified_completions": len(held),
         "validator_overhead": overhead,
+        "challenge_distinguishability_auc": dist["shadow_feed_today"]["auc"],
+        "challenge_distinguishability": dist,
         "shadow_reference_ratio": shadow_reference_ratio,
         "thresholds": th.model_dump(),
         "reference_seconds_per_verification": ref_s_per_verification,
@@ -290,7 +526,13 @@ def main() -> None:
         json.dumps(
             {
                 k: res[k]
-                for k in ("attacks", "false_positive_rate", "verified_completions", "validator_overhead")
+                for k in (
+                    "attacks",
+                    "false_positive_rate",
+                    "verified_completions",
+                    "validator_overhead",
+                    "challenge_distinguishability_auc",
+                )
             },
             indent=2,
         )

@@ -1,11 +1,13 @@
 """Challenge traffic that looks like organic traffic, and the shadow-verification sample.
 
-* Prompts: a synthetic pool shipped in code (templates x topics x styles, a few thousand distinct
-  prompts, drawn at random), plus, only if `use_organic_prompts` is on (off by default: organic prompts
+* Content: each validator writes its own prompts (`scoring.organic.PromptWriter`, a Markov chain over
+  text sources walked with the validator's private RNG, seeded from the OS and never shared; nothing
+  of its output is stored), plus, only if `use_organic_prompts` is on (off by default: organic prompts
   may be private), a bounded ring of recently seen organic prompts.
-* Shape: the same OpenAI request bodies clients send (chat or completions, the same parameter ranges),
-  so a node cannot tell a challenge by its form. Challenges are greedy by default because greedy
-  outputs verify exactly (see scoring.verify); organic clients use temperature 0 too.
+* Shape: a whole request shape (kind, roles, words per message, temperature, top_p, max_tokens) copied
+  from a recent organic request the validator saw on the shadow feed (`scoring.organic.OrganicMix`;
+  a prior until then), so the parameters follow the organic mix jointly. Every challenge carries a
+  random seed, as every request does after the gateway (so sampled challenges replay exactly).
 * Timing: exponential inter-arrival per node (a Poisson process), so there is no schedule to learn.
 * Shadow verification: the gateway offers a keyed-hash sample of verifiable organic requests (its
   `shadow_rate`, key unknown to nodes); a validator verifies each offered request after the fact
@@ -14,48 +16,23 @@
 
 from __future__ import annotations
 
+import functools
 import random
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from cluster.records import keyed_sample
+from scoring.organic import OrganicMix, PromptWriter, RequestShape, corpus_text
 
-_TOPICS = (
-    "the river town",
-    "an old bridge",
-    "the market",
-    "a baker",
-    "the harbour",
-    "a long winter",
-    "the school",
-    "a quiet library",
-    "the mountain road",
-    "a small garden",
-    "the night train",
-    "a village festival",
-    "the lighthouse",
-    "a lost letter",
-    "the orchard",
-    "a rainy morning",
-)
-_TEMPLATES = (
-    "Tell me about {t}.",
-    "Write a short story about {t}.",
-    "Describe {t} in a few sentences.",
-    "What happened at {t}?",
-    "Once upon a time, {t}",
-    "The story of {t} begins",
-    "Explain why people remember {t}.",
-    "{T} was",
-    "Give three facts about {t}.",
-    "Continue: on the way to {t}, she",
-    "Summarise a day at {t}.",
-    "Write a poem about {t}.",
-)
-_STYLES = ("", " Keep it short.", " Be specific.", " Use simple words.", " Answer in one paragraph.")
+SEED_BOUND = 2**63  # the gateway draws request seeds below this too (routing.gateway.SEED_BOUND)
+
+
+@functools.lru_cache(maxsize=8)
+def _writer(sources: tuple[str, ...]) -> PromptWriter:
+    return PromptWriter.from_paths(sources) if sources else PromptWriter(corpus_text())
 
 
 class ChallengeConfig(BaseModel):
@@ -67,18 +44,32 @@ class ChallengeConfig(BaseModel):
         description="Mean challenges per node per minute per validator (exponential "
         "inter-arrival); 0.5 keeps 3 validators at ~2.5% of a node serving 1 organic request/s.",
     )
-    kinds: tuple[Literal["chat", "completion"], ...] = Field(
-        default=("chat", "completion"), min_length=1, description="Request kinds to draw from."
+    text_sources: tuple[str, ...] = Field(
+        default=(),
+        description="Text files the prompt writer learns from; keep them private (empty: the default "
+        "model's public tokenizer corpus, which a node could match n-grams against).",
     )
-    max_tokens: tuple[int, ...] = Field(
-        default=(16, 32, 48, 64),
-        min_length=1,
-        description="max_tokens values to draw from (like organic requests).",
+    mix_window: int = Field(
+        default=512, ge=1, description="Recent organic request shapes the parameter mix draws from."
     )
-    temperatures: tuple[float, ...] = Field(
-        default=(0.0,), min_length=1, description="Temperatures to draw from; 0 verifies most sharply."
+    max_tokens_cap: int = Field(
+        default=512,
+        ge=1,
+        description="Largest max_tokens a challenge asks for (organic shapes above it, or without a "
+        "limit, are capped: bounds the load challenges put on nodes).",
     )
-    stream_probability: float = Field(default=0.5, ge=0, le=1, description="Share of streamed challenges.")
+    stream_probability: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="Share of streamed challenges when the copied shape does not say (the shadow feed "
+        "does not carry `stream`).",
+    )
+    sampled: bool = Field(
+        default=True,
+        description="Keep the organic temperature (sampled challenges replay exactly through their seed); "
+        "False makes every challenge greedy, which a node can see in the temperature.",
+    )
     ask_token_ids: bool = Field(
         default=True,
         description="Ask the node for its token ids (vLLM's return_token_ids); without them the "
@@ -116,31 +107,31 @@ class ChallengeRequest:
     messages: tuple[dict[str, str], ...] | None = None  # chat
 
     @property
-    def max_tokens(self) -> int:
-        return int(self.body["max_tokens"])
+    def max_tokens(self) -> int | None:
+        return int(self.body["max_tokens"]) if "max_tokens" in self.body else None
 
     @property
     def temperature(self) -> float:
         return float(self.body.get("temperature", 1.0))
 
 
-def synthetic_prompt(rng: random.Random) -> str:
-    topic = rng.choice(_TOPICS)
-    text = rng.choice(_TEMPLATES).format(t=topic, T=topic[0].upper() + topic[1:])
-    return text + rng.choice(_STYLES)
-
-
 class ChallengePool:
-    """Draws challenge requests; feed it organic prompts with `observe_organic` (kept only if enabled)."""
+    """Draws challenge requests. Feed it what organic traffic looks like with `observe_shape` (parameters
+    and lengths) and, only if enabled, organic prompts with `observe_organic`."""
 
     def __init__(self, config: ChallengeConfig | None = None, rng: random.Random | None = None) -> None:
         self.config = config or ChallengeConfig()
-        self.rng = rng or random.Random()
+        self.rng = rng or random.Random()  # seeded from the OS: the validator's private seed
+        self.mix = OrganicMix(self.config.mix_window)
+        self.writer = _writer(tuple(self.config.text_sources))
         self._organic: deque[str] = deque(maxlen=self.config.organic_pool_size)
 
     def observe_organic(self, prompt: str) -> None:
         if self.config.use_organic_prompts and prompt:
             self._organic.append(prompt)
+
+    def observe_shape(self, shape: RequestShape) -> None:
+        self.mix.observe(shape)
 
     def next_delay(self) -> float:
         """Seconds until the next challenge of one node (exponential with the configured mean)."""
@@ -148,25 +139,33 @@ class ChallengePool:
 
     def sample(self, node_id: str, model: str) -> ChallengeRequest:
         c, rng = self.config, self.rng
-        use_organic = self._organic and rng.random() < c.organic_share
-        text = rng.choice(list(self._organic)) if use_organic else synthetic_prompt(rng)
-        kind = rng.choice(c.kinds)
-        body: dict[str, Any] = {
-            "model": model,
-            "max_tokens": rng.choice(c.max_tokens),
-            "temperature": rng.choice(c.temperatures),
-        }
-        if rng.random() < c.stream_probability:
+        shape = self.mix.draw(rng)
+        texts = [self.writer.write(rng, w) for w in shape.words]
+        if self._organic and rng.random() < c.organic_share:  # replay: the last user turn / the prompt
+            turns = [i for i, r in enumerate(shape.roles) if r in ("user", "prompt")] or [len(texts) - 1]
+            texts[turns[-1]] = rng.choice(list(self._organic))
+        body: dict[str, Any] = {"model": model}
+        body["max_tokens"] = min(shape.max_tokens or c.max_tokens_cap, c.max_tokens_cap)
+        if not c.sampled:
+            body["temperature"] = 0.0
+        elif shape.temperature is not None:
+            body["temperature"] = shape.temperature
+        if shape.top_p is not None:
+            body["top_p"] = shape.top_p
+        if shape.n != 1:
+            body["n"] = shape.n
+        body["seed"] = rng.randrange(SEED_BOUND)
+        if shape.stream if shape.stream is not None else rng.random() < c.stream_probability:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
         if c.ask_token_ids:
             body["return_token_ids"] = True
-        if kind == "chat":
-            messages = ({"role": "user", "content": text},)
-            body["messages"] = list(messages)
+        if shape.kind == "chat":
+            messages = tuple({"role": r, "content": t} for r, t in zip(shape.roles, texts))
+            body["messages"] = [dict(m) for m in messages]
             return ChallengeRequest(node_id, model, "/v1/chat/completions", body, messages=messages)
-        body["prompt"] = text
-        return ChallengeRequest(node_id, model, "/v1/completions", body, prompt=text)
+        body["prompt"] = texts[0]
+        return ChallengeRequest(node_id, model, "/v1/completions", body, prompt=texts[0])
 
 
 class ShadowSampler:

@@ -29,6 +29,7 @@ from cluster.completions import MAX_IDS, NodeUsage, parse_body
 from cluster.records import NodeScore, NodeStats, ServedCompletion
 from scoring import metrics
 from scoring.challenge import ChallengeConfig, ChallengePool, ChallengeRequest, ShadowSampler
+from scoring.organic import shape_of
 from scoring.report import ScoreReport, sign_report
 from scoring.score import NodeScorer, ScoreConfig
 from scoring.verify import (
@@ -227,7 +228,10 @@ class Validator:
     async def shadow_verify(self, item: ServedCompletion) -> Verification | None:
         """Verify an organic completion after the fact if it falls in this validator's shadow sample
         (and it has an engine for the model); None otherwise. Its prompt may seed challenges."""
-        if item.model not in self._engines or not self.shadow.should_verify(item.request_id):
+        if item.model not in self._engines:
+            return None
+        self.pool.observe_shape(shape_of(item))  # parameters and lengths only: challenges copy the mix
+        if not self.shadow.should_verify(item.request_id):
             return None
         if item.messages is not None:
             self.pool.observe_organic(

@@ -66,7 +66,7 @@ async def test_cheaters_lose_consensus_quality():
     engines = {"default": FakeReferenceEngine(BigramModel(0))}
     vals = [
         Validator(
-            ValidatorConfig(validator_id=f"v{i}"),
+            ValidatorConfig(validator_id=f"v{i}", challenge=ChallengeConfig(sampled=False)),
             send,
             engines,
             {"default": CODEC},
@@ -89,7 +89,7 @@ async def test_cheaters_lose_consensus_quality():
     assert q.quality["swap"] == 0.0 and q.quality["inflate"] == 0.0
     # honest nodes differ only in measured tokens/s (completion lengths differ): both near the top
     assert min(q.quality["honest-a"], q.quality["honest-b"]) > 0.9
-    assert cs.validator_trust()["v0"] == pytest.approx(1.0)
+    assert cs.validator_trust()["v0"] == pytest.approx(1.0, abs=0.01)  # measured speeds differ a little
     assert cs.step({}, node_ids=["honest-a"]).epoch == 1
 
 
@@ -153,11 +153,12 @@ def test_organic_prompts_only_when_enabled():
     off = ChallengePool(ChallengeConfig(), random.Random(0))
     off.observe_organic("PRIVATE")
     assert all("PRIVATE" not in (off.sample("n", "m").body.get("prompt") or "") for _ in range(50))
-    on = ChallengePool(
-        ChallengeConfig(use_organic_prompts=True, organic_share=1.0, kinds=("completion",)), random.Random(0)
-    )
+    on = ChallengePool(ChallengeConfig(use_organic_prompts=True, organic_share=1.0), random.Random(0))
     on.observe_organic("PRIVATE")
-    assert on.sample("n", "m").body["prompt"] == "PRIVATE"
+    for _ in range(20):  # replayed as the prompt, or as the last user turn of a chat
+        body = on.sample("n", "m").body
+        last = body.get("prompt") or [m for m in body["messages"] if m["role"] == "user"][-1]["content"]
+        assert last == "PRIVATE"
 
 
 def test_shadow_sampling_rate_and_determinism():
