@@ -36,6 +36,7 @@ import math
 import os
 import platform
 import random
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,6 +98,22 @@ class Scenario(BaseModel):
     quick_duration_s: float = Field(gt=0, description="Arrivals stop after this with --quick.")
     warmup_s: float = Field(ge=0, description="Measurements start here.")
     drain_s: float = Field(ge=0, description="Extra time to let requests finish after arrivals stop.")
+    # KV prefix cache (vLLM's automatic prefix caching): full prompt blocks whose whole prefix a node
+    # still holds skip prefill. Defaults keep older scenario files valid.
+    block_tokens: int = Field(default=16, ge=1, description="Tokens per KV cache block (vLLM: 16).")
+    cache_blocks_per_slot: int = Field(
+        default=256, ge=0, description="KV cache blocks per slot of a node, LRU (0: no prefix cache)."
+    )
+    shared_prefix_fraction: float = Field(
+        default=0.0, ge=0, le=1, description="Fraction of requests that start with a shared system prompt."
+    )
+    shared_prefixes: int = Field(default=1, ge=1, description="Number of distinct shared system prompts.")
+    shared_prefix_tokens: int = Field(default=0, ge=0, description="Tokens of each shared system prompt.")
+    router_blocks: int = Field(
+        default=64,
+        ge=0,
+        description="Leading blocks whose hashes the router sees (it hashes a bounded prefix).",
+    )
 
 
 # ---- the fleet -------------------------------------------------------------------------------
@@ -111,6 +128,30 @@ class Node:
     live: bool = True  # the registry's view
     active: int = 0
     queue: list = field(default_factory=list)
+    cache: OrderedDict = field(default_factory=OrderedDict)  # block hash -> None, LRU order
+
+
+def cached_blocks(node: Node, blocks: tuple[int, ...]) -> int:
+    """Leading blocks of `blocks` the node holds (a block counts only if every block before it does,
+    because a block's KV depends on the whole prefix: vLLM chains block hashes the same way)."""
+    hit = 0
+    for b in blocks:
+        if b not in node.cache:
+            break
+        hit += 1
+    return hit
+
+
+def touch_blocks(node: Node, blocks: tuple[int, ...], limit: int) -> None:
+    """The node computed (or reused) `blocks`: most recently used now; evict the oldest beyond limit."""
+    cache = node.cache
+    for b in blocks:
+        if b in cache:
+            cache.move_to_end(b)
+        else:
+            cache[b] = None
+    while len(cache) > limit:
+        cache.popitem(last=False)
 
 
 @dataclass(eq=False)
@@ -120,6 +161,7 @@ class Req:
     prompt: int
     output: int
     facts: RequestFacts
+    blocks: tuple[int, ...] = ()  # hashes of the prompt's full KV blocks, chained (see cached_blocks)
     tried: set = field(default_factory=set)
     node: Node | None = None
     attempt_start: float = 0.0
@@ -149,8 +191,12 @@ def build_fleet(sc: Scenario, rng: random.Random) -> list[Node]:
 
 def honest_capacity_req_s(sc: Scenario, fleet: list[Node]) -> float:
     """Requests/s the honest nodes sustain at 100% slot use (mean service time from the lognormals,
-    ignoring the caps, a slight overestimate of the mean length)."""
-    mean_p = sc.prompt_median * math.exp(sc.prompt_sigma**2 / 2)
+    ignoring the caps, a slight overestimate of the mean length; no prefix cache hits)."""
+    # Shared system prompts count in full: this is the capacity without any prefix cache hit.
+    mean_p = (
+        sc.prompt_median * math.exp(sc.prompt_sigma**2 / 2)
+        + sc.shared_prefix_fraction * sc.shared_prefix_tokens
+    )
     mean_o = sc.output_median * math.exp(sc.output_sigma**2 / 2)
     total = 0.0
     for n in fleet:
@@ -242,6 +288,25 @@ class PowerOfTwo(Baseline):
         return a if la < lb or (la == lb and self.rng.random() < 0.5) else b
 
 
+class OracleLeastLoaded(LeastLoaded):
+    """Least-loaded over the honest nodes only, known from the start (no detection delay): the bar.
+    It cannot be deployed (nobody knows honesty up front); it shows what the honest fleet can do."""
+
+    name = "oracle-least-loaded"
+
+    def update(self, fleet: list[Node], now: float) -> None:
+        self.live = [n.node_id for n in fleet if n.live and n.honest]
+
+
+class OraclePowerOfTwo(PowerOfTwo):
+    """Power-of-two choices over the honest nodes only, known from the start."""
+
+    name = "oracle-power-of-two"
+
+    def update(self, fleet: list[Node], now: float) -> None:
+        self.live = [n.node_id for n in fleet if n.live and n.honest]
+
+
 class Meritnet:
     """The real Router, fed the way the gateway feeds it."""
 
@@ -293,7 +358,11 @@ class Meritnet:
         return self.router.timeout_s(nid)
 
 
-POLICIES = ("random", "round-robin", "least-loaded", "power-of-two", "meritnet")
+BASELINES = {
+    cls.name: cls
+    for cls in (RandomPolicy, RoundRobin, LeastLoaded, PowerOfTwo, OracleLeastLoaded, OraclePowerOfTwo)
+}
+POLICIES = (*BASELINES, "meritnet")
 
 
 # ---- the simulation --------------------------------------------------------------------------
@@ -305,17 +374,15 @@ class Sim:
         self.fleet = build_fleet(sc, random.Random(sc.seed))
         self.by_id = {n.node_id: n for n in self.fleet}
         prng = random.Random(sc.seed + 1)  # the policy's own randomness
-        cls = {
-            "random": RandomPolicy,
-            "round-robin": RoundRobin,
-            "least-loaded": LeastLoaded,
-            "power-of-two": PowerOfTwo,
-        }.get(policy_name)
+        if policy_name not in POLICIES:
+            raise ValueError(f"unknown policy {policy_name!r}; known: {', '.join(POLICIES)}")
+        cls = BASELINES.get(policy_name)
         self.policy = cls(sc, self.fleet, prng) if cls else Meritnet(sc, self.fleet, prng, lambda: self.now)
         self.policy.update(self.fleet, 0.0)
         self.events: list = []
         self.seq = 0
         self.lat, self.ttft, self.completed, self.failed = [], [], 0, 0
+        self.series: list[tuple[float, float]] = []  # (arrival, end-to-end latency) for the timeline
         self.good_tokens, self.served_dishonest, self.served_after = 0, 0, 0
         self.pending: dict[int, Req] = {}
         self.offered_tokens = 0  # output tokens of post-warm-up arrivals: the goodput ceiling
@@ -331,6 +398,11 @@ class Sim:
         lam_max = sc.load_max * honest_capacity_req_s(sc, self.fleet)
         mid, amp = (sc.load_max + sc.load_min) / 2, (sc.load_max - sc.load_min) / 2
         t, rid = 0.0, 0
+        srng = random.Random(
+            sc.seed + 4
+        )  # shared prefixes: own stream, so older scenarios keep their arrivals
+        bt, fresh = sc.block_tokens, 1 << 62  # block ids >= 2**62 are never shared
+        shared_blocks = sc.shared_prefix_tokens // bt
         while True:
             t += arng.expovariate(lam_max)
             if t >= self.duration:
@@ -347,8 +419,18 @@ class Sim:
                 continue
             p = min(sc.prompt_max, max(1, round(sc.prompt_median * prompt)))
             o = min(sc.output_max, max(1, round(sc.output_median * output)))
+            blocks: tuple[int, ...] = ()
+            if sc.shared_prefix_tokens and srng.random() < sc.shared_prefix_fraction:
+                sys_id = srng.randrange(sc.shared_prefixes)
+                prefix = f"sys{sys_id}"
+                p += sc.shared_prefix_tokens
+                blocks = tuple(((sys_id + 1) << 32) | i for i in range(shared_blocks))
+            own = p // bt - len(blocks)
+            blocks += tuple(range(fresh, fresh + own))
+            fresh += own
             rid += 1
-            self.at(t, self.arrive, Req(rid, t, p, o, RequestFacts(MODEL, p, prefix, session)))
+            facts = RequestFacts(MODEL, p, prefix, session, prefix_blocks=blocks[: sc.router_blocks])
+            self.at(t, self.arrive, Req(rid, t, p, o, facts, blocks))
             if t >= sc.warmup_s:
                 self.offered_tokens += o
         for n in self.fleet:
@@ -393,8 +475,12 @@ class Sim:
     def start(self, node: Node, req: Req) -> None:
         node.active += 1
         req.in_slot = True
-        s = node.tier.speed
-        req.first_byte = self.now + req.prompt / (s * self.sc.base_prefill_tok_s)
+        s, sc = node.tier.speed, self.sc
+        prefill = req.prompt
+        if sc.cache_blocks_per_slot:  # prefix cache: skip the leading blocks the node still holds
+            prefill = max(1, prefill - cached_blocks(node, req.blocks) * sc.block_tokens)
+            touch_blocks(node, req.blocks, sc.cache_blocks_per_slot * node.tier.capacity)
+        req.first_byte = self.now + prefill / (s * sc.base_prefill_tok_s)
         self.at(req.first_byte + req.output / (s * self.sc.base_decode_tok_s), self.finish, req, req.epoch)
 
     def free_slot(self, node: Node) -> None:
@@ -418,6 +504,7 @@ class Sim:
         self.completed += 1
         if req.arrival >= self.sc.warmup_s:
             self.lat.append(self.now - req.arrival)
+            self.series.append((req.arrival, self.now - req.arrival))
             self.ttft.append(req.first_byte - req.arrival)
             self.served_after += 1
             self.served_dishonest += not node.honest
@@ -466,7 +553,8 @@ class Sim:
                 self.at(when, self.check_timeout, r, r.epoch)
             r.in_slot = False
         node.active, node.queue = 0, []
-        if kind == "crash":
+        if kind == "crash":  # the engine restarts with an empty KV cache
+            node.cache.clear()
             self.at(self.now + self.sc.liveness_lag_s, self.set_live, node, False)
 
     def node_up(self, node: Node) -> None:
@@ -494,6 +582,7 @@ class Sim:
         for r in self.pending.values():  # unfinished: their age is a lower bound of their latency
             if r.arrival >= self.sc.warmup_s:
                 self.lat.append(self.end_time - r.arrival)
+                self.series.append((r.arrival, self.end_time - r.arrival))
         return self.report()
 
     def report(self) -> dict:
@@ -515,7 +604,21 @@ class Sim:
             "failed": self.failed,
             "unfinished": len(self.pending),
             "offered_tok_s": round(self.offered_tokens / window, 1),
+            "timeline": self.timeline(),
         }
+
+    def timeline(self, bucket_s: float = 30.0) -> list[list[float | None]]:
+        """[bucket start (s), p50 ms, p99 ms] of end-to-end latency by arrival time, for the plot."""
+        buckets: dict[int, list[float]] = {}
+        for t, lat in self.series:
+            buckets.setdefault(int(t // bucket_s), []).append(lat)
+        out = []
+        for k in sorted(buckets):
+            xs = sorted(buckets[k])
+            out.append(
+                [k * bucket_s, round(1000 * xs[len(xs) // 2], 1), round(1000 * xs[int(0.99 * len(xs))], 1)]
+            )
+        return out
 
 
 def plot(results: dict, path: Path, title: str) -> None:
@@ -572,7 +675,9 @@ def main() -> None:
     }
     out.write_text(json.dumps(doc, indent=2))
     plot(results, out.with_suffix(".png"), f"benchmarks.fleet ({Path(args.scenario).name}, {duration:.0f} s)")
-    print(json.dumps(results, indent=2))
+    print(
+        json.dumps({k: {m: v for m, v in r.items() if m != "timeline"} for k, r in results.items()}, indent=2)
+    )
 
 
 if __name__ == "__main__":

@@ -33,8 +33,11 @@ class RequestFacts:
     """What the router may know about a request (never the request itself).
 
     `prompt_tokens` is an estimate (the gateway has not tokenised yet); `prefix_hash` keys
-    prefix-cache affinity; `session_key` (e.g. an `x-session-id` header) overrides it when set.
+    session affinity; `session_key` (e.g. an `x-session-id` header) overrides it when set.
     `target_node` is set only for validator challenges that must hit one specific node.
+    `prefix_blocks` are chained hashes of the prompt's leading blocks (block i's hash covers
+    blocks 0..i, as vLLM's prefix cache keys its KV blocks), read by the `prefix-cache` scorer.
+    `slo_ttft_s` is the client's time-to-first-token target (`x-slo-ttft-ms`), or None.
     """
 
     model: str
@@ -43,6 +46,8 @@ class RequestFacts:
     session_key: str | None = None
     is_challenge: bool = False
     target_node: str | None = None
+    prefix_blocks: tuple[int, ...] = ()
+    slo_ttft_s: float | None = None
 
     def __post_init__(self) -> None:
         if type(self.model) is not str or not self.model:
@@ -56,6 +61,9 @@ class RequestFacts:
             raise ValueError(f"is_challenge must be a bool, got {self.is_challenge!r}")
         if self.target_node is not None and type(self.target_node) is not str:
             raise ValueError(f"target_node must be a str or None, got {self.target_node!r}")
+        if type(self.prefix_blocks) is not tuple or not all(type(b) is int for b in self.prefix_blocks):
+            raise ValueError(f"prefix_blocks must be a tuple of ints, got {self.prefix_blocks!r}")
+        _check_float("slo_ttft_s", self.slo_ttft_s, optional=True)
 
     @classmethod
     def from_text(
@@ -65,10 +73,29 @@ class RequestFacts:
         session_key: str | None = None,
         is_challenge: bool = False,
         target_node: str | None = None,
+        slo_ttft_s: float | None = None,
     ) -> RequestFacts:
-        """Facts from the prompt text: ~4 characters per token, prefix = the first 256 characters."""
+        """Facts from the prompt text: ~4 characters per token, prefix = the first 256 characters,
+        prefix blocks = chained hashes of the leading PREFIX_BLOCK_CHARS-character blocks.
+
+        The gateway has the text, not token ids (it does not tokenise before routing), so blocks
+        are fixed character spans (~16 tokens at ~4 characters per token) rather than vLLM's
+        16-token blocks: two prompts sharing a system prompt share these leading blocks exactly
+        as they share the node's KV blocks, up to where a block boundary splits differently.
+        Python's hash() is salted per process, which is enough: each router keeps its own index.
+        """
         prefix = hashlib.blake2b(text[:256].encode(), digest_size=8).hexdigest()
-        return cls(model, len(text) // 4, prefix, session_key, is_challenge, target_node)
+        blocks, h, step = [], 0, PREFIX_BLOCK_CHARS
+        for start in range(0, min(len(text) // step, PREFIX_BLOCKS_MAX) * step, step):
+            h = hash((h, text[start : start + step]))
+            blocks.append(h)
+        return cls(
+            model, len(text) // 4, prefix, session_key, is_challenge, target_node, tuple(blocks), slo_ttft_s
+        )
+
+
+PREFIX_BLOCK_CHARS = 64  # ~16 tokens, vLLM's block size
+PREFIX_BLOCKS_MAX = 64  # hash at most the first ~4,096 characters: bounded work per request
 
 
 @dataclass(frozen=True, slots=True)
