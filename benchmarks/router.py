@@ -2,12 +2,12 @@
 
     python -m benchmarks.router --out FILE.json [--quick]
 
-Measures `Router.route(facts)` (snapshot lookup + the full organic profile: filters, weighted
+Measures `Router.route(facts)` (columns lookup + the full organic profile: filters, weighted
 scorers, picker, per-plugin timing), the call the gateway makes per request, on a realistic
 fleet: mixed accelerators and loads, 10% unscored, 5% below the quality floor, 5% banned,
 5% not live, latency EWMAs set, a varying session/prefix key. Between decisions one node's
-in-flight count changes (begin/end), as under real traffic, so the per-model snapshot cache is
-rebuilt as often as it would be. Output: {"nodes": {"8": {"p50_us", "p99_us", "mean_us",
+in-flight count changes (begin/end), as under real traffic, so the in-flight column and its
+version change as often as they would. Output: {"nodes": {"8": {"p50_us", "p99_us", "mean_us",
 "cpu_p50_us", "cpu_p99_us"}, ...} (wall clock; cpu_* = this thread's CPU time, which excludes
 time the OS gave other processes on a busy machine),
 "plugins_mean_us": {...}, "machine": ...}. `--quick` runs fewer decisions (same keys).

@@ -9,6 +9,7 @@ Public surface (everything else is internal):
 
 `Router.pick(facts, snapshots, ...)` is the same decision over snapshots you build yourself
 (e.g. with `build_snapshot(NodeStats, quality, health_state, in_flight)`).
+Every plugin has one implementation, over numpy Columns (columns.py) whatever the fleet size.
 Plugin docs: filters.py, scorers.py, pickers.py; config format: config.py; default config:
 deploy/profiles/default.yaml.
 """

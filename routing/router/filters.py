@@ -9,13 +9,12 @@ not be removed by a hard filter after it (the property test in tests/unit found 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from routing.router.columns import Columns
 from routing.router.framework import Filter, PickContext, register
-from routing.router.snapshot import NodeSnapshot, RequestFacts
+from routing.router.snapshot import RequestFacts
 
 
 class _Params(BaseModel):
@@ -29,14 +28,10 @@ class ServesModel(Filter):
     Reads: model_id. Parameters: none.  Example: `{name: serves-model, type: serves-model}`
     """
 
-    def filter(
-        self, facts: RequestFacts, nodes: Sequence[NodeSnapshot], ctx: PickContext
-    ) -> list[NodeSnapshot]:
-        model = facts.model
-        return [n for n in nodes if n.model_id == model]
+    static, reads = True, ("model",)
 
-    def filter_idx(self, facts, cols, idx, ctx):
-        return idx if cols.model == facts.model else idx[:0]
+    def filter(self, facts: RequestFacts, cols: Columns, mask: np.ndarray, ctx: PickContext) -> np.ndarray:
+        return mask & (cols.model == facts.model)
 
 
 @register("live")
@@ -46,13 +41,10 @@ class Live(Filter):
     Reads: live. Parameters: none.  Example: `{name: live, type: live}`
     """
 
-    def filter(
-        self, facts: RequestFacts, nodes: Sequence[NodeSnapshot], ctx: PickContext
-    ) -> list[NodeSnapshot]:
-        return [n for n in nodes if n.live]
+    static, reads = True, ("live",)
 
-    def filter_idx(self, facts, cols, idx, ctx):
-        return idx[cols.live[idx]]
+    def filter(self, facts: RequestFacts, cols: Columns, mask: np.ndarray, ctx: PickContext) -> np.ndarray:
+        return mask & cols.live
 
 
 @register("not-banned")
@@ -65,21 +57,14 @@ class NotBanned(Filter):
     Example: `{name: not-banned, type: not-banned}`
     """
 
-    def filter(
-        self, facts: RequestFacts, nodes: Sequence[NodeSnapshot], ctx: PickContext
-    ) -> list[NodeSnapshot]:
-        now = ctx.now
-        kept = [n for n in nodes if n.banned_until <= now]
-        if kept or not nodes:
+    def filter(self, facts: RequestFacts, cols: Columns, mask: np.ndarray, ctx: PickContext) -> np.ndarray:
+        kept = mask & (cols.banned_until <= ctx.now)
+        if np.count_nonzero(kept) or not np.count_nonzero(mask):
             return kept
-        return [min(nodes, key=lambda n: (n.last_failure_at or 0.0, n.banned_until))]
-
-    def filter_idx(self, facts, cols, idx, ctx):
-        kept = idx[cols.banned_until[idx] <= ctx.now]
-        if kept.size or not idx.size:
-            return kept
+        idx = np.flatnonzero(mask)
         order = np.lexsort((cols.banned_until[idx], cols.last_failure_at[idx]))  # last key is primary
-        return idx[order[:1]]
+        kept[idx[order[0]]] = True
+        return kept
 
 
 class SaturationParams(_Params):
@@ -107,19 +92,10 @@ class UnderSaturation(Filter):
 
     Params = SaturationParams
 
-    def filter(
-        self, facts: RequestFacts, nodes: Sequence[NodeSnapshot], ctx: PickContext
-    ) -> list[NodeSnapshot]:
-        limit = self.params.max_load
-        kept = [n for n in nodes if n.in_flight + n.queue_depth < limit * n.capacity]
-        if not kept and self.params.keep_all_when_saturated:
-            return list(nodes)
-        return kept
-
-    def filter_idx(self, facts, cols, idx, ctx):
-        kept = idx[cols.in_flight[idx] + cols.queue_depth[idx] < self.params.max_load * cols.capacity[idx]]
-        if not kept.size and self.params.keep_all_when_saturated:
-            return idx
+    def filter(self, facts: RequestFacts, cols: Columns, mask: np.ndarray, ctx: PickContext) -> np.ndarray:
+        kept = mask & (cols.in_flight + cols.queue_depth < self.params.max_load * cols.capacity)
+        if self.params.keep_all_when_saturated and not np.count_nonzero(kept):
+            return mask
         return kept
 
 
@@ -141,16 +117,11 @@ class QualityFloor(Filter):
     """
 
     Params = FloorParams
+    static, reads = True, ("quality",)
 
-    def filter(
-        self, facts: RequestFacts, nodes: Sequence[NodeSnapshot], ctx: PickContext
-    ) -> list[NodeSnapshot]:
-        floor = self.params.floor
-        return [n for n in nodes if n.quality is None or n.quality >= floor]
-
-    def filter_idx(self, facts, cols, idx, ctx):
-        q = cols.quality[idx]
-        return idx[np.isnan(q) | (q >= self.params.floor)]
+    def filter(self, facts: RequestFacts, cols: Columns, mask: np.ndarray, ctx: PickContext) -> np.ndarray:
+        q = cols.quality
+        return mask & (np.isnan(q) | (q >= self.params.floor))
 
 
 class ProbationParams(_Params):
@@ -182,24 +153,14 @@ class Probation(Filter):
 
     Params = ProbationParams
 
-    def filter(
-        self, facts: RequestFacts, nodes: Sequence[NodeSnapshot], ctx: PickContext
-    ) -> list[NodeSnapshot]:
-        cutoff = ctx.now - self.params.new_for_s
-        proven = [n for n in nodes if n.quality is not None and n.joined_at <= cutoff]
-        if len(proven) == len(nodes) or not proven:
-            return list(nodes)
-        if ctx.rng.random() < self.params.share:
-            ids = {n.node_id for n in proven}
-            return [n for n in nodes if n.node_id not in ids]
-        return proven
-
-    def filter_idx(self, facts, cols, idx, ctx):
-        proven = ~np.isnan(cols.quality[idx]) & (cols.joined_at[idx] <= ctx.now - self.params.new_for_s)
-        count = int(proven.sum())
-        if count == idx.size or not count:
-            return idx
-        return idx[~proven] if ctx.rng.random() < self.params.share else idx[proven]
+    def filter(self, facts: RequestFacts, cols: Columns, mask: np.ndarray, ctx: PickContext) -> np.ndarray:
+        proven = mask & ~np.isnan(cols.quality)
+        if self.params.new_for_s:
+            proven &= cols.joined_at <= ctx.now - self.params.new_for_s
+        count = np.count_nonzero(proven)
+        if not count or count == np.count_nonzero(mask):
+            return mask
+        return mask & ~proven if ctx.rng.random() < self.params.share else proven
 
 
 @register("target-node")
@@ -210,15 +171,45 @@ class TargetNode(Filter):
     Example: `{name: target-node, type: target-node}`
     """
 
-    def filter(
-        self, facts: RequestFacts, nodes: Sequence[NodeSnapshot], ctx: PickContext
-    ) -> list[NodeSnapshot]:
-        target = facts.target_node
-        if target is None:
-            return list(nodes)
-        return [n for n in nodes if n.node_id == target]
-
-    def filter_idx(self, facts, cols, idx, ctx):
+    def filter(self, facts: RequestFacts, cols: Columns, mask: np.ndarray, ctx: PickContext) -> np.ndarray:
         if facts.target_node is None:
-            return idx
-        return idx[idx == cols.pos.get(facts.target_node, -1)]
+            return mask
+        kept = np.zeros_like(mask)
+        row = cols.pos.get(facts.target_node)
+        if row is not None:
+            kept[row] = mask[row]
+        return kept
+
+
+class SloParams(_Params):
+    output_tokens: float = Field(
+        default=256,
+        ge=0,
+        description="Output length assumed for the requests ahead in a full node's queue (tokens).",
+    )
+
+
+@register("ttft-slo")
+class TtftSlo(Filter):
+    """For requests with a TTFT target (`x-slo-ttft-ms`), drops nodes predicted to miss it.
+
+    Predicted TTFT = the node's TTFT EWMA, plus, when every slot is busy, the wait for one:
+    (in_flight - capacity + 1) / capacity x (ttft + tpot x output_tokens). Nodes never timed
+    pass (no evidence they miss). When no candidate is predicted to meet the target all of them
+    are kept (the target is best effort: the scorers then prefer the fastest), so a tight SLO
+    never turns into an error. Requests without a target pass unchanged.
+    Reads: ttft_ewma_s, tpot_ewma_s, in_flight, capacity. Parameters: output_tokens.
+    Example: `{name: slo, type: ttft-slo, parameters: {output_tokens: 256}}`
+    """
+
+    Params = SloParams
+
+    def filter(self, facts: RequestFacts, cols: Columns, mask: np.ndarray, ctx: PickContext) -> np.ndarray:
+        target = facts.slo_ttft_s
+        if target is None:
+            return mask
+        ttft, cap = cols.ttft, cols.capacity
+        ahead = np.fmax(cols.in_flight - cap + 1.0, 0.0) / cap
+        pred = ttft + ahead * (ttft + cols.tpot * self.params.output_tokens)
+        kept = mask & ~(pred > target)  # NaN (never timed) is not > target: kept
+        return kept if np.count_nonzero(kept) else mask

@@ -1,20 +1,24 @@
 """The routing framework: plugin kinds, their registry, and a compiled profile that runs them.
 
-A profile is ordered Filters (each narrows the candidate list) -> weighted Scorers (each
-returns one score per candidate) -> exactly one Picker (returns an index). Plugins only
+A profile is ordered Filters (each narrows a boolean row mask) -> weighted Scorers (each returns
+one score per row) -> exactly one Picker (returns an index into the candidates' totals). Every
+plugin has one implementation, over the numpy Columns of the nodes (columns.py). Plugins only
 compute; the framework clamps scores to [0,1] (NaN counts as 0), applies weights normalised to
-sum to 1, times every plugin, and builds an explanation when asked. Plugins work on the whole
-candidate list at once, because a Python call per (plugin, node) pair would be too slow at
-1000 nodes; built-ins also implement the same logic over numpy columns (`*_idx` / `pick_array`,
-see columns.py), which `Profile.run_columns` uses for large fleets.
+sum to 1, times every plugin, builds an explanation when asked, and keeps precomputed results:
+
+- the leading filters marked `static` (their result depends only on the columns they `reads`
+  and the request's model, row by row) run once per change of those columns: their mask is
+  cached on the Columns under the columns' versions, and the request's excluded rows are
+  removed after (row-wise filters commute with removing rows);
+- a scorer marked `static` is cached the same way, and plugins cache their own static parts
+  with `Columns.memo` (e.g. the latency scorer's per-node prediction before queueing).
 """
 
 from __future__ import annotations
 
-import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -40,11 +44,18 @@ class PickContext:
 
 
 class Plugin:
-    """Base of every plugin. `Params` is the pydantic model of its YAML `parameters`."""
+    """Base of every plugin. `Params` is the pydantic model of its YAML `parameters`.
+
+    `static` plugins promise that their output depends only on the columns named in `reads` and
+    on `facts.model` (not on the time, the randomness or other facts), row by row, so the
+    framework may cache it until one of those columns changes.
+    """
 
     kind: ClassVar[str] = ""
     type_name: ClassVar[str] = ""
     Params: ClassVar[type[BaseModel]] = NoParams
+    static: ClassVar[bool] = False
+    reads: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, name: str, params: BaseModel) -> None:
         self.name = name
@@ -52,35 +63,48 @@ class Plugin:
 
 
 class Filter(Plugin):
-    """Narrows the candidates. `filter_idx`, if a subclass defines it, is the same filter over
-    row indices of a Columns view (used for large fleets); it must keep exactly the same nodes."""
+    """Narrows the candidates: returns the mask of rows it keeps (a subset of `mask`)."""
 
     kind = "filter"
-    filter_idx: ClassVar[Callable | None] = None  # (facts, cols, idx, ctx) -> idx
 
-    def filter(
+    def filter(self, facts: RequestFacts, cols: Columns, mask: np.ndarray, ctx: PickContext) -> np.ndarray:
+        raise NotImplementedError
+
+    def filter_nodes(
         self, facts: RequestFacts, nodes: Sequence[NodeSnapshot], ctx: PickContext
     ) -> list[NodeSnapshot]:
-        raise NotImplementedError
+        """Convenience for tests and tools: the same filter over snapshots."""
+        cols = Columns(nodes)
+        kept = self.filter(facts, cols, cols.mask(), ctx)
+        return [n for n, k in zip(nodes, kept) if k]
 
 
 class Scorer(Plugin):
-    """Scores each candidate, ideally in [0,1]. Optional `score_idx`: the same over Columns rows."""
+    """Scores every row, ideally in [0,1] (only the rows in `mask` are candidates; the others are
+    ignored). `after_pick` lets a scorer learn where a request went (e.g. the prefix-cache index)."""
 
     kind = "scorer"
-    score_idx: ClassVar[Callable | None] = None  # (facts, cols, idx, ctx) -> np.ndarray
 
-    def score(self, facts: RequestFacts, nodes: Sequence[NodeSnapshot], ctx: PickContext) -> Sequence[float]:
+    def score(self, facts: RequestFacts, cols: Columns, mask: np.ndarray, ctx: PickContext) -> np.ndarray:
         raise NotImplementedError
+
+    def after_pick(self, facts: RequestFacts, node_id: str, ctx: PickContext) -> None:
+        """Called once per decision with the chosen node (default: nothing)."""
+
+    def score_nodes(
+        self, facts: RequestFacts, nodes: Sequence[NodeSnapshot], ctx: PickContext
+    ) -> list[float]:
+        """Convenience for tests and tools: the raw scores over snapshots."""
+        cols = Columns(nodes)
+        return [float(x) for x in self.score(facts, cols, cols.mask(), ctx)]
 
 
 class Picker(Plugin):
-    """Chooses an index into the totals. Optional `pick_array`: the same over a numpy array."""
+    """Chooses an index into the candidates' totals (a 1-d array, two or more entries)."""
 
     kind = "picker"
-    pick_array: ClassVar[Callable | None] = None  # (facts, totals: np.ndarray, ctx) -> int
 
-    def pick(self, facts: RequestFacts, totals: Sequence[float], ctx: PickContext) -> int:
+    def pick(self, facts: RequestFacts, totals: np.ndarray, ctx: PickContext) -> int:
         raise NotImplementedError
 
 
@@ -105,8 +129,7 @@ def register(type_name: str):
 class PluginTimings:
     """Cumulative time per plugin (calls, total ns) since the router was built, for /metrics or debugging.
 
-    Each profile owns one slot per plugin (a list index, not a dict key) so timing costs
-    ~0.2 us per plugin on the hot path.
+    Each profile owns one slot per plugin (a list, not a dict lookup) so timing stays cheap.
     """
 
     def __init__(self) -> None:
@@ -119,14 +142,12 @@ class PluginTimings:
         return {k: ns / calls / 1000 for k, (calls, ns) in self.slots.items() if calls}
 
 
-def _clamped(raw: Sequence[float]) -> Sequence[float]:
-    """raw clamped to [0,1], NaN -> 0. The common all-in-range case is checked at C speed:
-    sum() is NaN if any element is NaN (or +inf and -inf meet), min/max catch the rest."""
-    total = sum(raw)
-    if not math.isnan(total) and min(raw) >= 0.0 and max(raw) <= 1.0:
-        return raw
-    # `not x > 0.0` is also true for NaN, which therefore scores 0.
-    return [0.0 if not x > 0.0 else (min(x, 1.0)) for x in raw]
+_fmax, _fmin = np.fmax, np.fmin
+
+
+def clamp(raw: np.ndarray) -> np.ndarray:
+    """raw clamped to [0,1]; NaN -> 0 (fmax/fmin return the non-NaN operand)."""
+    return _fmin(_fmax(raw, 0.0), 1.0)
 
 
 class Profile:
@@ -146,12 +167,12 @@ class Profile:
         self.scorers = tuple((s, w / total) for s, w in scorers) if total > 0 else ()
         self.picker = picker
         self._timings: PluginTimings | None = None
-        # True when every plugin can also run on Columns (the large-fleet path).
-        self.vectorised = (
-            all(f.filter_idx is not None for f in self.filters)
-            and all(s.score_idx is not None for s, _ in self.scorers)
-            and picker.pick_array is not None
-        )
+        n = 0
+        while n < len(self.filters) and self.filters[n].static:
+            n += 1
+        self.static_filters = self.filters[:n]
+        self.static_reads = tuple(sorted({r for f in self.static_filters for r in f.reads}))
+        self.learners = tuple(s for s, _ in self.scorers if type(s).after_pick is not Scorer.after_pick)
 
     def _bind(self, timings: PluginTimings) -> None:
         self._timings = timings
@@ -159,131 +180,110 @@ class Profile:
         self._sslots = [timings.slot(f"{self.name}/{s.name}") for s, _ in self.scorers]
         self._pslot = timings.slot(f"{self.name}/{self.picker.name}")
 
+    def _static_mask(self, facts: RequestFacts, cols: Columns, ctx: PickContext) -> np.ndarray:
+        """The leading static filters over every row, recomputed only when a column they read changed."""
+        key = ("filters", self.name, facts.model, cols.versions_of(self.static_reads))
+        hit = cols.cache.get(key)
+        if hit is None:
+            hit = cols.all_rows
+            for f in self.static_filters:
+                hit = f.filter(facts, cols, hit, ctx)
+            cols.cache[key] = hit
+        return hit
+
+    def _static_score(self, s: Scorer, facts: RequestFacts, cols: Columns, ctx: PickContext) -> np.ndarray:
+        key = ("scorer", self.name, s.name, facts.model, cols.versions_of(s.reads))
+        hit = cols.cache.get(key)
+        if hit is None:
+            hit = cols.cache[key] = clamp(np.asarray(s.score(facts, cols, cols.all_rows, ctx), dtype=float))
+        return hit
+
     def run(
         self,
         facts: RequestFacts,
-        nodes: Sequence[NodeSnapshot],
-        ctx: PickContext,
-        timings: PluginTimings,
-        explain: bool = False,
-    ) -> Decision:
-        if self._timings is not timings:
-            self._bind(timings)
-        clock = time.perf_counter_ns
-        removed: list[tuple[str, tuple[str, ...]]] = []
-        spent: dict[str, float] = {}
-        if not nodes:
-            raise NoEligibleNode(
-                facts.model, self.name, "no candidate nodes (all excluded or none registered)"
-            )
-        for f, slot in zip(self.filters, self._fslots):
-            t0 = clock()
-            kept = f.filter(facts, nodes, ctx)
-            dt = clock() - t0
-            slot[0] += 1
-            slot[1] += dt
-            if explain:
-                ids = {n.node_id for n in kept}
-                removed.append((f.name, tuple(n.node_id for n in nodes if n.node_id not in ids)))
-                spent[f.name] = dt / 1000
-            nodes = kept
-            if not nodes:
-                raise NoEligibleNode(
-                    facts.model, self.name, f"filter {f.name!r} removed every remaining candidate"
-                )
-        n = len(nodes)
-        weighted = []
-        per_scorer: dict[str, Sequence[float]] = {}
-        for (s, w), slot in zip(self.scorers, self._sslots):
-            t0 = clock()
-            raw = s.score(facts, nodes, ctx)
-            dt = clock() - t0
-            slot[0] += 1
-            slot[1] += dt
-            if len(raw) != n:
-                raise RuntimeError(f"scorer {s.name!r} returned {len(raw)} scores for {n} candidates")
-            clamped = _clamped(raw)
-            weighted.append(map(w.__mul__, clamped))  # lazy: summed below in one C-level pass
-            if explain:
-                per_scorer[s.name] = list(clamped)
-                spent[s.name] = dt / 1000
-        totals = list(map(sum, zip(*weighted))) if weighted else [0.0] * n
-        t0 = clock()
-        index = self.picker.pick(facts, totals, ctx) if n > 1 else 0
-        dt = clock() - t0
-        self._pslot[0] += 1
-        self._pslot[1] += dt
-        explanation = None
-        if explain:
-            spent[self.picker.name] = dt / 1000
-            scores = {
-                node.node_id: {**{k: v[i] for k, v in per_scorer.items()}, "total": totals[i]}
-                for i, node in enumerate(nodes)
-            }
-            explanation = Explanation(tuple(removed), scores, spent)
-        return Decision(nodes[index].node_id, self.name, totals[index], n, explanation)
-
-    def run_columns(
-        self,
-        facts: RequestFacts,
         cols: Columns,
-        idx: np.ndarray,
+        mask: np.ndarray,
         ctx: PickContext,
         timings: PluginTimings,
         explain: bool = False,
+        cached: bool = True,
     ) -> Decision:
-        """`run` over row indices of a Columns view: same plugins, same clamping and weights."""
+        """Decide among the rows of `cols` in `mask`. `cached=False` recomputes every plugin from
+        scratch (what the precomputed state must always equal; the property tests compare them)."""
         if self._timings is not timings:
             self._bind(timings)
+        if not cached or len(cols.cache) > 64:  # stale versions pile up as inputs change
+            cols.cache.clear()
         clock = time.perf_counter_ns
         removed: list[tuple[str, tuple[str, ...]]] = []
         spent: dict[str, float] = {}
         ids = cols.ids
-        if not idx.size:
+        if not np.count_nonzero(mask):
             raise NoEligibleNode(
                 facts.model, self.name, "no candidate nodes (all excluded or none registered)"
             )
-        for f, slot in zip(self.filters, self._fslots):
+        first = 0
+        if cached and self.static_filters and not explain:
             t0 = clock()
-            kept = f.filter_idx(facts, cols, idx, ctx)
+            mask = mask & self._static_mask(facts, cols, ctx)
+            dt = clock() - t0
+            for slot in self._fslots[: len(self.static_filters)]:  # shared evenly: one cached pass
+                slot[0] += 1
+                slot[1] += dt // len(self.static_filters)
+            first = len(self.static_filters)
+            if not np.count_nonzero(mask):
+                raise NoEligibleNode(
+                    facts.model, self.name, "the profile's static filters removed every remaining candidate"
+                )
+        for f, slot in zip(self.filters[first:], self._fslots[first:]):
+            t0 = clock()
+            kept = f.filter(facts, cols, mask, ctx)
             dt = clock() - t0
             slot[0] += 1
             slot[1] += dt
             if explain:
-                removed.append((f.name, tuple(ids[i] for i in np.setdiff1d(idx, kept))))
+                removed.append((f.name, tuple(ids[i] for i in np.flatnonzero(mask & ~kept))))
                 spent[f.name] = dt / 1000
-            idx = kept
-            if not idx.size:
+            mask = kept
+            if not np.count_nonzero(mask):
                 raise NoEligibleNode(
                     facts.model, self.name, f"filter {f.name!r} removed every remaining candidate"
                 )
+        idx = np.flatnonzero(mask)
         n = idx.size
-        totals = np.zeros(n)
+        totals = np.zeros(cols.size)
         per_scorer: dict[str, np.ndarray] = {}
         for (s, w), slot in zip(self.scorers, self._sslots):
             t0 = clock()
-            raw = np.asarray(s.score_idx(facts, cols, idx, ctx), dtype=np.float64)
+            if s.static and cached:
+                clamped = self._static_score(s, facts, cols, ctx)
+            else:
+                raw = np.asarray(s.score(facts, cols, mask, ctx), dtype=np.float64)
+                if raw.shape != (cols.size,):
+                    raise RuntimeError(f"scorer {s.name!r} returned {raw.shape} scores for {cols.size} rows")
+                clamped = clamp(raw)
+            totals += w * clamped
             dt = clock() - t0
             slot[0] += 1
             slot[1] += dt
-            if raw.shape != (n,):
-                raise RuntimeError(f"scorer {s.name!r} returned {raw.shape} scores for {n} candidates")
-            clamped = np.clip(np.nan_to_num(raw, nan=0.0), 0.0, 1.0)
-            totals += w * clamped
             if explain:
                 per_scorer[s.name] = clamped
                 spent[s.name] = dt / 1000
+        cand = totals[idx]
         t0 = clock()
-        index = int(self.picker.pick_array(facts, totals, ctx)) if n > 1 else 0
+        index = int(self.picker.pick(facts, cand, ctx)) if n > 1 else 0
         dt = clock() - t0
         self._pslot[0] += 1
         self._pslot[1] += dt
+        node_id = ids[idx[index]]
+        for s in self.learners:
+            s.after_pick(facts, node_id, ctx)
         explanation = None
         if explain:
             spent[self.picker.name] = dt / 1000
             scores = {
-                ids[row]: {**{k: float(v[i]) for k, v in per_scorer.items()}, "total": float(totals[i])}
-                for i, row in enumerate(idx)
+                ids[row]: {**{k: float(v[row]) for k, v in per_scorer.items()}, "total": float(totals[row])}
+                for row in idx
             }
             explanation = Explanation(tuple(removed), scores, spent)
-        return Decision(ids[idx[index]], self.name, float(totals[index]), n, explanation)
+        return Decision(node_id, self.name, float(cand[index]), n, explanation)

@@ -1,12 +1,9 @@
 """Built-in pickers: choose one candidate index from the weighted totals (each in [0,1]).
 
-The framework calls a picker only with two or more candidates.
+The framework calls a picker only with two or more candidates, as a 1-d numpy array.
 """
 
 from __future__ import annotations
-
-import math
-from collections.abc import Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -38,13 +35,8 @@ class MaxScore(Picker):
 
     Params = MaxParams
 
-    def pick(self, facts: RequestFacts, totals: Sequence[float], ctx: PickContext) -> int:
-        best = max(totals)
-        cut = best - self.params.tie_epsilon
-        ties = [i for i, t in enumerate(totals) if t >= cut]
-        return ties[0] if len(ties) == 1 else ties[int(ctx.rng.random() * len(ties))]
-
-    def pick_array(self, facts, totals, ctx):
+    def pick(self, facts: RequestFacts, totals: np.ndarray, ctx: PickContext) -> int:
+        totals = np.asarray(totals)
         ties = np.flatnonzero(totals >= totals.max() - self.params.tie_epsilon)
         return int(ties[0]) if ties.size == 1 else int(ties[int(ctx.rng.random() * ties.size)])
 
@@ -69,20 +61,8 @@ class WeightedRandom(Picker):
 
     Params = WeightedParams
 
-    def pick(self, facts: RequestFacts, totals: Sequence[float], ctx: PickContext) -> int:
-        t = self.params.temperature
-        best = max(totals)
-        exp = math.exp
-        weights = [exp((x - best) / t) for x in totals]  # shifted by the best: no overflow
-        r = ctx.rng.random() * sum(weights)
-        acc = 0.0
-        for i, w in enumerate(weights):
-            acc += w
-            if r < acc:
-                return i
-        return len(weights) - 1
-
-    def pick_array(self, facts, totals, ctx):
+    def pick(self, facts: RequestFacts, totals: np.ndarray, ctx: PickContext) -> int:
+        totals = np.asarray(totals)
         cum = np.cumsum(np.exp((totals - totals.max()) / self.params.temperature))
         return min(int(np.searchsorted(cum, ctx.rng.random() * cum[-1], side="right")), totals.size - 1)
 
@@ -95,7 +75,7 @@ class PowerOfTwo(Picker):
     node is everyone's best. Parameters: none.  Example: `{name: p2c, type: power-of-two}`
     """
 
-    def pick(self, facts: RequestFacts, totals: Sequence[float], ctx: PickContext) -> int:
+    def pick(self, facts: RequestFacts, totals: np.ndarray, ctx: PickContext) -> int:
         n = len(totals)
         rnd = ctx.rng.random
         a = int(rnd() * n)
@@ -105,5 +85,3 @@ class PowerOfTwo(Picker):
         if totals[a] == totals[b]:
             return a if rnd() < 0.5 else b
         return a if totals[a] > totals[b] else b
-
-    pick_array = pick  # indexing works the same on a numpy array

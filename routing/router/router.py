@@ -2,14 +2,16 @@
 
 Two layers, both used by the gateway and by benchmarks.fleet:
 - `pick(facts, snapshots, ...)` is the pure decision: given snapshots, return a Decision.
-- The fleet view (`update_nodes`, `update_quality`, `begin`/`end`, `observe_*`) keeps one
-  immutable NodeSnapshot per node up to date, so `route(facts)` costs a dictionary lookup plus
-  the decision. Background refreshes feed it; the hot path never makes a remote call.
+- The fleet view (`update_nodes`, `update_quality`, `begin`/`end`, `observe_*`) keeps each
+  model's nodes as numpy Columns (columns.py) and writes a node's row whenever one of its inputs
+  changes, so `route(facts)` costs a dictionary lookup plus the decision. Background refreshes
+  feed it; the hot path never makes a remote call.
 Not thread-safe: call it from one event loop (the gateway's), as Serve replicas do.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -20,14 +22,7 @@ from routing.router.columns import Columns
 from routing.router.config import DEFAULT_PROFILE_PATH, RouterConfig, build_profiles, load_config
 from routing.router.framework import PickContext, PluginTimings, Profile
 from routing.router.health import HealthCollector, NodeHealth, NodeHealthState
-from routing.router.snapshot import (
-    Decision,
-    NodeSnapshot,
-    NoEligibleNode,
-    RequestFacts,
-    stable_hash,
-    trusted_snapshot,
-)
+from routing.router.snapshot import Decision, NodeSnapshot, NoEligibleNode, RequestFacts
 
 
 def build_snapshot(
@@ -62,9 +57,7 @@ class Router:
     `clock` (seconds, default time.time) drives bans and probation ages and is injectable for
     tests and simulations; `rng` makes decisions reproducible; `registry` (a prometheus
     CollectorRegistry) gets the ban gauges registered, or pass None and register
-    `router.collector` yourself. Models with at least `columns_from` nodes are routed over numpy
-    columns (same decisions, see routing/router/columns.py), smaller ones over plain lists, which
-    are faster below ~100 nodes.
+    `router.collector` yourself.
     """
 
     def __init__(
@@ -74,10 +67,8 @@ class Router:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         registry=None,
-        columns_from: int = 200,
     ) -> None:
         self.config = config
-        self.columns_from = columns_from
         self.profiles: dict[str, Profile] = build_profiles(config)
         self.clock = clock
         self.rng = rng if rng is not None else random.Random(config.seed)
@@ -90,13 +81,8 @@ class Router:
         self._quality: dict[str, float] = {}
         self._local: dict[str, int] = {}  # requests this router's caller has outstanding per node
         self._others: dict[str, int] = {}  # in-flight reported by the registry beyond our own
-        self._snap: dict[str, NodeSnapshot] = {}
-        # Per model, the snapshots in a list updated in place (O(1) per begin/end), plus each
-        # node's position in it; snapshots() hands out a tuple copy (one C-level memcpy).
-        self._by_model: dict[str, list[NodeSnapshot]] = {}
-        self._pos: dict[str, int] = {}
-        self._keys: dict[str, float] = {}
-        self._cols: dict[str, Columns] = {}
+        self._cols: dict[str, Columns] = {}  # model -> its nodes' columns
+        self._row: dict[str, tuple[Columns, int]] = {}  # node -> (its model's columns, its row)
 
     @classmethod
     def from_yaml(cls, path: str | Path | None = None, **kwargs) -> Router:
@@ -119,10 +105,9 @@ class Router:
         Raises NoEligibleNode when nothing survives the filters.
         """
         prof = self._profile(facts, profile)
-        if exclude:
-            snapshots = [n for n in snapshots if n.node_id not in exclude]
+        cols = Columns(snapshots)
         ctx = PickContext(self.clock() if now is None else now, self.rng)
-        return prof.run(facts, snapshots, ctx, self.timings, explain)
+        return prof.run(facts, cols, cols.mask(exclude), ctx, self.timings, explain)
 
     def _profile(self, facts: RequestFacts, profile: str | None) -> Profile:
         if profile is None:
@@ -141,35 +126,40 @@ class Router:
         exclude: frozenset[str] | set[str] = frozenset(),
         profile: str | None = None,
         explain: bool = False,
+        cached: bool = True,
     ) -> Decision:
-        """`pick` over the router's own snapshots of the nodes serving `facts.model`."""
-        snaps = self._by_model.get(facts.model, ())
-        if len(snaps) >= self.columns_from:
-            prof = self._profile(facts, profile)
-            if prof.vectorised:
-                cols = self._cols.get(facts.model)
-                if cols is None:
-                    cols = self._cols[facts.model] = Columns(facts.model, snaps)
-                ctx = PickContext(self.clock(), self.rng)
-                return prof.run_columns(facts, cols, cols.rows(exclude), ctx, self.timings, explain)
-        return self.pick(facts, tuple(snaps), exclude, profile, explain)
+        """`pick` over the router's own view of the nodes serving `facts.model`.
+
+        `cached=False` recomputes every precomputed result (for tests: the answer must not change)."""
+        prof = self._profile(facts, profile)
+        cols = self._cols.get(facts.model)
+        if cols is None:
+            raise NoEligibleNode(facts.model, prof.name, "no node serving this model is registered")
+        ctx = PickContext(self.clock(), self.rng)
+        return prof.run(facts, cols, cols.mask(exclude), ctx, self.timings, explain, cached)
 
     def snapshots(self, model: str | None = None) -> tuple[NodeSnapshot, ...]:
         """Current snapshots of the nodes serving `model` (all nodes when None)."""
-        if model is None:
-            return tuple(self._snap.values())
-        return tuple(self._by_model.get(model, ()))
+        models = self._cols.values() if model is None else [self._cols[model]] if model in self._cols else []
+        return tuple(c.snapshot(i) for c in models for i in range(c.size))
 
     def update_nodes(self, stats: Iterable[NodeStats]) -> None:
         """Replace the node list with the registry's latest stats (background refresh)."""
         fresh = {s.node_id: s for s in stats}
         for node_id, s in fresh.items():
             self._others[node_id] = max(0, s.in_flight - self._local.get(node_id, 0))
+        same = fresh.keys() == self._stats.keys() and all(
+            fresh[n].model_id == self._stats[n].model_id for n in fresh
+        )
         self._stats = fresh
         self.health.forget(fresh)
         for gone in [n for n in self._local if n not in fresh and self._local[n] == 0]:
             del self._local[gone]
-        self._rebuild_all()
+        if same:  # the usual refresh: same nodes, new stats; rows rewritten in place (versions bump)
+            for node_id in fresh:
+                self._rebuild(node_id)
+        else:
+            self._rebuild_all()
 
     def update_quality(self, scores: QualityScores | Mapping[str, float]) -> None:
         """Replace the consensus quality scores (nodes absent from them are unscored)."""
@@ -178,27 +168,34 @@ class Router:
             if not 0.0 <= q <= 1.0:  # also rejects NaN
                 raise ValueError(f"quality of {node_id!r} must be in [0,1], got {q!r}")
         self._quality = dict(quality)
-        self._rebuild_all()
+        for node_id, (cols, row) in self._row.items():
+            q = self._quality.get(node_id)
+            cols.set("quality", row, math.nan if q is None else q)
 
     def begin(self, node_id: str) -> None:
         """A request was sent to `node_id` (counts toward its load)."""
         self._local[node_id] = self._local.get(node_id, 0) + 1
-        self._rebuild(node_id)
+        at = self._row.get(node_id)
+        if at is not None:
+            at[0].add("in_flight", at[1], 1.0)
 
     def end(self, node_id: str) -> None:
         """A request on `node_id` finished, failed or was cancelled."""
-        self._local[node_id] = max(0, self._local.get(node_id, 0) - 1)
-        self._rebuild(node_id)
+        local = self._local.get(node_id, 0)
+        self._local[node_id] = max(0, local - 1)
+        at = self._row.get(node_id)
+        if at is not None and local > 0:
+            at[0].add("in_flight", at[1], -1.0)
 
     def observe_success(self, node_id: str, ttft_s: float | None = None, tpot_s: float | None = None) -> None:
         """An attempt on `node_id` succeeded: clear its ban, update its TTFT / per-token EWMAs (seconds)."""
         self.health.success(node_id, ttft_s, tpot_s)
-        self._rebuild(node_id)
+        self._write_health(node_id)
 
     def observe_failure(self, node_id: str, now: float | None = None) -> float:
         """An attempt failed or timed out: ban `node_id` with backoff. Returns when the ban ends."""
         until = self.health.failure(node_id, now)
-        self._rebuild(node_id)
+        self._write_health(node_id)
         return until
 
     def timeout_s(self, node_id: str) -> float:
@@ -208,50 +205,36 @@ class Router:
     def in_flight(self, node_id: str) -> int:
         return self._local.get(node_id, 0) + self._others.get(node_id, 0)
 
-    def _rebuild(self, node_id: str) -> None:
-        s = self._stats.get(node_id)
-        if s is None:
+    def _write_health(self, node_id: str) -> None:
+        at = self._row.get(node_id)
+        if at is None:
             return  # not (or no longer) registered: outcomes are still kept in health
+        cols, row = at
         h = self.health.state(node_id)
-        key = self._keys.get(node_id)
-        if key is None:
-            key = self._keys[node_id] = stable_hash(node_id)
-        # Same fields as build_snapshot(), without re-validating inputs that are validated already.
-        snap = trusted_snapshot(
-            s.node_id,
-            s.model_id,
-            s.accelerator_type,
-            s.capacity * max(1, s.running_replicas),
-            s.live,
-            self.in_flight(node_id),
-            0,
-            h.ttft_ewma_s,
-            h.tpot_ewma_s,
-            h.error_streak,
-            h.banned_until,
-            h.last_failure_at,
+        cols.set("ttft", row, math.nan if h.ttft_ewma_s is None else h.ttft_ewma_s)
+        cols.set("tpot", row, math.nan if h.tpot_ewma_s is None else h.tpot_ewma_s)
+        cols.set("error_streak", row, float(h.error_streak))
+        cols.set("banned_until", row, h.banned_until)
+        cols.set("last_failure_at", row, 0.0 if h.last_failure_at is None else h.last_failure_at)
+
+    def _snapshot(self, node_id: str) -> NodeSnapshot:
+        return build_snapshot(
+            self._stats[node_id],
             self._quality.get(node_id),
-            s.joined_at,
-            key,
+            self.health.state(node_id),
+            self.in_flight(node_id),
         )
-        self._snap[node_id] = snap
-        pos = self._pos.get(node_id)
-        if pos is None:
-            models = self._by_model.setdefault(s.model_id, [])
-            self._pos[node_id] = len(models)
-            models.append(snap)
-        else:
-            self._by_model[s.model_id][pos] = snap
-            cols = self._cols.get(s.model_id)
-            if cols is not None:
-                cols.set_row(pos, snap)
-            return
-        self._cols.pop(s.model_id, None)  # a new row: rebuilt on the next route()
+
+    def _rebuild(self, node_id: str) -> None:
+        cols, row = self._row[node_id]
+        cols.set_row(row, self._snapshot(node_id))
 
     def _rebuild_all(self) -> None:
-        self._snap, self._by_model, self._pos, self._cols = {}, {}, {}, {}
-        for node_id in self._stats:
-            self._rebuild(node_id)
+        by_model: dict[str, list[NodeSnapshot]] = {}
+        for node_id, s in self._stats.items():
+            by_model.setdefault(s.model_id, []).append(self._snapshot(node_id))
+        self._cols = {m: Columns(snaps) for m, snaps in by_model.items()}
+        self._row = {nid: (c, i) for c in self._cols.values() for i, nid in enumerate(c.ids)}
 
 
 __all__ = ["NoEligibleNode", "Router", "build_snapshot"]

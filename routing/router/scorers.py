@@ -6,14 +6,14 @@ profile's weights; scorers never see each other's output.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections import OrderedDict
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from routing.router.columns import Columns
 from routing.router.framework import PickContext, Scorer, register
-from routing.router.snapshot import NodeSnapshot, RequestFacts, stable_hash
+from routing.router.snapshot import RequestFacts, stable_hash
 
 
 class _Params(BaseModel):
@@ -35,13 +35,10 @@ class Quality(Scorer):
     """
 
     Params = QualityParams
+    static, reads = True, ("quality",)
 
-    def score(self, facts: RequestFacts, nodes: Sequence[NodeSnapshot], ctx: PickContext) -> list[float]:
-        unscored = self.params.unscored
-        return [unscored if n.quality is None else n.quality for n in nodes]
-
-    def score_idx(self, facts, cols, idx, ctx):
-        q = cols.quality[idx]
+    def score(self, facts: RequestFacts, cols: Columns, mask: np.ndarray, ctx: PickContext) -> np.ndarray:
+        q = cols.quality
         return np.where(np.isnan(q), self.params.unscored, q)
 
 
@@ -64,12 +61,8 @@ class Load(Scorer):
 
     Params = LoadParams
 
-    def score(self, facts: RequestFacts, nodes: Sequence[NodeSnapshot], ctx: PickContext) -> list[float]:
-        m = self.params.max_load
-        return [1.0 - n.in_flight / (n.capacity * m) for n in nodes]
-
-    def score_idx(self, facts, cols, idx, ctx):
-        return 1.0 - cols.in_flight[idx] / (cols.capacity[idx] * self.params.max_load)
+    def score(self, facts: RequestFacts, cols: Columns, mask: np.ndarray, ctx: PickContext) -> np.ndarray:
+        return 1.0 - cols.in_flight / (cols.capacity * self.params.max_load)
 
 
 class LatencyParams(_Params):
@@ -99,45 +92,25 @@ class Latency(Scorer):
 
     Params = LatencyParams
 
-    def score(self, facts: RequestFacts, nodes: Sequence[NodeSnapshot], ctx: PickContext) -> list[float]:
+    def score(self, facts: RequestFacts, cols: Columns, mask: np.ndarray, ctx: PickContext) -> np.ndarray:
         p = self.params
-        k = p.output_tokens
-        inf = math.inf  # unknown latency; min() then runs at C speed without a None check
-        if p.queueing:  # a full node's prediction grows with the requests queued ahead
-            preds = [
-                inf
-                if n.ttft_ewma_s is None or n.tpot_ewma_s is None
-                else (n.ttft_ewma_s + n.tpot_ewma_s * k)
-                * (1.0 if n.in_flight < n.capacity else 1.0 + (n.in_flight - n.capacity + 1) / n.capacity)
-                for n in nodes
-            ]
-        else:
-            preds = [
-                inf if n.ttft_ewma_s is None or n.tpot_ewma_s is None else n.ttft_ewma_s + n.tpot_ewma_s * k
-                for n in nodes
-            ]
-        best = min(preds)
-        unknown = p.unknown
-        if best == inf:
-            return [unknown] * len(nodes)
-        if best <= 0.0:
-            return [unknown if x == inf else (1.0 if x <= 0.0 else 0.0) for x in preds]
-        return [unknown if x == inf else best / x for x in preds]
-
-    def score_idx(self, facts, cols, idx, ctx):
-        p = self.params
-        pred = cols.ttft[idx] + cols.tpot[idx] * p.output_tokens  # NaN when unknown
+        # Prediction before queueing, inf when never timed: recomputed only when an EWMA changes.
+        base = cols.memo(
+            ("latency", self.name),
+            ("ttft", "tpot"),
+            lambda: np.nan_to_num(cols.ttft + cols.tpot * p.output_tokens, nan=np.inf),
+        )
+        pred = base
         if p.queueing:
-            inf, cap = cols.in_flight[idx], cols.capacity[idx]
-            pred = pred * np.where(inf < cap, 1.0, 1.0 + (inf - cap + 1.0) / cap)
-        unknown = np.isnan(pred)
-        if unknown.all():
-            return np.full(idx.size, p.unknown)
-        best = np.nanmin(pred)
+            cap = cols.capacity
+            pred = base * (1.0 + np.fmax(cols.in_flight - cap + 1.0, 0.0) / cap)
+        best = float(np.min(pred, where=mask, initial=np.inf))
+        if best == np.inf:
+            return np.full(cols.size, p.unknown)
+        unknown = base == np.inf
         if best <= 0.0:
             return np.where(unknown, p.unknown, np.where(pred <= 0.0, 1.0, 0.0))
-        with np.errstate(invalid="ignore"):
-            return np.where(unknown, p.unknown, best / pred)
+        return np.where(unknown, p.unknown, best / pred)
 
 
 class AffinityParams(_Params):
@@ -167,42 +140,107 @@ class Affinity(Scorer):
 
     def __init__(self, name: str, params: BaseModel) -> None:
         super().__init__(name, params)
-        self._last_key: tuple[str, float] = ("", 0.0)
+        self._hashes: dict[str, float] = {}
 
     def _key_hash(self, key: str) -> float:
-        # One blake2b per distinct key; consecutive requests of a session reuse it.
-        if self._last_key[0] != key:
-            self._last_key = (key, stable_hash(key) * 1e7)
-        return self._last_key[1]
+        # One blake2b per distinct key, remembered for the next 4,096 distinct keys.
+        h = self._hashes.get(key)
+        if h is None:
+            if len(self._hashes) >= 4096:
+                self._hashes.clear()
+            h = self._hashes[key] = stable_hash(key) * 1e7
+        return h
 
-    def score(self, facts: RequestFacts, nodes: Sequence[NodeSnapshot], ctx: PickContext) -> list[float]:
+    def score(self, facts: RequestFacts, cols: Columns, mask: np.ndarray, ctx: PickContext) -> np.ndarray:
         key = facts.session_key
         if key is None:
             key = facts.prefix_hash if self.params.use_prefix else ""
-        out = [0.0] * len(nodes)
+        out = np.zeros(cols.size)
         if not key:
             return out
-        k = self._key_hash(key)
-        m = self.params.max_load
-        # Rendezvous weight = frac(key x node x 1e7), both hashes in (0,1): one float multiply per
-        # node (4x cheaper than integer mixing), as evenly spread as splitmix64 in our tests, and
-        # ~29 bits of resolution, so ties are negligible. Same in every gateway process.
-        weights = [(k * n._key) % 1.0 if n.in_flight < m * n.capacity else -1.0 for n in nodes]
-        best = max(weights)
-        if best >= 0:
-            out[weights.index(best)] = 1.0
-        return out
-
-    def score_idx(self, facts, cols, idx, ctx):
-        key = facts.session_key
-        if key is None:
-            key = facts.prefix_hash if self.params.use_prefix else ""
-        out = np.zeros(idx.size)
-        if not key:
-            return out
-        weights = (self._key_hash(key) * cols.key[idx]) % 1.0
-        weights[cols.in_flight[idx] >= self.params.max_load * cols.capacity[idx]] = -1.0
+        weights = (self._key_hash(key) * cols.key) % 1.0
+        weights[~mask | (cols.in_flight >= self.params.max_load * cols.capacity)] = -1.0
         j = int(np.argmax(weights))
         if weights[j] >= 0:
             out[j] = 1.0
         return out
+
+
+class PrefixParams(_Params):
+    max_load: float = Field(
+        default=1.0,
+        gt=0,
+        description="A node at or above this load (in_flight / capacity) scores 0: a warm cache is not worth "
+        "queueing for, so a hot prefix spills to other nodes (which then warm up too).",
+    )
+    index_entries: int = Field(
+        default=100_000, ge=1, description="Block hashes the router remembers (LRU), bounding its memory."
+    )
+    holders: int = Field(default=4, ge=1, description="Most recent nodes remembered per block hash.")
+
+
+@register("prefix-cache")
+class PrefixCache(Scorer):
+    """Prefers the node most likely to hold the prompt's leading KV blocks in its prefix cache.
+
+    The router cannot see the nodes' caches, so it remembers where it sent each prefix (like
+    llm-d's approximate prefix-cache scorer and Ray Serve LLM's prefix-aware router): after a
+    decision, the request's block hashes (`facts.prefix_blocks`, chained, so block i's hash
+    stands for blocks 0..i) point to the chosen node. Only blocks at positions 1, 2, 4, 8, ...
+    and the last are indexed and looked up: a match at position i implies the whole prefix up
+    to i, so ~7 lookups score a 64-block prompt. Score = matched blocks / the request's blocks,
+    0 at or above `max_load`. Stale entries (a node evicted or restarted) only cost a cache miss.
+    Reads: prefix_blocks, in_flight, capacity. Parameters: max_load, index_entries, holders.
+    Example: `{name: prefix, type: prefix-cache, parameters: {max_load: 1.0}}`
+    """
+
+    Params = PrefixParams
+
+    def __init__(self, name: str, params: BaseModel) -> None:
+        super().__init__(name, params)
+        self._index: OrderedDict[int, dict[str, None]] = OrderedDict()
+
+    @staticmethod
+    def _checkpoints(n: int) -> list[int]:
+        points, i = [], 1
+        while i < n:
+            points.append(i - 1)
+            i *= 2
+        if n:
+            points.append(n - 1)
+        return points
+
+    def score(self, facts: RequestFacts, cols: Columns, mask: np.ndarray, ctx: PickContext) -> np.ndarray:
+        out = np.zeros(cols.size)
+        blocks = facts.prefix_blocks
+        if not blocks:
+            return out
+        index, pos, n = self._index, cols.pos, len(blocks)
+        for c in self._checkpoints(n):  # shallow to deep: a deeper match overwrites
+            holders = index.get(blocks[c])
+            if holders is None:
+                break  # chained hashes: nobody holds a deeper block either
+            for node_id in holders:
+                row = pos.get(node_id)
+                if row is not None:
+                    out[row] = (c + 1) / n
+        out[cols.in_flight >= self.params.max_load * cols.capacity] = 0.0
+        return out
+
+    def after_pick(self, facts: RequestFacts, node_id: str, ctx: PickContext) -> None:
+        blocks = facts.prefix_blocks
+        if not blocks:
+            return
+        index, keep = self._index, self.params.holders
+        for c in self._checkpoints(len(blocks)):
+            holders = index.get(blocks[c])
+            if holders is None:
+                holders = index[blocks[c]] = {}
+            else:
+                index.move_to_end(blocks[c])
+                holders.pop(node_id, None)
+            holders[node_id] = None  # most recent last
+            if len(holders) > keep:
+                del holders[next(iter(holders))]
+        while len(index) > self.params.index_entries:
+            index.popitem(last=False)

@@ -1,9 +1,10 @@
-"""What every routing plugin reads: the request's facts and one immutable snapshot per node.
+"""The request's facts, one immutable snapshot per node, and the router's decision records.
 
-These are slotted frozen dataclasses rather than pydantic models because the router builds
-and reads them on the hot path (a pydantic model costs ~10x more to construct). They are
-still strict: wrong types, NaN/infinity and out-of-range values raise `ValueError` at
-construction, so a peer's bad report never reaches a plugin.
+A node's snapshot is the one validated way in: the Router builds every node's row of its
+numpy Columns (what plugins read, columns.py) from a NodeSnapshot, and `Router.pick` takes
+snapshots. These are slotted frozen dataclasses (cheaper to build than pydantic models, built
+per request for RequestFacts) and strict: wrong types, NaN/infinity and out-of-range values
+raise `ValueError` at construction, so a peer's bad report never reaches a plugin.
 """
 
 from __future__ import annotations
@@ -151,21 +152,6 @@ class NodeSnapshot:
     def load(self) -> float:
         """In-flight requests per unit of capacity (1.0 = every slot busy)."""
         return self.in_flight / self.capacity
-
-
-_FIELDS = tuple(f for f in NodeSnapshot.__slots__ if not f.startswith("__"))
-_new, _set = object.__new__, object.__setattr__
-
-
-def trusted_snapshot(*values: object) -> NodeSnapshot:
-    """Build a NodeSnapshot from already-validated values (positional, in field order, `_key` last)
-    without re-running the checks: the router rebuilds a node's snapshot on every request
-    start and end, and its inputs are validated where they enter (NodeStats is a strict
-    pydantic record, quality and latencies are checked by the router)."""
-    snap = _new(NodeSnapshot)
-    for name, value in zip(_FIELDS, values):
-        _set(snap, name, value)
-    return snap
 
 
 def stable_hash(text: str) -> float:

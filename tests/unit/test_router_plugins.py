@@ -99,7 +99,7 @@ FILTER_CASES = [
 
 @pytest.mark.parametrize("type_name,params,facts,nodes,expected", FILTER_CASES)
 def test_filter(type_name, params, facts, nodes, expected):
-    kept = plugin(type_name, **params).filter(facts, nodes, ctx())
+    kept = plugin(type_name, **params).filter_nodes(facts, nodes, ctx())
     assert [n.node_id for n in kept] == expected
 
 
@@ -107,7 +107,7 @@ def test_probation_share_is_bounded():
     f = plugin("probation", share=0.05)
     nodes = [node("old", quality=0.9), node("new")]
     c = ctx(seed=7)
-    new = sum(f.filter(FACTS, nodes, c)[0].node_id == "new" for _ in range(20_000))
+    new = sum(f.filter_nodes(FACTS, nodes, c)[0].node_id == "new" for _ in range(20_000))
     assert 0.04 < new / 20_000 < 0.06
 
 
@@ -143,7 +143,7 @@ SCORER_CASES = [
 
 @pytest.mark.parametrize("type_name,params,nodes,expected", SCORER_CASES)
 def test_scorer(type_name, params, nodes, expected):
-    got = plugin(type_name, **params).score(FACTS, nodes, ctx())
+    got = plugin(type_name, **params).score_nodes(FACTS, nodes, ctx())
     assert got == pytest.approx(expected)
 
 
@@ -151,12 +151,12 @@ def test_affinity_sends_a_session_to_one_node_and_spills_when_it_is_loaded():
     aff = plugin("affinity", max_load=0.5)
     nodes = [node(f"n{i}") for i in range(10)]
     facts = RequestFacts("m", 10, "p", session_key="alice")
-    first = aff.score(facts, nodes, ctx())
+    first = aff.score_nodes(facts, nodes, ctx())
     assert sorted(first) == [0.0] * 9 + [1.0]
     owner = first.index(1.0)
-    assert aff.score(facts, list(reversed(nodes)), ctx())[9 - owner] == 1.0  # order does not matter
+    assert aff.score_nodes(facts, list(reversed(nodes)), ctx())[9 - owner] == 1.0  # order does not matter
     loaded = [node(n.node_id, in_flight=4 if i == owner else 0) for i, n in enumerate(nodes)]
-    spilled = aff.score(facts, loaded, ctx())
+    spilled = aff.score_nodes(facts, loaded, ctx())
     assert spilled[owner] == 0.0 and sum(spilled) == 1.0
 
 
@@ -165,13 +165,13 @@ def test_affinity_spreads_keys_and_moves_few_when_a_node_leaves():
     nodes = [node(f"n{i}") for i in range(8)]
     owners = {}
     for k in range(800):
-        s = aff.score(RequestFacts("m", 1, f"k{k}"), nodes, ctx())
+        s = aff.score_nodes(RequestFacts("m", 1, f"k{k}"), nodes, ctx())
         owners[k] = nodes[s.index(1.0)].node_id
     counts = [list(owners.values()).count(n.node_id) for n in nodes]
     assert min(counts) > 50  # ~100 each
     fewer = nodes[1:]
     moved = sum(
-        fewer[aff.score(RequestFacts("m", 1, f"k{k}"), fewer, ctx()).index(1.0)].node_id != owners[k]
+        fewer[aff.score_nodes(RequestFacts("m", 1, f"k{k}"), fewer, ctx()).index(1.0)].node_id != owners[k]
         for k in range(800)
     )
     assert moved == counts[0]  # only the keys of the node that left move

@@ -115,17 +115,20 @@ def test_fast_idle_node_wins_over_slow_and_full_node():
 
 def test_scorer_out_of_range_or_nan_is_clamped():
     from routing.router import PickContext, Profile, Scorer
+    from routing.router.columns import Columns
     from routing.router.framework import NoParams, PluginTimings
     from routing.router.pickers import MaxScore
 
     class Wild(Scorer):
-        def score(self, facts, nodes, ctx):
+        def score(self, facts, cols, mask, ctx):
             return [float("nan"), 7.0, -3.0]
 
     prof = Profile("t", [], [(Wild("wild", NoParams()), 2.0)], MaxScore("best", MaxScore.Params()))
+    cols = Columns([node("a"), node("b"), node("c")])
     d = prof.run(
         RequestFacts("m"),
-        [node("a"), node("b"), node("c")],
+        cols,
+        cols.mask(),
         PickContext(NOW, random.Random(0)),
         PluginTimings(),
         explain=True,
