@@ -8,6 +8,15 @@
   requests is offered to validators as `ServedCompletion`s. Only requests a validator can re-verify
   exactly are offered (`verifiable`): one choice, plain-text prompt or messages, temperature <= 1, and
   no parameter that reshapes the token distribution (penalties, logit bias, structured outputs, tools...).
+* What replay could add, and what it needs (issue 15): validators replay seeded sampling exactly
+  (`scoring.replay`; every request has a seed since the gateway assigns one), which makes temperature
+  > 1 verifiable and turns the weak logprob floor on sampled output into an exact per-token check. It
+  needs the seed (and top_p/top_k, to refuse replay where they reshape) in `ServedCompletion`, which
+  does not carry them yet: until it does, sampled organic output keeps the floor and temperature <= 1.
+  Still unverifiable even with replay: n > 1 (vLLM derives the choices' generators internally and the
+  gateway keeps choice 0 only), top_p/top_k/min_p/penalties/logit bias (replay from the reference's
+  top-k values cannot rebuild the masked distribution), structured outputs and tools (the constraint
+  state is not replayed), images and other non-text content.
 
 Offered items hold prompts and outputs: they live in memory only and never go to logs.
 """

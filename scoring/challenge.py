@@ -137,7 +137,9 @@ class ChallengePool:
         """Seconds until the next challenge of one node (exponential with the configured mean)."""
         return self.rng.expovariate(self.config.rate_per_node_per_min / 60.0)
 
-    def sample(self, node_id: str, model: str) -> ChallengeRequest:
+    def sample(self, node_id: str, model: str, replayable: bool = True) -> ChallengeRequest:
+        """`replayable=False`: the validator cannot replay this model's seeded sampling, so the challenge
+        is greedy (sampled output would only get the weak logprob floor), visibly so."""
         c, rng = self.config, self.rng
         shape = self.mix.draw(rng)
         texts = [self.writer.write(rng, w) for w in shape.words]
@@ -146,7 +148,7 @@ class ChallengePool:
             texts[turns[-1]] = rng.choice(list(self._organic))
         body: dict[str, Any] = {"model": model}
         body["max_tokens"] = min(shape.max_tokens or c.max_tokens_cap, c.max_tokens_cap)
-        if not c.sampled:
+        if not c.sampled or not replayable:
             body["temperature"] = 0.0
         elif shape.temperature is not None:
             body["temperature"] = shape.temperature

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from scoring.replay import NoisyArgmax, numpy_gumbel_argmax
+
 EOS = 1
 _FIRST_LETTER = 2
 
@@ -76,15 +78,19 @@ class BigramModel:
         max_tokens: int,
         temperature: float = 0.0,
         rng: np.random.Generator | None = None,
+        seed: int | None = None,
     ) -> tuple[list[int], str]:
-        """(completion ids incl. a final EOS if it stopped, finish_reason)."""
+        """(completion ids incl. a final EOS if it stopped, finish_reason). With a `seed`, sampling is
+        Gumbel-max with `scoring.replay.numpy_gumbel_argmax`'s noise (so validators can replay it)."""
         rng = rng or np.random.default_rng(0)
         last = prompt_ids[-1] if prompt_ids else 0
         out: list[int] = []
-        for _ in range(max_tokens):
+        for step in range(max_tokens):
             lp = self.logprobs(last)
             if temperature == 0.0:
                 tok = int(np.argmax(lp))
+            elif seed is not None:
+                tok = int(numpy_gumbel_argmax((lp / temperature)[None, :].astype(np.float32), seed, step)[0])
             else:
                 p = np.exp(lp / temperature)
                 tok = int(rng.choice(self.vocab, p=p / p.sum()))
@@ -98,7 +104,12 @@ class BigramModel:
 class FakeReferenceEngine:
     """ReferenceEngine over a BigramModel; `jitter` adds per-call logit noise (nondeterminism)."""
 
-    def __init__(self, model: BigramModel, jitter: float = 0.0, seed: int = 0) -> None:
+    def __init__(
+        self, model: BigramModel, jitter: float = 0.0, seed: int = 0, node_sampler: NoisyArgmax | None = None
+    ) -> None:
+        # node_sampler: what fake nodes sample with (numpy_gumbel_argmax when they honour seeds); None
+        # tells a validator on node_sampler='auto' not to replay (unseeded fakes).
+        self.node_sampler = node_sampler
         self.model = model
         self.jitter = jitter
         self._rng = np.random.default_rng(seed)

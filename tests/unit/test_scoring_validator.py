@@ -39,7 +39,7 @@ def _fake_send(models: dict[str, BigramModel], inflate: set[str] = frozenset()):
         prompt_ids = (
             CODEC.encode_chat(list(req.messages)) if req.messages else CODEC.encode_prompt(req.prompt)
         )
-        ids, finish = model.generate(prompt_ids, req.max_tokens, req.temperature)
+        ids, finish = model.generate(prompt_ids, req.max_tokens, req.temperature, seed=req.body.get("seed"))
         n = len(ids) + (10 if req.node_id in inflate else 0)
         return ChallengeResponse(
             ok=True,
@@ -66,7 +66,7 @@ async def test_cheaters_lose_consensus_quality():
     engines = {"default": FakeReferenceEngine(BigramModel(0))}
     vals = [
         Validator(
-            ValidatorConfig(validator_id=f"v{i}", challenge=ChallengeConfig(sampled=False)),
+            ValidatorConfig(validator_id=f"v{i}", node_sampler="numpy"),
             send,
             engines,
             {"default": CODEC},
