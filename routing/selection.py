@@ -6,17 +6,46 @@ scores arrive through `update_nodes` / `update_quality` from background refreshe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 from cluster.records import NodeStats, QualityScores
 from routing import metrics
+from routing.errors import APIError
 from routing.intake import chat_messages
 from routing.router import NoEligibleNode, RequestFacts, Router
 
+SLO_HEADER = "x-slo-ttft-ms"
+SLO_MAX_MS = 600_000.0  # 10 minutes: longer than any first-byte timeout, so larger values mean nothing
+
+
+def slo_ttft_s(headers: Mapping[str, str]) -> float | None:
+    """The client's time-to-first-token target from `x-slo-ttft-ms` (milliseconds, a positive number
+    up to 600,000), in seconds; None without the header. Anything else is the client's error: 400."""
+    raw = headers.get(SLO_HEADER)
+    if raw is None:
+        return None
+    try:
+        ms = float(raw.strip()) if len(raw) <= 32 else math.nan
+    except ValueError:
+        ms = math.nan
+    if not (math.isfinite(ms) and 0 < ms <= SLO_MAX_MS):
+        raise APIError(
+            400,
+            f"The {SLO_HEADER} header must be a number of milliseconds in (0, {SLO_MAX_MS:,.0f}], "
+            "e.g. 'x-slo-ttft-ms: 500'. Remove it to route without a latency target.",
+            type="invalid_request_error",
+            param=SLO_HEADER,
+            code="invalid_slo_header",
+        )
+    return ms / 1000.0
+
 
 def facts_for(body: Any, headers: Mapping[str, str], target_node: str | None = None) -> RequestFacts:
-    """Routing facts of a validated Chat/CompletionRequest and its headers (never the request itself)."""
+    """Routing facts of a validated Chat/CompletionRequest and its headers (never the request itself).
+
+    Raises APIError(400) for a malformed `x-slo-ttft-ms` header."""
     messages = chat_messages(body)
     if messages is not None:
         text = "".join(str(m.get("content", "")) if isinstance(m, dict) else str(m) for m in messages)
@@ -28,6 +57,7 @@ def facts_for(body: Any, headers: Mapping[str, str], target_node: str | None = N
         session_key=headers.get("x-session-id"),
         is_challenge=target_node is not None,
         target_node=target_node,
+        slo_ttft_s=slo_ttft_s(headers),
     )
 
 

@@ -91,7 +91,7 @@ def test_explain_lists_removals_and_per_scorer_scores():
     assert d.node_id == "a"
     removed = dict(d.explanation.removed)
     assert removed["live"] == ("c",) and removed["quality-floor"] == ("b",)
-    assert set(d.explanation.scores["a"]) == {"quality", "load", "latency", "affinity", "total"}
+    assert set(d.explanation.scores["a"]) == {"quality", "load", "latency", "affinity", "prefix", "total"}
     assert d.explanation.scores["a"]["total"] == pytest.approx(d.score)
     assert "latency" in d.explanation.timings_us
 
