@@ -81,9 +81,12 @@ class Filter(Plugin):
 
 class Scorer(Plugin):
     """Scores every row, ideally in [0,1] (only the rows in `mask` are candidates; the others are
-    ignored). `after_pick` lets a scorer learn where a request went (e.g. the prefix-cache index)."""
+    ignored). `after_pick` lets a scorer learn where a request went (e.g. the prefix-cache index).
+    `bounded` scorers promise finite scores in [0,1] by construction (a test checks each built-in
+    on random inputs), so the framework skips clamping them; every other scorer is clamped."""
 
     kind = "scorer"
+    bounded: ClassVar[bool] = False
 
     def score(self, facts: RequestFacts, cols: Columns, mask: np.ndarray, ctx: PickContext) -> np.ndarray:
         raise NotImplementedError
@@ -261,7 +264,7 @@ class Profile:
                 raw = np.asarray(s.score(facts, cols, mask, ctx), dtype=np.float64)
                 if raw.shape != (cols.size,):
                     raise RuntimeError(f"scorer {s.name!r} returned {raw.shape} scores for {cols.size} rows")
-                clamped = clamp(raw)
+                clamped = raw if s.bounded else clamp(raw)
             totals += w * clamped
             dt = clock() - t0
             slot[0] += 1

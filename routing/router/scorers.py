@@ -91,6 +91,7 @@ class Latency(Scorer):
     """
 
     Params = LatencyParams
+    bounded = True
 
     def score(self, facts: RequestFacts, cols: Columns, mask: np.ndarray, ctx: PickContext) -> np.ndarray:
         p = self.params
@@ -137,6 +138,7 @@ class Affinity(Scorer):
     """
 
     Params = AffinityParams
+    bounded = True
 
     def __init__(self, name: str, params: BaseModel) -> None:
         super().__init__(name, params)
@@ -195,6 +197,7 @@ class PrefixCache(Scorer):
     """
 
     Params = PrefixParams
+    bounded = True
 
     def __init__(self, name: str, params: BaseModel) -> None:
         super().__init__(name, params)

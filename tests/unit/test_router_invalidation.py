@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 from cluster.records import NodeStats
 from routing.router import RequestFacts, Router
 from routing.router.columns import COLUMNS, Columns
+from tests.unit.test_router_profile import NOW as profile_now
+from tests.unit.test_router_profile import snapshots as profile_snapshots
 
 IDS = [f"n{i}" for i in range(8)]
 OPERATOR = to_checksum_address("0x" + "22" * 20)
@@ -125,3 +127,27 @@ def test_precomputed_state_equals_a_from_scratch_computation(steps, session):
         else:
             clock.t += step[1]
         assert_matches_scratch(router, facts)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    nodes=st.lists(profile_snapshots, min_size=1, max_size=10, unique_by=lambda n: n.node_id),
+    blocks=st.lists(st.integers(0, 5), max_size=6),
+    key=st.none() | st.text(max_size=3),
+    data=st.data(),
+)
+def test_bounded_scorers_stay_in_the_unit_interval_on_their_candidates(nodes, blocks, key, data):
+    """The framework skips clamping scorers marked `bounded`; this holds them to it."""
+    from routing.router import REGISTRY, PickContext
+
+    cols = Columns(nodes)
+    mask = np.array(data.draw(st.lists(st.booleans(), min_size=len(nodes), max_size=len(nodes))))
+    facts = RequestFacts("m", 10, "p", key, prefix_blocks=tuple(blocks))
+    ctx = PickContext(profile_now, random.Random(0))
+    for name, cls in REGISTRY.items():
+        if cls.kind != "scorer" or not cls.bounded:
+            continue
+        s = cls(name, cls.Params())
+        s.after_pick(RequestFacts("m", prefix_blocks=tuple(blocks[:3])), nodes[0].node_id, ctx)
+        out = np.asarray(s.score(facts, cols, mask, ctx))[mask]
+        assert np.all((out >= 0.0) & (out <= 1.0)), (name, out)
