@@ -112,11 +112,8 @@ class Validator:
         self.pool = ChallengePool(config.challenge, rng)
         # The nodes' seeded sampler per model: an explicit config wins; on 'auto' an engine that declares
         # `node_sampler` (the fakes) decides, else vLLM's CPU sampler where this machine has it.
-        auto = config.node_sampler == "auto"
-        default = resolve_sampler(config.node_sampler)
-        self._samplers: dict[str, NoisyArgmax | None] = {
-            m: getattr(e, "node_sampler", default) if auto else default for m, e in self._engines.items()
-        }
+        # Resolved on first use: 'auto' may import vLLM, which engines that declare theirs never need.
+        self._samplers: dict[str, NoisyArgmax | None] = {}
         self.scorer = NodeScorer(config.validator_id, config.score)
         self.shadow = ShadowSampler(
             config.challenge.shadow_rate, config.challenge.shadow_key.get_secret_value()
@@ -138,6 +135,16 @@ class Validator:
         if messages is not None:
             return tuple(codec.encode_chat([dict(m) for m in messages]))
         return tuple(codec.encode_prompt(prompt or ""))
+
+    def sampler_for(self, model_id: str) -> NoisyArgmax | None:
+        """The nodes' seeded sampler for `model_id` (None: sampled output cannot be replayed)."""
+        if model_id not in self._samplers:
+            engine = self._engines.get(model_id)
+            if self.config.node_sampler == "auto" and hasattr(engine, "node_sampler"):
+                self._samplers[model_id] = engine.node_sampler
+            else:
+                self._samplers[model_id] = resolve_sampler(self.config.node_sampler)
+        return self._samplers[model_id]
 
     def claim_for(self, req: ChallengeRequest, resp: ChallengeResponse) -> Claim:
         return Claim(
@@ -170,7 +177,7 @@ class Validator:
                 engine,
                 self._codecs[model_id],
                 self.config.thresholds,
-                self._samplers.get(model_id),
+                self.sampler_for(model_id),
             )
         self.tokens_spent += len(claim.prompt_token_ids) + v.n_tokens
         return v
@@ -178,7 +185,7 @@ class Validator:
     async def challenge_once(self, node: NodeStats) -> ChallengeOutcome:
         """Send one challenge to `node`, verify the answer, update the scores."""
         req = self.pool.sample(
-            node.node_id, node.model_id, replayable=self._samplers.get(node.model_id) is not None
+            node.node_id, node.model_id, replayable=self.sampler_for(node.model_id) is not None
         )
         try:
             resp = await asyncio.wait_for(self._send(req), self.config.timeout_s)
