@@ -10,8 +10,16 @@ the same arrivals, lengths and failures (same seed), retries before the first by
 node (up to max_attempts) and never learns a node's true quality: only meritnet reads the
 validators' scores, which reveal cheaters after `detect_delay_s`.
 
+The oracles (`oracle-least-loaded`, `oracle-power-of-two`) know every node's true honesty from
+the start and route over honest nodes only: not deployable, they are the bar for meritnet (what
+the honest fleet can do with a simple load balancer).
+
 Node model: `capacity` slots; a request in a slot prefills at speed x base_prefill_tok_s and
-decodes at speed x base_decode_tok_s tokens/s; requests beyond capacity wait FIFO. A failed
+decodes at speed x base_decode_tok_s tokens/s; requests beyond capacity wait FIFO. Each node
+keeps a KV prefix cache (an LRU of `cache_blocks_per_slot` x capacity block hashes, chained so a
+block stands for its whole prefix): the leading blocks of a prompt it still holds skip prefill,
+as with vLLM's automatic prefix caching; a crash empties it. Scenarios may start a fraction of
+prompts with one of `shared_prefixes` shared system prompts. A failed
 node either crashes (attempts fail after crash_fail_s; the registry marks it not live after
 liveness_lag_s) or hangs (attempts time out); requests on it when it fails are lost (counted
 in `failed`, they passed their first byte).
@@ -24,7 +32,9 @@ dishonest nodes), plus ttft_p50_ms / ttft_p99_ms, completed, failed, unfinished 
 offered_tok_s (output tokens/s of the post-warm-up arrivals: no policy's goodput can exceed it,
 so goodput / round-robin's goodput is bounded by offered / round-robin's). The arrival rate is a
 fraction (load_min..load_max, a sine) of the *honest* nodes' capacity: dishonest capacity is
-not useful capacity. A PNG of the results is written next to the JSON.
+not useful capacity. `timeline` per policy: [arrival bucket start s, p50 ms, p99 ms] of the
+post-warm-up requests (plot with benchmarks.plot_fleet). A PNG of the results is written next to
+the JSON.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""Built-in filters: each narrows the candidate list, in the order the profile lists them.
+"""Built-in filters: each narrows the candidates (a boolean row mask), in the order the profile lists them.
 
 Order matters. Put `serves-model` first: later filters (`not-banned`'s never-ban-everyone rule,
 `probation`'s share) reason about "the nodes of this model". Then the hard filters that may
 empty the list (`live`, `quality-floor`, `target-node`), then the soft ones that always keep
-someone (`not-banned`, `probation`, `under-saturation`): a soft filter's fallback choice must
+someone (`not-banned`, `probation`, `under-saturation`, `ttft-slo`): a soft filter's fallback choice must
 not be removed by a hard filter after it (the property test in tests/unit found exactly that).
 """
 
