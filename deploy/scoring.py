@@ -26,8 +26,11 @@ Settlement mapping (per epoch): quality_i of settlement epoch N is the mean of n
 quality (`scoring.quality_from_consensus`: consensus_i / max_k consensus_k, in [0, 1]) over the
 consensus rounds that ran while N was open (genesis + N*len <= t < genesis + (N+1)*len), i.e. a time
 average since rounds are periodic. After every round the running mean of the open epoch is sent with
-`SettlementService.submit_quality(N, {node: q})`; the last send before N ends is the final one, and the
-settler ignores sends once N is committed. A node caught cheating for the whole epoch has mean 0 and so
+`SettlementService.submit_quality(N, {node: q}, {validator address: dividend})`; the last send before
+N ends is the final one, and the settler ignores sends once N is committed. A validator's dividend
+for N is the mean of its Yuma dividends (`scoring.ConsensusState.dividends`) over N's rounds, keyed
+by the address its reports are signed with: settlement pays it there (validator_share_bps of the
+epoch's emission is split by these). A node caught cheating for the whole epoch has mean 0 and so
 earns 0; a node no round scored in N gets the settler's `default_quality`, which the network sets to 0
 with validators (probation: no weight until a first consensus score) and to 1.0 without them (the
 demo). A node is scored in a round only once validators holding more than kappa of the stake have a
@@ -104,6 +107,8 @@ class EpochQuality:
         self.epoch_length_s, self.genesis = epoch_length_s, genesis
         self._sums: dict[int, dict[str, float]] = {}
         self._rounds: dict[int, dict[str, int]] = {}
+        self._dividends: dict[int, dict[str, float]] = {}  # epoch -> validator address -> sum
+        self._dividend_rounds: dict[int, int] = {}
 
     def epoch_of(self, t: float) -> int:
         return self._epochs.epoch_of(t)
@@ -117,7 +122,25 @@ class EpochQuality:
             rounds[node] = rounds.get(node, 0) + 1
         for old in [e for e in self._sums if e < epoch - 4]:  # keep a few recent epochs for audits
             del self._sums[old], self._rounds[old]
+        for old in [e for e in self._dividends if e < epoch - 4]:
+            del self._dividends[old], self._dividend_rounds[old]
         return epoch, self.mean(epoch) or {}
+
+    def add_dividends(self, t: float, dividends: Mapping[str, float]) -> dict[str, float]:
+        """Record one round's validator dividends (address -> share); returns the epoch's mean so far
+        (every round of the epoch counts, so a validator absent from some rounds earns less)."""
+        epoch = self.epoch_of(t)
+        sums = self._dividends.setdefault(epoch, {})
+        self._dividend_rounds[epoch] = self._dividend_rounds.get(epoch, 0) + 1
+        for validator, d in dividends.items():
+            sums[validator] = sums.get(validator, 0.0) + float(d)
+        return self.mean_dividends(epoch) or {}
+
+    def mean_dividends(self, epoch: int) -> dict[str, float] | None:
+        if epoch not in self._dividends:
+            return None
+        rounds = self._dividend_rounds[epoch]
+        return {v: max(0.0, s / rounds) for v, s in self._dividends[epoch].items()}
 
     def mean(self, epoch: int) -> dict[str, float] | None:
         if epoch not in self._sums:
@@ -476,8 +499,9 @@ class ConsensusService:
         if self._settlement_name:
             import ray
 
+            dividends = self.epochs.mean_dividends(epoch)
             settlement = ray.get_actor(self._settlement_name, namespace=self._namespace)
-            await asyncio.wait_for(settlement.submit_quality.remote(epoch, mean), 30)
+            await asyncio.wait_for(settlement.submit_quality.remote(epoch, mean, dividends), 30)
         return quality
 
     def _named_actor(self, validator: str) -> Any:
@@ -527,6 +551,10 @@ class ConsensusService:
         metrics.observe_quality(quality)
         metrics.observe_validator_trust(self._state.validator_trust())
         epoch, mean = self.epochs.add(now, quality.quality)
+        # Validators are paid by their dividends, to the address that signs their reports.
+        self.epochs.add_dividends(
+            now, {self._addresses[v]: d for v, d in self._state.dividends().items() if v in self._addresses}
+        )
         return quality, epoch, mean
 
 

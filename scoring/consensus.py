@@ -17,7 +17,9 @@ Validators (rows) weight nodes (columns). One epoch:
 7. bonds: delta B_ij = S_i W'_ij column-normalised; B <- alpha * delta + (1 - alpha) * B_prev
    (B_prev column-normalised first), column-normalised again. alpha 0.1 is subtensor's
    default bonds_moving_average 900_000 / 1e6 -> 1 - 0.9.
-8. dividends_i = sum_j B_ij incentive_j, normalised to sum 1.
+8. dividends_i = sum_j B_ij incentive_j, normalised to sum 1: a validator's share of the validators'
+   emission. Bonds build up slowly (EMA), so a validator that weighted a node the majority later
+   agrees on holds more of its bond than one that copied the majority late, and earns more.
 
 One deliberate difference from subtensor, at an exact tie in step 3. Subtensor takes the largest value
 backed by *at least* kappa of the stake (its default kappa, 32767/65535, is even just under 0.5), so
@@ -280,3 +282,11 @@ class ConsensusState:
         if self.last is None:
             return {}
         return {v: float(t) for v, t in zip(self.validators, self.last.validator_trust)}
+
+    def dividends(self) -> dict[str, float]:
+        """Each configured validator's dividend share of the last round (sums to 1, or all 0 when no
+        node had incentive): what its bonds earn. Settlement pays validators by these (per epoch,
+        averaged over the epoch's rounds: deploy.scoring.EpochQuality)."""
+        if self.last is None:
+            return {}
+        return {v: float(d) for v, d in zip(self.validators, self.last.dividends)}

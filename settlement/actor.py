@@ -6,16 +6,31 @@
 
 Crash safety, step by step (each step is durable before the next starts):
   freeze   ledger.close_epoch(e) freezes the epoch's records.
-  roots    the quality, then the rewards (ledger), then both roots and every operator's cumulative
-           amount (RewardBook); a restart reuses them. The quality is frozen once the ledger holds
-           the rewards (submit_quality ignores later scores), so a crash between the ledger and the
-           book recomputes the same numbers and late scores never change a stored epoch.
+  roots    the quality and dividends used, then in one transaction the commitment: both roots, the
+           epoch's wei per operator and per validator, and every address's cumulative amount
+           (RewardBook, the one owner of reward state); a restart reuses it. Scores submitted once
+           the commitment is stored are ignored (submit_quality), so late scores never change it.
   sign     the settle tx is signed at the settler's next nonce.
   written  the raw bytes are written ahead (ledger.put_pending_tx) BEFORE broadcast.
   broadcast / receipt   sent; the receipt is awaited; ledger.mark_settled(e, tx_hash).
 The contract also refuses an epoch before the chain's clock has passed its end (EpochNotEnded, see
 settlement.epochs); the ledger closes an epoch no earlier, so that refusal only means the chain's
 clock lags this process's: the epoch waits for the next pass.
+Later epochs never wait behind a stuck one: every pass first commits each closed epoch in order
+(computing needs only the previous commitment, not its settlement), then settles in order. The
+contract accepts only settle(next_epoch), so an epoch stuck on-chain (a pending tx, the chain's
+clock, a revert, the chain down) holds the *settlement* of later ones, whose rewards are already
+computed and stored and go out one per pass as soon as it is through. An epoch waiting for its
+consensus scores (default_quality None) is committed after max_score_wait_epochs later epochs
+have closed, unscored nodes at weight 0; meanwhile it holds the commitment of later ones (their
+carried wei depends on it). Each of these states sets meritnet_settlement_stuck{state=...} and logs.
+
+Validators are paid: consensus submits each epoch's validator dividends (Yuma's bond-weighted
+incentive, by the address that signs a validator's reports) with its quality. Of an epoch's budget,
+validator_share_bps / 10,000 (floored) goes to validators by dividend and the rest to operators by
+usage x quality (settlement.rewards); an epoch without dividends pays operators only. Both kinds of
+account are leaves of the same reward tree, claimed the same way.
+
 On every pass `_settle_epoch` first asks the chain: the contract's next_epoch > e means e is on-chain
 (mark it, whichever tx did it); a written-ahead tx that is pending is rebroadcast byte for byte, and
 replaced at the same nonce with bumped fees (never above max_fee_cap_wei) once it has been pending
@@ -31,6 +46,7 @@ reaches that step (freeze, roots, sign, written, broadcast, receipt).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import time
@@ -52,9 +68,10 @@ from settlement.chain import (
     fees_of_raw,
 )
 from settlement.epochs import Epochs
+from settlement.interfaces import RewardFunction, RewardStore, SettlementChain, SettlementLedger
 from settlement.keys import SettlerKey
-from settlement.rewardbook import EpochCommitment, RewardBook
-from settlement.rewards import epoch_quality
+from settlement.rewardbook import EpochCommitment, RewardBook, book_path_of
+from settlement.rewards import BPS, epoch_quality, split_by_weight, validator_pool
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +124,21 @@ class SettlementConfig(BaseSettings):
         "None makes the settler wait for scores before committing an epoch.",
     )
     tick_s: float = Field(default=5.0, gt=0, description="Seconds between settlement passes in run().")
+    validator_share_bps: int = Field(
+        default=2_000,
+        ge=0,
+        le=BPS,
+        description="Validators' part of each epoch's budget in basis points (2,000 = 20%), split by "
+        "their Yuma dividends; the rest goes to operators by usage x quality. An epoch with no "
+        "validator dividends (no validators, no consensus round) pays operators all of it.",
+    )
+    max_score_wait_epochs: int = Field(
+        default=2,
+        ge=0,
+        description="With default_quality None: an epoch still without consensus scores once this many "
+        "later epochs have closed is committed anyway, unscored nodes at weight 0 (so it cannot stop "
+        "later epochs for good).",
+    )
 
     @model_validator(mode="after")
     def _cap_covers_emission(self) -> SettlementConfig:
@@ -132,12 +164,38 @@ class SettlementConfig(BaseSettings):
     @property
     def book_path(self) -> Path:
         """The RewardBook lives beside the ledger."""
-        return Path(str(self.ledger_path) + ".rewards.sqlite")
+        return book_path_of(self.ledger_path)
 
 
 class SettlementConflict(RuntimeError):
     """The chain disagrees with this settler (different roots for an epoch, or a distributor timing
     different epochs): stop, a human decides."""
+
+
+def _clean(scores: Mapping[str, float], what: str, epoch: int, upper: float | None) -> dict[str, float]:
+    """The entries that are a finite number in [0, upper] under a string key; the rest are logged."""
+    out: dict[str, float] = {}
+    for key, value in dict(scores).items():
+        ok = isinstance(key, str) and isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = ok and math.isfinite(value) and value >= 0 and (upper is None or value <= upper)
+        if ok:
+            out[key] = float(value)
+        else:
+            log.warning("epoch %d: dropped a %s entry that is not a number in range", epoch, what)
+    return out
+
+
+def _clean_dividends(dividends: Mapping[str, float], epoch: int) -> dict[str, float]:
+    """Dividends keyed by checksummed address (a key that is not an address is dropped, logged)."""
+    from eth_utils import is_address, to_checksum_address
+
+    out: dict[str, float] = {}
+    for key, value in _clean(dividends, "dividend", epoch, upper=None).items():
+        if is_address(key):
+            out[to_checksum_address(key)] = out.get(to_checksum_address(key), 0.0) + value
+        else:
+            log.warning("epoch %d: dropped a dividend whose key is not an address", epoch)
+    return out
 
 
 def _crash(step: str) -> None:
@@ -160,14 +218,14 @@ class Settler:
 
     def __init__(
         self,
-        ledger: Any,
-        chain: Chain,
+        ledger: SettlementLedger,
+        chain: SettlementChain,
         key: SettlerKey,
-        book: RewardBook,
+        book: RewardStore,
         config: SettlementConfig | None = None,
         quality: QualitySource | None = None,
         clock: Callable[[], float] = time.time,
-        rewards: Callable[..., Any] | None = None,
+        rewards: RewardFunction | None = None,
     ) -> None:
         self.ledger = ledger
         self.chain = chain
@@ -178,8 +236,6 @@ class Settler:
         self.clock = clock
         self._rewards = rewards  # settlement.rewards.compute_rewards unless a test injects one
         self._emission_cap: int | None = None  # the contract's, read once (it is immutable)
-        # tx hash -> block at which this process first saw it pending (a restart starts counting again)
-        self._pending_since: dict[bytes, int] = {}
         self.epochs = self.config.epochs
 
     # -- scheduling -----------------------------------------------------------------------------
@@ -249,12 +305,15 @@ class Settler:
             return self.settle_closed()
         except ChainUnavailable:
             metrics.CHAIN_ERRORS.labels("unavailable").inc()
+            self._stuck("chain_unavailable")
             raise
         except ContractReverted:
             metrics.CHAIN_ERRORS.labels("reverted").inc()
+            self._stuck("error")
             raise
         except RuntimeError:
             metrics.CHAIN_ERRORS.labels("error").inc()
+            self._stuck("error")
             raise
         finally:
             self._report()
@@ -263,20 +322,32 @@ class Settler:
         last = self.ledger.last_closed_epoch()
         if last is None:
             return []
+        first = self._first_unsettled()
+        self._stuck(None)
+        for epoch in range(first, last + 1):  # commit ahead: computing waits on no settlement
+            if self.commitment(epoch) is None:
+                break  # waiting for scores: later epochs' carried wei depends on this one
         done = []
-        for epoch in range(self._first_unsettled(), last + 1):
+        for epoch in range(first, last + 1):
             if not self._settle_epoch(epoch):
-                break  # keep order: a later epoch never goes before an earlier one
+                break  # keep order: the contract takes settle(next_epoch) only
             done.append(epoch)
         return done
+
+    def _stuck(self, state: str | None) -> None:
+        """Mark the state the oldest unsettled epoch waits in (None: not stuck)."""
+        for s in metrics.STUCK_STATES:
+            metrics.STUCK.labels(s).set(1 if s == state else 0)
 
     def _report(self) -> None:
         """Metrics of the epochs that wait (each wait is logged where it is detected)."""
         settled = self.ledger.last_settled_epoch()
         closed = self.ledger.last_closed_epoch()
+        latest = self.book.latest()
         metrics.LAST_SETTLED_EPOCH.set(-1 if settled is None else settled)
+        metrics.LAST_COMMITTED_EPOCH.set(-1 if latest is None else latest.epoch)
         metrics.EPOCHS_WAITING.set((-1 if closed is None else closed) - (-1 if settled is None else settled))
-        if not self._pending_since or self.ledger.pending_tx(self._first_unsettled()) is None:
+        if self.ledger.pending_tx(self._first_unsettled()) is None:
             metrics.PENDING_TX_AGE_BLOCKS.set(0)
 
     def _first_unsettled(self) -> int:
@@ -314,15 +385,22 @@ class Settler:
         return None if scores is None else dict(scores)
 
     def quality_frozen(self, epoch: int) -> bool:
-        """Whether the epoch's quality is final: its rewards are stored (ledger) or committed (book)."""
-        return self.ledger.rewards(epoch) is not None or self.book.get(epoch) is not None
+        """Whether the epoch's scores are final: its commitment is stored."""
+        return self.book.get(epoch) is not None
 
-    def submit_quality(self, epoch: int, quality: Mapping[str, float]) -> bool:
-        """Consensus scores for an epoch; ignored (False) once its quality is frozen."""
+    def submit_quality(
+        self, epoch: int, quality: Mapping[str, float], dividends: Mapping[str, float] | None = None
+    ) -> bool:
+        """Consensus scores for an epoch: node quality and, with validators, their dividends by
+        address; ignored (False) once the epoch is committed. Entries that are not a finite number
+        in range (or, for dividends, not an address) are dropped and logged, never raised: nothing
+        consensus passes on may stop settlement."""
         if self.quality_frozen(epoch):
             log.info("epoch %d: late quality scores ignored, its rewards are already stored", epoch)
             return False
-        self.book.put_quality(epoch, dict(quality))
+        self.book.put_quality(epoch, _clean(quality, "quality", epoch, upper=1.0))
+        if dividends is not None:
+            self.book.put_dividends(epoch, _clean_dividends(dividends, epoch))
         return True
 
     def commitment(self, epoch: int) -> EpochCommitment | None:
@@ -336,25 +414,39 @@ class Settler:
         usage = self.ledger.usage_by_node(epoch)
         scores = self.quality_for(epoch)
         if scores is None and self.config.default_quality is None:
-            log.info("epoch %d: waiting for its consensus scores before committing it", epoch)
-            return None
+            closed = self.ledger.last_closed_epoch()
+            if closed is None or closed - epoch < self.config.max_score_wait_epochs:
+                self._stuck("scores")
+                log.info("epoch %d: waiting for its consensus scores before committing it", epoch)
+                return None
+            log.warning(
+                "epoch %d: no consensus scores after %d later epochs closed; committing it with "
+                "unscored nodes at weight 0",
+                epoch,
+                closed - epoch,
+            )
         quality = epoch_quality(usage, scores, self.config.default_quality)
         self.book.put_quality(epoch, quality)  # before computing: a restart recomputes the same numbers
+        dividends = self.book.dividends(epoch) or {}
         previous = self.book.get(epoch - 1)
         available = self.config.emission_wei + (previous.carried_wei if previous else 0)
         # The contract refuses an epoch above its cap: pay up to the cap, carry the rest on.
         budget = min(available, self.emission_cap())
+        to_validators = validator_pool(budget, self.config.validator_share_bps, dividends)
         if self._rewards is None:
             from settlement.rewards import compute_rewards
 
             self._rewards = compute_rewards
         result = self._rewards(
-            usage, quality, budget, self.config.prompt_weight, self.config.completion_weight
+            usage, quality, budget - to_validators, self.config.prompt_weight, self.config.completion_weight
         )
+        per_validator = split_by_weight(dividends, to_validators)
         carried_wei = result.carried_wei + available - budget
         cumulative = dict(previous.cumulative) if previous else {}
-        for operator, amount in result.per_operator.items():
-            cumulative[operator] = cumulative.get(operator, 0) + amount
+        by_lower = {account.lower(): account for account in cumulative}
+        for account, amount in [*result.per_operator.items(), *per_validator.items()]:
+            key = by_lower.setdefault(account.lower(), account)  # one leaf per address, any case
+            cumulative[key] = cumulative.get(key, 0) + amount
         frozen = self.ledger.frozen_epoch(epoch)
         try:
             tree = usage_tree(frozen)
@@ -362,17 +454,27 @@ class Settler:
         except EmptyTreeError:
             usage_root, interactions = ZERO_ROOT, 0
         reward_root = _bytes32(reward_root_of(cumulative))
-        self.ledger.put_rewards(epoch, result.per_operator, carried_wei)
         stored = self.book.put(
             EpochCommitment(
                 epoch=epoch,
                 usage_root=usage_root,
                 reward_root=reward_root,
                 interactions=interactions,
-                epoch_reward=sum(result.per_operator.values()),
+                epoch_reward=sum(result.per_operator.values()) + sum(per_validator.values()),
                 carried_wei=carried_wei,
                 cumulative=cumulative,
+                operator_rewards=dict(result.per_operator),
+                validator_rewards=per_validator,
             )
+        )
+        log.info(
+            "epoch %d committed: %d wei to %d operator(s), %d wei to %d validator(s), %d wei carried",
+            epoch,
+            sum(result.per_operator.values()),
+            len(result.per_operator),
+            sum(per_validator.values()),
+            len(per_validator),
+            carried_wei,
         )
         _crash("roots")
         return stored
@@ -393,6 +495,7 @@ class Settler:
         except ContractReverted as exc:
             if exc.error != "EpochNotEnded":
                 raise
+            self._stuck("chain_clock")
             log.info(
                 "epoch %d: the chain's clock has not reached its end (%d) yet; settling it next pass",
                 epoch,
@@ -405,6 +508,7 @@ class Settler:
         _crash("broadcast")
         receipt = self.chain.wait_receipt(tx_hash)
         if receipt is None:
+            self._stuck("receipt")
             log.warning(
                 "epoch %d: tx %s not mined yet; will rebroadcast or bump next pass", epoch, tx_hash.hex()
             )
@@ -461,7 +565,7 @@ class Settler:
         fee cap. One the cap leaves no room to replace stays as it is (logged each pass)."""
         settings = self.chain.settings
         block = self.chain.block_number()
-        since = self._pending_since.setdefault(self._hash(raw), block)
+        since = self.ledger.pending_since(c.epoch, _hex(self._hash(raw)), block)  # survives restarts
         metrics.PENDING_TX_AGE_BLOCKS.set(block - since)
         if block - since < settings.reprice_after_blocks:
             return raw
@@ -470,6 +574,7 @@ class Settler:
             old.bumped(settings.fee_bump_percent).at_least(self.chain.fees()).capped(settings.max_fee_cap_wei)
         )
         if not fees.replaces(old):
+            self._stuck("fee_cap")
             log.warning(
                 "epoch %d: settle tx pending for %d blocks at max fee %d wei; the fee cap (%d wei) "
                 "leaves no room to re-price it",
@@ -531,10 +636,12 @@ class SettlementService:
         self.settler = Settler(self.ledger, self.chain, self.key, self.book, config, quality)
         self.settler.ensure_contract()
 
-    def submit_quality(self, epoch: int, quality: Mapping[str, float]) -> None:
-        """Consensus scores for an epoch (scoring -> deploy -> here); ignored once its quality is
-        frozen (see Settler.submit_quality)."""
-        self.settler.submit_quality(epoch, quality)
+    def submit_quality(
+        self, epoch: int, quality: Mapping[str, float], dividends: Mapping[str, float] | None = None
+    ) -> None:
+        """Consensus scores for an epoch (scoring -> deploy -> here): node quality and validator
+        dividends by address; ignored once the epoch is committed (see Settler.submit_quality)."""
+        self.settler.submit_quality(epoch, quality, dividends)
 
     def tick(self) -> list[int]:
         try:
@@ -576,7 +683,8 @@ class SettlementService:
             tx = self.ledger.settled(epoch)
             if tx is None:
                 continue
-            per_operator, _carried = self.ledger.rewards(epoch) or ({}, 0)
+            c = self.book.get(epoch)
+            per_operator = c.operator_rewards if c else {}
             out.append({"epoch": epoch, "tx": tx, "rewards": {op: str(w) for op, w in per_operator.items()}})
         return out
 

@@ -18,9 +18,11 @@ frozen epoch (and the roots posted for it) stay untouched.
 Only records with status "ok" earn rewards and get a usage leaf; error/cancelled records are kept
 for audit (`records(epoch)`) but excluded from `FrozenEpoch.rows` and `usage_by_node`.
 
-Besides records the ledger keeps the settlement actor's small durable state (one file to back up):
-settled epochs with their tx hash, the write-ahead signed transaction per epoch, and each epoch's
-computed rewards with the emission it carried forward.
+Besides records the ledger keeps the settlement actor's progress: settled epochs with their tx hash,
+and the write-ahead signed transaction per epoch with the block at which it was first seen pending
+(so a restart keeps counting towards its re-pricing). Rewards are not kept here: the RewardBook
+beside the ledger owns them (`rewards()` reads it). Ledgers written before that still hold
+epoch_rewards / operator_rewards tables; nothing reads them.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import hashlib
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Self
@@ -58,11 +60,7 @@ CREATE TABLE IF NOT EXISTS epochs (
 CREATE TABLE IF NOT EXISTS settlements (epoch INTEGER PRIMARY KEY, tx_hash TEXT NOT NULL, settled_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS pending_txs (
     epoch INTEGER PRIMARY KEY, raw_tx BLOB NOT NULL, nonce INTEGER NOT NULL, tx_hash TEXT NOT NULL,
-    written_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS epoch_rewards (epoch INTEGER PRIMARY KEY, carried_wei TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS operator_rewards (
-    epoch INTEGER NOT NULL, operator TEXT NOT NULL, amount_wei TEXT NOT NULL, PRIMARY KEY (epoch, operator)
+    written_at REAL NOT NULL, pending_since_block INTEGER
 );
 """
 _FIELDS = (
@@ -180,6 +178,9 @@ class UsageLedger:
         columns = {row[1] for row in self._conn.execute("PRAGMA table_info(records)")}
         if "key_id" not in columns:  # a ledger written before records carried the client key's id
             self._conn.execute("ALTER TABLE records ADD COLUMN key_id TEXT NOT NULL DEFAULT ''")
+        pending_columns = {row[1] for row in self._conn.execute("PRAGMA table_info(pending_txs)")}
+        if "pending_since_block" not in pending_columns:  # written before re-pricing survived restarts
+            self._conn.execute("ALTER TABLE pending_txs ADD COLUMN pending_since_block INTEGER")
         self._check_meta()
 
     @staticmethod
@@ -443,11 +444,12 @@ class UsageLedger:
         return self._read("SELECT MAX(epoch) FROM settlements")[0][0]
 
     def put_pending_tx(self, epoch: int, raw_tx: bytes, nonce: int, tx_hash: str) -> None:
-        """Write ahead the signed tx for `epoch` (replacing an earlier one, e.g. re-signed with bumped fees)."""
+        """Write ahead the signed tx for `epoch` (replacing an earlier one, e.g. re-signed with bumped
+        fees; a replacement starts its own pending count)."""
         with self._write() as c:
             c.execute(
-                "INSERT OR REPLACE INTO pending_txs (epoch, raw_tx, nonce, tx_hash, written_at) "
-                "VALUES (?,?,?,?,?)",
+                "INSERT OR REPLACE INTO pending_txs (epoch, raw_tx, nonce, tx_hash, written_at, "
+                "pending_since_block) VALUES (?,?,?,?,?,NULL)",
                 (epoch, bytes(raw_tx), nonce, tx_hash, time.time()),
             )
 
@@ -455,58 +457,40 @@ class UsageLedger:
         rows = self._read("SELECT raw_tx, nonce, tx_hash FROM pending_txs WHERE epoch = ?", (epoch,))
         return PendingTx(bytes(rows[0][0]), rows[0][1], rows[0][2]) if rows else None
 
+    def pending_since(self, epoch: int, tx_hash: str, block: int) -> int:
+        """The block at which `epoch`'s written-ahead tx `tx_hash` was first seen pending: `block` the
+        first time it is asked (stored), the stored block after that, across restarts. A hash that is
+        not the epoch's pending tx is not stored (returns `block`)."""
+        with self._write() as c:
+            c.execute(
+                "UPDATE pending_txs SET pending_since_block = ? WHERE epoch = ? AND tx_hash = ? "
+                "AND pending_since_block IS NULL",
+                (block, epoch, tx_hash),
+            )
+            row = c.execute(
+                "SELECT pending_since_block FROM pending_txs WHERE epoch = ? AND tx_hash = ?",
+                (epoch, tx_hash),
+            ).fetchone()
+        return block if row is None else row[0]
+
     def clear_pending_tx(self, epoch: int) -> None:
         with self._write() as c:
             c.execute("DELETE FROM pending_txs WHERE epoch = ?", (epoch,))
 
-    # ------------------------------------------------------------ rewards bookkeeping
-
-    def put_rewards(self, epoch: int, per_operator: Mapping[str, int], carried_wei: int) -> None:
-        """Store an epoch's reward result; storing it again must give the same numbers."""
-        with self._write() as c:
-            if c.execute("SELECT 1 FROM epochs WHERE epoch = ?", (epoch,)).fetchone() is None:
-                raise LedgerError(f"cannot store rewards of epoch {epoch}: close it first")
-            stored = self._rewards(c, epoch)
-            wanted = ({op: int(a) for op, a in per_operator.items() if a}, int(carried_wei))
-            if stored is not None:
-                if stored != wanted:
-                    raise LedgerError(f"rewards of epoch {epoch} are already stored and differ from these")
-                return
-            c.execute("INSERT INTO epoch_rewards (epoch, carried_wei) VALUES (?, ?)", (epoch, str(wanted[1])))
-            c.executemany(
-                "INSERT INTO operator_rewards (epoch, operator, amount_wei) VALUES (?,?,?)",
-                [(epoch, op, str(a)) for op, a in sorted(wanted[0].items())],
-            )
-
-    @staticmethod
-    def _rewards(c: sqlite3.Connection, epoch: int) -> tuple[dict[str, int], int] | None:
-        row = c.execute("SELECT carried_wei FROM epoch_rewards WHERE epoch = ?", (epoch,)).fetchone()
-        if row is None:
-            return None
-        per_op = {
-            op: int(a)
-            for op, a in c.execute(
-                "SELECT operator, amount_wei FROM operator_rewards WHERE epoch = ? ORDER BY operator",
-                (epoch,),
-            )
-        }
-        return per_op, int(row[0])
+    # ------------------------------------------------------------ rewards (read from their owner)
 
     def rewards(self, epoch: int) -> tuple[dict[str, int], int] | None:
-        """(wei per operator, carried wei) stored for `epoch`, or None."""
-        with self._lock:
-            return self._rewards(self._conn, epoch)
+        """(wei per operator, carried wei) committed for `epoch`, or None: read from the RewardBook
+        beside this ledger (`settlement.rewardbook`), which owns reward state. For audits and tests
+        that hold only the ledger's path; validators' amounts are in the book's commitment."""
+        from settlement.rewardbook import RewardBook, book_path_of
 
-    def carried_into(self, epoch: int) -> int:
-        """Emission carried into `epoch` from the epoch before it (0 when none was stored)."""
-        rows = self._read("SELECT carried_wei FROM epoch_rewards WHERE epoch = ?", (epoch - 1,))
-        return int(rows[0][0]) if rows else 0
-
-    def cumulative_rewards(self, through_epoch: int) -> dict[str, int]:
-        """Wei per operator summed over epochs 0..through_epoch: the reward tree's leaves."""
-        total: dict[str, int] = {}
-        for op, amount in self._read(
-            "SELECT operator, amount_wei FROM operator_rewards WHERE epoch <= ?", (through_epoch,)
-        ):
-            total[op] = total.get(op, 0) + int(amount)
-        return dict(sorted(total.items()))
+        path = book_path_of(self.path)
+        if not path.is_file():
+            return None
+        book = RewardBook(path)
+        try:
+            c = book.get(epoch)
+        finally:
+            book.close()
+        return None if c is None else (dict(c.operator_rewards), c.carried_wei)

@@ -32,7 +32,19 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import NamedTuple
 
-__all__ = ["NodeShares", "NodeUsage", "RewardResult", "compute_rewards", "epoch_quality", "weighted_usage"]
+__all__ = [
+    "BPS",
+    "NodeShares",
+    "NodeUsage",
+    "RewardResult",
+    "compute_rewards",
+    "epoch_quality",
+    "split_by_weight",
+    "validator_pool",
+    "weighted_usage",
+]
+
+BPS = 10_000  # basis points in a whole: the validator share is an integer count of them
 
 
 class NodeUsage(NamedTuple):
@@ -131,3 +143,44 @@ def compute_rewards(
         if amount:
             per_operator[operator] = per_operator.get(operator, 0) + amount
     return RewardResult(per_node, dict(sorted(per_operator.items())), 0)
+
+
+def validator_pool(budget_wei: int, validator_share_bps: int, dividends: Mapping[str, float]) -> int:
+    """The validators' part of an epoch's budget: floor(budget x share / 10,000) when some validator
+    has a positive dividend, else 0 (nobody holds a bond, so the operators get the whole budget)."""
+    _non_negative_int("budget_wei", budget_wei)
+    if not 0 <= _non_negative_int("validator_share_bps", validator_share_bps) <= BPS:
+        raise ValueError(f"validator_share_bps must be in [0, {BPS}], got {validator_share_bps}")
+    if not any(d > 0 for d in dividends.values()):
+        return 0
+    return budget_wei * validator_share_bps // BPS
+
+
+def split_by_weight(weights: Mapping[str, float], amount_wei: int) -> dict[str, int]:
+    """Split `amount_wei` in proportion to `weights` (finite, >= 0): exact, with the same largest
+    remainder rule as compute_rewards (ties by key ascending), so the parts sum to `amount_wei`
+    exactly. Keys with a zero part are left out; all-zero weights give {}."""
+    _non_negative_int("amount_wei", amount_wei)
+    exact_weights: dict[str, Fraction] = {}
+    for key, w in weights.items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise ValueError(f"weight of {key} must be a finite number >= 0, got {w!r}")
+        if w > 0:
+            exact_weights[key] = Fraction(w)
+    total = sum(exact_weights.values(), Fraction(0))
+    if total == 0 or amount_wei == 0:
+        return {}
+    parts: dict[str, int] = {}
+    fractional: list[tuple[Fraction, str]] = []
+    for key in sorted(exact_weights):
+        exact = amount_wei * exact_weights[key] / total
+        whole = exact.numerator // exact.denominator
+        parts[key] = whole
+        if exact != whole:
+            fractional.append((exact - whole, key))
+    remainder = amount_wei - sum(parts.values())
+    assert 0 <= remainder <= len(fractional), "largest-remainder invariant broken"
+    fractional.sort(key=lambda item: (-item[0], item[1]))
+    for _, key in fractional[:remainder]:
+        parts[key] += 1
+    return {k: v for k, v in parts.items() if v}

@@ -66,19 +66,18 @@ class FakeLedger:
     def last_settled_epoch(self):
         return max(self.settled_tx) if self.settled_tx else None
 
-    def rewards(self, epoch):
-        return getattr(self, "_rewards", {}).get(epoch)
-
-    def put_rewards(self, epoch, per_operator, carried_wei):
-        # Like UsageLedger: a second, different split for a stored epoch is refused.
-        self._rewards = getattr(self, "_rewards", {})
-        assert self._rewards.setdefault(epoch, (per_operator, carried_wei)) == (per_operator, carried_wei)
-
     def put_pending_tx(self, epoch, raw_tx, nonce, tx_hash):
         self.pending[epoch] = SimpleNamespace(raw_tx=raw_tx, nonce=nonce, tx_hash=tx_hash)
 
     def pending_tx(self, epoch):
         return self.pending.get(epoch)
+
+    def pending_since(self, epoch, tx_hash, block):
+        p = self.pending.get(epoch)
+        if p is None or p.tx_hash != tx_hash:
+            return block
+        p.since = getattr(p, "since", None) or block
+        return p.since
 
     def clear_pending_tx(self, epoch):
         self.pending.pop(epoch, None)
@@ -352,30 +351,38 @@ def test_the_key_never_shows(monkeypatch, tmp_path):
         __import__("pickle").dumps(key)
 
 
-def test_a_crash_between_ledger_and_book_then_late_quality_settles_with_the_frozen_quality(world):
-    both = {"node-0": 1.0, "node-1": 1.0}
+def test_a_crash_while_committing_then_late_quality_settles_once_with_the_late_quality(world):
+    # The commitment is one write to its one owner (the RewardBook): a crash before it stores
+    # nothing, so nothing was promised and the later scores are the epoch's scores.
     world.clock.t = 1.5 * EPOCH_S
     settler = world.settler()
     settler.ensure_contract()
-    assert settler.submit_quality(0, both)
+    assert settler.submit_quality(0, {"node-0": 1.0, "node-1": 1.0})
 
     def crash(commitment):
-        raise KeyboardInterrupt("killed between the ledger and the book")
+        raise KeyboardInterrupt("killed while writing the commitment")
 
     settler.book = SimpleNamespace(
-        get=world.book.get, quality=world.book.quality, put_quality=world.book.put_quality, put=crash
+        get=world.book.get,
+        latest=world.book.latest,
+        quality=world.book.quality,
+        put_quality=world.book.put_quality,
+        dividends=world.book.dividends,
+        put=crash,
     )
     with pytest.raises(KeyboardInterrupt):
         settler.tick()
-    assert world.ledger.rewards(0) is not None and world.book.get(0) is None
+    assert world.book.get(0) is None
 
     restarted = world.settler()
-    assert not restarted.submit_quality(0, {"node-0": 1.0, "node-1": 0.0})  # late: frozen
+    late = {"node-0": 1.0, "node-1": 0.0}
+    assert restarted.submit_quality(0, late)  # not committed yet: taken
     assert restarted.tick() == [0] and restarted.tick() == []
+    assert not restarted.submit_quality(0, {"node-0": 0.0, "node-1": 1.0})  # committed: frozen
     assert onchain_epochs(world.chain) == [0] and world.ledger.marks == [0]
-    assert world.book.quality(0) == both
-    assert world.ledger.rewards(0)[0] == {OPS[0]: 500, OPS[1]: 500}
-    assert world.book.get(0).cumulative == {OPS[0]: 500, OPS[1]: 500}
+    assert world.book.quality(0) == late
+    assert world.book.get(0).operator_rewards == {OPS[0]: 1000}
+    assert world.book.get(0).cumulative == {OPS[0]: 1000}
 
 
 def test_metrics_report_settled_and_waiting_epochs_and_chain_errors(world):

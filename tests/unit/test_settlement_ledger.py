@@ -153,21 +153,36 @@ def test_settlement_status_and_pending_tx(ledger, path):
     ledger.close()
 
 
-def test_rewards_bookkeeping(ledger):
-    for e in range(3):
-        ledger.close_epoch(e)
-    ledger.put_rewards(0, {}, 100)
-    ledger.put_rewards(1, {A: 150, B: 50}, 0)
-    ledger.put_rewards(1, {A: 150, B: 50}, 0)  # same numbers: fine
-    with pytest.raises(LedgerError, match="differ"):
-        ledger.put_rewards(1, {A: 151, B: 49}, 0)
-    ledger.put_rewards(2, {A: 10**30}, 0)
-    assert ledger.carried_into(1) == 100 and ledger.carried_into(0) == 0
-    assert ledger.rewards(1) == ({A: 150, B: 50}, 0)
-    assert ledger.cumulative_rewards(1) == {A: 150, B: 50}
-    assert ledger.cumulative_rewards(2) == {A: 150 + 10**30, B: 50}
-    with pytest.raises(LedgerError, match="close it first"):
-        ledger.put_rewards(5, {}, 0)
+def test_rewards_are_read_from_the_reward_book_beside_the_ledger(ledger, path):
+    from settlement.rewardbook import EpochCommitment, RewardBook, book_path_of
+
+    assert ledger.rewards(0) is None  # no book yet
+    book = RewardBook(book_path_of(path))
+    root = b"\x01" * 32
+    book.put(EpochCommitment(0, root, root, 0, 0, 100, {}, {}, {}))
+    book.put(EpochCommitment(1, root, root, 2, 300, 0, {A: 150, B: 150}, {A: 150, B: 50}, {B: 100}))
+    assert ledger.rewards(0) == ({}, 100)
+    assert ledger.rewards(1) == ({A: 150, B: 50}, 0)  # operators' part; the validator's is in the book
+    assert ledger.rewards(2) is None
+    # The first commitment wins: a second, different one for the epoch is ignored.
+    assert book.put(EpochCommitment(1, root, root, 2, 1, 0, {A: 1}, {A: 1}, {})).operator_rewards == {
+        A: 150,
+        B: 50,
+    }
+
+
+def test_a_pending_tx_remembers_the_block_it_was_first_seen_pending(ledger, path):
+    ledger.close_epoch(0)
+    ledger.put_pending_tx(0, b"x", 1, "0xaa")
+    assert ledger.pending_since(0, "0xaa", 10) == 10
+    assert ledger.pending_since(0, "0xaa", 15) == 10
+    ledger.close()
+    reopened = UsageLedger(path, 60.0, genesis=1000.0)
+    assert reopened.pending_since(0, "0xaa", 30) == 10  # survives a restart
+    assert reopened.pending_since(0, "0xbb", 30) == 30  # another tx: not this epoch's
+    reopened.put_pending_tx(0, b"y", 1, "0xbb")  # a replacement starts its own count
+    assert reopened.pending_since(0, "0xbb", 31) == 31
+    reopened.close()
 
 
 def test_changed_epoch_length_is_refused(ledger, path):
