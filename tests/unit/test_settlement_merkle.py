@@ -11,7 +11,14 @@ from eth_hash.main import Keccak256
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from settlement.merkle import MerkleTreeError, StandardMerkleTree, keccak256, make_encoder
+from settlement.merkle import (
+    BULK_LEAVES,
+    MerkleTreeError,
+    StandardMerkleTree,
+    keccak256,
+    make_encoder,
+    static_encoder,
+)
 
 VECTORS = json.loads((Path(__file__).parents[1] / "fixtures" / "oz_merkle" / "vectors.json").read_text())
 CASES = {case["name"]: case for case in VECTORS["cases"]}
@@ -107,4 +114,38 @@ _static_values = st.tuples(
 def test_fast_static_encoder_equals_eth_abi(v):
     types = ["address", "uint256", "int256", "bool", "bytes4", "bytes32"]
     value = ["0x" + v[0].hex(), *v[1:]]
-    assert make_encoder(types)(value) == abi_encode(types, value)
+    assert static_encoder(types)(value) == make_encoder(types)(value) == abi_encode(types, value)
+    as_json = [value[0], str(v[1]), str(v[2]), v[3], "0x" + v[4].hex(), "0x" + v[5].hex()]
+    assert static_encoder(types)(as_json) == make_encoder(types)(as_json) == abi_encode(types, value)
+
+
+@pytest.mark.parametrize(
+    ("abi_type", "bad"),
+    [
+        ("uint8", 256),
+        ("uint256", -1),
+        ("int8", 128),
+        ("address", "0x1234"),
+        ("bytes4", b"\x01\x02"),
+        ("bytes32", "0x" + "00" * 31),
+        ("bool", 1),
+        ("uint256", True),
+        ("uint256", 1.5),
+    ],
+)
+def test_both_encoders_refuse_the_same_values(abi_type, bad):
+    with pytest.raises(MerkleTreeError):
+        make_encoder([abi_type])([bad])
+    with pytest.raises(MerkleTreeError):
+        static_encoder([abi_type])([bad])
+
+
+def test_large_and_small_trees_agree_whichever_encoder_builds_them():
+    values = [[f"0x{i:040x}", i] for i in range(1, BULK_LEAVES + 1)]
+    big = StandardMerkleTree.of(values, ["address", "uint256"])  # bulk: the hand-written encoder
+    one_by_one = StandardMerkleTree.of_encoded(
+        values, [make_encoder(["address", "uint256"])(v) for v in values], ["address", "uint256"]
+    )
+    assert big.root == one_by_one.root
+    big.validate()
+    assert StandardMerkleTree.verify(big.root, ["address", "uint256"], values[7], big.get_proof(values[7]))
