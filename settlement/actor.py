@@ -481,7 +481,7 @@ class Settler:
 
     def _settle_epoch(self, epoch: int) -> bool:
         """Drive one epoch to 'settled'. True when it is settled; False to retry on a later pass."""
-        c = self.commitment(epoch)
+        c = self.book.get(epoch)  # committed by settle_closed's first loop, or still waiting for scores
         if c is None:
             return False
         if self.chain.next_epoch() > epoch:
@@ -673,8 +673,9 @@ class SettlementService:
         }
 
     def recent_epochs(self, count: int = 10) -> list[dict[str, Any]]:
-        """The last `count` settled epochs, newest first: the transaction that settled each and its
-        rewards per operator (wei, as decimal strings: JSON numbers lose precision past 2**53)."""
+        """The last `count` settled epochs, newest first: the transaction that settled each, its rewards
+        per operator and per validator address (wei, as decimal strings: JSON numbers lose precision
+        past 2**53)."""
         last = self.ledger.last_settled_epoch()
         out: list[dict[str, Any]] = []
         for epoch in range(last if last is not None else -1, -1, -1):
@@ -685,7 +686,15 @@ class SettlementService:
                 continue
             c = self.book.get(epoch)
             per_operator = c.operator_rewards if c else {}
-            out.append({"epoch": epoch, "tx": tx, "rewards": {op: str(w) for op, w in per_operator.items()}})
+            validators = c.validator_rewards if c else {}
+            out.append(
+                {
+                    "epoch": epoch,
+                    "tx": tx,
+                    "rewards": {op: str(w) for op, w in per_operator.items()},
+                    "validator_rewards": {v: str(w) for v, w in validators.items()},
+                }
+            )
         return out
 
     def metrics_text(self) -> str:

@@ -366,3 +366,32 @@ def test_a_kappa_majority_still_zeroes_a_node_it_has_caught():
     scorers["v2"].observe_verification("new", "default", "pass")  # a fifth of the stake: not yet scored
     q = ConsensusState({"v1": 3.0, "v2": 1.0, "v3": 1.0}).step({v: sc.scores() for v, sc in scorers.items()})
     assert q.quality == {"honest": 1.0}
+
+
+def test_consensus_rounds_average_each_validators_dividends_by_its_signing_address():
+    """Validators are paid at the address their reports are signed with: the consensus actor keeps
+    each epoch's mean dividend per address (every round counts) for settlement."""
+    specs = [ValidatorSpec(validator_id=v) for v in ("A", "B", "C")]
+    addresses = {v: f"0x{i + 1:040x}" for i, v in enumerate(("A", "B", "C"))}
+    svc = ConsensusService(specs, addresses, period_s=1.0, epoch_length_s=30.0, genesis=0.0)
+    both = {"x": 1.0, "y": 1.0}
+
+    def scores(v, weights, t):
+        return [_score(v, n, w).model_copy(update={"at": t}) for n, w in weights.items()]
+
+    svc.round({v: scores(v, both if v != "B" else {"y": 1.0}, 1.0) for v in addresses}, now=1.0)
+    svc.round({v: scores(v, both, 2.0) for v in addresses}, now=2.0)
+    # The hand-worked rounds of tests/unit/test_consensus_dividends.py: (2/5, 1/5, 2/5) then
+    # (49/120, 22/120, 49/120); the epoch's mean is their average.
+    mean = svc.epochs.mean_dividends(0)
+    assert mean == pytest.approx(
+        {
+            addresses["A"]: (2 / 5 + 49 / 120) / 2,
+            addresses["B"]: (1 / 5 + 22 / 120) / 2,
+            addresses["C"]: (2 / 5 + 49 / 120) / 2,
+        },
+        abs=1e-12,
+    )
+    assert svc.epochs.mean_dividends(1) is None
+    svc.round({v: scores(v, both, 31.0) for v in ("A", "C")}, now=31.0)  # B silent in epoch 1
+    assert svc.epochs.mean_dividends(1)[addresses["B"]] < svc.epochs.mean_dividends(1)[addresses["A"]]
