@@ -224,3 +224,35 @@ def test_an_underpriced_pending_tx_is_repriced_at_the_same_nonce_up_to_the_cap(a
     assert mined["nonce"] == first.nonce and first_fees.max_fee < mined["maxFeePerGas"] <= cap
     assert [e["epoch"] for e in chain.settled_events()] == [0] and w.ledger.marks == [0]
     assert settler.tick() == []  # exactly once
+
+
+def test_later_epochs_are_computed_behind_a_stuck_tx_and_settle_in_order_once_it_is_mined(anvil, tmp_path):
+    from settlement.metrics import REGISTRY
+
+    chain = connect(anvil, receipt_timeout_s=0.5)
+    key = SettlerKey.generate()
+    chain.fund(key.address, 10**20)
+    w = _world(tmp_path, chain, key)  # t = 3.5 epochs: epochs 0..2 are due
+    settler = w.settler()
+    settler.ensure_contract()
+    anvil.rpc("evm_setAutomine", [False])
+    for _ in range(2):
+        assert settler.tick() == []  # epoch 0's tx is broadcast (then rebroadcast), never mined
+    # The chain takes settle(next_epoch) only, so 1 and 2 wait to be sent, but they are computed.
+    assert [w.book.get(e).epoch for e in range(3)] == [0, 1, 2]
+    assert w.ledger.pending_tx(0) is not None
+    assert w.ledger.pending_tx(1) is None and w.ledger.pending_tx(2) is None
+    assert REGISTRY.get_sample_value("meritnet_settlement_stuck", {"state": "receipt"}) == 1
+    assert REGISTRY.get_sample_value("meritnet_settlement_last_committed_epoch") == 2
+    assert REGISTRY.get_sample_value("meritnet_settlement_last_settled_epoch") == -1
+
+    anvil.rpc("evm_setAutomine", [True])
+    settled: list[int] = []
+    for _ in range(10):
+        anvil.rpc("anvil_mine", ["0x1"])
+        settled += w.settler().tick()  # a restart on the way changes nothing
+        if settled == [0, 1, 2]:
+            break
+    assert settled == [0, 1, 2] and [e["epoch"] for e in chain.settled_events()] == [0, 1, 2]
+    assert w.ledger.marks == [0, 1, 2] and chain.total_rewarded() == 3 * 10**18
+    assert REGISTRY.get_sample_value("meritnet_settlement_stuck", {"state": "receipt"}) == 0
