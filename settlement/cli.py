@@ -389,7 +389,8 @@ def claim(
     contract: ContractOption = None,
     url: UrlOption = None,
 ) -> None:
-    """Claim the operator's cumulative reward through the last settled epoch: mints what it has not
+    """Claim the operator's cumulative reward through the last settled epoch (a validator passes its
+    validator key file, state_dir/validator-keys/<id>.key, and claims the same way): mints what it has not
     claimed yet, with a proof from the ledger's reward tree against the root on-chain."""
     from settlement.merkle import MerkleTreeError
     from settlement.trees import EmptyTreeError, find_reward_leaf, reward_tree

@@ -20,7 +20,11 @@ quality, paid to that operator. A node's entry in `usage` is one NodeUsage, or o
 
 Eligibility: zero usage, zero quality, or no quality entry at all (unscored nodes are on probation)
 means weight 0 and reward 0. When no node has positive weight the whole emission is returned as
-`carried_wei`; the caller adds it to the next epoch's emission (UsageLedger.carried_into gives it).
+`carried_wei`; the settler adds it to the next epoch's budget (the RewardBook keeps it per epoch).
+
+Validators: of each epoch's budget the settler first sets aside `validator_pool` (a configured share,
+in basis points, when some validator holds a positive dividend) and splits it with
+`split_by_weight` by dividend; `compute_rewards` splits the rest between operators.
 Only ok records count as usage: that filter is the ledger's (UsageLedger.usage_by_node).
 """
 

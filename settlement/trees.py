@@ -1,4 +1,5 @@
-"""The two per-epoch trees: usage (one leaf per ok interaction) and rewards (one leaf per operator).
+"""The two per-epoch trees: usage (one leaf per ok interaction) and rewards (one leaf per paid
+address: operators, and validators paid by their dividends).
 
 Both are OpenZeppelin StandardMerkleTrees, so `@openzeppelin/merkle-tree` and `MerkleProof.verify`
 accept their roots and proofs. The on-chain distributor checks a reward leaf as
@@ -16,7 +17,9 @@ Usage leaf fields (USAGE_LEAF_ENCODING, in order):
                       suggests for late records; see settlement.ledger)
 
 Reward leaf: (address operator, uint256 cumulative wei over all settled epochs so far); claims are
-cumulative on-chain, so an operator's latest leaf is all it ever needs. Operators with a
+cumulative on-chain, so an account's latest leaf is all it ever needs. A validator is paid at the
+address that signs its score reports, in a leaf of the same form (an address both operates nodes and
+validates: one leaf with both amounts summed). Accounts with a
 cumulative amount of 0 get no leaf.
 
 An empty tree has no OZ root; use `usage_root` / `reward_root`, which give ZERO_ROOT for it.
