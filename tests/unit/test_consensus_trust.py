@@ -264,3 +264,19 @@ def test_unscored_nodes_are_on_probation_with_validators_and_paid_at_one_without
     q = epoch_quality(usage, None, settlement_default_quality(demo))  # no validators: no scores at all
     assert q == {"scored": 1.0, "unscored": 1.0}
     assert compute_rewards(usage, q, 1000, 1, 1).per_node == {"scored": 500, "unscored": 500}
+
+
+@pytest.mark.parametrize(("cutoff", "cheat_quality"), [(None, 1.0), (900.0, None)])
+def test_a_stale_score_is_dropped_by_the_activity_cutoff(cutoff, cheat_quality):
+    """v1 (3/5 of the stake) last scored 'cheat' 1,000 s ago and has stopped observing it; v2 and v3
+    score it 0 now. Kept, v1's old vote alone is a kappa-majority and lifts cheat to the best node's
+    quality; past the 900 s cutoff it is no vote at all, and the rest (2/5) cannot score cheat yet."""
+    now = 1000.0
+    state = ConsensusState({"v1": 3.0, "v2": 1.0, "v3": 1.0}, activity_cutoff_s=cutoff)
+    scores = {
+        "v1": (*_scores("v1", {"a": 1.0}, now), *_scores("v1", {"cheat": 1.0}, 0.0)),
+        "v2": _scores("v2", {"a": 1.0, "cheat": 0.0}, now),
+        "v3": _scores("v3", {"a": 1.0, "cheat": 0.0}, now),
+    }
+    quality = state.step(scores, now=now).quality
+    assert quality.get("cheat") == cheat_quality and quality["a"] == 1.0
