@@ -3,10 +3,14 @@
     python -m benchmarks.verification --out FILE.json [--quick]
 
 Real parts: the default model (seed 0) in a real vLLM CPU engine, which serves the honest nodes (at
-several batch sizes, to expose batching nondeterminism) and, teacher-forced, is the validator's
-reference. Attackers run real weights through transformers (greedy): the seed-1 model (substitution)
-and seed-0 weights plus Gaussian noise saved as another local model (perturbed). Truncation and
-inflation are honest vLLM outputs with lying metadata; the slow node is honest output with 4x the latency.
+several batch sizes, to expose batching nondeterminism; greedy, and seeded sampled at T 0.7/0.8/1.0) and,
+teacher-forced, is the validator's reference. Attackers: the seed-1 model (substitution) and seed-0
+weights plus Gaussian noise (perturbed) run through transformers (greedy); int8 / int4 round-to-nearest
+quantizations of the seed-0 model (cluster.quantize) and the seed-1 model at temperature 0.8
+(substitution_sampled) are served by their own vLLM engines, answering challenges drawn as validators
+draw them (greedy and seeded sampled, verified by replay of the sampler: scoring.replay). Truncation
+and inflation are honest vLLM outputs with lying metadata; the slow node is honest output with 4x the
+latency. challenge_distinguishability_auc: classifiers over what a node sees (see `distinguishability`).
 
 Per attack and trial, a fresh validator score state challenges the attacker until its integrity is 0
 (speed < 0.5 for the slow node), at most `--max-challenges`; detect_rate is the share of trials caught.
@@ -111,6 +115,68 @@ def challenge_prompts(codec, n: int, seed: int) -> list[tuple[list[int], int]]:
         ids = codec.encode_chat(list(r.messages)) if r.messages else codec.encode_prompt(r.prompt)
         out.append((ids, r.max_tokens))
     return out
+
+
+def challenge_requests(codec, n: int, seed: int, temperature: float | None = None):
+    """(prompt ids, max_tokens, temperature, seed) drawn as validators draw challenges (the prior mix:
+    greedy and sampled); `temperature` overrides the drawn one."""
+    from scoring.challenge import ChallengeConfig, ChallengePool
+
+    pool = ChallengePool(ChallengeConfig(), random.Random(seed))
+    out = []
+    for _ in range(n):
+        r = pool.sample("n", "default")
+        ids = codec.encode_chat(list(r.messages)) if r.messages else codec.encode_prompt(r.prompt)
+        t = r.temperature if temperature is None else temperature
+        out.append((ids, r.max_tokens, t, int(r.body["seed"])))
+    return out
+
+
+def vllm_claims(llm, reqs, batch_sizes=(16,)) -> list:
+    """Claims of what `llm` returns for each request (seeded), in batches of the given sizes in turn."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from scoring.verify import Claim
+
+    claims, i, k = [], 0, 0
+    while i < len(reqs):
+        chunk = reqs[i : i + batch_sizes[k % len(batch_sizes)]]
+        params = [SamplingParams(max_tokens=m, temperature=t, seed=s) for _, m, t, s in chunk]
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p, *_ in chunk], params, use_tqdm=False)
+        for (p, m, t, s), o in zip(chunk, outs):
+            out = o.outputs[0]
+            claims.append(
+                Claim(
+                    prompt_token_ids=tuple(p),
+                    text=out.text,
+                    completion_token_ids=tuple(out.token_ids),
+                    reported_completion_tokens=len(out.token_ids),
+                    finish_reason=out.finish_reason,
+                    max_tokens=m,
+                    temperature=t,
+                    seed=s,
+                )
+            )
+        i += len(chunk)
+        k += 1
+    return claims
+
+
+def engine_attack_claims(model_dir: Path, codec, trials: int, per_trial: int, temperature=None):
+    """Per trial, `per_trial` challenge claims answered by a real vLLM engine serving `model_dir`."""
+    import gc
+
+    from vllm import LLM
+
+    # A token budget no batch of 16 can exceed: vLLM 0.32's CPU runner crashes ("CPU Generator does not
+    # use offset") when a seeded sampled request's prefill is chunked.
+    llm = LLM(model=str(model_dir), max_model_len=1024, max_logprobs=20, seed=0, max_num_batched_tokens=16384)
+    reqs = [challenge_requests(codec, per_trial, 1000 + t, temperature) for t in range(trials)]
+    flat = vllm_claims(llm, [r for rs in reqs for r in rs])
+    del llm
+    gc.collect()
+    return [flat[t * per_trial : (t + 1) * per_trial] for t in range(trials)]
 
 
 def honest_completions(llm, codec, n: int, batch_sizes=(1, 4, 16), seed: int = 0):
@@ -417,6 +483,30 @@ def run(quick: bool, max_challenges: int, organic_rps: float) -> dict:
     fp = sum(verify(c, ref, codec, th).verdict != "pass" for c in held)
     con.log(f"false positives: {fp}/{len(held)}")
 
+    from scoring.replay import vllm_cpu_argmax
+
+    sampler = vllm_cpu_argmax  # the nodes here are vLLM CPU engines: their seeded sampler, replayed
+    n_sampled = 240 if quick else 2000
+    con.log(f"honest seeded sampled completions: {n_sampled} (T 0.7/0.8/1.0) at batch sizes 1/4/16")
+    trng = random.Random(3)
+    sreqs = [
+        (p, m, trng.choice((0.7, 0.8, 1.0)), s) for p, m, _, s in challenge_requests(codec, n_sampled, 2)
+    ]
+    honest_sampled = vllm_claims(llm, sreqs, batch_sizes=(1, 4, 16))
+    sv = [verify(c, ref, codec, th, sampler) for c in honest_sampled]
+    fp_sampled = sum(v.verdict != "pass" for v in sv)
+    unsure_share = sum(v.unsure for v in sv) / max(1, sum(v.n_tokens for v in sv))
+    con.log(f"sampled false positives: {fp_sampled}/{len(sv)} (unsure positions {unsure_share:.2f})")
+
+    con.log("quantized and substituted models in their own vLLM engines (the cheaters)")
+    from cluster.quantize import quantized_model
+
+    engine_claims = {
+        "quant_int8": engine_attack_claims(quantized_model(d0, "int8"), codec, trials, max_challenges),
+        "quant_int4": engine_attack_claims(quantized_model(d0, "int4"), codec, trials, max_challenges),
+        "substitution_sampled": engine_attack_claims(d1, codec, trials, max_challenges, temperature=0.8),
+    }
+
     attackers = {
         "substitution": HFGenerator(d1, codec.eos_token_ids),
         "perturbed_weights": HFGenerator(noisy, codec.eos_token_ids),
@@ -424,7 +514,9 @@ def run(quick: bool, max_challenges: int, organic_rps: float) -> dict:
     rng = random.Random(5)
     honest_pool = honest[half:]
 
-    def attack_claim(name: str, prompt, max_tokens):
+    def attack_claim(name: str, prompt, max_tokens, trial: int, k: int):
+        if name in engine_claims:
+            return engine_claims[name][trial][k - 1]
         if name in attackers:
             return _claim_from(attackers[name], codec, prompt, max_tokens)
         c = rng.choice(honest_pool)
@@ -446,8 +538,18 @@ def run(quick: bool, max_challenges: int, organic_rps: float) -> dict:
         return c
 
     attacks: dict[str, dict] = {}
-    for name in ("substitution", "perturbed_weights", "truncated", "inflated_tokens", "slow_node"):
-        to_detect = []
+    names = (
+        "substitution",
+        "perturbed_weights",
+        "truncated",
+        "inflated_tokens",
+        "slow_node",
+        "quant_int8",
+        "quant_int4",
+        "substitution_sampled",
+    )
+    for name in names:
+        to_detect, flagged_rates = [], []
         for trial in range(trials):
             scorer = NodeScorer(f"bench-{trial}")
             prompts = challenge_prompts(codec, max_challenges, seed=1000 + trial)
@@ -456,14 +558,18 @@ def run(quick: bool, max_challenges: int, organic_rps: float) -> dict:
                 if name == "slow_node":
                     for honest_id in ("h1", "h2", "h3"):
                         scorer.observe_challenge(honest_id, "default", True, 0.05, 200.0)
+                        scorer.observe_verification(honest_id, "default", "pass")
                     scorer.observe_challenge("x", "default", True, 0.2, 50.0)  # 4x slower
+                    scorer.observe_verification("x", "default", "pass")  # a node has a score once verified
                     s = next(s for s in scorer.scores() if s.node_id == "x")
                     if s.speed < 0.5:
                         caught = k
                         break
                     continue
-                claim = attack_claim(name, p, m)
-                scorer.observe_verification("x", "default", verify(claim, ref, codec, th).verdict)
+                claim = attack_claim(name, p, m, trial, k)
+                v = verify(claim, ref, codec, th, sampler)
+                flagged_rates.append(v.flagged_rate)
+                scorer.observe_verification("x", "default", v.verdict)
                 if next(s for s in scorer.scores() if s.node_id == "x").integrity == 0.0:
                     caught = k
                     break
@@ -474,6 +580,7 @@ def run(quick: bool, max_challenges: int, organic_rps: float) -> dict:
             "challenges_to_detect_p50": statistics.median(hits) if hits else None,
             "trials": trials,
             "max_challenges": max_challenges,
+            "mean_flagged_token_rate": statistics.mean(flagged_rates) if flagged_rates else None,
         }
         con.log(f"{name}: {attacks[name]}")
 
@@ -492,8 +599,12 @@ def run(quick: bool, max_challenges: int, organic_rps: float) -> dict:
     shadow_reference_ratio = 3 * shadow_rate * ChallengeConfig().shadow_rate
     return {
         "attacks": attacks,
-        "false_positive_rate": fp / len(held),
+        "false_positive_rate": max(fp / len(held), fp_sampled / len(sv)),
+        "false_positive_rate_greedy": fp / len(held),
+        "false_positive_rate_sampled": fp_sampled / len(sv),
         "verified_completions": len(held),
+        "verified_sampled_completions": len(sv),
+        "sampled_unsure_position_share": unsure_share,
         "validator_overhead": overhead,
         "challenge_distinguishability_auc": dist["shadow_feed_today"]["auc"],
         "challenge_distinguishability": dist,
