@@ -159,8 +159,17 @@ def main() -> None:
         default=None,
         help="meritnet nodes' stream_linger_ms (default: the engine default)",
     )
+    ap.add_argument(
+        "--stock-direct-streaming",
+        action="store_true",
+        help="stock ray.serve.llm with Ray's direct streaming (RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1: "
+        "the ingress hands the request to the LLMServer replica, which streams vLLM's own OpenAI app "
+        "through HAProxy); Ray's fastest path, as a reference",
+    )
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if args.stock_direct_streaming:  # before Ray starts: its processes read it at import
+        os.environ["RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING"] = "1"
 
     from deploy.config import DEMO_OPERATOR_A, NetworkConfig, NodeConfig
     from deploy.network import LocalNetwork
@@ -234,6 +243,8 @@ def main() -> None:
             "quick": args.quick,
             "max_tokens": max_tokens,
             "stream_linger_ms": cfg.engine.stream_linger_ms,
+            "stock_direct_streaming": args.stock_direct_streaming,
+            "ha_proxy": os.environ.get("RAY_SERVE_ENABLE_HA_PROXY"),
         }
     finally:
         bare.terminate()
