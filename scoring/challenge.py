@@ -58,6 +58,12 @@ class ChallengeConfig(BaseModel):
         description="Largest max_tokens a challenge asks for (organic shapes above it, or without a "
         "limit, are capped: bounds the load challenges put on nodes).",
     )
+    max_prompt_words: int = Field(
+        default=600,
+        ge=1,
+        description="Most words a challenge's messages hold together (a client can send any shape, and a "
+        "challenge longer than the context would fail at the gateway and count against the node).",
+    )
     stream_probability: float = Field(
         default=0.5,
         ge=0,
@@ -142,9 +148,11 @@ class ChallengePool:
         is greedy (sampled output would only get the weak logprob floor), visibly so."""
         c, rng = self.config, self.rng
         shape = self.mix.draw(rng)
-        texts = [self.writer.write(rng, w) for w in shape.words]
+        roles, words = shape.roles[-16:], shape.words[-16:]  # the last turns of a long chat
+        budget = c.max_prompt_words / max(1, sum(words))
+        texts = [self.writer.write(rng, int(w * min(1.0, budget))) for w in words]
         if self._organic and rng.random() < c.organic_share:  # replay: the last user turn / the prompt
-            turns = [i for i, r in enumerate(shape.roles) if r in ("user", "prompt")] or [len(texts) - 1]
+            turns = [i for i, r in enumerate(roles) if r in ("user", "prompt")] or [len(texts) - 1]
             texts[turns[-1]] = rng.choice(list(self._organic))
         body: dict[str, Any] = {"model": model}
         body["max_tokens"] = min(shape.max_tokens or c.max_tokens_cap, c.max_tokens_cap)
@@ -163,7 +171,7 @@ class ChallengePool:
         if c.ask_token_ids:
             body["return_token_ids"] = True
         if shape.kind == "chat":
-            messages = tuple({"role": r, "content": t} for r, t in zip(shape.roles, texts))
+            messages = tuple({"role": r, "content": t} for r, t in zip(roles, texts))
             body["messages"] = [dict(m) for m in messages]
             return ChallengeRequest(node_id, model, "/v1/chat/completions", body, messages=messages)
         body["prompt"] = texts[0]

@@ -88,3 +88,12 @@ def test_classifier_catches_greedy_only_challenges_and_does_worse_on_organic_sha
     organic = distinguishability(300, seed=3, full_feed=True)
     assert greedy["auc"] > 0.9, greedy
     assert organic["auc"] < greedy["auc"] - 0.1, (organic, greedy)
+
+
+def test_a_huge_organic_shape_gives_a_bounded_challenge():
+    """Clients choose their shapes; one that fills the mix must not make challenges overflow the context."""
+    pool = ChallengePool(ChallengeConfig(max_prompt_words=200), random.Random(0))
+    pool.observe_shape(RequestShape("chat", ("user", "assistant") * 50, (5000, 5000) * 50, 0.0, 64))
+    r = pool.sample("n", "default")
+    assert len(r.messages) == 16
+    assert sum(len(m["content"].split()) for m in r.messages) <= 200 + 16 * 20  # sentence ends round up
