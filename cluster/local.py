@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import socket
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -63,12 +64,42 @@ SERVE_FAST_PATH_ENV = {
 }
 
 
+# HAProxy also serves a read-only stats page and a Prometheus exporter, on all interfaces (Ray's template
+# binds them so; only the ports are settings). Fixed defaults (8404, 9101) would make a second network or
+# an operator's node on the same machine fail to start its HAProxy, so each start takes free ports.
+HAPROXY_PORT_VARS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        return s.getsockname()[1]
+
+
 def use_serve_fast_path() -> dict[str, str]:
     """Set SERVE_FAST_PATH_ENV in this process (the Ray processes it starts inherit it) unless the
-    caller set those variables already; returns what is in effect, for a runtime env."""
+    caller set those variables already, and free ports for HAProxy's stats and exporter (a port set by
+    the caller is kept while it is free: one inherited from a running network is not); returns what is
+    in effect, for a runtime env."""
     for key, value in SERVE_FAST_PATH_ENV.items():
         os.environ.setdefault(key, value)
-    return {key: os.environ[key] for key in SERVE_FAST_PATH_ENV}
+    env = {key: os.environ[key] for key in SERVE_FAST_PATH_ENV}
+    if env["RAY_SERVE_ENABLE_HA_PROXY"] == "1":
+        for key in HAPROXY_PORT_VARS:
+            current = os.environ.get(key, "")
+            if not (current.isdigit() and _port_free(int(current))):
+                os.environ[key] = str(_free_port())
+            env[key] = os.environ[key]
+    return env
 
 
 def use_auth_token(path: Path) -> None:
