@@ -1,6 +1,7 @@
-"""A network where one of three nodes claiming model "default" runs other weights (the seed-1 model),
-with three validators (sharing one reference engine) and consensus running. Package-scoped: started
-once for this package and shut down before other packages start networks of their own."""
+"""A network where two of four nodes claiming model "default" cheat: one runs other weights (the seed-1
+model), one a 4-bit round-to-nearest quantization of the right weights (cluster.quantize); three
+validators (sharing one reference engine) and consensus run. Package-scoped: started once for this
+package and shut down before other packages start networks of their own."""
 
 from __future__ import annotations
 
@@ -13,11 +14,15 @@ HONEST_B = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"
 CHEATER_OP = "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"  # its own operator, so its reward is observable
 HONEST_NODES = ("h100-a", "l4-b")
 CHEATER = "h100-c"
+QUANT = "l4-q"  # serves the int4 RTN quantization of the claimed model
+QUANT_OP = "0x90F79bf6EB2c4f870365E785982E1f101E93b906"
 EPOCH_S = 30.0
 
 
 @pytest.fixture(scope="package")
 def cheater_network(tmp_path_factory):
+    from cluster.model import build_default_model
+    from cluster.quantize import quantized_model
     from deploy.config import NetworkConfig
     from deploy.network import LocalNetwork
 
@@ -39,6 +44,13 @@ def cheater_network(tmp_path_factory):
                 "operator": CHEATER_OP,
                 "accelerator_type": "H100",
                 "model_source": "builtin:default@1",
+            },
+            # Claims "default" and serves it, quantized to 4 bits: the cheat that pays.
+            {
+                "node_id": QUANT,
+                "operator": QUANT_OP,
+                "accelerator_type": "L4",
+                "model_source": str(quantized_model(build_default_model(0), "int4")),
             },
         ],
         validators=[

@@ -1,6 +1,7 @@
-"""Issue 5 on the real cluster: a node serving other weights than it claims is caught by validators
-verifying against the trusted reference engine, loses its consensus quality, gets no organic traffic
-and no reward; the honest nodes pass every verification while organic load runs."""
+"""Issues 5 and 15 on the real cluster: a node serving other weights than it claims, and one serving a
+4-bit quantization of the claimed model, are caught by validators verifying against the trusted
+reference engine, lose their consensus quality, get no organic traffic and no reward; the honest nodes
+pass every verification while organic load runs."""
 
 from __future__ import annotations
 
@@ -15,12 +16,21 @@ from collections import Counter
 
 import pytest
 
-from tests.integration.cheater.conftest import CHEATER, CHEATER_OP, HONEST_A, HONEST_B, HONEST_NODES
+from tests.integration.cheater.conftest import (
+    CHEATER,
+    CHEATER_OP,
+    HONEST_A,
+    HONEST_B,
+    HONEST_NODES,
+    QUANT,
+    QUANT_OP,
+)
 
 pytestmark = pytest.mark.integration
 
 MIN_HONEST_VERIFICATIONS = 200
 MAX_CHALLENGES_TO_DETECT = 3  # substitution is fraud on the first verified completion; 3 leaves slack
+MAX_CHALLENGES_TO_DETECT_QUANT = 16  # int4: benchmarks.verification measures how many it takes
 
 
 def _client(net):
@@ -112,7 +122,7 @@ def detection(cheater_network):
         while time.monotonic() < deadline:
             time.sleep(2)
             quality, stats = _consensus(net), _stats(net)
-            if detected_at is None and quality.get(CHEATER) == 0.0:
+            if detected_at is None and quality.get(CHEATER) == 0.0 and quality.get(QUANT) == 0.0:
                 detected_at = time.time()
             honest = _verified(stats, HONEST_NODES)
             if (
@@ -132,6 +142,7 @@ def detection(cheater_network):
         "stats": stats,
         "honest": _verified(stats, HONEST_NODES),
         "cheater": _verified(stats, (CHEATER,)),
+        "quant": _verified(stats, (QUANT,)),
         "organic_served": dict(served),
         "organic_errors": errors,
         "quality": _consensus(net),
@@ -152,6 +163,15 @@ def test_cheater_caught_within_bounded_challenges(detection):
         assert after is not None and after <= MAX_CHALLENGES_TO_DETECT, (validator, per_node.get(CHEATER))
     assert detection["cheater"]["pass"] == 0, detection["cheater"]
     assert detection["quality"][CHEATER] == 0.0
+
+
+def test_int4_quantized_node_caught(detection):
+    """The subtle cheat: the claimed model's own weights at 4 bits. Its greedy argmax and its seeded
+    samples drift from the reference's within a few challenges."""
+    assert detection["quality"].get(QUANT) == 0.0, detection["quality"]
+    for validator, per_node in detection["stats"].items():
+        after = per_node.get(QUANT, {}).get("detected_after")
+        assert after is not None and after <= MAX_CHALLENGES_TO_DETECT_QUANT, (validator, per_node.get(QUANT))
 
 
 def test_honest_nodes_pass_every_verification_under_load(detection):
@@ -183,6 +203,7 @@ def test_cheater_gets_under_one_percent_of_organic_traffic(cheater_network, dete
         served = Counter(pool.map(lambda i: _organic(client, 10_000 + i), range(200)))
     print("\ntraffic after detection:", dict(served))
     assert served[CHEATER] / sum(served.values()) < 0.01, served
+    assert served[QUANT] / sum(served.values()) < 0.01, served
     assert all(served[n] > 0 for n in HONEST_NODES), served
 
 
@@ -222,4 +243,5 @@ def test_cheater_earns_nothing_in_the_next_settled_epoch(cheater_network, detect
         "the cheater had no metered usage (challenges) in the epoch: the test proves nothing"
     )
     assert per_operator.get(CHEATER_OP, 0) == 0, per_operator
+    assert per_operator.get(QUANT_OP, 0) == 0, per_operator
     assert per_operator.get(HONEST_A, 0) > 0 and per_operator.get(HONEST_B, 0) > 0, per_operator
