@@ -170,6 +170,9 @@ def main() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     if args.stock_direct_streaming:  # before Ray starts: its processes read it at import
         os.environ["RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING"] = "1"
+    from cluster.local import use_serve_fast_path
+
+    use_serve_fast_path()  # before Serve is imported here: its builders read the ingress settings at import
 
     from deploy.config import DEMO_OPERATOR_A, NetworkConfig, NodeConfig
     from deploy.network import LocalNetwork
