@@ -100,7 +100,21 @@ class Capture:
         max_tokens = int_field(b, "max_completion_tokens") or int_field(b, "max_tokens")
         temperature = getattr(b, "temperature", None)
         stop = getattr(b, "stop", None)
+        # What replay and the challenge mix need beyond today's record; filled as soon as
+        # cluster.records.ServedCompletion declares these fields (until then they are left out).
+        extra = {
+            k: v
+            for k, v in {
+                "seed": getattr(b, "seed", None),
+                "top_p": getattr(b, "top_p", None),
+                "top_k": getattr(b, "top_k", None),
+                "stream": bool(getattr(b, "stream", False)),
+                "temperature_set": temperature is not None,
+            }.items()
+            if k in ServedCompletion.model_fields
+        }
         return ServedCompletion(
+            **extra,
             request_id=self.request_id,
             node_id=node_id,
             model=b.model,

@@ -257,10 +257,11 @@ class Validator:
             max_tokens=item.max_tokens,
             temperature=item.temperature,
             stop_strings=item.stop_strings,
-            # Shadow items carry no seed or top_p yet (cluster.records.ServedCompletion): until they do,
-            # sampled organic output gets the logprob floor, not replay.
+            # ServedCompletion carries no seed / top_p / top_k yet: until it does, sampled organic output
+            # gets the logprob floor, not replay (routing.shadow fills them once the record has them).
             seed=getattr(item, "seed", None),
-            reshaped=getattr(item, "reshaped", True),
+            reshaped=getattr(item, "top_p", None) not in (None, 1.0)
+            or getattr(item, "top_k", None) not in (None, 0, -1),
         )
 
     async def shadow_verify(self, item: ServedCompletion) -> Verification | None:

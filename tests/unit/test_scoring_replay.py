@@ -80,3 +80,46 @@ def test_sampler_names():
         resolve_sampler("gpu")
     rows = np.zeros((3, 24), dtype=np.float32)
     assert list(numpy_gumbel_argmax(rows, 7)) == list(numpy_gumbel_argmax(rows, 7))
+
+
+async def test_shadow_items_with_a_seed_are_replayed():
+    """Once the shadow record carries the request's seed (and top_p/top_k), organic sampled output is
+    replayed like a challenge; a record without them keeps the floor check."""
+    from cluster.records import ServedCompletion
+    from scoring.validator import Validator, ValidatorConfig
+
+    prompt = "the river town"
+    ids, finish = BigramModel(1, scale=1.0).generate(CODEC.encode_prompt(prompt), 32, 0.8, seed=5)
+    item = ServedCompletion(
+        request_id="r",
+        node_id="n",
+        model="default",
+        prompt=prompt,
+        text=CODEC.decode(ids),
+        token_ids=tuple(ids),
+        completion_tokens=len(ids),
+        finish_reason=finish,
+        max_tokens=32,
+        temperature=0.8,
+    )
+
+    class WithSeed:  # the record as it will be once it carries seed / top_p / top_k
+        def __init__(self, item, **extra):
+            self._item = item
+            self.__dict__.update(extra)
+
+        def __getattr__(self, name):
+            return getattr(self._item, name)
+
+    v = Validator(
+        ValidatorConfig(validator_id="v", node_sampler="numpy"),
+        None,
+        {"default": FakeReferenceEngine(BigramModel(0))},
+        {"default": CODEC},
+    )
+    replayed = await v.verify_claim("default", v.claim_for_served(WithSeed(item, seed=5)))
+    assert replayed.replayed and replayed.verdict == "fraud"
+    floor = await v.verify_claim("default", v.claim_for_served(item))
+    assert not floor.replayed
+    reshaped = await v.verify_claim("default", v.claim_for_served(WithSeed(item, seed=5, top_p=0.9)))
+    assert not reshaped.replayed
