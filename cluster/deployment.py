@@ -70,8 +70,11 @@ class EngineDefaults(BaseModel):
     )
     engine_kwargs: dict[str, Any] = Field(
         # bf16 halves memory traffic on CPU; eager mode skips torch.compile, which takes minutes on
-        # 2 cores. On GPUs set this to {} (vLLM's defaults) or your own.
-        default_factory=lambda: {"dtype": "bfloat16", "enforce_eager": True},
+        # 2 cores. No chunked prefill: vLLM 0.32's CPU sampler crashes the engine ("CPU Generator does
+        # not use offset") when a seeded sampled request's prompt is split across steps, and the gateway
+        # seeds every request; a whole prompt per step needs max_num_batched_tokens >= max_model_len
+        # (llm_config_for sets it). On GPUs set this to {} (vLLM's defaults) or your own.
+        default_factory=lambda: {"dtype": "bfloat16", "enforce_eager": True, "enable_chunked_prefill": False},
         description="vLLM engine arguments shared by all nodes (NodeSpec.engine_kwargs override them).",
     )
 
@@ -250,6 +253,10 @@ def llm_config_for(spec: NodeSpec, defaults: EngineDefaults | None = None):
         **defaults.engine_kwargs,
         **spec.engine_kwargs,
     }
+    if engine_kwargs.get("enable_chunked_prefill") is False:  # every prompt must fit one step
+        engine_kwargs["max_num_batched_tokens"] = max(
+            int(engine_kwargs.get("max_num_batched_tokens") or 0), int(engine_kwargs["max_model_len"])
+        )
     return LLMConfig(
         model_loading_config={"model_id": spec.model_id, "model_source": spec.model_source},
         engine_kwargs=engine_kwargs,

@@ -248,3 +248,27 @@ def test_status_command_lists_the_live_nodes(network):
         cells = [c.strip() for c in row.split("│")[1:-1]]  # node model accel live repl load quality operator
         assert cells[:4] == [spec.node_id, spec.model_id, spec.accelerator_type, "yes"], row
         assert cells[6] == "-", row  # this network runs no validators
+
+
+def test_concurrent_sampled_requests_with_long_prompts_leave_every_node_serving(client):
+    """Every request carries a seed (the gateway draws one), and vLLM 0.32's CPU sampler kills the engine
+    when a seeded sampled prompt is split across prefill steps: more prompt tokens in flight than one step
+    holds used to take a node down. Nodes run without chunked prefill (cluster/deployment.py)."""
+    prompt = " ".join(f"word{i}" for i in range(700))
+
+    def ask(i: int):
+        return client.completions.create(
+            model="default",
+            prompt=f"{i} {prompt}"[:1800],  # ~800 tokens
+            max_tokens=4,
+            temperature=0.8,
+        )
+
+    with cf.ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(ask, range(12)))
+    assert all(a.choices[0].finish_reason for a in answers)
+    assert sum(a.usage.prompt_tokens for a in answers) > 2 * 4096  # over one default step per node
+    served = {
+        client.completions.create(model="default", prompt="still there?", max_tokens=2).id for _ in range(6)
+    }
+    assert len(served) == 6
