@@ -350,23 +350,11 @@ def request_features(path: str, body: dict, gap_s: float, codec=None) -> list[fl
     ]
 
 
-class _FullShape:
-    """A ServedCompletion plus the request fields today's record lacks (top_p, stream, temperature set)."""
-
-    def __init__(self, item, **extra) -> None:
-        self._item = item
-        self.__dict__.update(extra)
-
-    def __getattr__(self, name):
-        return getattr(self._item, name)
-
-
 def distinguishability(
     n: int,
     seed: int,
     codec=None,
     organic_rps: float = 1.0,
-    full_feed: bool = False,
     challenge_config=None,
 ) -> dict:
     """Held-out AUC of classifiers telling challenges from organic requests at one node.
@@ -374,8 +362,7 @@ def distinguishability(
     A validator learns the organic mix from the shadow feed (a ServedCompletion per organic request:
     parameters and lengths only), then draws n challenges; n organic requests arrive meanwhile. Arrivals
     at the node are the merged Poisson streams of both (organic at `organic_rps`, challenges at 3
-    validators' default rate). 70/30 stratified split; logistic regression and gradient boosting.
-    `full_feed`: the feed also carries top_p, stream and whether temperature was set (not yet the case)."""
+    validators' default rate). 70/30 stratified split; logistic regression and gradient boosting."""
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
@@ -405,14 +392,10 @@ def distinguishability(
             completion_tokens=0,
             max_tokens=body["max_tokens"],
             temperature=body.get("temperature", 1.0),
+            top_p=body.get("top_p"),
+            stream=bool(body.get("stream")),
+            temperature_set="temperature" in body,
         )
-        if full_feed:
-            item = _FullShape(
-                item,
-                top_p=body.get("top_p"),
-                stream=bool(body.get("stream")),
-                temperature_set="temperature" in body,
-            )
         pool.observe_shape(shape_of(item))
     challenge_rate = 3 * ChallengeConfig().rate_per_node_per_min / 60.0
     # One merged Poisson stream at the node; organic requests are kept at the challenges' rate so the
@@ -586,10 +569,7 @@ def run(quick: bool, max_challenges: int, organic_rps: float) -> dict:
 
     con.log("challenge distinguishability (classifiers over what a node sees)")
     n_dist = 1000 if quick else 3000
-    dist = {
-        "shadow_feed_today": distinguishability(n_dist, seed=11, codec=codec),
-        "shadow_feed_with_top_p_stream": distinguishability(n_dist, seed=11, codec=codec, full_feed=True),
-    }
+    dist = {"shadow_feed": distinguishability(n_dist, seed=11, codec=codec)}
     con.log(f"distinguishability: {dist}")
 
     mean_tokens = statistics.mean(len(c.prompt_token_ids) + c.reported_completion_tokens for c in honest)
@@ -606,7 +586,7 @@ def run(quick: bool, max_challenges: int, organic_rps: float) -> dict:
         "verified_sampled_completions": len(sv),
         "sampled_unsure_position_share": unsure_share,
         "validator_overhead": overhead,
-        "challenge_distinguishability_auc": dist["shadow_feed_today"]["auc"],
+        "challenge_distinguishability_auc": dist["shadow_feed"]["auc"],
         "challenge_distinguishability": dist,
         "shadow_reference_ratio": shadow_reference_ratio,
         "thresholds": th.model_dump(),

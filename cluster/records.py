@@ -198,6 +198,13 @@ class ServedCompletion(_Frozen):
         default=1.0, ge=0.0, description="The request's temperature (OpenAI default 1)."
     )
     stop_strings: bool = Field(default=False, description="The request set stop strings.")
+    temperature_set: bool = Field(default=True, description="The request set its temperature explicitly.")
+    seed: int | None = Field(
+        default=None, ge=-(2**63), lt=2**63, description="The request's sampling seed (the gateway sets one)."
+    )
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, description="The request's top_p, if set.")
+    top_k: int | None = Field(default=None, ge=-1, description="The request's top_k, if set.")
+    stream: bool = Field(default=False, description="The request was streamed.")
 
 
 def keyed_sample(key: bytes, item_id: str, rate: float) -> bool:

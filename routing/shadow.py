@@ -10,9 +10,8 @@
   no parameter that reshapes the token distribution (penalties, logit bias, structured outputs, tools...).
 * What replay could add, and what it needs (issue 15): validators replay seeded sampling exactly
   (`scoring.replay`; every request has a seed since the gateway assigns one), which makes temperature
-  > 1 verifiable and turns the weak logprob floor on sampled output into an exact per-token check. It
-  needs the seed (and top_p/top_k, to refuse replay where they reshape) in `ServedCompletion`, which
-  does not carry them yet: until it does, sampled organic output keeps the floor and temperature <= 1.
+  > 1 verifiable and turns the weak logprob floor on sampled output into an exact per-token check.
+  `ServedCompletion` carries the seed and top_p/top_k (replay is refused where they reshape).
   Still unverifiable even with replay: n > 1 (vLLM derives the choices' generators internally and the
   gateway keeps choice 0 only), top_p/top_k/min_p/penalties/logit bias (replay from the reference's
   top-k values cannot rebuild the masked distribution), structured outputs and tools (the constraint
@@ -100,21 +99,12 @@ class Capture:
         max_tokens = int_field(b, "max_completion_tokens") or int_field(b, "max_tokens")
         temperature = getattr(b, "temperature", None)
         stop = getattr(b, "stop", None)
-        # What replay and the challenge mix need beyond today's record; filled as soon as
-        # cluster.records.ServedCompletion declares these fields (until then they are left out).
-        extra = {
-            k: v
-            for k, v in {
-                "seed": getattr(b, "seed", None),
-                "top_p": getattr(b, "top_p", None),
-                "top_k": getattr(b, "top_k", None),
-                "stream": bool(getattr(b, "stream", False)),
-                "temperature_set": temperature is not None,
-            }.items()
-            if k in ServedCompletion.model_fields
-        }
         return ServedCompletion(
-            **extra,
+            seed=getattr(b, "seed", None),
+            top_p=getattr(b, "top_p", None),
+            top_k=getattr(b, "top_k", None),
+            stream=bool(getattr(b, "stream", False)),
+            temperature_set=temperature is not None,
             request_id=self.request_id,
             node_id=node_id,
             model=b.model,

@@ -66,17 +66,15 @@ def shape_of(item) -> RequestShape:
         kind: Literal["chat", "completion"] = "chat"
     else:
         roles, words, kind = ("prompt",), (len(_WORD.findall(item.prompt or "")),), "completion"
-    # top_p, stream and whether temperature was set are read when the record carries them (today's
-    # ServedCompletion does not: challenges then set temperature always, top_p never, stream at a rate).
-    temperature = item.temperature if getattr(item, "temperature_set", True) else None
+    temperature = item.temperature if item.temperature_set else None
     return RequestShape(
         kind,
         roles,
         words,
         temperature,
         item.max_tokens,
-        top_p=getattr(item, "top_p", None),
-        stream=getattr(item, "stream", None),
+        top_p=item.top_p,
+        stream=item.stream,
     )
 
 

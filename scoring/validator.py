@@ -257,11 +257,8 @@ class Validator:
             max_tokens=item.max_tokens,
             temperature=item.temperature,
             stop_strings=item.stop_strings,
-            # ServedCompletion carries no seed / top_p / top_k yet: until it does, sampled organic output
-            # gets the logprob floor, not replay (routing.shadow fills them once the record has them).
-            seed=getattr(item, "seed", None),
-            reshaped=getattr(item, "top_p", None) not in (None, 1.0)
-            or getattr(item, "top_k", None) not in (None, 0, -1),
+            seed=item.seed,
+            reshaped=item.top_p not in (None, 1.0) or item.top_k not in (None, 0, -1),
         )
 
     async def shadow_verify(self, item: ServedCompletion) -> Verification | None:

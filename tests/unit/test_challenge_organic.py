@@ -85,7 +85,7 @@ def test_classifier_catches_greedy_only_challenges_and_does_worse_on_organic_sha
     from benchmarks.verification import distinguishability
 
     greedy = distinguishability(300, seed=3, challenge_config=ChallengeConfig(sampled=False))
-    organic = distinguishability(300, seed=3, full_feed=True)
+    organic = distinguishability(300, seed=3)
     assert greedy["auc"] > 0.9, greedy
     assert organic["auc"] < greedy["auc"] - 0.1, (organic, greedy)
 

@@ -103,23 +103,17 @@ async def test_shadow_items_with_a_seed_are_replayed():
         temperature=0.8,
     )
 
-    class WithSeed:  # the record as it will be once it carries seed / top_p / top_k
-        def __init__(self, item, **extra):
-            self._item = item
-            self.__dict__.update(extra)
-
-        def __getattr__(self, name):
-            return getattr(self._item, name)
-
     v = Validator(
         ValidatorConfig(validator_id="v", node_sampler="numpy"),
         None,
         {"default": FakeReferenceEngine(BigramModel(0))},
         {"default": CODEC},
     )
-    replayed = await v.verify_claim("default", v.claim_for_served(WithSeed(item, seed=5)))
+    replayed = await v.verify_claim("default", v.claim_for_served(item.model_copy(update={"seed": 5})))
     assert replayed.replayed and replayed.verdict == "fraud"
     floor = await v.verify_claim("default", v.claim_for_served(item))
     assert not floor.replayed
-    reshaped = await v.verify_claim("default", v.claim_for_served(WithSeed(item, seed=5, top_p=0.9)))
+    reshaped = await v.verify_claim(
+        "default", v.claim_for_served(item.model_copy(update={"seed": 5, "top_p": 0.9}))
+    )
     assert not reshaped.replayed
