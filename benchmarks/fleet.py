@@ -322,8 +322,8 @@ class Meritnet:
 
     name = "meritnet"
 
-    def __init__(self, sc: Scenario, fleet: list[Node], rng: random.Random, clock) -> None:
-        self.router = Router.from_yaml(clock=clock, rng=rng)
+    def __init__(self, sc: Scenario, fleet: list[Node], rng: random.Random, clock, profile=None) -> None:
+        self.router = Router.from_yaml(profile, clock=clock, rng=rng)
         self.joined = 0.0
 
     def update(self, fleet: list[Node], now: float) -> None:
@@ -377,7 +377,7 @@ POLICIES = (*BASELINES, "meritnet")
 
 # ---- the simulation --------------------------------------------------------------------------
 class Sim:
-    def __init__(self, sc: Scenario, policy_name: str, duration: float) -> None:
+    def __init__(self, sc: Scenario, policy_name: str, duration: float, profile: str | None = None) -> None:
         self.sc, self.duration = sc, duration
         self.end_time = duration + sc.drain_s
         self.now = 0.0
@@ -387,7 +387,9 @@ class Sim:
         if policy_name not in POLICIES:
             raise ValueError(f"unknown policy {policy_name!r}; known: {', '.join(POLICIES)}")
         cls = BASELINES.get(policy_name)
-        self.policy = cls(sc, self.fleet, prng) if cls else Meritnet(sc, self.fleet, prng, lambda: self.now)
+        self.policy = (
+            cls(sc, self.fleet, prng) if cls else Meritnet(sc, self.fleet, prng, lambda: self.now, profile)
+        )
         self.policy.update(self.fleet, 0.0)
         self.events: list = []
         self.seq = 0
@@ -664,6 +666,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="shorter run (quick_duration_s), same keys")
     ap.add_argument("--scenario", default=str(DEFAULT_SCENARIO), help="scenario YAML")
     ap.add_argument("--policies", default=",".join(POLICIES), help="comma-separated subset (default: all)")
+    ap.add_argument(
+        "--profile", default=None, help="meritnet's routing YAML (default: deploy/profiles/default.yaml)"
+    )
     args = ap.parse_args()
     sc = Scenario.model_validate(yaml.safe_load(Path(args.scenario).read_text()))
     duration = sc.quick_duration_s if args.quick else sc.duration_s
@@ -671,7 +676,7 @@ def main() -> None:
     with Progress() as progress:
         for name in args.policies.split(","):
             task = progress.add_task(name, total=duration + sc.drain_s)
-            results[name] = Sim(sc, name, duration).run(progress, task)
+            results[name] = Sim(sc, name, duration, args.profile).run(progress, task)
             progress.update(task, completed=duration + sc.drain_s)
     fleet = build_fleet(sc, random.Random(sc.seed))
     out = Path(args.out)

@@ -79,15 +79,30 @@ FACTS = RequestFacts("m", 10, "p")
 )
 def test_ban_doubles_per_consecutive_failure_up_to_the_cap(failures, expected_ban):
     router, clock = make()
+    until = clock.t
     for _ in range(failures):
+        clock.t = until  # each failure comes when the previous ban ran out
         until = router.observe_failure("n0")
     assert until == pytest.approx(clock.t + expected_ban)
 
 
+def test_failures_during_a_ban_are_one_incident_and_do_not_escalate():
+    """A hung node's queued attempts time out one after another: one ban, not ban_max_s."""
+    router, clock = make()
+    first = router.observe_failure("n0")
+    for _ in range(10):
+        clock.t += 0.05
+        assert router.observe_failure("n0") == first
+    st = router.health.state("n0")
+    assert st.error_streak == 1 and st.last_failure_at == pytest.approx(clock.t)
+    clock.t = first + 0.01  # the ban ran out, the node got another chance and failed it
+    assert router.observe_failure("n0") == pytest.approx(clock.t + 2.0)
+
+
 def test_banned_node_gets_no_traffic_until_the_ban_expires_and_success_clears_it():
     router, clock = make()
-    router.observe_failure("n0")
-    router.observe_failure("n0")  # banned for 2 s
+    clock.t = router.observe_failure("n0")
+    router.observe_failure("n0")  # failed again once the 1 s ban ran out: banned for 2 s
     assert all(router.route(FACTS).node_id != "n0" for _ in range(50))
     clock.t += 2.01
     assert "n0" in {router.route(FACTS).node_id for _ in range(50)}
