@@ -272,3 +272,18 @@ def test_concurrent_sampled_requests_with_long_prompts_leave_every_node_serving(
         client.completions.create(model="default", prompt="still there?", max_tokens=2).id for _ in range(6)
     }
     assert len(served) == 6
+
+
+@pytest.mark.parametrize(
+    "value, status", [("250", 200), ("0.5", 200), ("soon", 400), ("-1", 400), ("1e9", 400)]
+)
+def test_the_ttft_target_header_is_honoured_or_refused_with_a_400(network, value, status):
+    r = httpx.post(
+        f"{network.base_url}/v1/completions",
+        json={"model": "default", "prompt": "fast please", "max_tokens": 2},
+        headers={"x-slo-ttft-ms": value},
+        timeout=60,
+    )
+    assert r.status_code == status, r.text
+    if status == 400:
+        assert r.json()["error"]["type"] == "invalid_request_error"
