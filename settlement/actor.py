@@ -522,6 +522,8 @@ class Settler:
             raise RuntimeError(f"the settle tx of epoch {epoch} reverted; it will be re-signed next pass")
         self.ledger.mark_settled(epoch, _hex(tx_hash))
         log.info("epoch %d settled in tx %s (gas %d)", epoch, tx_hash.hex(), receipt["gasUsed"])
+        metrics.SETTLE_GAS.inc(receipt["gasUsed"])
+        metrics.LAST_SETTLE_GAS.set(receipt["gasUsed"])
         return True
 
     def _sign(self, c: EpochCommitment, nonce: int, fees: Fees) -> bytes:

@@ -32,6 +32,16 @@ CHAIN_ERRORS = Counter(
     ["kind"],
     registry=REGISTRY,
 )
+SETTLE_GAS = Counter(
+    "meritnet_settlement_gas_used",
+    "Gas used by this process's mined settle transactions (rate() gives gas per second).",
+    registry=REGISTRY,
+)
+LAST_SETTLE_GAS = Gauge(
+    "meritnet_settlement_last_settle_gas",
+    "Gas used by the last mined settle transaction (0 before the first).",
+    registry=REGISTRY,
+)
 LAST_COMMITTED_EPOCH = Gauge(
     "meritnet_settlement_last_committed_epoch",
     "The last epoch whose rewards and roots are computed and stored (may run ahead of the last settled "

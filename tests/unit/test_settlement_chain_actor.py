@@ -393,9 +393,13 @@ def test_metrics_report_settled_and_waiting_epochs_and_chain_errors(world):
 
     settler = world.settler()
     settler.ensure_contract()
+    gas_before = value("meritnet_settlement_gas_used_total") or 0
     assert settler.tick() == [0, 1, 2]
     assert value("meritnet_settlement_last_settled_epoch") == 2
     assert value("meritnet_settlement_epochs_waiting") == 0
+    last = value("meritnet_settlement_last_settle_gas")
+    assert 21_000 < last <= 80_000  # a settle tx's gas, within the contract's goal
+    assert value("meritnet_settlement_gas_used_total") - gas_before >= 3 * 21_000  # three mined settles
     before = value("meritnet_settlement_chain_errors_total", kind="unavailable") or 0
     world.chain._rpc = lambda call: (_ for _ in ()).throw(ChainUnavailable("down"))
     world.clock.t = 5.5 * EPOCH_S
