@@ -54,7 +54,7 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -91,6 +91,11 @@ class ValidatorSpec(BaseModel):
         default=False,
         description="Also challenge with recent organic prompts (those offered for shadow "
         "verification). Off by default: organic prompts may be private.",
+    )
+    node_sampler: Literal["auto", "vllm-cpu", "numpy", "none"] = Field(
+        default="auto",
+        description="The nodes' seeded sampler that sampled completions are replayed with "
+        "(scoring.validator.ValidatorConfig.node_sampler); 'none' for a fleet with GPU nodes.",
     )
 
 
@@ -372,6 +377,7 @@ def start_validators(
         name = VALIDATOR_PREFIX + spec.validator_id
         cfg = ValidatorConfig(
             validator_id=spec.validator_id,
+            node_sampler=spec.node_sampler,
             challenge=ChallengeConfig(
                 rate_per_node_per_min=spec.challenges_per_node_per_min,
                 use_organic_prompts=spec.use_organic_prompts,

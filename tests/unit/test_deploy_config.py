@@ -220,3 +220,12 @@ def test_the_start_timeout_is_configurable_and_positive():
     assert NetworkConfig.load(None, start_timeout_s=1800).start_timeout_s == 1800
     with pytest.raises(ValueError, match="start_timeout_s"):
         NetworkConfig.load(None, start_timeout_s=0)
+
+
+def test_validators_take_the_nodes_sampler_from_the_network_yaml():
+    from deploy.config import NetworkConfig
+
+    cfg = NetworkConfig.load(None, validators=[{"validator_id": "v1", "node_sampler": "none"}])
+    assert cfg.validators[0].node_sampler == "none"
+    with pytest.raises(ValueError, match="node_sampler"):
+        NetworkConfig.load(None, validators=[{"validator_id": "v1", "node_sampler": "gpu-maybe"}])
