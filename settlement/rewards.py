@@ -34,7 +34,9 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
+
+K = TypeVar("K", str, tuple[str, str])  # a share's key: validator address, or (node id, operator)
 
 __all__ = [
     "BPS",
@@ -126,21 +128,7 @@ def compute_rewards(
     if total == 0 or emission_wei == 0:
         return RewardResult(per_node, {}, emission_wei if total == 0 else 0)
 
-    per_share: dict[tuple[str, str], int] = {}
-    fractional: list[tuple[Fraction, tuple[str, str]]] = []
-    for key in sorted(weights):
-        exact = emission_wei * weights[key] / total
-        whole = exact.numerator // exact.denominator
-        per_share[key] = whole
-        if exact != whole:
-            fractional.append((exact - whole, key))
-    remainder = emission_wei - sum(per_share.values())
-    assert 0 <= remainder <= len(fractional), "largest-remainder invariant broken"
-    # largest fractional part first; among equal parts, smaller (node_id, operator) first
-    fractional.sort(key=lambda item: (-item[0], item[1]))
-    for _, key in fractional[:remainder]:
-        per_share[key] += 1
-
+    per_share = _largest_remainder(emission_wei, weights, total)
     per_operator: dict[str, int] = {}
     for (node_id, operator), amount in per_share.items():
         per_node[node_id] += amount
@@ -174,10 +162,18 @@ def split_by_weight(weights: Mapping[str, float], amount_wei: int) -> dict[str, 
     total = sum(exact_weights.values(), Fraction(0))
     if total == 0 or amount_wei == 0:
         return {}
-    parts: dict[str, int] = {}
-    fractional: list[tuple[Fraction, str]] = []
-    for key in sorted(exact_weights):
-        exact = amount_wei * exact_weights[key] / total
+    parts = _largest_remainder(amount_wei, exact_weights, total)
+    return {k: v for k, v in parts.items() if v}
+
+
+def _largest_remainder(amount_wei: int, weights: Mapping[K, Fraction], total: Fraction) -> dict[K, int]:
+    """`amount_wei` split exactly in proportion to `weights` (summing to `total` > 0): each key gets the
+    floor of its exact part, and the wei left over go one each to the largest fractional parts (ties:
+    smaller key first), so the parts sum to `amount_wei`."""
+    parts: dict[K, int] = {}
+    fractional: list[tuple[Fraction, K]] = []
+    for key in sorted(weights):
+        exact = amount_wei * weights[key] / total
         whole = exact.numerator // exact.denominator
         parts[key] = whole
         if exact != whole:
@@ -187,4 +183,4 @@ def split_by_weight(weights: Mapping[str, float], amount_wei: int) -> dict[str, 
     fractional.sort(key=lambda item: (-item[0], item[1]))
     for _, key in fractional[:remainder]:
         parts[key] += 1
-    return {k: v for k, v in parts.items() if v}
+    return parts
