@@ -62,6 +62,17 @@ class EngineDefaults(BaseModel):
         "('mp'): that worker and the engine busy-wait on each other through shared memory, which on a "
         "small CPU machine takes cores from the model (benchmarks/RESULTS.md, gateway vs bare vLLM).",
     )
+    direct_http: bool = Field(
+        default=True,
+        description="The gateway streams a one-replica managed node's text over HTTP straight from the "
+        "node's replica (cluster/node_http.py DirectServer): no Ray object and no Serve bookkeeping per "
+        "message (benchmarks/RESULTS.md, gateway). Off, or with several replicas: the node's Serve handle.",
+    )
+    direct_http_host: str | None = Field(
+        default=None,
+        description="The address that HTTP server binds: None for the Ray node's IP, which a gateway on "
+        "another machine reaches; the local network uses its own host (127.0.0.1).",
+    )
     engine_metrics: bool = Field(
         default=True,
         description="Export vLLM's engine metrics (queue, KV cache use, token counts, its own latency "
@@ -205,6 +216,28 @@ def _node_server_cls():
             # node's objects (an object's methods would be the node's code running in the gateway).
             return _texts(await super()._run_request(request, **kwargs))
 
+        async def http_link(self):
+            """Where the gateway reaches this replica over HTTP (cluster/node_http.py DirectServer),
+            started on the first call; None when direct HTTP is off or the node has several replicas
+            (then its Serve handle balances them)."""
+            cfg = self._llm_config.experimental_configs
+            if not cfg.get("direct_http") or self._llm_config.deployment_config.get("num_replicas") != 1:
+                return None
+            if getattr(self, "_direct", None) is None:
+                self._direct = asyncio.ensure_future(self._start_direct(cfg.get("direct_http_host")))
+            return (await asyncio.shield(self._direct)).link
+
+        async def _start_direct(self, host: str | None):
+            import ray
+
+            from cluster.node_http import DirectServer
+
+            async def start(method: str, body):
+                return await getattr(self, method)(body, None)
+
+            host = host or ray.util.get_node_ip_address()
+            return await DirectServer.start(host, self._llm_config.model_id, start)
+
         def _batch_output_stream(self, generator):
             if self._get_batch_interval_ms():
                 return super()._batch_output_stream(generator)
@@ -273,6 +306,8 @@ def llm_config_for(spec: NodeSpec, defaults: EngineDefaults | None = None):
             "stream_linger_ms": defaults.stream_linger_ms,
             "single_process_engine": defaults.single_process_engine,
             "stream_linger_from_streams": defaults.stream_linger_from_streams,
+            "direct_http": defaults.direct_http,
+            "direct_http_host": defaults.direct_http_host,
         },
         log_engine_metrics=defaults.engine_metrics,
     )

@@ -5,7 +5,9 @@ what the node sent, as text (a whole JSON answer, or `data: ...` stream events, 
 message), with `cancel()` to stop the node's work. The gateway parses that text strictly
 (cluster/completions.py) and bounds how long it waits for each message, for both kinds alike.
 
-- `ServeNode`: a *managed* node, a Serve deployment in the network's own Ray cluster (a handle call).
+- `ManagedNode`: a *managed* node, a Serve deployment in the network's own Ray cluster: over HTTP
+  straight to its replica (cluster/node_http.py DirectServer) once the replica handed out its link,
+  through its Serve handle (`ServeNode`) until then or when it has several replicas.
 - `HttpNode`: an *open* node, an operator's Serve app reached over HTTP (cluster/node_http.py on the
   other side) through one keep-alive pool per gateway, presenting the node's secret. Everything it
   reads is bounded: an event larger than `MAX_EVENT_BYTES`, or a whole answer larger than
@@ -15,11 +17,15 @@ message), with `cancel()` to stop the node's work. The gateway parses that text 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from cluster.node_http import PATHS
 from cluster.probe import read_capped
 from cluster.registry import NodeLink
+
+log = logging.getLogger(__name__)
 
 MAX_EVENT_BYTES = 8 << 20  # one stream event: a chunk's text and ids are far smaller
 MAX_BODY_BYTES = 64 << 20  # one whole answer (n choices of up to max_tokens each, with ids)
@@ -55,7 +61,6 @@ class ServeNode:
         return getattr(self._handle, method).remote(body, None)
 
 
-_PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 # Statuses that say nothing about the client's request, only about the node (its secret, its routes,
 # its load): the gateway tries another node instead of passing them on. Other 4xx are vLLM's own
 # verdict on the request (e.g. a prompt longer than the context) and reach the client as they are.
@@ -77,6 +82,61 @@ class HttpNode:
 
     def call(self, method: str, body: Any) -> NodeStream:
         return _HttpStream(self, method, body)
+
+    def lost(self) -> None:
+        """A call could not reach the node (connect, send or refusal before an answer)."""
+
+
+class ManagedNode(ServeNode):
+    """A managed node, over HTTP straight to its replica (the link its `http_link` method hands out,
+    cluster/deployment.py) once known, else through its Serve handle: the link is fetched in the
+    background, and dropped when a call cannot reach it (a restarted replica has a new one)."""
+
+    RETRY_S = 5.0  # after a failed or refused link fetch
+
+    def __init__(self, handle, client: Callable[[], Any]) -> None:
+        super().__init__(handle)
+        self._plain = handle
+        self._client_for = client
+        self._http: HttpNode | None = None
+        self._fetch: asyncio.Task | None = None
+        self._next_fetch = 0.0
+
+    def call(self, method: str, body: Any) -> NodeStream:
+        if self._http is not None:
+            return _HttpStream(self._http, method, body)
+        loop = asyncio.get_running_loop()
+        if self._fetch is None and loop.time() >= self._next_fetch:
+            self._fetch = loop.create_task(self._fetch_link())
+        return super().call(method, body)
+
+    async def _fetch_link(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            link = await asyncio.wait_for(self._plain.http_link.remote(), 30)
+            if link is not None:
+                self._http = _ManagedHttp(self, link, self._client_for())
+            else:  # direct HTTP off for this node: ask again much later (a redeploy may turn it on)
+                self._next_fetch = loop.time() + 60 * self.RETRY_S
+        except Exception as exc:  # noqa: BLE001 - the handle keeps serving; try again later
+            log.info("no HTTP link from a managed node yet (%s)", type(exc).__name__)
+            self._next_fetch = loop.time() + self.RETRY_S
+        finally:
+            self._fetch = None
+
+    def lost(self) -> None:
+        self._http = None
+
+
+class _ManagedHttp(HttpNode):
+    vouched = True  # the runner's own node: its 4xx verdict on a request is vLLM's, passed to the client
+
+    def __init__(self, owner: ManagedNode, link: NodeLink, client) -> None:
+        super().__init__(link, client)
+        self._owner = owner
+
+    def lost(self) -> None:
+        self._owner.lost()
 
 
 class _HttpStream:
@@ -100,7 +160,7 @@ class _HttpStream:
         client = self._node._client
         request = client.build_request(
             "POST",
-            self._node.link.endpoint + _PATHS[self._method],
+            self._node.link.endpoint + PATHS[self._method],
             content=self._body.model_dump_json(exclude_unset=True),
             # identity: what a node sends is read as it comes, never inflated by a decompressor
             headers={
@@ -109,7 +169,11 @@ class _HttpStream:
                 "accept-encoding": "identity",
             },
         )
-        self._response = await client.send(request, stream=True)
+        try:
+            self._response = await client.send(request, stream=True)
+        except Exception:
+            self._node.lost()
+            raise
         self._chunks = self._response.aiter_raw()
 
     async def _read_all(self) -> str:
@@ -123,6 +187,7 @@ class _HttpStream:
                 await self._open()
                 status = self._response.status_code
                 if status in _NODE_FAULTS:
+                    self._node.lost()
                     raise NodeRefused(f"the node answered {status}")
                 if status != 200 or not getattr(self._body, "stream", False):
                     self._done = True
@@ -194,20 +259,27 @@ class NodeDirectory:
         self._managed: dict[str, ServeNode] = {}
         self._open: dict[str, HttpNode] = {}
 
-    def set_links(self, links: dict[str, NodeLink]) -> None:
-        """The open nodes' current endpoints and secrets (a node that re-joined gets a new client)."""
-        if links and self._http is None:
+    def _client(self):
+        """One pool for every node reached over HTTP: keep-alive connections, no total timeout (the
+        gateway bounds the wait for each message itself); connecting is bounded here. Made on first
+        need (a network with no open node and no direct HTTP has none)."""
+        if self._http is None:
             import httpx
 
-            # One pool for every open node: keep-alive connections, no total timeout (the gateway bounds
-            # the wait for each message itself); connecting is bounded here.
             self._http = httpx.AsyncClient(
                 timeout=httpx.Timeout(None, connect=5.0),
                 limits=httpx.Limits(max_connections=4096, max_keepalive_connections=256),
                 follow_redirects=False,
+                trust_env=False,  # no proxy from the environment between the gateway and a node
             )
+        return self._http
+
+    def set_links(self, links: dict[str, NodeLink]) -> None:
+        """The open nodes' current endpoints and secrets (a node that re-joined gets a new client)."""
         self._open = {
-            n: self._open[n] if n in self._open and self._open[n].link == link else HttpNode(link, self._http)
+            n: self._open[n]
+            if n in self._open and self._open[n].link == link
+            else HttpNode(link, self._client())
             for n, link in links.items()
         }
 
@@ -220,5 +292,5 @@ class NodeDirectory:
         if open_node:
             return _Gone()
         if node_id not in self._managed:
-            self._managed[node_id] = ServeNode(self._handle_for(node_id))
+            self._managed[node_id] = ManagedNode(self._handle_for(node_id), self._client)
         return self._managed[node_id]

@@ -173,9 +173,12 @@ class LocalNetwork:
         self.usage_store, self.settlement, self.clock = plane.usage_store, plane.settlement, plane.clock
 
         self.on_step(f"Loading {len(self.specs)} vLLM engines")
+        engine = cfg.engine
+        if not cfg.ray_address and engine.direct_http_host is None:  # one machine: nodes answer on loopback
+            engine = engine.model_copy(update={"direct_http_host": "127.0.0.1"})
         serve.run_many(
             [
-                RunTarget(build_node_app(s, cfg.engine), name=deployment_name(s), route_prefix=None)
+                RunTarget(build_node_app(s, engine), name=deployment_name(s), route_prefix=None)
                 for s in self.specs
             ],
             wait_for_applications_running=False,
