@@ -126,6 +126,14 @@ class NetworkConfig(BaseSettings):
         "anvil node `meritnet up` starts, state in state_dir/anvil/; deploy/localchain.py) or a JSON-RPC URL.",
     )
     settlement: bool = Field(default=True, description="Run the settlement actor (epochs -> chain).")
+    validator_share_bps: int | None = Field(
+        default=None,
+        ge=0,
+        le=10_000,
+        description="Validators' part of each epoch's emission in basis points, split by their Yuma "
+        "dividends; the rest goes to operators by usage x quality. None: the settler's default "
+        "(settlement/actor.py SettlementConfig: 2,000 = 20%, or $MERITNET_SETTLEMENT_VALIDATOR_SHARE_BPS).",
+    )
     validators: list[ValidatorSpec] = Field(
         default_factory=list,
         description="Validators to run, e.g. [{validator_id: v1, stake: 2.0}] (deploy/scoring.py). None by "

@@ -89,6 +89,22 @@ def settlement_default_quality(cfg) -> float:
     return 0.0 if cfg.validators else 1.0
 
 
+def settlement_config(cfg, ledger_path: Path, genesis: float):
+    """The settler's config from the network's: its ledger, epochs, quality rule and validators' share."""
+    from settlement.actor import SettlementConfig
+
+    # With validators an unscored node is on probation (quality 0) until its first consensus score;
+    # without them (the demo) nothing scores nodes, so every node is paid at quality 1.0. Not None
+    # (wait for scores): an epoch no consensus round reached would then stop settlement for good.
+    return SettlementConfig(
+        ledger_path=ledger_path,
+        epoch_length_s=cfg.epoch_length_s,
+        genesis=genesis,
+        default_quality=settlement_default_quality(cfg),
+        **({} if cfg.validator_share_bps is None else {"validator_share_bps": cfg.validator_share_bps}),
+    )
+
+
 def start_settlement(cfg, ledger_path: Path, genesis: float):
     """The settlement actor on the network's ledger; with no settler key configured, a dev key is
     generated into the state folder (mode 0600) — fine for the embedded chain, never for real ones."""
@@ -96,7 +112,7 @@ def start_settlement(cfg, ledger_path: Path, genesis: float):
 
     import ray
 
-    from settlement.actor import SettlementConfig, settlement_actor
+    from settlement.actor import settlement_actor
     from settlement.chain import ChainSettings
 
     key_file = os.environ.get("MERITNET_SETTLER_KEY_FILE")
@@ -118,15 +134,7 @@ def start_settlement(cfg, ledger_path: Path, genesis: float):
         from deploy.localchain import anvil_chain_settings, record_contract
 
         chain = anvil_chain_settings(cfg.state_dir)
-    # With validators an unscored node is on probation (quality 0) until its first consensus score;
-    # without them (the demo) nothing scores nodes, so every node is paid at quality 1.0. Not None
-    # (wait for scores): an epoch no consensus round reached would then stop settlement for good.
-    settle_cfg = SettlementConfig(
-        ledger_path=ledger_path,
-        epoch_length_s=cfg.epoch_length_s,
-        genesis=genesis,
-        default_quality=settlement_default_quality(cfg),
-    )
+    settle_cfg = settlement_config(cfg, ledger_path, genesis)
     actor = (
         settlement_actor()
         .options(

@@ -229,3 +229,36 @@ def test_validators_take_the_nodes_sampler_from_the_network_yaml():
     assert cfg.validators[0].node_sampler == "none"
     with pytest.raises(ValueError, match="node_sampler"):
         NetworkConfig.load(None, validators=[{"validator_id": "v1", "node_sampler": "gpu-maybe"}])
+
+
+def _readme_network_yaml() -> list[str]:
+    """The README's YAML blocks that are network configs (top-level keys all NetworkConfig fields)."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", readme, flags=re.S)
+    return [
+        b
+        for b in blocks
+        if isinstance(y := yaml.safe_load(b), dict) and set(y) <= set(NetworkConfig.model_fields)
+    ]
+
+
+def test_the_readmes_network_yaml_loads_and_sets_the_validators_share(tmp_path, monkeypatch):
+    from deploy.usage import settlement_config
+
+    monkeypatch.delenv("MERITNET_SETTLEMENT_VALIDATOR_SHARE_BPS", raising=False)
+    blocks = _readme_network_yaml()
+    assert any("validator_share_bps" in b for b in blocks)
+    for block in blocks:
+        f = tmp_path / "net.yaml"
+        f.write_text(block)
+        NetworkConfig.load(f)  # every block the README shows is a valid config
+    assert settlement_config(NetworkConfig(), tmp_path / "l.db", 0.0).validator_share_bps == 2000
+    cfg = NetworkConfig(validator_share_bps=4100)
+    assert settlement_config(cfg, tmp_path / "l.db", 0.0).validator_share_bps == 4100
+    with pytest.raises(ValidationError, match="validator_share_bps"):
+        NetworkConfig(validator_share_bps=10_001)

@@ -245,3 +245,20 @@ def test_cheater_earns_nothing_in_the_next_settled_epoch(cheater_network, detect
     assert per_operator.get(CHEATER_OP, 0) == 0, per_operator
     assert per_operator.get(QUANT_OP, 0) == 0, per_operator
     assert per_operator.get(HONEST_A, 0) > 0 and per_operator.get(HONEST_B, 0) > 0, per_operator
+
+    # Validators are paid in the same settled epoch, from the same emission, in the same reward tree.
+    from deploy.scoring import validator_keys
+    from settlement.rewardbook import RewardBook
+
+    book = RewardBook.beside(net.ledger_path)
+    try:
+        c = book.get(epoch)
+    finally:
+        book.close()
+    keys = validator_keys(net.config.validators, net.config.state_dir / "validator-keys")
+    addresses = {k.address.lower() for k in keys.values()}
+    paid = {a.lower(): wei for a, wei in c.validator_rewards.items()}
+    print(f"validators' rewards {paid}")
+    assert set(paid) == addresses and all(wei > 0 for wei in paid.values()), paid
+    assert sum(c.operator_rewards.values()) + sum(paid.values()) == c.epoch_reward
+    assert all(c.cumulative.get(a, 0) >= wei for a, wei in c.validator_rewards.items())  # claimable
