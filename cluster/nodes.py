@@ -266,6 +266,9 @@ class NodeDirectory:
         if self._http is None:
             import httpx
 
+            # httpx logs every request at INFO: one line per completion in the gateway's log, for nothing
+            logging.getLogger("httpx").setLevel(logging.WARNING)
+
             self._http = httpx.AsyncClient(
                 timeout=httpx.Timeout(None, connect=5.0),
                 limits=httpx.Limits(max_connections=4096, max_keepalive_connections=256),
