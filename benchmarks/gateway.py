@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import platform
 import statistics
@@ -33,6 +34,9 @@ from rich.console import Console
 
 console = Console(stderr=True)
 STOCK_PREFIX = "/stock"
+# httpx logs every request at INFO (Ray's driver logging shows them): the load client would spend CPU on
+# a log line per request, CPU the stacks under test share with it.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _pct(values: list[float], q: float) -> float:

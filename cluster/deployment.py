@@ -66,7 +66,8 @@ class EngineDefaults(BaseModel):
         default=True,
         description="The gateway streams a one-replica managed node's text over HTTP straight from the "
         "node's replica (cluster/node_http.py DirectServer): no Ray object and no Serve bookkeeping per "
-        "message (benchmarks/RESULTS.md, gateway). Off, or with several replicas: the node's Serve handle.",
+        "message (benchmarks/RESULTS.md, gateway). Serve's max_ongoing_requests does not count these calls: "
+        "vLLM's own scheduler queues them (max_num_seqs). Off, or with several replicas: the Serve handle.",
     )
     direct_http_host: str | None = Field(
         default=None,
