@@ -1,4 +1,4 @@
-"""What the HTTP hop to an open node costs against the Serve handle hop to a managed node, side by side.
+"""What each way of reaching a node costs: Serve handle, direct HTTP to the replica, open node over HTTP.
 
     python -m benchmarks.node_hop --out FILE.json [--requests 200] [--concurrency 32]
 
@@ -6,10 +6,12 @@ One Ray instance, one instant fake node (a Serve deployment that answers like LL
 with no engine behind it, so only the transport is timed), reached both ways from the same process
 through the node interface the gateway uses (cluster/nodes.py):
   managed: ServeNode -> Serve handle -> the node's replica
+  direct:  HttpNode -> the replica's own HTTP server (cluster/node_http.py DirectServer, the link its
+           `http_link` hands out), as the gateway reaches a managed node now
   open:    HttpNode (httpx keep-alive pool, the node's secret) -> Serve HTTP proxy -> node ingress
            (cluster/node_http.py: secret check, vLLM request model) -> Serve handle -> the node's replica
-Rounds alternate between the two so machine noise hits both alike. first = time to the first message;
-total = time to the end of a 16-chunk stream. The ratio open / managed is the figure to watch.
+Rounds alternate between the paths so machine noise hits all alike. first = time to the first message;
+total = time to the end of a 16-chunk stream. Ratios are over the Serve handle path.
 """
 
 from __future__ import annotations
@@ -47,10 +49,23 @@ def _fake_node():
 
     @serve.deployment(name=NODE_APP, max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0})
     class FakeNode:
+        def __init__(self) -> None:
+            self._direct = None
+
         async def completions(self, body, raw=None):
             for i in range(CHUNKS):
                 yield [chunk(i)]
             yield ["data: [DONE]\n\n"]
+
+        async def http_link(self):  # as NodeServer's (cluster/deployment.py)
+            from cluster.node_http import DirectServer
+
+            async def start(method, body):
+                return self.completions(body)
+
+            if self._direct is None:
+                self._direct = await DirectServer.start("127.0.0.1", "default", start)
+            return self._direct.link
 
     return FakeNode.bind()
 
@@ -91,23 +106,32 @@ def _summary(results: list[tuple[float, float]]) -> dict:
     }
 
 
-async def _measure(managed, open_, body, requests: int, concurrency: int, rounds: int) -> dict:
+async def _measure(paths: dict, body, requests: int, concurrency: int, rounds: int) -> dict:
     out: dict = {}
     for level in (1, concurrency):
-        got: dict[str, list] = {"managed": [], "open": []}
-        await _round(managed, body, 10, level)  # warm both paths
-        await _round(open_, body, 10, level)
+        got: dict[str, list] = {name: [] for name in paths}
+        for node in paths.values():
+            await _round(node, body, 10, level)  # warm every path
         for _ in range(rounds):
-            got["managed"] += await _round(managed, body, requests // rounds, level)
-            got["open"] += await _round(open_, body, requests // rounds, level)
-        m, o = _summary(got["managed"]), _summary(got["open"])
+            for name, node in paths.items():
+                got[name] += await _round(node, body, requests // rounds, level)
+        summary = {name: _summary(results) for name, results in got.items()}
+        base = summary["managed"]
         out[f"concurrency_{level}"] = {
-            "managed": m,
-            "open": o,
-            "ratio_open_over_managed": {
-                k: round(o[k] / m[k], 2) for k in ("first_ms_p50", "total_ms_p50", "total_ms_p99")
+            **summary,
+            **{
+                f"ratio_{name}_over_managed": {
+                    k: round(summary[name][k] / base[k], 2)
+                    for k in ("first_ms_p50", "total_ms_p50", "total_ms_p99")
+                }
+                for name in paths
+                if name != "managed"
             },
-            "added_ms_p50": round(o["total_ms_p50"] - m["total_ms_p50"], 2),
+            "added_ms_p50": {
+                name: round(summary[name]["total_ms_p50"] - base["total_ms_p50"], 2)
+                for name in paths
+                if name != "managed"
+            },
         }
     return out
 
@@ -145,12 +169,16 @@ def main() -> None:
         http = httpx.AsyncClient(
             timeout=httpx.Timeout(None, connect=5.0), limits=httpx.Limits(max_connections=1024)
         )
-        managed = ServeNode(serve.get_deployment_handle(NODE_APP, app_name=NODE_APP))
-        open_ = HttpNode(NodeLink(f"http://127.0.0.1:{port}", "bench-secret"), http)
+        handle = serve.get_deployment_handle(NODE_APP, app_name=NODE_APP)
+        paths = {
+            "managed": ServeNode(handle),
+            "direct": HttpNode(await handle.http_link.remote(), http),
+            "open": HttpNode(NodeLink(f"http://127.0.0.1:{port}", "bench-secret"), http),
+        }
         with console.status(
             f"Timing {args.requests} requests per path at concurrency 1 and {args.concurrency}..."
         ):
-            return await _measure(managed, open_, body, args.requests, args.concurrency, args.rounds)
+            return await _measure(paths, body, args.requests, args.concurrency, args.rounds)
 
     try:
         out = asyncio.run(run())

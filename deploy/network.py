@@ -220,6 +220,7 @@ class LocalNetwork:
                 SETTLEMENT_NAME if cfg.settlement else None,
                 cfg.scoring_metrics_port,
                 activity_cutoff_s=cfg.consensus_activity_cutoff_s,
+                bonds_path=cfg.state_dir / "consensus-bonds.json",
             )
         return self
 

@@ -424,6 +424,7 @@ class ConsensusService:
         namespace: str = NAMESPACE,
         activity_cutoff_s: float | None = 900.0,
         actor_of: Callable[[str], Any] | None = None,
+        bonds_path: Path | str | None = None,
     ) -> None:
         from scoring import ConsensusState
 
@@ -443,6 +444,11 @@ class ConsensusService:
         self._state = ConsensusState(
             {v.validator_id: v.stake for v in validators}, activity_cutoff_s=activity_cutoff_s
         )
+        # Bonds grow over many rounds and are what validators are paid by: kept on disk after every
+        # round, so a restarted network goes on with them instead of paying early and late validators
+        # alike again.
+        self._bonds_path = Path(bonds_path) if bonds_path is not None else None
+        self._load_bonds()
         self.epochs = EpochQuality(epoch_length_s, genesis)
         self._latest: QualityScores | None = None
         self._task: asyncio.Task | None = None
@@ -454,6 +460,32 @@ class ConsensusService:
             from scoring.metrics import REGISTRY
 
             start_http_server(metrics_port, addr="127.0.0.1", registry=REGISTRY)
+
+    def _load_bonds(self) -> None:
+        from pydantic import ValidationError
+
+        from scoring.consensus import SavedBonds
+
+        if self._bonds_path is None or not self._bonds_path.is_file():
+            return
+        try:
+            self._state.restore(SavedBonds.model_validate_json(self._bonds_path.read_bytes()))
+        except (OSError, ValidationError) as exc:
+            log.warning(
+                "consensus bonds in %s unreadable (%s): starting with none; delete the file to silence this",
+                self._bonds_path,
+                type(exc).__name__,
+            )
+
+    def _save_bonds(self) -> None:
+        if self._bonds_path is None:
+            return
+        tmp = self._bonds_path.with_suffix(".tmp")
+        try:
+            tmp.write_text(self._state.saved().model_dump_json())
+            os.replace(tmp, self._bonds_path)
+        except OSError as exc:  # a full disk must not stop consensus; the next round tries again
+            log.warning("could not save consensus bonds to %s (%s)", self._bonds_path, exc)
 
     async def start(self) -> None:
         if self._task is None:
@@ -552,6 +584,7 @@ class ConsensusService:
             for s in ss:
                 metrics.observe_node_score(s)
         quality = self._state.step(scores_by_validator, now=now)
+        self._save_bonds()
         self._latest = quality
         self.rounds += 1
         metrics.observe_quality(quality)
@@ -573,6 +606,7 @@ def start_consensus(
     settlement_name: str | None,
     metrics_port: int | None = None,
     activity_cutoff_s: float | None = 900.0,
+    bonds_path: Path | None = None,
 ):
     """Start the named consensus actor the gateway pulls from; returns its handle (keep it)."""
     import ray
@@ -589,6 +623,7 @@ def start_consensus(
             settlement_name,
             metrics_port,
             activity_cutoff_s=activity_cutoff_s,
+            bonds_path=None if bonds_path is None else str(bonds_path),
         )
     )
     ray.get(actor.start.remote())

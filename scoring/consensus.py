@@ -43,8 +43,10 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.records import NodeScore, QualityScores
 
@@ -204,6 +206,15 @@ def quality_from_consensus(result: YumaResult, node_ids, epoch: int = 0) -> Qual
     return QualityScores(epoch=epoch, quality={nid: float(min(1.0, max(0.0, x))) for nid, x in zip(ids, q)})
 
 
+class SavedBonds(BaseModel):
+    """Consensus bonds as kept on disk between runs (parsed strictly: a bond is a share in [0, 1])."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    epoch: int = Field(ge=0)
+    bonds: list[tuple[str, str, Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]]]
+
+
 class ConsensusState:
     """Runs Yuma epoch after epoch over the configured validators and changing nodes, carrying the bonds.
 
@@ -277,6 +288,16 @@ class ConsensusState:
         q = quality_from_consensus(r, nodes, epoch=self.epoch)
         self.epoch += 1
         return q.model_copy(update={"quality": {n: x for n, x in q.quality.items() if covered[col[n]]}})
+
+    def saved(self) -> SavedBonds:
+        """What a restarted consensus needs to go on where this one is: the bonds and the round count."""
+        return SavedBonds(epoch=self.epoch, bonds=[(v, n, b) for (v, n), b in sorted(self._bonds.items())])
+
+    def restore(self, saved: SavedBonds) -> None:
+        """Go on from `saved()`: bonds of validators no longer configured are dropped (a validator added
+        since starts with none, as a new one does)."""
+        self._bonds = {(v, n): b for v, n, b in saved.bonds if v in self.validators}
+        self.epoch = saved.epoch
 
     def validator_trust(self) -> dict[str, float]:
         if self.last is None:

@@ -395,3 +395,41 @@ def test_consensus_rounds_average_each_validators_dividends_by_its_signing_addre
     assert svc.epochs.mean_dividends(1) is None
     svc.round({v: scores(v, both, 31.0) for v in ("A", "C")}, now=31.0)  # B silent in epoch 1
     assert svc.epochs.mean_dividends(1)[addresses["B"]] < svc.epochs.mean_dividends(1)[addresses["A"]]
+
+
+def test_bonds_survive_a_restart_and_dividends_go_on_as_if_none_happened(tmp_path, caplog):
+    """A validator that scored a node early keeps the bonds it earned across a network restart: a
+    consensus restarted from its bonds file gives the same dividends as one that never stopped."""
+    stakes = {"A": 1.0, "B": 1.0, "C": 1.0}
+    path = tmp_path / "bonds.json"
+    both = {"x": 1.0, "y": 1.0}
+
+    def scores(round_: int) -> dict[str, list[NodeScore]]:
+        early = round_ == 0  # B scores y only at first: it joins the majority on x late
+        return {
+            v: [_score(v, n, w).model_copy(update={"at": float(round_)}) for n, w in weights.items()]
+            for v, weights in ((v, {"y": 1.0} if v == "B" and early else both) for v in stakes)
+        }
+
+    steady = _service(stakes)
+    for r in range(4):
+        steady.round(scores(r), now=float(r))
+
+    first = _service(stakes, bonds_path=path)
+    for r in range(2):
+        first.round(scores(r), now=float(r))
+    restarted = _service(stakes, bonds_path=path)  # a new actor, same state folder
+    for r in range(2, 4):
+        restarted.round(scores(r), now=float(r))
+    assert restarted._state.dividends() == pytest.approx(steady._state.dividends())
+    assert restarted._state.dividends()["A"] > restarted._state.dividends()["B"]  # the late copier earns less
+
+    fresh = _service(stakes)  # without the file: bonds start again and the difference shrinks
+    for r in range(2, 4):
+        fresh.round(scores(r), now=float(r))
+    assert fresh._state.dividends() != pytest.approx(steady._state.dividends())
+
+    path.write_text('{"epoch": 3, "bonds": [["A", "x", 7.5]]}')  # not a bond (> 1): refused, logged
+    with caplog.at_level("WARNING"):
+        assert _service(stakes, bonds_path=path)._state.saved().bonds == []
+    assert "unreadable" in caplog.text
