@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 REGISTRY_NAME = "meritnet-registry"
 NAMESPACE = "meritnet"
+OPEN_NODE_MISSES = 3  # health probes an open node may miss in a row before it counts as dead
 
 
 @dataclass
@@ -35,6 +36,7 @@ class _Entry:
     joined_at: float
     live: bool = False
     running_replicas: int = 0
+    missed: int = 0  # an open node's health probes missed in a row
     in_flight: dict[str, int] = field(default_factory=dict)  # gateway id -> count
     secret: str | None = None  # an open node's per-node secret (the gateway presents it); never in a snapshot
 
@@ -185,11 +187,15 @@ class NodeRegistryCore:
 
     def set_liveness(self, replicas_running: dict[str, int]) -> None:
         """`replicas_running`: node id -> RUNNING replicas per Serve, or 1 for an open node that answered its
-        health probe (missing = 0)."""
+        health probe (missing = 0). Serve's word is final for a managed node; an open node stays live
+        until it misses `OPEN_NODE_MISSES` probes in a row, so one slow answer from a busy machine
+        does not take it off the network (requests that fail on it are handled by the gateway's bans)."""
         for node_id, entry in self._nodes.items():
             running = replicas_running.get(node_id, 0)
             entry.running_replicas = running
-            entry.live = running > 0
+            entry.missed = 0 if running > 0 else entry.missed + 1
+            tolerated = entry.spec.endpoint is not None and entry.live and entry.missed < OPEN_NODE_MISSES
+            entry.live = running > 0 or tolerated
 
     def report_load(self, gateway_id: str, in_flight: dict[str, int]) -> None:
         for node_id, entry in self._nodes.items():

@@ -8,7 +8,6 @@ written together in the next transaction, so one fsync serves many requests and 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,7 +25,6 @@ class UsageStore:
         self._ledger = UsageLedger(path, epoch_length_s=epoch_length_s, genesis=genesis)
         self._pending: list[tuple[list[UsageRecord], asyncio.Future]] = []
         self._writer: asyncio.Task | None = None
-        self._opened_at = time.time()
 
     async def record(self, records: Sequence[UsageRecord]) -> None:
         fut = asyncio.get_running_loop().create_future()
@@ -51,15 +49,13 @@ class UsageStore:
                     fut.set_result(None)
 
     async def all(self, epoch: int | None = None) -> list[UsageRecord]:
-        """Records of one epoch, or of every epoch since this store started (audits, tests)."""
+        """Records of one epoch, or of the whole ledger (audits, tests), read from disk: a store that
+        was restarted returns what its predecessor wrote too."""
         return await asyncio.to_thread(self._all, epoch)
 
     def _all(self, epoch: int | None) -> list[UsageRecord]:
-        if epoch is not None:
-            return list(self._ledger.records(epoch))
-        first = self._ledger.epoch_of(self._opened_at)
-        last = self._ledger.epoch_of(time.time()) + 1  # late records land in the next open epoch
-        return [r for e in range(first, last + 1) for r in self._ledger.records(e)]
+        epochs = [epoch] if epoch is not None else self._ledger.epochs_with_records()
+        return [r for e in epochs for r in self._ledger.records(e)]
 
 
 def start_usage_store(path: Path, epoch_length_s: float, genesis: float):

@@ -344,6 +344,10 @@ class UsageLedger:
                 return
             after = page[-1][0]
 
+    def epochs_with_records(self) -> list[int]:
+        """The epochs that hold records, in order."""
+        return [row[0] for row in self._read("SELECT DISTINCT epoch FROM records ORDER BY epoch")]
+
     def count(self, epoch: int | None = None) -> int:
         """Number of stored records (of one epoch, or all)."""
         if epoch is None:

@@ -38,6 +38,26 @@ def test_dead_node_leaves_the_live_set():
     assert {s.node_id: s.live for s in reg.snapshot()} == {"a": True, "b": False}
 
 
+def test_an_open_node_stays_live_through_a_few_missed_probes_but_not_more():
+    from cluster.registry import OPEN_NODE_MISSES
+
+    reg = NodeRegistryCore()
+    reg.join(spec("open").model_copy(update={"endpoint": "http://127.0.0.1:8100"}), "s", nonce=1)
+    reg.register(spec("managed"))
+    reg.set_liveness({})
+    assert [s.live for s in reg.snapshot()] == [False, False]  # never answered: not live
+    reg.set_liveness({"open": 1, "managed": 1})
+    for _ in range(OPEN_NODE_MISSES - 1):  # a busy machine answers a probe late
+        reg.set_liveness({})
+        assert {s.node_id: s.live for s in reg.snapshot()} == {"open": True, "managed": False}
+    reg.set_liveness({"open": 1})  # an answer resets the count
+    for _ in range(OPEN_NODE_MISSES - 1):
+        reg.set_liveness({})
+    assert reg.snapshot()[0].live
+    reg.set_liveness({})
+    assert not reg.snapshot()[0].live
+
+
 def test_load_sums_over_gateways_and_capacity_is_per_replica():
     reg = NodeRegistryCore()
     reg.register(spec("a", capacity=4, replicas=2))

@@ -54,6 +54,20 @@ def test_append_survives_reopen_and_assigns_epochs(ledger, path):
     reopened.close()
 
 
+def test_a_restarted_usage_store_reads_its_predecessors_records(path):
+    """Issue 13: the store's `all()` began at the epoch it was (re)started in and missed older records."""
+    import asyncio
+
+    from deploy.usage import UsageStore
+
+    first = UsageStore(str(path), epoch_length_s=60.0, genesis=1000.0)
+    asyncio.run(first.record([rec("old", 1001.0), rec("newer", 1130.0)]))
+    restarted = UsageStore(str(path), epoch_length_s=60.0, genesis=1000.0)
+    assert restarted._ledger.epochs_with_records() == [0, 2]
+    assert [r.request_id for r in asyncio.run(restarted.all())] == ["old", "newer"]
+    assert [r.request_id for r in asyncio.run(restarted.all(epoch=2))] == ["newer"]
+
+
 def test_duplicates_rejected_and_reported_not_double_counted(ledger):
     ledger.append([rec("a", 1001.0), rec("b", 1001.0)])
     res = ledger.append([rec("b", 1002.0, prompt=999), rec("c", 1003.0), rec("c", 1004.0)])
