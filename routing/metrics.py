@@ -21,6 +21,13 @@ RETRIES = Counter(
 ERRORS = Counter(
     "meritnet_client_errors", "Requests rejected with a 4xx/5xx error.", ["status", "code"], registry=REGISTRY
 )
+NO_NODE = Counter(
+    "meritnet_no_eligible_node",
+    "Routing decisions that found no node, by the filter that removed the last candidate "
+    "(or 'excluded': every candidate already tried).",
+    ["model", "stage"],
+    registry=REGISTRY,
+)
 IN_FLIGHT = Gauge("meritnet_in_flight", "Requests in flight per node.", ["node"], registry=REGISTRY)
 LIVE_NODES = Gauge(
     "meritnet_live_nodes", "Live nodes per model in the gateway's snapshot.", ["model"], registry=REGISTRY

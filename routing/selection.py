@@ -6,7 +6,9 @@ scores arrive through `update_nodes` / `update_quality` from background refreshe
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,6 +17,8 @@ from routing import metrics
 from routing.errors import APIError
 from routing.intake import chat_messages
 from routing.router import NoEligibleNode, RequestFacts, Router
+
+log = logging.getLogger(__name__)
 
 SLO_HEADER = "x-slo-ttft-ms"
 SLO_MAX_MS = 600_000.0  # 10 minutes: longer than any first-byte timeout, so larger values mean nothing
@@ -67,6 +71,7 @@ class NodeSelector:
     def __init__(self, router: Router) -> None:
         self.router = router
         self._stats: dict[str, NodeStats] = {}
+        self._warned: dict[str, float] = {}  # cause of a refusal -> when it was last logged
 
     def update_nodes(self, stats: list[NodeStats]) -> None:
         self._stats = {s.node_id: s for s in stats}
@@ -78,7 +83,11 @@ class NodeSelector:
     def pick(self, facts: RequestFacts, exclude: set[str] | frozenset[str] = frozenset()) -> NodeStats | None:
         try:
             decision = self.router.route(facts, exclude=exclude)
-        except NoEligibleNode:
+        except NoEligibleNode as exc:
+            metrics.NO_NODE.labels(facts.model, exc.stage).inc()
+            if exc.stage != "excluded" and time.monotonic() - self._warned.get(exc.stage, -math.inf) > 10:
+                self._warned[exc.stage] = time.monotonic()  # at most one line per 10 s per cause
+                log.warning("%s", exc)
             return None
         return self._stats.get(decision.node_id)
 

@@ -223,21 +223,23 @@ class Profile:
         ids = cols.ids
         if not np.count_nonzero(mask):
             raise NoEligibleNode(
-                facts.model, self.name, "no candidate nodes (all excluded or none registered)"
+                facts.model, self.name, "no candidate nodes (all excluded or none registered)", "excluded"
             )
         first = 0
         if cached and self.static_filters and not explain:
             t0 = clock()
-            mask = mask & self._static_mask(facts, cols, ctx)
+            start, mask = mask, mask & self._static_mask(facts, cols, ctx)
             dt = clock() - t0
             for slot in self._fslots[: len(self.static_filters)]:  # shared evenly: one cached pass
                 slot[0] += 1
                 slot[1] += dt // len(self.static_filters)
             first = len(self.static_filters)
-            if not np.count_nonzero(mask):
-                raise NoEligibleNode(
-                    facts.model, self.name, "the profile's static filters removed every remaining candidate"
-                )
+            if not np.count_nonzero(mask):  # rare: find which filter it was, one by one
+                for f in self.static_filters:
+                    start = f.filter(facts, cols, start, ctx)
+                    if not np.count_nonzero(start):
+                        raise _emptied(facts, self.name, f.name)
+                raise _emptied(facts, self.name, "static filters")  # not reached: they are pure masks
         for f, slot in zip(self.filters[first:], self._fslots[first:]):
             t0 = clock()
             kept = f.filter(facts, cols, mask, ctx)
@@ -249,9 +251,7 @@ class Profile:
                 spent[f.name] = dt / 1000
             mask = kept
             if not np.count_nonzero(mask):
-                raise NoEligibleNode(
-                    facts.model, self.name, f"filter {f.name!r} removed every remaining candidate"
-                )
+                raise _emptied(facts, self.name, f.name)
         idx = np.flatnonzero(mask)
         n = idx.size
         totals = np.zeros(cols.size)
@@ -290,3 +290,7 @@ class Profile:
             }
             explanation = Explanation(tuple(removed), scores, spent)
         return Decision(node_id, self.name, float(cand[index]), n, explanation)
+
+
+def _emptied(facts: RequestFacts, profile: str, name: str) -> NoEligibleNode:
+    return NoEligibleNode(facts.model, profile, f"filter {name!r} removed every remaining candidate", name)

@@ -134,7 +134,9 @@ class Router:
         prof = self._profile(facts, profile)
         cols = self._cols.get(facts.model)
         if cols is None:
-            raise NoEligibleNode(facts.model, prof.name, "no node serving this model is registered")
+            raise NoEligibleNode(
+                facts.model, prof.name, "no node serving this model is registered", "unregistered"
+            )
         ctx = PickContext(self.clock(), self.rng)
         return prof.run(facts, cols, cols.mask(exclude), ctx, self.timings, explain, cached)
 

@@ -162,14 +162,17 @@ def stable_hash(text: str) -> float:
 
 
 class NoEligibleNode(LookupError):
-    """No candidate survived the profile's filters (or every candidate was excluded)."""
+    """No candidate survived the profile's filters (or every candidate was excluded).
 
-    def __init__(self, model: str, profile: str, reason: str) -> None:
+    `stage` names what emptied the list: the filter's name, "excluded" (every candidate was
+    excluded by the caller, e.g. already tried) or "unregistered" (no node serves the model)."""
+
+    def __init__(self, model: str, profile: str, reason: str, stage: str) -> None:
         super().__init__(
             f"no eligible node for model {model!r} (profile {profile!r}): {reason}. "
             "Check that nodes serving this model are registered and live, or wait for bans to expire."
         )
-        self.model, self.profile, self.reason = model, profile, reason
+        self.model, self.profile, self.reason, self.stage = model, profile, reason, stage
 
 
 @dataclass(frozen=True, slots=True)

@@ -82,6 +82,22 @@ def test_probation_node_gets_about_five_percent_and_low_quality_none():
     assert counts["good"] > counts["ok"]
 
 
+def test_a_refusal_names_the_filter_that_removed_the_last_candidate():
+    facts = RequestFacts("m", 10, "p")
+    cases = {
+        "quality-floor": [node("a", quality=0.2), node("b", live=False)],
+        "live": [node("a", live=False), node("b", model_id="other")],
+        "serves-model": [node("a", model_id="other")],
+    }
+    for stage, nodes in cases.items():
+        with pytest.raises(NoEligibleNode) as refused:
+            ROUTER.pick(facts, nodes)
+        assert (refused.value.stage, stage in str(refused.value)) == (stage, True)
+    with pytest.raises(NoEligibleNode) as refused:
+        ROUTER.pick(facts, [node("a")], exclude=frozenset({"a"}))
+    assert refused.value.stage == "excluded"
+
+
 def test_explain_lists_removals_and_per_scorer_scores():
     d = ROUTER.pick(
         RequestFacts("m", 10, "p"),
