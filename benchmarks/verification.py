@@ -545,7 +545,7 @@ def run(quick: bool, max_challenges: int, organic_rps: float) -> dict:
                     scorer.observe_challenge("x", "default", True, 0.2, 50.0)  # 4x slower
                     scorer.observe_verification("x", "default", "pass")  # a node has a score once verified
                     s = next(s for s in scorer.scores() if s.node_id == "x")
-                    if s.speed < 0.5:
+                    if s.speed is not None and s.speed < 0.5:
                         caught = k
                         break
                     continue

@@ -159,8 +159,10 @@ class NodeScore(_Frozen):
     validator: str = Field(min_length=1)
     node_id: NodeId
     integrity: Unit = Field(description="Verification pass rate, with a hard drop on clear fraud.")
-    availability: Unit = Field(description="Challenge success rate.")
-    speed: Unit = Field(description="TTFT and tokens/s relative to the model's fleet median.")
+    availability: Unit | None = Field(description="Challenge success rate (None: not challenged yet).")
+    speed: Unit | None = Field(
+        description="TTFT and tokens/s relative to the model's fleet median (None: not measured yet)."
+    )
     score: Unit = Field(description="Smoothed combination of the three, what the validator weights by.")
     at: FiniteFloat = Field(description="Unix time of the last update.")
 

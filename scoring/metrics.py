@@ -63,8 +63,10 @@ LOOP_RESTARTS = Counter(
 
 def observe_node_score(s: NodeScore) -> None:
     NODE_INTEGRITY.labels(s.node_id, s.validator).set(s.integrity)
-    NODE_AVAILABILITY.labels(s.node_id, s.validator).set(s.availability)
-    NODE_SPEED.labels(s.node_id, s.validator).set(s.speed)
+    if s.availability is not None:
+        NODE_AVAILABILITY.labels(s.node_id, s.validator).set(s.availability)
+    if s.speed is not None:
+        NODE_SPEED.labels(s.node_id, s.validator).set(s.speed)
 
 
 def observe_quality(q: QualityScores) -> None:

@@ -8,6 +8,9 @@
                    the nodes of the same model this validator has measured; a node at least as fast as
                    the median scores 1, one twice as slow ~0.5.
     score        = integrity * (w_avail * availability + (1 - w_avail) * speed)
+                   with only the parts measured so far: a node verified through shadow samples of its
+                   organic traffic before this validator's first challenge reached it scores its
+                   integrity alone (availability and speed unknown are no evidence against it).
 
 Why integrity multiplies: a node that serves the wrong model must earn nothing, however fast it is.
 
@@ -129,7 +132,7 @@ class NodeScorer:
         st = self._nodes.get(node_id)
         return st is not None and st.penalty_left > 0
 
-    def _speed(self, st: _NodeState) -> float:
+    def _speed(self, st: _NodeState) -> float | None:
         peers = [s for s in self._nodes.values() if s.model_id == st.model_id]
         ttfts = [s.ttft for s in peers if s.ttft is not None]
         tpss = [s.tps for s in peers if s.tps is not None]
@@ -138,7 +141,7 @@ class NodeScorer:
             parts.append(min(1.0, statistics.median(ttfts) / st.ttft))
         if st.tps is not None and tpss:
             parts.append(min(1.0, st.tps / statistics.median(tpss)))
-        return sum(parts) / len(parts) if parts else 0.0
+        return sum(parts) / len(parts) if parts else None
 
     def scores(self) -> list[NodeScore]:
         """Current NodeScore of every node this validator has a verdict on (see the module doc)."""
@@ -148,16 +151,17 @@ class NodeScorer:
             if st.integrity is None:  # no verdict yet: no opinion, not a zero
                 continue
             integrity = 0.0 if st.penalty_left > 0 else st.integrity
-            availability = st.availability if st.availability is not None else 0.0
-            speed = self._speed(st)
-            score = integrity * (c.w_avail * availability + (1 - c.w_avail) * speed)
+            availability, speed = st.availability, self._speed(st)
+            parts = [(w, x) for w, x in ((c.w_avail, availability), (1 - c.w_avail, speed)) if x is not None]
+            weight = sum(w for w, _ in parts)
+            score = integrity * (sum(w * x for w, x in parts) / weight if weight > 0 else 1.0)
             out.append(
                 NodeScore(
                     validator=self.validator,
                     node_id=node_id,
                     integrity=_unit(integrity),
-                    availability=_unit(availability),
-                    speed=_unit(speed),
+                    availability=None if availability is None else _unit(availability),
+                    speed=None if speed is None else _unit(speed),
                     score=_unit(score),
                     at=float(st.at),
                 )

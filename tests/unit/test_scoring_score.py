@@ -81,3 +81,18 @@ def test_no_verdict_means_no_score_not_zero():
     assert sc.scores() == []
     sc.observe_verification("queued", "m", "pass")
     assert [s.node_id for s in sc.scores()] == ["queued"] and sc.scores()[0].score > 0
+
+
+def test_a_node_verified_before_its_first_challenge_scores_its_integrity():
+    """Found by benchmarks.overhead: the node serving the organic traffic got shadow verdicts before any
+    challenge reached it, scored 0 (availability and speed unknown counted as 0), and consensus then
+    gave every node quality 0: the router's quality floor refused all traffic (503s)."""
+    sc = NodeScorer("v")
+    sc.observe_verification("busy", "m", "pass")  # a shadow sample of organic traffic
+    (s,) = sc.scores()
+    assert (s.availability, s.speed, s.score) == (None, None, 1.0)
+    sc.observe_challenge("busy", "m", False)  # the first challenge failed: now that is known
+    assert _by_node(sc)["busy"].score == pytest.approx(0.0)
+    sc.observe_challenge("busy", "m", True, ttft_s=0.1, tokens_per_s=50)
+    s = _by_node(sc)["busy"]
+    assert s.speed == 1.0 and s.score == pytest.approx(0.7 * 0.2 + 0.3 * 1.0)
