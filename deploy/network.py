@@ -27,7 +27,7 @@ from deploy.scoring import (
     start_validators,
     validator_keys,
 )
-from deploy.usage import SETTLEMENT_NAME
+from deploy.usage import SETTLEMENT_NAME, VALIDATOR_KEYS_DIR
 from routing.app import gateway_deployment
 from settlement.keys import KEY_ENV, KEY_FILE_ENV
 
@@ -200,7 +200,7 @@ class LocalNetwork:
         if cfg.validators:
             self.on_step(f"Starting {len(cfg.validators)} validator(s) and consensus")
             # Handles are kept on the network: Ray ends a non-detached actor with its last handle.
-            keys = validator_keys(cfg.validators, cfg.state_dir / "validator-keys")
+            keys = validator_keys(cfg.validators, cfg.state_dir / VALIDATOR_KEYS_DIR)
             self.validators = start_validators(
                 cfg.validators,
                 keys,

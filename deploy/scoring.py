@@ -50,6 +50,7 @@ import asyncio
 import functools
 import itertools
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -80,7 +81,11 @@ class ValidatorSpec(BaseModel):
         description="Identity (a row of the consensus weight matrix; names its actor and key file).",
     )
     stake: float = Field(
-        default=1.0, ge=0, allow_inf_nan=False, description="Stake behind its weights in consensus."
+        default=1.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Stake behind its weights in consensus. With settlement, the distributor's stake "
+        "record decides (a distributor the network deploys itself gets this value written there).",
     )
     challenges_per_node_per_min: float = Field(
         default=0.5,
@@ -425,6 +430,7 @@ class ConsensusService:
         activity_cutoff_s: float | None = 900.0,
         actor_of: Callable[[str], Any] | None = None,
         bonds_path: Path | str | None = None,
+        stake_refresh_s: float = 30.0,
     ) -> None:
         from scoring import ConsensusState
 
@@ -444,6 +450,8 @@ class ConsensusService:
         self._state = ConsensusState(
             {v.validator_id: v.stake for v in validators}, activity_cutoff_s=activity_cutoff_s
         )
+        self._stake_refresh_s = stake_refresh_s
+        self._stakes_read_at = -math.inf  # with settlement: when the chain's stake record was last read
         # Bonds grow over many rounds and are what validators are paid by: kept on disk after every
         # round, so a restarted network goes on with them instead of paying early and late validators
         # alike again.
@@ -522,6 +530,8 @@ class ConsensusService:
         this round; its configured stake still counts."""
         self.asked += 1
         round_ = self.asked
+        if self._settlement_name and time.monotonic() - self._stakes_read_at >= self._stake_refresh_s:
+            await self._read_stakes()
         ids = list(self._addresses)
         answers = await asyncio.gather(*(self._ask(v, round_) for v in ids))
         now = time.time()
@@ -541,6 +551,38 @@ class ConsensusService:
             settlement = ray.get_actor(self._settlement_name, namespace=self._namespace)
             await asyncio.wait_for(settlement.submit_quality.remote(epoch, mean, dividends), 30)
         return quality
+
+    async def _read_stakes(self) -> None:
+        """Stakes from the distributor's record (through the settlement actor, which holds the chain
+        connection). A failed read keeps the stakes in use; a record with no stake at all (the admin
+        has not written it yet) keeps the network config's."""
+        import ray
+
+        self._stakes_read_at = time.monotonic()
+        try:
+            settlement = ray.get_actor(self._settlement_name, namespace=self._namespace)
+            onchain = await asyncio.wait_for(
+                settlement.validator_stakes.remote(list(self._addresses.values())), 10
+            )
+        except Exception as exc:  # noqa: BLE001 - the chain down must not stop consensus
+            log.warning("could not read validator stakes from the chain (%s); keeping the last", exc)
+            return
+        self.apply_stakes(onchain)
+
+    def apply_stakes(self, by_address: Mapping[str, int]) -> None:
+        """Use the chain's stake record (address -> stake) unless it holds no stake at all."""
+        from scoring import metrics
+
+        stakes = {v: float(by_address.get(a, 0)) for v, a in self._addresses.items()}
+        if sum(stakes.values()) <= 0:
+            log.warning(
+                "the distributor records no stake for any validator: consensus weighs them by the "
+                "network config until its admin runs `meritnet settlement set-stake`"
+            )
+        else:
+            self._state.set_stakes(stakes)
+        for v, stake in zip(self._state.validators, self._state.stake, strict=True):
+            metrics.VALIDATOR_STAKE.labels(v).set(stake)
 
     def _named_actor(self, validator: str) -> Any:
         import ray

@@ -78,6 +78,7 @@ def start_usage_store(path: Path, epoch_length_s: float, genesis: float):
 
 
 SETTLEMENT_NAME = "meritnet-settlement"
+VALIDATOR_KEYS_DIR = "validator-keys"  # in the state folder: one signing key per validator
 
 
 def settlement_default_quality(cfg) -> float:
@@ -86,8 +87,12 @@ def settlement_default_quality(cfg) -> float:
 
 
 def settlement_config(cfg, ledger_path: Path, genesis: float):
-    """The settler's config from the network's: its ledger, epochs, quality rule and validators' share."""
+    """The settler's config from the network's: its ledger, epochs, quality rule, validators' share and
+    stakes (by the address each validator signs with: the key in the state folder)."""
+    from deploy.scoring import validator_keys
     from settlement.actor import SettlementConfig
+
+    keys = validator_keys(cfg.validators, cfg.state_dir / VALIDATOR_KEYS_DIR) if cfg.validators else {}
 
     # With validators an unscored node is on probation (quality 0) until its first consensus score;
     # without them (the demo) nothing scores nodes, so every node is paid at quality 1.0. Not None
@@ -97,6 +102,7 @@ def settlement_config(cfg, ledger_path: Path, genesis: float):
         epoch_length_s=cfg.epoch_length_s,
         genesis=genesis,
         default_quality=settlement_default_quality(cfg),
+        validator_stakes={keys[v.validator_id].address: v.stake for v in cfg.validators or ()},
         **({} if cfg.validator_share_bps is None else {"validator_share_bps": cfg.validator_share_bps}),
     )
 

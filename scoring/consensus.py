@@ -246,9 +246,7 @@ class ConsensusState:
         if activity_cutoff_s is not None and activity_cutoff_s <= 0:
             raise ValueError(f"activity_cutoff_s must be > 0 (or None), got {activity_cutoff_s}")
         self.validators = sorted(stakes)
-        self.stake = np.array([float(stakes[v]) for v in self.validators])
-        if not np.all(np.isfinite(self.stake)) or (self.stake < 0).any():
-            raise ValueError("stakes must be finite and non-negative")
+        self.set_stakes(stakes)
         self.kappa, self.alpha = kappa, alpha
         # A validator's score of a node older than this (NodeScore.at) is ignored: a validator that
         # stopped observing a node (dead loop, partition) cannot keep voting on it (subtensor's
@@ -258,6 +256,18 @@ class ConsensusState:
         self._bonds: dict[tuple[str, str], float] = {}
         self.last: YumaResult | None = None
         self.nodes: list[str] = []
+
+    def set_stakes(self, stakes: Mapping[str, float]) -> None:
+        """New stakes for the configured validators (e.g. read from the chain's record); the rows stay
+        the configured ones, so every configured validator needs a stake (0 = no weight)."""
+        if set(stakes) != set(self.validators):
+            raise ValueError(
+                f"stakes are for {sorted(stakes)}, but the configured validators are {self.validators}"
+            )
+        stake = np.array([float(stakes[v]) for v in self.validators])
+        if not np.all(np.isfinite(stake)) or (stake < 0).any():
+            raise ValueError("stakes must be finite and non-negative")
+        self.stake = stake
 
     def step(
         self, scores_by_validator: Mapping[str, Sequence[NodeScore]], node_ids=None, now: float | None = None

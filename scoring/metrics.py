@@ -41,6 +41,12 @@ VALIDATOR_TRUST = Gauge(
     ["validator"],
     registry=REGISTRY,
 )
+VALIDATOR_STAKE = Gauge(
+    "meritnet_validator_stake",
+    "Stake consensus weighs a validator by (the network config's, or the distributor's record).",
+    ["validator"],
+    registry=REGISTRY,
+)
 VERIFY_ERRORS = Counter(
     "meritnet_validator_verify_errors",
     "Verifications that failed on the validator's side (reference engine), per validator: no verdict.",

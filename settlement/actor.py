@@ -50,7 +50,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +132,12 @@ class SettlementConfig(BaseSettings):
         "their Yuma dividends; the rest goes to operators by usage x quality. An epoch with no "
         "validator dividends (no validators, no consensus round) pays operators all of it.",
     )
+    validator_stakes: dict[str, float] = Field(
+        default_factory=dict,
+        description="Validator address -> stake that the settler records on a distributor it deploys "
+        "itself while it is that distributor's admin (a local network). A bound distributor "
+        "(MERITNET_CHAIN_CONTRACT) keeps the record its admin wrote (`meritnet settlement set-stake`).",
+    )
     max_score_wait_epochs: int = Field(
         default=2,
         ge=0,
@@ -165,6 +171,11 @@ class SettlementConfig(BaseSettings):
     def book_path(self) -> Path:
         """The RewardBook lives beside the ledger."""
         return book_path_of(self.ledger_path)
+
+
+def stake_units(stake: float) -> int:
+    """A configured stake (a float, e.g. 2.0) as the distributor's integer record (18 decimals)."""
+    return round(stake * 10**18)
 
 
 class SettlementConflict(RuntimeError):
@@ -275,6 +286,7 @@ class Settler:
                 genesis,
                 length,
             )
+            self._record_stakes()
         elif (bound := self.chain.epochs()) != (genesis, length):
             raise SettlementConflict(
                 f"the distributor at {self.chain.address} times epochs as (genesis, length) = "
@@ -283,6 +295,26 @@ class Settler:
                 "distributor's, or deploy a new one"
             )
         return self.chain.address
+
+    def _record_stakes(self) -> None:
+        """Write the configured validator stakes on the distributor just deployed, if this key is its
+        admin (with another admin, e.g. a multisig, the admin records them)."""
+        stakes = self.config.validator_stakes
+        if not stakes:
+            return
+        if self.chain.admin() != self.key.address:
+            log.warning(
+                "the distributor's admin is %s, not the settler: validator stakes are not recorded; the "
+                "admin records them with `meritnet settlement set-stake`",
+                self.chain.admin(),
+            )
+            return
+        for address, stake in sorted(stakes.items()):
+            self.chain.transact(self.key, "set_stake", address, stake_units(stake))
+
+    def validator_stakes(self, addresses: Sequence[str]) -> dict[str, int]:
+        """The stakes the distributor records for these validator addresses (0: none)."""
+        return {a: self.chain.stake(a) for a in addresses}
 
     def emission_cap(self) -> int:
         """The most one epoch may pay: the contract's cap, read on first use (it is immutable)."""
@@ -644,6 +676,10 @@ class SettlementService:
         """Consensus scores for an epoch (scoring -> deploy -> here): node quality and validator
         dividends by address; ignored once the epoch is committed (see Settler.submit_quality)."""
         self.settler.submit_quality(epoch, quality, dividends)
+
+    def validator_stakes(self, addresses: Sequence[str]) -> dict[str, int]:
+        """The on-chain stake record for these validator addresses (what consensus weighs them by)."""
+        return self.settler.validator_stakes(addresses)
 
     def tick(self) -> list[int]:
         try:

@@ -299,6 +299,10 @@ class Chain:
     def paused(self) -> bool:
         return self._view("paused")
 
+    def stake(self, validator: str) -> int:
+        """The stake the admin recorded for a validator address (0 if none)."""
+        return self._view("stake", to_checksum_address(validator))
+
     def pending_settler(self) -> str:
         return self._view("pending_settler")
 

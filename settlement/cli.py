@@ -292,6 +292,49 @@ def accept_settler(
     typer.echo(f"{key.address} is now the settler of {chain.address}")
 
 
+@app.command("set-stake")
+def set_stake(
+    validator: Annotated[
+        str, typer.Option(help="The validator's address (the key that signs its score reports).")
+    ],
+    stake: Annotated[
+        float, typer.Option(min=0, help="Its stake, e.g. 2.0 (0 removes its weight in consensus).")
+    ],
+    admin_key_file: Annotated[
+        Path, typer.Option(help="File (chmod 600) holding the distributor admin's private key; it pays gas.")
+    ],
+    contract: ContractOption = None,
+    url: UrlOption = None,
+) -> None:
+    """Record a validator's stake on the distributor: consensus weighs each validator by this record
+    (read every 30 s), never by what the validator says. An admin that is a multisig sends
+    `set_stake(validator, stake * 10**18)` through the multisig instead."""
+    from eth_utils import is_address
+
+    from settlement.actor import stake_units
+    from settlement.chain import ContractReverted
+    from settlement.keys import SettlerKey, SettlerKeyError
+
+    if not is_address(validator):
+        raise typer.BadParameter(f"--validator {validator!r} is not an address (0x and 40 hex digits)")
+    try:
+        key = SettlerKey.from_file(admin_key_file, what="admin key")
+    except SettlerKeyError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    chain = _bound_chain(contract, url)
+    with chain_errors():
+        try:
+            receipt = chain.transact(key, "set_stake", validator, stake_units(stake))
+        except ContractReverted as exc:
+            if exc.error != "NotAdmin":
+                raise
+            _fail(f"{key.address} is not the admin of {chain.address} (the admin is {chain.admin()})")
+        if receipt is None or receipt["status"] != 1:
+            _fail("the set_stake tx was not mined (or failed); check the chain and retry")
+        recorded = chain.stake(validator)
+    typer.echo(f"{validator} has stake {recorded / 10**18:g} on {chain.address}")
+
+
 @app.command()
 def run(
     until_idle: Annotated[bool, typer.Option(help="Settle every closed/due epoch, then exit.")] = False,

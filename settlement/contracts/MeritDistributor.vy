@@ -13,6 +13,8 @@
         settled only once it has ended (block.timestamp >= genesis + (e + 1) * epoch_length), so
         a leaked settler key mints at most the cap per elapsed epoch, never ahead of time, until
         the admin pauses it or hands the role to a new key.
+        The admin also keeps the validators' stake record (`stake`), which consensus reads: a
+        validator's weight in Yuma is what the admin recorded, never what the validator reports.
 @dev Supply model: mint on claim, capped by what settlements posted (totalSupply <= total_rewarded),
      so settle() touches no balance and costs the same whatever the claims did (constant gas).
      Leaves use OpenZeppelin's StandardMerkleTree encoding: keccak256(keccak256(abi.encode(values))),
@@ -44,6 +46,8 @@ usage_root: public(HashMap[uint256, bytes32])
 reward_root: public(bytes32)
 total_rewarded: public(uint256)
 claimed: public(HashMap[address, uint256])
+# Validator address -> stake (any unit: consensus uses shares of the total); 0 = no weight.
+stake: public(HashMap[address, uint256])
 
 
 event EpochSettled:
@@ -79,6 +83,12 @@ event AdminProposed:
 event AdminChanged:
     previous: indexed(address)
     admin: indexed(address)
+
+
+event StakeSet:
+    validator: indexed(address)
+    previous: uint256
+    stake: uint256
 
 
 # OpenZeppelin Pausable's events.
@@ -211,6 +221,15 @@ def accept_admin():
     log AdminChanged(previous=self.admin, admin=msg.sender)
     self.admin = msg.sender
     self.pending_admin = empty(address)
+
+
+@external
+def set_stake(validator: address, stake_: uint256):
+    """Admin: record a validator's stake (0 removes its weight in consensus)."""
+    self._check_admin()
+    self._check_nonzero(validator)
+    log StakeSet(validator=validator, previous=self.stake[validator], stake=stake_)
+    self.stake[validator] = stake_
 
 
 @external

@@ -93,6 +93,32 @@ def test_cli_accept_settler_takes_the_proposed_role(anvil, tmp_path):
     chain.preflight_settle(successor.address, 0, b"\1" * 32, b"\1" * 32, 1, 1)
 
 
+def test_cli_set_stake_records_a_validators_stake_for_the_admin_only(anvil, tmp_path):
+    """`meritnet settlement set-stake`: the stake record consensus reads, written by the admin."""
+    from typer.testing import CliRunner
+
+    from settlement.cli import app
+
+    chain = connect(anvil)
+    admin, settler, validator = (funded_key(chain) for _ in range(3))
+    chain.deploy(settler, 0, 1000, admin.address, **ENDED)
+
+    def set_stake(key: SettlerKey, stake: str):
+        key_file = tmp_path / f"{key.address}.key"
+        key_file.touch(mode=0o600)
+        key_file.write_text(key.export_hex())
+        args = ["set-stake", "--validator", validator.address, "--stake", stake]
+        args += ["--admin-key-file", str(key_file), "--contract", chain.address, "--url", anvil.url]
+        return CliRunner().invoke(app, args)
+
+    refused = set_stake(settler, "5")
+    assert refused.exit_code == 1 and f"the admin is {admin.address}" in refused.output, refused.output
+    done = set_stake(admin, "2.5")
+    assert done.exit_code == 0 and "has stake 2.5" in done.output, done.output
+    assert chain.stake(validator.address) == 25 * 10**17
+    assert set_stake(admin, "-1").exit_code == 2  # typer's usage error: a stake is >= 0
+
+
 def _world(tmp_path, chain: Chain, key: SettlerKey):
     w = SimpleNamespace(
         chain=chain,

@@ -44,3 +44,29 @@ def test_bench_runs_the_chosen_benchmark_and_rewrites_only_its_block(tmp_path):
 
     wrong = subprocess.run([MERITNET, "bench", "--only", "nope"], capture_output=True, text=True, timeout=60)
     assert wrong.returncode == 2 and "Unknown benchmark" in wrong.stdout
+
+
+def test_every_meritnet_command_in_the_readme_exists_with_the_options_it_shows():
+    """The README's `meritnet ...` lines (code spans and blocks) name real commands and options."""
+    import re
+
+    import typer.main
+
+    from deploy.cli import app
+
+    root = typer.main.get_command(app)
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    lines = re.findall(r"`(meritnet [^`]+)`", readme.replace("\n", " "))
+    lines += re.findall(r"^\s*(meritnet [^\n#]+)", readme, flags=re.M)
+    checked = 0
+    for line in lines:
+        command, words = root, line.split()[1:]
+        while words and words[0] in getattr(command, "commands", {}):
+            command, words = command.commands[words.pop(0)], words
+        if command is root:
+            continue  # prose such as "meritnet adds routing"
+        known = {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
+        shown = {w.split("=")[0] for w in words if w.startswith("--")}
+        assert shown <= known | {"--help"}, (line, sorted(shown - known))
+        checked += 1
+    assert checked >= 10, lines

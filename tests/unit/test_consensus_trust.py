@@ -1,5 +1,5 @@
-"""Issue 17, consensus v2: what no single validator can do. Stake comes from the network's config, an
-absent validator's stake still counts, half the stake cannot decide alone, and score reports are signed
+"""Issue 17, consensus v2: what no single validator can do. Stake comes from the network's config (or
+the chain's stake record), an absent validator's stake still counts, half the stake cannot decide alone, and score reports are signed
 (real eth-account keys) and checked. Plus the quality rule for unscored nodes. No Ray: the consensus
 actor runs with fake validator actors."""
 
@@ -168,6 +168,28 @@ async def test_a_validator_that_reports_a_fake_stake_cannot_change_its_weight():
     assert q == {} and refused._value.get() == before + 1
     with pytest.raises(ValueError, match="stake"):
         ValidatorSpec(validator_id="c", stake=float("inf"))
+
+
+async def test_the_chains_stake_record_decides_over_the_config():
+    """With settlement on a chain, consensus weighs validators by the distributor's stake record (read
+    through the settlement actor): a validator the admin unstaked loses its say, whatever the config
+    gave it; a record with no stake at all (not written yet) leaves the config's stakes in use."""
+    stakes = {"a": 2.0, "b": 1.0, "c": 1.0}
+    a_says = {"good": 0.0, "cheat": 1.0}  # a, the config's half, would rank the cheat first
+    actors = {
+        "a": _Validator(lambda r: _signed(KEYS["a"], "a", r, a_says)),
+        "b": _honest(KEYS["b"], "b", HONEST),
+        "c": _honest(KEYS["c"], "c", HONEST),
+    }
+    svc = _service(stakes, KEYS, actors)
+    svc.apply_stakes({})  # nothing recorded: the config's stakes stay
+    assert list(svc._state.stake) == [2.0, 1.0, 1.0]
+    svc.apply_stakes({KEYS["a"].address: 0, KEYS["b"].address: 3 * 10**18, KEYS["c"].address: 10**18})
+    assert list(svc._state.stake) == [0.0, 3e18, 1e18]
+    assert metrics.VALIDATOR_STAKE.labels("b")._value.get() == 3e18
+    assert (await svc.step()).quality == {"good": 1.0, "cheat": 0.0}  # b and c decide; a weighs 0
+    with pytest.raises(ValueError, match="configured validators"):
+        svc._state.set_stakes({"a": 1.0})
 
 
 # ---- signed reports -----------------------------------------------------------------------------

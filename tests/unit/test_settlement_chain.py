@@ -222,6 +222,18 @@ def roles_scenario(chain: Chain) -> None:
     expect_revert("NotAdmin", chain.transact, settler, "propose_admin", settler.address)
     expect_revert("NotSettler", chain.preflight_settle, admin.address, 1, root, root, 1, 1)
 
+    # The stake record consensus reads: only the admin writes it, never to the zero address.
+    assert chain.stake(stranger.address) == 0
+    expect_revert("NotAdmin", chain.transact, settler, "set_stake", settler.address, 10**20)
+    expect_revert("NotAdmin", chain.transact, stranger, "set_stake", stranger.address, 1)
+    expect_revert("ZeroAddress", chain.transact, admin, "set_stake", ZERO, 1)
+    staked = chain.transact(admin, "set_stake", stranger.address, 3 * 10**18)
+    assert events(chain, staked, "StakeSet") == [
+        {"validator": stranger.address, "previous": 0, "stake": 3 * 10**18}
+    ]
+    chain.transact(admin, "set_stake", stranger.address, 0)
+    assert chain.stake(stranger.address) == 0
+
     # Pause stops settle until the admin unpauses; pausing twice or unpausing twice is refused.
     assert events(chain, chain.transact(admin, "pause"), "Paused") == [{"account": admin.address}]
     assert chain.paused()

@@ -150,6 +150,21 @@ def test_deploys_with_the_settler_as_admin_and_twice_the_emission_as_cap_by_defa
     assert world.chain.emission_cap() == EMISSION_CAP_HEADROOM * world.config.emission_wei == 2000
 
 
+def test_a_deployed_distributor_records_the_configured_validator_stakes(world, caplog):
+    v1, v2 = (SettlerKey.generate().address for _ in range(2))
+    world.config = world.config.model_copy(update={"validator_stakes": {v1: 2.0, v2: 0.5}})
+    settler = world.settler()
+    settler.ensure_contract()
+    assert settler.validator_stakes([v1, v2, OPS[0]]) == {v1: 2 * 10**18, v2: 5 * 10**17, OPS[0]: 0}
+    # With another admin (a multisig) the settler cannot write them: it says who must.
+    other = SettlerKey.generate()
+    world.chain.fund(other.address, 10**20)
+    world.chain.deploy(world.key, 0, 2000, other.address, genesis=0, epoch_length=int(EPOCH_S))
+    settler._record_stakes()
+    assert "meritnet settlement set-stake" in caplog.text
+    assert settler.validator_stakes([v1]) == {v1: 0}
+
+
 def test_an_emission_cap_below_the_emission_is_refused():
     with pytest.raises(ValueError, match="below emission_wei"):
         SettlementConfig(emission_wei=1000, emission_cap_wei=999)
