@@ -216,6 +216,16 @@ def test_scoring_metrics_are_served(cheater_network):
     for v in ("v1", "v2", "v3"):  # rows are validator ids
         assert f'meritnet_validator_trust{{validator="{v}"}}' in text
         assert f'meritnet_node_integrity{{node="{CHEATER}",validator="{v}"}} 0.0' in text
+    # Stakes come from the chain's record, which the network wrote from its YAML (v1 2.0, v2 and v3 1.0).
+    from prometheus_client.parser import text_string_to_metric_families
+
+    stakes = {
+        s.labels["validator"]: s.value
+        for f in text_string_to_metric_families(text)
+        if f.name == "meritnet_validator_stake"
+        for s in f.samples
+    }
+    assert stakes == {"v1": 2e18, "v2": 1e18, "v3": 1e18}, stakes
     port = net.config.scoring_metrics_port
     http_text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     assert "meritnet_node_availability" in http_text and "meritnet_node_speed" in http_text
