@@ -450,6 +450,7 @@ class ConsensusService:
         self._state = ConsensusState(
             {v.validator_id: v.stake for v in validators}, activity_cutoff_s=activity_cutoff_s
         )
+        self._publish_stakes()
         self._stake_refresh_s = stake_refresh_s
         self._stakes_read_at = -math.inf  # with settlement: when the chain's stake record was last read
         # Bonds grow over many rounds and are what validators are paid by: kept on disk after every
@@ -571,8 +572,6 @@ class ConsensusService:
 
     def apply_stakes(self, by_address: Mapping[str, int]) -> None:
         """Use the chain's stake record (address -> stake) unless it holds no stake at all."""
-        from scoring import metrics
-
         stakes = {v: float(by_address.get(a, 0)) for v, a in self._addresses.items()}
         if sum(stakes.values()) <= 0:
             log.warning(
@@ -581,6 +580,11 @@ class ConsensusService:
             )
         else:
             self._state.set_stakes(stakes)
+        self._publish_stakes()
+
+    def _publish_stakes(self) -> None:
+        from scoring import metrics
+
         for v, stake in zip(self._state.validators, self._state.stake, strict=True):
             metrics.VALIDATOR_STAKE.labels(v).set(stake)
 
