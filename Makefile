@@ -43,7 +43,7 @@ demo: setup
 	$(VENV)/bin/meritnet up
 
 test: setup
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=20
 
 test-unit: setup
 	$(PY) -m pytest tests/unit
