@@ -234,12 +234,8 @@ class Profile:
                 slot[0] += 1
                 slot[1] += dt // len(self.static_filters)
             first = len(self.static_filters)
-            if not np.count_nonzero(mask):  # rare: find which filter it was, one by one
-                for f in self.static_filters:
-                    start = f.filter(facts, cols, start, ctx)
-                    if not np.count_nonzero(start):
-                        raise _emptied(facts, self.name, f.name)
-                raise _emptied(facts, self.name, "static filters")  # not reached: they are pure masks
+            if not np.count_nonzero(mask):  # rare: run them one by one below, which names the culprit
+                mask, first = start, 0
         for f, slot in zip(self.filters[first:], self._fslots[first:]):
             t0 = clock()
             kept = f.filter(facts, cols, mask, ctx)
@@ -251,7 +247,9 @@ class Profile:
                 spent[f.name] = dt / 1000
             mask = kept
             if not np.count_nonzero(mask):
-                raise _emptied(facts, self.name, f.name)
+                raise NoEligibleNode(
+                    facts.model, self.name, f"filter {f.name!r} removed every remaining candidate", f.name
+                )
         idx = np.flatnonzero(mask)
         n = idx.size
         totals = np.zeros(cols.size)
@@ -290,7 +288,3 @@ class Profile:
             }
             explanation = Explanation(tuple(removed), scores, spent)
         return Decision(node_id, self.name, float(cand[index]), n, explanation)
-
-
-def _emptied(facts: RequestFacts, profile: str, name: str) -> NoEligibleNode:
-    return NoEligibleNode(facts.model, profile, f"filter {name!r} removed every remaining candidate", name)

@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 
 from cluster import NodeStats
 from cluster.metering import MemoryUsageSink
+from cluster.records import QualityScores
 from routing.app import build_fastapi
 from routing.gateway import GatewayConfig, GatewayCore
 from routing.selection import load_selector
@@ -189,6 +190,21 @@ def test_all_nodes_failing_is_503_not_500(harness):
     nodes["a"].fail_at = nodes["b"].fail_at = 0
     r = client.post("/v1/completions", json={"model": "default", "prompt": "hi"})
     assert r.status_code == 503 and r.json()["error"]["code"] == "upstream_failed"
+
+
+def test_a_request_no_node_may_take_is_503_and_counted_by_the_filter_that_refused(harness, caplog):
+    from routing import metrics
+
+    client, nodes, _ = harness
+    client.core.selector.update_quality(QualityScores(epoch=1, quality={"a": 0.1, "b": 0.2}))
+    refused = metrics.NO_NODE.labels("default", "quality-floor")
+    before = refused._value.get()
+    for _ in range(2):
+        r = client.post("/v1/completions", json={"model": "default", "prompt": "hi"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "no_live_node"
+    assert refused._value.get() == before + 2 and nodes["a"].calls == nodes["b"].calls == 0
+    warned = [m for m in caplog.messages if "filter 'quality-floor' removed every remaining candidate" in m]
+    assert len(warned) == 1  # one log line per cause per 10 s, however many requests
 
 
 def test_stream_strips_usage_chunk_unless_asked_but_meters_it(harness):
