@@ -62,7 +62,7 @@ def test_every_meritnet_command_in_the_readme_exists_with_the_options_it_shows()
     for line in lines:
         command, words = root, line.split()[1:]
         while words and words[0] in getattr(command, "commands", {}):
-            command, words = command.commands[words.pop(0)], words
+            command = command.commands[words.pop(0)]
         if command is root:
             continue  # prose such as "meritnet adds routing"
         known = {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
