@@ -149,8 +149,14 @@ class ChallengePool:
         c, rng = self.config, self.rng
         shape = self.mix.draw(rng)
         roles, words = shape.roles[-16:], shape.words[-16:]  # the last turns of a long chat
-        budget = c.max_prompt_words / max(1, sum(words))
-        texts = [self.writer.write(rng, int(w * min(1.0, budget))) for w in words]
+        n = len(shape.words)
+        ends = shape.ends[-16:] if len(shape.ends) == n else (".",) * len(words)
+        sentences = shape.sentences[-16:] if len(shape.sentences) == n else (None,) * len(words)
+        scale = min(1.0, c.max_prompt_words / max(1, sum(words)))
+        texts = [
+            self.writer.write(rng, int(w * scale), e, None if k is None or scale < 1 else k)
+            for w, e, k in zip(words, ends, sentences)
+        ]
         if self._organic and rng.random() < c.organic_share:  # replay: the last user turn / the prompt
             turns = [i for i, r in enumerate(roles) if r in ("user", "prompt")] or [len(texts) - 1]
             texts[turns[-1]] = rng.choice(list(self._organic))

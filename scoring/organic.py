@@ -1,8 +1,9 @@
 """Private challenge content and an organic parameter mix: what makes a challenge look like any request.
 
-* `RequestShape`: everything about a request except its words (kind, roles of the messages, words per
-  message, temperature, top_p, max_tokens, stream, n). `shape_of(ServedCompletion)` reads it from an
-  organic request the validator shadow-verifies: parameters and lengths only, never the text.
+* `RequestShape`: everything about a request except its words (kind, roles of the messages, words,
+  sentences and ending of each message, temperature, top_p, max_tokens, stream, n). `shape_of` reads it
+  from an organic request the validator shadow-verifies (`ServedCompletion`): parameters and counts,
+  never the text.
 * `OrganicMix`: the shapes of the last `window` organic requests seen (a bootstrap of the real joint
   distribution: a challenge copies one whole shape, so correlations such as "long chats stream" hold),
   and a prior until the first ones arrive. Only verifiable organic requests are offered on the shadow
@@ -29,7 +30,9 @@ _SPEAKERS = frozenset({"User:", "Assistant:"})
 
 @dataclass(frozen=True, slots=True)
 class RequestShape:
-    """A request without its words. `roles`/`words`: per message (one entry for a completions prompt)."""
+    """A request without its words. `roles`/`words`/`ends`: per message (one entry for a completions
+    prompt); an end is "." (a sentence end), "?" (a question) or "" (anything else: cut mid-sentence);
+    no ends: unknown (sentence ends)."""
 
     kind: Literal["chat", "completion"]
     roles: tuple[str, ...]
@@ -39,6 +42,8 @@ class RequestShape:
     top_p: float | None = None
     stream: bool | None = None  # None: unknown (drawn at the configured rate)
     n: int = 1
+    ends: tuple[str, ...] = ()
+    sentences: tuple[int, ...] = ()  # sentence ends per message; none: unknown
 
 
 # Before any organic request is seen: a plausible chat-API mix (mostly sampled chat, some greedy and
@@ -58,14 +63,21 @@ _PRIOR: tuple[RequestShape, ...] = tuple(
 )
 
 
+def ending(text: str) -> str:
+    """The class of a message's last character: "?", "." (any sentence end) or ""."""
+    last = text.rstrip()[-1:]
+    return "?" if last == "?" else "." if last in _END else ""
+
+
 def shape_of(item) -> RequestShape:
     """The shape of a served organic completion (`cluster.records.ServedCompletion`)."""
     if item.messages is not None:
         roles = tuple(m["role"] for m in item.messages)
-        words = tuple(len(_WORD.findall(m["content"])) for m in item.messages)
+        texts = [m["content"] for m in item.messages]
         kind: Literal["chat", "completion"] = "chat"
     else:
-        roles, words, kind = ("prompt",), (len(_WORD.findall(item.prompt or "")),), "completion"
+        roles, texts, kind = ("prompt",), [item.prompt or ""], "completion"
+    words = tuple(len(_WORD.findall(t)) for t in texts)
     temperature = item.temperature if item.temperature_set else None
     return RequestShape(
         kind,
@@ -75,6 +87,8 @@ def shape_of(item) -> RequestShape:
         item.max_tokens,
         top_p=item.top_p,
         stream=item.stream,
+        ends=tuple(ending(t) for t in texts),
+        sentences=tuple(sum(w.endswith(_END) for w in _WORD.findall(t)) for t in texts),
     )
 
 
@@ -129,16 +143,36 @@ class PromptWriter:
     def from_paths(cls, paths: Sequence[str | Path]) -> PromptWriter:
         return cls(Path(p).read_text(errors="replace") for p in paths)
 
-    def write(self, rng: random.Random, words: int) -> str:
+    def write(self, rng: random.Random, words: int, end: str = ".", sentences: int | None = None) -> str:
+        """About `words` words ending like `end` (see `ending`), of `sentences` sentence ends if given.
+
+        Cuts are at a sentence (or question) end, or after a word that ends no sentence when `end` is ""
+        (or no end is within 3x `words`); a question wanted and none in reach: the nearest sentence end,
+        asked. Without `sentences`, one random start and the cut nearest `words` (the best of several
+        starts favours passages of short sentences, which a classifier told from organic text by
+        sentences per word). With it, the best of 16 starts matching both counts, so a challenge copies
+        the organic message's sentence length too."""
         words = max(1, words)
-        best: list[str] = []
-        for _ in range(16):  # of a few random starts, the passage whose length is nearest the target
+        best: tuple[tuple[bool, int], list[str]] | None = None
+        for _ in range(1 if sentences is None else 16):
             start = rng.choice(self._starts)
-            out = self._words[start : start + 3 * words + 2]  # a hard cut if no sentence ends in reach
-            ends = [i + 1 for i, w in enumerate(out) if w.endswith(_END)] or [len(out)]
-            out = out[: min(ends, key=lambda e: abs(e - words))]
-            if not best or abs(len(out) - words) < abs(len(best) - words):
-                best = out
-            if len(best) == words:
+            out = self._words[start : start + 3 * words + 2]
+            found = 0
+            for i, w in enumerate(out):
+                found += w.endswith(_END)
+                if not _is_cut(w, end):
+                    continue
+                cost = (sentences is not None and found != sentences, abs(i + 1 - words))
+                if best is None or cost < best[0]:
+                    best = (cost, out[: i + 1])
+            if best is not None and best[0] == (False, 0):
                 break
-        return " ".join(best)
+        if best is None and end == "?":
+            return self.write(rng, words, ".", sentences).rstrip(".!") + "?"
+        return " ".join(best[1] if best is not None else out)
+
+
+def _is_cut(word: str, end: str) -> bool:
+    if end == "":
+        return not word.endswith(_END)
+    return word.endswith("?" if end == "?" else (".", "!"))

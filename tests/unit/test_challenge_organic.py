@@ -62,13 +62,50 @@ def test_validators_write_different_private_prompts():
 
 
 def test_writer_ends_at_a_sentence_end_near_the_target():
-    w = PromptWriter([TEXT * 3])
+    w = PromptWriter([" ".join([TEXT] * 3)])
     rng = random.Random(0)
-    for target in (3, 6, 12):
+    for target in (3, 6, 12, 12, 12):  # one start, the sentence end nearest the target (sentences <= 9)
         text = w.write(rng, target)
-        assert text[-1] in ".?!" and abs(len(text.split()) - target) <= 4, (target, text)
+        assert text[-1] in ".?!" and abs(len(text.split()) - target) <= 8, (target, text)
     with pytest.raises(ValueError):
         PromptWriter(["no capitals here"])
+
+
+def test_writer_copies_how_a_message_ends_and_its_sentence_count():
+    w = PromptWriter([TEXT * 3])
+    rng = random.Random(0)
+    for _ in range(20):
+        cut = w.write(rng, 7, "")
+        asked = w.write(rng, 9, "?")
+        two = w.write(rng, 9, ".", sentences=2)
+        assert cut[-1] not in ".?!" and len(cut.split()) <= 8, cut  # shorter only where the text ends
+        assert asked.endswith("?"), asked
+        assert sum(t[-1] in ".?!" for t in two.split()) == 2 and two[-1] in ".?!", two
+
+
+def test_shapes_carry_endings_and_sentence_counts_but_no_words():
+    item = ServedCompletion(
+        request_id="r",
+        node_id="n",
+        model="default",
+        messages=(
+            {"role": "system", "content": "Be brief. Be kind."},
+            {"role": "user", "content": "what is a river?"},
+            {"role": "assistant", "content": "Water, moving"},
+        ),
+        text="",
+        completion_tokens=0,
+        max_tokens=16,
+        temperature=1.0,
+    )
+    shape = shape_of(item)
+    assert shape.ends == (".", "?", "") and shape.sentences == (2, 1, 0) and shape.words == (4, 4, 2)
+    pool = ChallengePool(ChallengeConfig(), random.Random(0))
+    pool.writer = PromptWriter([TEXT * 3])
+    pool.observe_shape(shape)
+    for _ in range(10):
+        system, user, assistant = (m["content"] for m in pool.sample("n", "default").messages)
+        assert user.endswith("?") and assistant[-1] not in ".?!" and system[-1] == "."
 
 
 def test_mix_keeps_only_the_last_window():

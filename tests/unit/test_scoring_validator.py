@@ -89,7 +89,8 @@ async def test_cheaters_lose_consensus_quality():
     assert q.quality["swap"] == 0.0 and q.quality["inflate"] == 0.0
     # honest nodes differ only in measured tokens/s (completion lengths differ): both near the top
     assert min(q.quality["honest-a"], q.quality["honest-b"]) > 0.9
-    assert cs.validator_trust()["v0"] == pytest.approx(1.0, abs=0.01)  # measured speeds differ a little
+    # measured speeds differ a little (with the lengths of the prompts each validator drew)
+    assert cs.validator_trust()["v0"] == pytest.approx(1.0, abs=0.03)
     assert cs.step({}, node_ids=["honest-a"]).epoch == 1
 
 
