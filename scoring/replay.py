@@ -26,6 +26,7 @@ needs the same engine build and `VLLM_BATCH_INVARIANT=1` (see README), and is no
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Literal, Protocol
 
@@ -71,26 +72,35 @@ def resolve_sampler(name: str) -> NoisyArgmax | None:
         return vllm_cpu_argmax
     if name == "auto":
         try:
-            import torch
-            import vllm._C  # noqa: F401
-
-            return vllm_cpu_argmax if hasattr(torch.ops._C, "fused_gumbel_argmax") else None
+            return vllm_cpu_argmax if hasattr(_vllm_ops(), "fused_gumbel_argmax") else None
         except Exception:  # noqa: BLE001 - no vLLM (or a GPU build without the kernel): no replay
             return None
     raise ValueError(f"unknown node sampler {name!r}; choose auto, vllm-cpu, numpy or none")
 
 
+@functools.cache
+def _vllm_ops():
+    """torch.ops._C with vLLM's kernels, loaded as vLLM loads them: on x86 CPUs the build for this CPU's
+    instruction set (`vllm._C` itself is the AVX-512 BF16 build: an illegal instruction on other CPUs)."""
+    import torch
+    from vllm.platforms import current_platform
+
+    current_platform.import_kernels()
+    return torch.ops._C
+
+
 def vllm_cpu_argmax(rows: np.ndarray, seed: int) -> np.ndarray:
     """vLLM CPU's seeded sampler (forward_cpu, fp32 Gumbel): one step seed per decode step."""
     import torch
-    import vllm._C  # noqa: F401 - registers torch.ops._C
+
+    ops = _vllm_ops()
 
     gen = torch.Generator().manual_seed(int(seed))
     steps = torch.empty(len(rows), dtype=torch.long)
     for i in range(len(rows)):
         steps[i] = torch.randint(0, 2**31, (1,), generator=gen, dtype=torch.long).item()
     t = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
-    return torch.ops._C.fused_gumbel_argmax(t, steps).numpy()
+    return ops.fused_gumbel_argmax(t, steps).numpy()
 
 
 def numpy_gumbel_argmax(rows: np.ndarray, seed: int, first_step: int = 0) -> np.ndarray:
