@@ -27,7 +27,12 @@ log = logging.getLogger(__name__)
 
 REGISTRY_NAME = "meritnet-registry"
 NAMESPACE = "meritnet"
-OPEN_NODE_MISSES = 3  # health probes an open node may miss in a row before it counts as dead
+# An open node counts as dead after missing this many health probes in a row, each allowed
+# OPEN_NODE_PROBE_TIMEOUT_S: about 30 s for a hung node (a refused connection fails at once: ~10 s). An
+# operator's machine that is busy generating may answer /health late for a while; requests that fail on
+# it meanwhile are the gateway's to handle (it bans and retries within a request).
+OPEN_NODE_MISSES = 5
+OPEN_NODE_PROBE_TIMEOUT_S = 4.0
 
 
 @dataclass
@@ -194,7 +199,15 @@ class NodeRegistryCore:
             running = replicas_running.get(node_id, 0)
             entry.running_replicas = running
             entry.missed = 0 if running > 0 else entry.missed + 1
-            tolerated = entry.spec.endpoint is not None and entry.live and entry.missed < OPEN_NODE_MISSES
+            is_open = entry.spec.endpoint is not None
+            tolerated = is_open and entry.live and entry.missed < OPEN_NODE_MISSES
+            if is_open and entry.live and not running:
+                log.warning(
+                    "open node %s missed health probe %d of %d%s", node_id, entry.missed,
+                    OPEN_NODE_MISSES, "" if tolerated else ": no longer live",
+                )  # fmt: skip
+            elif is_open and running and not entry.live:
+                log.info("open node %s is live", node_id)
             entry.live = running > 0 or tolerated
 
     def report_load(self, gateway_id: str, in_flight: dict[str, int]) -> None:
@@ -236,7 +249,9 @@ def _running_replicas_from_serve(specs: list[NodeSpec]) -> dict[str, int]:
     return running
 
 
-async def _probe_open_nodes(client, links: dict[str, NodeLink], timeout_s: float = 2.0) -> dict[str, int]:
+async def _probe_open_nodes(
+    client, links: dict[str, NodeLink], timeout_s: float = OPEN_NODE_PROBE_TIMEOUT_S
+) -> dict[str, int]:
     """1 for each open node whose /health answers 200 within `timeout_s`, else 0 (concurrently)."""
 
     async def one(link: NodeLink) -> int:

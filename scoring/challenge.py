@@ -148,14 +148,11 @@ class ChallengePool:
         is greedy (sampled output would only get the weak logprob floor), visibly so."""
         c, rng = self.config, self.rng
         shape = self.mix.draw(rng)
-        roles, words = shape.roles[-16:], shape.words[-16:]  # the last turns of a long chat
-        n = len(shape.words)
-        ends = shape.ends[-16:] if len(shape.ends) == n else (".",) * len(words)
-        sentences = shape.sentences[-16:] if len(shape.sentences) == n else (None,) * len(words)
-        scale = min(1.0, c.max_prompt_words / max(1, sum(words)))
-        texts = [
-            self.writer.write(rng, int(w * scale), e, None if k is None or scale < 1 else k)
-            for w, e, k in zip(words, ends, sentences)
+        turns = shape.messages()[-16:]  # the last turns of a long chat
+        roles = [r for r, _, _, _ in turns]
+        scale = min(1.0, c.max_prompt_words / max(1, sum(w for _, w, _, _ in turns)))
+        texts = [  # a scaled-down message keeps its ending, not its sentence count
+            self.writer.write(rng, int(w * scale), e, k if scale == 1 else None) for _, w, e, k in turns
         ]
         if self._organic and rng.random() < c.organic_share:  # replay: the last user turn / the prompt
             turns = [i for i, r in enumerate(roles) if r in ("user", "prompt")] or [len(texts) - 1]

@@ -45,6 +45,13 @@ class RequestShape:
     ends: tuple[str, ...] = ()
     sentences: tuple[int, ...] = ()  # sentence ends per message; none: unknown
 
+    def messages(self) -> list[tuple[str, int, str, int | None]]:
+        """(role, words, end, sentences) per message; unknown ends are sentence ends, unknown counts None."""
+        n = len(self.words)
+        ends = self.ends if len(self.ends) == n else (".",) * n
+        sentences = self.sentences if len(self.sentences) == n else (None,) * n
+        return list(zip(self.roles, self.words, ends, sentences))
+
 
 # Before any organic request is seen: a plausible chat-API mix (mostly sampled chat, some greedy and
 # completions). Replaced by the observed shapes as soon as they arrive.

@@ -49,7 +49,7 @@ def _fake_send(models: dict[str, BigramModel], inflate: set[str] = frozenset()):
             completion_tokens=n,
             finish_reason=finish,
             ttft_s=0.01,
-            elapsed_s=0.1,
+            elapsed_s=0.01 + max(n - 1, 1) * 0.005,  # every node streams at 200 tokens/s
         )
 
     return send
@@ -87,10 +87,9 @@ async def test_cheaters_lose_consensus_quality():
     cs = ConsensusState({"v0": 50, "v1": 30, "v2": 20})
     q = cs.step({v.validator_id: v.scores() for v in vals})
     assert q.quality["swap"] == 0.0 and q.quality["inflate"] == 0.0
-    # honest nodes differ only in measured tokens/s (completion lengths differ): both near the top
     assert min(q.quality["honest-a"], q.quality["honest-b"]) > 0.9
-    # measured speeds differ a little (with the lengths of the prompts each validator drew)
-    assert cs.validator_trust()["v0"] == pytest.approx(1.0, abs=0.03)
+    # honest validators measured the same nodes alike: each keeps its full trust
+    assert cs.validator_trust()["v0"] == pytest.approx(1.0, abs=0.01)
     assert cs.step({}, node_ids=["honest-a"]).epoch == 1
 
 

@@ -167,19 +167,20 @@ def test_it_serves_traffic_through_the_gateway(network, operator, usage_records)
     assert raw.headers["x-meritnet-node"] == NODE_ID
     answer = raw.parse()
     assert answer.choices[0].message.content and answer.usage.completion_tokens > 0
-    chunks = list(
-        client.completions.create(
-            model=MODEL,
-            prompt="Once upon a time",
-            max_tokens=8,
-            stream=True,
-            stream_options={"include_usage": True},
-        )
-    )
+    with client.completions.with_streaming_response.create(
+        model=MODEL,
+        prompt="Once upon a time",
+        max_tokens=8,
+        stream=True,
+        stream_options={"include_usage": True},
+    ) as streamed:
+        chunks = list(streamed.parse())
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text and chunks[-1].usage.completion_tokens > 0
-    records = [r for r in usage_records().values() if r.node_id == NODE_ID]
-    assert len(records) == 2 and all(r.status == "ok" and r.completion_tokens > 0 for r in records)
+    # Validators' challenges of the new node are metered too: look up this test's two requests by id.
+    ledger = usage_records()
+    records = [ledger[r.headers["x-meritnet-request-id"]] for r in (raw, streamed)]
+    assert all(r.node_id == NODE_ID and r.status == "ok" and r.completion_tokens > 0 for r in records)
     assert {r.operator for r in records} == {operator["account"].address}
 
 
