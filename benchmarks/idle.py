@@ -7,6 +7,13 @@ to end, then sums the CPU time (user + system) over `--window` seconds of the ne
 this process and every process it started (Ray's GCS, raylets, dashboard and agents, workers, Serve,
 HAProxy, the vLLM engines), and of each by name, so the busiest background loops show. Other load on
 the machine does not count. The figure: percent of one core (100 = one core fully busy).
+
+`by_group` splits it by owner: `ray` (GCS, raylets, dashboard and its agents, idle workers, the Serve
+controller and ingress: what any Ray Serve application on this cluster pays), `control_plane`
+(meritnet's registry, gateway, usage store, settlement), `validators` (validators, their reference
+engines, consensus, shadow feed), `nodes` (node replicas and their vLLM engines) and `driver` (the
+process that started the network). A process belongs to its own group, or to its nearest ancestor's
+(a vLLM engine core to the replica that started it).
 """
 
 from __future__ import annotations
@@ -25,31 +32,52 @@ from rich.console import Console
 console = Console(stderr=True)
 
 
-def _cpu_times() -> dict[int, tuple[str, float]]:
-    """pid -> (command line, CPU seconds) of this process and all its descendants."""
+# (group, fragments of a process title), first match wins; Ray names actor processes "ray::<Class>".
+GROUPS = (
+    ("nodes", ("ServeReplica:node-",)),
+    ("validators", ("ValidatorActor", "ReferenceEngineService", "ConsensusService", "ShadowFeed")),
+    ("control_plane", ("NodeRegistry", "ServeReplica:meritnet:", "UsageStore", "Settlement", "anvil")),
+    ("ray", ("ray::", "ray/", "haproxy")),
+)
+
+
+def _group_of(cmd: str) -> str | None:
+    return next((group for group, needles in GROUPS if any(n in cmd for n in needles)), None)
+
+
+def _cpu_times() -> dict[int, tuple[str, str, float]]:
+    """pid -> (command line, group, CPU seconds) of this process and all its descendants."""
     me = psutil.Process()
-    out = {}
+    seen: dict[int, tuple[str, int, float]] = {}
     for p in [me, *me.children(recursive=True)]:
         try:
             with p.oneshot():
                 t = p.cpu_times()
-                cmd = " ".join(p.cmdline())[:80] or p.name()
-            out[p.pid] = (cmd, t.user + t.system)
+                seen[p.pid] = (" ".join(p.cmdline()) or p.name(), p.ppid(), t.user + t.system)
         except psutil.Error:
             continue
+    out = {}
+    for pid, (cmd, _, t) in seen.items():
+        group, up = _group_of(cmd), pid
+        while group is None and up in seen and up != me.pid:  # nearest ancestor with a group
+            up = seen[up][1]
+            group = _group_of(seen[up][0]) if up in seen else None
+        out[pid] = (cmd[:80], "driver" if pid == me.pid else group or "other", t)
     return out
 
 
-def _sample(window_s: float) -> tuple[float, Counter]:
-    """Percent of one core used by the network's processes over the window, and by command line."""
+def _sample(window_s: float) -> tuple[float, Counter, Counter]:
+    """Percent of one core used by the network's processes over the window, by command line and group."""
     before = _cpu_times()
     time.sleep(window_s)
     after = _cpu_times()
     by_cmd: Counter = Counter()
-    for pid, (cmd, t) in after.items():
-        by_cmd[cmd] += t - before[pid][1] if pid in before else t  # a process born in the window: all of it
-    total = sum(by_cmd.values())
-    return 100.0 * total / window_s, by_cmd
+    by_group: Counter = Counter()
+    for pid, (cmd, group, t) in after.items():
+        used = t - before[pid][2] if pid in before else t  # a process born in the window: all of it
+        by_cmd[cmd] += used
+        by_group[group] += used
+    return 100.0 * sum(by_cmd.values()) / window_s, by_cmd, by_group
 
 
 def main() -> None:
@@ -69,12 +97,13 @@ def main() -> None:
     try:
         with console.status(f"Settling {args.settle:.0f} s, then measuring {args.window:.0f} s of idle..."):
             time.sleep(args.settle)
-            idle, by_cmd = _sample(args.window)
+            idle, by_cmd, by_group = _sample(args.window)
     finally:
         net.stop()
     out = {
         "idle_pct_of_one_core": round(idle, 2),
-        "busiest": {cmd: round(100.0 * t / args.window, 2) for cmd, t in by_cmd.most_common(12)},
+        "by_group": {g: round(100.0 * t / args.window, 2) for g, t in by_group.most_common()},
+        "busiest": {cmd: round(100.0 * t / args.window, 2) for cmd, t in by_cmd.most_common(20)},
         "window_s": args.window,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
     }

@@ -233,19 +233,23 @@ class NodeRegistryCore:
 
 
 def _running_replicas_from_serve(specs: list[NodeSpec]) -> dict[str, int]:
-    """Ask Serve how many RUNNING replicas each node's deployment has (a blocking call)."""
-    from ray import serve
+    """Ask Serve how many RUNNING replicas each node's deployment has (a blocking call).
 
-    apps = serve.status().applications
+    It reads the Serve controller's instance details as the plain dict `serve.status()` builds its
+    answer from (Ray is pinned in pyproject.toml), without that answer's pydantic parse: measured on the
+    demo, 72 ms of CPU per call in the registry (3.6% of a core at one call per 2 s) against about 1 ms.
+    """
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    apps = client.get_serve_details().get("applications", {}) if client is not None else {}
     running: dict[str, int] = {}
     for spec in specs:
         name = deployment_name(spec)
-        app = apps.get(name)
-        if app is None or name not in app.deployments:
-            continue
-        dep = app.deployments[name]
-        states = {str(getattr(k, "value", k)): v for k, v in dep.replica_states.items()}
-        running[spec.node_id] = int(states.get("RUNNING", 0))
+        deployment = apps.get(name, {}).get("deployments", {}).get(name)
+        if deployment is not None:
+            states = [str(r.get("state", "")) for r in deployment.get("replicas", [])]
+            running[spec.node_id] = sum(state.endswith("RUNNING") for state in states)
     return running
 
 
