@@ -93,7 +93,9 @@ def main() -> None:
 
     cfg = NetworkConfig(port=8000 + os.getpid() % 1000, state_dir=Path(f"/tmp/meritnet-idle-{os.getpid()}"))
     with console.status("Starting the demo network..."):
+        t0 = time.monotonic()
         net = LocalNetwork(cfg).start()
+        start_s = time.monotonic() - t0
     try:
         with console.status(f"Settling {args.settle:.0f} s, then measuring {args.window:.0f} s of idle..."):
             time.sleep(args.settle)
@@ -105,6 +107,7 @@ def main() -> None:
         "by_group": {g: round(100.0 * t / args.window, 2) for g, t in by_group.most_common()},
         "busiest": {cmd: round(100.0 * t / args.window, 2) for cmd, t in by_cmd.most_common(20)},
         "window_s": args.window,
+        "start_s": round(start_s, 1),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
     }
     args.out.write_text(json.dumps(out, indent=2))

@@ -64,6 +64,13 @@ SERVE_FAST_PATH_ENV = {
 }
 
 
+# Ray settings of a cluster meritnet starts itself (the local network, an operator's own node). Ray keeps
+# idle worker processes ready for tasks; meritnet runs actors only, each in a worker of its own, so the
+# idle ones just burn CPU: measured on the demo with no traffic, 4.9% of one core (of 43%), gone with a
+# soft limit of 0, start-up unchanged (benchmarks/RESULTS.md, idle).
+RAY_SYSTEM_CONFIG = {"num_workers_soft_limit": 0}
+
+
 # HAProxy also serves a read-only stats page and a Prometheus exporter, on all interfaces (Ray's template
 # binds them so; only the ports are settings). Fixed defaults (8404, 9101) would make a second network or
 # an operator's node on the same machine fail to start its HAProxy, so each start takes free ports.
@@ -154,7 +161,11 @@ class LocalCluster:
         mem = cfg.object_store_mb * 1024 * 1024
         self._cluster = Cluster(
             initialize_head=True,
-            head_node_args={"num_cpus": cfg.head_cpus, "object_store_memory": mem},
+            head_node_args={
+                "num_cpus": cfg.head_cpus,
+                "object_store_memory": mem,
+                "_system_config": RAY_SYSTEM_CONFIG,
+            },
         )
         for accel in self.accelerator_types:
             node = self._cluster.add_node(

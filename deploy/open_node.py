@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cluster.deployment import EngineDefaults, build_node_app, deployment_name, deployment_name_for_id
-from cluster.local import use_serve_fast_path
+from cluster.local import RAY_SYSTEM_CONFIG, use_serve_fast_path
 from cluster.node_http import INGRESS_NAME, node_ingress_app
 from cluster.records import NodeSpec
 
@@ -85,6 +85,7 @@ class OpenNode:
                 runtime_env=runtime_env,
                 log_to_driver=False,
                 _temp_dir=tempfile.mkdtemp(prefix="mnode-"),  # short: Ray's socket paths must fit 107 bytes
+                _system_config=RAY_SYSTEM_CONFIG,
             )
             self._own_ray = True
         else:
