@@ -148,11 +148,11 @@ class ChallengePool:
         is greedy (sampled output would only get the weak logprob floor), visibly so."""
         c, rng = self.config, self.rng
         shape = self.mix.draw(rng)
-        turns = shape.messages()[-16:]  # the last turns of a long chat
-        roles = [r for r, _, _, _ in turns]
-        scale = min(1.0, c.max_prompt_words / max(1, sum(w for _, w, _, _ in turns)))
+        messages = shape.messages()[-16:]  # the last turns of a long chat
+        roles = [r for r, _, _, _ in messages]
+        scale = min(1.0, c.max_prompt_words / max(1, sum(w for _, w, _, _ in messages)))
         texts = [  # a scaled-down message keeps its ending, not its sentence count
-            self.writer.write(rng, int(w * scale), e, k if scale == 1 else None) for _, w, e, k in turns
+            self.writer.write(rng, int(w * scale), e, k if scale == 1 else None) for _, w, e, k in messages
         ]
         if self._organic and rng.random() < c.organic_share:  # replay: the last user turn / the prompt
             turns = [i for i, r in enumerate(roles) if r in ("user", "prompt")] or [len(texts) - 1]
