@@ -45,25 +45,32 @@ def _group_of(cmd: str) -> str | None:
     return next((group for group, needles in GROUPS if any(n in cmd for n in needles)), None)
 
 
+def _owner(pid: int, tree: dict[int, tuple[str, int]], driver: int) -> str:
+    """The group of `pid` in `tree` (pid -> (title, parent pid)): its own, else its nearest ancestor's
+    below the driver; "driver" for the driver itself, "other" when nothing on the way has one."""
+    if pid == driver:
+        return "driver"
+    title, parent = tree[pid]
+    own = _group_of(title)
+    if own is not None:
+        return own
+    return _owner(parent, tree, driver) if parent in tree and parent != driver else "other"
+
+
 def _cpu_times() -> dict[int, tuple[str, str, float]]:
     """pid -> (command line, group, CPU seconds) of this process and all its descendants."""
     me = psutil.Process()
-    seen: dict[int, tuple[str, int, float]] = {}
+    tree: dict[int, tuple[str, int]] = {}
+    cpu: dict[int, float] = {}
     for p in [me, *me.children(recursive=True)]:
         try:
             with p.oneshot():
                 t = p.cpu_times()
-                seen[p.pid] = (" ".join(p.cmdline()) or p.name(), p.ppid(), t.user + t.system)
+                tree[p.pid] = (" ".join(p.cmdline()) or p.name(), p.ppid())
+                cpu[p.pid] = t.user + t.system
         except psutil.Error:
             continue
-    out = {}
-    for pid, (cmd, _, t) in seen.items():
-        group, up = _group_of(cmd), pid
-        while group is None and up in seen and up != me.pid:  # nearest ancestor with a group
-            up = seen[up][1]
-            group = _group_of(seen[up][0]) if up in seen else None
-        out[pid] = (cmd[:80], "driver" if pid == me.pid else group or "other", t)
-    return out
+    return {pid: (title[:80], _owner(pid, tree, me.pid), cpu[pid]) for pid, (title, _) in tree.items()}
 
 
 def _sample(window_s: float) -> tuple[float, Counter, Counter]:

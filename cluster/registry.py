@@ -247,9 +247,8 @@ def _running_replicas_from_serve(specs: list[NodeSpec]) -> dict[str, int]:
     for spec in specs:
         name = deployment_name(spec)
         deployment = apps.get(name, {}).get("deployments", {}).get(name)
-        if deployment is not None:
-            states = [str(r.get("state", "")) for r in deployment.get("replicas", [])]
-            running[spec.node_id] = sum(state.endswith("RUNNING") for state in states)
+        if deployment is not None:  # a state is Serve's ReplicaState, a str enum
+            running[spec.node_id] = sum(r.get("state") == "RUNNING" for r in deployment.get("replicas", []))
     return running
 
 
