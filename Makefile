@@ -42,8 +42,9 @@ $(CHROMEDRIVER):
 demo: setup
 	$(VENV)/bin/meritnet up
 
+# Unit tests first (a minute, no Ray): a broken unit shows before the integration packages start networks.
 test: setup
-	$(PY) -m pytest tests --durations=20
+	$(PY) -m pytest tests/unit tests/integration --durations=20
 
 test-unit: setup
 	$(PY) -m pytest tests/unit

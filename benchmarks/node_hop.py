@@ -28,7 +28,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from cluster.registry import NodeLink
+from cluster.records import NodeLink
 
 console = Console(stderr=True)
 CHUNKS = 16
@@ -151,7 +151,7 @@ def main() -> None:
 
     from cluster.node_http import INGRESS_NAME, node_ingress_app
     from cluster.nodes import HttpNode, ServeNode
-    from tests.integration.conftest import free_port
+    from tests.support.ports import free_port
 
     state = Path(tempfile.mkdtemp(prefix="hop-"))
     (state / "secret").write_text("bench-secret")

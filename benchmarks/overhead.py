@@ -13,9 +13,10 @@ Every figure comes from what the network records, not from assumed rates:
 - Tokens: the usage ledger (settlement's, through the usage store), i.e. the gateway's own count of what
   each node served. Organic and warm-up traffic each use their own API key, so the ledger's `key_id` tells
   them apart; the validators' challenges carry the challenge key, for which the gateway records no client
-  key (`key_id` ''; routing/gateway.py `check_auth` and `_Ctx.record`). validator_overhead_measured =
-  challenge tokens / organic tokens (prompt + completion), for requests started in the load window. The
-  request ids the client got back (x-meritnet-request-id) cross-check that split.
+  key (`key_id` ''; routing/gateway.py `check_auth`, routing/request_context.py `RequestContext.record`).
+  validator_overhead_measured = challenge tokens / organic tokens (prompt + completion), for requests
+  started in the load window. The request ids the client got back (x-meritnet-request-id) cross-check
+  that split.
 - Engine time: CPU seconds of the processes (with their children: vLLM's engine core) of the shared
   reference engine actor and of the node replicas, over the same interval; and the reference engine's busy
   time and teacher-forced tokens, counted by a thin meter put around its engine in the running actor.
@@ -284,7 +285,7 @@ def _actor_pids(net) -> dict[str, dict[str, int]]:
     actor: names repeat across networks on one machine, process titles are not enough)."""
     import ray
 
-    from cluster.deployment import deployment_name
+    from cluster.records import deployment_name
 
     replicas: dict[str, object] = {}
     for a in ray.util.list_named_actors(all_namespaces=True):
@@ -521,7 +522,7 @@ def run(seconds: float, clients: int, n_validators: int, warmup_s: float, seed: 
     from routing.keys import key_from_secret
     from scoring.challenge import ChallengeConfig
     from scoring.validator import ValidatorConfig
-    from tests.integration.conftest import free_port
+    from tests.support.ports import free_port
 
     con = Console(stderr=True)
     wall0 = time.time()

@@ -12,10 +12,19 @@ draw them (greedy and seeded sampled, verified by replay of the sampler: scoring
 and inflation are honest vLLM outputs with lying metadata; the slow node is honest output with 4x the
 latency. challenge_distinguishability_auc: classifiers over what a node sees (see `distinguishability`).
 
-Per attack and trial, a fresh validator score state challenges the attacker until its integrity is 0
-(speed < 0.5 for the slow node), at most `--max-challenges`; detect_rate is the share of trials caught.
-Thresholds are calibrated on one half of the honest completions; the false-positive rate is measured
-on the other half. validator_overhead = challenge tokens / organic tokens for 3 validators at the
+Honest heterogeneity (issue 26, `hetero`): honest nodes whose engine DIFFERS from the reference (fp32, 2
+OpenMP threads, prefix caching): bf16 vs fp32, 1 vs 2 threads, prefix caching off, batch 1 vs 8 (cells
+of `hetero.cells[]`, each with false_fail_rate / false_fraud_rate on held-out completions). Thresholds
+are calibrated (`scoring.verify.calibrate`, margin 2) on the first half of every cell from the measured
+token margins and margin noise (node logprobs vs reference logprobs); the second half is judged.
+`false_conviction_bound` states the bound and its assumption and simulates epochs of honest evidence.
+
+Per attack and trial, a fresh validator score state challenges the attacker until the sequential test
+convicts it (integrity 0; speed < 0.5 for the slow node), at most `--max-challenges`; detect_rate is
+the share of trials caught. near_tie_flipper runs the right model but takes the runner-up wherever the
+top two are within 0.9 x margin_tol (what the tolerance lets a cheat steer). `roc`: for the int8 and
+int4 nodes, detection within max-challenges vs the simulated false-conviction rate per epoch as
+margin_tol moves. validator_overhead = challenge tokens / organic tokens for 3 validators at the
 default challenge rate against a node serving `--organic-rps` requests/s of the same size: the load
 validators add to the nodes. Shadow verification adds no node load; its cost is reference prefill on
 the validators' own engines, reported as shadow_reference_ratio (3 validators x the gateway's default
@@ -133,8 +142,10 @@ def challenge_requests(codec, n: int, seed: int, temperature: float | None = Non
     return out
 
 
-def vllm_claims(llm, reqs, batch_sizes=(16,)) -> list:
-    """Claims of what `llm` returns for each request (seeded), in batches of the given sizes in turn."""
+def vllm_claims(llm, reqs, batch_sizes=(16,), node_logprobs: list | None = None) -> list:
+    """Claims of what `llm` returns for each request (seeded), in batches of the given sizes in turn.
+    `node_logprobs`: a list that receives, per claim, the node's own top-5 (+ emitted) logprobs per
+    position (raw logits, as the reference's), to measure honest float noise directly."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -143,10 +154,15 @@ def vllm_claims(llm, reqs, batch_sizes=(16,)) -> list:
     claims, i, k = [], 0, 0
     while i < len(reqs):
         chunk = reqs[i : i + batch_sizes[k % len(batch_sizes)]]
-        params = [SamplingParams(max_tokens=m, temperature=t, seed=s) for _, m, t, s in chunk]
+        lp = 5 if node_logprobs is not None else None
+        params = [SamplingParams(max_tokens=m, temperature=t, seed=s, logprobs=lp) for _, m, t, s in chunk]
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p, *_ in chunk], params, use_tqdm=False)
         for (p, m, t, s), o in zip(chunk, outs):
             out = o.outputs[0]
+            if node_logprobs is not None:
+                node_logprobs.append(
+                    [{int(k): float(v.logprob) for k, v in pos.items()} for pos in (out.logprobs or [])]
+                )
             claims.append(
                 Claim(
                     prompt_token_ids=tuple(p),
@@ -219,6 +235,255 @@ def _claim_from(gen, codec, prompt, max_tokens):
         finish_reason=finish,
         max_tokens=max_tokens,
     )
+
+
+# ---- honest heterogeneity (issue 26) ---------------------------------------------------------------
+#
+# Honest nodes whose engine differs from the validator's reference: dtype (bf16 vs fp32), OpenMP
+# threads (1 vs 2), batch size (1 vs 8), prefix caching (off vs on). Every cell is honest: whatever it
+# fails is a false positive. Each node configuration is its own vLLM engine, started and stopped in turn.
+
+REFERENCE_CONFIG = {"dtype": "float32", "threads": 2, "prefix_caching": True}
+HETERO_NODES_QUICK = (
+    {"dtype": "float32", "threads": 1, "prefix_caching": False},
+    {"dtype": "bfloat16", "threads": 1, "prefix_caching": False},
+)
+HETERO_NODES_FULL = (
+    *HETERO_NODES_QUICK,
+    {"dtype": "bfloat16", "threads": 2, "prefix_caching": True},
+    {"dtype": "float32", "threads": 2, "prefix_caching": True},  # the reference's own engine: batch only
+)
+HETERO_BATCHES = (1, 8)
+FLIPPER_MAX_TOKENS = 96  # its python decode loop takes ~15 s per 512-token answer on a loaded 2-core box
+ROC_TOLS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+
+
+def cpu_engine(model_dir: Path, dtype: str = "float32", threads: int = 2, prefix_caching: bool = True):
+    """A vLLM CPU engine with `threads` OpenMP threads (the engine's worker binds cores 0..threads-1)."""
+    from vllm import LLM
+
+    old = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0" if threads == 1 else f"0-{threads - 1}"
+    try:
+        return LLM(
+            model=str(model_dir),
+            max_model_len=1024,
+            max_logprobs=20,
+            seed=0,
+            dtype=dtype,
+            enable_prefix_caching=prefix_caching,
+            max_num_batched_tokens=16384,  # see engine_attack_claims: no chunked seeded prefill
+        )
+    finally:
+        if old is None:
+            os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+        else:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = old
+
+
+def hetero_requests(codec, n: int, seed: int):
+    """n challenge requests, alternately greedy and seeded sampled at T 0.7/0.8/1.0."""
+    rng = random.Random(seed)
+    return [
+        (p, m, 0.0 if i % 2 == 0 else rng.choice((0.7, 0.8, 1.0)), s)
+        for i, (p, m, _, s) in enumerate(challenge_requests(codec, n, seed))
+    ]
+
+
+def hetero_node_claims(model_dir: Path, codec, configs, per_cell: int, seed: int = 21) -> list[dict]:
+    """Per (node configuration, batch size): honest claims from that engine (one engine per config)."""
+    import gc
+
+    cells = []
+    for cfg in configs:
+        llm = cpu_engine(model_dir, **cfg)
+        for batch in HETERO_BATCHES:
+            reqs = hetero_requests(codec, per_cell, seed + batch)
+            node_lps: list = []
+            claims = vllm_claims(llm, reqs, (batch,), node_logprobs=node_lps)
+            cells.append({"node": {**cfg, "batch": batch}, "claims": claims, "node_logprobs": node_lps})
+        del llm
+        gc.collect()
+    return cells
+
+
+def margin_noise(node_lps: list[dict[int, float]], ref_lps: list[dict[int, float]]) -> list[float]:
+    """Honest float noise, measured directly: per position, the largest change between reference and
+    node of a margin lp(top-1) - lp(b), over the tokens b both report within 5 nats of the reference's
+    top-1 (nats; the ones float noise could make win). A flip needs a margin below it."""
+    out = []
+    for n, r in zip(node_lps, ref_lps):
+        top = max(r, key=r.get) if r else None
+        if top not in n:
+            continue
+        d = [abs((n[top] - n[b]) - (r[top] - r[b])) for b in n if b in r and b != top and r[top] - r[b] <= 5]
+        if d:
+            out.append(max(d))
+    return out
+
+
+def claim_margins(claims, ref, vocab_size: int, sampler, lps=None) -> list[list[float]]:
+    """Per claim, each token's margin under the reference (greedy: TokenCheck.margin; seeded sampled:
+    scoring.replay.replay_margins, in logit units). `lps`: the reference's logprobs, if already known."""
+    from scoring.replay import replay_margins
+    from scoring.verify import compare_tokens
+
+    if lps is None:
+        lps = ref.prompt_logprobs_many([(c.prompt_token_ids, c.completion_token_ids) for c in claims], 20)
+    out = []
+    for c, lp in zip(claims, lps):
+        ids = list(c.completion_token_ids)
+        if c.temperature == 0.0:
+            out.append([t.margin for t in compare_tokens(ids, lp, 20)])
+        else:
+            out.append(replay_margins(lp, ids, c.temperature, c.seed, vocab_size, sampler))
+    return out
+
+
+def evidence_at(margins: list[float], th):
+    """The Evidence one completion with these token margins gives at th (structure assumed honest)."""
+    from scoring.verify import Evidence, binomial_tail
+
+    n, v = len(margins), sum(m > th.margin_tol for m in margins)
+    fraud = v > th.fraud_rate * n and v > 0 and binomial_tail(n, v, th.honest_rate) < th.fraud_alpha
+    return Evidence(n, v, th.llr(n, v), fraud)
+
+
+def simulated_false_conviction(pool: list[list[float]], th, score_config, epochs: int, seed: int) -> float:
+    """Share of simulated epochs in which an honest node is convicted: each epoch, the CUSUM over
+    max_completions_per_epoch completions drawn (with replacement) from the measured honest pool,
+    judged at th (S_n = W_n - min(0, min_k W_k), W the running sum of LLRs)."""
+    import numpy as np
+
+    ev = [evidence_at(m, th) for m in pool]
+    llr = np.array([e.llr for e in ev])
+    fraud = np.array([e.fraud for e in ev])
+    rng = np.random.default_rng(seed)
+    a, caught = score_config.threshold, 0
+    for _ in range(epochs):
+        idx = rng.integers(0, len(ev), score_config.max_completions_per_epoch)
+        w = np.cumsum(llr[idx])
+        s = w - np.minimum(0.0, np.minimum.accumulate(w))
+        caught += bool(fraud[idx].any() or (s >= a).any())
+    return caught / epochs
+
+
+def hetero_section(cells, ref, codec, sampler, score_config, margin: float = 2.0) -> tuple[dict, object]:
+    """Calibrate on the first half of every cell, judge the second half: false fail / fraud rates."""
+    from scoring.score import NodeScorer
+    from scoring.verify import calibrate, verify
+
+    for cell in cells:
+        claims = cell["claims"]
+        lps = ref.prompt_logprobs_many([(c.prompt_token_ids, c.completion_token_ids) for c in claims], 20)
+        cell["margins"] = claim_margins(claims, ref, codec.vocab_size, sampler, lps)
+        cell["noise"] = [
+            margin_noise(n, r) for n, r in zip(cell.get("node_logprobs") or [[]] * len(claims), lps)
+        ]
+    half = [len(cell["claims"]) // 2 for cell in cells]
+    cal = [m for cell, h in zip(cells, half) for m in cell["margins"][:h]]
+    cal_noise = [x for cell, h in zip(cells, half) for ns in cell["noise"][:h] for x in ns]
+    configs = sorted({json.dumps(c["node"]) for c in cells})
+    th = calibrate(
+        cal,
+        noise=cal_noise,
+        margin=margin,
+        note=f"vLLM CPU, reference {json.dumps(REFERENCE_CONFIG)}, nodes {', '.join(configs)}; "
+        "greedy and seeded sampled (T 0.7/0.8/1.0) challenges of the default model (seed 0)",
+    )
+    out = []
+    for cell in cells:
+        held = cell["claims"][len(cell["claims"]) // 2 :]
+        vs = [verify(c, ref, codec, th, sampler) for c in held]
+        scorer = NodeScorer("bench")
+        for v in vs:
+            scorer.observe_verification("h", "default", v)
+        all_m = [m for ms in cell["margins"] for m in ms]
+        noise = sorted(x for ns in cell["noise"] for x in ns)
+        out.append(
+            {
+                "node": cell["node"],
+                "reference": REFERENCE_CONFIG,
+                "completions": len(vs),
+                "tokens": sum(v.n_tokens for v in vs),
+                "false_fail_rate": sum(v.verdict == "fail" for v in vs) / len(vs),
+                "false_fraud_rate": sum(v.verdict == "fraud" for v in vs) / len(vs),
+                "violations": sum(v.flagged for v in vs),
+                "convicted": scorer.in_penalty("h"),
+                "non_argmax_token_share": sum(m > 0 for m in all_m) / max(1, len(all_m)),
+                "max_honest_margin": max(all_m, default=0.0),
+                "margin_noise_p99": noise[int(0.99 * (len(noise) - 1))] if noise else None,
+                "margin_noise_max": noise[-1] if noise else None,
+                "fraud_reasons": sorted({r for v in vs if v.verdict == "fraud" for r in v.reasons})[:5],
+            }
+        )
+    return {"cells": out, "calibration": th.provenance, "margin": margin}, th
+
+
+def roc(honest_cells, attack_trials, th, score_config, max_challenges: int, epochs: int) -> list[dict]:
+    """Detection within max_challenges vs simulated false conviction per epoch, as margin_tol moves
+    (honest_rate / cheat_rate kept at th's). honest_cells: per honest cell, its completions' margins;
+    the honest figures are the worst cell's (pooling cells would dilute the noisiest configuration)."""
+    from scoring.score import NodeScorer
+
+    def rate(pool, tol):
+        return sum(m > tol for ms in pool for m in ms) / max(1, sum(len(ms) for ms in pool))
+
+    rows = []
+    for tol in ROC_TOLS:
+        t = th.model_copy(update={"margin_tol": tol})
+        caught = 0
+        for trial in attack_trials:
+            sc = NodeScorer("roc")
+            for ms in trial[:max_challenges]:
+                sc.observe_verification("x", "default", evidence_at(ms, t))
+                if sc.in_penalty("x"):
+                    caught += 1
+                    break
+        rows.append(
+            {
+                "margin_tol": tol,
+                "honest_violation_rate_worst_cell": max(rate(pool, tol) for pool in honest_cells),
+                "attack_violation_rate": rate([ms for trial in attack_trials for ms in trial], tol),
+                "detect_rate": caught / len(attack_trials),
+                "false_conviction_per_epoch_worst_cell": max(
+                    simulated_false_conviction(pool, t, score_config, epochs, seed=int(tol * 1000))
+                    for pool in honest_cells
+                ),
+            }
+        )
+    return rows
+
+
+class NearTieFlipper(HFGenerator):
+    """A cheat that runs the right model but takes the runner-up token wherever the top two are within
+    `tol` (here 0.9 x the validator's margin_tol, so HF-vs-vLLM float differences do not push it out):
+    the most it can steer output while staying inside the tolerance. Counts the tokens it changed."""
+
+    def __init__(self, model_dir: Path, eos: frozenset[int], tol: float) -> None:
+        super().__init__(model_dir, eos)
+        self.tol, self.flips, self.tokens = tol, 0, 0
+
+    def generate(self, prompt_ids: list[int], max_tokens: int) -> tuple[list[int], str]:
+        import torch
+
+        out: list[int] = []
+        past, inp = None, torch.tensor([prompt_ids])
+        with torch.no_grad():
+            for _ in range(max_tokens):
+                r = self.model(inp, past_key_values=past, use_cache=True)
+                past = r.past_key_values
+                top = torch.topk(torch.log_softmax(r.logits[0, -1].float(), -1), 2)
+                tok = int(top.indices[0])
+                if float(top.values[0] - top.values[1]) <= self.tol and int(top.indices[1]) not in self.eos:
+                    tok = int(top.indices[1])
+                    self.flips += 1
+                self.tokens += 1
+                out.append(tok)
+                if tok in self.eos:
+                    break
+                inp = torch.tensor([[tok]])
+        return out, "stop" if out and out[-1] in self.eos else "length"
 
 
 # ---- challenge distinguishability ------------------------------------------------------------------
@@ -392,7 +657,7 @@ def distinguishability(
     from sklearn.preprocessing import StandardScaler
 
     from cluster.records import ServedCompletion
-    from routing.gateway import GatewayConfig
+    from routing.config import GatewayConfig
     from scoring.challenge import ChallengeConfig, ChallengePool
     from scoring.organic import PromptWriter, shape_of
 
@@ -462,56 +727,75 @@ def distinguishability(
 
 def run(quick: bool, max_challenges: int, organic_rps: float) -> dict:
     from cluster.model import build_default_model
-    from routing.gateway import GatewayConfig
+    from routing.config import GatewayConfig
     from scoring.challenge import ChallengeConfig
     from scoring.reference import HFCodec, VllmReferenceEngine
-    from scoring.score import NodeScorer
-    from scoring.verify import calibrate, compare_tokens, verify
+    from scoring.replay import vllm_cpu_argmax
+    from scoring.score import NodeScorer, ScoreConfig
+    from scoring.verify import verify
 
     con = _progress()
-    n_honest = 240 if quick else 2200
-    trials = 20 if quick else 100
+    n_honest = 120 if quick else 2200
+    n_sampled = 120 if quick else 2000
+    per_cell = 40 if quick else 2000
+    trials = 10 if quick else 100
+    epochs = 20 if quick else 200
     t_start = time.time()
     d0, d1 = build_default_model(0), build_default_model(1)
     noisy = perturbed_model(d0, rel_std=0.05)
     codec = HFCodec.from_pretrained(d0)
-    con.log("starting the vLLM engine (seed 0)")
-    from vllm import LLM
+    sampler = vllm_cpu_argmax  # the nodes here are vLLM CPU engines: their seeded sampler, replayed
+    score_config = ScoreConfig()
 
-    llm = LLM(model=str(d0), max_model_len=1024, max_logprobs=20, seed=0)
+    nodes = HETERO_NODES_QUICK if quick else HETERO_NODES_FULL
+    con.log(f"honest heterogeneous nodes: {len(nodes)} engines x batch {HETERO_BATCHES}, {per_cell} each")
+    cells = hetero_node_claims(d0, codec, nodes, per_cell)
+
+    con.log(f"starting the reference engine {REFERENCE_CONFIG}")
+    llm = cpu_engine(d0, **REFERENCE_CONFIG)
     ref = VllmReferenceEngine(llm=llm)
 
-    con.log(f"honest completions: {n_honest} at batch sizes 1/4/16")
+    con.log(f"the reference's own engine as a node: {n_honest} greedy at batch 1/4/16, {n_sampled} sampled")
     honest = honest_completions(llm, codec, n_honest, seed=1)
-    half = len(honest) // 2
-    t0 = time.perf_counter()
-    cal_pos = ref.prompt_logprobs_many(
-        [(c.prompt_token_ids, c.completion_token_ids) for c in honest[:half]], 20
-    )
-    ref_s_per_verification = (time.perf_counter() - t0) / half
-    checks = [compare_tokens(c.completion_token_ids, r, 20) for c, r in zip(honest[:half], cal_pos)]
-    th = calibrate(
-        checks, margin=3.0, note="vLLM CPU engine, default model seed 0, batch sizes 1/4/16, greedy"
-    )
-    con.log(f"calibrated: {th.provenance}")
-    held = honest[half:]
-    fp = sum(verify(c, ref, codec, th).verdict != "pass" for c in held)
-    con.log(f"false positives: {fp}/{len(held)}")
-
-    from scoring.replay import vllm_cpu_argmax
-
-    sampler = vllm_cpu_argmax  # the nodes here are vLLM CPU engines: their seeded sampler, replayed
-    n_sampled = 240 if quick else 2000
-    con.log(f"honest seeded sampled completions: {n_sampled} (T 0.7/0.8/1.0) at batch sizes 1/4/16")
     trng = random.Random(3)
     sreqs = [
         (p, m, trng.choice((0.7, 0.8, 1.0)), s) for p, m, _, s in challenge_requests(codec, n_sampled, 2)
     ]
     honest_sampled = vllm_claims(llm, sreqs, batch_sizes=(1, 4, 16))
-    sv = [verify(c, ref, codec, th, sampler) for c in honest_sampled]
-    fp_sampled = sum(v.verdict != "pass" for v in sv)
-    unsure_share = sum(v.unsure for v in sv) / max(1, sum(v.n_tokens for v in sv))
-    con.log(f"sampled false positives: {fp_sampled}/{len(sv)} (unsure positions {unsure_share:.2f})")
+    mixed = [c for pair in zip(honest, honest_sampled) for c in pair]
+    cells.append({"node": {**REFERENCE_CONFIG, "batch": "1/4/16"}, "claims": mixed})
+    t0 = time.perf_counter()
+    hetero, th = hetero_section(cells, ref, codec, sampler, score_config)
+    ref_s_per_verification = (time.perf_counter() - t0) / sum(len(c["claims"]) for c in cells)
+    con.log(f"calibrated: {th.provenance}")
+    for cell in hetero["cells"]:
+        con.log(f"hetero {cell}")
+    held_pool = [m for cell in cells for m in cell["margins"][len(cell["margins"]) // 2 :]]
+    held_n = sum(c["completions"] for c in hetero["cells"])
+    false_fraud = sum(c["false_fraud_rate"] * c["completions"] for c in hetero["cells"]) / held_n
+    false_fail = sum(c["false_fail_rate"] * c["completions"] for c in hetero["cells"]) / held_n
+    a = score_config.threshold
+    bound = {
+        "per_node_per_epoch": score_config.alpha + score_config.max_completions_per_epoch * th.fraud_alpha,
+        "sequential_test_alpha": score_config.alpha,
+        "fraud_rule": score_config.max_completions_per_epoch * th.fraud_alpha,
+        "threshold_nats": a,
+        "honest_rate_p0": th.honest_rate,
+        "cheat_rate_p1": th.cheat_rate,
+        "margin_tol_nats": th.margin_tol,
+        "assumption": f"<= {score_config.max_completions_per_epoch} completions verified per node per epoch "
+        "by one validator; an honest token is a violation with probability <= p0 given the past "
+        "(Ville's inequality per start point, union over start points: P <= M e^-A + M fraud_alpha)",
+        "simulated_false_conviction_per_epoch": simulated_false_conviction(
+            held_pool, th, score_config, epochs, seed=1
+        ),
+        "simulated_epochs": epochs,
+    }
+    con.log(f"false-conviction bound: {bound}")
+    honest_claims = [c for cell in cells for c in cell["claims"][len(cell["claims"]) // 2 :]]
+    mean_tokens = statistics.mean(
+        len(c.prompt_token_ids) + c.reported_completion_tokens for c in honest_claims
+    )
 
     con.log("quantized and substituted models in their own vLLM engines (the cheaters)")
     from cluster.quantize import quantized_model
@@ -522,16 +806,20 @@ def run(quick: bool, max_challenges: int, organic_rps: float) -> dict:
         "substitution_sampled": engine_attack_claims(d1, codec, trials, max_challenges, temperature=0.8),
     }
 
+    flipper = NearTieFlipper(d0, codec.eos_token_ids, 0.9 * th.margin_tol)
     attackers = {
         "substitution": HFGenerator(d1, codec.eos_token_ids),
         "perturbed_weights": HFGenerator(noisy, codec.eos_token_ids),
+        "near_tie_flipper": flipper,
     }
     rng = random.Random(5)
-    honest_pool = honest[half:]
+    honest_pool = honest[len(honest) // 2 :]
 
     def attack_claim(name: str, prompt, max_tokens, trial: int, k: int):
         if name in engine_claims:
             return engine_claims[name][trial][k - 1]
+        if name == "near_tie_flipper":  # token-by-token in transformers: kept short (the claim says so)
+            return _claim_from(flipper, codec, prompt, min(max_tokens, FLIPPER_MAX_TOKENS))
         if name in attackers:
             return _claim_from(attackers[name], codec, prompt, max_tokens)
         c = rng.choice(honest_pool)
@@ -562,6 +850,7 @@ def run(quick: bool, max_challenges: int, organic_rps: float) -> dict:
         "quant_int8",
         "quant_int4",
         "substitution_sampled",
+        "near_tie_flipper",
     )
     for name in names:
         to_detect, flagged_rates = [], []
@@ -584,8 +873,8 @@ def run(quick: bool, max_challenges: int, organic_rps: float) -> dict:
                 claim = attack_claim(name, p, m, trial, k)
                 v = verify(claim, ref, codec, th, sampler)
                 flagged_rates.append(v.flagged_rate)
-                scorer.observe_verification("x", "default", v.verdict)
-                if next(s for s in scorer.scores() if s.node_id == "x").integrity == 0.0:
+                scorer.observe_verification("x", "default", v)
+                if scorer.in_penalty("x"):
                     caught = k
                     break
             to_detect.append(caught)
@@ -598,25 +887,34 @@ def run(quick: bool, max_challenges: int, organic_rps: float) -> dict:
             "mean_flagged_token_rate": statistics.mean(flagged_rates) if flagged_rates else None,
         }
         con.log(f"{name}: {attacks[name]}")
+    attacks["near_tie_flipper"]["changed_token_share"] = flipper.flips / max(1, flipper.tokens)
+    attacks["near_tie_flipper"]["flip_tol_nats"] = flipper.tol
+
+    con.log("ROC of the quantized nodes as margin_tol moves")
+    rocs = {}
+    for name in ("quant_int8", "quant_int4"):
+        trials_m = [claim_margins(t, ref, codec.vocab_size, sampler) for t in engine_claims[name]]
+        honest_cells = [cell["margins"][len(cell["margins"]) // 2 :] for cell in cells]
+        rocs[name] = roc(honest_cells, trials_m, th, score_config, max_challenges, epochs)
+        con.log(f"roc {name}: {rocs[name]}")
 
     con.log("challenge distinguishability (classifiers over what a node sees)")
     n_dist = 1000 if quick else 3000
     dist = {"shadow_feed": distinguishability(n_dist, seed=11, codec=codec)}
     con.log(f"distinguishability: {dist}")
 
-    mean_tokens = statistics.mean(len(c.prompt_token_ids) + c.reported_completion_tokens for c in honest)
     challenge_rps = 3 * ChallengeConfig().rate_per_node_per_min / 60.0
     overhead = (challenge_rps * mean_tokens) / (organic_rps * mean_tokens)
     shadow_rate = GatewayConfig.model_fields["shadow_rate"].default
     shadow_reference_ratio = 3 * shadow_rate * ChallengeConfig().shadow_rate
     return {
         "attacks": attacks,
-        "false_positive_rate": max(fp / len(held), fp_sampled / len(sv)),
-        "false_positive_rate_greedy": fp / len(held),
-        "false_positive_rate_sampled": fp_sampled / len(sv),
-        "verified_completions": len(held),
-        "verified_sampled_completions": len(sv),
-        "sampled_unsure_position_share": unsure_share,
+        "hetero": hetero,
+        "roc": rocs,
+        "false_conviction_bound": bound,
+        "false_positive_rate": false_fraud,
+        "false_fail_rate": false_fail,
+        "verified_completions": held_n,
         "validator_overhead": overhead,
         "challenge_distinguishability_auc": dist["shadow_feed"]["auc"],
         "challenge_distinguishability": dist,
@@ -639,7 +937,11 @@ def run(quick: bool, max_challenges: int, organic_rps: float) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, type=Path, help="Where to write the JSON results.")
-    ap.add_argument("--quick", action="store_true", help="Fewer completions and trials (< 10 min).")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="Fewer completions and trials (42 min on a loaded 2-core machine, 2026-12-07).",
+    )
     ap.add_argument("--max-challenges", type=int, default=16, help="Challenges per trial before giving up.")
     ap.add_argument("--organic-rps", type=float, default=1.0, help="Organic requests/s per node (overhead).")
     args = ap.parse_args()

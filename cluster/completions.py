@@ -20,8 +20,19 @@ MAX_COUNT = (
     1 << 24
 )  # a token count one record may carry (UsageRecord's bound too): sums of them cannot overflow
 MAX_CHOICES = 1024  # choices per body (the gateway bounds n far lower)
+MAX_TOKEN_ID = (
+    1 << 31
+) - 1  # int32, what engines index vocabularies with; the vocabulary bound is the gateway's
 
-TokenId = Annotated[int, Field(ge=0)]
+# What one request's answer may weigh, in bytes, all events or the whole body together. A streamed token
+# is ~300 bytes of JSON (its event's envelope, text and id), ~2 KiB with 20 top logprobs; 8 KiB per
+# token is generous. The base covers envelopes, usage and errors; the ceiling applies when the request
+# does not bound its tokens (no max_tokens) or asks its prompt back (echo, prompt_logprobs).
+ANSWER_BASE_BYTES = 1 << 20
+ANSWER_BYTES_PER_TOKEN = 8 << 10
+MAX_ANSWER_BYTES = 256 << 20
+
+TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
 Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
 
 
@@ -87,3 +98,21 @@ def parse_body(raw: str | bytes | dict[str, Any] | Any) -> NodeBody:
     if isinstance(raw, str | bytes):
         return NodeBody.model_validate_json(raw)
     return NodeBody.model_validate(raw)
+
+
+def answer_byte_cap(body: Any) -> int:
+    """The most bytes an honest node sends for the request `body` (a validated vLLM request): derived
+    from its completion tokens (max_tokens x n x prompts) at `ANSWER_BYTES_PER_TOKEN`, at most
+    `MAX_ANSWER_BYTES`. More is a malformed answer, whatever each event or body weighs."""
+    per_choice = _int(body, "max_completion_tokens") or _int(body, "max_tokens")
+    if per_choice is None or getattr(body, "echo", False) or getattr(body, "prompt_logprobs", None):
+        return MAX_ANSWER_BYTES
+    prompt = getattr(body, "prompt", None)
+    prompts = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
+    tokens = per_choice * max(1, _int(body, "n") or 1) * max(1, prompts)
+    return min(MAX_ANSWER_BYTES, ANSWER_BASE_BYTES + ANSWER_BYTES_PER_TOKEN * tokens)
+
+
+def _int(body: Any, name: str) -> int | None:
+    value = getattr(body, name, None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None

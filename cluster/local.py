@@ -18,6 +18,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cluster import services
+
 log = logging.getLogger("meritnet.cluster")
 
 
@@ -207,7 +209,7 @@ def connect(address: str, env_vars: dict[str, str]) -> None:
     env = {"RAY_SERVE_LOG_TO_STDERR": "0", **env_vars}
     ray.init(
         address=address,
-        namespace="meritnet",
+        namespace=services.NAMESPACE,
         runtime_env={"env_vars": env},
         log_to_driver=os.environ.get("MERITNET_RAY_LOGS", "0") == "1",
     )
@@ -243,9 +245,9 @@ class ExistingCluster:
         except Exception as exc:  # noqa: BLE001 - Serve already gone
             log.debug("serve status/shutdown failed (%s)", type(exc).__name__)
         for actor in ray.util.list_named_actors(all_namespaces=True):
-            if actor["namespace"] == "meritnet":
+            if actor["namespace"] == services.NAMESPACE:
                 try:
-                    ray.kill(ray.get_actor(actor["name"], namespace="meritnet"), no_restart=True)
+                    ray.kill(ray.get_actor(actor["name"], namespace=services.NAMESPACE), no_restart=True)
                 except ValueError:  # gone between the listing and the kill
                     pass
         ray.shutdown()

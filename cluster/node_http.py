@@ -22,7 +22,9 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request  # module level: FastAPI resolves the routes' annotations here
 
+from cluster import sse
 from cluster.local import HEAD_NODE
+from cluster.records import NodeLink
 
 INGRESS_NAME = "node-ingress"
 
@@ -107,7 +109,7 @@ async def answer(request: Request, method: str, model_id: str, accepts, start):
         await _stop(gen)
         raise
     text = first[0] if isinstance(first, list) else first
-    if not body.stream or not text.startswith("data: "):  # a whole answer, or an error up front
+    if not body.stream or not sse.is_event(text):  # a whole answer, or an error up front
         await _stop(gen)
         return Response(text, status_code=_status_of(text), media_type="application/json")
 
@@ -116,7 +118,7 @@ async def answer(request: Request, method: str, model_id: str, accepts, start):
         try:
             while True:
                 for piece in message if isinstance(message, list) else [message]:
-                    yield piece if piece.startswith("data: ") else f"data: {piece}\n\n"
+                    yield piece if sse.is_event(piece) else sse.frame(piece)
                 try:
                     message = await anext(gen)
                 except StopAsyncIteration:
@@ -207,8 +209,6 @@ class DirectServer:
         import uvicorn
         from starlette.applications import Starlette
         from starlette.routing import Route
-
-        from cluster.registry import NodeLink
 
         request_model("chat")  # imported now, not on the first request's path
         secret = secrets.token_urlsafe(32).encode()

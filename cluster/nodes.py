@@ -10,8 +10,10 @@ message), with `cancel()` to stop the node's work. The gateway parses that text 
   through its Serve handle (`ServeNode`) until then or when it has several replicas.
 - `HttpNode`: an *open* node, an operator's Serve app reached over HTTP (cluster/node_http.py on the
   other side) through one keep-alive pool per gateway, presenting the node's secret. Everything it
-  reads is bounded: an event larger than `MAX_EVENT_BYTES`, or a whole answer larger than
-  `MAX_BODY_BYTES`, ends the call with a ValueError (a malformed answer, the node's fault).
+  reads is bounded: an event larger than `MAX_EVENT_BYTES`, a whole answer larger than
+  `MAX_BODY_BYTES`, or all of one request's answer beyond what its max_tokens x n allows
+  (cluster/completions.answer_byte_cap) ends the call with a ValueError (a malformed answer, the
+  node's fault).
 """
 
 from __future__ import annotations
@@ -21,9 +23,13 @@ import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from cluster.completions import answer_byte_cap
 from cluster.node_http import PATHS
+from cluster.pinned_http import pinned_client, pinned_request
 from cluster.probe import read_capped
-from cluster.registry import NodeLink
+from cluster.records import NodeLink
+from cluster.registration import HOP_HEADER
+from cluster.sse import EventSplitter
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +154,9 @@ class _HttpStream:
         self._node, self._method, self._body = node, method, body
         self._response = None
         self._chunks = None
-        self._buffer = bytearray()
-        self._scanned = 0  # bytes of the buffer already searched for an event end
+        self._events = EventSplitter(MAX_EVENT_BYTES)
+        self._cap = answer_byte_cap(body)  # all the node may send for this request
+        self._received = 0
         self._done = False
         self._cancelled = False
 
@@ -158,15 +165,20 @@ class _HttpStream:
 
     async def _open(self) -> None:
         client = self._node._client
-        request = client.build_request(
+        link = self._node.link
+        request = pinned_request(
+            client,
             "POST",
-            self._node.link.endpoint + PATHS[self._method],
+            link.endpoint,
+            PATHS[self._method],
+            link.tls_name,
             content=self._body.model_dump_json(exclude_unset=True),
             # identity: what a node sends is read as it comes, never inflated by a decompressor
             headers={
-                "authorization": f"Bearer {self._node.link.secret}",
+                "authorization": f"Bearer {link.secret}",
                 "content-type": "application/json",
                 "accept-encoding": "identity",
+                HOP_HEADER: "1",  # a gateway posing as a node refuses it: no relaying loops (issue 28)
             },
         )
         try:
@@ -177,7 +189,7 @@ class _HttpStream:
         self._chunks = self._response.aiter_raw()
 
     async def _read_all(self) -> str:
-        return (await read_capped(self._chunks, MAX_BODY_BYTES)).decode()
+        return (await read_capped(self._chunks, min(MAX_BODY_BYTES, self._cap))).decode()
 
     async def __anext__(self) -> str | list[str]:
         if self._done or self._cancelled:
@@ -193,34 +205,20 @@ class _HttpStream:
                     self._done = True
                     return await self._read_all()
             while True:
-                events = self._split()
-                if events:
-                    return events
                 piece = await anext(self._chunks, None)
                 if piece is None:
                     self._done = True
-                    if self._buffer.strip():
-                        raise ValueError("the stream ended inside an event")
+                    self._events.close()
                     raise StopAsyncIteration
-                self._buffer += piece
+                self._received += len(piece)
+                if self._received > self._cap:
+                    raise ValueError(f"an answer larger than the request allows ({self._cap} bytes)")
+                events = self._events.feed(piece)
+                if events:
+                    return events
         except BaseException:
             self.cancel()
             raise
-
-    def _split(self) -> list[str]:
-        """The complete events in the buffer (`data: ...\\n\\n` each), removed from it. Only bytes not
-        searched before are searched (plus one, for a separator split across reads), so a node sending a
-        large event in tiny pieces costs linear, not quadratic, time."""
-        end = self._buffer.rfind(b"\n\n", max(0, self._scanned - 1))
-        if end < 0:
-            self._scanned = len(self._buffer)
-            if self._scanned > MAX_EVENT_BYTES:
-                raise ValueError(f"a stream event larger than {MAX_EVENT_BYTES} bytes")
-            return []
-        head = bytes(self._buffer[: end + 2])
-        del self._buffer[: end + 2]
-        self._scanned = 0
-        return [e.decode() + "\n\n" for e in head.split(b"\n\n") if e.strip()]
 
     def cancel(self) -> None:
         """Close the connection: the node sees the client leave and stops the generation."""
@@ -269,11 +267,9 @@ class NodeDirectory:
             # httpx logs every request at INFO: one line per completion in the gateway's log, for nothing
             logging.getLogger("httpx").setLevel(logging.WARNING)
 
-            self._http = httpx.AsyncClient(
+            self._http = pinned_client(
                 timeout=httpx.Timeout(None, connect=5.0),
                 limits=httpx.Limits(max_connections=4096, max_keepalive_connections=256),
-                follow_redirects=False,
-                trust_env=False,  # no proxy from the environment between the gateway and a node
             )
         return self._http
 

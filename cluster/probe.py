@@ -1,10 +1,13 @@
-"""One bounded HTTP GET for probing a node that may lie: the registry's liveness probe and the gateway's
-join probe. Bounded in time as a whole (not per read: a node dripping a byte a second must not hold a
-probe open) and in size (a node cannot make the prober hold more than `max_bytes`)."""
+"""One bounded HTTP GET for probing an open node that may lie, at its pinned endpoint
+(cluster/pinned_http.py): the registry's liveness probe and the gateway's join probe. Bounded in time as
+a whole (not per read: a node dripping a byte a second must not hold a probe open) and in size (a node
+cannot make the prober hold more than `max_bytes`)."""
 
 from __future__ import annotations
 
 import asyncio
+
+from cluster.pinned_http import pinned_request
 
 
 class ProbeFailed(Exception):
@@ -22,13 +25,20 @@ async def read_capped(pieces, max_bytes: int) -> bytes:
     return bytes(data)
 
 
-async def get_bounded(client, url: str, max_bytes: int, timeout_s: float) -> tuple[int, bytes]:
-    """(status, body) of GET `url` through the httpx.AsyncClient `client`; ProbeFailed otherwise."""
+async def get_bounded(
+    client, endpoint: str, path: str, max_bytes: int, timeout_s: float, tls_name: str | None = None
+) -> tuple[int, bytes]:
+    """(status, body) of GET `path` on the open node's pinned `endpoint` (with its `tls_name`, if any:
+    cluster/pinned_http.py) through the httpx.AsyncClient `client`; ProbeFailed otherwise."""
     import httpx
 
     async def fetch() -> tuple[int, bytes]:
-        async with client.stream("GET", url) as answer:
+        request = pinned_request(client, "GET", endpoint, path, tls_name)
+        answer = await client.send(request, stream=True)
+        try:
             return answer.status_code, await read_capped(answer.aiter_raw(), max_bytes)
+        finally:
+            await answer.aclose()
 
     try:
         return await asyncio.wait_for(fetch(), timeout_s)

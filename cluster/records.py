@@ -10,14 +10,19 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from eth_utils import is_checksum_address
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from cluster.completions import MAX_COUNT
 
 _NODE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+# A last label like this makes the host an IP address in another spelling (127.1, 0x7f000001): no
+# top-level domain is all digits, and resolvers read such a host as the address it spells.
+NUMERIC_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")
 
 
 def _checksum_address(value: str) -> str:
@@ -40,6 +45,21 @@ def _node_id(value: str) -> str:
         raise ValueError(
             f"{value!r} is not a valid node id: use 1-63 lowercase letters, digits, '-' or '_', "
             "starting with a letter or digit"
+        )
+    return value
+
+
+def dns_name(value: str) -> str:
+    """`value` if it is a lowercase ASCII DNS host name (what a TLS certificate names), else ValueError."""
+    labels = value.split(".")
+    if (
+        len(value) > 253
+        or not all(_DNS_LABEL.match(label) for label in labels)
+        or NUMERIC_LABEL.fullmatch(labels[-1])
+    ):
+        raise ValueError(
+            f"{value!r} is not a DNS host name: use lowercase ASCII letters, digits and '-' in dot-separated "
+            "labels (an internationalised name in its xn-- form), e.g. node.example.com"
         )
     return value
 
@@ -91,6 +111,19 @@ class NodeSpec(_Frozen):
         description="An *open* node's base URL (its operator runs it; the gateway calls it over HTTP with "
         "a per-node secret). None: a *managed* node, a Serve deployment in the network's own Ray cluster.",
     )
+    tls_name: Annotated[str, AfterValidator(dns_name)] | None = Field(
+        default=None,
+        description="The host name of an open node whose https endpoint was given by name. The endpoint is "
+        "recorded at the IP that name resolved to (so DNS cannot move the traffic later); every call goes "
+        "to that IP and presents this name as TLS SNI, as the name the certificate must carry, and as "
+        "the Host header. None: an http endpoint, or an https endpoint given as an IP address.",
+    )
+
+    @model_validator(mode="after")
+    def _tls_name_needs_https(self) -> NodeSpec:
+        if self.tls_name is not None and not (self.endpoint or "").startswith("https://"):
+            raise ValueError("tls_name is the certificate name of an https endpoint; this node has none")
+        return self
 
     @property
     def accelerator_resource(self) -> str:
@@ -218,3 +251,22 @@ def keyed_sample(key: bytes, item_id: str, rate: float) -> bool:
         return True
     h = hashlib.blake2b(item_id.encode(), key=key[:64], digest_size=8).digest()
     return int.from_bytes(h, "big") < rate * 2**64
+
+
+def deployment_name(spec: NodeSpec) -> str:
+    """Serve application and deployment name of a node (one application per node)."""
+    return deployment_name_for_id(spec.node_id)
+
+
+def deployment_name_for_id(node_id: str) -> str:
+    return f"node-{node_id}"
+
+
+@dataclass(frozen=True)
+class NodeLink:
+    """How a gateway reaches an open node: its endpoint (pinned to an IP), the secret it presents there
+    and, for an https endpoint given by name, that name (cluster/pinned_http.py)."""
+
+    endpoint: str
+    secret: str
+    tls_name: str | None = None

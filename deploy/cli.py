@@ -36,6 +36,9 @@ def _mount_optional_subcommands() -> None:
     except ImportError:
         return
     app.add_typer(settlement_app, name="settlement", help="Epochs, Merkle trees, proofs and claims.")
+    from settlement.receipts import app as receipt_app
+
+    app.add_typer(receipt_app, name="receipt", help="Check your own request's receipt on-chain.")
 
 
 _mount_optional_subcommands()
@@ -87,7 +90,8 @@ def up(
     cluster of its own, or on yours with --address."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from deploy.config import NetworkConfig
-    from deploy.network import LocalNetwork, NetworkStartError
+    from deploy.errors import NetworkStartError
+    from deploy.network import LocalNetwork
 
     try:
         cfg = NetworkConfig.load(
@@ -181,7 +185,28 @@ def _print_ready(net) -> None:
                 soft_wrap=True,
                 highlight=False,
             )
+    _print_validators(net)
     console.print("Press Ctrl-C to stop.")
+
+
+def _print_validators(net) -> None:
+    """Each validator's address (its dividends are paid there) and how it claims: a generated key has
+    no gas on a real chain until its address is funded."""
+    if not net.config.validators:
+        return
+    from deploy.scoring import validator_keys
+    from deploy.usage import VALIDATOR_KEYS_DIR
+
+    keys = validator_keys(net.config.validators, net.config.state_dir / VALIDATOR_KEYS_DIR)
+    for spec in net.config.validators:
+        key = keys[spec.validator_id]
+        console.print(
+            f"Validator {spec.validator_id} signs and is paid as {key.address}: claim its dividends with "
+            f"`meritnet settlement claim --network {net.base_url} --operator-key-file {key.path}`"
+            + ("" if spec.key_file else " once that address holds gas on the chain"),
+            soft_wrap=True,
+            highlight=False,
+        )
 
 
 def nodes_table(stats, quality) -> Table:

@@ -105,6 +105,25 @@ class NetworkConfig(BaseSettings):
         default=True,
         description="Operators may bring nodes of their own (`meritnet node join`, signed registration).",
     )
+    open_node_networks: list[str] | None = Field(
+        default=None,
+        description="CIDRs of non-public addresses (private, loopback, link-local...) open nodes may be at, "
+        "e.g. ['10.0.0.0/8']; public addresses always may. None: 127.0.0.0/8 when `host` is loopback (the "
+        "local demo), else none. The gateway's and control plane's own ports are refused regardless.",
+    )
+    open_nodes_per_operator: int = Field(default=8, ge=1, description="Open nodes one operator may hold.")
+    open_node_max_capacity: int = Field(
+        default=64,
+        ge=1,
+        le=4096,
+        description="Largest capacity an open node may sign (load is normalised by it).",
+    )
+    open_nodes_without_validators: bool | None = Field(
+        default=None,
+        description="Admit open nodes although `validators` is empty: nothing then checks their outputs and "
+        "settlement pays them at quality 1.0. None: only on a network whose `host` is loopback (the local "
+        "demo: only this machine can join it). For test networks only.",
+    )
     timeouts: Timeouts = Field(
         default_factory=lambda: Timeouts(),
         description="How long a node may take per request: first_byte_s, stream_idle_s, total_base_s, "
@@ -164,6 +183,17 @@ class NetworkConfig(BaseSettings):
         description="With validators: share of verifiable organic requests the gateway hands to validators "
         "for shadow verification (0 turns it off). Their prompts and outputs stay in memory, never on disk.",
     )
+    public_rpc_url: str | None = Field(
+        default=None,
+        description="A public JSON-RPC URL of the settlement chain, named beside reward proofs so operators "
+        "and validators claim with `meritnet settlement claim --network URL` alone (with --chain anvil: "
+        "that anvil's URL unless set). Never a URL that holds a provider's API key.",
+    )
+    allow_remote_model_code: bool = Field(
+        default=False,
+        description="Let managed nodes set trust_remote_code (a model repository's Python runs in the "
+        "network's Ray cluster, beside the settler and validators' keys). Off: such a model is refused.",
+    )
     scoring_metrics_port: int | None = Field(
         default=None,
         ge=1,
@@ -188,6 +218,24 @@ class NetworkConfig(BaseSettings):
             raise ValueError(
                 f"epoch_length_s is {self.epoch_length_s}: the contract times epochs in whole seconds; "
                 "use a whole number of seconds, at least 1"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _no_model_code_beside_the_keys(self) -> NetworkConfig:
+        """Managed nodes' engines run in the network's Ray cluster, beside the settler and validators'
+        keys, where any code can call those actors (issue 28). vLLM runs only its own and torch's code
+        unless trust_remote_code lets a model repository's Python in: refused unless the runner says
+        it trusts that code as it trusts its own (allow_remote_model_code)."""
+        asks = [n.node_id for n in self.nodes if n.engine_kwargs.get("trust_remote_code")]
+        if self.engine.engine_kwargs.get("trust_remote_code"):
+            asks = [n.node_id for n in self.nodes]
+        if asks and not self.allow_remote_model_code:
+            raise ValueError(
+                f"node(s) {asks} set trust_remote_code: a model repository's code would run inside this "
+                "network's Ray cluster, where it can reach the settlement and validator actors and their "
+                "keys. Serve such a model as an operator's open node (`meritnet node serve`, its own Ray), "
+                "or set allow_remote_model_code: true if you audited that code"
             )
         return self
 

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from deploy.errors import NetworkStartError
 from settlement.anvil import Anvil
 from settlement.keys import KEY_FILE_ENV, SettlerKey
 
@@ -65,8 +66,6 @@ class NetworkAnvil:
         return self.node.url if self.node else ""
 
     def start(self) -> NetworkAnvil:
-        from deploy.network import NetworkStartError
-
         folder = self.state_dir / ANVIL
         folder.mkdir(parents=True, exist_ok=True)
         try:

@@ -14,12 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster.deployment import build_node_app, deployment_name
+from cluster.deployment import build_node_app
 from cluster.local import AUTH_TOKEN_FILE, ExistingCluster, LocalCluster
-from cluster.records import NodeSpec
+from cluster.records import NodeSpec, deployment_name
 from deploy.config import NetworkConfig, resolve_model_source
+from deploy.errors import NetworkStartError
 from deploy.localchain import ANVIL, NetworkAnvil
-from deploy.plane import StartError, gateway_config, start_control_plane
+from deploy.plane import gateway_config, start_control_plane
 from deploy.scoring import (
     start_consensus,
     start_reference_engines,
@@ -34,10 +35,6 @@ from settlement.keys import KEY_ENV, KEY_FILE_ENV
 GATEWAY_APP = "meritnet"
 
 Step = Callable[[str], None]  # progress callback: a human-readable step name
-
-
-class NetworkStartError(RuntimeError):
-    pass
 
 
 def prepare_state(state_dir: Path, chain_url: str, fresh: bool = True) -> float:
@@ -118,6 +115,7 @@ class LocalNetwork:
     consensus: object | None = None  # the consensus actor handle, with validators
     shadow_feed: object | None = None  # organic completions offered to validators, with validators
     anvil: NetworkAnvil | None = None  # the local chain, with chain_url 'anvil'
+    challenge_key: str = ""  # per run; pins a request to one node (validators, the first-request check)
 
     @property
     def base_url(self) -> str:
@@ -166,10 +164,7 @@ class LocalNetwork:
         import ray
 
         self.on_step("Starting the control plane (registry, usage ledger, settlement)")
-        try:
-            plane = start_control_plane(cfg, self.specs, self.genesis)
-        except StartError as exc:
-            raise NetworkStartError(str(exc)) from None
+        plane = start_control_plane(cfg, self.specs, self.genesis)
         self.usage_store, self.settlement, self.clock = plane.usage_store, plane.settlement, plane.clock
 
         self.on_step(f"Loading {len(self.specs)} vLLM engines")
@@ -188,7 +183,7 @@ class LocalNetwork:
         wait_running([deployment_name(s) for s in self.specs], timeout_s or cfg.start_timeout_s)
 
         self.on_step("Starting the gateway")
-        challenge_key = secrets.token_hex(16)  # per run; only validators know it
+        self.challenge_key = challenge_key = secrets.token_hex(16)  # per run; only validators know it
         shadow = bool(cfg.validators) and cfg.shadow_rate > 0
         if shadow:
             self.shadow_feed = start_shadow_feed()
@@ -196,6 +191,8 @@ class LocalNetwork:
         gw = gateway_config(cfg, chain_id, network_id(cfg.state_dir), challenge_key, shadow)
         serve.run(gateway_deployment(gw), name=GATEWAY_APP, route_prefix="/")
         self._wait_live(plane.registry, timeout_s=60)
+        self.on_step("Sending each node its first request")
+        self.check_nodes()
 
         if cfg.validators:
             self.on_step(f"Starting {len(cfg.validators)} validator(s) and consensus")
@@ -246,6 +243,49 @@ class LocalNetwork:
             time.sleep(0.5)
         raise NetworkStartError("nodes are running but the registry does not see them live")
 
+    def check_nodes(self) -> None:
+        """Every managed node answers an ordinary first request: a sampled completion of 2 tokens, pinned
+        to it. On an AVX-512 Xeon exactly this request once killed every cold engine (issue 25), so a
+        network that cannot serve it fails here, at start, with the engine's own log, instead of on a
+        user's first request. NetworkStartError names each node that failed."""
+        self._wait_routed()
+        failed = [f"{spec.node_id}: {why}" for spec in self.specs if (why := self._first_request(spec))]
+        if failed:
+            tails = "\n".join(engine_log_tail(deployment_name(s)) for s in self.specs)
+            raise NetworkStartError(
+                "a node failed its first request: " + "; ".join(failed) + "\n" + tails + "\nThe engine's "
+                "log is above; run `meritnet up` again, and report the CPU (lscpu) if it happens again."
+            )
+
+    def _wait_routed(self, timeout_s: float = 60.0) -> None:
+        """Until the HTTP ingress routes to the gateway: Serve's proxy learns a new application's route a
+        moment after it is RUNNING and answers 404 'Path ... not found' meanwhile (seen on a cluster
+        meritnet did not start)."""
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.base_url}/health", timeout=10).status_code != 404:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+
+    def _first_request(self, spec: NodeSpec) -> str | None:
+        """Why `spec`'s first request failed, or None when it was answered."""
+        import httpx
+
+        body = {"model": spec.model_id, "prompt": "before", "max_tokens": 2}  # sampled: temperature 1
+        headers = {"x-meritnet-node": spec.node_id, "x-meritnet-challenge-key": self.challenge_key}
+        if self.config.api_keys:
+            headers["authorization"] = f"Bearer {self.config.api_keys[0].get_secret_value()}"
+        try:
+            r = httpx.post(f"{self.base_url}/v1/completions", json=body, headers=headers, timeout=120)
+        except httpx.HTTPError as exc:
+            return f"no answer ({type(exc).__name__})"
+        return None if r.status_code == 200 else f"HTTP {r.status_code}: {r.text[:300]}"
+
     def stop(self) -> None:
         if self.cluster is not None:
             self.cluster.shutdown()
@@ -259,3 +299,30 @@ class LocalNetwork:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def engine_log_tail(app: str, lines: int = 30) -> str:
+    """The last `lines` of what the replica of Serve application `app` (a node: its vLLM engine and engine
+    core write there) printed, from Ray's session logs; a note when it cannot be found."""
+    from pathlib import Path
+
+    import ray
+    from ray.util.state import list_actors
+
+    try:
+        logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+        actors = list_actors(
+            filters=[("class_name", "=", f"ServeReplica:{app}:{app}")], limit=100, detail=True
+        )
+    except Exception as exc:  # noqa: BLE001 - a diagnostic: never hide the error it explains
+        return f"({app}: no engine log: {type(exc).__name__})"
+    files = [
+        f for a in actors if a.pid for f in logs.glob(f"worker-*-{a.pid}.*") if f.suffix in (".out", ".err")
+    ]
+    if not files:
+        return f"({app}: no engine log found under {logs})"
+    pid = max(files, key=lambda f: f.stat().st_mtime).stem.rsplit("-", 1)[-1]
+    tail = []
+    for f in sorted(f for f in files if f.stem.endswith(f"-{pid}")):  # .err, then .out
+        tail += f.read_text(errors="replace").splitlines()[-lines:]
+    return f"--- {app} (replica pid {pid}), last lines of its stderr and stdout ---\n" + "\n".join(tail)

@@ -1,6 +1,8 @@
 """`meritnet node ...`: run a node of your own and bring it to a network.
 
-meritnet node serve --model default --accelerator H100 --port 8100       your node, on your Ray
+meritnet node serve --model default --accelerator CPU --port 8100        your node, on your Ray (CPU)
+meritnet node serve --config node.yaml --host 0.0.0.0 --advertise URL  a GPU node from an LLMConfig YAML
+meritnet node keygen --out operator.json                                 a new key (encrypted keystore)
 meritnet node join --network URL --node-id ID --key-file KEY             register it (signed, EIP-712)
 meritnet node leave --network URL --node-id ID --key-file KEY            take it out
 meritnet node list --network URL                                         every node of a network
@@ -14,10 +16,13 @@ import os
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 node_app = typer.Typer(help="Run a node of your own and join a network with it.", no_args_is_help=True)
@@ -26,40 +31,300 @@ StateDir = typer.Option(
     Path(".meritnet-node"), "--state-dir", help="The node's state folder (secret, node.json)."
 )
 Network = typer.Option(..., "--network", help="The network's endpoint, e.g. http://127.0.0.1:8000.")
-KeyFile = typer.Option(..., "--key-file", help="File (chmod 600) with your Ethereum private key: the payee.")
+KeyFile = typer.Option(
+    ...,
+    "--key-file",
+    help="Your Ethereum key, the payee: an encrypted keystore JSON (`node keygen`; passphrase prompted or "
+    "from the file $MERITNET_KEY_PASSWORD_FILE names) or a hex key file; chmod 600.",
+)
 VALIDITY_S = 300  # a signed message is good for five minutes
+
+
+# --- `node serve --config node.yaml`: the node as ray.serve.llm's own LLMConfig -----------------------
+# What an LLMConfig may say here, and what meritnet derives itself. placement_group_config is built from
+# the accelerator and tensor x pipeline parallel (cluster/deployment.py bundles_for); the rest of
+# LLMConfig (server_cls, lora_config, ...) is the network's side of the node and not the operator's.
+NODE_CONFIG_KEYS = (
+    "model_loading_config",
+    "accelerator_type",
+    "engine_kwargs",
+    "deployment_config",
+    "runtime_env",
+)
+_DEPLOYMENT_KEYS = {"num_replicas", "max_ongoing_requests", "health_check_period_s"}
+_LOADING_KEYS = {"model_id", "model_source"}
+NODE_YAML_EXAMPLE = """\
+model_loading_config:
+  model_id: llama-3.1-8b
+  model_source: meta-llama/Llama-3.1-8B-Instruct
+accelerator_type: H100
+engine_kwargs:
+  max_model_len: 8192
+  tensor_parallel_size: 2
+  dtype: bfloat16
+deployment_config:
+  max_ongoing_requests: 128"""
+
+
+class NodeConfigError(ValueError):
+    """A node config that cannot run; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """Everything `node serve` hands to OpenNode, from a node YAML and/or the flags."""
+
+    model: str
+    source: str | None
+    accelerator: str
+    capacity: int
+    engine: Any  # cluster.deployment.EngineDefaults
+    env_vars: dict[str, str]
+
+    @property
+    def uses_gpu(self) -> bool:
+        return bool(self.engine.use_gpu)
+
+
+def _problems(exc: Exception) -> str:
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return str(exc)
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in errors())
+
+
+def read_node_yaml(path: Path) -> dict[str, Any]:
+    """The YAML file as a mapping (a clear error for a missing file, bad YAML or a non-mapping)."""
+    import yaml
+
+    try:
+        with path.open() as f:  # a stream, so YAML's messages name the file and line
+            data = yaml.safe_load(f)
+    except OSError as exc:
+        raise NodeConfigError(f"cannot read the node config {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise NodeConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise NodeConfigError(
+            f"{path} must be a mapping of LLMConfig fields ({', '.join(NODE_CONFIG_KEYS)}), e.g.:\n"
+            + NODE_YAML_EXAMPLE
+        )
+    return data
+
+
+def node_settings(
+    config: dict[str, Any] | None = None,
+    *,
+    model: str | None = None,
+    source: str | None = None,
+    accelerator: str | None = None,
+    capacity: int | None = None,
+    engine_kwargs: dict[str, Any] | None = None,
+    where: str = "the node config",
+) -> NodeSettings:
+    """A node from an LLMConfig mapping (validated by ray.serve.llm's LLMConfig first, so its own
+    messages name typos) and the flags. A config with `accelerator_type` (a GPU type Ray knows: H100,
+    L4, A10G, ...) asks Ray for one GPU per tensor x pipeline parallel rank and keeps vLLM's own engine
+    defaults; without it the node runs on CPU with meritnet's CPU defaults (bfloat16, eager, no chunked
+    prefill, OMP_NUM_THREADS=1) under whatever the config sets. Flags may not contradict the config."""
+    from cluster.deployment import EngineDefaults
+    from deploy.config import CPU_ENGINE_ENV
+
+    config = dict(config or {})
+    if config:
+        from pydantic import ValidationError
+        from ray.serve.llm import LLMConfig
+
+        try:
+            LLMConfig(**config)
+        except (ValidationError, ValueError, TypeError) as exc:
+            raise NodeConfigError(
+                f"{where} is not a valid ray.serve.llm LLMConfig: {_problems(exc)}"
+            ) from None
+    extra = sorted(set(config) - set(NODE_CONFIG_KEYS))
+    if "placement_group_config" in extra:
+        raise NodeConfigError(
+            f"{where}: remove placement_group_config; meritnet places the replica itself (one GPU bundle "
+            "per tensor_parallel_size x pipeline_parallel_size, all on the Ray node with accel_<type>)"
+        )
+    if extra:
+        raise NodeConfigError(
+            f"{where}: {', '.join(extra)} not supported by `node serve`; it reads {', '.join(NODE_CONFIG_KEYS)}"
+        )
+    loading = dict(config.get("model_loading_config") or {})
+    if set(loading) - _LOADING_KEYS:
+        raise NodeConfigError(
+            f"{where}: model_loading_config takes model_id and model_source only (not {', '.join(sorted(set(loading) - _LOADING_KEYS))})"
+        )
+    for flag, key, value in (("--model", "model_id", model), ("--source", "model_source", source)):
+        if value is not None and loading.get(key) not in (None, value):
+            raise NodeConfigError(
+                f"{flag} {value} contradicts model_loading_config.{key}: {loading[key]} in {where}; drop one"
+            )
+    gpu_type = config.get("accelerator_type")
+    if accelerator and gpu_type and accelerator != gpu_type:
+        raise NodeConfigError(
+            f"--accelerator {accelerator} contradicts accelerator_type: {gpu_type} in {where}; drop one"
+        )
+    accelerator = gpu_type or accelerator
+    if not accelerator:
+        raise NodeConfigError(
+            "no accelerator: set accelerator_type (a GPU type Ray knows, e.g. H100, L4, A10G) in the node "
+            "config for a GPU node, or pass --accelerator NAME for a CPU node (any name, e.g. CPU-AVX512)"
+        )
+    deployment = dict(config.get("deployment_config") or {})
+    if set(deployment) - _DEPLOYMENT_KEYS:
+        raise NodeConfigError(
+            f"{where}: deployment_config takes {', '.join(sorted(_DEPLOYMENT_KEYS))} only (not "
+            f"{', '.join(sorted(set(deployment) - _DEPLOYMENT_KEYS))}): an open node is one replica behind its ingress"
+        )
+    if deployment.get("num_replicas", 1) != 1:
+        raise NodeConfigError(
+            f"{where}: deployment_config.num_replicas must be 1 (an open node is one replica; run another node for more)"
+        )
+    runtime_env = dict(config.get("runtime_env") or {})
+    if set(runtime_env) - {"env_vars"}:
+        raise NodeConfigError(
+            f"{where}: runtime_env takes env_vars only (not {', '.join(sorted(set(runtime_env) - {'env_vars'}))}): "
+            "install packages in the node's own environment"
+        )
+    kwargs = {**(config.get("engine_kwargs") or {}), **(engine_kwargs or {})}
+    use_gpu = gpu_type is not None
+    if use_gpu and "max_model_len" not in kwargs:
+        raise NodeConfigError(
+            f"{where}: a GPU node sets engine_kwargs.max_model_len (e.g. 8192; or --max-model-len): "
+            "the context the engine allocates for, which the network's default (1024) would cut short"
+        )
+    base = EngineDefaults()
+    max_model_len = int(kwargs.pop("max_model_len", base.max_model_len))
+    capacity = int(kwargs.pop("max_num_seqs", capacity or 8))  # the node's capacity is vLLM's max_num_seqs
+    try:
+        engine = EngineDefaults(
+            use_gpu=use_gpu,
+            max_model_len=max_model_len,
+            engine_kwargs=kwargs if use_gpu else {**base.engine_kwargs, **kwargs},
+            **{k: v for k, v in deployment.items() if k != "num_replicas"},
+        )
+    except ValueError as exc:
+        raise NodeConfigError(f"{where}: {_problems(exc)}") from None
+    env_vars = {str(k): str(v) for k, v in (runtime_env.get("env_vars") or {}).items()}
+    return NodeSettings(
+        model=loading.get("model_id") or model or "default",
+        source=loading.get("model_source") or source,
+        accelerator=accelerator,
+        capacity=capacity,
+        engine=engine,
+        env_vars=env_vars if use_gpu else {**CPU_ENGINE_ENV, **env_vars},
+    )
+
+
+def advertised_endpoint(host: str, port: int, advertise: str | None) -> str:
+    """The URL `node join` registers: --advertise, else the loopback bind itself. A non-loopback bind
+    needs --advertise: this machine cannot know the address a network reaches it at (its own name
+    resolves to 127.0.1.1 on stock Debian/Ubuntu, and NAT or a TLS proxy may sit in front)."""
+    import ipaddress
+
+    from pydantic import TypeAdapter, ValidationError
+
+    from cluster.registration import Endpoint
+
+    if advertise is not None:
+        try:
+            return TypeAdapter(Endpoint).validate_python(advertise.rstrip("/"))
+        except ValidationError as exc:
+            raise NodeConfigError(
+                f"--advertise {advertise}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}"
+            ) from None
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise NodeConfigError(
+            f"--host {host} is reachable from other machines, but the node cannot tell at which address: "
+            f"pass --advertise with the URL the network calls, e.g. --advertise http://203.0.113.7:{port} "
+            "(or https://node.example.com behind your TLS proxy)"
+        )
+    host = "127.0.0.1" if host == "localhost" else host
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def _is_loopback_url(url: str) -> bool:
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    name = urlsplit(url).hostname or ""
+    try:
+        return name == "localhost" or ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 @node_app.command("serve")
 def serve(
-    model: str = typer.Option(
-        "default", "--model", help="Model id the node serves (as the network names it)."
+    config: Path | None = typer.Option(
+        None,
+        "--config",
+        help="The node as a ray.serve.llm LLMConfig YAML: model_loading_config, accelerator_type (a GPU "
+        "type: the node uses GPUs), engine_kwargs, deployment_config, runtime_env.",
     ),
-    accelerator: str = typer.Option(..., "--accelerator", help="Accelerator type, e.g. H100, L4."),
+    model: str | None = typer.Option(
+        None, "--model", help="Model id the node serves, as the network names it (default: 'default')."
+    ),
+    accelerator: str | None = typer.Option(
+        None, "--accelerator", help="Accelerator type, e.g. H100, L4 (or the config's accelerator_type)."
+    ),
     port: int = typer.Option(8100, "--port", help="HTTP port the network calls the node on."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (0.0.0.0 to be reachable)."),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="Address to bind (0.0.0.0 to be reachable; then pass --advertise)."
+    ),
+    advertise: str | None = typer.Option(
+        None,
+        "--advertise",
+        help="The URL a network reaches the node at (http:// or https://), recorded for `node join`; "
+        "required when --host is not loopback.",
+    ),
     address: str | None = typer.Option(None, "--address", help="Your Ray cluster (default: a private one)."),
     source: str | None = typer.Option(
         None, "--source", help="Weights: HF id or path (default: the model id)."
     ),
-    capacity: int = typer.Option(8, "--capacity", help="Concurrent sequences the node takes."),
+    capacity: int | None = typer.Option(
+        None, "--capacity", help="Concurrent sequences the node takes (vLLM max_num_seqs; default 8)."
+    ),
+    max_model_len: int | None = typer.Option(None, "--max-model-len", help="Context length (engine_kwargs)."),
+    tensor_parallel_size: int | None = typer.Option(
+        None, "--tensor-parallel-size", help="GPUs one replica shards over (engine_kwargs)."
+    ),
+    engine_kwargs: str | None = typer.Option(
+        None, "--engine-kwargs", help='More vLLM engine arguments as JSON, e.g. \'{"quantization": "fp8"}\'.'
+    ),
     state_dir: Path = StateDir,
 ) -> None:
     """Start your node (vLLM on ray.serve.llm) behind an HTTP endpoint and serve until Ctrl-C."""
-    from deploy.config import CPU_ENGINE_ENV
-    from deploy.network import NetworkStartError
+    try:
+        settings = _serve_settings(
+            config, model, source, accelerator, capacity, max_model_len, tensor_parallel_size, engine_kwargs
+        )
+        endpoint = advertised_endpoint(host, port, advertise)
+    except NodeConfigError as exc:
+        console.print(f"[red]{escape(str(exc))}[/red]", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+    from deploy.errors import NetworkStartError
     from deploy.open_node import OpenNode
 
     node = OpenNode(
-        model=model,
-        accelerator=accelerator,
+        model=settings.model,
+        accelerator=settings.accelerator,
         port=port,
         host=host,
-        source=source,
-        capacity=capacity,
+        advertise=endpoint,
+        source=settings.source,
+        capacity=settings.capacity,
         address=address,
         state_dir=state_dir,
-        env_vars=CPU_ENGINE_ENV,
+        engine=settings.engine,
+        env_vars=settings.env_vars,
     )
     with console.status("Starting the node...") as status:
         node.on_step = lambda msg: status.update(f"{msg}...")
@@ -69,11 +334,13 @@ def serve(
             console.print(f"[red]The node did not start:[/red] {exc}")
             node.stop()
             raise typer.Exit(1) from None
+    where = "GPU" if settings.uses_gpu else "CPU"
     console.print(
-        f"Node ready at [bold]{node.endpoint}[/bold] ({model} on {accelerator}). Join a network with:"
+        f"Node ready at [bold]{endpoint}[/bold] ({settings.model} on {settings.accelerator}, {where}). "
+        "Join a network with:"
     )
     console.print(
-        f"  meritnet node join --network http://NETWORK:8000 --node-id my-node --endpoint {node.endpoint} "
+        f"  meritnet node join --network http://NETWORK:8000 --node-id my-node "
         f"--key-file operator.key --state-dir {state_dir}",
         soft_wrap=True,
         highlight=False,
@@ -85,6 +352,44 @@ def serve(
     with console.status("Stopping the node..."):
         node.stop()
     console.print("Stopped.")
+
+
+def _serve_settings(
+    config: Path | None,
+    model: str | None,
+    source: str | None,
+    accelerator: str | None,
+    capacity: int | None,
+    max_model_len: int | None,
+    tensor_parallel_size: int | None,
+    engine_kwargs: str | None,
+) -> NodeSettings:
+    """`node serve`'s flags and optional config file, as one NodeSettings (NodeConfigError if not)."""
+    extra: dict[str, Any] = {}
+    if engine_kwargs:
+        try:
+            extra = json.loads(engine_kwargs)
+        except ValueError as exc:
+            raise NodeConfigError(
+                f'--engine-kwargs is not JSON ({exc}); e.g. \'{{"dtype": "float16"}}\''
+            ) from None
+        if not isinstance(extra, dict):
+            raise NodeConfigError(
+                '--engine-kwargs is a JSON object of vLLM engine arguments, e.g. \'{"dtype": "float16"}\''
+            )
+    if max_model_len is not None:
+        extra["max_model_len"] = max_model_len
+    if tensor_parallel_size is not None:
+        extra["tensor_parallel_size"] = tensor_parallel_size
+    return node_settings(
+        read_node_yaml(config) if config is not None else None,
+        model=model,
+        source=source,
+        accelerator=accelerator,
+        capacity=capacity,
+        engine_kwargs=extra,
+        where=str(config) if config is not None else "the flags",
+    )
 
 
 def _post(url: str, body: dict) -> dict:
@@ -142,6 +447,42 @@ def _signed(network: str, key_file: Path, **fields) -> dict:
     return sign(reg, key).model_dump()
 
 
+@node_app.command("keygen")
+def keygen(
+    out: Path = typer.Option(
+        Path("operator.json"), "--out", help="Where to write the new key (never over an existing file)."
+    ),
+    plain: bool = typer.Option(
+        False, "--plain", help="A hex key file instead of an encrypted keystore (test networks only)."
+    ),
+) -> None:
+    """A new operator key: an eth-account encrypted keystore (passphrase asked twice, or the file
+    $MERITNET_KEY_PASSWORD_FILE names), mode 600. Its address is where you are paid."""
+    from settlement.keys import SettlerKey, SettlerKeyError, keystore_passphrase
+
+    key = SettlerKey.generate()
+    try:
+        text = (
+            key.export_hex()
+            if plain
+            else json.dumps(key.export_keystore(keystore_passphrase(out, confirm=True)))
+        )
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except SettlerKeyError as exc:
+        console.print(f"[red]{escape(str(exc))}[/red]", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except FileExistsError:
+        console.print(
+            f"[red]{out} exists; a key is never overwritten.[/red] Pass another --out.", highlight=False
+        )
+        raise typer.Exit(2) from None
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")
+    console.print(
+        f"Wrote {out} for [bold]{key.address}[/bold] (back it up: it is the only copy).", highlight=False
+    )
+
+
 @node_app.command("join")
 def join(
     network: str = Network,
@@ -180,6 +521,13 @@ def join(
         )
         raise typer.Exit(2)
     network = network.rstrip("/")
+    if _is_loopback_url(fields["endpoint"]) and not _is_loopback_url(network):
+        console.print(
+            f"[red]{escape(fields['endpoint'])} is this machine's loopback address; {network} cannot reach it.[/red] "
+            "Pass --endpoint with the URL it can reach, or serve with --host 0.0.0.0 --advertise URL.",
+            highlight=False,
+        )
+        raise typer.Exit(2)
     answer = _post(
         f"{network}/v1/nodes", _signed(network, key_file, action="join", node_id=node_id, **fields)
     )
@@ -193,7 +541,7 @@ def join(
         f"Joined: node [bold]{answer['node_id']}[/bold] serves {answer['model']}; paid to {answer['operator']}.\n"
         f"The network's secret is in {secret_path} (your node accepts only it). "
         f"See your traffic with `meritnet node list --network {network}` and rewards with "
-        f"`meritnet settlement status`."
+        f"`meritnet node rewards --network {network} --operator {answer['operator']}`."
     )
 
 
@@ -258,5 +606,5 @@ def rewards(
         console.print(
             f"Earned through epoch {r['last_committed_epoch']}: {int(r['cumulative_wei']) / 1e18:.6f} "
             f"({r['cumulative_wei']} wei), claimable from contract {r['contract']} on chain {r['chain_id']} "
-            "with a proof from `meritnet settlement prove --operator`."
+            f"with `meritnet settlement claim --network {network} --operator-key-file YOUR_KEY_FILE`."
         )

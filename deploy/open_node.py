@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster.deployment import EngineDefaults, build_node_app, deployment_name, deployment_name_for_id
+from cluster.deployment import EngineDefaults, build_node_app
 from cluster.local import RAY_SYSTEM_CONFIG, use_serve_fast_path
 from cluster.node_http import INGRESS_NAME, node_ingress_app
-from cluster.records import NodeSpec
+from cluster.records import NodeSpec, deployment_name, deployment_name_for_id
 
 NODE_APP_ID = "served"  # the node's own Serve app is `node-served`; the network names it at join
 SECRET_FILE = "secret"
@@ -36,6 +35,7 @@ class OpenNode:
     accelerator: str
     port: int
     host: str = "127.0.0.1"
+    advertise: str | None = None  # the URL a network calls (node serve --advertise); None: the bind itself
     source: str | None = None  # weights; default: the model id (builtin:default for 'default')
     capacity: int = 8
     address: str | None = None
@@ -47,8 +47,14 @@ class OpenNode:
 
     @property
     def endpoint(self) -> str:
-        """Where a network reaches the node (bound to every interface: this machine's address)."""
-        host = socket.gethostbyname(socket.gethostname()) if self.host in ("0.0.0.0", "::") else self.host
+        """Where a network reaches the node: the advertised URL, else the address it binds. Never a guess
+        from this machine's name (127.0.1.1 on Debian/Ubuntu, a private address behind NAT)."""
+        return self.advertise or self.local_url
+
+    @property
+    def local_url(self) -> str:
+        """The node's HTTP face as this machine reaches it (loopback for a wildcard bind)."""
+        host = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(self.host, self.host)
         return f"http://{host}:{self.port}"
 
     def spec(self, source: str) -> NodeSpec:
@@ -122,7 +128,7 @@ class OpenNode:
         import httpx
 
         try:
-            httpx.post(f"{self.endpoint}/v1/completions", json={}, timeout=120)
+            httpx.post(f"{self.local_url}/v1/completions", json={}, timeout=120)
         except httpx.HTTPError:
             pass  # only a warm-up: the network's probes will tell if the node is unreachable
 

@@ -16,12 +16,15 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
+from cluster import services
 from cluster.local import HEAD_NODE
 from cluster.records import NodeSpec
+from cluster.registration import OpenNodePolicy
 from cluster.registry import get_or_create_registry
 from deploy.config import NetworkConfig, resolve_model_source
+from deploy.errors import NetworkStartError
 from deploy.usage import SETTLEMENT_NAME, USAGE_STORE_NAME, start_settlement, start_usage_store
-from routing.gateway import GatewayConfig
+from routing.config import GatewayConfig
 from routing.keys import KEYS_FILE
 from routing.metering import MeteredModel
 
@@ -29,10 +32,6 @@ log = logging.getLogger("meritnet.plane")
 
 CLOCK_NAME = "meritnet-settlement-clock"
 _TICK_TIMEOUT_S = 300.0  # one settlement pass (close, compute, transact) is bounded by this
-
-
-class StartError(RuntimeError):
-    """A part of the network did not start; the message says what to do."""
 
 
 class SettlementClock:
@@ -52,7 +51,7 @@ class SettlementClock:
         while True:
             time.sleep(self._period_s)
             try:
-                settlement = ray.get_actor(SETTLEMENT_NAME, namespace="meritnet")
+                settlement = ray.get_actor(SETTLEMENT_NAME, namespace=services.NAMESPACE)
                 done = ray.get(settlement.tick.remote(), timeout=_TICK_TIMEOUT_S)
             except Exception as exc:  # noqa: BLE001 - an absent actor or failed pass waits for the next beat
                 log.warning(
@@ -81,13 +80,23 @@ def start_control_plane(cfg: NetworkConfig, specs: list[NodeSpec], genesis: floa
     the settlement actor and its clock; all pinned to the head node."""
     import ray
 
-    registry = get_or_create_registry(state_path=cfg.state_dir / "registry.json")
     store = start_usage_store(cfg.state_dir / "usage.db", cfg.epoch_length_s, genesis)
     try:
         ray.get(store.__ray_ready__.remote(), timeout=60)
     except Exception as exc:  # noqa: BLE001 - any start failure is reported the same way
-        raise StartError(f"the usage ledger did not start: {exc}") from None
-    ray.get(registry.sync.remote(specs), timeout=60)  # also after a restart: exactly the configured nodes
+        raise NetworkStartError(f"the usage ledger did not start: {exc}") from None
+    policy = OpenNodePolicy.for_network(
+        cfg.host,
+        [cfg.port, cfg.scoring_metrics_port],
+        cfg.open_node_networks,
+        max_per_operator=cfg.open_nodes_per_operator,
+        max_capacity=cfg.open_node_max_capacity,
+        validated=bool(cfg.validators),
+        without_validators=cfg.open_nodes_without_validators,
+    )
+    registry = get_or_create_registry(state_path=cfg.state_dir / "registry.json", policy=policy)
+    # also after a restart: exactly the configured nodes, and the open-node policy of this config
+    ray.get(registry.sync.remote(specs, policy), timeout=60)
     settlement = clock = None
     if cfg.settlement:
         settlement = start_settlement(cfg, cfg.state_dir / "usage.db", genesis)
@@ -95,7 +104,7 @@ def start_control_plane(cfg: NetworkConfig, specs: list[NodeSpec], genesis: floa
             ray.remote(SettlementClock)
             .options(
                 name=CLOCK_NAME,
-                namespace="meritnet",
+                namespace=services.NAMESPACE,
                 get_if_exists=True,
                 lifetime="detached",
                 num_cpus=0,

@@ -30,7 +30,10 @@ average since rounds are periodic. After every round the running mean of the ope
 N ends is the final one, and the settler ignores sends once N is committed. A validator's dividend
 for N is the mean of its Yuma dividends (`scoring.ConsensusState.dividends`) over N's rounds, keyed
 by the address its reports are signed with: settlement pays it there (validator_share_bps of the
-epoch's emission is split by these). A node caught cheating for the whole epoch has mean 0 and so
+epoch's emission is split by these). Bonds are bought only with support beyond the consensus the
+previous round published (`scoring.consensus`, "Copying"), so a validator that sends the published
+quality back one round late earns no dividend; the last published row is kept in the bonds file with
+the bonds, so a restart does not hand out a round of free bonds. A node caught cheating for the whole epoch has mean 0 and so
 earns 0; a node no round scored in N gets the settler's `default_quality`, which the network sets to 0
 with validators (probation: no weight until a first consensus score) and to 1.0 without them (the
 demo). A node is scored in a round only once validators holding more than kappa of the stake have a
@@ -59,16 +62,17 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cluster import services
 from cluster.local import HEAD_NODE
 from cluster.records import NodeScore, QualityScores
 
 log = logging.getLogger("meritnet.scoring")
 
-NAMESPACE = "meritnet"
-CONSENSUS_NAME = "meritnet-consensus"
+NAMESPACE = services.NAMESPACE
+CONSENSUS_NAME = services.CONSENSUS
 VALIDATOR_PREFIX = "meritnet-validator-"
 REFERENCE_PREFIX = "meritnet-reference-"
-SHADOW_FEED_NAME = "meritnet-shadow"
+SHADOW_FEED_NAME = services.SHADOW_FEED
 
 
 class ValidatorSpec(BaseModel):
@@ -96,6 +100,13 @@ class ValidatorSpec(BaseModel):
         default=False,
         description="Also challenge with recent organic prompts (those offered for shadow "
         "verification). Off by default: organic prompts may be private.",
+    )
+    key_file: Path | None = Field(
+        default=None,
+        description="The validator's own signing key, the address its dividends are paid to: a hex key file "
+        "or an eth-account keystore (passphrase from the file $MERITNET_KEY_PASSWORD_FILE names), chmod "
+        "600. None: a key is generated into state_dir/validator-keys/<id>.key (fund its address for gas "
+        "before it claims on a real chain: `meritnet up` prints it).",
     )
     node_sampler: Literal["auto", "vllm-cpu", "numpy", "none"] = Field(
         default="auto",
@@ -325,14 +336,15 @@ class ValidatorKey(NamedTuple):
 
 
 def validator_keys(specs: Sequence[ValidatorSpec], folder: Path) -> dict[str, ValidatorKey]:
-    """Each validator's signing key: folder/<id>.key, generated on first start (mode 0600) and kept."""
+    """Each validator's signing key: its own `key_file`, else folder/<id>.key, generated on first start
+    (mode 0600) and kept."""
     from settlement.keys import SettlerKey
 
     folder.mkdir(parents=True, exist_ok=True)
     keys = {}
     for spec in specs:
-        path = folder / f"{spec.validator_id}.key"
-        if not path.exists():
+        path = spec.key_file if spec.key_file is not None else folder / f"{spec.validator_id}.key"
+        if spec.key_file is None and not path.exists():
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(SettlerKey.generate().export_hex())

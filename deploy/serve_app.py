@@ -18,6 +18,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from cluster import services
 from deploy.config import NetworkConfig, resolve_model_source
 
 
@@ -49,7 +50,7 @@ def network(args: dict[str, Any]):
         )
     specs = [n.to_spec(resolve_model_source) for n in cfg.nodes]
     try:  # a rebuild (redeploy, controller restart) keeps the state of the settlement actor still running
-        ray.get_actor(SETTLEMENT_NAME, namespace="meritnet")
+        ray.get_actor(SETTLEMENT_NAME, namespace=services.NAMESPACE)
         running = True
     except ValueError:
         running = False

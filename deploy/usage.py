@@ -11,10 +11,11 @@ import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 
+from cluster import services
 from cluster.local import HEAD_NODE
 from cluster.records import UsageRecord
 
-USAGE_STORE_NAME = "meritnet-usage"
+USAGE_STORE_NAME = services.USAGE_STORE
 
 
 class UsageStore:
@@ -65,7 +66,7 @@ def start_usage_store(path: Path, epoch_length_s: float, genesis: float):
         ray.remote(UsageStore)
         .options(
             name=USAGE_STORE_NAME,
-            namespace="meritnet",
+            namespace=services.NAMESPACE,
             get_if_exists=True,
             lifetime="detached",  # outlives the process that started it (serve deploy, KubeRay)
             num_cpus=0,
@@ -77,7 +78,7 @@ def start_usage_store(path: Path, epoch_length_s: float, genesis: float):
     )
 
 
-SETTLEMENT_NAME = "meritnet-settlement"
+SETTLEMENT_NAME = services.SETTLEMENT
 VALIDATOR_KEYS_DIR = "validator-keys"  # in the state folder: one signing key per validator
 
 
@@ -103,6 +104,7 @@ def settlement_config(cfg, ledger_path: Path, genesis: float):
         genesis=genesis,
         default_quality=settlement_default_quality(cfg),
         validator_stakes={keys[v.validator_id].address: v.stake for v in cfg.validators or ()},
+        public_rpc_url=cfg.public_rpc_url,
         **({} if cfg.validator_share_bps is None else {"validator_share_bps": cfg.validator_share_bps}),
     )
 
@@ -137,11 +139,13 @@ def start_settlement(cfg, ledger_path: Path, genesis: float):
 
         chain = anvil_chain_settings(cfg.state_dir)
     settle_cfg = settlement_config(cfg, ledger_path, genesis)
+    if settle_cfg.public_rpc_url is None and cfg.chain_url == "anvil":  # the network's own, on loopback
+        settle_cfg = settle_cfg.model_copy(update={"public_rpc_url": chain.url})
     actor = (
         settlement_actor()
         .options(
             name=SETTLEMENT_NAME,
-            namespace="meritnet",
+            namespace=services.NAMESPACE,
             get_if_exists=True,
             lifetime="detached",
             resources=HEAD_NODE,

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from pydantic import ValidationError
 from starlette.responses import Response
 
+from cluster import sse
+from cluster.completions import NodeError
+
 
 @dataclass(eq=False)  # not frozen: raising sets __traceback__ on the instance
 class APIError(Exception):
@@ -35,7 +38,7 @@ class APIError(Exception):
 
     def sse_event(self) -> bytes:
         """The error as a final server-sent event, for failures after streaming began."""
-        return f"data: {json.dumps(self.body())}\n\n".encode()
+        return sse.frame(json.dumps(self.body())).encode()
 
 
 def malformed_json(detail: str) -> APIError:
@@ -108,6 +111,12 @@ def from_engine_error(message: str, status: int, type_: str | None) -> APIError:
     status = status if 400 <= status < 600 else 400
     kind = type_ or ("invalid_request_error" if status < 500 else "server_error")
     return APIError(status, message, type=kind, code=None)
+
+
+def from_node_error(error: NodeError) -> APIError:
+    """A node's error answer; a code that is not a number is the node's own failure (500)."""
+    code = error.code if isinstance(error.code, int) else 500
+    return from_engine_error(error.message, code, error.type)
 
 
 def not_found(path: str) -> APIError:

@@ -61,6 +61,12 @@ def int_field(body: Any, name: str) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def max_tokens(body: Any) -> int | None:
+    """The most tokens the request lets each choice generate (max_completion_tokens, else max_tokens);
+    None when it set neither."""
+    return int_field(body, "max_completion_tokens") or int_field(body, "max_tokens")
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -172,8 +178,29 @@ async def read_json(request: Request, limits: IntakeLimits) -> dict:
     return payload
 
 
+# Integer parameters (in either request kind) that JSON true/false must not stand for: vLLM's models are
+# lax and read `max_tokens: true` as 1, while the gateway's own bounds (routing/metering.py) skip a bool.
+INT_PARAMS = (
+    "n",
+    "max_tokens",
+    "max_completion_tokens",
+    "min_tokens",
+    "seed",
+    "top_k",
+    "top_logprobs",
+    "best_of",
+    "truncate_prompt_tokens",
+)
+
+
 def validate(payload: dict, request_cls: type[BaseModel], limits: IntakeLimits) -> BaseModel:
     """vLLM's protocol model of the request, then the network's caps; any refusal is a 400."""
+    for name in INT_PARAMS:
+        if isinstance(payload.get(name), bool):
+            raise errors.APIError(
+                400, f"'{name}' must be an integer, not {str(payload[name]).lower()}.", param=name,
+                code="invalid_type",
+            )  # fmt: skip
     try:
         body = request_cls.model_validate(payload)
     except ValidationError as exc:

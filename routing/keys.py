@@ -6,8 +6,11 @@ and whether it was revoked. The gateway re-reads the store when it changes, so a
 effect within a refresh (0.5 s) without a restart.
 
 Limits are token buckets per key, refilled continuously: `requests_per_min` is checked when a
-request arrives; `tokens_per_min` is charged with what the request used when it ends (a request
-may overdraw the bucket; the next ones wait until it refills). A refusal is a 429 with
+request arrives. `tokens_per_min` is reserved at admission (the request's prompt and all it may
+generate: max_tokens x n, routing/metering.reservation) and settled to what it was billed when it
+ends, however it ends (the difference is refunded), so concurrent requests cannot spend the same
+tokens. A reservation larger than a minute's allowance holds the whole bucket (it needs a full one)
+and its settlement may overdraw it; the next ones wait until it refills. A refusal is a 429 with
 `Retry-After`: the seconds until the bucket has room again.
 """
 
@@ -112,6 +115,7 @@ class RateLimiter:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self._buckets: dict[tuple[str, str], _Bucket] = {}
+        self._held: dict[str, float] = {}  # request id -> tokens reserved for it
 
     def _level(self, key_id: str, kind: str, per_min: float) -> _Bucket:
         now = self.clock()
@@ -138,9 +142,32 @@ class RateLimiter:
                 b.level -= 1
         return max(waits) if waits else None
 
-    def charge_tokens(self, key: ClientKey, tokens: int) -> None:
-        if key.tokens_per_min is not None and tokens > 0:
-            self._level(key.key_id, "tokens", key.tokens_per_min).level -= tokens
+    def reserve(self, key: ClientKey, request_id: str, tokens: int) -> float | None:
+        """None if `tokens` (at most one minute's allowance) fit in the key's token bucket, which then
+        holds them for `request_id` until `settle`; else the seconds until they fit (Retry-After)."""
+        if key.tokens_per_min is None:
+            return None
+        hold = float(min(max(0, tokens), key.tokens_per_min))
+        b = self._level(key.key_id, "tokens", key.tokens_per_min)
+        if b.level < hold:
+            return (hold - b.level) * 60.0 / key.tokens_per_min
+        b.level -= hold
+        self._held[request_id] = self._held.get(request_id, 0.0) + hold
+        return None
+
+    def settle(self, key: ClientKey, request_id: str, tokens: int) -> None:
+        """Charge what `request_id` was billed in place of its reservation (the difference returns to
+        the bucket, never beyond its capacity). Once per reservation: a request metered twice (a
+        failed record write, then the audit record) is charged once."""
+        held = self._held.pop(request_id, None)
+        if key.tokens_per_min is None or held is None:
+            return
+        b = self._level(key.key_id, "tokens", key.tokens_per_min)
+        b.level = min(key.tokens_per_min, b.level + held - max(0, tokens))
+
+    def held(self) -> int:
+        """Requests holding a reservation (what a test or a leak check reads)."""
+        return len(self._held)
 
 
 class KeyRing:
@@ -194,11 +221,29 @@ class KeyRing:
             )
         wait = self.limiter.admit(key)
         if wait is not None:
-            metrics.KEY_REQUESTS.labels(key.key_id, "rate_limited").inc()
-            raise errors.APIError(
-                429,
-                f"Rate limit of API key {key.key_id} reached; retry in {wait:.1f} s.",
-                type="rate_limit_error",
-                code="rate_limit_exceeded",
-                retry_after_s=wait,
-            )
+            raise _rate_limited(key, wait)
+
+    def reserve(self, key: ClientKey | None, request_id: str, tokens: int) -> None:
+        """Hold `tokens` of the key's token limit for `request_id` (429 with Retry-After when they do
+        not fit); every request that reserved must `settle`, however it ends."""
+        if key is None:
+            return
+        wait = self.limiter.reserve(key, request_id, tokens)
+        if wait is not None:
+            raise _rate_limited(key, wait)
+
+    def settle(self, key: ClientKey | None, request_id: str, tokens: int) -> None:
+        """`request_id` ended having been billed `tokens` (0 when no node answered)."""
+        if key is not None:
+            self.limiter.settle(key, request_id, tokens)
+
+
+def _rate_limited(key: ClientKey, wait: float) -> errors.APIError:
+    metrics.KEY_REQUESTS.labels(key.key_id, "rate_limited").inc()
+    return errors.APIError(
+        429,
+        f"Rate limit of API key {key.key_id} reached; retry in {wait:.1f} s.",
+        type="rate_limit_error",
+        code="rate_limit_exceeded",
+        retry_after_s=wait,
+    )

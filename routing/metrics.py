@@ -28,6 +28,13 @@ NO_NODE = Counter(
     ["model", "stage"],
     registry=REGISTRY,
 )
+DEGRADED = Counter(
+    "meritnet_degraded_decisions",
+    "Requests served although a filter would have refused them (its fallback kept a node), by that filter: "
+    "'quality-floor' means every candidate of the model was scored below the floor.",
+    ["model", "stage"],
+    registry=REGISTRY,
+)
 IN_FLIGHT = Gauge("meritnet_in_flight", "Requests in flight per node.", ["node"], registry=REGISTRY)
 LIVE_NODES = Gauge(
     "meritnet_live_nodes", "Live nodes per model in the gateway's snapshot.", ["model"], registry=REGISTRY

@@ -10,12 +10,13 @@ import logging
 import math
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from cluster.records import NodeStats, QualityScores
 from routing import metrics
 from routing.errors import APIError
-from routing.intake import chat_messages
+from routing.intake import chat_messages, int_field, max_tokens
 from routing.router import NoEligibleNode, RequestFacts, Router
 
 log = logging.getLogger(__name__)
@@ -62,16 +63,36 @@ def facts_for(body: Any, headers: Mapping[str, str], target_node: str | None = N
         is_challenge=target_node is not None,
         target_node=target_node,
         slo_ttft_s=slo_ttft_s(headers),
+        output_tokens=output_tokens(body),
     )
 
 
+def output_tokens(body: Any) -> int | None:
+    """The most a request may generate: its max_completion_tokens or max_tokens, times n (None: no limit
+    set, the engine's default applies)."""
+    limit = max_tokens(body)
+    return None if limit is None or limit < 0 else limit * (int_field(body, "n") or 1)
+
+
+@dataclass(frozen=True, slots=True)
+class Pick:
+    """The chosen node, and the filters whose refusal was overridden by their fallback (empty: a normal
+    decision). A degraded pick is said aloud: a response header, a metric, a log line, /status."""
+
+    node: NodeStats
+    degraded: tuple[str, ...] = ()
+
+
 class NodeSelector:
-    """Adapter the gateway talks to: Router decisions, returned as the chosen node's NodeStats."""
+    """Adapter the gateway talks to: Router decisions, returned as a Pick of the chosen node's NodeStats."""
 
     def __init__(self, router: Router) -> None:
         self.router = router
         self._stats: dict[str, NodeStats] = {}
         self._warned: dict[str, float] = {}  # cause of a refusal -> when it was last logged
+        self.degraded: dict[
+            str, tuple[float, str]
+        ] = {}  # model -> (unix time, filter) of its last degraded pick
 
     def update_nodes(self, stats: list[NodeStats]) -> None:
         self._stats = {s.node_id: s for s in stats}
@@ -80,16 +101,43 @@ class NodeSelector:
     def update_quality(self, scores: QualityScores) -> None:
         self.router.update_quality(scores)
 
-    def pick(self, facts: RequestFacts, exclude: set[str] | frozenset[str] = frozenset()) -> NodeStats | None:
+    def pick(self, facts: RequestFacts, exclude: set[str] | frozenset[str] = frozenset()) -> Pick | None:
         try:
             decision = self.router.route(facts, exclude=exclude)
         except NoEligibleNode as exc:
             metrics.NO_NODE.labels(facts.model, exc.stage).inc()
-            if exc.stage != "excluded" and time.monotonic() - self._warned.get(exc.stage, -math.inf) > 10:
-                self._warned[exc.stage] = time.monotonic()  # at most one line per 10 s per cause
-                log.warning("%s", exc)
+            if exc.stage != "excluded":
+                self._warn(exc.stage, "%s", exc)
             return None
-        return self._stats.get(decision.node_id)
+        node = self._stats.get(decision.node_id)
+        if node is None:
+            return None
+        for stage in decision.degraded:
+            metrics.DEGRADED.labels(facts.model, stage).inc()
+            self.degraded[facts.model] = (time.time(), stage)
+            self._warn(
+                f"degraded:{stage}",
+                "filter %r would have refused every node of model %r; serving the best remaining node %s "
+                "instead (check the validators' scores on /status)",
+                stage,
+                facts.model,
+                node.node_id,
+            )
+        return Pick(node, decision.degraded)
+
+    def has_candidate(self, facts: RequestFacts, exclude: set[str] | frozenset[str] = frozenset()) -> bool:
+        """Whether a node other than `exclude` could take the request now. Asked while waiting on a slow
+        node, so it counts and logs nothing: neither a refusal nor a degraded pick happened."""
+        try:
+            return self.router.route(facts, exclude=exclude).node_id in self._stats
+        except NoEligibleNode:
+            return False
+
+    def _warn(self, cause: str, msg: str, *args) -> None:
+        """A warning at most once per 10 s per cause."""
+        if time.monotonic() - self._warned.get(cause, -math.inf) > 10:
+            self._warned[cause] = time.monotonic()
+            log.warning(msg, *args)
 
     def begin(self, node_id: str) -> None:
         self.router.begin(node_id)

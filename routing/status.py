@@ -30,6 +30,10 @@ _PAGE = """<!doctype html>
 <body>
 <h1>meritnet</h1>
 <p>{{ live }} of {{ nodes|length }} nodes live &middot; models: {{ models|join(", ") or "none" }}</p>
+{% for model, d in (degraded or {}).items() %}
+<p class="down" data-degraded="{{ model }}">Degraded: filter {{ d.filter }} would have refused every node of
+{{ model }}; the best remaining node serves it (responses carry x-meritnet-degraded). Check the validators.</p>
+{% endfor %}
 <h2>Nodes</h2>
 <table id="nodes">
 <thead><tr><th>node</th><th>model</th><th>accelerator</th><th>kind</th><th>state</th><th>quality</th>
@@ -73,7 +77,7 @@ _TEMPLATE = Environment(autoescape=select_autoescape(default=True)).from_string(
 
 
 def render(view: dict[str, Any]) -> str:
-    """The HTML page of a status view (`GatewayCore.status_view()`)."""
+    """The HTML page of a status view (`routing.views.PublicViews.status()`)."""
     live = sum(1 for n in view["nodes"] if n["live"])
     models = sorted({n["model"] for n in view["nodes"]})
     return _TEMPLATE.render(live=live, models=models, **view)

@@ -16,6 +16,7 @@ from scoring.validator import (
 )
 from scoring.verify import (
     Claim,
+    Evidence,
     ReferenceEngine,
     TextCodec,
     Verification,
@@ -31,6 +32,7 @@ __all__ = [
     "ChallengeResponse",
     "Claim",
     "ConsensusState",
+    "Evidence",
     "NodeScorer",
     "ReferenceEngine",
     "ScoreConfig",

@@ -16,10 +16,40 @@ Validators (rows) weight nodes (columns). One epoch:
 6. rank_j = sum_i S_i W'_ij; trust_j = rank_j / prerank_j; incentive = rank / sum(rank).
 7. bonds: delta B_ij = S_i W'_ij column-normalised; B <- alpha * delta + (1 - alpha) * B_prev
    (B_prev column-normalised first), column-normalised again. alpha 0.1 is subtensor's
-   default bonds_moving_average 900_000 / 1e6 -> 1 - 0.9.
+   default bonds_moving_average 900_000 / 1e6 -> 1 - 0.9. With `public` (below), bonds are bought
+   only with support beyond what was already published.
 8. dividends_i = sum_j B_ij incentive_j, normalised to sum 1: a validator's share of the validators'
    emission. Bonds build up slowly (EMA), so a validator that weighted a node the majority later
    agrees on holds more of its bond than one that copied the majority late, and earns more.
+
+Copying (issue 28 item 14). The consensus quality is public (`/metrics`, `/status.json`), and in a
+network where little changes, last round's consensus is this round's: a validator that sends it one
+round late is fully in consensus, and original Yuma pays its bonds the same EMA as anyone's, so it
+earns about its stake share without running a reference engine. Commit-reveal (Bittensor) would not
+help here: it hides weights that sit on a public chain until a copier can no longer use them, while
+our reports are already answers to one signed round, asked before that round's consensus exists and
+refused for any other round (`scoring.report`). What a copier has when it answers round k is what
+round k-1 published, however it is delivered; a copy and an honest report of an unchanged network
+are the same numbers. So the fix is on the paying side: a bond is bought only with what was not yet
+public. `yuma_epoch(..., public=P)` takes P, the weight row a copier of the last published consensus
+sends (that consensus over the nodes it published, row-normalised), and builds bonds from the fresh
+support F_ij = max(0, W''_ij - P_j) (W'' the clipped weights step 7 uses) instead of W''_ij; the
+EMA rate of node j is alpha times the stake-weighted share of its support that is fresh, so a node
+whose consensus did not move trades no bonds, and a node nobody had published (P_j = 0, e.g. at
+genesis) trades exactly as in original Yuma.
+
+The bound: in round k a validator's new bond on node j is at most its stake times (C_j(k) - P_j)+,
+the part of node j's consensus that was not public when round k was asked. Sending the published
+consensus (or anything below it) buys no bond in any round: a pure copier's dividends are 0, and a
+validator that turns copier keeps only the bonds it bought, which shrink as others buy. Deviating
+from P pays only on the moves a validator backed before they were published, while its weight above
+the consensus is clipped as usual. What it costs: when nothing changes nobody buys bonds (honest
+validators live on the bonds they bought when they were first to back a change: a node joining, a
+node caught, speed moving), and a new validator, honest or not, earns nothing until it is first to
+back a change, because until then nothing tells it from a copier. Not covered: the consensus actor
+also re-exports each validator's per-node gauges after a round; a validator that copies the row of
+one that is ahead of the majority buys bonds when the majority catches up a round later (no more
+than that leader's lead).
 
 One deliberate difference from subtensor, at an exact tie in step 3. Subtensor takes the largest value
 backed by *at least* kappa of the stake (its default kappa, 32767/65535, is even just under 0.5), so
@@ -51,6 +81,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from cluster.records import NodeScore, QualityScores
 
 _EPS = 1e-12
+# Fresh support below this (a weight share) is rounding: a copied consensus comes back through
+# quality -> NodeScore.score -> row normalisation a few ulps away from the published row.
+_FRESH_TOL = 1e-9
 
 
 @dataclass(frozen=True)
@@ -67,6 +100,7 @@ class YumaResult:
     weights: np.ndarray  # V x N, the row-normalised weights used
     clipped_weights: np.ndarray  # V x N
     stake: np.ndarray  # V, normalised stake
+    fresh: np.ndarray  # N, stake-weighted share of the bond-building support that was not public
 
 
 def _normalize(v: np.ndarray) -> np.ndarray:
@@ -131,7 +165,14 @@ def _as_matrix(name: str, a, shape: tuple[int, int] | None = None) -> np.ndarray
 
 
 def yuma_epoch(
-    weights, stake, bonds=None, kappa: float = 0.5, alpha: float = 0.1, *, bonds_penalty: float = 1.0
+    weights,
+    stake,
+    bonds=None,
+    kappa: float = 0.5,
+    alpha: float = 0.1,
+    *,
+    bonds_penalty: float = 1.0,
+    public=None,
 ) -> YumaResult:
     """Run one epoch of original Yuma Consensus.
 
@@ -139,6 +180,9 @@ def yuma_epoch(
     bonds: last epoch's `YumaResult.bonds` (V x N) or None for a fresh start.
     kappa: a value needs more than this fraction of stake behind it. alpha: bonds EMA rate.
     bonds_penalty: 1 builds bonds from clipped weights (subtensor's default), 0 from raw weights.
+    public: N, the weight row that was public before these weights were asked (the last published
+    consensus, row-normalised; 0 for a node not published): bonds are bought only with support above
+    it (module doc, "Copying"). None: original Yuma (as if nothing had been published).
     """
     w = _as_matrix("weights", weights)
     v_count, _n_count = w.shape
@@ -152,6 +196,9 @@ def yuma_epoch(
     if not 0.0 <= alpha <= 1.0 or not 0.0 <= bonds_penalty <= 1.0:
         raise ValueError("alpha and bonds_penalty must be in [0, 1]")
     b_prev = np.zeros_like(w) if bonds is None else _as_matrix("bonds", bonds, w.shape)
+    p = np.zeros(w.shape[1]) if public is None else _as_matrix("public", np.reshape(public, (1, -1)))[0]
+    if p.shape != (w.shape[1],):
+        raise ValueError(f"public must have one entry per node ({w.shape[1]}), got {p.shape[0]}")
 
     s = _normalize(s)
     w = _row_normalize(w)
@@ -164,8 +211,14 @@ def yuma_epoch(
     incentive = _normalize(ranks)
 
     w_bonds = w + bonds_penalty * (clipped - w)  # subtensor's interpolate(weights, clipped, penalty)
-    delta = _col_normalize(w_bonds * s[:, None])
-    ema = _col_normalize(alpha * delta + (1.0 - alpha) * _col_normalize(b_prev))
+    support = np.maximum(w_bonds - p[None, :], 0.0)  # what was not public when the weights were asked
+    if public is not None:
+        support[support < _FRESH_TOL] = 0.0  # a copy rounded on its way back in buys nothing
+    held = s @ w_bonds
+    fresh = np.divide(s @ support, held, out=np.zeros_like(held), where=held > 0)
+    delta = _col_normalize(support * s[:, None])
+    rate = alpha * fresh  # per node: a consensus that did not move trades no bonds
+    ema = _col_normalize(rate * delta + (1.0 - rate) * _col_normalize(b_prev))
     dividends = _normalize(ema @ incentive)
 
     arrays = {
@@ -179,6 +232,7 @@ def yuma_epoch(
         "weights": w,
         "clipped_weights": clipped,
         "stake": s,
+        "fresh": fresh,
     }
     for a in arrays.values():
         a.setflags(write=False)
@@ -213,6 +267,11 @@ class SavedBonds(BaseModel):
 
     epoch: int = Field(ge=0)
     bonds: list[tuple[str, str, Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]]]
+    public: list[tuple[str, Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]]] = Field(
+        default_factory=list,
+        description="The last published consensus as a weight row (node, share): what the next round's "
+        "bonds are bought above. Absent in files from before it existed: the next round trades as at genesis.",
+    )
 
 
 class ConsensusState:
@@ -254,6 +313,9 @@ class ConsensusState:
         self.activity_cutoff_s = activity_cutoff_s
         self.epoch = 0
         self._bonds: dict[tuple[str, str], float] = {}
+        # node -> share of the row a copier of the last published consensus sends; bonds are bought
+        # only above it (module doc, "Copying"). Nothing is published before the first round.
+        self._public: dict[str, float] = {}
         self.last: YumaResult | None = None
         self.nodes: list[str] = []
 
@@ -289,7 +351,9 @@ class ConsensusState:
                     w[i, col[s.node_id]] = s.score
                     seen[i, col[s.node_id]] = True
         b = np.array([[self._bonds.get((v, n), 0.0) for n in nodes] for v in validators]).reshape(w.shape)
-        r = yuma_epoch(w, self.stake, b, kappa=self.kappa, alpha=self.alpha)
+        # The copier's row over this round's nodes: what it sends is row-normalised like anyone's.
+        public = _normalize(np.array([self._public.get(n, 0.0) for n in nodes]))
+        r = yuma_epoch(w, self.stake, b, kappa=self.kappa, alpha=self.alpha, public=public)
         self._bonds = {
             (v, n): float(r.bonds[i, j]) for i, v in enumerate(validators) for j, n in enumerate(nodes)
         }
@@ -297,16 +361,24 @@ class ConsensusState:
         covered = _majority(seen.T @ r.stake, self.kappa)  # stake share with an opinion, per node
         q = quality_from_consensus(r, nodes, epoch=self.epoch)
         self.epoch += 1
-        return q.model_copy(update={"quality": {n: x for n, x in q.quality.items() if covered[col[n]]}})
+        published = {n: x for n, x in q.quality.items() if covered[col[n]]}
+        total = sum(published.values())  # quality is consensus / max: the same row once normalised
+        self._public = {n: x / total for n, x in published.items()} if total > 0 else {}
+        return q.model_copy(update={"quality": published})
 
     def saved(self) -> SavedBonds:
         """What a restarted consensus needs to go on where this one is: the bonds and the round count."""
-        return SavedBonds(epoch=self.epoch, bonds=[(v, n, b) for (v, n), b in sorted(self._bonds.items())])
+        return SavedBonds(
+            epoch=self.epoch,
+            bonds=[(v, n, b) for (v, n), b in sorted(self._bonds.items())],
+            public=sorted(self._public.items()),
+        )
 
     def restore(self, saved: SavedBonds) -> None:
         """Go on from `saved()`: bonds of validators no longer configured are dropped (a validator added
         since starts with none, as a new one does)."""
         self._bonds = {(v, n): b for v, n, b in saved.bonds if v in self.validators}
+        self._public = dict(saved.public)
         self.epoch = saved.epoch
 
     def validator_trust(self) -> dict[str, float]:

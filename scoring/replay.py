@@ -16,7 +16,9 @@ are bounded above by the k-th value, so each position is decided with two rows:
     otherwise                           -> "unsure": an unknown token might have won; not counted
 
 `tol` (in logit/T units) is added to the emitted token's value first: float differences between the
-node's decode and the reference's prefill (batch shape) may flip a near-tie; calibration measures it.
+node's decode and the reference's prefill (kernels, dtype, threads, batch shape) may flip a near-tie;
+`scoring.verify` passes its margin tolerance / T, and `replay_margins` measures honest margins for
+calibration.
 
 Replayable: temperature > 0 with a seed and no top_p/top_k/min_p/penalties/logit bias (those reshape
 the distribution from values the top-k does not hold; greedy requests are checked by rank instead).
@@ -27,6 +29,7 @@ needs the same engine build and `VLLM_BATCH_INVARIANT=1` (see README), and is no
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Literal, Protocol
 
@@ -148,4 +151,30 @@ def replay_steps(
             out.append("ok")
         else:
             out.append("unsure")
+    return out
+
+
+MARGIN_GRID = (0.0, 0.003, 0.01, 0.03, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+def replay_margins(
+    ref: Sequence[dict[int, float]],
+    emitted: Sequence[int],
+    temperature: float,
+    seed: int,
+    vocab_size: int,
+    argmax: NoisyArgmax,
+    grid: Sequence[float] = MARGIN_GRID,
+) -> list[float]:
+    """Replay's analogue of the greedy margin, for calibration: per position, the smallest headroom in
+    `grid` (logit units, i.e. before / T) with which the emitted token is no longer ruled out ("bad")
+    by the seeded sampler; inf beyond the grid. One replay per grid value."""
+    out = [math.inf] * len(emitted)
+    for g in sorted(grid):
+        steps = replay_steps(ref, emitted, temperature, seed, vocab_size, argmax, g / temperature)
+        for t, st in enumerate(steps):
+            if st != "bad" and out[t] == math.inf:
+                out[t] = g
+        if all(m < math.inf for m in out):
+            break
     return out

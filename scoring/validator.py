@@ -25,7 +25,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
+from cluster import services, sse
 from cluster.completions import MAX_IDS, NodeUsage, parse_body
+from cluster.nodes import MAX_EVENT_BYTES
 from cluster.records import NodeScore, NodeStats, ServedCompletion
 from scoring import metrics
 from scoring.challenge import ChallengeConfig, ChallengePool, ChallengeRequest, ShadowSampler
@@ -56,7 +58,10 @@ class ValidatorConfig(BaseModel):
     thresholds: VerifyThresholds = Field(
         default_factory=VerifyThresholds, description="Verification thresholds."
     )
-    score: ScoreConfig = Field(default_factory=ScoreConfig, description="Score smoothing and penalties.")
+    score: ScoreConfig = Field(
+        default_factory=ScoreConfig,
+        description="Score smoothing and the sequential test (conviction threshold, backoff).",
+    )
     timeout_s: float = Field(
         default=60.0, gt=0, description="A challenge unanswered this long counts as failed."
     )
@@ -208,7 +213,7 @@ class Validator:
             self.tokens_spent += resp.completion_tokens
             if resp.malformed:
                 verification = malformed(resp.malformed)
-                self._observe_verdict(node.node_id, node.model_id, verification.verdict)
+                self._observe(node.node_id, node.model_id, verification)
             else:
                 verification = await self._judge(
                     node.node_id, node.model_id, lambda: self.claim_for(req, resp)
@@ -244,7 +249,7 @@ class Validator:
                     "validator %s: could not verify %s (%s)", self.validator_id, node_id, type(exc).__name__
                 )
                 return None
-        self._observe_verdict(node_id, model_id, v.verdict)
+        self._observe(node_id, model_id, v)
         return v
 
     def claim_for_served(self, item: ServedCompletion) -> Claim:
@@ -322,10 +327,11 @@ class Validator:
             except TimeoutError:
                 pass
 
-    def _observe_verdict(self, node_id: str, model_id: str, verdict: str) -> None:
-        self.scorer.observe_verification(node_id, model_id, verdict)
+    def _observe(self, node_id: str, model_id: str, v: Verification) -> None:
+        """Feed one completion's evidence (tokens judged, violations, LLR) to the sequential test."""
+        self.scorer.observe_verification(node_id, model_id, v.evidence)
         counts = self.counts[node_id]
-        counts[verdict] += 1
+        counts[v.verdict] += 1
         if node_id not in self.detected_after and self.scorer.in_penalty(node_id):
             self.detected_after[node_id] = counts["pass"] + counts["fail"] + counts["fraud"]
 
@@ -425,15 +431,18 @@ def http_send(
                 return ChallengeResponse(
                     ok=False, status=r.status_code, error=body[:200], elapsed_s=time.perf_counter() - t0
                 )
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                if ttft is None:
-                    ttft = time.perf_counter() - t0
-                try:
-                    chunks.append(json.loads(line[6:]))
-                except ValueError as exc:  # garbage instead of a JSON chunk
-                    return _malformed(exc, time.perf_counter() - t0, ttft)
+            events = sse.EventSplitter(MAX_EVENT_BYTES)
+            try:
+                async for data in r.aiter_raw():
+                    for event in events.feed(data):
+                        if not sse.is_event(event) or sse.is_done(event):
+                            continue
+                        if ttft is None:
+                            ttft = time.perf_counter() - t0
+                        chunks.append(json.loads(sse.payload(event)))
+                events.close()
+            except ValueError as exc:  # garbage instead of JSON chunks, or events cut or oversized
+                return _malformed(exc, time.perf_counter() - t0, ttft)
         return parse_stream(chunks, ttft_s=ttft, elapsed_s=time.perf_counter() - t0)
 
     return send
@@ -563,11 +572,11 @@ class ValidatorActor:
         challenge_key: str,
         model_sources: Mapping[str, str],
         api_key: str | None = None,
-        registry_name: str = "meritnet-registry",
-        namespace: str = "meritnet",
+        registry_name: str = services.REGISTRY,
+        namespace: str = services.NAMESPACE,
         engine_kwargs: Mapping[str, Any] | None = None,
         engines: Mapping[str, ReferenceEngine] | None = None,
-        shadow_feed_name: str | None = "meritnet-shadow",
+        shadow_feed_name: str | None = services.SHADOW_FEED,
         signer: Callable[[], Any] | None = None,
     ) -> None:
         from scoring.reference import HFCodec, VllmReferenceEngine

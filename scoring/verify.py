@@ -5,27 +5,43 @@ teacher-forced (prompt + the node's completion as one prompt, `prompt_logprobs=k
 completion position t it knows the reference's next-token distribution given exactly the node's prefix.
 Divergence earlier in the text therefore never cascades: each token is judged on its own prefix.
 
-Per token we record the rank of the emitted token in the reference distribution (1 = the reference's
-argmax) and a probability distance, `gap = p_ref(top-1) - p_ref(emitted)` in [0, 1].
+Honest nodes are not bit-identical to the reference: other kernels, instruction sets, dtypes (bf16 vs
+fp32), thread counts and batch shapes move every logit by a little float noise, and where two tokens
+are nearly tied that noise flips the choice. So each token is judged by its *margin*, in nats of the
+reference's logits (= logprob differences):
 
-* Greedy requests (temperature 0): an honest node emits the argmax, except where two tokens are so close
-  that batch-size-dependent float rounding flips them; such near-ties have a tiny gap. A token is a
-  *mismatch* when rank > 1 and gap > `greedy_gap_tol`.
-* Sampled requests with a seed (every request after the gateway) and a known node sampler: replayed
-  (`scoring.replay`): the seed fixes the sampler's noise, so each position has one token the claimed
-  model had to emit; a token the replay rules out is flagged (`replay_*` thresholds; positions where a
-  token outside the reference's top-k might have won are "unsure" and not counted).
+* Greedy (temperature 0): m_t = logprob_ref(top-1) - logprob_ref(emitted) >= 0. An honest node's
+  token loses only near-ties (small m_t); another model, a quantised one or a cheat emits tokens that
+  lose by a lot. A token is a *violation* when m_t > `margin_tol`.
+* Sampled with a seed and a known node sampler (`scoring.replay`): the seed fixes the sampler's Gumbel
+  noise, so the emitted token must win argmax(logits/T + g). The emitted token gets `margin_tol`/T of
+  headroom (the same logit noise, in the sampler's units); a token that still loses is a violation,
+  positions an unreported (outside top-k) token might have won are "unsure" and not counted.
 * Other sampled requests (no seed, top_p/top_k/penalties, or no replayable sampler): any token may
-  legitimately appear, so a token is *implausible* only if the reference gives it logprob below
-  `sampled_min_logprob` (or it falls outside the top-k and the engine did not return its logprob).
+  appear, so a token is a violation only if its *tempered* reference logprob (an upper bound from the
+  top-k) is below `sampled_min_logprob`; an honest sampler emits such a token with probability at most
+  vocab_size x e^floor, which the floor is kept under (see `floor_for`).
 
-Structural checks need no engine: reported token counts against the token ids / re-tokenised text
-(inflation is fraud), `finish_reason="length"` with fewer than max_tokens tokens (truncation is fraud),
-and `finish_reason="stop"` must end where the reference would plausibly end (EOS check).
+Each completion yields `Evidence`: tokens judged, violations, and the log-likelihood ratio of its
+violations under a Bernoulli model, H1 (a cheat: violation rate >= `cheat_rate`) against H0 (honest
+noise: rate <= `honest_rate`). It also counts *flips*: tokens other than the reference's top choice
+that stay inside the tolerance. Honest noise flips only near-ties (1.6-1.8% of tokens for bfloat16 nodes
+against a float32 reference); a node that takes the runner-up whenever the tolerance allows flips ~26%,
+and its violations alone never show it. So flips of greedy tokens get a second Bernoulli test
+(`honest_flip_rate` against `cheat_flip_rate`). Replayed samples count no flips: the sampler's noise
+makes near-ties common, and honest bfloat16 samples differ from the exact replay on 14% of tokens. One completion decides nothing: `scoring.score.NodeScorer` runs a sequential test
+(CUSUM) on each over a node's completions, with a stated false-conviction bound for the two together.
 
-Verdicts: `pass`; `fail` (more mismatches than honest nondeterminism explains); `fraud` (structural lies,
-or so many mismatches that it is a different model). Thresholds live in `VerifyThresholds`; `calibrate`
-derives them from measured honest completions with a safety margin.
+Immediate fraud (deterministic: no noise explains it): reported counts above the verified count
+(inflation), `finish_reason="length"` with fewer than max_tokens tokens (truncation), a 'stop' where the
+claimed model would not stop, ids outside the vocabulary, ids that do not decode to the returned text;
+and a completion whose violations are so many that honest noise cannot explain them (binomial tail
+under `honest_rate` below `fraud_alpha` and rate above `fraud_rate`): another model.
+
+Verdicts, per completion, for counters and logs: `pass` (its evidence favours honest noise, LLR <= 0),
+`fail` (it favours a cheat, LLR > 0: evidence for the sequential test, no conviction by itself),
+`fraud` (above). `calibrate` derives `margin_tol` and `honest_rate` from honest completions where node
+and reference differ (dtype, threads, batch, prefix caching), with a stated margin.
 """
 
 from __future__ import annotations
@@ -35,7 +51,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from scoring.replay import NoisyArgmax, replay_steps
 
@@ -72,50 +88,77 @@ class TextCodec(Protocol):
         ...
 
 
+_PROVENANCE = (
+    "benchmarks/verification.py --quick (2026-12-07, AMD EPYC, AVX2, no AVX-512/AMX; vLLM CPU 0.32): "
+    "reference fp32 / 2 OpenMP threads / prefix caching; honest nodes bf16 or fp32, 1 thread, no prefix "
+    "caching, batch 1 and 8, plus the reference's own engine at batch 1/4/16: 200 completions (12,976 "
+    "tokens, greedy and seeded sampled at T 0.7-1.0) for calibration. Largest honest margin of a "
+    "non-argmax token 0.30 nats, largest node-vs-reference margin noise 0.35 nats (both bf16 nodes; fp32 "
+    "nodes at most 2.3e-5), margin 2 -> 0.70, rounded up to margin_tol 0.75. 0 honest violations at it "
+    "(rule of three: rate < 2.3e-4); honest_rate 0.005 is kept 20x above that for hardware not measured "
+    "here (AVX-512/AMX kernels, GPUs), cheat_rate 0.05. Re-run calibrate() for other models or hardware."
+)
+
+
 class VerifyThresholds(BaseModel):
     """Decision thresholds. Defaults are the values calibrated on the default model (see provenance)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     top_k: int = Field(default=20, ge=1, le=100, description="Reference logprobs requested per position.")
-    greedy_gap_tol: float = Field(
-        default=1e-3,
+    margin_tol: float = Field(
+        default=0.75,
         ge=0.0,
-        le=1.0,
-        description="Largest p(top1) - p(emitted) still treated as a near-tie flip under greedy decoding.",
+        description="Largest margin (nats: reference logprob of its top-1 minus the emitted token's; for "
+        "seeded replay, logit units before / T) still explained by honest float noise.",
     )
-    greedy_fail_rate: float = Field(
-        default=0.0, ge=0.0, le=1.0, description="Greedy mismatch fraction above which the completion fails."
+    honest_rate: float = Field(
+        default=0.005,
+        gt=0.0,
+        lt=1.0,
+        description="H0: the highest per-token violation rate of an honest node (calibrated, with margin).",
     )
-    greedy_fraud_rate: float = Field(
+    cheat_rate: float = Field(
+        default=0.05,
+        gt=0.0,
+        lt=1.0,
+        description="H1: the lowest per-token violation rate the sequential test is built to catch.",
+    )
+    honest_flip_rate: float = Field(
+        default=0.05,
+        gt=0.0,
+        lt=1.0,
+        description="H0 of the second test: the highest per-token rate at which an honest node emits a token "
+        "other than the reference's top choice but inside `margin_tol` (a near-tie flipped by float noise). "
+        "Measured 1.6-1.8% for bfloat16 nodes against a float32 reference (benchmarks/RESULTS.md, "
+        "verification v3), so ~3x room.",
+    )
+    cheat_flip_rate: float = Field(
+        default=0.2,
+        gt=0.0,
+        lt=1.0,
+        description="H1 of the second test: the lowest such rate it is built to catch; a node that takes the "
+        "runner-up whenever the tolerance allows flipped ~26% of its tokens (near_tie_flipper).",
+    )
+    fraud_rate: float = Field(
         default=0.25,
         ge=0.0,
         le=1.0,
-        description="Greedy mismatch fraction above which it is clearly another model (fraud).",
+        description="Violation share above which one completion is another model (fraud), when also ...",
+    )
+    fraud_alpha: float = Field(
+        default=3e-11,
+        gt=0.0,
+        lt=1.0,
+        description="... honest noise at `honest_rate` makes that many violations less likely than this "
+        "(binomial tail). 3e-11 x 2^14 completions per node per epoch = 5e-7: half the 1e-6 budget "
+        "(scoring.score.ScoreConfig states the other half).",
     )
     sampled_min_logprob: float = Field(
-        default=-12.0, le=0.0, description="A sampled token with reference logprob below this is implausible."
-    )
-    sampled_fail_rate: float = Field(
-        default=0.05,
-        ge=0.0,
-        le=1.0,
-        description="Implausible fraction above which a sampled completion fails.",
-    )
-    sampled_fraud_rate: float = Field(
-        default=0.3, ge=0.0, le=1.0, description="Implausible fraction above which it is fraud."
-    )
-    replay_tol: float = Field(
-        default=1e-3,
-        ge=0.0,
-        description="Seeded replay: logit/T margin granted to the emitted token (float differences between "
-        "the node's decode and the reference prefill).",
-    )
-    replay_fail_rate: float = Field(
-        default=0.0, ge=0.0, le=1.0, description="Replay mismatch fraction above which a completion fails."
-    )
-    replay_fraud_rate: float = Field(
-        default=0.25, ge=0.0, le=1.0, description="Replay mismatch fraction above which it is fraud."
+        default=-16.0,
+        le=0.0,
+        description="Non-replayed sampled tokens: a tempered reference logprob below this is a violation "
+        "(capped at log(honest_rate / (4 x vocab)) so honest samplers stay well inside H0).",
     )
     count_tolerance: int = Field(
         default=1,
@@ -124,12 +167,78 @@ class VerifyThresholds(BaseModel):
         "some engines and not others; re-tokenised text may split differently).",
     )
     provenance: str = Field(
-        default="benchmarks/verification.py --quick: 120 honest greedy completions (4607 tokens) of the default "
-        "model (seed 0) in vLLM CPU at batch sizes 1/4/16 showed no argmax flip (max near-tie gap 0), so the gap "
-        "tolerance is calibrate()'s floor 1e-3 and any mismatch fails; fraud/sampled rates are hand-set caps. "
-        "Re-run calibrate() for other models or hardware (GPU kernels flip more near-ties).",
-        description="How these numbers were obtained (data, batch sizes, margin).",
+        default=_PROVENANCE,
+        description="How these numbers were obtained (data, configurations, margin).",
     )
+
+    @model_validator(mode="after")
+    def _rates_ordered(self) -> VerifyThresholds:
+        if not self.honest_rate < self.cheat_rate:
+            raise ValueError(
+                f"honest_rate ({self.honest_rate}) must be below cheat_rate ({self.cheat_rate}): the "
+                "sequential test separates the two"
+            )
+        if not self.honest_flip_rate < self.cheat_flip_rate:
+            raise ValueError(
+                f"honest_flip_rate ({self.honest_flip_rate}) must be below cheat_flip_rate "
+                f"({self.cheat_flip_rate}): the second sequential test separates the two"
+            )
+        return self
+
+    def llr(self, tokens: int, violations: int) -> float:
+        """log P(violations | cheat_rate) / P(violations | honest_rate) for `tokens` Bernoulli tokens."""
+        p0, p1 = self.honest_rate, self.cheat_rate
+        return violations * math.log(p1 / p0) + (tokens - violations) * math.log((1 - p1) / (1 - p0))
+
+    def flip_llr(self, tokens: int, flips: int) -> float:
+        """The same for flips (non-top tokens inside the tolerance) at honest_flip_rate vs cheat_flip_rate."""
+        q0, q1 = self.honest_flip_rate, self.cheat_flip_rate
+        return flips * math.log(q1 / q0) + (tokens - flips) * math.log((1 - q1) / (1 - q0))
+
+    def floor_for(self, vocab_size: int) -> float:
+        """The tempered-logprob floor: an honest sampler emits a token below it with probability at most
+        vocab_size x e^floor <= honest_rate / 4."""
+        return min(self.sampled_min_logprob, math.log(self.honest_rate / (4 * max(1, vocab_size))))
+
+
+def binomial_tail(n: int, k: int, p: float) -> float:
+    """P(Binomial(n, p) >= k), summed in log space (n up to a few thousand)."""
+    if k <= 0:
+        return 1.0
+    if k > n:
+        return 0.0
+    lp, lq = math.log(p), math.log1p(-p)
+    terms = [
+        math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp + (n - i) * lq
+        for i in range(k, n + 1)
+    ]
+    top = max(terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
+
+
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    """What one completion says about its node, for the sequential test (`scoring.score`)."""
+
+    tokens: int  # tokens judged (unsure replay positions and an appended EOS excluded)
+    violations: int  # of those, tokens honest noise does not explain (margin > tol)
+    llr: float  # log-likelihood ratio cheat vs honest of these counts (VerifyThresholds.llr)
+    fraud: bool = False  # structural lie or certainly another model: conviction without a test
+    flips: int = 0  # tokens other than the reference's top choice but inside the tolerance
+    flip_llr: float = 0.0  # the second test's log-likelihood ratio (VerifyThresholds.flip_llr)
+
+    @classmethod
+    def of_verdict(cls, verdict: str, th: VerifyThresholds | None = None) -> Evidence:
+        """Evidence of a bare verdict (callers without token counts): 'pass' is no evidence either way,
+        'fail' one violation, 'fraud' fraud."""
+        th = th or VerifyThresholds()
+        if verdict == "fraud":
+            return cls(0, 0, 0.0, fraud=True)
+        if verdict == "fail":
+            return cls(1, 1, th.llr(1, 1))
+        if verdict == "pass":
+            return cls(0, 0, 0.0)
+        raise ValueError(f"unknown verdict {verdict!r}; expected pass, fail or fraud")
 
 
 class Claim(BaseModel):
@@ -167,7 +276,7 @@ class TokenCheck:
     token_id: int
     rank: int  # 1 = reference argmax; top_k + 1 when outside the returned top-k
     logprob: float  # reference logprob of the emitted token (-inf when unknown)
-    gap: float  # p_ref(top1) - p_ref(emitted), in [0, 1]
+    margin: float  # logprob_ref(top-1) - logprob_ref(emitted) >= 0 (a lower bound outside the top-k)
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,13 +284,14 @@ class Verification:
     verdict: Verdict
     reasons: tuple[str, ...]
     greedy: bool
-    n_tokens: int
-    flagged: int  # mismatches (greedy) or implausible tokens (sampled)
-    max_gap: float
+    n_tokens: int  # tokens judged (replay: without the unsure positions)
+    flagged: int  # violations: tokens whose margin honest noise does not explain
+    max_margin: float  # largest margin of a non-argmax token (nats)
     mean_logprob: float
     tokens: tuple[TokenCheck, ...]
     replayed: bool = False  # sampled and checked by seeded replay (flagged = tokens the sampler forbids)
     unsure: int = 0  # replayed positions an unreported (outside top-k) token might have won
+    evidence: Evidence = Evidence(0, 0, 0.0)
 
     @property
     def flagged_rate(self) -> float:
@@ -191,39 +301,48 @@ class Verification:
 def compare_tokens(
     completion_ids: Sequence[int], ref: Sequence[dict[int, float]], top_k: int
 ) -> list[TokenCheck]:
-    """Rank and gap of each emitted token in the reference distribution at its position."""
+    """Rank and margin of each emitted token in the reference distribution at its position."""
     if len(ref) != len(completion_ids):
         raise ValueError(
             f"reference returned {len(ref)} positions for {len(completion_ids)} completion tokens"
         )
     out = []
     for t, (tok, dist) in enumerate(zip(completion_ids, ref)):
-        top = max(dist.values()) if dist else -math.inf
+        top = max(dist.values()) if dist else 0.0
         lp = dist.get(tok, -math.inf)
         rank = 1 + sum(1 for v in dist.values() if v > lp) if tok in dist else top_k + 1
-        gap = min(1.0, max(0.0, math.exp(top) - (math.exp(lp) if lp > -math.inf else 0.0)))
-        out.append(TokenCheck(t, int(tok), rank, lp, gap))
+        # Outside the returned top-k the emitted token is at most the k-th value: a lower bound.
+        known = lp if lp > -math.inf else min(dist.values(), default=0.0)
+        out.append(TokenCheck(t, int(tok), rank, lp, max(0.0, top - known)))
     return out
 
 
-def _is_flagged(c: TokenCheck, greedy: bool, th: VerifyThresholds) -> bool:
-    if greedy:
-        return c.rank > 1 and c.gap > th.greedy_gap_tol
-    return c.logprob < th.sampled_min_logprob
+def _tempered_logprob(dist: dict[int, float], tok: int, temperature: float) -> float:
+    """Upper bound of log p_T(tok) (the sampler's distribution at temperature T) from the top-k: the
+    normaliser over the known tokens only is a lower bound of the full one."""
+    lp = dist.get(tok, -math.inf)
+    if lp == -math.inf:
+        return -math.inf
+    scaled = [v / temperature for v in dist.values()]
+    top = max(scaled)
+    return lp / temperature - (top + math.log(sum(math.exp(x - top) for x in scaled)))
 
 
 def structural_reasons(
     claim: Claim, ids: Sequence[int], ids_from_node: bool, codec: TextCodec, th: VerifyThresholds
 ) -> tuple[list[str], list[str]]:
-    """(fraud reasons, fail reasons) that need no reference engine."""
+    """(fraud reasons, fail reasons) that need no reference engine: deterministic lies, which no float
+    noise explains, are fraud."""
     fraud, fail = [], []
     n = len(ids)
     if ids_from_node:
         body = [t for t in ids if t not in codec.eos_token_ids]
         # Byte-level BPE: a token may end mid-character; streaming detokenisers emit U+FFFD there while a
         # whole-sequence decode may not, so replacement characters are ignored in the comparison.
-        if codec.decode(body).replace("\ufffd", "") != claim.text.replace("\ufffd", ""):
-            fail.append("token ids do not decode to the returned text")
+        decoded, text = codec.decode(body).replace("\ufffd", ""), claim.text.replace("\ufffd", "")
+        # A stop string ends the text inside the ids' last tokens: the text is then a prefix.
+        if decoded != text and not (claim.stop_strings and decoded.startswith(text)):
+            fraud.append("token ids do not decode to the returned text")
     if claim.reported_completion_tokens > n + th.count_tolerance:
         fraud.append(f"inflated token count: reported {claim.reported_completion_tokens}, verified {n}")
     if claim.max_tokens is None:
@@ -262,7 +381,15 @@ def unverifiable_reasons(
 def malformed(reason: str) -> Verification:
     """The verdict on output that cannot be verified at all (see `unverifiable_reasons`): fraud."""
     return Verification(
-        "fraud", (reason,), greedy=False, n_tokens=0, flagged=0, max_gap=0.0, mean_logprob=0.0, tokens=()
+        "fraud",
+        (reason,),
+        greedy=False,
+        n_tokens=0,
+        flagged=0,
+        max_margin=0.0,
+        mean_logprob=0.0,
+        tokens=(),
+        evidence=Evidence(0, 0, 0.0, fraud=True),
     )
 
 
@@ -273,10 +400,10 @@ def verify(
     thresholds: VerifyThresholds | None = None,
     sampler: NoisyArgmax | None = None,
 ) -> Verification:
-    """Verdict on one completion. Calls `engine.prompt_logprobs` once (blocking: run it off the event loop),
-    unless the claim is unverifiable (fraud without an engine call). `sampler`: the nodes' seeded sampler
-    (`scoring.replay`); with it, seeded sampled claims are checked token by token by replay, without it
-    by the logprob floor."""
+    """Verdict and evidence on one completion. Calls `engine.prompt_logprobs` once (blocking: run it off
+    the event loop), unless the claim is unverifiable (fraud without an engine call). `sampler`: the
+    nodes' seeded sampler (`scoring.replay`); with it, seeded sampled claims are checked token by token
+    by replay, without it by the tempered logprob floor."""
     th = thresholds or VerifyThresholds()
     ids_from_node = claim.completion_token_ids is not None
     ids = list(claim.completion_token_ids) if ids_from_node else codec.encode(claim.text)
@@ -303,102 +430,111 @@ def verify(
         check_ids[-1] = best
     checks = compare_tokens(check_ids, ref, th.top_k)
     replayed = not greedy and claim.seed is not None and not claim.reshaped and sampler is not None
-    unsure = 0
+    judged: list[bool] = [True] * len(checks)
     if replayed:
+        # The same logit noise as greedy, in the sampler's units (logits / T).
         steps = replay_steps(
-            ref, check_ids, claim.temperature, claim.seed, codec.vocab_size, sampler, th.replay_tol
+            ref,
+            check_ids,
+            claim.temperature,
+            claim.seed,
+            codec.vocab_size,
+            sampler,
+            th.margin_tol / claim.temperature,
         )
         flags = [st == "bad" for st in steps]
-        unsure = steps.count("unsure")
+        judged = [st != "unsure" for st in steps]
+        # No flips: the sampler's Gumbel noise makes near-ties common, so honest bf16 samples differ from
+        # the exact replay on 14% of tokens (84/587 in tests/integration/test_scoring_reference.py)
+        flipped = [False] * len(flags)
+        kind = "not what the seeded sampler picks"
+    elif greedy:
+        flags = [c.margin > th.margin_tol for c in checks]
+        flipped = [c.rank > 1 and not f for c, f in zip(checks, flags)]
+        kind = f"lose the reference's argmax by more than {th.margin_tol:.3g} nats"
     else:
-        flags = [_is_flagged(c, greedy, th) for c in checks]
-    flagged = sum(flags)
+        floor = th.floor_for(codec.vocab_size)
+        flags = [_tempered_logprob(d, c.token_id, claim.temperature) < floor for d, c in zip(ref, checks)]
+        flipped = [False] * len(flags)  # any token may be sampled: no flips to count
+        kind = f"below the tempered logprob floor {floor:.1f}"
     if eos_appended and flags and flags[-1]:
         fraud.append("finish_reason 'stop' where the claimed model would not stop (truncated output)")
-        flagged -= 1
-    body_n = len(checks) - (1 if eos_appended else 0)
-    rate = flagged / body_n if body_n else 0.0
-    if replayed:
-        fail_rate, fraud_rate, kind = (
-            th.replay_fail_rate,
-            th.replay_fraud_rate,
-            "not what the seeded sampler picks",
-        )
-    elif greedy:
-        fail_rate, fraud_rate, kind = th.greedy_fail_rate, th.greedy_fraud_rate, "mismatched"
-    else:
-        fail_rate, fraud_rate, kind = th.sampled_fail_rate, th.sampled_fraud_rate, "implausible"
-    if rate > fraud_rate:
-        fraud.append(
-            f"{flagged}/{body_n} tokens {kind} under the reference (> {fraud_rate:.3f}): another model"
-        )
-    elif rate > fail_rate:
-        fail.append(f"{flagged}/{body_n} tokens {kind} under the reference (> {fail_rate:.3f})")
+    if eos_appended:  # the appended EOS was judged for the ending above; it is not the node's token
+        flags, judged, flipped = flags[:-1], judged[:-1], flipped[:-1]
+    n = sum(judged)
+    flagged = sum(f for f, j in zip(flags, judged) if j)
+    flips = sum(f for f, j in zip(flipped, judged) if j)
+    # flips feed only the sequential test: one near-tie in a short answer is common for honest nodes
+    flip_llr = th.flip_llr(n, flips) if greedy else 0.0
+    tail = binomial_tail(n, flagged, th.honest_rate)
+    if flagged and flagged > th.fraud_rate * n and tail < th.fraud_alpha:
+        fraud.append(f"{flagged}/{n} tokens {kind}: P < {tail:.1e} under honest noise, another model")
+    llr = th.llr(n, flagged)
+    if llr > 0 and flagged:
+        fail.append(f"{flagged}/{n} tokens {kind} (evidence against the node: LLR {llr:+.1f})")
     verdict: Verdict = "fraud" if fraud else ("fail" if fail else "pass")
     finite = [c.logprob for c in checks if c.logprob > -math.inf]
     return Verification(
         verdict=verdict,
         reasons=tuple(fraud + fail),
         greedy=greedy,
-        n_tokens=body_n,
-        flagged=max(0, flagged),
-        max_gap=max((c.gap for c in checks if c.rank > 1), default=0.0),
+        n_tokens=n,
+        flagged=flagged,
+        max_margin=max((c.margin for c in checks), default=0.0),
         mean_logprob=sum(finite) / len(finite) if finite else 0.0,
         tokens=tuple(checks),
         replayed=replayed,
-        unsure=unsure,
+        unsure=len(judged) - n,
+        evidence=Evidence(n, flagged, llr, fraud=bool(fraud), flips=flips, flip_llr=flip_llr),
     )
 
 
 def calibrate(
-    honest_greedy: Sequence[Sequence[TokenCheck]],
-    honest_sampled: Sequence[Sequence[TokenCheck]] = (),
+    honest_margins: Sequence[Sequence[float]],
     *,
-    margin: float = 3.0,
+    noise: Sequence[float] = (),
+    margin: float = 2.0,
     base: VerifyThresholds | None = None,
     note: str = "",
 ) -> VerifyThresholds:
-    """Thresholds that accept every honest sample with room to spare.
+    """Thresholds that explain every honest sample with room to spare.
 
-    honest_*: per completion, the token checks of an honest node's output under the reference
-    (`compare_tokens`), gathered at several batch sizes / concurrency levels so that the engine's
-    nondeterminism shows. The greedy near-tie tolerance becomes `margin` x the largest honest gap at a
-    non-argmax token (at least 1e-3); the fail rates become `margin` x the worst honest rate under the
-    new tolerance (0 when honest nodes never mismatch, i.e. any mismatch fails); the sampled logprob
-    floor sits log(margin^2) below the least likely honest sampled token, and the sampled fail rate
-    keeps `base`'s allowance (sampling can hit a rare token by pure chance). Fraud rates are kept from
-    `base` but never below the fail rates.
+    honest_margins: per honest completion, the margin of each token (`TokenCheck.margin` for greedy
+    tokens; `scoring.replay.replay_margins` in logit units for seeded sampled ones), measured where node
+    and reference DIFFER (dtype, threads, batch size, prefix caching), so that honest float noise shows.
+    `margin_tol` becomes `margin` x the largest honest margin of a non-argmax token (at least base's
+    tolerance / margin, so a sample without any flip does not shrink it to 0); `honest_rate` (H0)
+    becomes `margin` x the honest violation rate at that tolerance, and at least 3 / tokens (the 95%
+    upper bound when none is seen: the "rule of three") and base's rate; `cheat_rate` (H1) stays
+    base's, at least 5 x honest_rate.
     """
     if margin < 1.0:
         raise ValueError("margin must be >= 1 (it widens the honest envelope)")
     base = base or VerifyThresholds()
-    gaps = [c.gap for comp in honest_greedy for c in comp if c.rank > 1]
-    gap_tol = min(1.0, max(1e-3, margin * max(gaps, default=0.0)))
-
-    def worst_rate(comps, flag) -> float:
-        return max((sum(flag(c) for c in comp) / len(comp) for comp in comps if comp), default=0.0)
-
-    g_rate = worst_rate(honest_greedy, lambda c: c.rank > 1 and c.gap > gap_tol)
-    lps = [c.logprob for comp in honest_sampled for c in comp]
-    floor = (min(lps) - 2 * math.log(margin)) if lps else base.sampled_min_logprob
-    floor = min(floor, base.sampled_min_logprob) if math.isfinite(floor) else base.sampled_min_logprob
-    s_rate = worst_rate(honest_sampled, lambda c: c.logprob < floor)
-    n_tok = sum(len(c) for c in honest_greedy) + sum(len(c) for c in honest_sampled)
+    flips = [m for comp in honest_margins for m in comp if m > 0]
+    worst = max(flips, default=0.0)
+    worst_noise = max(noise, default=0.0)
+    tol = max(margin * max(worst, worst_noise), base.margin_tol / margin)
+    n_tok = sum(len(c) for c in honest_margins)
+    violations = sum(m > tol for comp in honest_margins for m in comp)
+    rate = max(margin * violations / max(1, n_tok), 3.0 / max(1, n_tok), base.honest_rate)
+    cheat = max(base.cheat_rate, 5 * rate)
+    inside = sum(0 < m <= tol for comp in honest_margins for m in comp)
+    flip_rate = max(margin * inside / max(1, n_tok), 3.0 / max(1, n_tok), base.honest_flip_rate)
     prov = (
-        f"calibrated from {len(honest_greedy)} greedy + {len(honest_sampled)} sampled honest completions "
-        f"({n_tok} tokens), margin {margin}: max honest near-tie gap {max(gaps, default=0.0):.2e}, "
-        f"min honest sampled logprob {min(lps, default=float('nan')):.2f}. {note}"
+        f"calibrated from {len(honest_margins)} honest completions ({n_tok} tokens; node and reference "
+        f"differing), margin {margin}: {len(flips)} non-argmax tokens, largest honest margin {worst:.3g} "
+        f"nats, largest measured margin noise {worst_noise:.3g} nats over {len(noise)} positions -> "
+        f"margin_tol {tol:.3g}; {violations} honest violations -> honest_rate {rate:.3g}, "
+        f"cheat_rate {cheat:.3g}; {inside} honest flips inside it -> honest_flip_rate {flip_rate:.3g}. {note}"
     ).strip()
-    g_fail = min(1.0, margin * g_rate)
-    s_fail = min(1.0, margin * s_rate)
     return base.model_copy(
         update={
-            "greedy_gap_tol": gap_tol,
-            "greedy_fail_rate": g_fail,
-            "greedy_fraud_rate": max(base.greedy_fraud_rate, g_fail),
-            "sampled_min_logprob": floor,
-            "sampled_fail_rate": max(s_fail, base.sampled_fail_rate),
-            "sampled_fraud_rate": max(base.sampled_fraud_rate, s_fail),
+            "margin_tol": tol,
+            "honest_rate": min(rate, 0.5),
+            "cheat_rate": min(max(cheat, 2 * rate), 0.9),
+            "honest_flip_rate": min(flip_rate, 0.4),
+            "cheat_flip_rate": min(max(base.cheat_flip_rate, 2 * flip_rate), 0.9),
             "provenance": prov,
         }
     )

@@ -112,6 +112,14 @@ class SettlementConfig(BaseSettings):
         f"contract refuses more). None: {EMISSION_CAP_HEADROOM} x emission_wei. A bound distributor "
         "(MERITNET_CHAIN_CONTRACT) keeps the cap it was deployed with.",
     )
+    claim_delay_s: int | None = Field(
+        default=None,
+        ge=0,
+        description="Seconds each reward root stays pending on a distributor the settler deploys: the "
+        "admin may veto it (a leaked settler key's root) and claims wait for it. None: half the epoch "
+        "length (30 min for the default 1 h epochs; 30 s for the demo's 60 s), so the window closes "
+        "before the next epoch settles. Must be shorter than an epoch. A bound distributor keeps its own.",
+    )
     prompt_weight: int = Field(default=1, ge=0, description="Usage weight of one prompt token (integer).")
     completion_weight: int = Field(
         default=1, ge=0, description="Usage weight of one completion token (integer)."
@@ -124,6 +132,12 @@ class SettlementConfig(BaseSettings):
         "None makes the settler wait for scores before committing an epoch.",
     )
     tick_s: float = Field(default=5.0, gt=0, description="Seconds between settlement passes in run().")
+    public_rpc_url: str | None = Field(
+        default=None,
+        description="A JSON-RPC URL of the chain that operators and validators may use, named beside their "
+        "reward proofs so `meritnet settlement claim --network URL` needs no --rpc-url (never a URL "
+        "holding a provider's key). None: none named.",
+    )
     validator_share_bps: int = Field(
         default=2_000,
         ge=0,
@@ -153,7 +167,13 @@ class SettlementConfig(BaseSettings):
                 f"emission_cap_wei ({self.emission_cap_wei}) is below emission_wei ({self.emission_wei}): "
                 "the carried difference would grow every epoch and never be paid; raise the cap"
             )
-        self.epochs.onchain()  # whole-second epoch length: the contract must agree with the ledger
+        _, length = self.epochs.onchain()  # whole seconds: the contract must agree with the ledger
+        if self.claim_delay_s is not None and length > 0 and self.claim_delay_s >= length:
+            raise ValueError(
+                f"claim_delay_s ({self.claim_delay_s}) must be shorter than an epoch ({length} s): settle "
+                "waits for the last root's veto window, so settlement would fall behind; lengthen the "
+                "epochs or shorten the delay"
+            )
         return self
 
     @property
@@ -166,6 +186,13 @@ class SettlementConfig(BaseSettings):
         if self.emission_cap_wei is not None:
             return self.emission_cap_wei
         return EMISSION_CAP_HEADROOM * self.emission_wei
+
+    @property
+    def claim_delay(self) -> int:
+        """The veto window a newly deployed distributor gets (whole seconds)."""
+        if self.claim_delay_s is not None:
+            return self.claim_delay_s
+        return self.epochs.onchain()[1] // 2
 
     @property
     def book_path(self) -> Path:
@@ -273,18 +300,26 @@ class Settler:
         if self.chain.address is None:
             first = self._first_unsettled()
             cap = self.config.emission_cap
+            delay = self.config.claim_delay
             self.chain.deploy(
-                self.key, first, cap, self.chain.settings.admin, genesis=genesis, epoch_length=length
+                self.key,
+                first,
+                cap,
+                self.chain.settings.admin,
+                genesis=genesis,
+                epoch_length=length,
+                claim_delay=delay,
             )
             log.info(
                 "deployed the distributor at %s (first epoch %d, emission cap %d wei, admin %s, "
-                "genesis %d, epochs of %d s)",
+                "genesis %d, epochs of %d s, reward roots claimable %d s after their settle)",
                 self.chain.address,
                 first,
                 cap,
                 self.chain.admin(),
                 genesis,
                 length,
+                delay,
             )
             self._record_stakes()
         elif (bound := self.chain.epochs()) != (genesis, length):
@@ -516,8 +551,15 @@ class Settler:
         c = self.book.get(epoch)  # committed by settle_closed's first loop, or still waiting for scores
         if c is None:
             return False
-        if self.chain.next_epoch() > epoch:
+        onchain_next = self.chain.next_epoch()
+        if onchain_next > epoch:
             return self._adopt_onchain(epoch, c)
+        if onchain_next < epoch:
+            raise SettlementConflict(
+                f"the distributor at {self.chain.address} expects epoch {onchain_next} next, but this "
+                f"ledger settled it: the admin vetoed its reward root (RootVetoed event). Settling on "
+                "would post the vetoed roots again; a human decides (find why it was vetoed)"
+            )
         pending = self.ledger.pending_tx(epoch)
         try:
             if pending is not None:
@@ -525,6 +567,17 @@ class Settler:
             else:
                 raw = self._sign(c, self.chain.nonce(self.key.address, "pending"), self.chain.fees())
         except ContractReverted as exc:
+            if exc.error == "RootPending":
+                self._stuck("root_pending")
+                log.info(
+                    "epoch %d: the reward root of epoch %d is in its veto window until %d; settling "
+                    "epoch %d after it",
+                    epoch,
+                    exc.error_args[0],
+                    exc.error_args[1],
+                    epoch,
+                )
+                return False
             if exc.error != "EpochNotEnded":
                 raise
             self._stuck("chain_clock")
@@ -667,6 +720,7 @@ class SettlementService:
         if self.chain.settings.url == EMBEDDED:
             self.chain.fund(self.key.address, 10**21)  # the embedded chain's dev account pays for gas
         self.book = RewardBook(config.book_path)
+        self._usage_trees: dict[int, Any] = {}  # epoch -> usage tree, for receipts
         self.settler = Settler(self.ledger, self.chain, self.key, self.book, config, quality)
         self.settler.ensure_contract()
 
@@ -709,6 +763,42 @@ class SettlementService:
             "contract": self.chain.address,
             "chain_id": self.chain.chain_id,
         }
+
+    def reward_proof_of(self, account: str) -> dict[str, Any]:
+        """GET /v1/operators/{account}/proof: the account's cumulative reward leaf and proof under the root
+        claims verify against now (settlement/proofs.py), or {"error": why}. A later root still in its
+        veto window is named (`pending_epoch`, `claimable_at`) but not proven: no claim could use it yet."""
+        from settlement.proofs import settled_reward_proof
+
+        window = self.chain.root_window()
+        last = self.ledger.last_settled_epoch()
+        claimable = None if last is None else min(last, window.claimable_epoch)
+        doc = settled_reward_proof(
+            self.book,
+            claimable if claimable is not None and claimable >= 0 else None,
+            account,
+            contract=self.chain.address,
+            chain_id=self.chain.chain_id,
+            rpc_url=self.settler.config.public_rpc_url,
+        )
+        if window.pending:
+            doc |= {"pending_epoch": window.latest_epoch, "claimable_at": window.claimable_at}
+        return doc
+
+    def receipt_of(self, request_id: str) -> dict[str, Any]:
+        """GET /v1/receipts/{request_id}: the request's usage leaf and proof once its epoch is settled
+        on-chain (settlement/proofs.py `usage_receipt`), where it stands before, or {"error": why}."""
+        from settlement.proofs import usage_receipt
+
+        if len(self._usage_trees) > 4:  # the last few settled epochs' trees: receipts come in bursts
+            self._usage_trees.pop(min(self._usage_trees))
+        return usage_receipt(
+            self.ledger,
+            request_id,
+            contract=self.chain.address,
+            chain_id=self.chain.chain_id,
+            trees=self._usage_trees,
+        )
 
     def recent_epochs(self, count: int = 10) -> list[dict[str, Any]]:
         """The last `count` settled epochs, newest first: the transaction that settled each, its rewards

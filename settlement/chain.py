@@ -105,7 +105,10 @@ class ChainSettings(BaseSettings):
         "stays pending at the cap (logged) until the market comes down or the cap is raised.",
     )
     settle_gas_limit: int = Field(
-        default=150_000, ge=60_000, description="Gas limit of a settle tx (it costs ~67k, constant)."
+        default=200_000,
+        ge=60_000,
+        description="Gas limit of a settle tx: ~80k, constant, once the distributor's slots are in use; "
+        "up to ~160k for its first settles, which fill empty storage slots.",
     )
     claim_gas_limit: int = Field(default=200_000, ge=60_000, description="Gas limit of a claim tx.")
 
@@ -146,6 +149,29 @@ class Fees:
     def replaces(self, old: Fees) -> bool:
         """Whether a node takes this as a replacement of `old`: both fees >= 12.5% higher."""
         return 8 * self.max_fee >= 9 * old.max_fee and 8 * self.priority_fee >= 9 * old.priority_fee
+
+
+@dataclass(frozen=True)
+class RootWindow:
+    """The distributor's reward roots as a claim sent now would see them (the pending block's clock).
+
+    The latest root (of epoch `latest_epoch`) is pending until `claimable_at`: claims verify against
+    the root before it (epoch latest_epoch - 1) and the admin may veto it. claimable_at 0: nothing
+    is pending (none posted, or the last one vetoed)."""
+
+    latest_epoch: int
+    claimable_at: int
+    now: int
+
+    @property
+    def pending(self) -> bool:
+        return self.now < self.claimable_at
+
+    @property
+    def claimable_epoch(self) -> int:
+        """The epoch whose cumulative reward root claims verify against now (-1 or below the
+        distributor's first epoch: none yet)."""
+        return self.latest_epoch - 1 if self.pending else self.latest_epoch
 
 
 @dataclass(frozen=True)
@@ -229,6 +255,7 @@ class Chain:
         *,
         genesis: int,
         epoch_length: int,
+        claim_delay: int = 0,
         name: str = "meritnet reward",
         symbol: str = "MRT",
     ) -> str:
@@ -236,11 +263,14 @@ class Chain:
         (default: the settler's own address, fine for a local network; a real one names a multisig),
         at most `emission_cap` wei per settle, and epochs of `epoch_length` whole seconds from
         `genesis` (unix seconds; see settlement.epochs.Epochs.onchain): epoch e settles only once
-        the chain's clock has passed its end. Returns (and binds to) its address."""
+        the chain's clock has passed its end. Each reward root is pending (vetoable by the admin, not
+        claimable) for `claim_delay` seconds; 0, the default here for tests and benchmarks, makes it
+        claimable at once (the settler passes SettlementConfig.claim_delay). Returns (and binds to)
+        its address."""
         admin = to_checksum_address(admin) if admin else key.address
         factory = self.w3.eth.contract(abi=self.artifact["abi"], bytecode=self.artifact["bytecode"])
         constructor = factory.constructor(
-            name, symbol, admin, key.address, first_epoch, emission_cap, genesis, epoch_length
+            name, symbol, admin, key.address, first_epoch, emission_cap, genesis, epoch_length, claim_delay
         )
         # Simulated first, so a zero admin comes back as ZeroAddress rather than a failed receipt.
         self._raise_by_name(
@@ -273,7 +303,32 @@ class Chain:
         return bytes(self._view("usage_root", epoch))
 
     def reward_root(self) -> bytes:
-        return bytes(self._view("reward_root"))
+        """The root a claim sent now verifies against: the latest one once its veto window has
+        passed, else the one before it (read at the pending block, whose timestamp is the node's
+        clock now: an idle chain's latest block may be older than the window's end)."""
+        if self.contract is None:
+            raise RuntimeError("no distributor address: set MERITNET_CHAIN_CONTRACT or deploy one first")
+        self._keep_time()
+        fn = self.contract.functions.reward_root()
+        return bytes(self._rpc(lambda: fn.call(block_identifier="pending")))
+
+    def latest_root(self) -> bytes:
+        """The last reward root posted (pending until claimable_at, claimable after)."""
+        return bytes(self._view("latest_root"))
+
+    def claim_delay(self) -> int:
+        return self._view("claim_delay")
+
+    def claimable_at(self) -> int:
+        """When the latest reward root becomes claimable (0: none pending since the last veto)."""
+        return self._view("claimable_at")
+
+    def root_window(self) -> RootWindow:
+        """Which epoch's reward root is claimable now, and whether a later one is pending."""
+        self._keep_time()
+        latest, until = self.next_epoch() - 1, self.claimable_at()
+        now = self._rpc(lambda: self.w3.eth.get_block("pending")["timestamp"])
+        return RootWindow(latest, until, now)
 
     def total_rewarded(self) -> int:
         return self._view("total_rewarded")
@@ -316,8 +371,16 @@ class Chain:
 
     def settled_events(self, epoch: int | None = None) -> list[dict[str, Any]]:
         """EpochSettled logs (all, or one epoch's): the auditable history of roots and totals, read in
-        pages of log_chunk_blocks from the deploy block to the latest block."""
-        event = self.contract.events.EpochSettled
+        pages of log_chunk_blocks from the deploy block to the latest block. A vetoed epoch has one
+        per settle (RootVetoed between them): the last one is the epoch's root if it is settled."""
+        return self._events("EpochSettled", epoch)
+
+    def vetoed_events(self, epoch: int | None = None) -> list[dict[str, Any]]:
+        """RootVetoed logs (all, or one epoch's): the roots the admin took back."""
+        return self._events("RootVetoed", epoch)
+
+    def _events(self, name: str, epoch: int | None) -> list[dict[str, Any]]:
+        event = getattr(self.contract.events, name)
         filters = {"epoch": epoch} if epoch is not None else None
         latest = self.block_number()
         chunk = self.settings.log_chunk_blocks

@@ -8,7 +8,9 @@ MERITNET_SETTLER_KEY[_FILE] for the key) and the options below override the comm
 A proof file (written by `prove`) is self-contained: tree kind, epoch, leaf encoding, value and
 proof; `verify` checks it against the root the contract holds, so anyone with chain access can
 audit one interaction or one operator's reward without the ledger. `claim` is the operator's side:
-its cumulative reward, proven against the root on-chain, minted to it in a tx it signs itself.
+its cumulative reward, proven against the root on-chain, minted to it in a tx it signs itself. A
+reward root is claimable `claim_delay` seconds after its settle (before that the admin may veto it):
+`claim` proves against the claimable root, waiting for a pending one that is due within --wait-s.
 Epoch length and genesis are read from the ledger a command opens, never passed.
 """
 
@@ -181,9 +183,26 @@ def onchain_root(chain: Chain, kind: str, epoch: int) -> bytes:
     if kind == TreeKind.usage.value:
         return chain.usage_root(epoch)
     events = chain.settled_events(epoch)
-    if not events:
-        raise typer.BadParameter(f"epoch {epoch} is not settled on-chain (no EpochSettled event)")
+    if not events or epoch >= chain.next_epoch():  # a vetoed epoch has an event but is not settled
+        raise typer.BadParameter(f"epoch {epoch} is not settled on-chain (none, or its root was vetoed)")
     return bytes(events[-1]["reward_root"])
+
+
+def _when(timestamp: int) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def pending_note(chain: Chain) -> str:
+    """'' or a sentence on the reward root still in its veto window (not claimable yet)."""
+    window = chain.root_window()
+    if not window.pending:
+        return ""
+    return (
+        f"; the reward root of epoch {window.latest_epoch} is pending until {_when(window.claimable_at)} "
+        f"(in {window.claimable_at - window.now} s; the admin may veto it until then): claim again after that"
+    )
 
 
 def _bound_chain(contract: str | None, url: str | None) -> Chain:
@@ -248,10 +267,13 @@ def verify(
     chain = _bound_chain(contract, url)
     with chain_errors():
         root = onchain_root(chain, proof["tree"], int(proof["epoch"]))
+        window = chain.root_window()
     ok = StandardMerkleTree.verify("0x" + root.hex(), proof["leafEncoding"], proof["value"], proof["proof"])
+    pending = window.pending and int(proof["epoch"]) == window.latest_epoch
     typer.echo(
         f"{'VALID' if ok else 'INVALID'}: {proof['tree']} leaf of epoch {proof['epoch']} against "
         f"on-chain root 0x{root.hex()}"
+        + (f" (pending: the admin may veto it until {_when(window.claimable_at)})" if pending else "")
     )
     raise typer.Exit(0 if ok else 1)
 
@@ -400,20 +422,21 @@ def _operator_key(path: Path):
 
 
 def settled_rewards(config: SettlementConfig, chain: Chain) -> EpochCommitment:
-    """The committed epoch whose reward root the contract holds now (the last one it settled): its
-    cumulative amounts are what every operator can claim. A root this ledger never committed means
-    the contract or the ledger is not the one the other belongs to."""
+    """The committed epoch whose reward root claims verify against now (the last one settled whose
+    veto window has passed): its cumulative amounts are what every operator can claim. A root this
+    ledger never committed means the contract or the ledger is not the one the other belongs to."""
     from settlement.rewardbook import RewardBook
 
     if not Path(config.book_path).is_file():
         _fail(f"no reward book beside the ledger ({config.book_path}); pass the network's --ledger")
     with chain_errors():
-        last = chain.next_epoch() - 1
+        last = chain.root_window().claimable_epoch
         root = chain.reward_root()
         # A distributor deployed mid-life starts at a later epoch: a zero root may mean none settled yet.
         unsettled = last < 0 or (root == bytes(32) and not chain.settled_events(last))
+        note = pending_note(chain) if unsettled else ""
     if unsettled:
-        _fail(f"no reward yet: no epoch is settled on {chain.address} yet")
+        _fail(f"no reward yet: no epoch is claimable on {chain.address} yet{note}")
     committed = RewardBook(config.book_path).get(last)
     if committed is None or committed.reward_root != root:
         _fail(
@@ -426,36 +449,54 @@ def settled_rewards(config: SettlementConfig, chain: Chain) -> EpochCommitment:
 @app.command()
 def claim(
     operator_key_file: Annotated[
-        Path, typer.Option(help="File (chmod 600) holding the operator's private key; it signs and pays gas.")
+        Path,
+        typer.Option(
+            help="The operator's key (a hex key file, chmod 600, or an eth-account keystore JSON); it signs "
+            "and pays gas."
+        ),
     ],
+    network: Annotated[
+        str | None,
+        typer.Option(
+            help="The network's endpoint, e.g. https://net.example.com: the proof comes from it (GET "
+            "/v1/operators/ADDRESS/proof) and is checked against the root on-chain; no ledger needed."
+        ),
+    ] = None,
+    rpc_url: Annotated[
+        str | None,
+        typer.Option(help="JSON-RPC URL of the chain (default: the one the network names, --url)."),
+    ] = None,
     ledger: LedgerOption = None,
     contract: ContractOption = None,
     url: UrlOption = None,
+    wait_s: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="Wait up to this long for a reward root still in its veto window (pending) to become "
+            "claimable; one due later is left for the next claim.",
+        ),
+    ] = 120.0,
 ) -> None:
-    """Claim the operator's cumulative reward through the last settled epoch (a validator passes its
+    """Claim the operator's cumulative reward through the last claimable epoch (a validator passes its
     validator key file, state_dir/validator-keys/<id>.key, and claims the same way): mints what it has not
-    claimed yet, with a proof from the ledger's reward tree against the root on-chain."""
-    from settlement.merkle import MerkleTreeError
-    from settlement.trees import EmptyTreeError, find_reward_leaf, reward_tree
-
+    claimed yet. An epoch's reward root is claimable claim_delay seconds after its settle (until then the
+    admin may veto it); a pending root due within --wait-s is waited for. With --network the proof is the
+    network's, checked against the root on-chain before the claim is sent; without it, the proof comes
+    from the ledger's reward tree on this machine."""
     key = _operator_key(operator_key_file)
-    config = _config(ledger, None)
-    _ledger(config)  # a clear error when there is no ledger here
-    chain = _bound_chain(contract, url)
-    committed = settled_rewards(config, chain)
-    try:
-        tree = reward_tree(committed.cumulative)
-        index = find_reward_leaf(tree, key.address)
-    except (EmptyTreeError, MerkleTreeError):
-        _fail(f"no reward yet for {key.address} through epoch {committed.epoch} (its nodes earned nothing)")
-    cumulative = int(tree.at(index)[1])
-    proof = [bytes.fromhex(p[2:]) for p in tree.get_proof(index)]
+    if network is not None:
+        chain, cumulative, proof, epoch = _network_proof(
+            network, key.address, contract, rpc_url or url, wait_s
+        )
+    else:
+        chain, cumulative, proof, epoch = _ledger_proof(key.address, ledger, contract, rpc_url or url, wait_s)
     with chain_errors():
         already = chain.claimed(key.address)
         if already >= cumulative:
             typer.echo(
                 f"nothing to claim: {key.address} has claimed {already} wei, all of its cumulative reward "
-                f"through epoch {committed.epoch}"
+                f"through epoch {epoch}{pending_note(chain)}"
             )
             return
         receipt = chain.claim(key, key.address, cumulative, proof)
@@ -464,5 +505,88 @@ def claim(
         _fail(f"the claim tx {tx} failed on-chain (out of gas?)")
     typer.echo(
         f"claimed {cumulative - already} wei for {key.address} (cumulative {cumulative} wei through "
-        f"epoch {committed.epoch}) in tx {tx}"
+        f"epoch {epoch}) in tx {tx}"
     )
+
+
+def wait_for_pending_root(chain: Chain, wait_s: float) -> bool:
+    """Sleep until a reward root in its veto window becomes claimable, if that is within `wait_s`
+    (said on stderr: stdout stays the claim's result). True if it waited."""
+    import time
+
+    with chain_errors():
+        window = chain.root_window()
+    left = window.claimable_at - window.now
+    if not window.pending or left > wait_s:
+        return False
+    typer.echo(
+        f"the reward root of epoch {window.latest_epoch} is pending until {_when(window.claimable_at)} "
+        f"(the admin may veto it until then); waiting {left} s for it to become claimable",
+        err=True,
+    )
+    time.sleep(left + 1)  # block timestamps are whole seconds
+    return True
+
+
+def _ledger_proof(account: str, ledger: Path | None, contract: str | None, url: str | None, wait_s: float):
+    """(chain, cumulative, proof, epoch) from the network's own ledger and reward book (the runner's side)."""
+    from settlement.merkle import MerkleTreeError
+    from settlement.trees import EmptyTreeError, find_reward_leaf, reward_tree
+
+    config = _config(ledger, None)
+    _ledger(config)  # a clear error when there is no ledger here
+    chain = _bound_chain(contract, url)
+    wait_for_pending_root(chain, wait_s)
+    committed = settled_rewards(config, chain)
+    try:
+        tree = reward_tree(committed.cumulative)
+        index = find_reward_leaf(tree, account)
+    except (EmptyTreeError, MerkleTreeError):
+        with chain_errors():
+            note = pending_note(chain)
+        _fail(f"no reward yet for {account} through epoch {committed.epoch} (its nodes earned nothing){note}")
+    proof = [bytes.fromhex(p[2:]) for p in tree.get_proof(index)]
+    return chain, int(tree.at(index)[1]), proof, committed.epoch
+
+
+def fetch_proof(network: str, account: str) -> dict[str, Any]:
+    """The network's proof document for `account` (GET /v1/operators/{account}/proof)."""
+    import httpx
+
+    target = f"{network.rstrip('/')}/v1/operators/{account}/proof"
+    try:
+        answer = httpx.get(target, timeout=30)  # https: certificates verified (httpx's default)
+        doc = answer.json()
+    except (httpx.HTTPError, ValueError) as exc:
+        _fail(
+            f"could not read a proof from {network} ({type(exc).__name__}); is the network up at that address?"
+        )
+    if answer.status_code != 200 or not isinstance(doc, dict):
+        message = (doc.get("error") or {}).get("message") if isinstance(doc, dict) else None
+        _fail(f"{network} gave no proof for {account} ({answer.status_code}): {message or answer.text[:200]}")
+    return doc
+
+
+def _network_proof(network: str, account: str, contract: str | None, url: str | None, wait_s: float):
+    """(chain, cumulative, proof, epoch) from the network's proof, checked against the chain itself."""
+    from settlement.chain import ChainSettings
+    from settlement.proofs import ProofRejected, check_reward_proof
+
+    doc = fetch_proof(network, account)
+    if contract and doc.get("contract") and contract.lower() != str(doc["contract"]).lower():
+        _fail(f"the network pays from contract {doc['contract']}, not --contract {contract}")
+    url = url or doc.get("rpc_url") or ChainSettings().url
+    if url == "embedded":
+        _fail(
+            f"{network} names no public JSON-RPC URL for chain {doc.get('chain_id')}: pass --rpc-url of a node "
+            "on that chain"
+        )
+    chain = _bound_chain(contract or doc.get("contract"), url)
+    if wait_for_pending_root(chain, wait_s):
+        doc = fetch_proof(network, account)  # the network now proves the root that became claimable
+    with chain_errors():
+        try:
+            cumulative, proof = check_reward_proof(doc, chain, account)
+        except ProofRejected as exc:
+            _fail(f"not sent: {exc}")
+    return chain, cumulative, proof, doc.get("epoch")

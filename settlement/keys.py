@@ -1,6 +1,9 @@
 """The settler's private key: loaded from the environment or a key file, never shown.
 
-A key file must not be readable by group or others (it is refused, with the chmod to run). The
+A key file holds either a hex private key or an eth-account encrypted keystore (JSON, "Web3 Secret
+Storage"); a keystore's passphrase comes from the file $MERITNET_KEY_PASSWORD_FILE names, else from a
+prompt when a terminal is attached. A key file (and a passphrase file) must not be readable by group or
+others (it is refused, with the chmod to run). The
 environment variable suits a standalone settler process only: a process that starts Ray passes its
 environment to every Ray worker (vLLM processes included), so `meritnet up` refuses it.
 
@@ -11,7 +14,10 @@ for, never the key's bytes, so neither a log line nor a traceback can leak it.
 
 from __future__ import annotations
 
+import getpass
+import json
 import os
+import sys
 from pathlib import Path
 
 from eth_account import Account
@@ -19,10 +25,44 @@ from eth_account.signers.local import LocalAccount
 
 KEY_ENV = "MERITNET_SETTLER_KEY"
 KEY_FILE_ENV = "MERITNET_SETTLER_KEY_FILE"
+PASSWORD_FILE_ENV = "MERITNET_KEY_PASSWORD_FILE"  # a file holding a keystore's passphrase (chmod 600)
 
 
 class SettlerKeyError(ValueError):
     """The settler key is missing or malformed (the message never contains the key)."""
+
+
+def _private_text(path: Path, what: str) -> str:
+    """A file's text, refused when group or others may read it."""
+    try:
+        mode = path.stat().st_mode
+        if mode & 0o077:
+            raise SettlerKeyError(
+                f"the {what} file {path} is readable by group or others (mode {mode & 0o777:o}); "
+                f"run `chmod 600 {path}`"
+            )
+        return path.read_text()
+    except OSError as exc:
+        raise SettlerKeyError(f"cannot read the {what} file {path}: {exc.strerror}") from None
+
+
+def keystore_passphrase(path: Path, confirm: bool = False) -> str:
+    """A keystore's passphrase: the first line of the file $MERITNET_KEY_PASSWORD_FILE names, else a
+    prompt on the terminal (`confirm`: asked twice, for a new keystore). Never an environment variable
+    holding the passphrase itself: Ray workers inherit the environment."""
+    named = os.environ.get(PASSWORD_FILE_ENV)
+    if named:
+        lines = _private_text(Path(named), "passphrase").splitlines()
+        return lines[0] if lines else ""
+    if not sys.stdin.isatty():
+        raise SettlerKeyError(
+            f"{path} is an encrypted keystore and no terminal is attached to ask its passphrase: set "
+            f"${PASSWORD_FILE_ENV} to a file (chmod 600) holding it"
+        )
+    passphrase = getpass.getpass(f"Passphrase for {path}: ")
+    if confirm and getpass.getpass("Again: ") != passphrase:
+        raise SettlerKeyError("the two passphrases differ")
+    return passphrase
 
 
 class SettlerKey:
@@ -59,18 +99,32 @@ class SettlerKey:
 
     @classmethod
     def from_file(cls, path: Path, what: str = "settler key") -> SettlerKey:
-        """From a key file that only its owner can read (any signing key: the settler's, an operator's)."""
-        try:
-            mode = path.stat().st_mode
-            if mode & 0o077:
-                raise SettlerKeyError(
-                    f"the {what} file {path} is readable by group or others (mode {mode & 0o777:o}); "
-                    f"run `chmod 600 {path}`"
-                )
-            text = path.read_text()
-        except OSError as exc:
-            raise SettlerKeyError(f"cannot read the {what} file {path}: {exc.strerror}") from None
+        """From a key file that only its owner can read (any signing key: the settler's, an operator's):
+        a hex private key, or an encrypted keystore JSON (passphrase: see `keystore_passphrase`)."""
+        text = _private_text(path, what)
+        if text.lstrip().startswith("{"):
+            return cls.from_keystore(text, keystore_passphrase(path), f"{what} keystore {path}")
         return cls.from_hex(text, f"{what} file {path}")
+
+    @classmethod
+    def from_keystore(cls, text: str, passphrase: str, source: str = "the keystore") -> SettlerKey:
+        """From an eth-account keystore JSON (scrypt or pbkdf2) and its passphrase."""
+        try:
+            secret = Account.decrypt(json.loads(text), passphrase)
+        except ValueError as exc:
+            wrong = "MAC mismatch" in str(exc)
+            raise SettlerKeyError(
+                f"wrong passphrase for the {source}"
+                if wrong
+                else f"the {source} is not an eth-account keystore JSON (version 3)"
+            ) from None
+        except (KeyError, TypeError):
+            raise SettlerKeyError(f"the {source} is not an eth-account keystore JSON (version 3)") from None
+        return cls(Account.from_key(secret))
+
+    def export_keystore(self, passphrase: str) -> dict:
+        """The key encrypted with `passphrase` (eth-account's keystore, scrypt): safe to back up."""
+        return Account.encrypt(self._account.key, passphrase)
 
     @classmethod
     def generate(cls) -> SettlerKey:

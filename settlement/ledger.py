@@ -344,6 +344,14 @@ class UsageLedger:
                 return
             after = page[-1][0]
 
+    def find(self, request_id: str) -> tuple[int, UsageRecord] | None:
+        """(its epoch, the record) of one request id, or None if the ledger never took it."""
+        rows = self._read(f"SELECT epoch, {_COLUMNS} FROM records WHERE request_id = ?", (request_id,))
+        if not rows:
+            return None
+        epoch, *row = rows[0]
+        return epoch, UsageRecord(**dict(zip(_COLUMNS.split(", "), row, strict=True)))
+
     def epochs_with_records(self) -> list[int]:
         """The epochs that hold records, in order."""
         return [row[0] for row in self._read("SELECT DISTINCT epoch FROM records ORDER BY epoch")]

@@ -129,65 +129,75 @@ def _to_bytes(value: Any) -> bytes:
 def _static_encoder(abi_type: str) -> Callable[[Any], bytes] | None:
     """A fast encoder for one static ABI type, or None when eth_abi must do it."""
     if abi_type == "address":
-        cache: dict[Any, bytes] = {}  # operators repeat across leaves; decode each once
-
-        def enc_address(v: Any) -> bytes:
-            word = cache.get(v) if isinstance(v, str) else None
-            if word is None:
-                raw = _to_bytes(v)
-                if len(raw) != 20:
-                    raise MerkleTreeError(f"address must be 20 bytes, got {v!r}")
-                word = _ZERO12 + raw
-                if isinstance(v, str) and len(cache) < 65536:
-                    cache[v] = word
-            return word
-
-        return enc_address
+        return _address_encoder()
     if abi_type == "bool":
-
-        def enc_bool(v: Any) -> bytes:
-            if not isinstance(v, bool):
-                raise MerkleTreeError(f"bool leaf value must be True/False, got {v!r}")
-            return (1 if v else 0).to_bytes(32, "big")
-
-        return enc_bool
+        return _encode_bool
     if m := _UINT.match(abi_type):
-        bits = int(m.group(1) or 256)
-
-        top = 1 << bits
-
-        def enc_uint(v: Any) -> bytes:
-            if type(v) is int and 0 <= v < top:  # the common case, kept cheap
-                return v.to_bytes(32, "big")
-            n = _to_int(v)
-            if n < 0 or n.bit_length() > bits:
-                raise MerkleTreeError(f"{n} does not fit in uint{bits}")
-            return n.to_bytes(32, "big")
-
-        return enc_uint
+        return _uint_encoder(int(m.group(1) or 256))
     if m := _INT.match(abi_type):
-        bits = int(m.group(1) or 256)
-
-        def enc_int(v: Any) -> bytes:
-            n = _to_int(v)
-            if not -(1 << (bits - 1)) <= n < (1 << (bits - 1)):
-                raise MerkleTreeError(f"{n} does not fit in int{bits}")
-            return n.to_bytes(32, "big", signed=True)
-
-        return enc_int
+        return _int_encoder(int(m.group(1) or 256))
     if (m := _BYTES_N.match(abi_type)) and 1 <= int(m.group(1)) <= 32:
-        size = int(m.group(1))
-
-        def enc_bytes_n(v: Any) -> bytes:
-            if type(v) is bytes and len(v) == 32 == size:
-                return v
-            raw = _to_bytes(v)
-            if len(raw) != size:
-                raise MerkleTreeError(f"bytes{size} value must be {size} bytes, got {len(raw)}")
-            return raw.ljust(32, b"\0")
-
-        return enc_bytes_n
+        return _bytes_n_encoder(int(m.group(1)))
     return None
+
+
+def _address_encoder() -> Callable[[Any], bytes]:
+    cache: dict[Any, bytes] = {}  # operators repeat across leaves; decode each once
+
+    def enc_address(v: Any) -> bytes:
+        word = cache.get(v) if isinstance(v, str) else None
+        if word is None:
+            raw = _to_bytes(v)
+            if len(raw) != 20:
+                raise MerkleTreeError(f"address must be 20 bytes, got {v!r}")
+            word = _ZERO12 + raw
+            if isinstance(v, str) and len(cache) < 65536:
+                cache[v] = word
+        return word
+
+    return enc_address
+
+
+def _encode_bool(v: Any) -> bytes:
+    if not isinstance(v, bool):
+        raise MerkleTreeError(f"bool leaf value must be True/False, got {v!r}")
+    return (1 if v else 0).to_bytes(32, "big")
+
+
+def _uint_encoder(bits: int) -> Callable[[Any], bytes]:
+    top = 1 << bits
+
+    def enc_uint(v: Any) -> bytes:
+        if type(v) is int and 0 <= v < top:  # the common case, kept cheap
+            return v.to_bytes(32, "big")
+        n = _to_int(v)
+        if n < 0 or n.bit_length() > bits:
+            raise MerkleTreeError(f"{n} does not fit in uint{bits}")
+        return n.to_bytes(32, "big")
+
+    return enc_uint
+
+
+def _int_encoder(bits: int) -> Callable[[Any], bytes]:
+    def enc_int(v: Any) -> bytes:
+        n = _to_int(v)
+        if not -(1 << (bits - 1)) <= n < (1 << (bits - 1)):
+            raise MerkleTreeError(f"{n} does not fit in int{bits}")
+        return n.to_bytes(32, "big", signed=True)
+
+    return enc_int
+
+
+def _bytes_n_encoder(size: int) -> Callable[[Any], bytes]:
+    def enc_bytes_n(v: Any) -> bytes:
+        if type(v) is bytes and len(v) == 32 == size:
+            return v
+        raw = _to_bytes(v)
+        if len(raw) != size:
+            raise MerkleTreeError(f"bytes{size} value must be {size} bytes, got {len(raw)}")
+        return raw.ljust(32, b"\0")
+
+    return enc_bytes_n
 
 
 def _normalise_for_eth_abi(abi_type: str, value: Any) -> Any:

@@ -48,11 +48,12 @@ LAST_COMMITTED_EPOCH = Gauge(
     "one while an earlier epoch is stuck on-chain; -1 before the first).",
     registry=REGISTRY,
 )
-STUCK_STATES = ("scores", "chain_clock", "receipt", "fee_cap", "chain_unavailable", "error")
+STUCK_STATES = ("scores", "chain_clock", "root_pending", "receipt", "fee_cap", "chain_unavailable", "error")
 STUCK = Gauge(
     "meritnet_settlement_stuck",
     "1 for the state the oldest unsettled epoch waits in on the last pass, 0 for the others: scores "
     "(no consensus scores yet), chain_clock (the chain's clock has not reached the epoch's end), "
+    "root_pending (the last reward root is still in its veto window), "
     "receipt (its tx is not mined yet), fee_cap (pending at the fee cap, no room to re-price), "
     "chain_unavailable, error (a reverted tx or another failed pass).",
     ["state"],

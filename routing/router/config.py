@@ -122,8 +122,26 @@ def parse_config(raw: Any, source: str = "<config>") -> RouterConfig:
 
 def build_profiles(cfg: RouterConfig) -> dict[str, Profile]:
     """Instantiate every plugin once and compile each profile; raises RouterConfigError."""
+    instances = _instantiate(cfg.plugins)
+    profiles: dict[str, Profile] = {}
+    for prof in cfg.profiles:
+        if prof.name in profiles:
+            raise RouterConfigError(f"profile {prof.name!r} is declared twice; rename or merge one of them")
+        profiles[prof.name] = _compile(prof, instances)
+    for role in ("organic_profile", "challenge_profile"):
+        name = getattr(cfg, role)
+        if name not in profiles:
+            raise RouterConfigError(
+                f"{role} is {name!r} but no profile has that name; define it or set {role} to one of: "
+                f"{', '.join(sorted(profiles))}"
+            )
+    return profiles
+
+
+def _instantiate(specs: list[PluginSpec]) -> dict[str, Filter | Scorer | Picker]:
+    """One instance per declared plugin, by name, its parameters validated by its type."""
     instances = {}
-    for spec in cfg.plugins:
+    for spec in specs:
         if spec.name in instances:
             raise RouterConfigError(
                 f"plugin name {spec.name!r} is declared twice; give each plugin instance a unique name"
@@ -142,53 +160,42 @@ def build_profiles(cfg: RouterConfig) -> dict[str, Profile]:
                 f"plugin {spec.name!r} (type {spec.type}) has bad parameters: {lines}. Valid parameters: {valid}"
             ) from None
         instances[spec.name] = cls(spec.name, params)
+    return instances
 
-    profiles: dict[str, Profile] = {}
-    for prof in cfg.profiles:
-        if prof.name in profiles:
-            raise RouterConfigError(f"profile {prof.name!r} is declared twice; rename or merge one of them")
-        fs, ss, ps = [], [], []
-        for ref in prof.plugins:
-            plugin = instances.get(ref.plugin)
-            if plugin is None:
-                raise RouterConfigError(
-                    f"profile {prof.name!r} references unknown plugin {ref.plugin!r}; declare it under "
-                    f"'plugins' or use one of: {', '.join(sorted(instances)) or '(none declared)'}"
-                )
-            if isinstance(plugin, Scorer):
-                if ref.weight is None:
-                    raise RouterConfigError(
-                        f"profile {prof.name!r}: scorer {ref.plugin!r} has no weight; add e.g. 'weight: 1'"
-                    )
-                ss.append((plugin, ref.weight))
-                continue
-            if ref.weight is not None:
-                raise RouterConfigError(
-                    f"profile {prof.name!r}: {plugin.kind} {ref.plugin!r} cannot take a weight (only scorers "
-                    "do); remove 'weight'"
-                )
-            (fs if isinstance(plugin, Filter) else ps).append(plugin)
-        if len(ps) != 1:
-            found = ", ".join(p.name for p in ps) or "none"
-            raise RouterConfigError(
-                f"profile {prof.name!r} must list exactly one picker, found {len(ps)} ({found}); "
-                "keep one of max-score, weighted-random, power-of-two"
-            )
-        if ss and sum(w for _, w in ss) <= 0:
-            raise RouterConfigError(
-                f"profile {prof.name!r}: scorer weights sum to 0; give one a positive weight"
-            )
-        assert isinstance(ps[0], Picker)
-        profiles[prof.name] = Profile(prof.name, fs, ss, ps[0])
 
-    for role in ("organic_profile", "challenge_profile"):
-        name = getattr(cfg, role)
-        if name not in profiles:
+def _compile(prof: ProfileSpec, instances: dict[str, Filter | Scorer | Picker]) -> Profile:
+    """A profile's references resolved: filters in order, scorers with their weights, one picker."""
+    fs, ss, ps = [], [], []
+    for ref in prof.plugins:
+        plugin = instances.get(ref.plugin)
+        if plugin is None:
             raise RouterConfigError(
-                f"{role} is {name!r} but no profile has that name; define it or set {role} to one of: "
-                f"{', '.join(sorted(profiles))}"
+                f"profile {prof.name!r} references unknown plugin {ref.plugin!r}; declare it under "
+                f"'plugins' or use one of: {', '.join(sorted(instances)) or '(none declared)'}"
             )
-    return profiles
+        if isinstance(plugin, Scorer):
+            if ref.weight is None:
+                raise RouterConfigError(
+                    f"profile {prof.name!r}: scorer {ref.plugin!r} has no weight; add e.g. 'weight: 1'"
+                )
+            ss.append((plugin, ref.weight))
+            continue
+        if ref.weight is not None:
+            raise RouterConfigError(
+                f"profile {prof.name!r}: {plugin.kind} {ref.plugin!r} cannot take a weight (only scorers "
+                "do); remove 'weight'"
+            )
+        (fs if isinstance(plugin, Filter) else ps).append(plugin)
+    if len(ps) != 1:
+        found = ", ".join(p.name for p in ps) or "none"
+        raise RouterConfigError(
+            f"profile {prof.name!r} must list exactly one picker, found {len(ps)} ({found}); "
+            "keep one of max-score, weighted-random, power-of-two"
+        )
+    if ss and sum(w for _, w in ss) <= 0:
+        raise RouterConfigError(f"profile {prof.name!r}: scorer weights sum to 0; give one a positive weight")
+    assert isinstance(ps[0], Picker)
+    return Profile(prof.name, fs, ss, ps[0])
 
 
 DEFAULT_PROFILE_PATH = Path(__file__).resolve().parents[2] / "deploy" / "profiles" / "default.yaml"

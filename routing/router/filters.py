@@ -106,13 +106,22 @@ class FloorParams(_Params):
         le=1,
         description="Minimum consensus quality; scored nodes below it get no traffic.",
     )
+    serve_best_when_all_below: bool = Field(
+        default=True,
+        description="When every candidate is scored below the floor, serve the best-scored ones instead "
+        "of refusing (a degraded decision: header x-meritnet-degraded, metric, log line). Validators that "
+        "misjudge honest hardware must not black out the endpoint; a model whose every node really cheats "
+        "still earns nothing (settlement pays usage x quality). False: refuse with 503.",
+    )
 
 
 @register("quality-floor")
 class QualityFloor(Filter):
     """Drops scored nodes whose quality is below the floor; unscored nodes pass (probation decides).
+    When that would drop every candidate, keeps the best-scored ones (a degraded decision) unless
+    `serve_best_when_all_below` is false.
 
-    Reads: quality. Parameters: floor.
+    Reads: quality. Parameters: floor, serve_best_when_all_below.
     Example: `{name: quality-floor, type: quality-floor, parameters: {floor: 0.5}}`
     """
 
@@ -122,6 +131,12 @@ class QualityFloor(Filter):
     def filter(self, facts: RequestFacts, cols: Columns, mask: np.ndarray, ctx: PickContext) -> np.ndarray:
         q = cols.quality
         return mask & (np.isnan(q) | (q >= self.params.floor))
+
+    def fallback(self, facts: RequestFacts, cols: Columns, mask: np.ndarray, ctx: PickContext):
+        if not self.params.serve_best_when_all_below:
+            return None
+        q = np.where(mask, cols.quality, -np.inf)  # every candidate is scored here (unscored pass)
+        return mask & (q == q.max())
 
 
 class ProbationParams(_Params):
@@ -185,7 +200,8 @@ class SloParams(_Params):
     output_tokens: float = Field(
         default=256,
         ge=0,
-        description="Output length assumed for the requests ahead in a full node's queue (tokens).",
+        description="Output length assumed for the requests ahead in a full node's queue (tokens). Their "
+        "own lengths are not known to this request; its own max_tokens does not delay its first token.",
     )
 
 

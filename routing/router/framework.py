@@ -70,6 +70,14 @@ class Filter(Plugin):
     def filter(self, facts: RequestFacts, cols: Columns, mask: np.ndarray, ctx: PickContext) -> np.ndarray:
         raise NotImplementedError
 
+    def fallback(
+        self, facts: RequestFacts, cols: Columns, mask: np.ndarray, ctx: PickContext
+    ) -> np.ndarray | None:
+        """What to keep when `filter` removed every candidate in `mask`: None (the default) refuses the
+        request; a non-empty subset serves it anyway, and the framework marks the decision degraded
+        (`Decision.degraded` names the filter, the gateway says so in a header, a metric and its log)."""
+        return None
+
     def filter_nodes(
         self, facts: RequestFacts, nodes: Sequence[NodeSnapshot], ctx: PickContext
     ) -> list[NodeSnapshot]:
@@ -217,43 +225,93 @@ class Profile:
             self._bind(timings)
         if not cached or len(cols.cache) > 64:  # stale versions pile up as inputs change
             cols.cache.clear()
-        clock = time.perf_counter_ns
-        removed: list[tuple[str, tuple[str, ...]]] = []
-        spent: dict[str, float] = {}
-        ids = cols.ids
         if not np.count_nonzero(mask):
             raise NoEligibleNode(
                 facts.model, self.name, "no candidate nodes (all excluded or none registered)", "excluded"
             )
+        trace = _Trace() if explain else None
+        degraded: list[str] = []  # filters that emptied the list and kept their fallback instead
+        mask = self._filter(facts, cols, mask, ctx, cached, trace, degraded)
+        idx = np.flatnonzero(mask)
+        totals = self._score(facts, cols, mask, ctx, cached, trace)
+        cand = totals[idx]
+        t0 = time.perf_counter_ns()
+        index = int(self.picker.pick(facts, cand, ctx)) if idx.size > 1 else 0
+        dt = time.perf_counter_ns() - t0
+        self._pslot[0] += 1
+        self._pslot[1] += dt
+        node_id = cols.ids[idx[index]]
+        for s in self.learners:
+            s.after_pick(facts, node_id, ctx)
+        explanation = None
+        if trace is not None:
+            trace.spent[self.picker.name] = dt / 1000
+            explanation = trace.explanation(cols.ids, idx, totals)
+        return Decision(node_id, self.name, float(cand[index]), idx.size, explanation, tuple(degraded))
+
+    def _filter(
+        self,
+        facts: RequestFacts,
+        cols: Columns,
+        mask: np.ndarray,
+        ctx: PickContext,
+        cached: bool,
+        trace: _Trace | None,
+        degraded: list[str],
+    ) -> np.ndarray:
+        """The rows every filter keeps (a filter that would empty them keeps its fallback instead and is
+        added to `degraded`); NoEligibleNode names the filter that emptied them."""
+        clock = time.perf_counter_ns
         first = 0
-        if cached and self.static_filters and not explain:
-            t0 = clock()
-            start, mask = mask, mask & self._static_mask(facts, cols, ctx)
-            dt = clock() - t0
-            for slot in self._fslots[: len(self.static_filters)]:  # shared evenly: one cached pass
-                slot[0] += 1
-                slot[1] += dt // len(self.static_filters)
-            first = len(self.static_filters)
-            if not np.count_nonzero(mask):  # rare: run them one by one below, which names the culprit
-                mask, first = start, 0
+        if cached and self.static_filters and trace is None:
+            narrowed = self._static_pass(facts, cols, mask, ctx)
+            if np.count_nonzero(narrowed):  # else (rare) run them one by one below, which names the culprit
+                mask, first = narrowed, len(self.static_filters)
         for f, slot in zip(self.filters[first:], self._fslots[first:]):
             t0 = clock()
             kept = f.filter(facts, cols, mask, ctx)
             dt = clock() - t0
             slot[0] += 1
             slot[1] += dt
-            if explain:
-                removed.append((f.name, tuple(ids[i] for i in np.flatnonzero(mask & ~kept))))
-                spent[f.name] = dt / 1000
+            if trace is not None:
+                trace.removed.append((f.name, tuple(cols.ids[i] for i in np.flatnonzero(mask & ~kept))))
+                trace.spent[f.name] = dt / 1000
+            if not np.count_nonzero(kept):
+                rescue = f.fallback(facts, cols, mask, ctx)
+                if rescue is not None and np.count_nonzero(rescue):
+                    kept = rescue & mask
+                    degraded.append(f.name)
             mask = kept
             if not np.count_nonzero(mask):
                 raise NoEligibleNode(
                     facts.model, self.name, f"filter {f.name!r} removed every remaining candidate", f.name
                 )
-        idx = np.flatnonzero(mask)
-        n = idx.size
+        return mask
+
+    def _static_pass(
+        self, facts: RequestFacts, cols: Columns, mask: np.ndarray, ctx: PickContext
+    ) -> np.ndarray:
+        """`mask` narrowed by the leading static filters' cached mask, the time shared evenly among them."""
+        t0 = time.perf_counter_ns()
+        narrowed = mask & self._static_mask(facts, cols, ctx)
+        dt = time.perf_counter_ns() - t0
+        for slot in self._fslots[: len(self.static_filters)]:
+            slot[0] += 1
+            slot[1] += dt // len(self.static_filters)
+        return narrowed
+
+    def _score(
+        self,
+        facts: RequestFacts,
+        cols: Columns,
+        mask: np.ndarray,
+        ctx: PickContext,
+        cached: bool,
+        trace: _Trace | None,
+    ) -> np.ndarray:
+        """Every row's weighted sum of its clamped scores (only the rows in `mask` are candidates)."""
+        clock = time.perf_counter_ns
         totals = np.zeros(cols.size)
-        per_scorer: dict[str, np.ndarray] = {}
         for (s, w), slot in zip(self.scorers, self._sslots):
             t0 = clock()
             if s.static and cached:
@@ -267,24 +325,26 @@ class Profile:
             dt = clock() - t0
             slot[0] += 1
             slot[1] += dt
-            if explain:
-                per_scorer[s.name] = clamped
-                spent[s.name] = dt / 1000
-        cand = totals[idx]
-        t0 = clock()
-        index = int(self.picker.pick(facts, cand, ctx)) if n > 1 else 0
-        dt = clock() - t0
-        self._pslot[0] += 1
-        self._pslot[1] += dt
-        node_id = ids[idx[index]]
-        for s in self.learners:
-            s.after_pick(facts, node_id, ctx)
-        explanation = None
-        if explain:
-            spent[self.picker.name] = dt / 1000
-            scores = {
-                ids[row]: {**{k: float(v[row]) for k, v in per_scorer.items()}, "total": float(totals[row])}
-                for row in idx
-            }
-            explanation = Explanation(tuple(removed), scores, spent)
-        return Decision(node_id, self.name, float(cand[index]), n, explanation)
+            if trace is not None:
+                trace.scores[s.name] = clamped
+                trace.spent[s.name] = dt / 1000
+        return totals
+
+
+class _Trace:
+    """What an explained decision records: each filter's removals, each scorer's clamped scores,
+    each plugin's time (us)."""
+
+    __slots__ = ("removed", "scores", "spent")
+
+    def __init__(self) -> None:
+        self.removed: list[tuple[str, tuple[str, ...]]] = []
+        self.scores: dict[str, np.ndarray] = {}
+        self.spent: dict[str, float] = {}
+
+    def explanation(self, ids, idx: np.ndarray, totals: np.ndarray) -> Explanation:
+        scores = {
+            ids[row]: {**{k: float(v[row]) for k, v in self.scores.items()}, "total": float(totals[row])}
+            for row in idx
+        }
+        return Explanation(tuple(self.removed), scores, self.spent)

@@ -67,7 +67,10 @@ class Load(Scorer):
 
 class LatencyParams(_Params):
     output_tokens: float = Field(
-        default=256, ge=0, description="Output length assumed when predicting a request's latency (tokens)."
+        default=256,
+        ge=0,
+        description="Output length assumed for a request that set no max_tokens (tokens); a request that "
+        "did is predicted at its own max_tokens x n.",
     )
     unknown: float = Field(
         default=0.5, ge=0, le=1, description="Score of a node with no latency observations yet."
@@ -83,7 +86,8 @@ class LatencyParams(_Params):
 class Latency(Scorer):
     """Predicted latency from the EWMAs, relative to the best candidate: best / own (in (0,1]).
 
-    Prediction = ttft_ewma + tpot_ewma * output_tokens, optionally stretched by queueing.
+    Prediction = ttft_ewma + tpot_ewma * output tokens (the request's max_tokens x n, else the
+    `output_tokens` parameter), optionally stretched by queueing.
     Relative scores make the scorer unit-free: a fleet of 10 ms nodes and one of 1 s nodes
     score alike. Reads: ttft_ewma_s, tpot_ewma_s, in_flight, capacity.
     Parameters: output_tokens, unknown, queueing.
@@ -95,12 +99,17 @@ class Latency(Scorer):
 
     def score(self, facts: RequestFacts, cols: Columns, mask: np.ndarray, ctx: PickContext) -> np.ndarray:
         p = self.params
-        # Prediction before queueing, inf when never timed: recomputed only when an EWMA changes.
-        base = cols.memo(
-            ("latency", self.name),
-            ("ttft", "tpot"),
-            lambda: np.nan_to_num(cols.ttft + cols.tpot * p.output_tokens, nan=np.inf),
-        )
+        out = p.output_tokens if facts.output_tokens is None else facts.output_tokens
+        # Prediction before queueing, inf when never timed: at the default length, recomputed only when
+        # an EWMA changes (a request's own length is one vector operation over the nodes).
+        if out == p.output_tokens:
+            base = cols.memo(
+                ("latency", self.name),
+                ("ttft", "tpot"),
+                lambda: np.nan_to_num(cols.ttft + cols.tpot * p.output_tokens, nan=np.inf),
+            )
+        else:
+            base = np.nan_to_num(cols.ttft + cols.tpot * out, nan=np.inf)
         pred = base
         if p.queueing:
             cap = cols.capacity

@@ -39,6 +39,8 @@ class RequestFacts:
     `prefix_blocks` are chained hashes of the prompt's leading blocks (block i's hash covers
     blocks 0..i, as vLLM's prefix cache keys its KV blocks), read by the `prefix-cache` scorer.
     `slo_ttft_s` is the client's time-to-first-token target (`x-slo-ttft-ms`), or None.
+    `output_tokens` is the most the request may generate (its max_tokens x n), or None when it set no
+    limit: latency predictions then use their plugin's `output_tokens` parameter.
     """
 
     model: str
@@ -49,6 +51,7 @@ class RequestFacts:
     target_node: str | None = None
     prefix_blocks: tuple[int, ...] = ()
     slo_ttft_s: float | None = None
+    output_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if type(self.model) is not str or not self.model:
@@ -65,6 +68,8 @@ class RequestFacts:
         if type(self.prefix_blocks) is not tuple or not all(type(b) is int for b in self.prefix_blocks):
             raise ValueError(f"prefix_blocks must be a tuple of ints, got {self.prefix_blocks!r}")
         _check_float("slo_ttft_s", self.slo_ttft_s, optional=True)
+        if self.output_tokens is not None:
+            _check_int("output_tokens", self.output_tokens)
 
     @classmethod
     def from_text(
@@ -75,6 +80,7 @@ class RequestFacts:
         is_challenge: bool = False,
         target_node: str | None = None,
         slo_ttft_s: float | None = None,
+        output_tokens: int | None = None,
     ) -> RequestFacts:
         """Facts from the prompt text: ~4 characters per token, prefix = the first 256 characters,
         prefix blocks = chained hashes of the leading PREFIX_BLOCK_CHARS-character blocks.
@@ -91,7 +97,15 @@ class RequestFacts:
             h = hash((h, text[start : start + step]))
             blocks.append(h)
         return cls(
-            model, len(text) // 4, prefix, session_key, is_challenge, target_node, tuple(blocks), slo_ttft_s
+            model,
+            len(text) // 4,
+            prefix,
+            session_key,
+            is_challenge,
+            target_node,
+            tuple(blocks),
+            slo_ttft_s,
+            output_tokens,
         )
 
 
@@ -191,10 +205,12 @@ class Explanation:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """The router's choice: the node to call, its total score, and how many candidates it beat."""
+    """The router's choice: the node to call, its total score, and how many candidates it beat.
+    `degraded` names the filters that would have refused the request and served their fallback instead."""
 
     node_id: str
     profile: str
     score: float
     candidates: int
     explanation: Explanation | None = None
+    degraded: tuple[str, ...] = ()

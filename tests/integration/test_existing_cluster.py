@@ -23,7 +23,8 @@ import httpx
 import pytest
 import yaml
 
-from tests.integration.conftest import free_port, stop_meritnet_up
+from tests.support.meritnet_up import stop_meritnet_up
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.integration
 

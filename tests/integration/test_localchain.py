@@ -26,7 +26,10 @@ def test_network_anvil_keeps_its_chain_and_distributor_across_restarts(tmp_path,
     settings = anvil_chain_settings(tmp_path)
     assert settings.url == first.url and settings.contract is None
     config = SettlementConfig(
-        ledger_path=tmp_path / "usage.db", epoch_length_s=10, genesis=float(int(time.time()) - 25)
+        ledger_path=tmp_path / "usage.db",
+        epoch_length_s=10,
+        genesis=float(int(time.time()) - 25),
+        claim_delay_s=0,  # two epochs settle in one pass
     )
     service = SettlementService(config, settings, key_file=str(key_file))  # the settler pays its own deploy
     record_contract(tmp_path, service.chain.address)

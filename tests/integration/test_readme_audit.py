@@ -12,13 +12,16 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
 from settlement.trees import request_key
-from tests.integration.conftest import free_port, start_meritnet_up, stop_meritnet_up
+from tests.support.meritnet_up import start_meritnet_up, stop_meritnet_up
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -28,28 +31,36 @@ EPOCH_S = 10  # short epochs: the request's epoch settles seconds after it ends
 OPERATOR_A = "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266"  # h100-a's operator in the demo
 
 
+def section() -> str:
+    return README.read_text().split("## Rewards, on-chain settlement and audits", 1)[1].split("\n## ", 1)[0]
+
+
 def _audit_block() -> list[str]:
-    section = (
-        README.read_text().split("## Rewards, on-chain settlement and audits", 1)[1].split("\n## ", 1)[0]
-    )
-    (block,) = re.findall(r"```bash\n(.*?)```", section, re.S)
+    (block,) = re.findall(r"```bash\n(.*?)```", section(), re.S)
     return block.splitlines()
 
 
+def _complete(port: int) -> tuple[str, str, float, float]:
+    # a prompt of its own: the router sends a prompt it has seen to the node that holds its prefix
+    body = json.dumps({"model": "default", "prompt": f"{uuid.uuid4().hex} Hello", "max_tokens": 8}).encode()
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/completions", data=body, headers={"Content-Type": "application/json"}
+    )
+    before = time.time()
+    with urllib.request.urlopen(req, timeout=120) as r:
+        assert r.status == 200
+        return r.headers["x-meritnet-node"], r.headers["x-meritnet-request-id"], before, time.time()
+
+
 def _served_by_h100(port: int) -> tuple[str, float, float]:
-    """Send completions until h100-a serves one (the README's key is its operator's): its request id,
-    and times before and after it, which bound the end time its usage record carries."""
-    for _ in range(30):
-        body = json.dumps({"model": "default", "prompt": "Hello", "max_tokens": 8}).encode()
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{port}/v1/completions", data=body, headers={"Content-Type": "application/json"}
-        )
-        before = time.time()
-        with urllib.request.urlopen(req, timeout=120) as r:
-            assert r.status == 200
-            node, rid = r.headers["x-meritnet-node"], r.headers["x-meritnet-request-id"]
-        if node == "h100-a":
-            return rid, before, time.time()
+    """Send completions, two at a time and each with a prompt of its own (the router spreads load; one
+    at a time, or one prompt, all may go to one node), until h100-a serves one (the README's key is its
+    operator's): its request id, and times before and after it, which bound the end time of its record."""
+    with ThreadPoolExecutor(2) as pool:
+        for _ in range(15):
+            for node, rid, before, after in pool.map(lambda _: _complete(port), range(2)):
+                if node == "h100-a":
+                    return rid, before, after
     raise AssertionError("h100-a served none of 30 requests")
 
 
@@ -109,6 +120,30 @@ def test_readme_audit_commands_work_on_anvil(tmp_path):
             assert time.monotonic() < deadline, status  # the request's epoch never settled
             time.sleep(3)
         assert status["contract"] == contract and status["epoch_length_s"] == EPOCH_S
+
+        # The client's own receipt, as the README's sentence has it (issue 31).
+        receipt_cmd = re.search(r"`(meritnet receipt verify [^`]+)`", re.sub(r"\s+", " ", section())).group(1)
+        receipt_cmd = receipt_cmd.replace("<x-meritnet-request-id>", rid).replace(
+            "http://127.0.0.1:8000", f"http://127.0.0.1:{port}"
+        )
+        receipt_cmd = receipt_cmd.replace("http://127.0.0.1:PORT", url)
+
+        def receipt() -> subprocess.CompletedProcess:
+            return subprocess.run(
+                ["bash", "-c", receipt_cmd],
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env=env,
+            )
+
+        # the chain may show the settle a moment before the network's ledger marks it (receipt: pending)
+        deadline = time.monotonic() + 60
+        while "not settled yet" in (verified := receipt()).stderr and time.monotonic() < deadline:
+            time.sleep(3)
+        assert verified.returncode == 0, (verified.stdout, verified.stderr[-2000:])
+        assert verified.stdout.startswith(f"VALID: request {rid} is in epoch "), verified.stdout
         assert status["last_committed_epoch"] >= candidates[-1]
 
         for epoch in candidates:  # the README's export, per candidate epoch, until it holds the request
@@ -127,7 +162,9 @@ def test_readme_audit_commands_work_on_anvil(tmp_path):
         assert verified.startswith(f"VALID: usage leaf of epoch {epoch} against on-chain root 0x"), verified
 
         run(key_cmd)
-        assert (tmp_path / "operator.key").stat().st_mode & 0o777 == 0o600
+        assert (
+            tmp_path / "anvil-dev-0.key"
+        ).stat().st_mode & 0o777 == 0o600  # its own file, never operator.key
         claimed = run(claim_cmd)
         found = re.match(
             rf"claimed (\d+) wei for {OPERATOR_A} \(cumulative (\d+) wei through epoch (\d+)\) in tx (0x[0-9a-f]{{64}})",

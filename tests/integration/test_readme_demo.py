@@ -7,12 +7,13 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import free_port, start_meritnet_up, stop_meritnet_up
+from tests.support.meritnet_up import start_meritnet_up, stop_meritnet_up
+from tests.support.ports import free_port
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -96,13 +97,14 @@ def test_readme_demo_commands_work(tmp_path):
         out = _cli(tmp_path, create)
         secret = next(line for line in out.splitlines() if line.startswith("mn-"))
         key_id = re.search(r"key id (k-[0-9a-f]+)", out).group(1)
-        time.sleep(2)  # the gateway re-reads the key file within a refresh
-        assert _status(port, None) == 401 and _status(port, secret) == 200
+        # the gateway re-reads the key file within a refresh
+        wait_until(
+            lambda: _status(port, None) == 401 and _status(port, secret) == 200, timeout_s=60, interval_s=1
+        )
         listed = _cli(tmp_path, list_)
         assert key_id in listed and secret not in listed
         _cli(tmp_path, revoke.replace("k-1a2b3c4d", key_id))
-        time.sleep(2)
-        assert _status(port, secret) == 401
+        wait_until(lambda: _status(port, secret) == 401, timeout_s=60, interval_s=1)
     finally:
         rest = stop_meritnet_up(proc)
     assert proc.returncode == 0 and "Stopped." in rest, rest[-3000:]

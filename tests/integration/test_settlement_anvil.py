@@ -12,18 +12,18 @@ from settlement.anvil import Anvil
 from settlement.chain import Chain, ChainSettings, ChainUnavailable, fees_of_raw
 from settlement.keys import SettlerKey
 from settlement.rewardbook import RewardBook
-from tests.unit.test_settlement_chain import (
+from tests.support.clock import Clock
+from tests.support.settlement_chain import ENDED, expect_revert, funded_key
+from tests.support.settlement_scenarios import (
     CLAIM_GAS_GOAL,
-    ENDED,
     SETTLE_GAS_GOAL,
     contract_scenario,
     epoch_clock_scenario,
-    expect_revert,
-    funded_key,
     idle_chain_scenario,
     roles_scenario,
+    veto_scenario,
 )
-from tests.unit.test_settlement_chain_actor import EPOCH_S, Clock, FakeLedger, equal_split
+from tests.support.settler_fakes import EPOCH_S, FakeLedger, equal_split
 
 pytestmark = pytest.mark.integration
 
@@ -46,6 +46,10 @@ def test_contract_scenario_on_anvil(anvil):
 
 def test_roles_scenario_on_anvil(anvil):
     roles_scenario(connect(anvil))
+
+
+def test_veto_scenario_on_anvil(anvil):
+    veto_scenario(connect(anvil))
 
 
 def test_epoch_clock_scenario_on_anvil(anvil):
@@ -126,7 +130,7 @@ def _world(tmp_path, chain: Chain, key: SettlerKey):
         ledger=FakeLedger(),
         book=RewardBook(tmp_path / "book.sqlite"),
         clock=Clock(3.5 * EPOCH_S),
-        config=SettlementConfig(epoch_length_s=EPOCH_S, emission_wei=10**18),
+        config=SettlementConfig(epoch_length_s=EPOCH_S, emission_wei=10**18, claim_delay_s=0),
     )
     w.settler = lambda: Settler(
         w.ledger, w.chain, w.key, w.book, w.config, clock=w.clock, rewards=equal_split

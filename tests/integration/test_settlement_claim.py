@@ -54,7 +54,11 @@ def world(tmp_path_factory):
         chain.fund(key.address, 10**20)  # operators pay their own claim's gas
     genesis = time.time() - (EPOCHS + 0.5) * EPOCH_S  # epochs 0..3 have ended
     config = SettlementConfig(
-        ledger_path=tmp / "usage.db", epoch_length_s=EPOCH_S, genesis=genesis, emission_wei=10**18
+        ledger_path=tmp / "usage.db",
+        epoch_length_s=EPOCH_S,
+        genesis=genesis,
+        emission_wei=10**18,
+        claim_delay_s=0,  # four epochs in one pass; the veto window has tests of its own below
     )
     service = SettlementService(config, ChainSettings(url=node.url), key_file=str(key_file(tmp, settler)))
     service.ledger.append(
@@ -151,7 +155,7 @@ def test_wrong_contract(world):
     other.deploy(w.settler, EPOCHS - 1, 10**19, genesis=genesis, epoch_length=length)
     at_other = ["--url", w.node.url, "--contract", other.address]
     empty = cli("claim", "--operator-key-file", ours, *w.ledger, *at_other)
-    assert empty.exit_code == 1 and "no epoch is settled" in empty.output, empty.output
+    assert empty.exit_code == 1 and "no epoch is claimable" in empty.output, empty.output
     other.transact(w.settler, "settle", EPOCHS - 1, b"\1" * 32, b"\2" * 32, 1, 1)
     foreign = cli("claim", "--operator-key-file", ours, *w.ledger, *at_other)
     assert foreign.exit_code == 1 and "is not the one this ledger committed" in foreign.output, foreign.output

@@ -25,7 +25,11 @@ def test_service_settles_epochs_and_operators_claim(tmp_path, monkeypatch):
     operators = [SettlerKey.generate().address for _ in range(3)]
     genesis = time.time() - 4.5 * EPOCH_S
     config = SettlementConfig(
-        ledger_path=tmp_path / "ledger.sqlite", epoch_length_s=EPOCH_S, genesis=genesis, emission_wei=10**18
+        ledger_path=tmp_path / "ledger.sqlite",
+        epoch_length_s=EPOCH_S,
+        genesis=genesis,
+        emission_wei=10**18,
+        claim_delay_s=0,  # four epochs settle in one pass and claim at once (veto window: test_settlement_chain)
     )
     # Epoch 2 is scored 0 for everyone: its emission carries into epoch 3.
     quality = {2: {f"node-{i}": 0.0 for i in range(3)}, 0: {"node-0": 0.5, "node-1": 1.0, "node-2": 0.25}}

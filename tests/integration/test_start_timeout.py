@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from tests.integration.conftest import free_port, start_meritnet_up
+from tests.support.meritnet_up import start_meritnet_up
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.integration
 

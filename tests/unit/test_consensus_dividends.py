@@ -10,11 +10,15 @@ Round 1. A and C weight x and y equally (rows 1/2, 1/2); B has only scored y (ro
   incentive: rank x = (1/2 + 1/2)/3 = 1/3, y = 3/2 / 3 = 1/2; normalised x 2/5, y 3/5.
   dividends: A = 1/2 x 2/5 + 1/3 x 3/5 = 2/5; B = 0 + 1/5 = 1/5; C = 2/5.
 Round 2. B copies A: every row is (1/2, 1/2); consensus 1/2 each, nothing clipped; incentive 1/2 each.
-  delta bonds: 1/3 each in both columns. x bonds = 0.1 x 1/3 + 0.9 x (1/2, 0, 1/2)
-             = A 29/60, B 1/30, C 29/60; y stays 1/3 each.
+  Original Yuma (`yuma_epoch` without `public`): delta bonds 1/3 each in both columns;
+  x bonds = 0.1 x 1/3 + 0.9 x (1/2, 0, 1/2) = A 29/60, B 1/30, C 29/60; y stays 1/3 each.
   dividends: A = 1/2 x 29/60 + 1/2 x 1/3 = 49/120; B = 1/2 x 1/30 + 1/6 = 22/120; C = 49/120.
-B now weights exactly as A does, yet earns 22/120 against A's 49/120: its bond on x is still young.
-With a validator pool of 1,200 wei that is A 490, B 220, C 490.
+  `ConsensusState` (bonds bought only above what was published, scoring.consensus "Copying"):
+  round 1 published x and y at quality 1, the row (1/2, 1/2), and round 2's consensus is exactly
+  that: nothing in it was news, no bond changes hands. x bonds stay (1/2, 0, 1/2), y 1/3 each.
+  dividends: A = 1/2 x 1/2 + 1/2 x 1/3 = 50/120; B = 0 + 1/6 = 20/120; C = 50/120.
+B now weights exactly as A does, yet earns 20/120 against A's 50/120: copying what the network
+already published buys no bond on x. With a validator pool of 1,200 wei that is A 500, B 200, C 500.
 """
 
 from __future__ import annotations
@@ -43,15 +47,22 @@ def test_dividends_follow_bonds_as_worked_by_hand():
     assert bonds[:, 0] == pytest.approx([1 / 2, 0, 1 / 2], abs=1e-12)  # column x; rows A, B, C
     assert bonds[:, 1] == pytest.approx([1 / 3, 1 / 3, 1 / 3], abs=1e-12)
 
+    # Original Yuma on round 2's weights with round 1's bonds: the copier's bond on x grows.
+    same = [[1.0, 1.0]] * 3
+    yuma = yuma_epoch(same, [1.0, 1.0, 1.0], bonds)
+    assert yuma.bonds[:, 0] == pytest.approx([29 / 60, 1 / 30, 29 / 60], abs=1e-12)
+    assert yuma.dividends == pytest.approx([49 / 120, 22 / 120, 49 / 120], abs=1e-12)
+
     state.step({v: _scores(v, both) for v in ("A", "B", "C")}, now=1.0)  # B copies A
     assert state.last.weights[0] == pytest.approx(state.last.weights[1])  # the same weights now
-    assert state.last.bonds[:, 0] == pytest.approx([29 / 60, 1 / 30, 29 / 60], abs=1e-12)
+    assert state.last.bonds[:, 0] == pytest.approx([1 / 2, 0, 1 / 2], abs=1e-12)  # nothing was news
+    assert state.last.fresh == pytest.approx([0.0, 0.0])
     dividends = state.dividends()
-    assert dividends == pytest.approx({"A": 49 / 120, "B": 22 / 120, "C": 49 / 120}, abs=1e-12)
+    assert dividends == pytest.approx({"A": 50 / 120, "B": 20 / 120, "C": 50 / 120}, abs=1e-12)
     assert dividends["A"] > dividends["B"]  # early scoring earns more than late copying
 
     # Paid out exactly: the pool splits by dividend with nothing lost or created.
-    assert split_by_weight(dividends, 1200) == {"A": 490, "B": 220, "C": 490}
+    assert split_by_weight(dividends, 1200) == {"A": 500, "B": 200, "C": 500}
 
 
 def test_a_validator_whose_scores_are_clipped_away_earns_nothing_from_that_node():

@@ -12,7 +12,6 @@ from types import SimpleNamespace
 import pytest
 from eth_account import Account
 
-from cluster.records import NodeScore
 from deploy.config import NetworkConfig
 from deploy.scoring import ConsensusService, ValidatorSpec, validator_keys
 from deploy.usage import settlement_default_quality
@@ -20,21 +19,7 @@ from scoring import ConsensusState, metrics
 from scoring.report import ReportRefused, ScoreReport, accept_report, sign_report
 from settlement.keys import SettlerKey
 from settlement.rewards import NodeUsage, compute_rewards, epoch_quality
-
-
-def _scores(validator: str, weights: dict[str, float], at: float) -> tuple[NodeScore, ...]:
-    return tuple(
-        NodeScore(
-            validator=validator,
-            node_id=n,
-            integrity=1.0 if w > 0 else 0.0,
-            availability=1.0,
-            speed=w,
-            score=w,
-            at=at,
-        )
-        for n, w in weights.items()
-    )
+from tests.support.validator_fakes import node_scores
 
 
 def _signed(key, validator: str, round_: int, weights: dict[str, float], now: float | None = None) -> str:
@@ -43,7 +28,7 @@ def _signed(key, validator: str, round_: int, weights: dict[str, float], now: fl
         validator=validator,
         round=round_,
         issued_at_ms=int(now * 1000),
-        scores=_scores(validator, weights, now),
+        scores=node_scores(validator, weights, now),
     )
     return sign_report(report, key).model_dump_json()
 
@@ -101,7 +86,7 @@ def test_half_the_stake_cannot_set_a_node_quality_alone():
     a_says, others_say = {"x": 1.0, "ref": 1.0}, {"x": 0.2, "ref": 1.0}
 
     def quality(scores):
-        return ConsensusState(stakes).step({v: _scores(v, w, 0.0) for v, w in scores.items()}).quality
+        return ConsensusState(stakes).step({v: node_scores(v, w, 0.0) for v, w in scores.items()}).quality
 
     # The other half disagrees: neither half's verdict is the consensus (an exact half is a tie: the
     # median is the midpoint). Subtensor's ">= kappa" would give a's higher value.
@@ -135,7 +120,7 @@ async def test_an_absent_validators_stake_still_counts():
     assert (await svc.step()).quality == {"good": 1.0, "cheat": 0.0}
     # the pure rule: the denominator is every configured validator, answering or not
     state = ConsensusState({"a": 1.0, "b": 1.0, "c": 1.0})
-    state.step({"b": _scores("b", HONEST, 0.0)})
+    state.step({"b": node_scores("b", HONEST, 0.0)})
     assert list(state.last.stake) == pytest.approx([1 / 3] * 3)
 
 
@@ -225,7 +210,10 @@ async def test_a_forged_score_report_is_refused_and_does_not_change_quality(forg
     assert q.quality == absent.quality == {}  # as if a had not answered: b + c alone score nothing
     # had it been accepted, the forgery would have decided: the cheater scored, the honest node not
     accepted = _service(stakes, KEYS, {}).round(
-        {"a": list(_scores("a", forged_weights, time.time())), "b": list(_scores("b", HONEST, time.time()))},
+        {
+            "a": list(node_scores("a", forged_weights, time.time())),
+            "b": list(node_scores("b", HONEST, time.time())),
+        },
         time.time(),
     )
     assert accepted[0].quality["cheat"] > accepted[0].quality["good"]
@@ -296,9 +284,36 @@ def test_a_stale_score_is_dropped_by_the_activity_cutoff(cutoff, cheat_quality):
     now = 1000.0
     state = ConsensusState({"v1": 3.0, "v2": 1.0, "v3": 1.0}, activity_cutoff_s=cutoff)
     scores = {
-        "v1": (*_scores("v1", {"a": 1.0}, now), *_scores("v1", {"cheat": 1.0}, 0.0)),
-        "v2": _scores("v2", {"a": 1.0, "cheat": 0.0}, now),
-        "v3": _scores("v3", {"a": 1.0, "cheat": 0.0}, now),
+        "v1": (*node_scores("v1", {"a": 1.0}, now), *node_scores("v1", {"cheat": 1.0}, 0.0)),
+        "v2": node_scores("v2", {"a": 1.0, "cheat": 0.0}, now),
+        "v3": node_scores("v3", {"a": 1.0, "cheat": 0.0}, now),
     }
     quality = state.step(scores, now=now).quality
     assert quality.get("cheat") == cheat_quality and quality["a"] == 1.0
+
+
+def test_a_validator_brings_its_own_key_file_or_keystore(tmp_path, monkeypatch):
+    """Issue 27: a validator's key (the address its dividends go to) may be its own, hex or keystore; a
+    key file others can read is refused, and nothing is generated for it."""
+    own = SettlerKey.generate()
+    hex_file = tmp_path / "v1.key"
+    hex_file.write_text(own.export_hex())
+    hex_file.chmod(0o600)
+    stored = SettlerKey.generate()
+    keystore, passphrase = tmp_path / "v2.json", tmp_path / "passphrase"
+    keystore.write_text(json.dumps(stored.export_keystore("s3cret")))
+    passphrase.write_text("s3cret\n")
+    keystore.chmod(0o600)
+    passphrase.chmod(0o600)
+    monkeypatch.setenv("MERITNET_KEY_PASSWORD_FILE", str(passphrase))
+    specs = [
+        ValidatorSpec(validator_id="v1", key_file=hex_file),
+        ValidatorSpec(validator_id="v2", key_file=keystore),
+    ]
+    keys = validator_keys(specs, tmp_path / "validator-keys")
+    assert (keys["v1"].address, keys["v1"].path) == (own.address, hex_file)
+    assert (keys["v2"].address, keys["v2"].path) == (stored.address, keystore)
+    assert not list((tmp_path / "validator-keys").iterdir())
+    hex_file.chmod(0o644)
+    with pytest.raises(ValueError, match="validator key"):
+        validator_keys(specs[:1], tmp_path / "validator-keys")

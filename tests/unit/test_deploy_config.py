@@ -87,7 +87,8 @@ def test_status_table_shows_consensus_quality_or_why_there_is_none():
 def test_the_network_refuses_a_settler_key_in_the_environment(monkeypatch, tmp_path):
     """Every Ray worker (vLLM processes included) would inherit it; refused before anything starts."""
     from deploy.config import NetworkConfig
-    from deploy.network import LocalNetwork, NetworkStartError
+    from deploy.errors import NetworkStartError
+    from deploy.network import LocalNetwork
 
     secret = "ab" * 32
     monkeypatch.setenv("MERITNET_SETTLER_KEY", secret)
@@ -162,7 +163,7 @@ def test_serve_yaml_passes_serves_schema_with_one_app_per_default_node():
     from ray.serve.schema import ServeDeploySchema
 
     import deploy.serve_app as builders
-    from cluster.deployment import deployment_name_for_id
+    from cluster.records import deployment_name_for_id
     from deploy.config import NetworkConfig
 
     raw = yaml.safe_load((Path(__file__).parents[2] / "deploy" / "serve.yaml").read_text())
@@ -262,3 +263,30 @@ def test_the_readmes_network_yaml_loads_and_sets_the_validators_share(tmp_path, 
     assert settlement_config(cfg, tmp_path / "l.db", 0.0).validator_share_bps == 4100
     with pytest.raises(ValidationError, match="validator_share_bps"):
         NetworkConfig(validator_share_bps=10_001)
+
+
+def test_a_managed_node_may_not_run_a_model_repositorys_code_unless_the_runner_allows_it():
+    """Issue 28: engines share the control plane's Ray cluster; trust_remote_code would let a model
+    repository's Python reach the settlement and validator actors."""
+    node = {
+        "node_id": "n1",
+        "operator": "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed",
+        "accelerator_type": "H100",
+    }
+    with pytest.raises(ValidationError, match="trust_remote_code"):
+        NetworkConfig(nodes=[{**node, "engine_kwargs": {"trust_remote_code": True}}])
+    with pytest.raises(ValidationError, match="allow_remote_model_code"):
+        NetworkConfig(nodes=[node], engine={"engine_kwargs": {"trust_remote_code": True}})
+    allowed = NetworkConfig(
+        nodes=[{**node, "engine_kwargs": {"trust_remote_code": True}}], allow_remote_model_code=True
+    )
+    assert allowed.nodes[0].engine_kwargs["trust_remote_code"] is True
+    assert NetworkConfig(nodes=[node]).allow_remote_model_code is False
+
+
+def test_the_network_names_its_public_rpc_url_to_claimants(tmp_path):
+    from deploy.usage import settlement_config
+
+    named = NetworkConfig(public_rpc_url="https://rpc.example")
+    assert settlement_config(named, tmp_path / "l.db", 0.0).public_rpc_url == "https://rpc.example"
+    assert settlement_config(NetworkConfig(), tmp_path / "l.db", 0.0).public_rpc_url is None

@@ -12,20 +12,14 @@ from deploy.config import NetworkConfig
 from deploy.scoring import ConsensusService, EpochQuality, ValidatorSpec
 from scoring.fakes import BigramModel, FakeReferenceEngine, LetterCodec
 from scoring.validator import ChallengeResponse, Validator, ValidatorConfig
+from tests.support.validator_fakes import node_scores
 
 CODEC = LetterCodec()
 
 
 def _score(validator: str, node: str, score: float) -> NodeScore:
-    return NodeScore(
-        validator=validator,
-        node_id=node,
-        integrity=1.0 if score > 0 else 0.0,
-        availability=1.0,
-        speed=score,
-        score=score,
-        at=0.0,
-    )
+    (one,) = node_scores(validator, {node: score}, 0.0)
+    return one
 
 
 def _service(stakes: dict[str, float], **kwargs) -> ConsensusService:
@@ -382,13 +376,13 @@ def test_consensus_rounds_average_each_validators_dividends_by_its_signing_addre
     svc.round({v: scores(v, both if v != "B" else {"y": 1.0}, 1.0) for v in addresses}, now=1.0)
     svc.round({v: scores(v, both, 2.0) for v in addresses}, now=2.0)
     # The hand-worked rounds of tests/unit/test_consensus_dividends.py: (2/5, 1/5, 2/5) then
-    # (49/120, 22/120, 49/120); the epoch's mean is their average.
+    # (50/120, 20/120, 50/120); the epoch's mean is their average.
     mean = svc.epochs.mean_dividends(0)
     assert mean == pytest.approx(
         {
-            addresses["A"]: (2 / 5 + 49 / 120) / 2,
-            addresses["B"]: (1 / 5 + 22 / 120) / 2,
-            addresses["C"]: (2 / 5 + 49 / 120) / 2,
+            addresses["A"]: (2 / 5 + 50 / 120) / 2,
+            addresses["B"]: (1 / 5 + 20 / 120) / 2,
+            addresses["C"]: (2 / 5 + 50 / 120) / 2,
         },
         abs=1e-12,
     )

@@ -12,6 +12,7 @@ import pytest
 
 from cluster.node_http import DirectServer
 from cluster.nodes import NodeDirectory
+from tests.support.waiting import wait_until_async
 
 MODEL = "default"
 
@@ -180,6 +181,6 @@ async def test_the_gateway_moves_to_direct_http_and_back_to_the_handle_when_the_
     by_handle = handle.by_handle
     assert await _first(node.call("completions", body)) == "by-handle"  # the link was dropped
     assert handle.by_handle == by_handle + 1
-    await asyncio.sleep(0.2)  # a new link is fetched (the restarted replica's)
+    await wait_until_async(lambda: node._http is not None)  # a new link is fetched (the restarted replica's)
     assert json.loads((await _first(node.call("completions", body)))[6:])["choices"][0]["text"] == "t0"
     await handle.server.stop()

@@ -1,8 +1,5 @@
-"""The gateway's request path over HTTP with fake nodes (no Ray): retries, streaming, metering.
-
-Fake nodes mimic a Serve handle to ray.serve.llm's LLMServer: `.options(stream=True).chat.remote(body, raw)`
-returns an async generator of response objects (non-streaming) or lists of SSE strings (streaming).
-"""
+"""The gateway's request path over HTTP with fake nodes (no Ray, tests/support/gateway_fakes.py): retries,
+streaming, metering."""
 
 from __future__ import annotations
 
@@ -11,138 +8,15 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from cluster import NodeStats
 from cluster.metering import MemoryUsageSink
 from cluster.records import QualityScores
 from routing.app import build_fastapi
-from routing.gateway import GatewayConfig, GatewayCore
+from routing.config import GatewayConfig
+from routing.gateway import GatewayCore
 from routing.selection import load_selector
 from routing.timeouts import Timeouts
-
-OP = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"
-
-
-class _Gen:
-    def __init__(self, items, fail_at=None, delay_s=0.0):
-        self._items, self._i, self._fail_at, self._delay_s = list(items), 0, fail_at, delay_s
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
-        if self._i == 0 and self._delay_s:
-            import asyncio
-
-            await asyncio.sleep(self._delay_s)  # a slow first byte (busy node)
-        if self._fail_at is not None and self._i == self._fail_at:
-            raise RuntimeError("node died")
-        if self._i >= len(self._items):
-            raise StopAsyncIteration
-        self._i += 1
-        return self._items[self._i - 1]
-
-    def cancel(self):
-        pass
-
-
-class FakeNode:
-    def __init__(self, node_id, fail_at=None):
-        self.node_id, self.fail_at, self.calls = node_id, fail_at, 0
-        self.delay_s = 0.0
-        self.bodies = []
-
-    def options(self, **_):
-        return self
-
-    def _respond(self, body, kind):
-        """Like vLLM: token id lists when the request has return_token_ids, nulls otherwise."""
-        self.calls += 1
-        self.bodies.append(body.model_copy())
-        from ray.serve.llm.openai_api_models import CompletionResponse
-
-        with_ids = bool(body.return_token_ids)
-        if not body.stream:
-            resp = CompletionResponse(
-                id=f"cmpl-{body.request_id}",
-                model=body.model,
-                created=0,
-                choices=[
-                    {
-                        "index": 0,
-                        "text": "hello world",
-                        "finish_reason": "length",
-                        "token_ids": [7, 8] if with_ids else None,
-                    }
-                ],
-                usage={"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
-            )
-            return _Gen([resp.model_dump_json()], self.fail_at, self.delay_s)
-        chunks = [
-            [
-                f'data: {{"id":"c","choices":[{{"index":0,"text":"{t}","finish_reason":{fin},'
-                f'"token_ids":{ids if with_ids else "null"}}}],"usage":null}}\n\n'
-            ]
-            for t, ids, fin in (("he", "[7]", "null"), ("llo", "[8]", '"length"'))
-        ]
-        if body.stream_options and body.stream_options.include_usage:
-            chunks.append(
-                [
-                    'data: {"id":"c","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,'
-                    '"total_tokens":5}}\n\n'
-                ]
-            )
-        chunks.append(["data: [DONE]\n\n"])
-        return _Gen(chunks, self.fail_at, self.delay_s)
-
-    @property
-    def completions(self):
-        node = self
-
-        class _M:
-            def remote(self, body, raw):
-                return node._respond(body, "completions")
-
-        return _M()
-
-
-def sink_handle(sink: MemoryUsageSink):
-    """The actor-handle shape of a usage sink: `handle.record.remote(records)` is awaitable."""
-
-    class _Record:
-        @staticmethod
-        def remote(records):
-            return sink.record(records)
-
-    class _Handle:
-        record = _Record
-
-    return _Handle()
-
-
-def _stats(node_id):
-    return NodeStats(
-        node_id=node_id,
-        model_id="default",
-        operator=OP,
-        accelerator_type="H100",
-        capacity=8,
-        live=True,
-        running_replicas=1,
-        joined_at=0.0,
-    )
-
-
-@pytest.fixture()
-def harness():
-    nodes = {"a": FakeNode("a"), "b": FakeNode("b")}
-    sink = MemoryUsageSink()
-    core = GatewayCore(
-        GatewayConfig(), load_selector(registry=None), nodes.__getitem__, sink_handle(sink), registry=None
-    )
-    core.set_nodes([_stats("a"), _stats("b")])
-    client = TestClient(build_fastapi(lambda: core))
-    client.core = core
-    return client, nodes, sink
+from tests.support.gateway_fakes import FakeNode, FakeStream, node_stats, sink_handle
+from tests.support.waiting import wait_until, wait_until_async
 
 
 def _records(sink):
@@ -153,12 +27,7 @@ def _records(sink):
 
 def _background_record(sink):
     """The one usage record of a request whose record is written in the background (up to 5 s)."""
-    import time
-
-    deadline = time.monotonic() + 5
-    while not _records(sink) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    (rec,) = _records(sink)
+    (rec,) = wait_until(lambda: _records(sink), timeout_s=5)
     return rec
 
 
@@ -192,11 +61,44 @@ def test_all_nodes_failing_is_503_not_500(harness):
     assert r.status_code == 503 and r.json()["error"]["code"] == "upstream_failed"
 
 
-def test_a_request_no_node_may_take_is_503_and_counted_by_the_filter_that_refused(harness, caplog):
+def test_when_every_node_is_below_the_quality_floor_the_best_serves_and_says_so(harness, caplog):
+    """Issue 26: validators that misjudge every node of a model must not black out the endpoint."""
     from routing import metrics
 
     client, nodes, _ = harness
     client.core.selector.update_quality(QualityScores(epoch=1, quality={"a": 0.1, "b": 0.2}))
+    degraded = metrics.DEGRADED.labels("default", "quality-floor")
+    before = degraded._value.get()
+    for _ in range(2):
+        r = client.post("/v1/completions", json={"model": "default", "prompt": "hi"})
+        assert r.status_code == 200, r.text
+        assert (r.headers["x-meritnet-node"], r.headers["x-meritnet-degraded"]) == ("b", "quality-floor")
+    assert degraded._value.get() == before + 2 and nodes["a"].calls == 0 and nodes["b"].calls == 2
+    warned = [m for m in caplog.messages if "would have refused every node of model 'default'" in m]
+    assert len(warned) == 1  # one log line per cause per 10 s, however many requests
+    assert client.get("/status.json").json()["degraded"]["default"]["filter"] == "quality-floor"
+    assert "Degraded: filter quality-floor" in client.get("/status").text
+    client.core.selector.update_quality(QualityScores(epoch=2, quality={"a": 0.9, "b": 0.2}))
+    r = client.post("/v1/completions", json={"model": "default", "prompt": "hi"})
+    assert r.headers["x-meritnet-node"] == "a" and "x-meritnet-degraded" not in r.headers
+
+
+def test_a_floor_that_refuses_is_503_and_counted_by_the_filter_that_refused(tmp_path, caplog):
+    from routing import metrics
+    from routing.router.config import DEFAULT_PROFILE_PATH
+
+    strict = tmp_path / "strict.yaml"
+    text = DEFAULT_PROFILE_PATH.read_text()
+    strict.write_text(text.replace("{floor: 0.5}", "{floor: 0.5, serve_best_when_all_below: false}"))
+    assert strict.read_text() != text
+    nodes = {"a": FakeNode("a"), "b": FakeNode("b")}
+    selector = load_selector(str(strict), registry=None)
+    core = GatewayCore(
+        GatewayConfig(), selector, nodes.__getitem__, sink_handle(MemoryUsageSink()), registry=None
+    )
+    core.set_nodes([node_stats("a"), node_stats("b")])
+    client = TestClient(build_fastapi(lambda: core))
+    core.selector.update_quality(QualityScores(epoch=1, quality={"a": 0.1, "b": 0.2}))
     refused = metrics.NO_NODE.labels("default", "quality-floor")
     before = refused._value.get()
     for _ in range(2):
@@ -302,7 +204,7 @@ def test_a_stream_that_trickles_past_its_total_limit_ends_with_a_timeout_event(h
     tight = Timeouts(stream_idle_s=5.0, total_base_s=0.2, total_per_token_s=0.01)
     client.core.config = client.core.config.model_copy(update={"timeouts": tight})
 
-    class _Trickle(_Gen):
+    class _Trickle(FakeStream):
         async def __anext__(self):
             if self._i >= 1:
                 import asyncio
@@ -330,21 +232,20 @@ async def test_a_client_that_leaves_before_the_answer_frees_the_node_and_leaves_
     from starlette.requests import Request
 
     node = FakeNode("a")
-    node.delay_s = 5.0  # the node is slow to answer; the client gives up after 0.2 s
+    node.delay_s = 5.0  # the node is slow to answer; the client gives up while it works
     sink = MemoryUsageSink()
     core = GatewayCore(
         GatewayConfig(), load_selector(registry=None), {"a": node}.__getitem__, sink_handle(sink), None
     )
-    core.set_nodes([_stats("a")])
+    core.set_nodes([node_stats("a")])
     request = Request({"type": "http", "method": "POST", "path": "/v1/completions", "headers": []})
     body = CompletionRequest(model="default", prompt="hi", max_tokens=4)
     task = asyncio.ensure_future(core.handle(request, body, "completions"))
-    await asyncio.sleep(0.2)
-    assert core._in_flight["a"] == 1
+    await wait_until_async(lambda: core._in_flight["a"] == 1)  # the node has the request
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await asyncio.sleep(0.05)  # the cancelled record is written in the background
+    await wait_until_async(sink.all)  # the cancelled record is written in the background
     assert core._in_flight["a"] == 0
     (rec,) = await sink.all()
     assert rec.status == "cancelled" and rec.node_id == "a"
@@ -357,7 +258,7 @@ def test_with_api_keys_required_validator_challenges_still_get_through():
     node = FakeNode("a")
     cfg = GatewayConfig(api_keys=(SecretStr("client-key"),), challenge_keys=(SecretStr("validator-key"),))
     core = GatewayCore(cfg, load_selector(registry=None), {"a": node}.__getitem__, None, registry=None)
-    core.set_nodes([_stats("a")])
+    core.set_nodes([node_stats("a")])
     client = TestClient(build_fastapi(lambda: core))
     body = {"model": "default", "prompt": "hi", "max_tokens": 2}
     assert client.post("/v1/completions", json=body).status_code == 401
@@ -395,7 +296,7 @@ def test_a_node_that_stalls_mid_stream_is_cut_off_with_a_clean_error(harness):
     client, nodes, sink = harness
     client.core.config = client.core.config.model_copy(update={"timeouts": Timeouts(stream_idle_s=0.2)})
 
-    class _Stall(_Gen):
+    class _Stall(FakeStream):
         async def __anext__(self):
             if self._i == 1:
                 import asyncio
@@ -435,7 +336,7 @@ def test_a_node_stream_cancelled_under_the_gateway_is_a_node_failure_not_a_clien
 
     client, nodes, sink = harness
 
-    class _Dies(_Gen):
+    class _Dies(FakeStream):
         async def __anext__(self):
             if self._i == 1:
                 raise asyncio.CancelledError()
@@ -491,7 +392,7 @@ def test_metrics_page_serves_scoring_and_settlement_metrics_and_survives_a_silen
     async def named(name):
         return actors.get(name)
 
-    client.core._registry, client.core._named_actor = object(), named
+    client.core._registry, client.core.refresher.named_actor = object(), named
 
     def families():
         r = client.get("/metrics")

@@ -11,10 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from routing.app import build_fastapi
-from routing.gateway import GatewayConfig, GatewayCore
+from routing.config import GatewayConfig
+from routing.gateway import GatewayCore
 from routing.selection import load_selector
-from tests.http_fuzz import BASES, PARAMS, check, json_values
-from tests.unit.test_gateway_core import FakeNode, _stats
+from tests.support.gateway_fakes import FakeNode, node_stats
+from tests.support.http_fuzz import BASES, PARAMS, check, json_values
 
 
 class _ChatNode(FakeNode):
@@ -28,7 +29,7 @@ class _ChatNode(FakeNode):
 def _gateway():
     node = _ChatNode("a")
     core = GatewayCore(GatewayConfig(), load_selector(registry=None), {"a": node}.__getitem__, None, None)
-    core.set_nodes([_stats("a")])
+    core.set_nodes([node_stats("a")])
     return TestClient(build_fastapi(lambda: core), raise_server_exceptions=False)
 
 

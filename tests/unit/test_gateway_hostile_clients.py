@@ -9,10 +9,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from routing.app import build_fastapi
-from routing.gateway import GatewayConfig, GatewayCore
+from routing.config import GatewayConfig
+from routing.gateway import GatewayCore
 from routing.intake import IntakeLimits
 from routing.selection import load_selector
-from tests.unit.test_gateway_core import FakeNode, _stats
+from tests.support.gateway_fakes import FakeNode, node_stats
 
 C, CH = "/v1/completions", "/v1/chat/completions"
 OK = '{"model":"default","prompt":"hi","max_tokens":2}'
@@ -105,6 +106,16 @@ CASES = [  # (id, path, raw body, content type, status, error code or None)
         400,
         "invalid_value",
     ),
+    # JSON true is not the integer 1 (vLLM's lax models would read it so, past the gateway's own bounds)
+    ("bool-max-tokens", C, '{"model":"default","prompt":"hi","max_tokens":true}', JSON, 400, "invalid_type"),
+    (
+        "bool-n",
+        CH,
+        '{"model":"default","messages":[{"role":"user","content":"hi"}],"n":true}',
+        JSON,
+        400,
+        "invalid_type",
+    ),
     ("messages-not-list", CH, '{"model":"default","messages":"hi"}', JSON, 400, "invalid_value"),
     (
         "message-wrong-nesting",
@@ -144,7 +155,7 @@ def gateway():
         None,
         registry=None,
     )
-    core.set_nodes([_stats("a")])
+    core.set_nodes([node_stats("a")])
     return TestClient(build_fastapi(lambda: core), raise_server_exceptions=False), node, core
 
 
@@ -200,7 +211,7 @@ def test_cors_is_off_unless_origins_are_configured(origins):
         None,
         None,
     )
-    core.set_nodes([_stats("a")])
+    core.set_nodes([node_stats("a")])
     client = TestClient(build(lambda: core, core.config.cors_origins))
     r = client.options(
         "/v1/completions", headers={"origin": "https://app.example", "access-control-request-method": "POST"}
@@ -211,3 +222,34 @@ def test_cors_is_off_unless_origins_are_configured(origins):
         "/v1/completions", headers={"origin": "https://evil.example", "access-control-request-method": "POST"}
     )
     assert evil.headers.get("access-control-allow-origin") is None
+
+
+def test_the_openai_js_sdks_preflight_passes_and_meritnets_headers_are_readable():
+    """Issue 30: the official openai JS SDK sends x-stainless-* headers; its preflight must pass for a
+    listed origin, and a page must be able to read which node served and the request id."""
+    from routing.app import build_fastapi as build
+
+    core = GatewayCore(
+        GatewayConfig(cors_origins=("https://app.example",)),
+        load_selector(registry=None),
+        {"a": FakeNode("a")}.__getitem__,
+        None,
+        None,
+    )
+    core.set_nodes([node_stats("a")])
+    client = TestClient(build(lambda: core, core.config.cors_origins))
+    asked = "authorization, content-type, x-stainless-os, x-stainless-lang, x-stainless-retry-count"
+    r = client.options(
+        "/v1/chat/completions",
+        headers={
+            "origin": "https://app.example",
+            "access-control-request-method": "POST",
+            "access-control-request-headers": asked,
+        },
+    )
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+    allowed = r.headers["access-control-allow-headers"].lower()
+    assert all(h.strip() in allowed for h in asked.split(","))
+    got = client.get("/v1/models", headers={"origin": "https://app.example"})
+    exposed = got.headers["access-control-expose-headers"].lower()
+    assert "x-meritnet-node" in exposed and "x-meritnet-request-id" in exposed

@@ -13,60 +13,18 @@ from fastapi.testclient import TestClient
 from cluster.metering import MemoryUsageSink
 from routing import metrics
 from routing.app import build_fastapi
-from routing.gateway import GatewayConfig, GatewayCore
+from routing.config import GatewayConfig
+from routing.gateway import GatewayCore
 from routing.metering import TokenCounter, limits
 from routing.selection import load_selector
-from tests.unit.test_gateway_core import FakeNode, _Gen, _stats, sink_handle
-
-
-class CharTokenizer:
-    """One token per character (ids = code points); a chat template of <role>content per message."""
-
-    def encode(self, text, add_special_tokens=False):
-        return ([1] if add_special_tokens else []) + [ord(c) for c in text]
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(i) for i in ids if i > 1)
-
-    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False):
-        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
-
-
-class LyingNode(FakeNode):
-    """Answers 'hello' with honest ids (or `ids`), but reports `usage` of its own choosing."""
-
-    def __init__(self, node_id, usage=(10**6, 999), ids=None, chunks=None):
-        super().__init__(node_id)
-        self.usage, self.ids, self.chunks = usage, ids, chunks
-
-    def _respond(self, body, kind):
-        self.calls += 1
-        from ray.serve.llm.openai_api_models import CompletionResponse
-
-        ids = self.ids if self.ids is not None else [ord(c) for c in "hello"]
-        p, c = self.usage
-        if self.chunks is not None:
-            return _Gen([[x] for x in self.chunks])
-        if not body.stream:
-            resp = CompletionResponse(
-                id="x",
-                model=body.model,
-                created=0,
-                choices=[{"index": 0, "text": "hello", "finish_reason": "stop", "token_ids": ids}],
-                usage={"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c},
-            )
-            return _Gen([resp.model_dump_json()])
-        return _Gen(
-            [
-                [
-                    f'data: {{"choices":[{{"index":0,"text":"hello","finish_reason":"stop","token_ids":{ids}}}]}}\n\n'
-                ],
-                [
-                    f'data: {{"choices":[],"usage":{{"prompt_tokens":{p},"completion_tokens":{c},"total_tokens":{p + c}}}}}\n\n'
-                ],
-                ["data: [DONE]\n\n"],
-            ]
-        )
+from tests.support.gateway_fakes import (
+    CharTokenizer,
+    ErrorNode,
+    FakeStream,
+    LyingNode,
+    node_stats,
+    sink_handle,
+)
 
 
 def _gateway(node, counter=True, honest=None):
@@ -82,7 +40,7 @@ def _gateway(node, counter=True, honest=None):
         registry=None,
         counters=counters,
     )
-    core.set_nodes([_stats(n) for n in nodes])
+    core.set_nodes([node_stats(n) for n in nodes])
     return TestClient(build_fastapi(lambda: core)), sink
 
 
@@ -122,11 +80,18 @@ def test_ids_that_do_not_decode_to_the_text_are_billed_as_the_text():
 
 
 def test_without_a_tokenizer_counts_are_still_bounded_by_the_request():
-    client, sink = _gateway(LyingNode("liar", ids=list(range(2, 40))), counter=False)
+    client, sink = _gateway(LyingNode("liar", ids=list(range(2, 10))), counter=False)
     client.post("/v1/completions", json={"model": "default", "prompt": "hi", "max_tokens": 8})
     (rec,) = _records(sink)
-    assert rec.completion_tokens == 8  # 38 ids, clamped to max_tokens
+    assert rec.completion_tokens == 7  # 8 ids for "hello": at most its 5 bytes + 2 of slack
     assert rec.prompt_tokens <= 64 + 2  # 10^6 reported, bounded by the prompt's bytes + template allowance
+
+
+def test_more_ids_than_max_tokens_is_a_malformed_answer():
+    client, sink = _gateway(LyingNode("liar", ids=list(range(2, 40))), honest=LyingNode("honest"))
+    r = client.post("/v1/completions", json={"model": "default", "prompt": "hi", "max_tokens": 8})
+    assert r.status_code == 200 and r.headers["x-meritnet-node"] == "honest"
+    assert {rec.node_id for rec in _records(sink)} == {"honest"}  # 38 ids: never billed
 
 
 @pytest.mark.parametrize(
@@ -179,26 +144,6 @@ def test_limits_scale_with_n_and_prompts():
     assert completion_cap == 60 and prompt_cap <= 3 * 100
 
 
-class ErrorNode(LyingNode):
-    """Answers with vLLM's ErrorResponse, as JSON text (what every node sends)."""
-
-    def __init__(self, node_id, code):
-        super().__init__(node_id)
-        self.code = code
-
-    def _respond(self, body, kind):
-        self.calls += 1
-        err = {
-            "error": {
-                "message": "engine says no",
-                "type": "BadRequestError",
-                "param": None,
-                "code": self.code,
-            }
-        }
-        return _Gen([json.dumps(err)])
-
-
 def test_an_engine_4xx_reaches_the_client_and_a_5xx_moves_the_request():
     client, _ = _gateway(ErrorNode("liar", 400))
     r = client.post("/v1/completions", json={"model": "default", "prompt": "hi"})
@@ -218,7 +163,7 @@ def test_a_node_that_sends_an_object_instead_of_text_is_not_trusted():
             raise AssertionError("the gateway ran a node's code")
 
     bad = LyingNode("liar", chunks=[])
-    bad._respond = lambda body, kind: _Gen([Trojan()])
+    bad._respond = lambda body, kind: FakeStream([Trojan()])
     client, _sink = _gateway(bad, honest=LyingNode("honest", usage=(9, 5)))
     for _ in range(3):
         r = client.post("/v1/completions", json={"model": "default", "prompt": "hi there"})

@@ -12,10 +12,11 @@ from pydantic import SecretStr
 
 from cluster.metering import MemoryUsageSink
 from routing.app import build_fastapi
-from routing.gateway import GatewayConfig, GatewayCore
+from routing.config import GatewayConfig
+from routing.gateway import GatewayCore
 from routing.selection import load_selector
 from routing.shadow import strip_token_ids, verifiable
-from tests.unit.test_gateway_core import FakeNode, _stats, sink_handle
+from tests.support.gateway_fakes import FakeNode, node_stats, sink_handle
 
 
 class _Feed:
@@ -44,9 +45,9 @@ def _gateway(**cfg):
         sink_handle(sink),
         registry=None,
     )
-    core.set_nodes([_stats("a")])
+    core.set_nodes([node_stats("a")])
     feed = _Feed()
-    core._shadow_feed = feed
+    core.refresher.shadow_feed = feed
     return TestClient(build_fastapi(lambda: core)), nodes["a"], feed
 
 
@@ -189,9 +190,9 @@ def test_an_absent_named_actor_is_not_looked_up_on_every_refresh(monkeypatch):
     core = GatewayCore(GatewayConfig(), load_selector(registry=None), {}.__getitem__, None, registry=None)
 
     async def lookups():
-        return [await core._named_actor("meritnet-consensus") for _ in range(5)]
+        return [await core.refresher.named_actor("meritnet-consensus") for _ in range(5)]
 
     assert asyncio.run(lookups()) == [None] * 5 and calls == ["meritnet-consensus"]
-    core._absent_until["meritnet-consensus"] = 0.0  # the retry interval has passed
-    asyncio.run(core._named_actor("meritnet-consensus"))
+    core.refresher._absent_until["meritnet-consensus"] = 0.0  # the retry interval has passed
+    asyncio.run(core.refresher.named_actor("meritnet-consensus"))
     assert len(calls) == 2

@@ -19,14 +19,15 @@ from starlette.testclient import TestClient
 
 import cluster.nodes
 from cluster.metering import MemoryUsageSink
+from cluster.records import NodeLink
 from cluster.registration import RegistrationError
-from cluster.registry import NodeLink
 from routing.admission import probe
 from routing.app import build_fastapi
-from routing.gateway import GatewayConfig, GatewayCore
+from routing.config import GatewayConfig
+from routing.gateway import GatewayCore
 from routing.selection import load_selector
-from tests.integration.conftest import free_port
-from tests.unit.test_gateway_core import _stats, sink_handle
+from tests.support.gateway_fakes import node_stats, sink_handle
+from tests.support.ports import free_port
 
 SECRET = "s3cret"
 
@@ -111,7 +112,7 @@ def gateway(nodes, monkeypatch):
         GatewayConfig(), load_selector(registry=None), {}.__getitem__, sink_handle(sink), registry=None
     )
     core.nodes.set_links({n: NodeLink(nodes[n], SECRET) for n in ("a", "b")})
-    core.set_nodes([_stats("a"), _stats("b")])
+    core.set_nodes([node_stats("a"), node_stats("b")])
     with TestClient(build_fastapi(lambda: core)) as client:
         client.records = lambda: asyncio.run(sink.all())
         yield client
@@ -159,26 +160,29 @@ def test_an_unreachable_node_is_tried_and_the_request_moves_on(nodes, monkeypatc
         GatewayConfig(), load_selector(registry=None), {}.__getitem__, sink_handle(sink), registry=None
     )
     core.nodes.set_links({"a": NodeLink("http://127.0.0.1:9", SECRET), "b": NodeLink(nodes["b"], SECRET)})
-    core.set_nodes([_stats("a"), _stats("b")])
+    core.set_nodes([node_stats("a"), node_stats("b")])
     with TestClient(build_fastapi(lambda: core)) as client:
         for _ in range(3):
             r = _post(client, "hi")
             assert r.status_code == 200 and r.headers["x-meritnet-node"] == "b"
 
 
-def test_the_join_probe_checks_health_and_the_claimed_model(nodes):
+def test_the_join_probe_checks_health_and_the_claimed_model_and_says_nothing_more(nodes):
+    """A wrong model, a closed port and a garbage answer are refused alike: the refusal never tells a
+    stranger what a port answered (issue 28: the probe is no port scanner)."""
     asyncio.run(probe(nodes["a"], "default"))
-    with pytest.raises(RegistrationError) as wrong:
-        asyncio.run(probe(nodes["a"], "llama-70b"))
-    assert (wrong.value.status, wrong.value.code) == (422, "wrong_model")
-    with pytest.raises(RegistrationError) as down:
-        asyncio.run(probe("http://127.0.0.1:9", "default"))
-    assert down.value.code == "unreachable"
     garbage, server = serve_http(node_app(model="garbage"))
     try:
-        with pytest.raises(RegistrationError) as bad:
-            asyncio.run(probe(garbage, "default"))
-        assert bad.value.code == "bad_models"
+        refusals = []
+        for endpoint, model in (
+            (nodes["a"], "llama-70b"),
+            ("http://127.0.0.1:9", "default"),
+            (garbage, "default"),
+        ):
+            with pytest.raises(RegistrationError) as refused:
+                asyncio.run(probe(endpoint, model))
+            refusals.append((refused.value.status, refused.value.code, str(refused.value)))
+        assert len(set(refusals)) == 1 and refusals[0][:2] == (422, "probe_failed"), refusals
     finally:
         server.should_exit = True
 
@@ -200,7 +204,7 @@ def test_an_open_node_that_left_between_snapshot_and_links_is_skipped_not_called
         GatewayConfig(), load_selector(registry=None), {}.__getitem__, sink_handle(sink), registry=None
     )
     core.nodes.set_links({"b": NodeLink(nodes["b"], SECRET)})
-    core.set_nodes([_stats("a").model_copy(update={"kind": "open"}), _stats("b")])
+    core.set_nodes([node_stats("a").model_copy(update={"kind": "open"}), node_stats("b")])
     with TestClient(build_fastapi(lambda: core)) as client:
         for _ in range(3):
             r = _post(client, "hi")
@@ -214,10 +218,55 @@ def test_a_400_from_an_open_node_is_tried_elsewhere_before_the_client_sees_it():
     try:
         core = GatewayCore(GatewayConfig(), load_selector(registry=None), {}.__getitem__, None, registry=None)
         core.nodes.set_links({"a": NodeLink(a, SECRET), "b": NodeLink(b, SECRET)})
-        core.set_nodes([_stats("a"), _stats("b")])
+        core.set_nodes([node_stats("a"), node_stats("b")])
         with TestClient(build_fastapi(lambda: core)) as client:
             r = _post(client, "e400 please")  # both nodes refuse it
         assert r.status_code == 400 and "prompt too long" in r.json()["error"]["message"]
         assert len(seen_a) == len(seen_b) == 1  # the client saw the 400 only after both were tried
     finally:
         server_a.should_exit = server_b.should_exit = True
+
+
+def test_a_gateway_registered_as_a_node_refuses_what_another_gateway_forwards(nodes):
+    """Issue 28: a network's own gateway (or any meritnet gateway) admitted as an 'open node' would relay
+    requests, loop, and be paid for tokens honest nodes made. Node calls carry x-meritnet-hop, and a
+    gateway refuses a request that carries it."""
+    inner_calls: list = []
+    inner_sink = MemoryUsageSink()
+    inner = GatewayCore(
+        GatewayConfig(), load_selector(registry=None), {}.__getitem__, sink_handle(inner_sink), registry=None
+    )
+    inner.nodes.set_links({"real": NodeLink(nodes["b"], SECRET)})
+    inner.set_nodes([node_stats("real")])
+    inner_app = build_fastapi(lambda: inner)
+
+    @inner_app.middleware("http")
+    async def record(request, call_next):
+        inner_calls.append(request.url.path)
+        return await call_next(request)
+
+    relay, server = serve_http(inner_app)
+    try:
+        outer = GatewayCore(
+            GatewayConfig(),
+            load_selector(registry=None),
+            {}.__getitem__,
+            sink_handle(MemoryUsageSink()),
+            registry=None,
+        )
+        outer.nodes.set_links({"relay": NodeLink(relay, SECRET)})
+        outer.set_nodes([node_stats("relay")])
+        with TestClient(build_fastapi(lambda: outer)) as client:
+            answer = _post(client, "hi")
+        assert answer.status_code == 503 and answer.json()["error"]["code"] == "upstream_failed", answer.text
+        assert inner_calls == ["/v1/completions"]  # the relay was called once, and refused
+        assert asyncio.run(inner_sink.all()) == []  # nothing generated or metered behind it
+        with TestClient(inner_app) as direct:
+            looped = direct.post(
+                "/v1/completions",
+                json={"model": "default", "prompt": "hi", "max_tokens": 2},
+                headers={"x-meritnet-hop": "1"},
+            )
+        assert looped.status_code == 400 and looped.json()["error"]["code"] == "forwarding_loop"
+    finally:
+        server.should_exit = True

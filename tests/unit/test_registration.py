@@ -9,7 +9,14 @@ import pytest
 from eth_account import Account
 
 from cluster.records import NodeSpec
-from cluster.registration import MAX_VALIDITY_S, Registration, RegistrationError, sign, verify
+from cluster.registration import (
+    MAX_VALIDITY_S,
+    OpenNodePolicy,
+    Registration,
+    RegistrationError,
+    sign,
+    verify,
+)
 from cluster.registry import NodeRegistryCore
 
 NOW = 1_800_000_000
@@ -120,25 +127,41 @@ def spec(node_id="n1", operator=ALICE.address, endpoint="http://127.0.0.1:8100")
     )
 
 
+LOCAL = OpenNodePolicy(networks=("127.0.0.0/8",), without_validators=True)
+
+
+def registry(path=None, **kw) -> NodeRegistryCore:
+    return NodeRegistryCore(path, policy=kw.pop("policy", LOCAL), **kw)
+
+
+def enter(core: NodeRegistryCore, node: NodeSpec, secret: str, nonce: int) -> None:
+    """What the gateway does around its probe: claim the nonce, then join under the claim."""
+    core.claim(node, nonce)
+    core.join(node, secret, nonce)
+
+
 def test_a_nonce_is_accepted_once_per_operator():
-    core = NodeRegistryCore()
-    core.join(spec(), "s1", nonce=5)
+    core = registry()
+    enter(core, spec(), "s1", nonce=5)
     core.set_liveness({"n1": 1})
-    assert refusal(lambda: core.join(spec(), "s2", nonce=5)) == (409, "replayed")
-    core.join(spec(), "s2", nonce=6)  # a new secret for the same node: it stays live
+    assert refusal(lambda: enter(core, spec(), "s2", nonce=5)) == (409, "replayed")
+    enter(core, spec(), "s2", nonce=6)  # a new secret for the same node: it stays live
     assert core.snapshot()[0].live and core.links()["n1"].secret == "s2"
     assert refusal(lambda: core.leave("n1", ALICE.address, nonce=4)) == (409, "replayed")
-    core.join(spec(endpoint="http://127.0.0.1:8200"), "s3", nonce=7)  # the owner moves the node
+    enter(core, spec(endpoint="http://127.0.0.1:8200"), "s3", nonce=7)  # the owner moves the node
     assert core.links()["n1"].endpoint == "http://127.0.0.1:8200" and core.links()["n1"].secret == "s3"
     assert not core.snapshot()[0].live  # live again only once the new endpoint answers its probe
 
 
 def test_a_node_id_belongs_to_its_operator_and_managed_ids_are_not_for_taking():
-    core = NodeRegistryCore()
+    core = registry()
     core.sync([spec("managed-a", endpoint=None)])
-    core.join(spec(), "s", nonce=1)
-    assert refusal(lambda: core.join(spec(operator=BOB.address), "x", nonce=1)) == (409, "node_id_taken")
-    assert refusal(lambda: core.join(spec("managed-a", BOB.address), "x", nonce=1)) == (409, "node_id_taken")
+    enter(core, spec(), "s", nonce=1)
+    assert refusal(lambda: enter(core, spec(operator=BOB.address), "x", nonce=1)) == (409, "node_id_taken")
+    assert refusal(lambda: enter(core, spec("managed-a", BOB.address), "x", nonce=1)) == (
+        409,
+        "node_id_taken",
+    )
     assert refusal(lambda: core.leave("n1", BOB.address, nonce=9)) == (409, "node_id_taken")
     assert refusal(lambda: core.leave("nobody", ALICE.address, nonce=9)) == (404, "unknown_node")
     core.leave("n1", ALICE.address, nonce=2)
@@ -146,8 +169,8 @@ def test_a_node_id_belongs_to_its_operator_and_managed_ids_are_not_for_taking():
 
 
 def test_config_sync_leaves_open_nodes_alone_and_snapshots_carry_no_secret():
-    core = NodeRegistryCore()
-    core.join(spec(), "top-secret", nonce=1)
+    core = registry()
+    enter(core, spec(), "top-secret", nonce=1)
     core.sync([spec("managed-a", endpoint=None)])
     core.sync([])
     (stats,) = core.snapshot()
@@ -157,33 +180,33 @@ def test_config_sync_leaves_open_nodes_alone_and_snapshots_carry_no_secret():
 
 def test_open_nodes_and_nonces_survive_a_restart_in_an_owner_only_file(tmp_path):
     path = tmp_path / "registry.json"
-    core = NodeRegistryCore(path)
-    core.join(spec(), "s1", nonce=7)
+    core = registry(path)
+    enter(core, spec(), "s1", nonce=7)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    again = NodeRegistryCore(path)
+    again = registry(path)
     assert again.links()["n1"].secret == "s1"
-    assert refusal(lambda: again.join(spec(), "s2", nonce=7)) == (409, "replayed")
+    assert refusal(lambda: enter(again, spec(), "s2", nonce=7)) == (409, "replayed")
 
 
 def test_a_registry_file_from_before_open_nodes_still_loads(tmp_path):
     path = tmp_path / "registry.json"
     old = spec("a", endpoint=None)
     path.write_text(json.dumps([{"spec": old.model_dump(mode="json"), "joined_at": 1.0}]))
-    assert [s.node_id for s in NodeRegistryCore(path).specs()] == ["a"]
+    assert [s.node_id for s in registry(path).specs()] == ["a"]
 
 
 def test_one_endpoint_one_node_and_a_bounded_number_of_open_nodes():
-    core = NodeRegistryCore(max_open_nodes=2)
-    core.join(spec("n1"), "s", nonce=1)
-    assert refusal(lambda: core.join(spec("n2", BOB.address), "x", nonce=1)) == (409, "endpoint_taken")
-    core.join(spec("n2", BOB.address, "http://127.0.0.1:8200"), "x", nonce=2)
+    core = registry(max_open_nodes=2)
+    enter(core, spec("n1"), "s", nonce=1)
+    assert refusal(lambda: enter(core, spec("n2", BOB.address), "x", nonce=1)) == (409, "endpoint_taken")
+    enter(core, spec("n2", BOB.address, "http://127.0.0.1:8200"), "x", nonce=2)
     third = spec("n3", BOB.address, "http://127.0.0.1:8300")
-    assert refusal(lambda: core.join(third, "y", nonce=3)) == (403, "network_full")
+    assert refusal(lambda: enter(core, third, "y", nonce=3)) == (403, "network_full")
 
 
 def test_the_networks_config_wins_a_node_id_an_open_node_took_first():
-    core = NodeRegistryCore()
-    core.join(spec("planned"), "s", nonce=1)
+    core = registry()
+    enter(core, spec("planned"), "s", nonce=1)
     core.sync([spec("planned", endpoint=None)])
     (stats,) = core.snapshot()
     assert stats.kind == "managed" and core.links() == {}

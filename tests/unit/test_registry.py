@@ -39,10 +39,13 @@ def test_dead_node_leaves_the_live_set():
 
 
 def test_an_open_node_stays_live_through_a_few_missed_probes_but_not_more():
+    from cluster.registration import OpenNodePolicy
     from cluster.registry import OPEN_NODE_MISSES
 
-    reg = NodeRegistryCore()
-    reg.join(spec("open").model_copy(update={"endpoint": "http://127.0.0.1:8100"}), "s", nonce=1)
+    reg = NodeRegistryCore(policy=OpenNodePolicy(networks=("127.0.0.0/8",), without_validators=True))
+    opened = spec("open").model_copy(update={"endpoint": "http://127.0.0.1:8100"})
+    reg.claim(opened, nonce=1)
+    reg.join(opened, "s", nonce=1)
     reg.register(spec("managed"))
     reg.set_liveness({})
     assert [s.live for s in reg.snapshot()] == [False, False]  # never answered: not live
@@ -99,3 +102,13 @@ def test_sync_holds_exactly_the_configured_nodes(tmp_path):
     }
     reg.sync([spec("c")], now=3.0)
     assert [s.node_id for s in NodeRegistryCore(tmp_path / "registry.json").snapshot()] == ["c"]
+
+
+def test_the_actor_holds_the_policy_it_was_made_with_so_a_restart_restores_it():
+    """Ray restarts a crashed registry with its constructor's arguments: the open-node policy is one of
+    them (issue 28's policy was lost on a restart, and every later join was refused `no_validators`)."""
+    from cluster.registration import OpenNodePolicy
+    from cluster.registry import NodeRegistry
+
+    policy = OpenNodePolicy.for_network("127.0.0.1", [8000], without_validators=None)
+    NodeRegistry(policy=policy)._core.policy.admits_open_nodes()  # loopback network: admitted

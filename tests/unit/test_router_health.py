@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from cluster.records import NodeStats
 from routing.router import NoEligibleNode, RequestFacts, Router, parse_config
+from tests.support.clock import Clock
 
 OP = to_checksum_address("0x" + "22" * 20)
 CONFIG = {
@@ -42,16 +43,8 @@ CONFIG = {
 }
 
 
-class Clock:
-    def __init__(self, t: float = 100.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
 def make(n: int = 3, registry=None):
-    clock = Clock()
+    clock = Clock(100.0)
     router = Router(parse_config(CONFIG), clock=clock, rng=random.Random(0), registry=registry)
     router.update_nodes(
         [

@@ -14,18 +14,12 @@ from hypothesis import strategies as st
 from cluster.records import NodeStats
 from routing.router import RequestFacts, Router
 from routing.router.columns import COLUMNS, Columns
-from tests.unit.test_router_profile import NOW as profile_now
-from tests.unit.test_router_profile import snapshots as profile_snapshots
+from tests.support.clock import Clock
+from tests.support.router_nodes import NOW as profile_now
+from tests.support.router_nodes import snapshots as profile_snapshots
 
 IDS = [f"n{i}" for i in range(8)]
 OPERATOR = to_checksum_address("0x" + "22" * 20)
-
-
-class Clock:
-    t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def stats(live: dict[str, bool], present: set[str], in_flight: dict[str, int]) -> list[NodeStats]:

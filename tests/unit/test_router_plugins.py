@@ -147,6 +147,31 @@ def test_scorer(type_name, params, nodes, expected):
     assert got == pytest.approx(expected)
 
 
+@pytest.mark.parametrize(
+    ("max_tokens", "n", "expected"),
+    [
+        # a: fast first token, slow decode; b: the reverse. Predictions: a 0.1 + 0.05 t, b 0.5 + 0.01 t.
+        (2, 1, [1.0, 0.2 / 0.52]),  # a short answer: the fast first token wins
+        (100, 1, [1.5 / 5.1, 1.0]),  # a long one: the fast decode wins
+        (50, 2, [1.5 / 5.1, 1.0]),  # n completions of max_tokens each: 100 tokens in all
+        (None, 1, [0.7 / 1.1, 1.0]),  # no limit set: the parameter's 20 tokens (a 1.1 s, b 0.7 s)
+    ],
+)
+def test_latency_predicts_with_the_requests_own_max_tokens(max_tokens, n, expected):
+    from cluster.node_http import request_model
+    from routing.selection import facts_for
+
+    limit = {} if max_tokens is None else {"max_tokens": max_tokens}
+    body = request_model("chat").model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "n": n, **limit}
+    )
+    facts = facts_for(body, {})
+    assert facts.output_tokens == (None if max_tokens is None else max_tokens * n)
+    nodes = [node("a", ttft_ewma_s=0.1, tpot_ewma_s=0.05), node("b", ttft_ewma_s=0.5, tpot_ewma_s=0.01)]
+    got = plugin("latency", output_tokens=20).score_nodes(facts, nodes, ctx())
+    assert got == pytest.approx(expected)
+
+
 def test_affinity_sends_a_session_to_one_node_and_spills_when_it_is_loaded():
     aff = plugin("affinity", max_load=0.5)
     nodes = [node(f"n{i}") for i in range(10)]

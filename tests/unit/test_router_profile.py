@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from routing.router import NodeSnapshot, NoEligibleNode, RequestFacts, Router
+from tests.support.router_nodes import NOW, node, snapshots
 
-NOW = 10_000.0
 ROUTER = Router.from_yaml(clock=lambda: NOW, rng=random.Random(0))
 FLOOR = 0.5  # deploy/profiles/default.yaml
 
@@ -25,24 +25,6 @@ def eligible(n: NodeSnapshot, facts: RequestFacts, exclude: frozenset[str]) -> b
     )
 
 
-snapshots = st.builds(
-    NodeSnapshot,
-    node_id=st.sampled_from([f"n{i}" for i in range(12)]),
-    model_id=st.sampled_from(["m", "other"]),
-    capacity=st.integers(1, 64),
-    live=st.booleans(),
-    in_flight=st.integers(0, 100),
-    queue_depth=st.integers(0, 10),
-    ttft_ewma_s=st.none() | st.floats(0, 30),
-    tpot_ewma_s=st.none() | st.floats(0, 1),
-    error_streak=st.integers(0, 5),
-    banned_until=st.sampled_from([0.0, NOW - 1, NOW + 5]),
-    last_failure_at=st.none() | st.floats(0, NOW),
-    quality=st.none() | st.floats(0, 1),
-    joined_at=st.floats(0, NOW),
-)
-
-
 @settings(max_examples=300, deadline=None)
 @given(
     nodes=st.lists(snapshots, max_size=12, unique_by=lambda n: n.node_id),
@@ -53,22 +35,17 @@ snapshots = st.builds(
 def test_never_picks_a_filtered_out_node_and_never_fails_while_one_is_eligible(nodes, exclude, session, seed):
     facts = RequestFacts("m", 50, "pfx", session_key=session)
     ok = [n for n in nodes if eligible(n, facts, exclude)]
+    # below the floor, but otherwise eligible: served (degraded) only when no node is above it
+    fallback = [n for n in nodes if n.model_id == "m" and n.live and n.node_id not in exclude]
     ROUTER.rng.seed(seed)
-    if not ok:
+    if not fallback:
         with pytest.raises(NoEligibleNode):
             ROUTER.pick(facts, nodes, exclude=exclude)
         return
     d = ROUTER.pick(facts, nodes, exclude=exclude)
-    assert d.node_id in {n.node_id for n in ok}
+    assert d.node_id in {n.node_id for n in (ok or fallback)}
+    assert d.degraded == (() if ok else ("quality-floor",))
     assert 0.0 <= d.score <= 1.0
-
-
-def node(i, **kw):
-    kw.setdefault("model_id", "m")
-    kw.setdefault("capacity", 8)
-    kw.setdefault("ttft_ewma_s", 0.1)
-    kw.setdefault("tpot_ewma_s", 0.01)
-    return NodeSnapshot(node_id=i, **kw)
 
 
 def test_probation_node_gets_about_five_percent_and_low_quality_none():
@@ -85,7 +62,6 @@ def test_probation_node_gets_about_five_percent_and_low_quality_none():
 def test_a_refusal_names_the_filter_that_removed_the_last_candidate():
     facts = RequestFacts("m", 10, "p")
     cases = {
-        "quality-floor": [node("a", quality=0.2), node("b", live=False)],
         "live": [node("a", live=False), node("b", model_id="other")],
         "serves-model": [node("a", model_id="other")],
     }
@@ -96,6 +72,9 @@ def test_a_refusal_names_the_filter_that_removed_the_last_candidate():
     with pytest.raises(NoEligibleNode) as refused:
         ROUTER.pick(facts, [node("a")], exclude=frozenset({"a"}))
     assert refused.value.stage == "excluded"
+    # the quality floor does not refuse the last candidates: it serves the best, and says so
+    d = ROUTER.pick(facts, [node("a", quality=0.2), node("c", quality=0.3), node("b", live=False)])
+    assert (d.node_id, d.degraded) == ("c", ("quality-floor",))
 
 
 def test_explain_lists_removals_and_per_scorer_scores():

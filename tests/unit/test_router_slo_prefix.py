@@ -10,7 +10,7 @@ from pydantic import BaseModel
 from routing.errors import APIError
 from routing.router import REGISTRY, PickContext, RequestFacts, Router
 from routing.selection import facts_for, slo_ttft_s
-from tests.unit.test_router_profile import NOW, node
+from tests.support.router_nodes import NOW, node
 
 CTX = PickContext(NOW, random.Random(0))
 

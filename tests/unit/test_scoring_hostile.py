@@ -19,7 +19,7 @@ from scoring.validator import (
     parse_stream,
     supervise,
 )
-from tests.unit.test_scoring_validator import _fake_send, _node
+from tests.support.challenge_fakes import challenge_node, fake_send
 
 CODEC = LetterCodec()
 
@@ -71,7 +71,7 @@ def _lying(**fields):
 async def test_unverifiable_output_is_fraud_without_touching_the_engine(fields, reason):
     engine = _CountingReference()
     v = _validator(_lying(**fields), engine)
-    out = await v.challenge_once(_node("liar"))
+    out = await v.challenge_once(challenge_node("liar"))
     assert out.verification.verdict == "fraud" and reason in out.verification.reasons[0]
     assert engine.calls == 0 and v.scorer.in_penalty("liar")
 
@@ -121,8 +121,8 @@ async def test_a_failing_reference_is_no_verdict_and_the_loop_goes_on():
         def prompt_logprobs(self, *a, **k):
             raise RuntimeError("engine died")
 
-    v = _validator(_fake_send({"n": BigramModel(0)}), Broken(BigramModel(0)))
-    out = await v.challenge_once(_node("n"))
+    v = _validator(fake_send({"n": BigramModel(0)}), Broken(BigramModel(0)))
+    out = await v.challenge_once(challenge_node("n"))
     assert out.verification is None and v.stats()["n"]["verify_error"] == 1
     assert v.scores() == []  # the node did nothing wrong: no verdict, no score
 

@@ -8,51 +8,11 @@ import random
 import numpy as np
 import pytest
 
-from cluster.records import NodeStats
 from scoring.challenge import ChallengeConfig, ChallengePool, ShadowSampler
 from scoring.consensus import ConsensusState
-from scoring.fakes import BigramModel, FakeReferenceEngine, LetterCodec
-from scoring.validator import ChallengeResponse, Validator, ValidatorConfig, parse_completion, parse_stream
-
-OP = "0x" + "11" * 20
-CODEC = LetterCodec()
-
-
-def _node(nid: str) -> NodeStats:
-    from eth_utils import to_checksum_address
-
-    return NodeStats(
-        node_id=nid,
-        model_id="default",
-        operator=to_checksum_address(OP),
-        accelerator_type="cpu",
-        capacity=4,
-        live=True,
-        running_replicas=1,
-        joined_at=0.0,
-    )
-
-
-def _fake_send(models: dict[str, BigramModel], inflate: set[str] = frozenset()):
-    async def send(req):
-        model = models[req.node_id]
-        prompt_ids = (
-            CODEC.encode_chat(list(req.messages)) if req.messages else CODEC.encode_prompt(req.prompt)
-        )
-        ids, finish = model.generate(prompt_ids, req.max_tokens, req.temperature, seed=req.body.get("seed"))
-        n = len(ids) + (10 if req.node_id in inflate else 0)
-        return ChallengeResponse(
-            ok=True,
-            status=200,
-            text=CODEC.decode(ids),
-            token_ids=tuple(ids),
-            completion_tokens=n,
-            finish_reason=finish,
-            ttft_s=0.01,
-            elapsed_s=0.01 + max(n - 1, 1) * 0.005,  # every node streams at 200 tokens/s
-        )
-
-    return send
+from scoring.fakes import BigramModel, FakeReferenceEngine
+from scoring.validator import Validator, ValidatorConfig, parse_completion, parse_stream
+from tests.support.challenge_fakes import CODEC, challenge_node, fake_send
 
 
 async def test_cheaters_lose_consensus_quality():
@@ -62,7 +22,7 @@ async def test_cheaters_lose_consensus_quality():
         "swap": BigramModel(1),
         "inflate": BigramModel(0),
     }
-    send = _fake_send(models, inflate={"inflate"})
+    send = fake_send(models, inflate={"inflate"})
     engines = {"default": FakeReferenceEngine(BigramModel(0))}
     vals = [
         Validator(
@@ -74,7 +34,7 @@ async def test_cheaters_lose_consensus_quality():
         )
         for i in range(3)
     ]
-    nodes = [_node(n) for n in models]
+    nodes = [challenge_node(n) for n in models]
     for _ in range(3):
         for v in vals:
             for n in nodes:
@@ -94,7 +54,7 @@ async def test_cheaters_lose_consensus_quality():
 
 
 async def test_unreachable_node_loses_availability_not_integrity():
-    honest = _fake_send({"dead": BigramModel(0)})
+    honest = fake_send({"dead": BigramModel(0)})
     down = {"now": False}
 
     async def send(req):
@@ -108,10 +68,10 @@ async def test_unreachable_node_loses_availability_not_integrity():
         {"default": FakeReferenceEngine(BigramModel(0))},
         {"default": CODEC},
     )
-    assert (await v.challenge_once(_node("dead"))).verification.verdict == "pass"
+    assert (await v.challenge_once(challenge_node("dead"))).verification.verdict == "pass"
     down["now"] = True
     for _ in range(3):
-        out = await v.challenge_once(_node("dead"))
+        out = await v.challenge_once(challenge_node("dead"))
         assert not out.response.ok and out.verification is None
     s = v.scores()[0]
     assert s.integrity == 1.0 and s.availability == pytest.approx(0.8**3) and 0 < s.score < 1
@@ -121,12 +81,12 @@ async def test_run_loop_challenges_each_live_node():
     models = {"a": BigramModel(0), "b": BigramModel(0)}
     cfg = ValidatorConfig(validator_id="v", challenge=ChallengeConfig(rate_per_node_per_min=6000))
     v = Validator(
-        cfg, _fake_send(models), {"default": FakeReferenceEngine(BigramModel(0))}, {"default": CODEC}
+        cfg, fake_send(models), {"default": FakeReferenceEngine(BigramModel(0))}, {"default": CODEC}
     )
     stop = asyncio.Event()
 
     async def nodes():
-        return [_node("a"), _node("b")]
+        return [challenge_node("a"), challenge_node("b")]
 
     task = asyncio.create_task(v.run(nodes, stop))
     for _ in range(200):

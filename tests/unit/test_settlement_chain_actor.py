@@ -6,7 +6,6 @@ SIGKILL at that step leaves behind (the real SIGKILL runs are in tests/integrati
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import pytest
@@ -16,88 +15,9 @@ from settlement.actor import EMISSION_CAP_HEADROOM, SettlementConfig, Settlement
 from settlement.chain import Chain, ChainSettings, ChainUnavailable, ContractReverted, fees_of_raw
 from settlement.keys import SettlerKey, SettlerKeyError
 from settlement.rewardbook import RewardBook
-from tests.unit.test_settlement_chain import next_block_at
-
-OPS = [SettlerKey.generate().address for _ in range(2)]
-EPOCH_S = 100.0
-
-
-@dataclass
-class Row:
-    request_id: str
-    node_id: str
-    operator: str
-    model: str = "default"
-    prompt_tokens: int = 3
-    completion_tokens: int = 5
-
-
-@dataclass
-class FakeLedger:
-    """The promised UsageLedger surface, in memory, with one record per node per epoch."""
-
-    closed: dict[int, list[Row]] = field(default_factory=dict)
-    settled_tx: dict[int, bytes] = field(default_factory=dict)
-    pending: dict[int, SimpleNamespace] = field(default_factory=dict)
-    marks: list[int] = field(default_factory=list)
-
-    def close_epoch(self, epoch):
-        rows = [Row(f"req-{epoch}-{i}", f"node-{i}", op) for i, op in enumerate(OPS)]
-        self.closed.setdefault(epoch, rows)
-        return self.frozen_epoch(epoch)
-
-    def frozen_epoch(self, epoch):
-        return SimpleNamespace(epoch=epoch, rows=self.closed[epoch])
-
-    def last_closed_epoch(self):
-        return max(self.closed) if self.closed else None
-
-    def usage_by_node(self, epoch):
-        return {r.node_id: r for r in self.closed[epoch]}
-
-    def mark_settled(self, epoch, tx_hash):
-        self.marks.append(epoch)
-        self.settled_tx[epoch] = tx_hash
-        self.pending.pop(epoch, None)
-
-    def settled(self, epoch):
-        return self.settled_tx.get(epoch)
-
-    def last_settled_epoch(self):
-        return max(self.settled_tx) if self.settled_tx else None
-
-    def put_pending_tx(self, epoch, raw_tx, nonce, tx_hash):
-        self.pending[epoch] = SimpleNamespace(raw_tx=raw_tx, nonce=nonce, tx_hash=tx_hash)
-
-    def pending_tx(self, epoch):
-        return self.pending.get(epoch)
-
-    def pending_since(self, epoch, tx_hash, block):
-        p = self.pending.get(epoch)
-        if p is None or p.tx_hash != tx_hash:
-            return block
-        p.since = getattr(p, "since", None) or block
-        return p.since
-
-    def clear_pending_tx(self, epoch):
-        self.pending.pop(epoch, None)
-
-
-def equal_split(usage, quality, emission_wei, prompt_weight, completion_weight):
-    """Stand-in for settlement.rewards: split evenly between the operators of scored nodes."""
-    ops = sorted({row.operator for node, row in usage.items() if quality.get(node, 0) > 0})
-    per_op = {op: emission_wei // len(ops) for op in ops} if ops else {}
-    if ops:
-        per_op[ops[0]] += emission_wei - sum(per_op.values())
-    return SimpleNamespace(per_node={}, per_operator=per_op, carried_wei=0 if ops else emission_wei)
-
-
-class Clock:
-    def __init__(self, t: float) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
+from tests.support.clock import Clock
+from tests.support.settlement_chain import next_block_at
+from tests.support.settler_fakes import EPOCH_S, OPS, FakeLedger, equal_split
 
 
 @pytest.fixture
@@ -111,7 +31,7 @@ def world(tmp_path):
         ledger=FakeLedger(),
         book=RewardBook(tmp_path / "book.sqlite"),
         clock=Clock(3.5 * EPOCH_S),
-        config=SettlementConfig(epoch_length_s=EPOCH_S, emission_wei=1000),
+        config=SettlementConfig(epoch_length_s=EPOCH_S, emission_wei=1000, claim_delay_s=0),  # no veto window
     )
     w.settler = lambda: Settler(
         w.ledger, w.chain, w.key, w.book, w.config, quality=None, clock=w.clock, rewards=equal_split
@@ -174,7 +94,9 @@ def test_carry_above_the_cap_is_paid_over_later_epochs(world):
     """Epochs 0 and 1 are scored 0 (their emission carries); later epochs pay at most the cap and
     carry the rest on until the carry is drained. Every epoch settles, and each one's paid plus
     carried wei equals its emission plus the wei carried into it."""
-    world.config = SettlementConfig(epoch_length_s=EPOCH_S, emission_wei=1000, emission_cap_wei=1500)
+    world.config = SettlementConfig(
+        epoch_length_s=EPOCH_S, emission_wei=1000, emission_cap_wei=1500, claim_delay_s=0
+    )
     world.clock.t = 6.5 * EPOCH_S
     unscored = {f"node-{i}": 0.0 for i in range(len(OPS))}
     settler = Settler(
@@ -228,7 +150,9 @@ def test_deploys_with_the_ledgers_epochs_and_a_closed_epoch_settles_once_the_cha
     it (EpochNotEnded) and the settler waits, signing nothing; once the chain's clock reaches the
     contract's end of the epoch it settles. Genesis is fractional: the contract gets it floored."""
     genesis = world.chain.timestamp() + 1000 + 0.75
-    world.config = SettlementConfig(epoch_length_s=EPOCH_S, emission_wei=1000, genesis=genesis)
+    world.config = SettlementConfig(
+        epoch_length_s=EPOCH_S, emission_wei=1000, genesis=genesis, claim_delay_s=0
+    )
     world.clock.t = genesis + 1.5 * EPOCH_S
     settler = world.settler()
     settler.ensure_contract()
@@ -422,3 +346,36 @@ def test_metrics_report_settled_and_waiting_epochs_and_chain_errors(world):
         settler.tick()  # epochs 3 and 4 close and wait
     assert value("meritnet_settlement_epochs_waiting") == 2
     assert value("meritnet_settlement_chain_errors_total", kind="unavailable") == before + 1
+
+
+def test_each_epoch_settles_once_the_last_root_has_left_its_veto_window(world):
+    """By default a deployed distributor gets a veto window of half an epoch; the settler waits it out
+    (stuck: root_pending), then settles the next epoch, and adopts nothing it did not post."""
+    from settlement import metrics
+
+    world.config = SettlementConfig(epoch_length_s=EPOCH_S, emission_wei=1000)
+    settler = world.settler()
+    settler.ensure_contract()
+    assert world.chain.claim_delay() == EPOCH_S // 2
+    assert settler.tick() == [0]  # epochs 0..2 have ended; 1 waits for epoch 0's window
+    assert metrics.STUCK.labels("root_pending")._value.get() == 1
+    assert world.chain.reward_root() == b"\0" * 32  # nothing claimable yet
+    next_block_at(world.chain, world.chain.claimable_at())
+    assert settler.tick() == [1]
+    assert world.chain.reward_root() == world.book.get(0).reward_root
+
+
+def test_a_vetoed_epoch_stops_the_settler(world):
+    world.config = SettlementConfig(epoch_length_s=EPOCH_S, emission_wei=1000)
+    settler = world.settler()
+    settler.ensure_contract()
+    assert settler.tick() == [0]
+    world.chain.transact(world.key, "veto")  # the settler deployed it, so it is also the admin here
+    next_block_at(world.chain, world.chain.timestamp() + int(EPOCH_S))
+    with pytest.raises(SettlementConflict, match="vetoed"):
+        settler.tick()
+
+
+def test_the_veto_window_must_be_shorter_than_an_epoch():
+    with pytest.raises(ValueError, match="shorter than an epoch"):
+        SettlementConfig(epoch_length_s=60, claim_delay_s=60)

@@ -12,7 +12,8 @@ from settlement.chain import Chain, ChainSettings
 from settlement.keys import SettlerKey
 from settlement.metrics import REGISTRY
 from settlement.rewardbook import RewardBook
-from tests.unit.test_settlement_chain_actor import EPOCH_S, OPS, Clock, FakeLedger, equal_split
+from tests.support.clock import Clock
+from tests.support.settler_fakes import EPOCH_S, OPS, FakeLedger, equal_split
 
 VALIDATORS = [SettlerKey.generate().address for _ in range(3)]
 # The hand-worked round-2 dividends of tests/unit/test_consensus_dividends.py (A, B, C).
@@ -29,7 +30,7 @@ def _world(tmp_path, **config):
         ledger=FakeLedger(),
         book=RewardBook(tmp_path / "book.sqlite"),
         clock=Clock(1.5 * EPOCH_S),
-        config=SettlementConfig(epoch_length_s=EPOCH_S, **({"emission_wei": 6000} | config)),
+        config=SettlementConfig(epoch_length_s=EPOCH_S, claim_delay_s=0, **({"emission_wei": 6000} | config)),
     )
     w.settler = Settler(w.ledger, w.chain, w.key, w.book, w.config, clock=w.clock, rewards=equal_split)
     w.settler.ensure_contract()

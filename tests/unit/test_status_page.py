@@ -4,10 +4,9 @@ a real browser against a real network is tests/integration/network/test_status_p
 from __future__ import annotations
 
 from routing import status
-from tests.unit.test_gateway_core import harness  # noqa: F401 - the fixture
 
 
-def test_status_lists_every_node_with_its_share_of_traffic(harness):  # noqa: F811
+def test_status_lists_every_node_with_its_share_of_traffic(harness):
     client, _nodes, _sink = harness
     for _ in range(3):
         assert client.post("/v1/completions", json={"model": "default", "prompt": "hi"}).status_code == 200

@@ -1,7 +1,8 @@
 """Issues 5 and 15 on the real cluster: a node serving other weights than it claims, and one serving a
 4-bit quantization of the claimed model, are caught by validators verifying against the trusted
 reference engine, lose their consensus quality, get no organic traffic and no reward; the honest nodes
-pass every verification while organic load runs."""
+are never convicted while organic load runs, although one of them (l4-b, float32) computes differently
+from the validators' bfloat16 reference (issue 26)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from collections import Counter
 
 import pytest
 
-from tests.integration.cheater.conftest import (
+from tests.support.cheater_network import (
     CHEATER,
     CHEATER_OP,
     HONEST_A,
@@ -174,15 +175,21 @@ def test_int4_quantized_node_caught(detection):
         assert after is not None and after <= MAX_CHALLENGES_TO_DETECT_QUANT, (validator, per_node.get(QUANT))
 
 
-def test_honest_nodes_pass_every_verification_under_load(detection):
+def test_honest_nodes_are_never_convicted_under_load(detection):
+    """Issue 26: l4-b computes in float32 against the validators' bfloat16 reference, so its tokens differ
+    from the reference's by honest float noise. A single completion's verdict is evidence ('fail' leans
+    toward a cheat); what must never happen to an honest node is a conviction or a fraud verdict."""
     honest = detection["honest"]
     verified = honest["pass"] + honest["fail"] + honest["fraud"]
     assert verified >= MIN_HONEST_VERIFICATIONS, f"only {verified} honest verifications: {dict(honest)}"
-    assert honest["fail"] == 0 and honest["fraud"] == 0, f"false positives: {dict(honest)}"
-    assert not detection["organic_errors"], detection["organic_errors"][:5]
+    assert honest["fraud"] == 0, f"false fraud: {dict(honest)}"
+    for validator, per_node in detection["stats"].items():
+        for node in HONEST_NODES:
+            assert "detected_after" not in per_node.get(node, {}), (validator, node, per_node.get(node))
+    assert not detection["organic_errors"], detection["organic_errors"][:5]  # every client request served
     assert sum(detection["organic_served"].values()) >= 20, detection["organic_served"]  # load really ran
     for node in HONEST_NODES:
-        assert detection["quality"][node] > 0.5, detection["quality"]
+        assert detection["quality"][node] > 0.9, detection["quality"]
 
 
 def test_organic_traffic_is_shadow_verified_without_false_positives(detection):
@@ -192,7 +199,7 @@ def test_organic_traffic_is_shadow_verified_without_false_positives(detection):
     assert honest["shadow"] > 0, (
         f"no organic completion of an honest node was shadow-verified: {dict(honest)}"
     )
-    assert honest["shadow_pass"] == honest["shadow"], f"shadow false positives: {dict(honest)}"
+    assert honest["shadow_fraud"] == 0, f"shadow false fraud: {dict(honest)}"
     assert cheater["shadow_pass"] == 0, dict(cheater)  # whatever of the cheater's organic output was sampled
 
 

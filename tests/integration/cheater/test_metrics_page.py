@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.integration.conftest import dashboard_metrics, live_families
+from tests.support.metrics import dashboard_metrics, live_families
 
 pytestmark = pytest.mark.integration
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.conftest import free_port
+from tests.support.package_network import PackageNetwork
+from tests.support.ports import free_port
 
 
 @pytest.fixture(scope="package")
-def network(tmp_path_factory):
+def _package_network(tmp_path_factory):
     from deploy.config import NetworkConfig
-    from deploy.network import LocalNetwork
 
     cfg = NetworkConfig(
         port=free_port(),
@@ -24,9 +24,15 @@ def network(tmp_path_factory):
         timeouts={"stream_idle_s": 15},  # a stalled stream ends this soon (test_lying_node.py)
         epoch_length_s=20,  # an open node's traffic is settled this soon (test_open_node.py)
     )
-    net = LocalNetwork(cfg).start()
-    yield net
-    net.stop()
+    shared = PackageNetwork(cfg)
+    yield shared
+    shared.stop()
+
+
+@pytest.fixture(scope="package")
+def network(_package_network):
+    """The package's network (test_aa_health.py reports a failed start once; then this skips)."""
+    return _package_network.get()
 
 
 @pytest.fixture(scope="package")
@@ -39,13 +45,6 @@ def client(network):
 @pytest.fixture()
 def usage_records(network):
     """Callable returning the usage ledger's records by request id."""
-    import ray
+    from tests.support.package_network import usage_by_id
 
-    from deploy.usage import USAGE_STORE_NAME
-
-    store = ray.get_actor(USAGE_STORE_NAME, namespace="meritnet")
-
-    def fetch() -> dict:
-        return {r.request_id: r for r in ray.get(store.all.remote())}
-
-    return fetch
+    return usage_by_id

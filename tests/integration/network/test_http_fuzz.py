@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.http_fuzz import BASES, PARAMS, check, json_values
+from tests.support.http_fuzz import BASES, PARAMS, check, json_values
 
 pytestmark = pytest.mark.integration
 

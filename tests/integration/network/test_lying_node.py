@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.integration.conftest import free_port
-from tests.integration.network.liar import LIAR_MODEL, TEXT, http_liar, liar_app
+from tests.support.liar_node import LIAR_MODEL, TEXT, http_liar, liar_app
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -167,11 +167,14 @@ def test_inflated_usage_is_billed_as_counted(network, liar, usage_records, strea
     assert usage["completion_tokens"] == expected_completion and usage["prompt_tokens"] == expected_prompt
 
 
-def test_out_of_vocabulary_ids_are_billed_as_the_text(network, liar, usage_records):
-    status, headers, _text = _post(network, {"model": LIAR_MODEL, "prompt": "oov please", "max_tokens": 16})
-    assert status == 200
-    rec = usage_records()[headers["x-meritnet-request-id"]]
-    assert rec.completion_tokens == len(liar.tok.encode(TEXT, add_special_tokens=False))
+def test_out_of_vocabulary_ids_are_a_malformed_answer_and_nothing_is_billed(network, liar, usage_records):
+    """Issue 28 (9): ids outside the model's vocabulary are refused as they arrive: the answer is the node's
+    fault (the liar is the only node of its model: a clean 503), and no completed usage is recorded."""
+    before = set(usage_records())
+    status, _, text = _post(network, {"model": LIAR_MODEL, "prompt": "oov please", "max_tokens": 16})
+    assert status == 503 and json.loads(text)["error"]["code"] == "upstream_failed", text
+    new = [rec for r, rec in usage_records().items() if r not in before and rec.node_id == liar.node_id]
+    assert all(rec.status != "ok" for rec in new), new
 
 
 @pytest.mark.parametrize("mode", ["garbage", "badtype"])

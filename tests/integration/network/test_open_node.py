@@ -18,7 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.conftest import free_port
+from tests.support.ports import free_port
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -112,13 +113,6 @@ def _signed(network, account, **fields) -> dict:
     return sign(Registration(**{**base, **fields}), account).model_dump()
 
 
-def _wait(predicate, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.5)
-
-
 def _listed(network) -> dict:
     return {n["node_id"]: n for n in httpx.get(f"{network.base_url}/v1/nodes", timeout=30).json()["data"]}
 
@@ -140,7 +134,7 @@ def test_join_with_the_cli(network, operator):
     assert operator["account"].address in done.stdout
     secret = operator["state"] / "secret"
     assert stat.S_IMODE(secret.stat().st_mode) == 0o600
-    _wait(lambda: _listed(network).get(NODE_ID, {}).get("live"))
+    wait_until(lambda: _listed(network).get(NODE_ID, {}).get("live"), timeout_s=60, interval_s=0.5)
     node = _listed(network)[NODE_ID]
     assert (node["kind"], node["operator"], node["model_id"], node["accelerator_type"]) == (
         "open", operator["account"].address, MODEL, "A100",
@@ -195,15 +189,15 @@ def test_refused_registrations_say_why(network, operator):
         "bad_signature": tampered,
         "expired": _signed(network, account, node_id="op-2", **join, expiry=int(time.time()) - 1),
         "node_id_taken": _signed(network, Account.create(), node_id=NODE_ID, **join),
-        "wrong_model": _signed(network, account, node_id="op-2", **{**join, "model": "liar"}),
-        "unreachable": _signed(
-            network, account, node_id="op-2", **{**join, "endpoint": "http://127.0.0.1:9"}
-        ),
+        # op-1 is at this endpoint already: one slot per address and port (issue 28), checked before any probe
+        "endpoint_taken": _signed(network, account, node_id="op-2", **{**join, "model": "liar"}),
         "wrong_chain": _signed(network, account, node_id="op-2", **join, chain_id=1),
         "wrong_network": _signed(network, account, node_id="op-2", **join, network_id="0x" + "00" * 32),
         "unknown_model": _signed(network, account, node_id="op-2", **{**join, "model": "gpt-9"}),
     }
-    for code, body in cases.items():
+    # a probe that fails says only that, never what the port answered (issue 28: no port scanner)
+    closed = _signed(network, account, node_id="op-2", **{**join, "endpoint": "http://127.0.0.1:9"})
+    for code, body in [*cases.items(), ("probe_failed", closed)]:
         answer = httpx.post(url, json=body, timeout=30)
         assert 400 <= answer.status_code < 500 and answer.json()["error"]["code"] == code, (code, answer.text)
     replayed = _signed(network, account, node_id=NODE_ID, **join)
@@ -234,7 +228,7 @@ def test_it_is_paid_to_the_signing_address_in_a_settled_epoch(network, operator,
         network.settle_due_epochs()
         return book.get(epoch) is not None
 
-    _wait(settled, timeout_s=network.config.epoch_length_s * 3 + 30)
+    wait_until(settled, timeout_s=network.config.epoch_length_s * 3 + 30, interval_s=0.5)
     address = operator["account"].address
     paid = book.get(epoch).cumulative.get(address, 0)
     assert paid > 0
@@ -245,6 +239,18 @@ def test_it_is_paid_to_the_signing_address_in_a_settled_epoch(network, operator,
     ]
     shown = _cli("node", "rewards", "--network", network.base_url, "--operator", address)
     assert shown.returncode == 0 and NODE_ID in shown.stdout and "wei" in shown.stdout, shown.stdout
+    # and the proof it claims with (issue 27): its leaf under the root of the last epoch settled on-chain
+    from settlement.merkle import StandardMerkleTree
+
+    url = f"{network.base_url}/v1/operators/{address}/proof"
+    wait_until(
+        lambda: httpx.get(url, timeout=30).json().get("epoch", -1) >= epoch, timeout_s=60, interval_s=0.5
+    )
+    doc = httpx.get(url, timeout=30).json()
+    cumulative = int(doc["value"][1])
+    assert doc["value"][0] == address and cumulative >= paid, doc
+    assert StandardMerkleTree.verify(doc["root"], doc["leafEncoding"], [address, cumulative], doc["proof"])
+    assert doc["root"] == "0x" + book.get(doc["epoch"]).reward_root.hex(), doc
 
 
 def test_leave_with_the_cli_and_no_more_traffic(network, operator, usage_records):
@@ -259,7 +265,7 @@ def test_leave_with_the_cli_and_no_more_traffic(network, operator, usage_records
         str(operator["key_file"]),
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    _wait(lambda: NODE_ID not in _listed(network), timeout_s=10)
+    wait_until(lambda: NODE_ID not in _listed(network), timeout_s=10, interval_s=0.5)
     time.sleep(1.0)  # the gateway's snapshot refreshes every 0.5 s
     before = len([r for r in usage_records().values() if r.node_id == NODE_ID])
     answer = httpx.post(

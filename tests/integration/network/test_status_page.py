@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from tests.integration.conftest import dashboard_metrics, live_families
+from tests.support.metrics import dashboard_metrics, live_families
 
 pytestmark = pytest.mark.integration
 

@@ -1,0 +1,89 @@
+"""`meritnet receipt verify REQUEST_ID --network URL`: a client checks, on its own, that its request was
+recorded and billed as it saw it. The network serves the receipt (`GET /v1/receipts/{request_id}`:
+the usage leaf, its proof and the epoch's root); nothing of it is trusted: the leaf must be the
+request's (its id hashed), its token counts and model the ones the receipt bills, the proof must lead
+to the root, and the root must be the usage root the distributor holds for that epoch on a chain the
+client reaches itself."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from settlement.cli import _bound_chain, _fail, chain_errors
+
+app = typer.Typer(help="A client's receipts: its own request, proven on-chain.", no_args_is_help=True)
+
+
+class ReceiptRejected(ValueError):
+    """A receipt that does not prove what it says; the message says what did not match."""
+
+
+def check_receipt(doc: dict[str, Any], request_id: str, onchain_root: bytes) -> dict[str, Any]:
+    """The billed facts of a settled receipt, once its leaf is shown to be `request_id`'s, to carry
+    those facts, and to be under `onchain_root` (the distributor's usage root of its epoch)."""
+    from settlement.merkle import StandardMerkleTree
+    from settlement.trees import USAGE_LEAF_ENCODING, model_key, node_key, request_key
+
+    try:
+        value, proof, root, billed = doc["value"], doc["proof"], str(doc["root"]), doc["billed"]
+        rid, node, operator, model, prompt, completion, epoch = value
+    except (KeyError, TypeError, ValueError):
+        raise ReceiptRejected("the network's answer is not a usage receipt (value, proof, root)") from None
+    if list(doc.get("leafEncoding", ())) != USAGE_LEAF_ENCODING:
+        raise ReceiptRejected(f"not a usage leaf: encoding {doc.get('leafEncoding')!r}")
+    expected = [
+        request_key(request_id),
+        node_key(str(billed.get("node_id"))),
+        str(billed.get("operator")).lower(),
+        model_key(str(billed.get("model"))),
+        int(billed.get("prompt_tokens", -1)),
+        int(billed.get("completion_tokens", -1)),
+        int(doc.get("epoch", -1)),
+    ]
+    got = [str(rid).lower(), str(node).lower(), str(operator).lower(), str(model).lower()]
+    got += [int(prompt), int(completion), int(epoch)]
+    if got[0] != expected[0]:
+        raise ReceiptRejected(f"the leaf is another request's, not {request_id}'s")
+    if got[1:] != expected[1:]:
+        raise ReceiptRejected("the leaf does not hold what the receipt says was billed")
+    if not StandardMerkleTree.verify(root, USAGE_LEAF_ENCODING, value, proof):
+        raise ReceiptRejected("the proof does not lead from the leaf to the receipt's root")
+    if root.lower() != "0x" + onchain_root.hex():
+        raise ReceiptRejected(f"the receipt's root {root} is not the usage root on-chain for epoch {epoch}")
+    return billed
+
+
+@app.command()
+def verify(
+    request_id: Annotated[str, typer.Argument(help="The x-meritnet-request-id header of your answer.")],
+    network: Annotated[str, typer.Option(help="The network's endpoint, e.g. https://net.example.com.")],
+    rpc_url: Annotated[str | None, typer.Option(help="JSON-RPC URL of the network's chain.")] = None,
+) -> None:
+    """Check your request's receipt against the chain: VALID (and what was billed) in one line."""
+    import httpx
+
+    try:
+        answer = httpx.get(f"{network.rstrip('/')}/v1/receipts/{request_id}", timeout=30)
+        doc = answer.json()
+    except (httpx.HTTPError, ValueError) as exc:
+        _fail(f"could not read a receipt from {network} ({type(exc).__name__}); is the network up there?")
+    if answer.status_code != 200 or not isinstance(doc, dict):
+        _fail(
+            f"{network} has no receipt of {request_id}: {doc.get('error', {}).get('message', answer.text)[:300]}"
+        )
+    if doc.get("status") == "pending":
+        _fail(f"request {request_id} is in epoch {doc.get('epoch')}, not settled yet: ask again once it has")
+    chain = _bound_chain(doc.get("contract"), rpc_url or doc.get("rpc_url"))
+    with chain_errors():
+        onchain = bytes(chain.usage_root(int(doc.get("epoch", -1))))
+    try:
+        billed = check_receipt(doc, request_id, onchain)
+    except ReceiptRejected as exc:
+        _fail(f"INVALID: {exc}")
+    typer.echo(
+        f"VALID: request {request_id} is in epoch {doc['epoch']}'s usage root on-chain ({chain.address}): "
+        f"{billed['prompt_tokens']} prompt + {billed['completion_tokens']} completion tokens of "
+        f"{billed['model']}, served by {billed['node_id']}"
+    )
