@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import shutil
 import socket
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -73,10 +75,26 @@ SERVE_FAST_PATH_ENV = {
 RAY_SYSTEM_CONFIG = {"num_workers_soft_limit": 0}
 
 
-# HAProxy also serves a read-only stats page and a Prometheus exporter, on all interfaces (Ray's template
-# binds them so; only the ports are settings). Fixed defaults (8404, 9101) would make a second network or
-# an operator's node on the same machine fail to start its HAProxy, so each start takes free ports.
+# HAProxy also serves a read-only stats page and a Prometheus exporter. Ray's template binds them on all
+# interfaces; meritnet's stand-in binary moves them to 127.0.0.1 (cluster/haproxy_guard.py). Fixed
+# default ports (8404, 9101) would make a second network or an operator's node on the same machine fail
+# to start its HAProxy, so each start takes free ports.
 HAPROXY_PORT_VARS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+HAPROXY_GUARD = "meritnet-haproxy"  # console script of cluster/haproxy_guard.py
+# A client idle this long mid-request is cut (Ray's default is an hour); streams keep sending.
+HAPROXY_ENV = {"RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": "600"}
+
+
+def haproxy_guard_path() -> str:
+    """The `meritnet-haproxy` script beside this Python's `meritnet` (installed by `make setup`)."""
+    path = Path(sys.executable).parent / HAPROXY_GUARD
+    found = str(path) if os.access(path, os.X_OK) else shutil.which(HAPROXY_GUARD)
+    if not found:
+        raise FileNotFoundError(
+            f"{HAPROXY_GUARD} is not installed beside {sys.executable}: reinstall meritnet (`make setup`), "
+            "or set RAY_SERVE_ENABLE_HA_PROXY=0 to use Serve's own proxy"
+        )
+    return found
 
 
 def _port_free(port: int) -> bool:
@@ -103,6 +121,10 @@ def use_serve_fast_path() -> dict[str, str]:
         os.environ.setdefault(key, value)
     env = {key: os.environ[key] for key in SERVE_FAST_PATH_ENV}
     if env["RAY_SERVE_ENABLE_HA_PROXY"] == "1":
+        os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"] = haproxy_guard_path()
+        for key, value in HAPROXY_ENV.items():
+            os.environ.setdefault(key, value)
+        env.update({key: os.environ[key] for key in ("RAY_SERVE_HAPROXY_BINARY_PATH", *HAPROXY_ENV)})
         for key in HAPROXY_PORT_VARS:
             current = os.environ.get(key, "")
             if not (current.isdigit() and _port_free(int(current))):
