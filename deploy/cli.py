@@ -289,13 +289,26 @@ def keys_create(
     rpm: float | None = typer.Option(None, "--rpm", help="Requests per minute (default: no limit)."),
     tpm: float | None = typer.Option(None, "--tpm", help="Tokens per minute (default: no limit)."),
     model: list[str] | None = typer.Option(None, "--model", help="Allowed model (repeat; default: all)."),
+    budget_tokens: int | None = typer.Option(
+        None, "--budget-tokens", min=1, help="Tokens it may spend per budget period (default: no budget)."
+    ),
+    budget_period: str = typer.Option(
+        "month", "--budget-period", help="day, week (from Monday) or month, UTC."
+    ),
     state_dir: Path = StateDirOption,
 ) -> None:
     """Create a key; its secret is shown this once (only its hash is stored)."""
-    key, secret = _key_store(state_dir).create(rpm, tpm, tuple(model) if model else None)
+    from routing.budgets import PERIODS
+
+    if budget_period not in PERIODS:
+        raise typer.BadParameter(f"choose one of {', '.join(PERIODS)}", param_hint="--budget-period")
+    key, secret = _key_store(state_dir).create(
+        rpm, tpm, tuple(model) if model else None, budget_tokens, budget_period
+    )
+    budget = f"{budget_tokens} tokens/{budget_period}" if budget_tokens else "-"
     console.print(
         f"key id [bold]{key.key_id}[/bold] (requests/min {rpm or '-'}, tokens/min {tpm or '-'}, "
-        f"models {', '.join(key.models) if key.models else 'all'})"
+        f"budget {budget}, models {', '.join(key.models) if key.models else 'all'})"
     )
     console.print("secret (shown once; send it as 'Authorization: Bearer <secret>'):")
     print(secret)
@@ -314,16 +327,31 @@ def keys_revoke(key_id: str, state_dir: Path = StateDirOption) -> None:
 
 @keys_app.command("list")
 def keys_list(state_dir: Path = StateDirOption) -> None:
-    """The keys (ids and limits; never the secrets)."""
-    table = Table("key id", "requests/min", "tokens/min", "models", "state")
+    """The keys (ids, limits, budgets and what each spent of its budget; never the secrets)."""
+    import time
+
+    from routing.budgets import window
+    from settlement import UsageLedger
+
+    ledger_path = state_dir / "usage.db"
+    settings = UsageLedger.stored_settings(ledger_path) if ledger_path.is_file() else None
+    ledger = UsageLedger(ledger_path, *settings) if settings else None
+    table = Table("key id", "requests/min", "tokens/min", "budget", "spent (billed)", "models", "state")
     for k in _key_store(state_dir).load():
+        spent = "-"
+        if k.budget_tokens is not None:
+            spent = str(ledger.key_spent(k.key_id, window(k.budget_period, time.time())[0]) if ledger else 0)
         table.add_row(
             k.key_id,
             f"{k.requests_per_min or '-'}",
             f"{k.tokens_per_min or '-'}",
+            f"{k.budget_tokens}/{k.budget_period}" if k.budget_tokens else "-",
+            spent,
             ", ".join(k.models) if k.models else "all",
             "revoked" if k.revoked else "active",
         )
+    if ledger is not None:
+        ledger.close()
     console.print(table)
 
 

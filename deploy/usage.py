@@ -3,12 +3,21 @@
 Group commit: records from concurrent requests that arrive while a write is in progress are
 written together in the next transaction, so one fsync serves many requests and a gateway's
 `await record(...)` returns only once its record is on disk.
+
+It also enforces key budgets (routing/budgets.py) from that same ledger, never from a second counter:
+a request of a key with a budget holds its worst case (`reserve`) until its record is written (the
+ledger then has what it was billed) or it is released. A reservation is admitted only if the key's
+billed spend in the window, plus every reservation held, plus it, stays within the budget; the spend
+is read from the ledger in the event loop, so no record's write and release can fall between the read
+and the check (a record written but not yet released counts twice for a moment: never too little).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from cluster import services
@@ -16,6 +25,13 @@ from cluster.local import HEAD_NODE
 from cluster.records import UsageRecord
 
 USAGE_STORE_NAME = services.USAGE_STORE
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    key_id: str
+    tokens: int
+    expires_at: float  # unix time
 
 
 class UsageStore:
@@ -26,6 +42,7 @@ class UsageStore:
         self._ledger = UsageLedger(path, epoch_length_s=epoch_length_s, genesis=genesis)
         self._pending: list[tuple[list[UsageRecord], asyncio.Future]] = []
         self._writer: asyncio.Task | None = None
+        self._holds: dict[str, Hold] = {}  # request id -> its key budget reservation
 
     async def record(self, records: Sequence[UsageRecord]) -> None:
         fut = asyncio.get_running_loop().create_future()
@@ -45,9 +62,38 @@ class UsageStore:
                     if not fut.done():
                         fut.set_exception(exc)
                 continue
+            for r in flat:  # billed now: the ledger has it
+                self._holds.pop(r.request_id, None)
             for _, fut in batch:
                 if not fut.done():
                     fut.set_result(None)
+
+    async def reserve(
+        self, key_id: str, request_id: str, tokens: int, budget: int, since: float, ttl_s: float
+    ) -> int:
+        """Hold `tokens` of `key_id`'s budget for `request_id` if they fit: the key's spend since `since`
+        plus held reservations plus `tokens` within `budget`. Returns that total when held, or -1 - the
+        total without this request when refused. A hold ends when the request's record is written,
+        on `release`, or after `ttl_s` (its gateway died). No await: one piece on the actor's loop."""
+        now = time.time()
+        for rid in [rid for rid, h in self._holds.items() if h.expires_at < now]:
+            del self._holds[rid]
+        held = sum(h.tokens for h in self._holds.values() if h.key_id == key_id)
+        used = self._ledger.key_spent(key_id, since) + held
+        if used + tokens > budget:
+            return -1 - used
+        self._holds[request_id] = Hold(key_id, tokens, now + ttl_s)
+        return used + tokens
+
+    async def release(self, request_id: str) -> None:
+        """`request_id` ended without a billed record (refused, no node answered)."""
+        self._holds.pop(request_id, None)
+
+    async def key_usage(self, key_id: str, since: float) -> int:
+        """Billed spend of `key_id` since `since` plus what its running requests hold."""
+        return self._ledger.key_spent(key_id, since) + sum(
+            h.tokens for h in self._holds.values() if h.key_id == key_id
+        )
 
     async def all(self, epoch: int | None = None) -> list[UsageRecord]:
         """Records of one epoch, or of the whole ledger (audits, tests), read from disk: a store that

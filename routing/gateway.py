@@ -32,7 +32,7 @@ from cluster import sse
 from cluster.completions import NodeError, answer_byte_cap, parse_body
 from cluster.nodes import NodeDirectory
 from cluster.records import NodeStats, keyed_sample
-from routing import errors, intake, metrics
+from routing import budgets, errors, intake, metrics
 from routing.admission import Admission
 from routing.config import GatewayConfig
 from routing.keys import ClientKey, KeyRing, key_from_secret
@@ -160,12 +160,16 @@ class GatewayCore:
             return await self._route(request, body, method, key, rid)
         except Exception:
             self.keys.settle(key, rid, 0)
+            if key is not None and key.budget_tokens is not None and self._sink is not None:
+                self._sink.release.remote(rid)  # no billed record will end its budget hold
             raise
 
     async def _route(
         self, request: Request, body: Any, method: str, key: ClientKey | None, rid: str
     ) -> Response:
         plan = self._plan(request, body, method, key, rid)
+        if key is not None and key.budget_tokens is not None:
+            await self._reserve_budget(plan)
         tried: set[str] = set()
         last_error: errors.APIError | None = None
         for attempt in range(self.config.max_attempts):
@@ -232,6 +236,17 @@ class GatewayCore:
             counter=counter,
             facts=facts,
         )
+
+    async def _reserve_budget(self, plan: RequestPlan) -> None:
+        """Hold the request's worst case against its key's budget in the usage store (routing/budgets)."""
+        if self._sink is None:
+            raise errors.APIError(
+                503,
+                "Key budgets need the network's usage store, which this gateway has not.",
+                type="server_error",
+            )
+        tokens = reservation(plan.body, plan.counter)
+        await budgets.reserve(self._sink, plan.key, plan.rid, tokens, plan.started, plan.allowed + 60)
 
     def _shadow_capture(self, rid: str, body: Any, pinned: str | None) -> Capture | None:
         """A keyed sample of organic requests (never a pinned challenge) for validators to re-run."""

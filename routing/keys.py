@@ -27,6 +27,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from routing import errors, metrics
+from routing.budgets import Period
 
 KEYS_FILE = "keys.json"
 
@@ -47,6 +48,10 @@ class ClientKey(BaseModel):
     requests_per_min: float | None = Field(default=None, gt=0, description="Request rate limit (None: none).")
     tokens_per_min: float | None = Field(default=None, gt=0, description="Token rate limit (None: none).")
     models: tuple[str, ...] | None = Field(default=None, description="Models it may use (None: all).")
+    budget_tokens: int | None = Field(
+        default=None, gt=0, description="Tokens it may spend per budget_period (None: no budget)."
+    )
+    budget_period: Period = Field(default="month", description="UTC day, week (from Monday) or month.")
     revoked: bool = Field(default=False, description="A revoked key is refused (401).")
 
 
@@ -80,6 +85,8 @@ class KeyStore:
         requests_per_min: float | None = None,
         tokens_per_min: float | None = None,
         models: tuple[str, ...] | None = None,
+        budget_tokens: int | None = None,
+        budget_period: Period = "month",
     ) -> tuple[ClientKey, str]:
         """A new key: (what is stored, the secret to hand to the client once)."""
         secret = "mn-" + secrets.token_urlsafe(32)
@@ -89,6 +96,8 @@ class KeyStore:
             requests_per_min=requests_per_min,
             tokens_per_min=tokens_per_min,
             models=models,
+            budget_tokens=budget_tokens,
+            budget_period=budget_period,
         )
         self._save([*self.load(), key])
         return key, secret

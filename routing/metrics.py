@@ -83,10 +83,16 @@ MALFORMED = Counter(
 )
 KEY_REQUESTS = Counter(
     "meritnet_key_requests",
-    "Requests per client key id (never the key) by outcome: ok, error, cancelled, rate_limited.",
+    "Requests per client key id (never the key) by outcome: ok, error, cancelled, rate_limited, over_budget.",
     ["key", "status"],
     registry=REGISTRY,
 )
 KEY_TOKENS = Counter(
     "meritnet_key_tokens", "Tokens billed per client key id (gateway counts).", ["key"], registry=REGISTRY
+)
+KEY_BUDGET_USED = Gauge(
+    "meritnet_key_budget_used_tokens",
+    "A budgeted key's tokens in its current window: billed (the usage ledger) plus held by running requests.",
+    ["key"],
+    registry=REGISTRY,
 )

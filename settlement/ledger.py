@@ -178,6 +178,8 @@ class UsageLedger:
         columns = {row[1] for row in self._conn.execute("PRAGMA table_info(records)")}
         if "key_id" not in columns:  # a ledger written before records carried the client key's id
             self._conn.execute("ALTER TABLE records ADD COLUMN key_id TEXT NOT NULL DEFAULT ''")
+        # a key's spend in a budget window (key_budget_spent): one index range per call
+        self._conn.execute("CREATE INDEX IF NOT EXISTS records_by_key ON records (key_id, ended_at)")
         pending_columns = {row[1] for row in self._conn.execute("PRAGMA table_info(pending_txs)")}
         if "pending_since_block" not in pending_columns:  # written before re-pricing survived restarts
             self._conn.execute("ALTER TABLE pending_txs ADD COLUMN pending_since_block INTEGER")
@@ -351,6 +353,16 @@ class UsageLedger:
             return None
         epoch, *row = rows[0]
         return epoch, UsageRecord(**dict(zip(_COLUMNS.split(", "), row, strict=True)))
+
+    def key_spent(self, key_id: str, since: float) -> int:
+        """Tokens billed to client key `key_id` by requests that ended at or after `since` (unix time):
+        prompt + completion of its completed ('ok') records, what budgets are charged from."""
+        rows = self._read(
+            "SELECT COALESCE(SUM(prompt_tokens + completion_tokens), 0) FROM records "
+            "WHERE key_id = ? AND ended_at >= ? AND status = 'ok'",
+            (key_id, since),
+        )
+        return int(rows[0][0])
 
     def epochs_with_records(self) -> list[int]:
         """The epochs that hold records, in order."""

@@ -115,6 +115,21 @@ def sink_handle(sink: MemoryUsageSink):
     return _Handle()
 
 
+def actor_handle(obj):
+    """The actor-handle shape of a plain object (a usage store without Ray): `handle.method.remote(*args)`
+    starts `obj.method(*args)` at once, as Ray does, and returns something to await for its result."""
+
+    class _Method:
+        def __init__(self, fn) -> None:
+            self.remote = lambda *args: asyncio.ensure_future(fn(*args))
+
+    class _Handle:
+        def __getattr__(self, name):
+            return _Method(getattr(obj, name))
+
+    return _Handle()
+
+
 class FakeRegistry:
     """The registry actor's surface over a NodeRegistryCore (what `.remote` does, without Ray)."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from importlib.metadata import version
 from pathlib import Path
 
@@ -70,3 +71,45 @@ def test_every_meritnet_command_in_the_readme_exists_with_the_options_it_shows()
         assert shown <= known | {"--help"}, (line, sorted(shown - known))
         checked += 1
     assert checked >= 10, lines
+
+
+def test_keys_create_with_a_budget_and_list_shows_its_billed_spend(tmp_path):
+    """The README's key commands as a user types them; the spend comes from the network's ledger."""
+    from cluster.records import UsageRecord
+    from routing.keys import KEYS_FILE, KeyStore
+    from settlement import UsageLedger
+
+    def run(*args):
+        return subprocess.run(
+            [MERITNET, "keys", *args, "--state-dir", str(tmp_path)], capture_output=True, text=True
+        )
+
+    done = run("create", "--budget-tokens", "1000", "--budget-period", "day")
+    assert done.returncode == 0, done.stderr
+    (key,) = KeyStore(tmp_path / KEYS_FILE).load()
+    assert (key.budget_tokens, key.budget_period) == (1000, "day")
+    with UsageLedger(tmp_path / "usage.db", epoch_length_s=60.0) as ledger:
+        now = time.time()
+        ledger.append(
+            [
+                UsageRecord(
+                    request_id=f"r{i}",
+                    node_id="n",
+                    operator="0x" + "1" * 40,
+                    model="default",
+                    prompt_tokens=10,
+                    completion_tokens=20,
+                    started_at=now - 1,
+                    ended_at=now,
+                    status=status,
+                    key_id=key.key_id,
+                )
+                for i, status in enumerate(("ok", "ok", "error"))
+            ]
+        )
+    listed = run("list")
+    assert listed.returncode == 0, listed.stderr
+    row = next(line for line in listed.stdout.splitlines() if key.key_id in line)
+    assert "1000/day" in row and " 60 " in row  # two billed requests of 30; the failed one is not billed
+    bad = run("create", "--budget-tokens", "10", "--budget-period", "fortnight")
+    assert bad.returncode == 2 and "day, week, month" in bad.stderr
