@@ -235,6 +235,7 @@ class GatewayCore:
             capture=capture,
             counter=counter,
             facts=facts,
+            request_hash=getattr(request.state, "body_sha256", ""),
         )
 
     async def _reserve_budget(self, plan: RequestPlan) -> None:
@@ -411,6 +412,7 @@ class GatewayCore:
                     return
             status = "ok"
             ctx.count()
+            ctx.digest.update(sse.DONE.encode())  # the response hash covers every byte the client gets
             await self._meter(ctx, "ok")
             self.selector.observe_success(ctx.node.node_id, ctx.ttft, ctx.tpot())
             yield sse.DONE

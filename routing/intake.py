@@ -9,6 +9,7 @@ A client's bad request is therefore never sent to a node, and never counted agai
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from typing import Any
@@ -159,6 +160,7 @@ async def read_json(request: Request, limits: IntakeLimits) -> dict:
             raise too_big
         chunks.append(chunk)
     raw = b"".join(chunks)
+    request.state.body_sha256 = hashlib.sha256(raw).hexdigest()  # the usage leaf's requestHash
     if _too_deep(raw, limits.max_json_depth):
         raise errors.APIError(
             400, f"The request body nests deeper than {limits.max_json_depth} levels.", code="too_deep"

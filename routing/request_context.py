@@ -48,6 +48,7 @@ class RequestPlan:
     capture: Capture | None  # sampled for shadow verification
     counter: TokenCounter | None  # the model's tokenizer, when the gateway meters it
     facts: RequestFacts  # what the router may know about the request
+    request_hash: str = ""  # sha256 hex of the body bytes the client sent (routing/intake.read_json)
 
     @property
     def model(self) -> str:
@@ -72,6 +73,7 @@ class RequestContext:
         "node",
         "prompt_tokens",
         "received",
+        "request_hash",
         "rid",
         "started",
         "strip_ids",
@@ -85,6 +87,7 @@ class RequestContext:
         self.started, self.t0, self.client_wants_usage = plan.started, plan.t0, plan.client_wants_usage
         self.strip_ids, self.capture = plan.strip_ids, plan.capture
         self.counter, self.key, self.deadline = plan.counter, plan.key, plan.deadline
+        self.request_hash = plan.request_hash
         self.degraded = degraded  # the filters whose refusal the pick overrode
         self.prompt_tokens = self.completion_tokens = 0
         self.received = 0  # characters the node sent so far (bounded by answer_byte_cap)
@@ -161,6 +164,7 @@ class RequestContext:
             ended_at=self.started + (time.perf_counter() - self.t0),
             status=status,
             key_id=self.key.key_id if self.key is not None else "",
+            request_hash=self.request_hash,
             response_hash=self.digest.hexdigest(),
         )
 

@@ -99,6 +99,8 @@ class UsageRow(NamedTuple):
     model: str
     prompt_tokens: int
     completion_tokens: int
+    request_hash: str = ""  # sha256 hex of the body the client sent ('' for records before they had one)
+    response_hash: str = ""  # sha256 hex of the body the client got
 
 
 class PendingTx(NamedTuple):
@@ -145,9 +147,11 @@ def _group_by_node(
 
 
 def _digest(rows: Sequence[tuple]) -> str:
-    """sha256 over (request_id, status, node, operator, model, prompt, completion) lines."""
+    """sha256 over (request_id, status, node, operator, model, prompt, completion) lines (the body hashes
+    after them are left out: epochs closed before leaves carried them keep their digest; the usage
+    root on-chain commits the hashes)."""
     h = hashlib.sha256()
-    for request_id, status, node_id, operator, model, prompt, completion in rows:
+    for request_id, status, node_id, operator, model, prompt, completion, *_ in rows:
         h.update(
             f"{request_id}\x1f{status}\x1f{node_id}\x1f{operator}\x1f{model}\x1f{prompt}\x1f{completion}\n".encode()
         )
@@ -409,8 +413,8 @@ class UsageLedger:
     @staticmethod
     def _epoch_rows(c: sqlite3.Connection, epoch: int) -> list[tuple]:
         return c.execute(
-            "SELECT request_id, status, node_id, operator, model, prompt_tokens, completion_tokens "
-            "FROM records WHERE epoch = ? ORDER BY request_id",
+            "SELECT request_id, status, node_id, operator, model, prompt_tokens, completion_tokens, "
+            "request_hash, response_hash FROM records WHERE epoch = ? ORDER BY request_id",
             (epoch,),
         ).fetchall()
 
@@ -434,7 +438,7 @@ class UsageLedger:
                 f"frozen epoch {epoch} no longer matches its digest: the ledger file was altered"
             )
         start, end = self.epoch_bounds(epoch)
-        rows = tuple(UsageRow(r[0], r[2], r[3], r[4], r[5], r[6]) for r in all_rows if r[1] == "ok")
+        rows = tuple(UsageRow(r[0], *r[2:]) for r in all_rows if r[1] == "ok")
         return FrozenEpoch(epoch, start, end, closed_at, n_records, digest, rows)
 
     # ------------------------------------------------------------ settlement state

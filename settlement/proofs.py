@@ -171,6 +171,8 @@ def usage_receipt(
             "operator": record.operator,
             "prompt_tokens": record.prompt_tokens,
             "completion_tokens": record.completion_tokens,
+            "request_hash": record.request_hash,
+            "response_hash": record.response_hash,
         },
         "contract": contract,
         "chain_id": chain_id,

@@ -3,10 +3,13 @@ recorded and billed as it saw it. The network serves the receipt (`GET /v1/recei
 the usage leaf, its proof and the epoch's root); nothing of it is trusted: the leaf must be the
 request's (its id hashed), its token counts and model the ones the receipt bills, the proof must lead
 to the root, and the root must be the usage root the distributor holds for that epoch on a chain the
-client reaches itself."""
+client reaches itself. With the client's own copies of the bodies (`--request-body`, `--response-body`),
+their sha256 must also be the leaf's request and response hashes."""
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -20,15 +23,22 @@ class ReceiptRejected(ValueError):
     """A receipt that does not prove what it says; the message says what did not match."""
 
 
-def check_receipt(doc: dict[str, Any], request_id: str, onchain_root: bytes) -> dict[str, Any]:
+def check_receipt(
+    doc: dict[str, Any],
+    request_id: str,
+    onchain_root: bytes,
+    bodies: tuple[bytes | None, bytes | None] = (None, None),
+) -> dict[str, Any]:
     """The billed facts of a settled receipt, once its leaf is shown to be `request_id`'s, to carry
-    those facts, and to be under `onchain_root` (the distributor's usage root of its epoch)."""
+    those facts, and to be under `onchain_root` (the distributor's usage root of its epoch). `bodies`:
+    the client's own copies of the request body it sent and the response body it got, if it kept them;
+    each must hash to the leaf's."""
     from settlement.merkle import StandardMerkleTree
-    from settlement.trees import USAGE_LEAF_ENCODING, model_key, node_key, request_key
+    from settlement.trees import USAGE_LEAF_ENCODING, body_hash, model_key, node_key, request_key
 
     try:
         value, proof, root, billed = doc["value"], doc["proof"], str(doc["root"]), doc["billed"]
-        rid, node, operator, model, prompt, completion, epoch = value
+        rid, node, operator, model, prompt, completion, epoch, request_hash, response_hash = value
     except (KeyError, TypeError, ValueError):
         raise ReceiptRejected("the network's answer is not a usage receipt (value, proof, root)") from None
     if list(doc.get("leafEncoding", ())) != USAGE_LEAF_ENCODING:
@@ -41,9 +51,11 @@ def check_receipt(doc: dict[str, Any], request_id: str, onchain_root: bytes) -> 
         int(billed.get("prompt_tokens", -1)),
         int(billed.get("completion_tokens", -1)),
         int(doc.get("epoch", -1)),
+        "0x" + body_hash(str(billed.get("request_hash", ""))).hex(),
+        "0x" + body_hash(str(billed.get("response_hash", ""))).hex(),
     ]
     got = [str(rid).lower(), str(node).lower(), str(operator).lower(), str(model).lower()]
-    got += [int(prompt), int(completion), int(epoch)]
+    got += [int(prompt), int(completion), int(epoch), str(request_hash).lower(), str(response_hash).lower()]
     if got[0] != expected[0]:
         raise ReceiptRejected(f"the leaf is another request's, not {request_id}'s")
     if got[1:] != expected[1:]:
@@ -52,6 +64,11 @@ def check_receipt(doc: dict[str, Any], request_id: str, onchain_root: bytes) -> 
         raise ReceiptRejected("the proof does not lead from the leaf to the receipt's root")
     if root.lower() != "0x" + onchain_root.hex():
         raise ReceiptRejected(f"the receipt's root {root} is not the usage root on-chain for epoch {epoch}")
+    for what, body, committed in zip(
+        ("request", "response"), bodies, (request_hash, response_hash), strict=True
+    ):
+        if body is not None and "0x" + hashlib.sha256(body).hexdigest() != str(committed).lower():
+            raise ReceiptRejected(f"your {what} body does not hash to the leaf's {what} hash {committed}")
     return billed
 
 
@@ -60,6 +77,12 @@ def verify(
     request_id: Annotated[str, typer.Argument(help="The x-meritnet-request-id header of your answer.")],
     network: Annotated[str, typer.Option(help="The network's endpoint, e.g. https://net.example.com.")],
     rpc_url: Annotated[str | None, typer.Option(help="JSON-RPC URL of the network's chain.")] = None,
+    request_body: Annotated[
+        Path | None, typer.Option(help="The exact body you sent (file): its sha256 must be the leaf's.")
+    ] = None,
+    response_body: Annotated[
+        Path | None, typer.Option(help="The exact body you got (file; a stream: all of it): checked too.")
+    ] = None,
 ) -> None:
     """Check your request's receipt against the chain: VALID (and what was billed) in one line."""
     import httpx
@@ -79,11 +102,16 @@ def verify(
     with chain_errors():
         onchain = bytes(chain.usage_root(int(doc.get("epoch", -1))))
     try:
-        billed = check_receipt(doc, request_id, onchain)
+        bodies = tuple(p.read_bytes() if p is not None else None for p in (request_body, response_body))
+        billed = check_receipt(doc, request_id, onchain, bodies)
+    except OSError as exc:
+        _fail(f"could not read your copy of a body: {exc}")
     except ReceiptRejected as exc:
         _fail(f"INVALID: {exc}")
+    checked = " and ".join(w for w, p in (("request", request_body), ("response", response_body)) if p)
     typer.echo(
         f"VALID: request {request_id} is in epoch {doc['epoch']}'s usage root on-chain ({chain.address}): "
         f"{billed['prompt_tokens']} prompt + {billed['completion_tokens']} completion tokens of "
         f"{billed['model']}, served by {billed['node_id']}"
+        + (f"; your {checked} body matches it" if checked else "")
     )

@@ -15,6 +15,9 @@ Usage leaf fields (USAGE_LEAF_ENCODING, in order):
   uint256 promptTokens, uint256 completionTokens   as reported to the client
   uint256 epoch       the epoch the ledger froze the record into (may be later than its end time
                       suggests for late records; see settlement.ledger)
+  bytes32 requestHash   sha256 of the request body's bytes exactly as the client sent them
+  bytes32 responseHash  sha256 of the response body's bytes exactly as the client got them (a stream:
+                        every byte of it, through `data: [DONE]`); zero for records from before
 
 Reward leaf: (address operator, uint256 cumulative wei over all settled epochs so far); claims are
 cumulative on-chain, so an account's latest leaf is all it ever needs. A validator is paid at the
@@ -51,7 +54,17 @@ __all__ = [
     "usage_tree",
 ]
 
-USAGE_LEAF_ENCODING: list[str] = ["bytes32", "bytes32", "address", "bytes32", "uint256", "uint256", "uint256"]
+USAGE_LEAF_ENCODING: list[str] = [
+    "bytes32",
+    "bytes32",
+    "address",
+    "bytes32",
+    "uint256",
+    "uint256",
+    "uint256",
+    "bytes32",
+    "bytes32",
+]
 REWARD_LEAF_ENCODING: list[str] = ["address", "uint256"]
 ZERO_ROOT = "0x" + "00" * 32
 """Root posted for an epoch with no leaves (no ok usage, or no operator ever rewarded)."""
@@ -68,6 +81,8 @@ class _UsageRowLike(Protocol):
     model: str
     prompt_tokens: int
     completion_tokens: int
+    request_hash: str
+    response_hash: str
 
 
 class _FrozenLike(Protocol):
@@ -96,6 +111,11 @@ def model_key(model: str) -> str:
     return "0x" + _k(model).hex()
 
 
+def body_hash(sha256_hex: str) -> bytes:
+    """A record's body hash as a bytes32 word (zero when the record has none)."""
+    return bytes.fromhex(sha256_hex) if sha256_hex else bytes(32)
+
+
 def usage_leaf(row: _UsageRowLike, epoch: int) -> list[Any]:
     """The JSON-friendly usage leaf value of one record (what a dump shows and `verify` takes)."""
     return [
@@ -106,6 +126,8 @@ def usage_leaf(row: _UsageRowLike, epoch: int) -> list[Any]:
         row.prompt_tokens,
         row.completion_tokens,
         epoch,
+        "0x" + body_hash(row.request_hash).hex(),
+        "0x" + body_hash(row.response_hash).hex(),
     ]
 
 
@@ -132,8 +154,21 @@ def usage_tree(frozen_epoch: _FrozenLike) -> StandardMerkleTree:
         if operator is None:
             operator = operator_cache[row.operator] = bytes(12) + bytes.fromhex(row.operator[2:])
         # bytes, not hex, in values: the dump renders hex, and nothing round-trips per leaf.
-        values.append([rid, node, row.operator, model, row.prompt_tokens, row.completion_tokens, epoch])
-        # abi.encode of seven static words, written out directly (a bulk fast path; tested
+        request_hash, response_hash = body_hash(row.request_hash), body_hash(row.response_hash)
+        values.append(
+            [
+                rid,
+                node,
+                row.operator,
+                model,
+                row.prompt_tokens,
+                row.completion_tokens,
+                epoch,
+                request_hash,
+                response_hash,
+            ]
+        )
+        # abi.encode of nine static words, written out directly (a bulk fast path; tested
         # against the generic encoder and OZ's own vectors).
         encoded.append(
             b"".join(
@@ -145,6 +180,8 @@ def usage_tree(frozen_epoch: _FrozenLike) -> StandardMerkleTree:
                     row.prompt_tokens.to_bytes(32, "big"),
                     row.completion_tokens.to_bytes(32, "big"),
                     epoch_word,
+                    request_hash,
+                    response_hash,
                 )
             )
         )

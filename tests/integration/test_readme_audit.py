@@ -35,9 +35,14 @@ def section() -> str:
     return README.read_text().split("## Rewards, on-chain settlement and audits", 1)[1].split("\n## ", 1)[0]
 
 
+def _block(marker: str) -> str:
+    """The section's bash block that holds `marker`."""
+    (block,) = [b for b in re.findall(r"```bash\n(.*?)```", section(), re.S) if marker in b]
+    return block
+
+
 def _audit_block() -> list[str]:
-    (block,) = re.findall(r"```bash\n(.*?)```", section(), re.S)
-    return block.splitlines()
+    return _block("L=").splitlines()
 
 
 def _complete(port: int) -> tuple[str, str, float, float]:
@@ -84,6 +89,18 @@ def test_readme_audit_commands_work_on_anvil(tmp_path):
         url, contract = printed.groups()
         assert f"on the {url} chain" in started
 
+        # A client's request as the README sends it, keeping both bodies (its receipt is checked below).
+        client = subprocess.run(
+            ["bash", "-c", _block("curl").replace("127.0.0.1:8000", f"127.0.0.1:{port}")],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            env=env,
+            check=True,
+        )
+        client_rid = re.search(r"x-meritnet-request-id: (\w+)", client.stdout, re.I).group(1)
+        assert json.loads((tmp_path / "response.json").read_bytes())["choices"]
         rid, before, after = _served_by_h100(port)
         genesis = json.loads((tmp_path / ".meritnet" / "state.json").read_text())["genesis"]
         # Its record is in the epoch of its end time, or the next one if it landed as that epoch closed.
@@ -123,7 +140,7 @@ def test_readme_audit_commands_work_on_anvil(tmp_path):
 
         # The client's own receipt, as the README's sentence has it (issue 31).
         receipt_cmd = re.search(r"`(meritnet receipt verify [^`]+)`", re.sub(r"\s+", " ", section())).group(1)
-        receipt_cmd = receipt_cmd.replace("<x-meritnet-request-id>", rid).replace(
+        receipt_cmd = receipt_cmd.replace("<x-meritnet-request-id>", client_rid).replace(
             "http://127.0.0.1:8000", f"http://127.0.0.1:{port}"
         )
         receipt_cmd = receipt_cmd.replace("http://127.0.0.1:PORT", url)
@@ -143,7 +160,8 @@ def test_readme_audit_commands_work_on_anvil(tmp_path):
         while "not settled yet" in (verified := receipt()).stderr and time.monotonic() < deadline:
             time.sleep(3)
         assert verified.returncode == 0, (verified.stdout, verified.stderr[-2000:])
-        assert verified.stdout.startswith(f"VALID: request {rid} is in epoch "), verified.stdout
+        assert verified.stdout.startswith(f"VALID: request {client_rid} is in epoch "), verified.stdout
+        assert "your request and response body matches it" in verified.stdout
         assert status["last_committed_epoch"] >= candidates[-1]
 
         for epoch in candidates:  # the README's export, per candidate epoch, until it holds the request

@@ -5,6 +5,7 @@ or unbilled one has none."""
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 
@@ -22,7 +23,13 @@ EPOCH_S = 100.0
 ANVIL_DEV_KEY = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80"
 
 
+def _bodies(rid: str) -> tuple[bytes, bytes]:
+    """What the client of request `rid` sent and got, byte for byte."""
+    return f'{{"model":"default","prompt":"{rid}"}}'.encode(), f'{{"id":"{rid}","choices":[]}}'.encode()
+
+
 def _record(rid: str, operator: str, ended_at: float, status: str = "ok") -> UsageRecord:
+    sent, got = _bodies(rid)
     return UsageRecord(
         request_id=rid,
         node_id="h100-a",
@@ -33,6 +40,8 @@ def _record(rid: str, operator: str, ended_at: float, status: str = "ok") -> Usa
         started_at=ended_at - 1,
         ended_at=ended_at,
         status=status,
+        request_hash=hashlib.sha256(sent).hexdigest(),
+        response_hash=hashlib.sha256(got).hexdigest(),
     )
 
 
@@ -62,12 +71,15 @@ def test_a_settled_requests_receipt_proves_its_leaf_on_chain(tmp_path, monkeypat
     doc = service.receipt_of(ids[2])
     assert doc["status"] == "settled" and doc["epoch"] == 0 and doc["contract"] == service.chain.address
     onchain = bytes(service.chain.usage_root(0))
-    billed = check_receipt(doc, ids[2], onchain)
+    billed = check_receipt(doc, ids[2], onchain, _bodies(ids[2]))  # the client's own copies match the leaf
     assert (billed["prompt_tokens"], billed["completion_tokens"], billed["node_id"]) == (11, 7, "h100-a")
+    with pytest.raises(ReceiptRejected, match="your response body"):
+        check_receipt(doc, ids[2], onchain, (_bodies(ids[2])[0], b'{"id":"x","choices":[]}'))
 
     lies = {
         "another request's": lambda d: d,  # checked as ids[1]
         "billed": lambda d: {**d, "billed": {**d["billed"], "completion_tokens": 70}},
+        "hashes": lambda d: {**d, "billed": {**d["billed"], "request_hash": "ab" * 32}},
         "proof": lambda d: {**d, "proof": list(reversed(d["proof"])) or ["0x" + "00" * 32]},
         "root": lambda d: {**d, "root": "0x" + "ab" * 32},
     }

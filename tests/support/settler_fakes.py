@@ -20,6 +20,8 @@ class Row:
     model: str = "default"
     prompt_tokens: int = 3
     completion_tokens: int = 5
+    request_hash: str = ""
+    response_hash: str = ""
 
 
 @dataclass

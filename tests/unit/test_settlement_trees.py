@@ -1,5 +1,6 @@
 """Usage and reward trees: the fast usage path equals OZ's output, and the leaf encodings are the on-chain ones."""
 
+import hashlib
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,9 +32,23 @@ ADDR = [v[0] for v in CASES["rewards7"]["values"]]
 
 
 def _usage11_epoch():
-    """The rows that generate.js turned into the 'usage11' OZ tree."""
+    """The rows that generate.js turned into the 'usage11' OZ tree (record 0 without body hashes)."""
+
+    def sha(text: str, i: int) -> str:
+        return hashlib.sha256(text.encode()).hexdigest() if i else ""
+
     rows = tuple(
-        UsageRow(f"req-{i}", f"node-{i % 3}", ADDR[i % 7], "default", 10 + i, 100 * i) for i in range(11)
+        UsageRow(
+            f"req-{i}",
+            f"node-{i % 3}",
+            ADDR[i % 7],
+            "default",
+            10 + i,
+            100 * i,
+            sha(f"body-{i}", i),
+            sha(f"answer-{i}", i),
+        )
+        for i in range(11)
     )
     return SimpleNamespace(epoch=3, rows=rows)
 
