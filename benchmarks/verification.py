@@ -43,6 +43,8 @@ import statistics
 import time
 from pathlib import Path
 
+from benchmarks.machine import machine
+
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
@@ -253,17 +255,30 @@ HETERO_NODES_FULL = (
     {"dtype": "bfloat16", "threads": 2, "prefix_caching": True},
     {"dtype": "float32", "threads": 2, "prefix_caching": True},  # the reference's own engine: batch only
 )
+# On a CPU with AVX-512, one more honest node: ATen and oneDNN held down to AVX2 (the ISA cell; vLLM's
+# own kernels still pick by the CPU's flags). Elsewhere the cell would equal the bf16 one, so it is left out.
+ISA_NODE = {"dtype": "bfloat16", "threads": 1, "prefix_caching": False, "isa": "avx2"}
 HETERO_BATCHES = (1, 8)
 FLIPPER_MAX_TOKENS = 96  # its python decode loop takes ~15 s per 512-token answer on a loaded 2-core box
 ROC_TOLS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 
 
-def cpu_engine(model_dir: Path, dtype: str = "float32", threads: int = 2, prefix_caching: bool = True):
-    """A vLLM CPU engine with `threads` OpenMP threads (the engine's worker binds cores 0..threads-1)."""
+def cpu_engine(
+    model_dir: Path,
+    dtype: str = "float32",
+    threads: int = 2,
+    prefix_caching: bool = True,
+    isa: str | None = None,
+):
+    """A vLLM CPU engine with `threads` OpenMP threads (the engine's worker binds cores 0..threads-1);
+    `isa` ("avx2") holds ATen's and oneDNN's kernels down to that instruction set."""
     from vllm import LLM
 
-    old = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0" if threads == 1 else f"0-{threads - 1}"
+    env = {"VLLM_CPU_OMP_THREADS_BIND": "0" if threads == 1 else f"0-{threads - 1}"}
+    if isa is not None:
+        env |= {"ATEN_CPU_CAPABILITY": isa, "ONEDNN_MAX_CPU_ISA": isa.upper()}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the engine's processes start now and inherit these
     try:
         return LLM(
             model=str(model_dir),
@@ -275,10 +290,11 @@ def cpu_engine(model_dir: Path, dtype: str = "float32", threads: int = 2, prefix
             max_num_batched_tokens=16384,  # see engine_attack_claims: no chunked seeded prefill
         )
     finally:
-        if old is None:
-            os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
-        else:
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = old
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def hetero_requests(codec, n: int, seed: int):
@@ -748,6 +764,8 @@ def run(quick: bool, max_challenges: int, organic_rps: float) -> dict:
     score_config = ScoreConfig()
 
     nodes = HETERO_NODES_QUICK if quick else HETERO_NODES_FULL
+    if "avx512f" in machine()["isa"]:
+        nodes = (*nodes, ISA_NODE)
     con.log(f"honest heterogeneous nodes: {len(nodes)} engines x batch {HETERO_BATCHES}, {per_cell} each")
     cells = hetero_node_claims(d0, codec, nodes, per_cell)
 
@@ -931,6 +949,7 @@ def run(quick: bool, max_challenges: int, organic_rps: float) -> dict:
         },
         "quick": quick,
         "wall_seconds": time.time() - t_start,
+        "machine": machine(),
     }
 
 
