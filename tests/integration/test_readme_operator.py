@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -53,7 +54,8 @@ def _served_by(port: int, node_id: str, bound: int = 120) -> str:
     traffic): its request id."""
 
     def one(_):
-        body = {"model": "default", "prompt": "Hello", "max_tokens": 4}
+        # a prompt of its own: the router sends a prompt it has seen to the node that holds its prefix
+        body = {"model": "default", "prompt": f"{uuid.uuid4().hex} Hello", "max_tokens": 4}
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=120)
         assert r.status_code == 200, r.text
         return r.headers["x-meritnet-node"], r.headers["x-meritnet-request-id"]
