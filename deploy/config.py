@@ -17,6 +17,7 @@ from cluster.deployment import EngineDefaults
 from cluster.local import LocalClusterConfig
 from cluster.records import NodeSpec
 from deploy.scoring import ValidatorSpec
+from routing.config import ModelPrice
 from routing.timeouts import Timeouts
 
 # A well-known test address (anvil's first account); replace with your own in a real network.
@@ -159,6 +160,11 @@ class NetworkConfig(BaseSettings):
         "default: a reference engine is one more vLLM engine on a 2-core machine. Without validators "
         "every node stays unscored (router: 'unscored' score) and settlement pays it at quality 1.0; with "
         "validators an unscored node is on probation (quality 0) until its first consensus score.",
+    )
+    pricing: dict[str, ModelPrice] = Field(
+        default_factory=lambda: {"default": ModelPrice(input_per_million=0, output_per_million=0)},
+        description="model id -> price per million prompt and completion tokens, as /v1/models states it "
+        "(the demo's model is free).",
     )
     trusted_models: dict[str, str] = Field(
         default_factory=lambda: {"default": BUILTIN_MODEL},

@@ -131,6 +131,7 @@ def gateway_config(
         api_keys=tuple(cfg.api_keys),
         keys_file=str(Path(cfg.state_dir) / KEYS_FILE),  # `meritnet keys create|revoke` edit it live
         cors_origins=tuple(cfg.cors_origins),
+        pricing=cfg.pricing,
         challenge_keys=(SecretStr(challenge_key),),
         shadow_rate=cfg.shadow_rate if shadow else 0.0,
         metered_models={

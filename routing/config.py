@@ -12,6 +12,16 @@ from routing.metering import MeteredModel
 from routing.timeouts import Timeouts
 
 
+class ModelPrice(BaseModel):
+    """What a model's tokens cost a client, as the catalogue (/v1/models) states it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    input_per_million: float = Field(ge=0, description="Price of one million prompt tokens.")
+    output_per_million: float = Field(ge=0, description="Price of one million completion tokens.")
+    currency: str = Field(default="USD", min_length=1, max_length=16, description="What the prices are in.")
+
+
 class GatewayConfig(BaseModel):
     """Settings of the gateway deployment."""
 
@@ -42,6 +52,9 @@ class GatewayConfig(BaseModel):
         default=(),
         description="Bearer keys from config (unlimited); with none here and none in keys_file "
         "the endpoint is open (local use).",
+    )
+    pricing: dict[str, ModelPrice] = Field(
+        default_factory=dict, description="model id -> its price, shown in /v1/models (no entry: null)."
     )
     cors_origins: tuple[str, ...] = Field(
         default=(), description="Origins allowed to call the endpoint from a browser (CORS); none by default."

@@ -155,6 +155,7 @@ class PublicViews:
             "context_length": metered.max_model_len if metered is not None else None,
             "capabilities": ["chat", "completions"],
             "nodes": len(nodes),
+            "pricing": price.model_dump() if (price := self._core.config.pricing.get(model_id)) else None,
         }
 
     async def _settlement(self):

@@ -146,7 +146,7 @@ def test_a_flood_of_page_requests_sends_the_settlement_actor_one_call_at_a_time(
     assert {r.status_code for r in answers[250:]} <= {404, 503}
 
 
-def test_the_catalogue_lists_live_models_with_context_length_and_nodes_and_404s_the_rest():
+def test_the_catalogue_lists_live_models_with_context_length_nodes_and_pricing_and_404s_the_rest():
     """Issue 30: /v1/models entries say what a client scanning models reads; /v1/models/{id} is one
     entry or an OpenAI-shaped 404."""
     from routing.config import GatewayConfig
@@ -155,7 +155,11 @@ def test_the_catalogue_lists_live_models_with_context_length_and_nodes_and_404s_
     from routing.selection import load_selector
     from tests.support.gateway_fakes import FakeNode, node_stats
 
-    config = GatewayConfig(metered_models={"default": MeteredModel(source="unused", max_model_len=1024)})
+    price = {"input_per_million": 0.1, "output_per_million": 0.4, "currency": "USD"}
+    config = GatewayConfig(
+        metered_models={"default": MeteredModel(source="unused", max_model_len=1024)},
+        pricing={"default": price},
+    )
     nodes = {"a": FakeNode("a"), "b": FakeNode("b")}
     core = GatewayCore(config, load_selector(registry=None), nodes.__getitem__, None, counters={})
     core.set_nodes([node_stats("a"), node_stats("b"), node_stats("c", live=False, model_id="other")])
@@ -171,6 +175,7 @@ def test_the_catalogue_lists_live_models_with_context_length_and_nodes_and_404s_
         "context_length": 1024,
         "capabilities": ["chat", "completions"],
         "nodes": 2,
+        "pricing": price,  # from the network config
     }
     assert client.get("/v1/models/default").json() == entry
     missing = client.get("/v1/models/other")
