@@ -76,11 +76,12 @@ RAY_SYSTEM_CONFIG = {"num_workers_soft_limit": 0}
 
 
 # HAProxy also serves a read-only stats page and a Prometheus exporter. Ray's template binds them on all
-# interfaces; meritnet's stand-in binary moves them to 127.0.0.1 (cluster/haproxy_guard.py). Fixed
+# interfaces; meritnet's stand-in binary moves them to 127.0.0.1 (deploy/haproxy_guard.py). Fixed
 # default ports (8404, 9101) would make a second network or an operator's node on the same machine fail
 # to start its HAProxy, so each start takes free ports.
 HAPROXY_PORT_VARS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
-HAPROXY_GUARD = "meritnet-haproxy"  # console script of cluster/haproxy_guard.py
+HAPROXY_GUARD = "meritnet-haproxy"  # console script of deploy/haproxy_guard.py
+HAPROXY_REAL_BINARY_VAR = "MERITNET_HAPROXY_BINARY"  # = deploy/haproxy_guard.REAL_BINARY_VAR
 # A client idle this long mid-request is cut (Ray's default is an hour); streams keep sending.
 HAPROXY_ENV = {"RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": "600"}
 
@@ -121,10 +122,14 @@ def use_serve_fast_path() -> dict[str, str]:
         os.environ.setdefault(key, value)
     env = {key: os.environ[key] for key in SERVE_FAST_PATH_ENV}
     if env["RAY_SERVE_ENABLE_HA_PROXY"] == "1":
-        os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"] = haproxy_guard_path()
+        guard, own = haproxy_guard_path(), os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+        if own and Path(own).name != HAPROXY_GUARD:  # the operator's own haproxy: the guard runs it
+            os.environ[HAPROXY_REAL_BINARY_VAR] = own
+        os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"] = guard
         for key, value in HAPROXY_ENV.items():
             os.environ.setdefault(key, value)
-        env.update({key: os.environ[key] for key in ("RAY_SERVE_HAPROXY_BINARY_PATH", *HAPROXY_ENV)})
+        passed = ("RAY_SERVE_HAPROXY_BINARY_PATH", HAPROXY_REAL_BINARY_VAR, *HAPROXY_ENV)
+        env.update({key: os.environ[key] for key in passed if key in os.environ})
         for key in HAPROXY_PORT_VARS:
             current = os.environ.get(key, "")
             if not (current.isdigit() and _port_free(int(current))):

