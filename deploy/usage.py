@@ -6,10 +6,12 @@ written together in the next transaction, so one fsync serves many requests and 
 
 It also enforces key budgets (routing/budgets.py) from that same ledger, never from a second counter:
 a request of a key with a budget holds its worst case (`reserve`) until its record is written (the
-ledger then has what it was billed) or it is released. A reservation is admitted only if the key's
-billed spend in the window, plus every reservation held, plus it, stays within the budget; the spend
-is read from the ledger in the event loop, so no record's write and release can fall between the read
-and the check (a record written but not yet released counts twice for a moment: never too little).
+ledger then has what it was charged) or it is released. A reservation is admitted only if the key's
+spend in the window, plus every reservation held, plus it, stays within the budget. The spend is read
+from the ledger on the event loop (a lock-free WAL read, `UsageLedger.key_spent`), so no record's write
+and release can fall between the read and the check (a record written but not yet released counts twice
+for a moment: never too little). Holds live in this actor's memory: a restarted store has forgotten
+the holds of requests still running (they are charged when they end, but were not counted meanwhile).
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ class UsageStore:
                     if not fut.done():
                         fut.set_exception(exc)
                 continue
-            for r in flat:  # billed now: the ledger has it
+            for r in flat:  # charged now: the ledger has it
                 self._holds.pop(r.request_id, None)
             for _, fut in batch:
                 if not fut.done():
@@ -86,7 +88,7 @@ class UsageStore:
         return used + tokens
 
     async def release(self, request_id: str) -> None:
-        """`request_id` ended without a billed record (refused, no node answered)."""
+        """`request_id` ended without a record (refused, no node answered, the client left early)."""
         self._holds.pop(request_id, None)
 
     async def key_usage(self, key_id: str, since: float) -> int:

@@ -2,8 +2,8 @@
 
 The spend is the usage ledger's, the one settlement pays from (deploy/usage.py `UsageStore.reserve`):
 a request of a budgeted key reserves its worst case (prompt + max_tokens x n, routing/metering
-`reservation`) there before a node is chosen, and the reservation becomes the billed count when its
-record is written. So concurrent requests can never spend more than the budget between them, and no
+`reservation`) there before a node is chosen, and the reservation becomes the gateway's count when its
+record is written (for a request that failed or was left mid-stream: what it forwarded). So concurrent requests can never spend more than the budget between them, and no
 second counter can drift from what is billed. A refusal is OpenAI's 429 `insufficient_quota`, with
 `Retry-After` set to the window's reset.
 """

@@ -169,7 +169,11 @@ class GatewayCore:
     ) -> Response:
         plan = self._plan(request, body, method, key, rid)
         if key is not None and key.budget_tokens is not None:
-            await self._reserve_budget(plan)
+            try:
+                await self._reserve_budget(plan)
+            except asyncio.CancelledError:  # the client left while its hold was taken: no record will end it
+                self._sink.release.remote(rid)
+                raise
         tried: set[str] = set()
         last_error: errors.APIError | None = None
         for attempt in range(self.config.max_attempts):

@@ -173,6 +173,7 @@ class UsageLedger:
         self.epoch_length_s = self.epochs.length_s
         self.genesis = self.epochs.genesis
         self._lock = threading.Lock()
+        self._reader: sqlite3.Connection | None = None  # key_spent's, lock-free (WAL readers never wait)
         self._conn = sqlite3.connect(
             self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
         )
@@ -222,6 +223,8 @@ class UsageLedger:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+            if self._reader is not None:
+                self._reader.close()
 
     def __enter__(self) -> Self:
         return self
@@ -359,14 +362,18 @@ class UsageLedger:
         return epoch, UsageRecord(**dict(zip(_COLUMNS.split(", "), row, strict=True)))
 
     def key_spent(self, key_id: str, since: float) -> int:
-        """Tokens billed to client key `key_id` by requests that ended at or after `since` (unix time):
-        prompt + completion of its completed ('ok') records, what budgets are charged from."""
-        rows = self._read(
-            "SELECT COALESCE(SUM(prompt_tokens + completion_tokens), 0) FROM records "
-            "WHERE key_id = ? AND ended_at >= ? AND status = 'ok'",
+        """Tokens charged to client key `key_id` by requests that ended at or after `since` (unix time):
+        prompt + completion the gateway counted, whatever the request's end (a client that leaves after
+        its last token is charged what it got, as its token-per-minute limit is). Read on a connection of
+        its own without the writers' lock: under WAL a read never waits for a write, so the usage store
+        can call this on its event loop."""
+        if self._reader is None:
+            self._reader = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+        row = self._reader.execute(
+            "SELECT COALESCE(SUM(prompt_tokens + completion_tokens), 0) FROM records WHERE key_id = ? AND ended_at >= ?",
             (key_id, since),
-        )
-        return int(rows[0][0])
+        ).fetchone()
+        return int(row[0])
 
     def epochs_with_records(self) -> list[int]:
         """The epochs that hold records, in order."""

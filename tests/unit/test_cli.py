@@ -110,6 +110,6 @@ def test_keys_create_with_a_budget_and_list_shows_its_billed_spend(tmp_path):
     listed = run("list")
     assert listed.returncode == 0, listed.stderr
     row = next(line for line in listed.stdout.splitlines() if key.key_id in line)
-    assert "1000/day" in row and " 60 " in row  # two billed requests of 30; the failed one is not billed
+    assert "1000/day" in row and " 90 " in row  # three requests of 30 counted: a failed one's too
     bad = run("create", "--budget-tokens", "10", "--budget-period", "fortnight")
     assert bad.returncode == 2 and "day, week, month" in bad.stderr
