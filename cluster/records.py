@@ -165,8 +165,16 @@ class UsageRecord(_Frozen):
         max_length=64,
         description="Id of the client's API key (never the key); '' when none was needed.",
     )
-    request_hash: str = Field(default="", description="sha256 hex of the canonical request body.")
-    response_hash: str = Field(default="", description="sha256 hex of the response content.")
+    request_hash: str = Field(
+        default="",
+        pattern=r"^([0-9a-f]{64})?$",
+        description="sha256 hex of the request body's bytes as sent.",
+    )
+    response_hash: str = Field(
+        default="",
+        pattern=r"^([0-9a-f]{64})?$",
+        description="sha256 hex of the response body's bytes as got.",
+    )
 
 
 class NodeStats(_Frozen):

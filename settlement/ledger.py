@@ -40,6 +40,7 @@ from cluster import UsageRecord
 from cluster.completions import MAX_COUNT
 from settlement.epochs import Epochs
 from settlement.rewards import NodeUsage
+from settlement.trees import USAGE_LEAF_VERSION
 
 __all__ = ["AppendResult", "FrozenEpoch", "LedgerError", "PendingTx", "UsageLedger", "UsageRow"]
 
@@ -55,7 +56,8 @@ CREATE TABLE IF NOT EXISTS records (
 CREATE INDEX IF NOT EXISTS records_by_epoch ON records (epoch, request_id);
 CREATE TABLE IF NOT EXISTS epochs (
     epoch INTEGER PRIMARY KEY, closed_at REAL NOT NULL,
-    n_records INTEGER NOT NULL, n_ok INTEGER NOT NULL, digest TEXT NOT NULL
+    n_records INTEGER NOT NULL, n_ok INTEGER NOT NULL, digest TEXT NOT NULL,
+    leaf_version INTEGER NOT NULL DEFAULT 1
 );
 CREATE TABLE IF NOT EXISTS settlements (epoch INTEGER PRIMARY KEY, tx_hash TEXT NOT NULL, settled_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS pending_txs (
@@ -122,6 +124,7 @@ class FrozenEpoch:
     n_records: int  # all statuses
     digest: str  # sha256 hex over every record of the epoch in request_id order (see _digest)
     rows: tuple[UsageRow, ...]  # status "ok" only
+    leaf_version: int = USAGE_LEAF_VERSION  # the usage leaf layout its tree is built with (settlement.trees)
 
     def usage_by_node(self) -> dict[str, tuple[NodeUsage, ...]]:
         """Tokens per node and operator over the ok rows (same answer as UsageLedger.usage_by_node)."""
@@ -185,6 +188,9 @@ class UsageLedger:
             self._conn.execute("ALTER TABLE records ADD COLUMN key_id TEXT NOT NULL DEFAULT ''")
         # a key's spend in a budget window (key_budget_spent): one index range per call
         self._conn.execute("CREATE INDEX IF NOT EXISTS records_by_key ON records (key_id, ended_at)")
+        epoch_columns = {row[1] for row in self._conn.execute("PRAGMA table_info(epochs)")}
+        if "leaf_version" not in epoch_columns:  # epochs closed before leaves had versions: version 1
+            self._conn.execute("ALTER TABLE epochs ADD COLUMN leaf_version INTEGER NOT NULL DEFAULT 1")
         pending_columns = {row[1] for row in self._conn.execute("PRAGMA table_info(pending_txs)")}
         if "pending_since_block" not in pending_columns:  # written before re-pricing survived restarts
             self._conn.execute("ALTER TABLE pending_txs ADD COLUMN pending_since_block INTEGER")
@@ -412,8 +418,9 @@ class UsageLedger:
                 all_rows = self._epoch_rows(c, epoch)
                 n_ok = sum(1 for r in all_rows if r[1] == "ok")
                 c.execute(
-                    "INSERT INTO epochs (epoch, closed_at, n_records, n_ok, digest) VALUES (?,?,?,?,?)",
-                    (epoch, time.time(), len(all_rows), n_ok, _digest(all_rows)),
+                    "INSERT INTO epochs (epoch, closed_at, n_records, n_ok, digest, leaf_version) "
+                    "VALUES (?,?,?,?,?,?)",
+                    (epoch, time.time(), len(all_rows), n_ok, _digest(all_rows), USAGE_LEAF_VERSION),
                 )
         return self.frozen_epoch(epoch)
 
@@ -432,21 +439,21 @@ class UsageLedger:
             c.execute("BEGIN")  # one snapshot for the epoch row and its records
             try:
                 meta = c.execute(
-                    "SELECT closed_at, n_records, digest FROM epochs WHERE epoch = ?", (epoch,)
+                    "SELECT closed_at, n_records, digest, leaf_version FROM epochs WHERE epoch = ?", (epoch,)
                 ).fetchone()
                 all_rows = self._epoch_rows(c, epoch) if meta else []
             finally:
                 c.execute("COMMIT")
         if meta is None:
             raise LedgerError(f"epoch {epoch} is not closed yet; close it with close_epoch({epoch}) first")
-        closed_at, n_records, digest = meta
+        closed_at, n_records, digest, leaf_version = meta
         if len(all_rows) != n_records or _digest(all_rows) != digest:
             raise LedgerError(
                 f"frozen epoch {epoch} no longer matches its digest: the ledger file was altered"
             )
         start, end = self.epoch_bounds(epoch)
         rows = tuple(UsageRow(r[0], *r[2:]) for r in all_rows if r[1] == "ok")
-        return FrozenEpoch(epoch, start, end, closed_at, n_records, digest, rows)
+        return FrozenEpoch(epoch, start, end, closed_at, n_records, digest, rows, leaf_version)
 
     # ------------------------------------------------------------ settlement state
 

@@ -136,7 +136,7 @@ def usage_receipt(
     epoch's settle put on-chain, or where it stands ("pending" until its epoch settles; {"error": why}
     for an id the ledger never took or a request that was not billed). Built from the frozen epoch, so
     a receipt never changes once given; `trees` caches usage trees by epoch (the caller bounds it)."""
-    from settlement.trees import USAGE_LEAF_ENCODING, find_usage_leaf, usage_tree
+    from settlement.trees import find_usage_leaf, usage_tree
 
     found = ledger.find(request_id)
     if found is None:
@@ -162,7 +162,7 @@ def usage_receipt(
         "tx": tx,
         "tree": "usage",
         "root": tree.root,
-        "leafEncoding": list(USAGE_LEAF_ENCODING),
+        "leafEncoding": list(tree.leaf_encoding),
         "value": tree.dump()["values"][index]["value"],
         "proof": tree.get_proof(index),
         "billed": {

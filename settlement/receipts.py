@@ -33,16 +33,25 @@ def check_receipt(
     those facts, and to be under `onchain_root` (the distributor's usage root of its epoch). `bodies`:
     the client's own copies of the request body it sent and the response body it got, if it kept them;
     each must hash to the leaf's."""
-    from settlement.merkle import StandardMerkleTree
-    from settlement.trees import USAGE_LEAF_ENCODING, body_hash, model_key, node_key, request_key
-
     try:
-        value, proof, root, billed = doc["value"], doc["proof"], str(doc["root"]), doc["billed"]
-        rid, node, operator, model, prompt, completion, epoch, request_hash, response_hash = value
-    except (KeyError, TypeError, ValueError):
-        raise ReceiptRejected("the network's answer is not a usage receipt (value, proof, root)") from None
-    if list(doc.get("leafEncoding", ())) != USAGE_LEAF_ENCODING:
+        return _check_receipt(doc, request_id, onchain_root, bodies)
+    except ReceiptRejected:
+        raise
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:  # malformed: a rejection, not a crash
+        raise ReceiptRejected(f"the network's answer is not a usage receipt ({type(exc).__name__})") from None
+
+
+def _check_receipt(
+    doc: dict[str, Any], request_id: str, onchain_root: bytes, bodies: tuple[bytes | None, bytes | None]
+) -> dict[str, Any]:
+    from settlement.merkle import StandardMerkleTree
+    from settlement.trees import USAGE_LEAF_ENCODINGS, body_hash, model_key, node_key, request_key
+
+    value, proof, root, billed = doc["value"], doc["proof"], str(doc["root"]), doc["billed"]
+    encoding = list(doc.get("leafEncoding", ()))
+    if encoding not in USAGE_LEAF_ENCODINGS.values() or len(value) != len(encoding):
         raise ReceiptRejected(f"not a usage leaf: encoding {doc.get('leafEncoding')!r}")
+    rid, node, operator, model, prompt, completion, epoch, *hashes = value
     expected = [
         request_key(request_id),
         node_key(str(billed.get("node_id"))),
@@ -51,22 +60,27 @@ def check_receipt(
         int(billed.get("prompt_tokens", -1)),
         int(billed.get("completion_tokens", -1)),
         int(doc.get("epoch", -1)),
-        "0x" + body_hash(str(billed.get("request_hash", ""))).hex(),
-        "0x" + body_hash(str(billed.get("response_hash", ""))).hex(),
     ]
     got = [str(rid).lower(), str(node).lower(), str(operator).lower(), str(model).lower()]
-    got += [int(prompt), int(completion), int(epoch), str(request_hash).lower(), str(response_hash).lower()]
+    got += [int(prompt), int(completion), int(epoch)]
+    if hashes:  # a version 2 leaf: the bodies' hashes
+        expected += [
+            "0x" + body_hash(str(billed.get(f"{w}_hash", ""))).hex() for w in ("request", "response")
+        ]
+        got += [str(h).lower() for h in hashes]
     if got[0] != expected[0]:
         raise ReceiptRejected(f"the leaf is another request's, not {request_id}'s")
     if got[1:] != expected[1:]:
         raise ReceiptRejected("the leaf does not hold what the receipt says was billed")
-    if not StandardMerkleTree.verify(root, USAGE_LEAF_ENCODING, value, proof):
+    if not StandardMerkleTree.verify(root, encoding, value, proof):
         raise ReceiptRejected("the proof does not lead from the leaf to the receipt's root")
     if root.lower() != "0x" + onchain_root.hex():
         raise ReceiptRejected(f"the receipt's root {root} is not the usage root on-chain for epoch {epoch}")
-    for what, body, committed in zip(
-        ("request", "response"), bodies, (request_hash, response_hash), strict=True
-    ):
+    for what, body, committed in zip(("request", "response"), bodies, hashes or (None, None), strict=True):
+        if body is not None and committed is None:
+            raise ReceiptRejected(
+                f"epoch {epoch}'s leaves predate body hashes: your {what} body cannot be checked"
+            )
         if body is not None and "0x" + hashlib.sha256(body).hexdigest() != str(committed).lower():
             raise ReceiptRejected(f"your {what} body does not hash to the leaf's {what} hash {committed}")
     return billed

@@ -5,7 +5,7 @@ Both are OpenZeppelin StandardMerkleTrees, so `@openzeppelin/merkle-tree` and `M
 accept their roots and proofs. The on-chain distributor checks a reward leaf as
 `keccak256(concat(keccak256(abi_encode(operator, amount))))` - exactly REWARD_LEAF_ENCODING below.
 
-Usage leaf fields (USAGE_LEAF_ENCODING, in order):
+Usage leaf fields (USAGE_LEAF_ENCODING, in order; epochs closed before version 2 have the first seven):
   bytes32 requestId   keccak256(utf-8 request_id): fixed size whatever the gateway's id format
   bytes32 node        keccak256(utf-8 node_id): node ids are names, not addresses; hashing keeps
                       the leaf all-static (cheap to encode, cheap to verify in a contract) and is
@@ -40,6 +40,8 @@ from settlement.merkle import MerkleTreeError, StandardMerkleTree, keccak256, ke
 __all__ = [
     "REWARD_LEAF_ENCODING",
     "USAGE_LEAF_ENCODING",
+    "USAGE_LEAF_ENCODINGS",
+    "USAGE_LEAF_VERSION",
     "ZERO_ROOT",
     "EmptyTreeError",
     "find_reward_leaf",
@@ -54,17 +56,14 @@ __all__ = [
     "usage_tree",
 ]
 
-USAGE_LEAF_ENCODING: list[str] = [
-    "bytes32",
-    "bytes32",
-    "address",
-    "bytes32",
-    "uint256",
-    "uint256",
-    "uint256",
-    "bytes32",
-    "bytes32",
-]
+# Leaf layouts by version: an epoch's tree is built with the version it was closed under (the ledger
+# keeps it), so a root settled on-chain before leaves carried the body hashes still rebuilds and proves.
+USAGE_LEAF_ENCODINGS: dict[int, list[str]] = {
+    1: ["bytes32", "bytes32", "address", "bytes32", "uint256", "uint256", "uint256"],
+    2: ["bytes32", "bytes32", "address", "bytes32", "uint256", "uint256", "uint256", "bytes32", "bytes32"],
+}
+USAGE_LEAF_VERSION = 2  # what an epoch closed now is built with
+USAGE_LEAF_ENCODING: list[str] = USAGE_LEAF_ENCODINGS[USAGE_LEAF_VERSION]
 REWARD_LEAF_ENCODING: list[str] = ["address", "uint256"]
 ZERO_ROOT = "0x" + "00" * 32
 """Root posted for an epoch with no leaves (no ok usage, or no operator ever rewarded)."""
@@ -116,9 +115,9 @@ def body_hash(sha256_hex: str) -> bytes:
     return bytes.fromhex(sha256_hex) if sha256_hex else bytes(32)
 
 
-def usage_leaf(row: _UsageRowLike, epoch: int) -> list[Any]:
+def usage_leaf(row: _UsageRowLike, epoch: int, version: int = USAGE_LEAF_VERSION) -> list[Any]:
     """The JSON-friendly usage leaf value of one record (what a dump shows and `verify` takes)."""
-    return [
+    leaf = [
         request_key(row.request_id),
         node_key(row.node_id),
         row.operator,
@@ -126,14 +125,18 @@ def usage_leaf(row: _UsageRowLike, epoch: int) -> list[Any]:
         row.prompt_tokens,
         row.completion_tokens,
         epoch,
-        "0x" + body_hash(row.request_hash).hex(),
-        "0x" + body_hash(row.response_hash).hex(),
     ]
+    if version >= 2:
+        leaf += ["0x" + body_hash(row.request_hash).hex(), "0x" + body_hash(row.response_hash).hex()]
+    return leaf
 
 
 def usage_tree(frozen_epoch: _FrozenLike) -> StandardMerkleTree:
-    """The usage tree of a frozen epoch (its ok records); EmptyTreeError when it has none."""
+    """The usage tree of a frozen epoch (its ok records), in the leaf layout it was closed under;
+    EmptyTreeError when it has none."""
     epoch = frozen_epoch.epoch
+    version = getattr(frozen_epoch, "leaf_version", USAGE_LEAF_VERSION)
+    encoding = USAGE_LEAF_ENCODINGS[version]
     epoch_word = epoch.to_bytes(32, "big")
     node_cache: dict[str, bytes] = {}
     model_cache: dict[str, bytes] = {}
@@ -154,42 +157,29 @@ def usage_tree(frozen_epoch: _FrozenLike) -> StandardMerkleTree:
         if operator is None:
             operator = operator_cache[row.operator] = bytes(12) + bytes.fromhex(row.operator[2:])
         # bytes, not hex, in values: the dump renders hex, and nothing round-trips per leaf.
-        request_hash, response_hash = body_hash(row.request_hash), body_hash(row.response_hash)
-        values.append(
-            [
-                rid,
-                node,
-                row.operator,
-                model,
-                row.prompt_tokens,
-                row.completion_tokens,
-                epoch,
-                request_hash,
-                response_hash,
-            ]
-        )
-        # abi.encode of nine static words, written out directly (a bulk fast path; tested
+        value = [rid, node, row.operator, model, row.prompt_tokens, row.completion_tokens, epoch]
+        # abi.encode of the leaf's static words, written out directly (a bulk fast path; tested
         # against the generic encoder and OZ's own vectors).
-        encoded.append(
-            b"".join(
-                (
-                    rid,
-                    node,
-                    operator,
-                    model,
-                    row.prompt_tokens.to_bytes(32, "big"),
-                    row.completion_tokens.to_bytes(32, "big"),
-                    epoch_word,
-                    request_hash,
-                    response_hash,
-                )
-            )
-        )
+        words = [
+            rid,
+            node,
+            operator,
+            model,
+            row.prompt_tokens.to_bytes(32, "big"),
+            row.completion_tokens.to_bytes(32, "big"),
+            epoch_word,
+        ]
+        if version >= 2:
+            hashes = [body_hash(row.request_hash), body_hash(row.response_hash)]
+            value += hashes
+            words += hashes
+        values.append(value)
+        encoded.append(b"".join(words))
     if not values:
         raise EmptyTreeError(
             f"epoch {epoch} has no ok usage records, so no usage tree; its root is ZERO_ROOT"
         )
-    return StandardMerkleTree.of_encoded(values, encoded, USAGE_LEAF_ENCODING)
+    return StandardMerkleTree.of_encoded(values, encoded, encoding)
 
 
 def usage_root(frozen_epoch: _FrozenLike) -> str:

@@ -277,3 +277,41 @@ def test_records_keep_the_client_key_id_and_old_ledgers_gain_the_column(tmp_path
         led.append([rec("new", 1010.0).model_copy(update={"key_id": "k-1234abcd"})])
         by_id = {r.request_id: r.key_id for r in led.records(0)}
     assert by_id == {"old": "", "new": "k-1234abcd"}
+
+
+def test_an_epoch_closed_before_leaves_had_body_hashes_keeps_its_settled_root(path):
+    """A ledger whose epochs table predates leaf versions (no column): its epochs rebuild the 7-field
+    leaves their on-chain roots were posted with; epochs closed now get the 9-field leaves."""
+    from settlement.merkle import StandardMerkleTree
+    from settlement.trees import USAGE_LEAF_ENCODINGS, usage_leaf, usage_tree
+
+    hashed = rec("r1", 1001.0).model_copy(update={"request_hash": "ab" * 32, "response_hash": "cd" * 32})
+    with UsageLedger(path, epoch_length_s=60.0, genesis=1000.0) as led:
+        led.append([hashed, rec("r2", 1070.0)])
+        led.close_epoch(0)
+    old_root = StandardMerkleTree.of([usage_leaf(hashed, 0, version=1)], USAGE_LEAF_ENCODINGS[1]).root
+    conn = sqlite3.connect(path)  # as a ledger written before the column existed
+    conn.execute("ALTER TABLE epochs DROP COLUMN leaf_version")
+    conn.commit()
+    conn.close()
+    with UsageLedger(path, epoch_length_s=60.0, genesis=1000.0) as led:
+        old = led.frozen_epoch(0)
+        assert old.leaf_version == 1 and usage_tree(old).root == old_root
+        new = led.close_epoch(1)
+        assert new.leaf_version == 2 and list(usage_tree(new).leaf_encoding) == USAGE_LEAF_ENCODINGS[2]
+
+
+def test_a_key_is_charged_every_counted_token_in_its_window(ledger):
+    keyed = [
+        rec(f"k{i}", t, status=s).model_copy(update={"key_id": "k-1"})
+        for i, (t, s) in enumerate([(1001.0, "ok"), (1002.0, "error"), (1003.0, "cancelled"), (990.0, "ok")])
+    ]
+    ledger.append([*keyed, rec("other", 1001.0)])
+    assert ledger.key_spent("k-1", since=1000.0) == 3 * 30  # not the one before the window, not another key's
+    assert ledger.key_spent("k-2", since=0.0) == 0
+
+
+@pytest.mark.parametrize("bad", ["AB" * 32, "ab" * 31, "zz" * 32, "0x" + "ab" * 31])
+def test_a_body_hash_is_64_lowercase_hex_or_nothing(bad):
+    with pytest.raises(ValueError, match="request_hash"):
+        rec("r", 1001.0).model_validate({**rec("r", 1001.0).model_dump(), "request_hash": bad})
