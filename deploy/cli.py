@@ -336,7 +336,7 @@ def keys_list(state_dir: Path = StateDirOption) -> None:
     ledger_path = state_dir / "usage.db"
     settings = UsageLedger.stored_settings(ledger_path) if ledger_path.is_file() else None
     ledger = UsageLedger(ledger_path, *settings) if settings else None
-    table = Table("key id", "requests/min", "tokens/min", "budget", "spent (billed)", "models", "state")
+    table = Table("key id", "requests/min", "tokens/min", "budget", "spent", "models", "state")
     for k in _key_store(state_dir).load():
         spent = "-"
         if k.budget_tokens is not None:

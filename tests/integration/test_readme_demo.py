@@ -90,19 +90,30 @@ def test_readme_demo_commands_work(tmp_path):
         )
         assert r.returncode == 0 and "h100-a" in r.stdout and "l4-b" in r.stdout, r.stdout + r.stderr[-2000:]
 
-        # The README's key commands, in order: create (its secret works, no key is refused), list, revoke.
-        create, list_, revoke = [
+        # The README's key commands, in order: create with limits and with a budget (both secrets work,
+        # no key is refused), list (the budgeted key's spend is what its request was charged), revoke.
+        create, create_budget, list_, revoke = [
             line.split("#")[0].strip() for line in _blocks("### API keys", "bash")[0].splitlines()
         ]
-        out = _cli(tmp_path, create)
-        secret = next(line for line in out.splitlines() if line.startswith("mn-"))
-        key_id = re.search(r"key id (k-[0-9a-f]+)", out).group(1)
-        # the gateway re-reads the key file within a refresh
+        made = [_cli(tmp_path, command) for command in (create, create_budget)]
+        (secret, key_id), (budget_secret, budget_id) = [
+            (
+                next(line for line in out.splitlines() if line.startswith("mn-")),
+                re.search(r"key id (k-[0-9a-f]+)", out).group(1),
+            )
+            for out in made
+        ]
+        # the gateway re-reads the key file within a refresh; the budgeted key reserves in the usage store
         wait_until(
             lambda: _status(port, None) == 401 and _status(port, secret) == 200, timeout_s=60, interval_s=1
         )
+        assert _status(port, budget_secret) == 200
         listed = _cli(tmp_path, list_)
-        assert key_id in listed and secret not in listed
+        assert key_id in listed and secret not in listed and budget_secret not in listed
+        budget_row = next(line for line in listed.splitlines() if budget_id in line)
+        assert "1000000/month" in budget_row
+        spent = int(budget_row.split("1000000/month")[1].split()[1].strip("│|"))  # the spend column
+        assert 0 < spent <= 2 + 4  # its one request: BOS + "hi" (at most 2 tokens) and 2 completion tokens
         _cli(tmp_path, revoke.replace("k-1a2b3c4d", key_id))
         wait_until(lambda: _status(port, secret) == 401, timeout_s=60, interval_s=1)
     finally:
