@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+MAX_TOOL_CALLS = 128  # tool calls in one message or delta
 MAX_IDS = 1 << 20  # token ids one answer may carry: far above any context; bounds what a node makes us hold
 MAX_COUNT = (
     1 << 24
@@ -40,8 +41,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
 
 
+class NodeFunction(_Strict):
+    name: str | None = None
+    arguments: str | None = None  # JSON text, whole or (streamed) a fragment
+
+
+class NodeToolCall(_Strict):
+    function: NodeFunction | None = None
+
+
 class NodeMessage(_Strict):
     content: str | None = None
+    tool_calls: list[NodeToolCall] | None = Field(default=None, max_length=MAX_TOOL_CALLS)
 
 
 class NodeChoice(_Strict):
@@ -56,11 +67,17 @@ class NodeChoice(_Strict):
 
     @property
     def content(self) -> str:
-        """The text of this choice or delta ('' when there is none)."""
+        """The text the client gets in this choice or delta ('' when there is none): its content, and
+        the function names and arguments of its tool calls (generated text too, billed like it)."""
         if self.text is not None:
             return self.text
         msg = self.message or self.delta
-        return (msg.content if msg else None) or ""
+        if msg is None:
+            return ""
+        calls = "".join(
+            (c.function.name or "") + (c.function.arguments or "") for c in msg.tool_calls or () if c.function
+        )
+        return (msg.content or "") + calls
 
 
 class NodeUsage(_Strict):

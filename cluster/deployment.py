@@ -96,8 +96,21 @@ class EngineDefaults(BaseModel):
         # 2 cores. No chunked prefill: vLLM 0.32's CPU sampler crashes the engine ("CPU Generator does
         # not use offset") when a seeded sampled request's prompt is split across steps, and the gateway
         # seeds every request; a whole prompt per step needs max_num_batched_tokens >= max_model_len
-        # (llm_config_for sets it). On GPUs set this to {} (vLLM's defaults) or your own.
-        default_factory=lambda: {"dtype": "bfloat16", "enforce_eager": True, "enable_chunked_prefill": False},
+        # (llm_config_for sets it). Structured output (response_format json_schema / json_object, named
+        # and required tool calls) without free whitespace: a model may otherwise fill max_tokens with
+        # blanks between JSON tokens and answer JSON that does not parse (measured on the default model:
+        # 0 of 8 sampled json_schema answers parsed, 8 of 8 without it). On GPUs set this to your own.
+        default_factory=lambda: {
+            "dtype": "bfloat16",
+            "enforce_eager": True,
+            "enable_chunked_prefill": False,
+            "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
+            # Tool calls: vLLM constrains named and required tool calls to the tools' JSON schemas itself
+            # but refuses them without a parser; `pythonic` needs no special tokens, so it loads with any
+            # tokenizer. Set the parser your model was trained for (hermes, llama3_json, ...).
+            "enable_auto_tool_choice": True,
+            "tool_call_parser": "pythonic",
+        },
         description="vLLM engine arguments shared by all nodes (NodeSpec.engine_kwargs override them).",
     )
 

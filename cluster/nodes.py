@@ -172,7 +172,7 @@ class _HttpStream:
             link.endpoint,
             PATHS[self._method],
             link.tls_name,
-            content=self._body.model_dump_json(exclude_unset=True),
+            content=self._body.model_dump_json(exclude_unset=True, by_alias=True),  # wire names: "schema"
             # identity: what a node sends is read as it comes, never inflated by a decompressor
             headers={
                 "authorization": f"Bearer {link.secret}",

@@ -82,6 +82,13 @@ class HealthSpec(_Strict):
     ewma_alpha: float = Field(
         default=0.2, gt=0, le=1, description="Weight of the newest TTFT/TPOT sample in the node's EWMAs."
     )
+    latency_stale_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="A node's TTFT/TPOT EWMAs with no new sample for this long are forgotten: it scores as "
+        "never timed (the latency scorer's `unknown`) until its next request measures it afresh. Without "
+        "it, a node whose only sample was slow (a cold first request) would never get traffic again.",
+    )
     timeouts: TimeoutSpec = Field(default_factory=TimeoutSpec, description="Per-node first-byte timeouts.")
 
 

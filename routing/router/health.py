@@ -30,6 +30,7 @@ class NodeHealthState:
     last_failure_at: float | None = None
     ttft_ewma_s: float | None = None
     tpot_ewma_s: float | None = None
+    timed_at: float | None = None  # clock time of the latest latency sample
 
 
 class NodeHealth:
@@ -73,10 +74,26 @@ class NodeHealth:
         st.error_streak = 0
         st.banned_until = 0.0
         a = self.spec.ewma_alpha
+        if any(x is not None and math.isfinite(x) and x >= 0 for x in (ttft_s, tpot_s)):
+            st.timed_at = self.clock()
         if ttft_s is not None and math.isfinite(ttft_s) and ttft_s >= 0:
             st.ttft_ewma_s = ttft_s if st.ttft_ewma_s is None else (1 - a) * st.ttft_ewma_s + a * ttft_s
         if tpot_s is not None and math.isfinite(tpot_s) and tpot_s >= 0:
             st.tpot_ewma_s = tpot_s if st.tpot_ewma_s is None else (1 - a) * st.tpot_ewma_s + a * tpot_s
+
+    def forget_stale_latency(self, now: float | None = None) -> list[str]:
+        """Forget the EWMAs of nodes with no latency sample for `latency_stale_s` (they score as never
+        timed, so they get a request and a fresh measurement); the node ids whose EWMAs went."""
+        now = self.clock() if now is None else now
+        stale = [
+            node_id
+            for node_id, st in self.nodes.items()
+            if st.timed_at is not None and now - st.timed_at > self.spec.latency_stale_s
+        ]
+        for node_id in stale:
+            st = self.nodes[node_id]
+            st.ttft_ewma_s = st.tpot_ewma_s = st.timed_at = None
+        return stale
 
     def is_banned(self, node_id: str, now: float | None = None) -> bool:
         st = self.nodes.get(node_id)

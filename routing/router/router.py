@@ -155,6 +155,7 @@ class Router:
         )
         self._stats = fresh
         self.health.forget(fresh)
+        self.health.forget_stale_latency()  # the rebuild below writes what is left into the rows
         for gone in [n for n in self._local if n not in fresh and self._local[n] == 0]:
             del self._local[gone]
         if same:  # the usual refresh: same nodes, new stats; rows rewritten in place (versions bump)

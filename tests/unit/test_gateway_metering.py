@@ -168,3 +168,34 @@ def test_a_node_that_sends_an_object_instead_of_text_is_not_trusted():
     for _ in range(3):
         r = client.post("/v1/completions", json={"model": "default", "prompt": "hi there"})
         assert r.status_code == 200 and r.headers["x-meritnet-node"] == "honest"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_call_arguments_are_billed_like_any_generated_text(stream):
+    """A tool call's name and arguments are text the model generated and the client got: without them a
+    tool call billed 0 completion tokens (found on the demo) and tool calls were free generation."""
+    from ray.serve.llm.openai_api_models import ChatCompletionRequest
+
+    from cluster.completions import parse_body
+    from routing.metering import Tally, metered
+
+    counter = TokenCounter(CharTokenizer(), max_model_len=1024)
+    body = ChatCompletionRequest(model="default", messages=[{"role": "user", "content": "hi"}], max_tokens=64)
+    tally = Tally.for_request(body, counter)
+    call = {"index": 0, "id": "call-1", "type": "function", "function": {"name": "get_weather"}}
+    # what the engine generated (its ids, returned to the gateway); the client gets it re-shaped
+    generated = [ord(c) for c in '[{"name": "get_weather", "parameters": {"city": "Paris"}}]']
+    if stream:  # the name first, then the arguments in fragments
+        deltas = [{"tool_calls": [call]}] + [
+            {"tool_calls": [{"index": 0, "function": {"arguments": part}}]}
+            for part in ('{"city": ', '"Paris"}')
+        ]
+        for delta, ids in zip(deltas, (generated[:20], generated[20:40], generated[40:]), strict=True):
+            tally.add(parse_body({"choices": [{"index": 0, "delta": delta, "token_ids": ids}]}))
+    else:
+        whole = {**call, "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+        message = {"content": "", "tool_calls": [whole]}
+        tally.add(parse_body({"choices": [{"index": 0, "message": message, "token_ids": generated}]}))
+    _, completion, _ = metered(body, tally, counter)
+    # the ids do not decode to what the client got: billed as that text (one token per character here)
+    assert completion == len('get_weather{"city": "Paris"}')

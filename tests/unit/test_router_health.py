@@ -168,3 +168,53 @@ def test_in_flight_tracking_moves_traffic():
         router.end("n0")
     router.end("n0")  # never below zero
     assert router.in_flight("n0") == 0
+
+
+def test_a_node_whose_only_sample_was_slow_is_timed_again_once_its_estimate_is_stale():
+    """Issue 25 follow-up, seen on an AMX Xeon: h100-a's first (cold) request took 65 ms, l4-b's 5 ms;
+    the latency scorer then sent l4-b every request and h100-a was never timed again. A stale estimate
+    is forgotten, so the node scores as untimed (the scorer's optimistic `unknown`) and is measured anew."""
+    config = {
+        **CONFIG,
+        "plugins": [
+            *CONFIG["plugins"][:-1],
+            {"name": "latency", "type": "latency", "parameters": {"unknown": 1.0}},
+            CONFIG["plugins"][-1],
+        ],
+        "profiles": [
+            {
+                "name": "organic",
+                "plugins": [{"plugin": "model"}, {"plugin": "latency", "weight": 1}, {"plugin": "best"}],
+            },
+            CONFIG["profiles"][1],
+        ],
+        "health": {**CONFIG["health"], "latency_stale_s": 10.0},
+    }
+    clock = Clock(100.0)
+    router = Router(parse_config(config), clock=clock, rng=random.Random(0), registry=None)
+    stats = [
+        NodeStats(
+            node_id=n,
+            model_id="m",
+            operator=OP,
+            accelerator_type="L4",
+            capacity=4,
+            live=True,
+            running_replicas=1,
+            joined_at=0.0,
+        )
+        for n in ("slow-once", "fast")
+    ]
+    router.update_nodes(stats)
+    router.observe_success("slow-once", 0.065, 0.005)
+    router.observe_success("fast", 0.005, 0.005)
+    picked = []
+    for _ in range(25):  # one request a second, each timing the node it went to
+        router.update_nodes(stats)  # the background refresh
+        node = router.route(FACTS).node_id
+        picked.append(node)
+        router.observe_success(node, 0.005, 0.005)
+        clock.t += 1.0
+    assert picked[:10] == ["fast"] * 10  # its one sample says slow-once is slow, until it is 10 s old
+    assert "slow-once" in picked[10:20]  # then it is untimed, ties with the best (a coin flip), is measured
+    assert picked[-8:].count("slow-once") >= 1  # now as fast as the other: both get traffic
