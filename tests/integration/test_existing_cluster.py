@@ -69,11 +69,15 @@ def _where(address: str, env: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _kill_cluster(temp_dir: Path) -> None:
-    """Stop the Ray processes of this cluster only (`ray stop` would stop every cluster on the machine)."""
+def _kill_cluster(temp_dir: Path, token: Path) -> None:
+    """Stop the processes of this cluster only (`ray stop` would stop every cluster on the machine): Ray's,
+    named by its temp dir, and what they started outside it (Serve's HAProxy), named by its token path."""
+    marks = (str(temp_dir).encode(), f"RAY_AUTH_TOKEN_PATH={token}".encode())
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and str(temp_dir) in (proc / "cmdline").read_text(errors="ignore"):
+            if proc.name.isdigit() and (
+                marks[0] in (proc / "cmdline").read_bytes() or marks[1] in (proc / "environ").read_bytes()
+            ):
                 os.kill(int(proc.name), signal.SIGKILL)
         except (OSError, ProcessLookupError):
             continue
@@ -100,7 +104,7 @@ def cluster(tmp_path_factory):
         _ray(["start", f"--address={address}", "--num-cpus=4", '--resources={"accel_L4": 1}', *common], env)
         yield address, env, home
     finally:
-        _kill_cluster(temp_dir)
+        _kill_cluster(temp_dir, token)
 
 
 def _network_yaml(home: Path, name: str, **extra) -> tuple[Path, int]:
