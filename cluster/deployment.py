@@ -105,13 +105,17 @@ class EngineDefaults(BaseModel):
             "enforce_eager": True,
             "enable_chunked_prefill": False,
             "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
-            # Tool calls: vLLM constrains named and required tool calls to the tools' JSON schemas itself
-            # but refuses them without a parser; `pythonic` needs no special tokens, so it loads with any
-            # tokenizer. Set the parser your model was trained for (hermes, llama3_json, ...).
-            "enable_auto_tool_choice": True,
-            "tool_call_parser": "pythonic",
         },
-        description="vLLM engine arguments shared by all nodes (NodeSpec.engine_kwargs override them).",
+        description="vLLM engine arguments shared by all nodes (NodeSpec.engine_kwargs override them); "
+        "validators' reference engines take them too.",
+    )
+    serving_kwargs: dict[str, Any] = Field(
+        # Tool calls: vLLM constrains named and required tool calls to the tools' JSON schemas itself but
+        # refuses them without a parser; `pythonic` needs no special tokens, so it loads with any
+        # tokenizer. Set the parser your model was trained for (hermes, llama3_json, ...).
+        default_factory=lambda: {"enable_auto_tool_choice": True, "tool_call_parser": "pythonic"},
+        description="vLLM's OpenAI-server arguments for every node (not engine arguments: reference engines "
+        "never see them); NodeSpec.engine_kwargs override them.",
     )
 
 
@@ -312,6 +316,7 @@ def llm_config_for(spec: NodeSpec, defaults: EngineDefaults | None = None):
         "max_model_len": defaults.max_model_len,
         "max_num_seqs": spec.capacity,
         **defaults.engine_kwargs,
+        **defaults.serving_kwargs,
         **spec.engine_kwargs,
     }
     if engine_kwargs.get("enable_chunked_prefill") is False:  # every prompt must fit one step

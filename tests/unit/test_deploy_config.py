@@ -290,3 +290,18 @@ def test_the_network_names_its_public_rpc_url_to_claimants(tmp_path):
     named = NetworkConfig(public_rpc_url="https://rpc.example")
     assert settlement_config(named, tmp_path / "l.db", 0.0).public_rpc_url == "https://rpc.example"
     assert settlement_config(NetworkConfig(), tmp_path / "l.db", 0.0).public_rpc_url is None
+
+
+def test_engine_defaults_are_engine_arguments_and_serving_defaults_are_server_arguments():
+    """Validators build a bare vllm.LLM from `engine_kwargs`: an OpenAI-server argument there (a tool
+    parser) fails every reference engine's start, as it did the cheater network's once."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import FrontendArgs
+
+    from cluster.deployment import EngineDefaults
+
+    defaults = EngineDefaults()
+    assert set(defaults.engine_kwargs) <= {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    assert set(defaults.serving_kwargs) <= {f.name for f in dataclasses.fields(FrontendArgs)}
