@@ -105,9 +105,12 @@ def test_readme_demo_commands_work(tmp_path):
         ]
         # the gateway re-reads the key file within a refresh; the budgeted key reserves in the usage store
         wait_until(
-            lambda: _status(port, None) == 401 and _status(port, secret) == 200, timeout_s=60, interval_s=1
+            lambda: (
+                _status(port, None) == 401 and all(_status(port, s) == 200 for s in (secret, budget_secret))
+            ),
+            timeout_s=60,
+            interval_s=1,
         )
-        assert _status(port, budget_secret) == 200
         listed = _cli(tmp_path, list_)
         assert key_id in listed and secret not in listed and budget_secret not in listed
         budget_row = next(line for line in listed.splitlines() if budget_id in line)
