@@ -43,24 +43,26 @@ CONFIG = {
 }
 
 
+def _stats(*node_ids: str) -> list[NodeStats]:
+    return [
+        NodeStats(
+            node_id=node_id,
+            model_id="m",
+            operator=OP,
+            accelerator_type="L4",
+            capacity=4,
+            live=True,
+            running_replicas=1,
+            joined_at=0.0,
+        )
+        for node_id in node_ids
+    ]
+
+
 def make(n: int = 3, registry=None):
     clock = Clock(100.0)
     router = Router(parse_config(CONFIG), clock=clock, rng=random.Random(0), registry=registry)
-    router.update_nodes(
-        [
-            NodeStats(
-                node_id=f"n{i}",
-                model_id="m",
-                operator=OP,
-                accelerator_type="L4",
-                capacity=4,
-                live=True,
-                running_replicas=1,
-                joined_at=0.0,
-            )
-            for i in range(n)
-        ]
-    )
+    router.update_nodes(_stats(*(f"n{i}" for i in range(n))))
     return router, clock
 
 
@@ -192,19 +194,7 @@ def test_a_node_whose_only_sample_was_slow_is_timed_again_once_its_estimate_is_s
     }
     clock = Clock(100.0)
     router = Router(parse_config(config), clock=clock, rng=random.Random(0), registry=None)
-    stats = [
-        NodeStats(
-            node_id=n,
-            model_id="m",
-            operator=OP,
-            accelerator_type="L4",
-            capacity=4,
-            live=True,
-            running_replicas=1,
-            joined_at=0.0,
-        )
-        for n in ("slow-once", "fast")
-    ]
+    stats = _stats("slow-once", "fast")
     router.update_nodes(stats)
     router.observe_success("slow-once", 0.065, 0.005)
     router.observe_success("fast", 0.005, 0.005)
