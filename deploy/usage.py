@@ -91,12 +91,6 @@ class UsageStore:
         """`request_id` ended without a record (refused, no node answered, the client left early)."""
         self._holds.pop(request_id, None)
 
-    async def key_usage(self, key_id: str, since: float) -> int:
-        """Billed spend of `key_id` since `since` plus what its running requests hold."""
-        return self._ledger.key_spent(key_id, since) + sum(
-            h.tokens for h in self._holds.values() if h.key_id == key_id
-        )
-
     async def all(self, epoch: int | None = None) -> list[UsageRecord]:
         """Records of one epoch, or of the whole ledger (audits, tests), read from disk: a store that
         was restarted returns what its predecessor wrote too."""

@@ -12,7 +12,6 @@ import asyncio
 import json
 
 from cluster import NodeStats
-from cluster.metering import MemoryUsageSink
 from cluster.registry import NodeRegistryCore, _refused
 
 OP = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"
@@ -99,20 +98,6 @@ class FakeNode:
                 return node._respond(body, "completions")
 
         return _M()
-
-
-def sink_handle(sink: MemoryUsageSink):
-    """The actor-handle shape of a usage sink: `handle.record.remote(records)` is awaitable."""
-
-    class _Record:
-        @staticmethod
-        def remote(records):
-            return sink.record(records)
-
-    class _Handle:
-        record = _Record
-
-    return _Handle()
 
 
 def actor_handle(obj):

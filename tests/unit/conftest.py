@@ -10,7 +10,7 @@ from routing.app import build_fastapi
 from routing.config import GatewayConfig
 from routing.gateway import GatewayCore
 from routing.selection import load_selector
-from tests.support.gateway_fakes import FakeNode, node_stats, sink_handle
+from tests.support.gateway_fakes import FakeNode, actor_handle, node_stats
 
 
 @pytest.fixture()
@@ -18,7 +18,7 @@ def harness():
     nodes = {"a": FakeNode("a"), "b": FakeNode("b")}
     sink = MemoryUsageSink()
     core = GatewayCore(
-        GatewayConfig(), load_selector(registry=None), nodes.__getitem__, sink_handle(sink), registry=None
+        GatewayConfig(), load_selector(registry=None), nodes.__getitem__, actor_handle(sink), registry=None
     )
     core.set_nodes([node_stats("a"), node_stats("b")])
     client = TestClient(build_fastapi(lambda: core))

@@ -19,7 +19,7 @@ from routing.config import GatewayConfig
 from routing.gateway import GatewayCore
 from routing.metering import Tally, TokenCounter
 from routing.selection import load_selector
-from tests.support.gateway_fakes import CharTokenizer, FakeStream, LyingNode, node_stats, sink_handle
+from tests.support.gateway_fakes import CharTokenizer, FakeStream, LyingNode, actor_handle, node_stats
 
 VOCAB = 1000  # the fake model's tokenizer: ids 0..999; 1 is a special id (BOS/EOS), 300 is "hello"
 
@@ -55,7 +55,7 @@ def _gateway(*nodes, tokenizer=WordTokenizer, vocab=None):
         GatewayConfig(),
         load_selector(registry=None),
         by_id.__getitem__,
-        sink_handle(sink),
+        actor_handle(sink),
         registry=None,
         counters=counters,
     )

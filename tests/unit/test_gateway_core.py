@@ -15,7 +15,7 @@ from routing.config import GatewayConfig
 from routing.gateway import GatewayCore
 from routing.selection import load_selector
 from routing.timeouts import Timeouts
-from tests.support.gateway_fakes import FakeNode, FakeStream, node_stats, sink_handle
+from tests.support.gateway_fakes import FakeNode, FakeStream, actor_handle, node_stats
 from tests.support.waiting import wait_until, wait_until_async
 
 
@@ -94,7 +94,7 @@ def test_a_floor_that_refuses_is_503_and_counted_by_the_filter_that_refused(tmp_
     nodes = {"a": FakeNode("a"), "b": FakeNode("b")}
     selector = load_selector(str(strict), registry=None)
     core = GatewayCore(
-        GatewayConfig(), selector, nodes.__getitem__, sink_handle(MemoryUsageSink()), registry=None
+        GatewayConfig(), selector, nodes.__getitem__, actor_handle(MemoryUsageSink()), registry=None
     )
     core.set_nodes([node_stats("a"), node_stats("b")])
     client = TestClient(build_fastapi(lambda: core))
@@ -235,7 +235,7 @@ async def test_a_client_that_leaves_before_the_answer_frees_the_node_and_leaves_
     node.delay_s = 5.0  # the node is slow to answer; the client gives up while it works
     sink = MemoryUsageSink()
     core = GatewayCore(
-        GatewayConfig(), load_selector(registry=None), {"a": node}.__getitem__, sink_handle(sink), None
+        GatewayConfig(), load_selector(registry=None), {"a": node}.__getitem__, actor_handle(sink), None
     )
     core.set_nodes([node_stats("a")])
     request = Request({"type": "http", "method": "POST", "path": "/v1/completions", "headers": []})

@@ -137,7 +137,7 @@ def test_the_usage_record_names_the_key_id_never_the_key(tmp_path):
     import asyncio
 
     from cluster.metering import MemoryUsageSink
-    from tests.support.gateway_fakes import sink_handle
+    from tests.support.gateway_fakes import actor_handle
 
     key, secret = KeyStore(tmp_path / "keys.json").create()
     sink = MemoryUsageSink()
@@ -145,7 +145,7 @@ def test_the_usage_record_names_the_key_id_never_the_key(tmp_path):
         GatewayConfig(keys_file=str(tmp_path / "keys.json")),
         load_selector(registry=None),
         {"a": FakeNode("a")}.__getitem__,
-        sink_handle(sink),
+        actor_handle(sink),
         None,
     )
     core.set_nodes([node_stats("a")])

@@ -22,8 +22,8 @@ from tests.support.gateway_fakes import (
     ErrorNode,
     FakeStream,
     LyingNode,
+    actor_handle,
     node_stats,
-    sink_handle,
 )
 
 
@@ -36,7 +36,7 @@ def _gateway(node, counter=True, honest=None):
         GatewayConfig(),
         load_selector(registry=None),
         nodes.__getitem__,
-        sink_handle(sink),
+        actor_handle(sink),
         registry=None,
         counters=counters,
     )

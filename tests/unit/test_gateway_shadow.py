@@ -16,7 +16,7 @@ from routing.config import GatewayConfig
 from routing.gateway import GatewayCore
 from routing.selection import load_selector
 from routing.shadow import strip_token_ids, verifiable
-from tests.support.gateway_fakes import FakeNode, node_stats, sink_handle
+from tests.support.gateway_fakes import FakeNode, actor_handle, node_stats
 
 
 class _Feed:
@@ -42,7 +42,7 @@ def _gateway(**cfg):
         GatewayConfig(**cfg),
         load_selector(registry=None),
         nodes.__getitem__,
-        sink_handle(sink),
+        actor_handle(sink),
         registry=None,
     )
     core.set_nodes([node_stats("a")])

@@ -26,7 +26,7 @@ from routing.app import build_fastapi
 from routing.config import GatewayConfig
 from routing.gateway import GatewayCore
 from routing.selection import load_selector
-from tests.support.gateway_fakes import node_stats, sink_handle
+from tests.support.gateway_fakes import actor_handle, node_stats
 from tests.support.ports import free_port
 
 SECRET = "s3cret"
@@ -109,7 +109,7 @@ def gateway(nodes, monkeypatch):
     monkeypatch.setattr(cluster.nodes, "MAX_EVENT_BYTES", 1024)
     sink = MemoryUsageSink()
     core = GatewayCore(
-        GatewayConfig(), load_selector(registry=None), {}.__getitem__, sink_handle(sink), registry=None
+        GatewayConfig(), load_selector(registry=None), {}.__getitem__, actor_handle(sink), registry=None
     )
     core.nodes.set_links({n: NodeLink(nodes[n], SECRET) for n in ("a", "b")})
     core.set_nodes([node_stats("a"), node_stats("b")])
@@ -157,7 +157,7 @@ def test_a_node_refusing_for_reasons_of_its_own_is_a_node_failure_not_the_client
 def test_an_unreachable_node_is_tried_and_the_request_moves_on(nodes, monkeypatch):
     sink = MemoryUsageSink()
     core = GatewayCore(
-        GatewayConfig(), load_selector(registry=None), {}.__getitem__, sink_handle(sink), registry=None
+        GatewayConfig(), load_selector(registry=None), {}.__getitem__, actor_handle(sink), registry=None
     )
     core.nodes.set_links({"a": NodeLink("http://127.0.0.1:9", SECRET), "b": NodeLink(nodes["b"], SECRET)})
     core.set_nodes([node_stats("a"), node_stats("b")])
@@ -201,7 +201,7 @@ def test_an_open_node_that_left_between_snapshot_and_links_is_skipped_not_called
     """The snapshot still lists it (open) but its link is gone: the request moves on, nothing crashes."""
     sink = MemoryUsageSink()
     core = GatewayCore(
-        GatewayConfig(), load_selector(registry=None), {}.__getitem__, sink_handle(sink), registry=None
+        GatewayConfig(), load_selector(registry=None), {}.__getitem__, actor_handle(sink), registry=None
     )
     core.nodes.set_links({"b": NodeLink(nodes["b"], SECRET)})
     core.set_nodes([node_stats("a").model_copy(update={"kind": "open"}), node_stats("b")])
@@ -234,7 +234,7 @@ def test_a_gateway_registered_as_a_node_refuses_what_another_gateway_forwards(no
     inner_calls: list = []
     inner_sink = MemoryUsageSink()
     inner = GatewayCore(
-        GatewayConfig(), load_selector(registry=None), {}.__getitem__, sink_handle(inner_sink), registry=None
+        GatewayConfig(), load_selector(registry=None), {}.__getitem__, actor_handle(inner_sink), registry=None
     )
     inner.nodes.set_links({"real": NodeLink(nodes["b"], SECRET)})
     inner.set_nodes([node_stats("real")])
@@ -251,7 +251,7 @@ def test_a_gateway_registered_as_a_node_refuses_what_another_gateway_forwards(no
             GatewayConfig(),
             load_selector(registry=None),
             {}.__getitem__,
-            sink_handle(MemoryUsageSink()),
+            actor_handle(MemoryUsageSink()),
             registry=None,
         )
         outer.nodes.set_links({"relay": NodeLink(relay, SECRET)})

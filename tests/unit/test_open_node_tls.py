@@ -30,7 +30,7 @@ from routing.app import build_fastapi
 from routing.config import GatewayConfig
 from routing.gateway import GatewayCore
 from routing.selection import load_selector
-from tests.support.gateway_fakes import FakeRegistry, node_stats, sink_handle
+from tests.support.gateway_fakes import FakeRegistry, actor_handle, node_stats
 from tests.support.tls import TestCA, serve_https
 
 NAME = "node.meritnet.test"
@@ -122,7 +122,7 @@ def gateway(link: NodeLink) -> TestClient:
         GatewayConfig(),
         load_selector(registry=None),
         {}.__getitem__,
-        sink_handle(MemoryUsageSink()),
+        actor_handle(MemoryUsageSink()),
         registry=None,
     )
     core.nodes.set_links({"a": link})
