@@ -221,8 +221,10 @@ class GatewayCore:
         body.request_id = rid
         facts = facts_for(body, request.headers, target_node=pinned)
         counter = self._counters.get(model)
+        limited = key is not None and (key.tokens_per_min is not None or key.budget_tokens is not None)
+        reserved = reservation(body, counter) if limited else 0  # the prompt is tokenized once
         if key is not None and key.tokens_per_min is not None:  # held until the request ends (_meter)
-            self.keys.reserve(key, rid, reservation(body, counter))
+            self.keys.reserve(key, rid, reserved)
         allowed = self.config.timeouts.total_s(intake.max_tokens(body), intake.int_field(body, "n") or 1)
         return RequestPlan(
             rid=rid,
@@ -240,6 +242,7 @@ class GatewayCore:
             counter=counter,
             facts=facts,
             request_hash=getattr(request.state, "body_sha256", ""),
+            reserved=reserved,
         )
 
     async def _reserve_budget(self, plan: RequestPlan) -> None:
@@ -250,8 +253,7 @@ class GatewayCore:
                 "Key budgets need the network's usage store, which this gateway has not.",
                 type="server_error",
             )
-        tokens = reservation(plan.body, plan.counter)
-        await budgets.reserve(self._sink, plan.key, plan.rid, tokens, plan.started, plan.allowed + 60)
+        await budgets.reserve(self._sink, plan.key, plan.rid, plan.reserved, plan.started, plan.allowed + 60)
 
     def _shadow_capture(self, rid: str, body: Any, pinned: str | None) -> Capture | None:
         """A keyed sample of organic requests (never a pinned challenge) for validators to re-run."""

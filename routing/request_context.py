@@ -49,6 +49,7 @@ class RequestPlan:
     counter: TokenCounter | None  # the model's tokenizer, when the gateway meters it
     facts: RequestFacts  # what the router may know about the request
     request_hash: str = ""  # sha256 hex of the body bytes the client sent (routing/intake.read_json)
+    reserved: int = 0  # tokens held against the key's limits: prompt + max_tokens x n (routing/metering)
 
     @property
     def model(self) -> str:
