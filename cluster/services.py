@@ -8,5 +8,5 @@ NAMESPACE = "meritnet"
 REGISTRY = "meritnet-registry"  # cluster/registry.py: nodes, links, open-node admission
 USAGE_STORE = "meritnet-usage"  # deploy/usage.py: the durable usage ledger
 SETTLEMENT = "meritnet-settlement"  # settlement/actor.py: epochs, rewards, proofs, receipts
-CONSENSUS = "meritnet-consensus"  # deploy/scoring.py: Yuma over validators' reports
-SHADOW_FEED = "meritnet-shadow"  # deploy/scoring.py: organic completions offered for verification
+CONSENSUS = "meritnet-consensus"  # scoring/consensus_service.py (started by deploy/scoring.py): Yuma
+SHADOW_FEED = "meritnet-shadow"  # scoring/shadow_feed.py (started by deploy/scoring.py): organic samples

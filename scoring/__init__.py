@@ -4,7 +4,11 @@ consensus (Yuma). Pure logic here; I/O (gateway HTTP, vLLM) is injected. Imports
 
 from scoring.challenge import ChallengeConfig, ChallengePool, ChallengeRequest, ShadowSampler
 from scoring.consensus import ConsensusState, YumaResult, quality_from_consensus, yuma_epoch
+from scoring.consensus_service import ConsensusService
+from scoring.epoch_quality import EpochQuality
 from scoring.score import NodeScorer, ScoreConfig
+from scoring.shadow_feed import ShadowFeed
+from scoring.shared_engine import ReferenceEngineService
 from scoring.validator import (
     ChallengeResponse,
     Validator,
@@ -31,11 +35,15 @@ __all__ = [
     "ChallengeRequest",
     "ChallengeResponse",
     "Claim",
+    "ConsensusService",
     "ConsensusState",
+    "EpochQuality",
     "Evidence",
     "NodeScorer",
     "ReferenceEngine",
+    "ReferenceEngineService",
     "ScoreConfig",
+    "ShadowFeed",
     "ShadowSampler",
     "TextCodec",
     "Validator",

@@ -389,7 +389,7 @@ class ConsensusState:
     def dividends(self) -> dict[str, float]:
         """Each configured validator's dividend share of the last round (sums to 1, or all 0 when no
         node had incentive): what its bonds earn. Settlement pays validators by these (per epoch,
-        averaged over the epoch's rounds: deploy.scoring.EpochQuality)."""
+        averaged over the epoch's rounds: scoring.epoch_quality.EpochQuality)."""
         if self.last is None:
             return {}
         return {v: float(d) for v, d in zip(self.validators, self.last.dividends)}

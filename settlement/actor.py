@@ -14,7 +14,7 @@ Crash safety, step by step (each step is durable before the next starts):
   written  the raw bytes are written ahead (ledger.put_pending_tx) BEFORE broadcast.
   broadcast / receipt   sent; the receipt is awaited; ledger.mark_settled(e, tx_hash).
 The contract also refuses an epoch before the chain's clock has passed its end (EpochNotEnded, see
-settlement.epochs); the ledger closes an epoch no earlier, so that refusal only means the chain's
+cluster.epochs); the ledger closes an epoch no earlier, so that refusal only means the chain's
 clock lags this process's: the epoch waits for the next pass.
 Later epochs never wait behind a stuck one: every pass first commits each closed epoch in order
 (computing needs only the previous commitment, not its settlement), then settles in order. The
@@ -57,6 +57,7 @@ from typing import Any
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from cluster.epochs import Epochs
 from settlement import metrics
 from settlement.chain import (
     EMBEDDED,
@@ -67,7 +68,6 @@ from settlement.chain import (
     Fees,
     fees_of_raw,
 )
-from settlement.epochs import Epochs
 from settlement.interfaces import RewardFunction, RewardStore, SettlementChain, SettlementLedger
 from settlement.keys import SettlerKey
 from settlement.rewardbook import EpochCommitment, RewardBook, book_path_of

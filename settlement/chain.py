@@ -262,7 +262,7 @@ class Chain:
         """Deploy the distributor with `key` as settler (it also pays for the deploy), `admin` as admin
         (default: the settler's own address, fine for a local network; a real one names a multisig),
         at most `emission_cap` wei per settle, and epochs of `epoch_length` whole seconds from
-        `genesis` (unix seconds; see settlement.epochs.Epochs.onchain): epoch e settles only once
+        `genesis` (unix seconds; see cluster.epochs.Epochs.onchain): epoch e settles only once
         the chain's clock has passed its end. Each reward root is pending (vetoable by the admin, not
         claimable) for `claim_delay` seconds; 0, the default here for tests and benchmarks, makes it
         claimable at once (the settler passes SettlementConfig.claim_delay). Returns (and binds to)

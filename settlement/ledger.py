@@ -6,7 +6,7 @@ means: a record whose append returned survives kill -9 (and power loss, which NO
 guarantee in WAL mode: there a commit is only fsynced at the next checkpoint). One transaction and
 one fsync per batch is what makes batched ingest fast.
 
-Epochs (settlement.epochs): the epoch of a record is floor((ended_at - genesis) / epoch_length_s),
+Epochs (cluster.epochs): the epoch of a record is floor((ended_at - genesis) / epoch_length_s),
 clamped at 0, fixed when the record is appended and stored with it. Epochs close strictly in order
 (0, 1, 2, ...).
 Closing freezes the epoch: its records, ordered by request_id, never change again.
@@ -38,7 +38,7 @@ from typing import NamedTuple, Self
 
 from cluster import UsageRecord
 from cluster.completions import MAX_COUNT
-from settlement.epochs import Epochs
+from cluster.epochs import Epochs
 from settlement.rewards import NodeUsage
 from settlement.trees import USAGE_LEAF_VERSION
 

@@ -18,10 +18,10 @@ import pytest
 from eth_utils import to_checksum_address
 
 from cluster import UsageRecord
+from cluster.epochs import Epochs
 from settlement.actor import CRASH_STEPS
 from settlement.anvil import Anvil
 from settlement.chain import Chain, ChainSettings
-from settlement.epochs import Epochs
 from settlement.keys import SettlerKey
 from settlement.ledger import UsageLedger
 

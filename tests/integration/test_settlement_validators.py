@@ -1,4 +1,4 @@
-"""Rewards end to end with validators, on the embedded chain (py-evm): consensus rounds (deploy's
+"""Rewards end to end with validators, on the embedded chain (py-evm): consensus rounds (scoring's
 ConsensusService, no Ray) -> per-epoch quality and dividends -> settler -> chain; operators and
 validators both claim their shares with the same contract call, and the shares sum to the emission."""
 
@@ -10,7 +10,7 @@ import pytest
 
 from cluster import UsageRecord
 from cluster.records import NodeScore
-from deploy.scoring import ConsensusService, ValidatorSpec
+from scoring.consensus_service import ConsensusService
 from settlement.actor import SettlementConfig, SettlementService
 from settlement.chain import ContractReverted
 from settlement.keys import SettlerKey
@@ -63,9 +63,7 @@ def test_operators_and_validators_are_paid_in_a_settled_epoch_and_claim(tmp_path
     )
 
     # Two consensus rounds in epoch 0: B first scores only node-1, then copies A and C.
-    consensus = ConsensusService(
-        [ValidatorSpec(validator_id=v) for v in validators], validators, 1.0, EPOCH_S, genesis
-    )
+    consensus = ConsensusService(dict.fromkeys(validators, 1.0), validators, 1.0, EPOCH_S, genesis)
     both = {"node-0": 1.0, "node-1": 1.0}
     for t, b_weights in ((genesis + 10, {"node-1": 1.0}), (genesis + 20, both)):
         scores = {v: _scores(v, both if v != "B" else b_weights, t) for v in validators}

@@ -1,4 +1,4 @@
-"""Fake validator actors for the consensus actor (deploy.scoring.ConsensusService) without Ray."""
+"""Fake validator actors for the consensus actor (scoring.consensus_service.ConsensusService) without Ray."""
 
 from __future__ import annotations
 

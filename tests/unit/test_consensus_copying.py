@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from eth_account import Account
 
-from deploy.scoring import ConsensusService, ValidatorSpec
 from scoring import ConsensusState
 from scoring.consensus import SavedBonds, yuma_epoch
+from scoring.consensus_service import ConsensusService
 from tests.support.validator_fakes import FakeValidatorActor, node_scores
 
 HONEST = ("h1", "h2", "h3")
@@ -113,13 +113,13 @@ def test_what_was_published_survives_a_restart_and_old_bond_files_still_load():
 
 
 async def test_through_the_consensus_actor_with_signed_reports():
-    """The same through deploy's consensus actor: signed reports, the copier reading `latest()`."""
+    """The same through the consensus service: signed reports, the copier reading `latest()`."""
     keys = {v: Account.create() for v in (*HONEST, "copier")}
 
     def honest(v):
         return lambda r: honest_view(v, changing(r), r)
 
-    specs = [ValidatorSpec(validator_id=v) for v in keys]
+    stakes = dict.fromkeys(keys, 1.0)
     svc: ConsensusService
 
     def copy(_r):
@@ -129,7 +129,7 @@ async def test_through_the_consensus_actor_with_signed_reports():
     actors = {v: FakeValidatorActor(keys[v], v, honest(v)) for v in HONEST}
     actors["copier"] = FakeValidatorActor(keys["copier"], "copier", copy)
     svc = ConsensusService(
-        specs,
+        stakes,
         {v: k.address for v, k in keys.items()},
         period_s=1.0,
         epoch_length_s=1e9,

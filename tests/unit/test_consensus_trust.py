@@ -13,9 +13,10 @@ import pytest
 from eth_account import Account
 
 from deploy.config import NetworkConfig
-from deploy.scoring import ConsensusService, ValidatorSpec, validator_keys
+from deploy.scoring import ValidatorSpec, validator_keys
 from deploy.usage import settlement_default_quality
 from scoring import ConsensusState, metrics
+from scoring.consensus_service import ConsensusService
 from scoring.report import ReportRefused, ScoreReport, accept_report, sign_report
 from settlement.keys import SettlerKey
 from settlement.rewards import NodeUsage, compute_rewards, epoch_quality
@@ -61,9 +62,8 @@ def _dead(_round: int) -> str:
 
 
 def _service(stakes: dict[str, float], keys: dict, actors: dict) -> ConsensusService:
-    specs = [ValidatorSpec(validator_id=v, stake=s) for v, s in stakes.items()]
     return ConsensusService(
-        specs,
+        stakes,
         {v: k.address for v, k in keys.items()},
         period_s=1.0,
         epoch_length_s=30.0,

@@ -1,5 +1,5 @@
-"""deploy/scoring.py without Ray: the per-epoch quality mapping, one consensus round, validator stats,
-and the config section."""
+"""Validators and consensus without Ray: the per-epoch quality mapping, one consensus round, validator
+stats, the shared reference engine, the shadow feed, and the config section."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import pytest
 
 from cluster.records import NodeScore, NodeStats
 from deploy.config import NetworkConfig
-from deploy.scoring import ConsensusService, EpochQuality, ValidatorSpec
+from deploy.scoring import ValidatorSpec
+from scoring.consensus_service import ConsensusService
+from scoring.epoch_quality import EpochQuality
 from scoring.fakes import BigramModel, FakeReferenceEngine, LetterCodec
 from scoring.validator import ChallengeResponse, Validator, ValidatorConfig
 from tests.support.validator_fakes import node_scores
@@ -24,9 +26,8 @@ def _score(validator: str, node: str, score: float) -> NodeScore:
 
 def _service(stakes: dict[str, float], **kwargs) -> ConsensusService:
     """A consensus actor (no Ray) over validators with these configured stakes (addresses unused here)."""
-    specs = [ValidatorSpec(validator_id=v, stake=st) for v, st in stakes.items()]
     kwargs = {"period_s": 1.0, "epoch_length_s": 30.0, "genesis": 0.0} | kwargs
-    return ConsensusService(specs, dict.fromkeys(stakes, "0x" + "00" * 20), **kwargs)
+    return ConsensusService(stakes, dict.fromkeys(stakes, "0x" + "00" * 20), **kwargs)
 
 
 def test_epoch_quality_is_the_mean_of_the_rounds_in_each_epoch():
@@ -148,7 +149,7 @@ class _CountingEngine:
 async def test_shared_reference_engine_batches_concurrent_calls_and_returns_each_its_own():
     import asyncio
 
-    from deploy.scoring import ReferenceEngineService
+    from scoring.shared_engine import ReferenceEngineService
 
     svc = ReferenceEngineService(None, engine=_CountingEngine())
     outs = await asyncio.gather(
@@ -163,7 +164,7 @@ async def test_shared_reference_engine_isolates_a_bad_item_from_its_batch():
     """One caller's bad item (an id the engine rejects) fails that caller alone; batch-mates get results."""
     import asyncio
 
-    from deploy.scoring import ReferenceEngineService
+    from scoring.shared_engine import ReferenceEngineService
 
     svc = ReferenceEngineService(None, engine=_CountingEngine())
     outs = await asyncio.gather(
@@ -175,7 +176,7 @@ async def test_shared_reference_engine_isolates_a_bad_item_from_its_batch():
 
 
 def test_shadow_feed_gives_each_reader_every_item_and_drops_the_oldest_when_full():
-    from deploy.scoring import ShadowFeed
+    from scoring.shadow_feed import ShadowFeed
 
     feed = ShadowFeed(capacity=3)
     feed.offer(["a", "b"])
@@ -365,9 +366,10 @@ def test_a_kappa_majority_still_zeroes_a_node_it_has_caught():
 def test_consensus_rounds_average_each_validators_dividends_by_its_signing_address():
     """Validators are paid at the address their reports are signed with: the consensus actor keeps
     each epoch's mean dividend per address (every round counts) for settlement."""
-    specs = [ValidatorSpec(validator_id=v) for v in ("A", "B", "C")]
     addresses = {v: f"0x{i + 1:040x}" for i, v in enumerate(("A", "B", "C"))}
-    svc = ConsensusService(specs, addresses, period_s=1.0, epoch_length_s=30.0, genesis=0.0)
+    svc = ConsensusService(
+        dict.fromkeys(addresses, 1.0), addresses, period_s=1.0, epoch_length_s=30.0, genesis=0.0
+    )
     both = {"x": 1.0, "y": 1.0}
 
     def scores(v, weights, t):

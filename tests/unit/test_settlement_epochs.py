@@ -1,10 +1,10 @@
-"""settlement.epochs: the one place epochs are computed, and the whole-second form the contract checks."""
+"""cluster.epochs: the one place epochs are computed, and the whole-second form the contract checks."""
 
 from __future__ import annotations
 
 import pytest
 
-from settlement.epochs import Epochs
+from cluster.epochs import Epochs
 
 
 def test_epoch_of_bounds_and_last_ended_agree():
