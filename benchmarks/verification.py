@@ -255,8 +255,8 @@ HETERO_NODES_FULL = (
     {"dtype": "bfloat16", "threads": 2, "prefix_caching": True},
     {"dtype": "float32", "threads": 2, "prefix_caching": True},  # the reference's own engine: batch only
 )
-# On a CPU with AVX-512, one more honest node: ATen and oneDNN held down to AVX2 (the ISA cell; vLLM's
-# own kernels still pick by the CPU's flags). Elsewhere the cell would equal the bf16 one, so it is left out.
+# On a CPU with AVX-512, one more honest node: ATen held down to AVX2 (the ISA cell; vLLM's own kernels
+# and oneDNN still pick by the CPU's flags). Elsewhere the cell would equal the bf16 one, so it is left out.
 ISA_NODE = {"dtype": "bfloat16", "threads": 1, "prefix_caching": False, "isa": "avx2"}
 HETERO_BATCHES = (1, 8)
 FLIPPER_MAX_TOKENS = 96  # its python decode loop takes ~15 s per 512-token answer on a loaded 2-core box
@@ -271,12 +271,15 @@ def cpu_engine(
     isa: str | None = None,
 ):
     """A vLLM CPU engine with `threads` OpenMP threads (the engine's worker binds cores 0..threads-1);
-    `isa` ("avx2") holds ATen's and oneDNN's kernels down to that instruction set."""
+    `isa` ("avx2") holds ATen's kernels down to that instruction set."""
     from vllm import LLM
 
     env = {"VLLM_CPU_OMP_THREADS_BIND": "0" if threads == 1 else f"0-{threads - 1}"}
     if isa is not None:
-        env |= {"ATEN_CPU_CAPABILITY": isa, "ONEDNN_MAX_CPU_ISA": isa.upper()}
+        # ATen only: capping oneDNN too (ONEDNN_MAX_CPU_ISA=AVX2) aborts a bf16 engine on an AMX CPU,
+        # because vLLM picks its AMX brgemm linear kernel by the CPU's flags ("BFloat16 Brgemm VNNI format
+        # is only supported ... when oneDNN ukernel is enabled and `amx` is supported"; RESULTS.md).
+        env |= {"ATEN_CPU_CAPABILITY": isa}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the engine's processes start now and inherit these
     try:
