@@ -3,9 +3,9 @@ to the gateway, the registry and settlement. The services themselves live in `sc
 
 What runs (all in Ray namespace "meritnet", started by `LocalNetwork.start` when `validators` is set):
 
-- `meritnet-validator-<id>`: one `ValidatorActor` (`scoring.validator`) per configured validator, with
-  its own identity and signing key (`validator_keys`: generated into the state folder on first start).
-  It challenges every live node through the gateway, pinned to the node with `x-meritnet-node` + the
+- `meritnet-validator-<id>`: one `ValidatorActor` (around `scoring.Validator`) per configured
+  validator, with its own identity and signing key (`validator_keys`: generated into the state folder on
+  first start). It challenges every live node through the gateway, pinned to the node with `x-meritnet-node` + the
   per-run challenge key, and verifies each answer against a trusted reference engine of the claimed
   model.
 - `meritnet-reference-<model>` (shared mode, the default here): ONE reference engine per model that all
@@ -23,9 +23,11 @@ at http://127.0.0.1:<port>/metrics.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -33,9 +35,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cluster import services
 from cluster.local import HEAD_NODE
+from cluster.records import NodeScore, ServedCompletion
+from scoring.challenge import ChallengeConfig
+from scoring.challenge_client import http_send
 from scoring.consensus_service import ConsensusService
+from scoring.reference import HFCodec, VllmReferenceEngine
+from scoring.report import ScoreReport, sign_report
 from scoring.shadow_feed import ShadowFeed
 from scoring.shared_engine import ReferenceEngineService
+from scoring.validator import Validator, ValidatorConfig, supervise
+from scoring.verify import ReferenceEngine
 
 NAMESPACE = services.NAMESPACE
 CONSENSUS_NAME = services.CONSENSUS
@@ -169,6 +178,99 @@ def validator_keys(specs: Sequence[ValidatorSpec], folder: Path) -> dict[str, Va
     return keys
 
 
+class ValidatorActor:
+    """Ray actor around `scoring.Validator`: `ray.remote(ValidatorActor).options(name=...).remote(cfg, ...)`.
+
+    model_sources: model_id -> path/HF id of the *trusted* weights this validator loads into its own
+    vLLM engine (and whose tokenizer it uses). `engines` replaces those engines with given ones (a
+    ReferenceEngine per model, e.g. a proxy to an engine several validators share on a small machine).
+    Nodes come from the cluster registry actor (polled by `run`); organic completions to shadow-verify
+    come from the named feed actor `shadow_feed_name` (polled; None turns shadow verification off).
+    `signer` is a picklable zero-argument callable that loads this validator's signing key (anything
+    with eth-account's `address` and `sign_typed_data`); it runs here, so the key is never shipped.
+    Consensus asks for `report(round)`: the current scores, signed (`scoring.report`).
+    """
+
+    def __init__(
+        self,
+        config: ValidatorConfig,
+        gateway_url: str,
+        challenge_key: str,
+        model_sources: Mapping[str, str],
+        api_key: str | None = None,
+        registry_name: str = services.REGISTRY,
+        namespace: str = services.NAMESPACE,
+        engine_kwargs: Mapping[str, Any] | None = None,
+        engines: Mapping[str, ReferenceEngine] | None = None,
+        shadow_feed_name: str | None = services.SHADOW_FEED,
+        signer: Callable[[], Any] | None = None,
+    ) -> None:
+        if signer is None:
+            raise ValueError("a validator needs a signing key: consensus refuses unsigned score reports")
+        self._key = signer()
+
+        if engines is None:
+            engines = {
+                m: VllmReferenceEngine(src, **dict(engine_kwargs or {})) for m, src in model_sources.items()
+            }
+        codecs = {m: HFCodec.from_pretrained(src) for m, src in model_sources.items()}
+        self.validator = Validator(config, http_send(gateway_url, challenge_key, api_key), engines, codecs)
+        self._registry = (registry_name, namespace)
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._shadow_task: asyncio.Task | None = None
+        self._shadow_feed_name = shadow_feed_name
+        self._feed = None
+
+    async def start(self) -> None:
+        import ray
+
+        registry = ray.get_actor(self._registry[0], namespace=self._registry[1])
+
+        async def nodes():
+            return await asyncio.wait_for(registry.snapshot.remote(), 30)
+
+        async def fetch(cursor: int):
+            if self._feed is None:
+                self._feed = ray.get_actor(self._shadow_feed_name, namespace=self._registry[1])
+            return await asyncio.wait_for(self._feed.since.remote(cursor), 30)
+
+        if self._task is None:
+            v, loop = self.validator, asyncio.get_running_loop()
+            self._task = loop.create_task(
+                supervise(v.validator_id, "challenge", lambda: v.run(nodes, self._stop), self._stop)
+            )
+            if self._shadow_feed_name:
+                self._shadow_task = loop.create_task(
+                    supervise(
+                        v.validator_id, "shadow", lambda: v.follow_shadow_feed(fetch, self._stop), self._stop
+                    )
+                )
+
+    async def stop(self) -> None:
+        self._stop.set()
+
+    async def scores(self) -> list[NodeScore]:
+        return self.validator.scores()
+
+    async def report(self, round_: int) -> str:
+        """This validator's scores for consensus round `round_`, signed (JSON, `SignedScoreReport`)."""
+        report = ScoreReport(
+            validator=self.validator.validator_id,
+            round=round_,
+            issued_at_ms=int(time.time() * 1000),
+            scores=tuple(self.validator.scores()),
+        )
+        return sign_report(report, self._key).model_dump_json()
+
+    async def stats(self) -> dict[str, dict[str, int]]:
+        return self.validator.stats()
+
+    async def shadow_verify(self, item: ServedCompletion) -> str | None:
+        v = await self.validator.shadow_verify(item)
+        return None if v is None else v.verdict
+
+
 def start_validators(
     specs: Sequence[ValidatorSpec],
     keys: Mapping[str, ValidatorKey],
@@ -190,8 +292,6 @@ def start_validators(
     the shadow feed (`start_shadow_feed`)."""
     import ray
 
-    from scoring.challenge import ChallengeConfig
-    from scoring.validator import ValidatorActor, ValidatorConfig
     from settlement.keys import SettlerKey
 
     shared = None

@@ -3,21 +3,14 @@ consensus (Yuma). Pure logic here; I/O (gateway HTTP, vLLM) is injected. Imports
 """
 
 from scoring.challenge import ChallengeConfig, ChallengePool, ChallengeRequest, ShadowSampler
+from scoring.challenge_client import ChallengeResponse, http_send, parse_completion, parse_stream
 from scoring.consensus import ConsensusState, YumaResult, quality_from_consensus, yuma_epoch
 from scoring.consensus_service import ConsensusService
 from scoring.epoch_quality import EpochQuality
 from scoring.score import NodeScorer, ScoreConfig
 from scoring.shadow_feed import ShadowFeed
 from scoring.shared_engine import ReferenceEngineService
-from scoring.validator import (
-    ChallengeResponse,
-    Validator,
-    ValidatorActor,
-    ValidatorConfig,
-    http_send,
-    parse_completion,
-    parse_stream,
-)
+from scoring.validator import Validator, ValidatorConfig
 from scoring.verify import (
     Claim,
     Evidence,
@@ -47,7 +40,6 @@ __all__ = [
     "ShadowSampler",
     "TextCodec",
     "Validator",
-    "ValidatorActor",
     "ValidatorConfig",
     "Verification",
     "VerifyThresholds",

@@ -1,39 +1,36 @@
 """A validator: challenge nodes through the gateway, verify answers, keep scores. I/O is injected.
 
-    send(ChallengeRequest) -> ChallengeResponse   async; `http_send(...)` is the real one (gateway,
-                                                   headers x-meritnet-node + x-meritnet-challenge-key)
+    send(ChallengeRequest) -> ChallengeResponse   async; `scoring.challenge_client.http_send(...)` is the
+                                                   real one (gateway, headers x-meritnet-node +
+                                                   x-meritnet-challenge-key)
     engines[model_id] : ReferenceEngine            its own trusted engine per model (scoring.reference)
     codecs[model_id]  : TextCodec                  the claimed model's tokenizer
 
-`Validator` is plain asyncio (unit-testable with fakes); `ValidatorActor` is the thin Ray wrapper that
-builds the real I/O and runs the loop. Scores leave as `NodeScore`s; `scoring.consensus.ConsensusState`
-turns several validators' scores into `QualityScores`.
+`Validator` is plain asyncio (unit-testable with fakes); deploy's `ValidatorActor` (deploy/scoring.py)
+is the thin Ray wrapper that builds the real I/O and runs the loops under `supervise`. Scores leave as
+`NodeScore`s; `scoring.consensus.ConsensusState` turns several validators' scores into `QualityScores`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import random
 import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from cluster import services, sse
-from cluster.completions import MAX_IDS, NodeUsage, parse_body
-from cluster.nodes import MAX_EVENT_BYTES
 from cluster.records import NodeScore, NodeStats, ServedCompletion
 from scoring import metrics
 from scoring.challenge import ChallengeConfig, ChallengePool, ChallengeRequest, ShadowSampler
+from scoring.challenge_client import ChallengeResponse, SendFn
 from scoring.organic import shape_of
 from scoring.replay import RESHAPING_FIELDS, NoisyArgmax, resolve_sampler
-from scoring.report import ScoreReport, sign_report
 from scoring.score import NodeScorer, ScoreConfig
 from scoring.verify import (
     Claim,
@@ -73,25 +70,6 @@ class ValidatorConfig(BaseModel):
         "else vllm-cpu where this machine's vLLM has that kernel. GPU nodes sample differently: set 'none' "
         "for a fleet with GPU nodes.",
     )
-
-
-@dataclass(frozen=True, slots=True)
-class ChallengeResponse:
-    """What came back for one challenge, parsed from the OpenAI response (or stream)."""
-
-    ok: bool
-    status: int = 0
-    text: str = ""
-    token_ids: tuple[int, ...] | None = None
-    completion_tokens: int = 0
-    finish_reason: str | None = None
-    ttft_s: float | None = None
-    elapsed_s: float = 0.0
-    error: str = ""
-    malformed: str = ""  # set when the answer came back but cannot be verified (fraud, not unavailability)
-
-
-SendFn = Callable[[ChallengeRequest], Awaitable[ChallengeResponse]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,132 +371,6 @@ class Validator:
             metrics.observe_node_score(s)
 
 
-# ---- real I/O: the gateway over HTTP ------------------------------------------------------------
-
-
-def http_send(
-    base_url: str, challenge_key: str | SecretStr, api_key: str | SecretStr | None = None, client: Any = None
-) -> SendFn:
-    """A SendFn that POSTs challenges to the gateway, pinned to the target node by header."""
-    import httpx
-
-    ck = challenge_key.get_secret_value() if isinstance(challenge_key, SecretStr) else challenge_key
-    ak = api_key.get_secret_value() if isinstance(api_key, SecretStr) else api_key
-    http = client or httpx.AsyncClient(base_url=base_url, timeout=None)
-
-    async def send(req: ChallengeRequest) -> ChallengeResponse:
-        headers = {"x-meritnet-node": req.node_id, "x-meritnet-challenge-key": ck}
-        if ak:
-            headers["authorization"] = f"Bearer {ak}"
-        t0 = time.perf_counter()
-        if not req.body.get("stream"):
-            r = await http.post(req.path, json=req.body, headers=headers)
-            elapsed = time.perf_counter() - t0
-            if r.status_code != 200:
-                return ChallengeResponse(
-                    ok=False, status=r.status_code, elapsed_s=elapsed, error=r.text[:200]
-                )
-            try:
-                data = r.json()
-            except ValueError as exc:  # garbage instead of JSON
-                return _malformed(exc, elapsed, elapsed)
-            return parse_completion(data, status=200, ttft_s=elapsed, elapsed_s=elapsed)
-        chunks: list[dict] = []
-        ttft = None
-        async with http.stream("POST", req.path, json=req.body, headers=headers) as r:
-            if r.status_code != 200:
-                body = (await r.aread()).decode(errors="replace")
-                return ChallengeResponse(
-                    ok=False, status=r.status_code, error=body[:200], elapsed_s=time.perf_counter() - t0
-                )
-            events = sse.EventSplitter(MAX_EVENT_BYTES)
-            try:
-                async for data in r.aiter_raw():
-                    for event in events.feed(data):
-                        if not sse.is_event(event) or sse.is_done(event):
-                            continue
-                        if ttft is None:
-                            ttft = time.perf_counter() - t0
-                        chunks.append(json.loads(sse.payload(event)))
-                events.close()
-            except ValueError as exc:  # garbage instead of JSON chunks, or events cut or oversized
-                return _malformed(exc, time.perf_counter() - t0, ttft)
-        return parse_stream(chunks, ttft_s=ttft, elapsed_s=time.perf_counter() - t0)
-
-    return send
-
-
-def _malformed(exc: Exception, elapsed_s: float, ttft_s: float | None = None) -> ChallengeResponse:
-    """The node answered, but with output that is not a well-formed completion: fraud, not downtime."""
-    what = f"{exc.error_count()} invalid fields" if isinstance(exc, ValidationError) else type(exc).__name__
-    return ChallengeResponse(
-        ok=True, status=200, malformed=f"malformed completion ({what})", ttft_s=ttft_s, elapsed_s=elapsed_s
-    )
-
-
-def parse_completion(data: Any, status: int, ttft_s: float | None, elapsed_s: float) -> ChallengeResponse:
-    """A non-streamed chat or completions response (decoded JSON) -> ChallengeResponse."""
-    try:
-        body = parse_body(data)
-    except ValidationError as exc:
-        return _malformed(exc, elapsed_s, ttft_s)
-    if body.error is not None or not body.choices:
-        return ChallengeResponse(ok=False, status=status, error=str(body.error or "no choices")[:200])
-    choice = body.choices[0]
-    usage = body.usage or NodeUsage()
-    return ChallengeResponse(
-        ok=True,
-        status=status,
-        text=choice.content,
-        token_ids=tuple(choice.token_ids) if choice.token_ids is not None else None,
-        completion_tokens=usage.completion_tokens,
-        finish_reason=choice.finish_reason,
-        ttft_s=ttft_s,
-        elapsed_s=elapsed_s,
-    )
-
-
-def parse_stream(chunks: Sequence[Any], ttft_s: float | None, elapsed_s: float) -> ChallengeResponse:
-    """SSE chunks (already JSON-decoded) -> ChallengeResponse; ids and text are concatenated."""
-    text, ids, finish, usage, have_ids = [], [], None, NodeUsage(), False
-    for raw in chunks:
-        try:
-            ch = parse_body(raw)
-        except ValidationError as exc:
-            return _malformed(exc, elapsed_s, ttft_s)
-        if ch.error is not None:
-            return ChallengeResponse(ok=False, status=200, error=str(ch.error)[:200], elapsed_s=elapsed_s)
-        usage = ch.usage or usage
-        for choice in ch.choices:
-            text.append(choice.content)
-            if choice.token_ids is not None:
-                have_ids = True
-                ids.extend(choice.token_ids)
-            finish = choice.finish_reason or finish
-        if len(ids) > MAX_IDS:
-            return ChallengeResponse(
-                ok=True,
-                status=200,
-                malformed=f"malformed completion (over {MAX_IDS} token ids)",
-                ttft_s=ttft_s,
-                elapsed_s=elapsed_s,
-            )
-    if finish is None:
-        return ChallengeResponse(
-            ok=False, status=200, error="stream ended without a finish_reason", elapsed_s=elapsed_s
-        )
-    return ChallengeResponse(
-        ok=True,
-        status=200,
-        text="".join(text),
-        token_ids=tuple(ids) if have_ids else None,
-        completion_tokens=usage.completion_tokens,
-        finish_reason=finish,
-        ttft_s=ttft_s,
-        elapsed_s=elapsed_s,
-    )
-
-
 async def supervise(
     validator_id: str,
     name: str,
@@ -547,101 +399,3 @@ async def supervise(
             await asyncio.wait_for(stop.wait(), pause)
         except TimeoutError:
             pause = min(30.0, pause * 2)
-
-
-# ---- Ray wrapper ----------------------------------------------------------------------------------
-
-
-class ValidatorActor:
-    """Ray actor around Validator: `ray.remote(ValidatorActor).options(name=...).remote(cfg, ...)`.
-
-    model_sources: model_id -> path/HF id of the *trusted* weights this validator loads into its own
-    vLLM engine (and whose tokenizer it uses). `engines` replaces those engines with given ones (a
-    ReferenceEngine per model, e.g. a proxy to an engine several validators share on a small machine).
-    Nodes come from the cluster registry actor (polled by `run`); organic completions to shadow-verify
-    come from the named feed actor `shadow_feed_name` (polled; None turns shadow verification off).
-    `signer` is a picklable zero-argument callable that loads this validator's signing key (anything
-    with eth-account's `address` and `sign_typed_data`); it runs here, so the key is never shipped.
-    Consensus asks for `report(round)`: the current scores, signed (`scoring.report`).
-    """
-
-    def __init__(
-        self,
-        config: ValidatorConfig,
-        gateway_url: str,
-        challenge_key: str,
-        model_sources: Mapping[str, str],
-        api_key: str | None = None,
-        registry_name: str = services.REGISTRY,
-        namespace: str = services.NAMESPACE,
-        engine_kwargs: Mapping[str, Any] | None = None,
-        engines: Mapping[str, ReferenceEngine] | None = None,
-        shadow_feed_name: str | None = services.SHADOW_FEED,
-        signer: Callable[[], Any] | None = None,
-    ) -> None:
-        from scoring.reference import HFCodec, VllmReferenceEngine
-
-        if signer is None:
-            raise ValueError("a validator needs a signing key: consensus refuses unsigned score reports")
-        self._key = signer()
-
-        if engines is None:
-            engines = {
-                m: VllmReferenceEngine(src, **dict(engine_kwargs or {})) for m, src in model_sources.items()
-            }
-        codecs = {m: HFCodec.from_pretrained(src) for m, src in model_sources.items()}
-        self.validator = Validator(config, http_send(gateway_url, challenge_key, api_key), engines, codecs)
-        self._registry = (registry_name, namespace)
-        self._stop = asyncio.Event()
-        self._task: asyncio.Task | None = None
-        self._shadow_task: asyncio.Task | None = None
-        self._shadow_feed_name = shadow_feed_name
-        self._feed = None
-
-    async def start(self) -> None:
-        import ray
-
-        registry = ray.get_actor(self._registry[0], namespace=self._registry[1])
-
-        async def nodes():
-            return await asyncio.wait_for(registry.snapshot.remote(), 30)
-
-        async def fetch(cursor: int):
-            if self._feed is None:
-                self._feed = ray.get_actor(self._shadow_feed_name, namespace=self._registry[1])
-            return await asyncio.wait_for(self._feed.since.remote(cursor), 30)
-
-        if self._task is None:
-            v, loop = self.validator, asyncio.get_running_loop()
-            self._task = loop.create_task(
-                supervise(v.validator_id, "challenge", lambda: v.run(nodes, self._stop), self._stop)
-            )
-            if self._shadow_feed_name:
-                self._shadow_task = loop.create_task(
-                    supervise(
-                        v.validator_id, "shadow", lambda: v.follow_shadow_feed(fetch, self._stop), self._stop
-                    )
-                )
-
-    async def stop(self) -> None:
-        self._stop.set()
-
-    async def scores(self) -> list[NodeScore]:
-        return self.validator.scores()
-
-    async def report(self, round_: int) -> str:
-        """This validator's scores for consensus round `round_`, signed (JSON, `SignedScoreReport`)."""
-        report = ScoreReport(
-            validator=self.validator.validator_id,
-            round=round_,
-            issued_at_ms=int(time.time() * 1000),
-            scores=tuple(self.validator.scores()),
-        )
-        return sign_report(report, self._key).model_dump_json()
-
-    async def stats(self) -> dict[str, dict[str, int]]:
-        return self.validator.stats()
-
-    async def shadow_verify(self, item: ServedCompletion) -> str | None:
-        v = await self.validator.shadow_verify(item)
-        return None if v is None else v.verdict

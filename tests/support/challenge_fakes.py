@@ -4,8 +4,8 @@ the validator's tests and its tests against hostile nodes."""
 from __future__ import annotations
 
 from cluster.records import NodeStats
+from scoring.challenge_client import ChallengeResponse
 from scoring.fakes import BigramModel, LetterCodec
-from scoring.validator import ChallengeResponse
 
 OP = "0x" + "11" * 20
 CODEC = LetterCodec()

@@ -10,10 +10,11 @@ import pytest
 from cluster.records import NodeScore, NodeStats
 from deploy.config import NetworkConfig
 from deploy.scoring import ValidatorSpec
+from scoring.challenge_client import ChallengeResponse
 from scoring.consensus_service import ConsensusService
 from scoring.epoch_quality import EpochQuality
 from scoring.fakes import BigramModel, FakeReferenceEngine, LetterCodec
-from scoring.validator import ChallengeResponse, Validator, ValidatorConfig
+from scoring.validator import Validator, ValidatorConfig
 from tests.support.validator_fakes import node_scores
 
 CODEC = LetterCodec()

@@ -7,18 +7,12 @@ import asyncio
 
 import pytest
 
+from cluster.completions import MAX_IDS
 from cluster.records import NodeScore
+from scoring.challenge_client import ChallengeResponse, parse_completion, parse_stream
 from scoring.consensus import ConsensusState
 from scoring.fakes import BigramModel, FakeReferenceEngine, LetterCodec
-from scoring.validator import (
-    MAX_IDS,
-    ChallengeResponse,
-    Validator,
-    ValidatorConfig,
-    parse_completion,
-    parse_stream,
-    supervise,
-)
+from scoring.validator import Validator, ValidatorConfig, supervise
 from tests.support.challenge_fakes import challenge_node, fake_send
 
 CODEC = LetterCodec()

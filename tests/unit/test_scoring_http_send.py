@@ -6,7 +6,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 from scoring.challenge import ChallengeConfig, ChallengePool
-from scoring.validator import http_send
+from scoring.challenge_client import http_send
 
 
 def test_http_send_posts_the_challenge_with_pinning_headers():

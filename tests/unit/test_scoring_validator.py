@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from scoring.challenge import ChallengeConfig, ChallengePool, ShadowSampler
+from scoring.challenge_client import parse_completion, parse_stream
 from scoring.consensus import ConsensusState
 from scoring.fakes import BigramModel, FakeReferenceEngine
-from scoring.validator import Validator, ValidatorConfig, parse_completion, parse_stream
+from scoring.validator import Validator, ValidatorConfig
 from tests.support.challenge_fakes import CODEC, challenge_node, fake_send
 
 
