@@ -19,6 +19,10 @@ from cluster.records import NodeSpec, deployment_name
 # A replica takes this much of its accelerator resource; small so several replicas of several
 # nodes can share one advertised accelerator (Ray rounds resource amounts to 1e-4).
 ACCEL_SHARE = 0.01
+# An embedding node (NodeSpec.task "embed"): vLLM runs the model as a pooling model whose vectors are its
+# last token's hidden state, normalised (any decoder model converts; a real embedding model keeps its own
+# pooler). The serving kwargs (tool parsers) are a generation server's and are left out.
+EMBED_ENGINE_KWARGS = {"runner": "pooling", "convert": "embed"}
 
 
 class EngineDefaults(BaseModel):
@@ -316,7 +320,7 @@ def llm_config_for(spec: NodeSpec, defaults: EngineDefaults | None = None):
         "max_model_len": defaults.max_model_len,
         "max_num_seqs": spec.capacity,
         **defaults.engine_kwargs,
-        **defaults.serving_kwargs,
+        **(defaults.serving_kwargs if spec.task == "generate" else EMBED_ENGINE_KWARGS),
         **spec.engine_kwargs,
     }
     if engine_kwargs.get("enable_chunked_prefill") is False:  # every prompt must fit one step

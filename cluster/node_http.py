@@ -77,15 +77,19 @@ def _status_of(text: str) -> int:
     return error.code if isinstance(error.code, int) and 400 <= error.code < 600 else 500
 
 
-# The generation routes, on an open node's ingress and on a managed node's replica alike.
-PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+# The node routes, on an open node's ingress and on a managed node's replica alike.
+PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "embeddings": "/v1/embeddings"}
 
 
 def request_model(method: str):
-    """vLLM's request model for a generation route (as ray.serve.llm exports it)."""
+    """vLLM's request model for a node route (generation as ray.serve.llm exports them); embeddings take
+    OpenAI's shape only (`input`), not vLLM's chat-style variant."""
     from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
+    from vllm.entrypoints.pooling.embed.protocol import EmbeddingCompletionRequest
 
-    return ChatCompletionRequest if method == "chat" else CompletionRequest
+    return {"chat": ChatCompletionRequest, "completions": CompletionRequest}.get(
+        method, EmbeddingCompletionRequest
+    )
 
 
 async def answer(request: Request, method: str, model_id: str, accepts, start):
@@ -109,7 +113,7 @@ async def answer(request: Request, method: str, model_id: str, accepts, start):
         await _stop(gen)
         raise
     text = first[0] if isinstance(first, list) else first
-    if not body.stream or not sse.is_event(text):  # a whole answer, or an error up front
+    if not getattr(body, "stream", False) or not sse.is_event(text):  # a whole answer, or an error up front
         await _stop(gen)
         return Response(text, status_code=_status_of(text), media_type="application/json")
 
@@ -185,13 +189,17 @@ def node_ingress_app(model_id: str, node_app_name: str, secret_file: Path):
         async def completions(self, request: Request):
             return await self._generate(request, "completions")
 
+        @app.post(PATHS["embeddings"])
+        async def embeddings(self, request: Request):
+            return await self._generate(request, "embeddings")
+
     return NodeIngress.bind()
 
 
 class DirectServer:
     """A managed node's own HTTP face, inside its replica (cluster/deployment.py NodeServer): the gateway
     streams the node's text straight from the process that runs the engine, with no Ray object and no
-    Serve bookkeeping per message. It serves the two generation routes only, on `host` and a free port,
+    Serve bookkeeping per message. It serves the node routes (PATHS) only, on `host` and a free port,
     behind a secret made here and handed out only through the node's Serve handle (inside the network's
     token-authenticated Ray cluster): `link` is what the gateway needs."""
 
@@ -200,7 +208,7 @@ class DirectServer:
 
     @classmethod
     async def start(cls, host: str, model_id: str, start) -> DirectServer:
-        """Serve `start(method, body)` (the node's generation methods) on `host`; returns once bound."""
+        """Serve `start(method, body)` (the node's methods) on `host`; returns once bound."""
         import asyncio
         import contextlib
         import secrets

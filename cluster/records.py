@@ -68,6 +68,7 @@ Address = Annotated[str, AfterValidator(_checksum_address)]
 NodeId = Annotated[str, AfterValidator(_node_id)]
 FiniteFloat = Annotated[float, AfterValidator(_finite)]
 Unit = Annotated[float, Field(ge=0.0, le=1.0), AfterValidator(_finite)]
+NodeTask = Literal["generate", "embed"]
 
 
 class _Frozen(BaseModel):
@@ -92,6 +93,11 @@ class NodeSpec(_Frozen):
         pattern=r"^[A-Za-z0-9_-]+$",
         description="Accelerator the node must run on (e.g. 'H100', 'L4'); placement is restricted to Ray "
         "nodes that advertise the resource 'accel_<type>'.",
+    )
+    task: NodeTask = Field(
+        default="generate",
+        description="What the node serves: 'generate' (chat and completions) or 'embed' (/v1/embeddings, the "
+        "model run by vLLM as a pooling model).",
     )
     replicas: int = Field(default=1, ge=1, le=64, description="Number of Serve replicas of this node.")
     capacity: int = Field(
@@ -192,6 +198,7 @@ class NodeStats(_Frozen):
     kind: Literal["managed", "open"] = Field(
         default="managed", description="Managed (the runner's Ray cluster) or open (an operator's machine)."
     )
+    task: NodeTask = Field(default="generate", description="What the node serves (NodeSpec.task).")
 
 
 class NodeScore(_Frozen):

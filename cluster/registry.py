@@ -316,6 +316,7 @@ class NodeRegistryCore:
                 in_flight=sum(e.in_flight.values()),
                 joined_at=e.joined_at,
                 kind="managed" if e.spec.endpoint is None else "open",
+                task=e.spec.task,
             )
             for e in self._nodes.values()
         ]

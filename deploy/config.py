@@ -1,7 +1,8 @@
 """The network's configuration: embedded defaults, overridable from YAML or MERITNET_* env vars.
 
 `make demo` uses the defaults: two nodes of the locally built default model, on two different
-simulated accelerator types, behind a gateway on 127.0.0.1:8000.
+simulated accelerator types, and one node serving it as an embeddings model, behind a gateway on
+127.0.0.1:8000.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cluster.deployment import EngineDefaults
 from cluster.local import LocalClusterConfig
-from cluster.records import NodeSpec
+from cluster.records import NodeSpec, NodeTask
 from deploy.scoring import ValidatorSpec
 from routing.config import ModelPrice
 from routing.timeouts import Timeouts
@@ -24,6 +25,7 @@ from routing.timeouts import Timeouts
 DEMO_OPERATOR_A = "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266"
 DEMO_OPERATOR_B = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"
 BUILTIN_MODEL = "builtin:default"
+DEMO_EMBEDDING_MODEL = "default-embed"  # the built model run as a pooling model (NodeSpec.task "embed")
 # vLLM on CPU: 1 GiB KV cache per engine is plenty for the small default model. vLLM pins each CPU
 # engine to a core by default, and every engine on one machine would pick the same core.
 CPU_ENGINE_ENV = {
@@ -58,6 +60,9 @@ class NodeConfig(BaseModel):
     replicas: int = Field(default=1, description="Serve replicas.")
     capacity: int = Field(default=8, description="Concurrent sequences per replica.")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM engine args.")
+    task: NodeTask = Field(
+        default="generate", description="'generate' (chat, completions) or 'embed' (/v1/embeddings)."
+    )
 
     def to_spec(self, resolve_source) -> NodeSpec:
         data = self.model_dump()
@@ -69,6 +74,13 @@ def _default_nodes() -> list[NodeConfig]:
     return [
         NodeConfig(node_id="h100-a", operator=DEMO_OPERATOR_A, accelerator_type="H100"),
         NodeConfig(node_id="l4-b", operator=DEMO_OPERATOR_B, accelerator_type="L4"),
+        NodeConfig(
+            node_id="l4-embed",
+            operator=DEMO_OPERATOR_B,
+            accelerator_type="L4",
+            model_id=DEMO_EMBEDDING_MODEL,
+            task="embed",
+        ),
     ]
 
 
@@ -170,6 +182,12 @@ class NetworkConfig(BaseSettings):
         default_factory=lambda: {"default": BUILTIN_MODEL},
         description="model id -> the weights validators trust as that model (HF id, path or builtin).",
     )
+    embedding_models: dict[str, str] = Field(
+        default_factory=lambda: {DEMO_EMBEDDING_MODEL: BUILTIN_MODEL},
+        description="model id -> the weights of an embeddings model (nodes with task 'embed'): the gateway "
+        "counts their inputs' tokens with its tokenizer. Validators do not check embeddings yet, so their "
+        "nodes stay unscored and are not paid (README, 'Calling it').",
+    )
     shared_reference_engine: bool = Field(
         default=True,
         description="All local validators share one reference engine per model (saves engines on small "
@@ -254,6 +272,20 @@ class NetworkConfig(BaseSettings):
                     f"node id {node.node_id!r} appears twice in 'nodes'; node ids must be unique"
                 )
             seen.add(node.node_id)
+        return self
+
+    @model_validator(mode="after")
+    def _one_task_per_model(self) -> NetworkConfig:
+        both = sorted(set(self.trusted_models) & set(self.embedding_models))
+        tasks: dict[str, set[str]] = {}
+        for node in self.nodes:
+            tasks.setdefault(node.model_id, set()).add(node.task)
+        mixed = sorted(m for m, t in tasks.items() if len(t) > 1)
+        if both or mixed:
+            raise ValueError(
+                f"model(s) {both or mixed} are both generation and embeddings models: a model id is one or "
+                "the other (its nodes' 'task', and 'trusted_models' or 'embedding_models')"
+            )
         return self
 
     @model_validator(mode="after")

@@ -244,8 +244,8 @@ class LocalNetwork:
         raise NetworkStartError("nodes are running but the registry does not see them live")
 
     def check_nodes(self) -> None:
-        """Every managed node answers an ordinary first request: a sampled completion of 2 tokens, pinned
-        to it. On an AVX-512 Xeon exactly this request once killed every cold engine (issue 25), so a
+        """Every managed node answers an ordinary first request, pinned to it: a sampled completion of 2
+        tokens (an embeddings node: one vector). On an AVX-512 Xeon exactly this request once killed every cold engine (issue 25), so a
         network that cannot serve it fails here, at start, with the engine's own log, instead of on a
         user's first request. NetworkStartError names each node that failed."""
         self._wait_routed()
@@ -276,12 +276,15 @@ class LocalNetwork:
         """Why `spec`'s first request failed, or None when it was answered."""
         import httpx
 
-        body = {"model": spec.model_id, "prompt": "before", "max_tokens": 2}  # sampled: temperature 1
+        if spec.task == "embed":
+            route, body = "embeddings", {"model": spec.model_id, "input": "before"}
+        else:  # sampled: temperature 1
+            route, body = "completions", {"model": spec.model_id, "prompt": "before", "max_tokens": 2}
         headers = {"x-meritnet-node": spec.node_id, "x-meritnet-challenge-key": self.challenge_key}
         if self.config.api_keys:
             headers["authorization"] = f"Bearer {self.config.api_keys[0].get_secret_value()}"
         try:
-            r = httpx.post(f"{self.base_url}/v1/completions", json=body, headers=headers, timeout=120)
+            r = httpx.post(f"{self.base_url}/v1/{route}", json=body, headers=headers, timeout=120)
         except httpx.HTTPError as exc:
             return f"no answer ({type(exc).__name__})"
         return None if r.status_code == 200 else f"HTTP {r.status_code}: {r.text[:300]}"

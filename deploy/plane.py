@@ -135,7 +135,10 @@ def gateway_config(
         challenge_keys=(SecretStr(challenge_key),),
         shadow_rate=cfg.shadow_rate if shadow else 0.0,
         metered_models={
-            m: MeteredModel(source=resolve_model_source(src), max_model_len=cfg.engine.max_model_len)
-            for m, src in cfg.trusted_models.items()
+            m: MeteredModel(
+                source=resolve_model_source(src), max_model_len=cfg.engine.max_model_len, task=task
+            )
+            for task, models in (("generate", cfg.trusted_models), ("embed", cfg.embedding_models))
+            for m, src in models.items()
         },
     )

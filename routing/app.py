@@ -7,11 +7,11 @@ import logging
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
-from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from cluster.local import HEAD_NODE
+from cluster.node_http import request_model
 from routing import errors, intake, metrics, status
 from routing import tokenize as tokenizing
 from routing.admission import refuse_hop
@@ -76,8 +76,6 @@ def _node_routes(core_getter) -> APIRouter:
     """What a node serves (health, models, generation). Each is refused to a request another meritnet
     gateway forwarded (x-meritnet-hop): a gateway registered as a node would relay, loop and be paid
     for others' tokens (issue 28)."""
-    from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
-
     router = APIRouter()
 
     @router.get("/health")
@@ -121,22 +119,26 @@ def _node_routes(core_getter) -> APIRouter:
     async def detokenize(request: Request):
         return await _tokenizer(request, tokenizing.detokenize)
 
-    async def _generate(request: Request, request_cls: type[BaseModel], method: str) -> Response:
+    async def _generate(request: Request, method: str) -> Response:
         refuse_hop(request.headers)
         core = core_getter()
         key = core.check_auth(request)
         await core.refresher.ensure_started()
-        body = await core.parse(request, request_cls)
+        body = await core.parse(request, request_model(method))
         core.admit(key, body.model)
         return await core.handle(request, body, method, key)
 
     @router.post("/v1/chat/completions")
     async def chat(request: Request):
-        return await _generate(request, ChatCompletionRequest, "chat")
+        return await _generate(request, "chat")
 
     @router.post("/v1/completions")
     async def completions(request: Request):
-        return await _generate(request, CompletionRequest, "completions")
+        return await _generate(request, "completions")
+
+    @router.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        return await _generate(request, "embeddings")
 
     return router
 

@@ -111,3 +111,7 @@ class GatewayConfig(BaseModel):
         default_factory=lambda: SecretStr(secrets.token_hex(16)),
         description="Key of the shadow sample's hash (random per gateway unless set); nodes never see it.",
     )
+
+    def models_of(self, task: str) -> set[str]:
+        """The metered models whose nodes serve `task` ('generate' or 'embed')."""
+        return {m for m, spec in self.metered_models.items() if spec.task == task}

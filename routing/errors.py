@@ -69,6 +69,17 @@ def unknown_model(model: str, known: list[str]) -> APIError:
     )
 
 
+def wrong_task(model: str, method: str) -> APIError:
+    """A model asked for what its nodes do not serve (embeddings of a chat model, or the reverse)."""
+    serves = "chat and completions, not embeddings" if method == "embeddings" else "embeddings only"
+    return APIError(
+        400,
+        f"The model '{model}' serves {serves}. See GET /v1/models for each model's capabilities.",
+        param="model",
+        code="model_not_supported",
+    )
+
+
 def no_live_node(model: str) -> APIError:
     return APIError(
         503,

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.responses import Response, StreamingResponse
 
 from cluster import sse
-from cluster.completions import NodeError, answer_byte_cap, parse_body
+from cluster.completions import NodeError, answer_byte_cap
 from cluster.nodes import NodeDirectory
 from cluster.records import NodeStats, keyed_sample
 from routing import budgets, errors, intake, metrics
@@ -38,7 +38,7 @@ from routing.config import GatewayConfig
 from routing.keys import ClientKey, KeyRing, key_from_secret
 from routing.metering import TokenCounter, observe, reservation
 from routing.refresh import Refresher
-from routing.request_context import RequestContext, RequestPlan, is_event, stream_messages
+from routing.request_context import RequestContext, RequestPlan, context_for, is_event, stream_messages
 from routing.selection import NodeSelector, Pick, facts_for
 from routing.shadow import Capture, strip_token_ids, verifiable
 from routing.views import PublicViews
@@ -95,7 +95,7 @@ class GatewayCore:
         self._sink = sink  # Ray actor handle with record.remote(list[UsageRecord])
         self._registry = registry
         self.admission = (
-            Admission(registry, config.chain_id, config.network_id, set(config.metered_models))
+            Admission(registry, config.chain_id, config.network_id, config.models_of("generate"))
             if registry is not None and config.admit_open_nodes
             else None
         )
@@ -152,7 +152,7 @@ class GatewayCore:
     async def handle(
         self, request: Request, body: Any, method: str, key: ClientKey | None = None
     ) -> Response:
-        """Route `body` (a validated Chat/CompletionRequest) to a node and answer the client. A request
+        """Route `body` (a validated Chat/Completion/EmbeddingCompletionRequest) to a node and answer the client. A request
         that ends in an error before an answer was handed over returns its key's token reservation (a
         request that was answered settles it when metered; settling is once per request)."""
         rid = uuid.uuid4().hex
@@ -204,20 +204,13 @@ class GatewayCore:
         known = {s.model_id for s in self._nodes.values()}
         if model not in known:
             raise errors.unknown_model(model, sorted(known))
+        task = "embed" if method == "embeddings" else "generate"
+        if not any(s.model_id == model and s.task == task for s in self._nodes.values()):
+            raise errors.wrong_task(model, method)
         pinned = self._target_node(request)
-        stream = bool(getattr(body, "stream", False))
-        if body.seed is None:  # every request carries a seed, so a seed tells a node nothing
-            body.seed = secrets.randbelow(SEED_BOUND)
-        capture = self._shadow_capture(rid, body, pinned)
-        strip_ids = self.config.capture_token_ids and not body.return_token_ids
-        if self.config.capture_token_ids:
-            body.return_token_ids = True  # every request alike to the node; stripped again if unasked
-        client_wants_usage = bool(stream and body.stream_options and body.stream_options.include_usage)
-        if stream:
-            # Always ask the node for usage so metering is exact; strip it if the client did not ask.
-            from vllm.entrypoints.openai.chat_completion.protocol import StreamOptions
-
-            body.stream_options = StreamOptions(include_usage=True)
+        stream, capture, strip_ids, client_wants_usage = (
+            (False, None, False, False) if method == "embeddings" else self._generation(body, rid, pinned)
+        )
         body.request_id = rid
         facts = facts_for(body, request.headers, target_node=pinned)
         counter = self._counters.get(model)
@@ -244,6 +237,24 @@ class GatewayCore:
             request_hash=getattr(request.state, "body_sha256", ""),
             reserved=reserved,
         )
+
+    def _generation(self, body: Any, rid: str, pinned: str | None) -> tuple[bool, Capture | None, bool, bool]:
+        """A generation request made final for the node: a seed, token ids and (streamed) usage asked of
+        it. Returns (stream, shadow capture, strip the ids again, pass the usage chunk on)."""
+        stream = bool(getattr(body, "stream", False))
+        if body.seed is None:  # every request carries a seed, so a seed tells a node nothing
+            body.seed = secrets.randbelow(SEED_BOUND)
+        capture = self._shadow_capture(rid, body, pinned)
+        strip_ids = self.config.capture_token_ids and not body.return_token_ids
+        if self.config.capture_token_ids:
+            body.return_token_ids = True  # every request alike to the node; stripped again if unasked
+        client_wants_usage = bool(stream and body.stream_options and body.stream_options.include_usage)
+        if stream:
+            # Always ask the node for usage so metering is exact; strip it if the client did not ask.
+            from vllm.entrypoints.openai.chat_completion.protocol import StreamOptions
+
+            body.stream_options = StreamOptions(include_usage=True)
+        return stream, capture, strip_ids, client_wants_usage
 
     async def _reserve_budget(self, plan: RequestPlan) -> None:
         """Hold the request's worst case against its key's budget in the usage store (routing/budgets)."""
@@ -274,7 +285,7 @@ class GatewayCore:
         client = self.nodes.client(node_id, open_node=stats is not None and stats.kind == "open")
         gen = client.call(plan.method, plan.body)
         self._begin(node_id)
-        ctx = RequestContext(plan, picked.node, picked.degraded)
+        ctx = context_for(plan, picked.node, picked.degraded)
         first = await self._first_or_next(ctx, gen, plan, tried, last)
         head = _first_of(first)
         parsed = self._whole_answer(ctx, head, plan.stream)
@@ -320,11 +331,7 @@ class GatewayCore:
         non-streamed answer is bounded and tallied here), None when it is a stream event. Anything else
         is not a completion: the node is penalised and the request moves on (_TryAnother)."""
         try:
-            parsed = None if is_event(head) else parse_body(head)
-            if not stream and parsed is not None and parsed.error is None:
-                if len(head) > answer_byte_cap(ctx.body):
-                    raise ValueError("an answer larger than the request allows")
-                ctx.tally.add(parsed)  # ValueError for ids beyond the vocabulary or max_tokens
+            parsed = None if is_event(head) else ctx.parse_answer(head, whole=not stream)
         except (ValidationError, ValueError, TypeError) as exc:  # neither: not a completion
             self._end(ctx.node.node_id)
             self._node_malformed(ctx.node.node_id, exc)

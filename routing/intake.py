@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cluster.embeddings import MAX_INPUTS
 from routing import errors
 
 # Content parts vLLM's chat models understand; anything else is the client's mistake, not a node's.
@@ -47,12 +48,29 @@ class IntakeLimits(BaseModel):
     max_json_depth: int = Field(default=32, ge=4, le=256, description="Deepest nesting of arrays/objects.")
     max_n: int = Field(default=16, ge=1, le=1024, description="Largest `n` (choices per request).")
     max_tokens: int = Field(default=32768, ge=1, description="Largest max_tokens / max_completion_tokens.")
+    max_inputs: int = Field(
+        default=MAX_INPUTS, ge=1, le=MAX_INPUTS, description="Most inputs of one embeddings request."
+    )
 
 
 def chat_messages(body: Any) -> list | None:
     """The messages of a chat request; None for a completions request, even one that carries an extra
     `messages` field (vLLM's models keep unknown fields: never decide the kind by attribute)."""
     return body.messages if "messages" in type(body).model_fields else None
+
+
+def is_embedding(body: Any) -> bool:
+    """Whether `body` is an embeddings request (its texts are `input`), by its model, not its fields."""
+    return "input" in type(body).model_fields
+
+
+def prompts(body: Any) -> list:
+    """The prompts of a completions request or the inputs of an embeddings request, one item each (a
+    text or a list of token ids)."""
+    raw = body.input if is_embedding(body) else body.prompt
+    if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
+        return [raw]
+    return list(raw or ())
 
 
 def int_field(body: Any, name: str) -> int | None:
@@ -228,6 +246,8 @@ def validate(payload: dict, request_cls: type[BaseModel], limits: IntakeLimits) 
                 param=name,
                 code="invalid_value",
             )
+    if is_embedding(body):
+        _check_embedding(body, limits)
     # content parts are checked on the payload: the validated model holds them as one-shot iterators
     raw_messages = payload.get("messages") if chat_messages(body) is not None else None
     for i, message in enumerate(raw_messages if isinstance(raw_messages, list) else ()):
@@ -243,3 +263,31 @@ def validate(payload: dict, request_cls: type[BaseModel], limits: IntakeLimits) 
                     code="invalid_value",
                 )
     return body
+
+
+# What an embeddings answer may be in: vectors as JSON floats or base64 of little-endian float32s (the
+# binary encodings, other dtypes and big-endian answers are vLLM extensions that no OpenAI client reads).
+EMBEDDING_ENCODINGS = ("float", "base64")
+
+
+def _check_embedding(body: Any, limits: IntakeLimits) -> None:
+    """An embeddings request's own caps: 1..max_inputs non-empty inputs, an OpenAI encoding."""
+    items = prompts(body)
+    if not 1 <= len(items) <= limits.max_inputs or any(len(item) == 0 for item in items):
+        raise errors.APIError(
+            400,
+            f"'input' must be a non-empty text or token list, or 1 to {limits.max_inputs} of them, none empty.",
+            param="input",
+            code="invalid_value",
+        )
+    if body.encoding_format not in EMBEDDING_ENCODINGS or body.embed_dtype != "float32":
+        raise errors.APIError(
+            400,
+            f"'encoding_format' must be one of {', '.join(EMBEDDING_ENCODINGS)} (float32 vectors).",
+            param="encoding_format",
+            code="invalid_value",
+        )
+    if body.endianness == "big":
+        raise errors.APIError(
+            400, "'endianness' big is not served; base64 vectors are little-endian.", param="endianness"
+        )

@@ -30,8 +30,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.completions import MAX_CHOICES, MAX_COUNT, MAX_IDS, NodeBody, NodeUsage
+from cluster.records import NodeTask
 from routing import metrics
-from routing.intake import chat_messages, int_field, max_tokens
+from routing.intake import chat_messages, int_field, is_embedding, max_tokens, prompts
 
 log = logging.getLogger("meritnet.metering")
 
@@ -45,6 +46,9 @@ class MeteredModel(BaseModel):
         min_length=1, description="Path or HF id with the model's tokenizer (and chat template)."
     )
     max_model_len: int = Field(ge=1, le=MAX_COUNT, description="Context length: the bound of one prompt.")
+    task: NodeTask = Field(
+        default="generate", description="What the model's nodes serve: 'generate' or 'embed' (NodeSpec.task)."
+    )
 
 
 # Tokens a choice may bill beyond its text's own tokenisation: an end-of-sequence id (it decodes to
@@ -79,22 +83,24 @@ class TokenCounter:
         return cls(tok, model.max_model_len, vocab if isinstance(vocab, int) else None)
 
     def prompt_tokens(self, body: Any) -> int:
-        """Tokens of the request's prompt(s), as the engine sees them. Raises if it cannot tell."""
+        """Tokens of the request's prompt(s) (an embeddings request's inputs), as the engine sees them:
+        with special tokens unless the request turned them off, cut to `truncate_prompt_tokens` per
+        prompt (-1: the context) when it asked for that. Raises if it cannot tell."""
+        cut = int_field(body, "truncate_prompt_tokens")
+        cut = self.max_model_len if cut == -1 else cut if cut is not None and cut > 0 else MAX_COUNT
         messages = chat_messages(body)
         if messages is not None:
             # as vLLM and the validators do: render the template, then tokenize without extra specials
             text = self.tok.apply_chat_template(
                 [message_dict(m) for m in messages], add_generation_prompt=True, tokenize=False
             )
-            return len(self.tok.encode(text, add_special_tokens=False))
-        prompt = body.prompt
-        if isinstance(prompt, str):
-            return len(self.tok.encode(prompt, add_special_tokens=True))
-        if prompt and isinstance(prompt[0], int):
-            return len(prompt)
+            return min(cut, len(self.tok.encode(text, add_special_tokens=False)))
+        special = getattr(body, "add_special_tokens", True) is not False
         return sum(
-            len(p) if not isinstance(p, str) else len(self.tok.encode(p, add_special_tokens=True))
-            for p in prompt
+            min(
+                cut, len(p) if not isinstance(p, str) else len(self.tok.encode(p, add_special_tokens=special))
+            )
+            for p in prompts(body)
         )
 
     def text_tokens(self, text: str) -> int:
@@ -180,9 +186,9 @@ class Tally:
 
 
 def _prompts(body: Any) -> int:
-    """Prompts of one request: a completions request may batch several (a list of strings or lists)."""
-    prompt = getattr(body, "prompt", None)
-    return len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
+    """Prompts of one request: a completions request may batch several (a list of strings or lists), an
+    embeddings request several inputs."""
+    return 1 if chat_messages(body) is not None else max(1, len(prompts(body)))
 
 
 _TEMPLATE_BYTES = 64  # allowance per message (and per request) for a chat template's own tokens
@@ -196,23 +202,20 @@ def _prompt_bytes(body: Any) -> int:
         return _TEMPLATE_BYTES + sum(
             _TEMPLATE_BYTES + len(json.dumps(message_dict(m)).encode()) for m in messages
         )
-    prompt = body.prompt
-    if isinstance(prompt, str):
-        return _TEMPLATE_BYTES + len(prompt.encode())
-    if prompt and isinstance(prompt[0], int):
-        return len(prompt)
-    return sum(_TEMPLATE_BYTES + (len(p.encode()) if isinstance(p, str) else len(p)) for p in prompt)
+    return sum(_TEMPLATE_BYTES + len(p.encode()) if isinstance(p, str) else len(p) for p in prompts(body))
 
 
 def limits(body: Any, max_model_len: int | None) -> tuple[int, int]:
     """(prompt bound, completion bound) of a request: what an honest engine can count for it."""
-    prompts = _prompts(body)
+    count = _prompts(body)
     n = max(1, int_field(body, "n") or 1)
     limit = max_tokens(body)
     per_choice = limit if limit is not None else (max_model_len or MAX_COUNT)
     context = max_model_len or MAX_COUNT
-    prompt_cap = min(MAX_COUNT, context * prompts, _prompt_bytes(body))
-    return prompt_cap, min(MAX_COUNT, per_choice * n * prompts)
+    prompt_cap = min(MAX_COUNT, context * count, _prompt_bytes(body))
+    if is_embedding(body):  # vectors, not tokens: nothing is generated
+        return prompt_cap, 0
+    return prompt_cap, min(MAX_COUNT, per_choice * n * count)
 
 
 def metered(body: Any, tally: Tally, counter: TokenCounter | None) -> tuple[int, int, bool]:

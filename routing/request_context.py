@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from cluster import sse
-from cluster.completions import parse_body
+from cluster.completions import answer_byte_cap, parse_body
+from cluster.embeddings import parse_embeddings
 from cluster.records import UsageRecord
 from routing import errors
+from routing.intake import prompts
 from routing.keys import ClientKey
 from routing.metering import Tally, TokenCounter, metered
 from routing.router import RequestFacts
@@ -35,8 +37,8 @@ class RequestPlan:
     `body` is final by now: seed drawn, token ids and usage asked of the node, request id set."""
 
     rid: str
-    body: Any  # a validated Chat/CompletionRequest
-    method: str  # "chat" or "completions"
+    body: Any  # a validated Chat/Completion/EmbeddingCompletionRequest
+    method: str  # "chat", "completions" or "embeddings"
     key: ClientKey | None
     started: float  # unix time, for the usage record
     t0: float  # perf_counter at intake: TTFT, E2E and the deadline count from here
@@ -111,6 +113,16 @@ class RequestContext:
             self.body, self.tally, self.counter
         )
 
+    def parse_answer(self, head: str, whole: bool) -> Any:
+        """A node's JSON body (an answer or an error) parsed; a `whole` (non-streamed) answer is also
+        bounded and tallied. Raises ValueError (ValidationError) or TypeError for anything else."""
+        parsed = parse_body(head)
+        if whole and parsed.error is None:
+            if len(head) > answer_byte_cap(self.body):
+                raise ValueError("an answer larger than the request allows")
+            self.tally.add(parsed)  # ValueError for ids beyond the vocabulary or max_tokens
+        return parsed
+
     def with_usage(self, data: str) -> str:
         """A node's JSON body (or stream chunk) with its usage replaced by the gateway's counts."""
         obj = json.loads(data)
@@ -168,6 +180,30 @@ class RequestContext:
             request_hash=self.request_hash,
             response_hash=self.digest.hexdigest(),
         )
+
+
+class EmbeddingContext(RequestContext):
+    """One node's attempt at an embeddings request: one whole answer of vectors, billed its inputs'
+    tokens (routing/metering.py counts them as prompts), nothing generated."""
+
+    __slots__ = ()
+
+    def parse_answer(self, head: str, whole: bool) -> Any:
+        parsed = parse_embeddings(head, len(prompts(self.body)), self.body.encoding_format)
+        if parsed.usage is not None:
+            self.tally.reported = parsed.usage  # the node's word, compared with the gateway's count
+        return parsed
+
+    def with_usage(self, data: str) -> str:
+        obj = json.loads(data)
+        obj["usage"] = {"prompt_tokens": self.prompt_tokens, "total_tokens": self.prompt_tokens}
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def context_for(plan: RequestPlan, node, degraded: tuple[str, ...] = ()) -> RequestContext:
+    """The context of one node's attempt at `plan`, by the request's kind."""
+    kind = EmbeddingContext if plan.method == "embeddings" else RequestContext
+    return kind(plan, node, degraded)
 
 
 def _stream_event(piece: Any) -> Any:

@@ -16,7 +16,7 @@ from typing import Any
 from cluster.records import NodeStats, QualityScores
 from routing import metrics
 from routing.errors import APIError
-from routing.intake import chat_messages, int_field, max_tokens
+from routing.intake import chat_messages, int_field, is_embedding, max_tokens, prompts
 from routing.router import NoEligibleNode, RequestFacts, Router
 
 log = logging.getLogger(__name__)
@@ -48,14 +48,16 @@ def slo_ttft_s(headers: Mapping[str, str]) -> float | None:
 
 
 def facts_for(body: Any, headers: Mapping[str, str], target_node: str | None = None) -> RequestFacts:
-    """Routing facts of a validated Chat/CompletionRequest and its headers (never the request itself).
+    """Routing facts of a validated Chat/Completion/EmbeddingRequest and its headers (never the request
+    itself).
 
     Raises APIError(400) for a malformed `x-slo-ttft-ms` header."""
     messages = chat_messages(body)
     if messages is not None:
         text = "".join(str(m.get("content", "")) if isinstance(m, dict) else str(m) for m in messages)
     else:
-        text = body.prompt if isinstance(body.prompt, str) else str(body.prompt)
+        items = prompts(body)
+        text = items[0] if len(items) == 1 and isinstance(items[0], str) else str(items)
     return RequestFacts.from_text(
         body.model,
         text,
@@ -69,7 +71,9 @@ def facts_for(body: Any, headers: Mapping[str, str], target_node: str | None = N
 
 def output_tokens(body: Any) -> int | None:
     """The most a request may generate: its max_completion_tokens or max_tokens, times n (None: no limit
-    set, the engine's default applies)."""
+    set, the engine's default applies); an embeddings request generates nothing."""
+    if is_embedding(body):
+        return 0
     limit = max_tokens(body)
     return None if limit is None or limit < 0 else limit * (int_field(body, "n") or 1)
 

@@ -124,6 +124,14 @@ def _checksummed(address: str) -> str:
     return address
 
 
+# What a model's nodes serve, by their task (cluster/records.py NodeTask): generation nodes run vLLM's
+# structured output and tool parser (cluster/deployment.py EngineDefaults), embedding nodes pool.
+CAPABILITIES = {
+    "generate": ("chat", "completions", "tools", "json_schema"),
+    "embed": ("embeddings",),
+}
+
+
 class PublicViews:
     """The read-only pages of one gateway replica, over its core's snapshot and cached actor answers."""
 
@@ -153,7 +161,7 @@ class PublicViews:
             "created": 0,
             "owned_by": "meritnet",
             "context_length": metered.max_model_len if metered is not None else None,
-            "capabilities": ["chat", "completions"],
+            "capabilities": sorted({c for s in nodes for c in CAPABILITIES[s.task]}),
             "nodes": len(nodes),
             "pricing": price.model_dump() if (price := self._core.config.pricing.get(model_id)) else None,
         }

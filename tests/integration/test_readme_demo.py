@@ -78,6 +78,11 @@ def test_readme_demo_commands_work(tmp_path):
         )
         assert r.returncode == 0, r.stderr[-2000:]
         assert "completion_tokens=" in r.stdout  # the streamed usage chunk was printed
+        assert re.search(r"2 vectors of \d+ floats", r.stdout), r.stdout  # embeddings
+        assert "json_schema: {'mood':" in r.stdout and "tool call: Function(arguments='{" in r.stdout, (
+            r.stdout
+        )
+        assert "default-embed ['embeddings'] 1 nodes" in r.stdout, r.stdout  # the catalogue
 
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}  # as another terminal
         r = subprocess.run(
@@ -88,7 +93,9 @@ def test_readme_demo_commands_work(tmp_path):
             timeout=120,
             env={**env, "COLUMNS": "200"},
         )
-        assert r.returncode == 0 and "h100-a" in r.stdout and "l4-b" in r.stdout, r.stdout + r.stderr[-2000:]
+        assert r.returncode == 0 and all(n in r.stdout for n in ("h100-a", "l4-b", "l4-embed")), (
+            r.stdout + r.stderr[-2000:]
+        )
 
         # The README's key commands, in order: create with limits and with a budget (both secrets work,
         # no key is refused), list (the budgeted key's spend is what its request was charged), revoke.

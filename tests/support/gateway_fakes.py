@@ -9,7 +9,9 @@ returns an async generator of response objects (non-streaming) or lists of SSE s
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import struct
 
 from cluster import NodeStats
 from cluster.registry import NodeRegistryCore, _refused
@@ -99,6 +101,32 @@ class FakeNode:
 
         return _M()
 
+    @property
+    def embeddings(self):
+        node = self
+
+        class _M:
+            def remote(self, body, raw):
+                node.calls += 1
+                node.bodies.append(body.model_copy())
+                return FakeStream([node.embedding_answer(body)], node.fail_at, node.delay_s)
+
+        return _M()
+
+    def embedding_answer(self, body) -> str:
+        """vLLM's answer shape: one unit vector per input (its first element says which input it is)."""
+        from routing.intake import prompts
+
+        n = len(prompts(body))
+        vectors = [[float(i + 1), 0.0, 0.0, 0.0] for i in range(n)]
+        if body.encoding_format == "base64":
+            vectors = [base64.b64encode(struct.pack("<4f", *v)).decode() for v in vectors]
+        data = [{"index": i, "object": "embedding", "embedding": v} for i, v in enumerate(vectors)]
+        usage = {"prompt_tokens": 3 * n, "total_tokens": 3 * n, "completion_tokens": 0}
+        return json.dumps(
+            {"id": "embd-1", "object": "list", "model": body.model, "data": data, "usage": usage}
+        )
+
 
 def actor_handle(obj):
     """The actor-handle shape of a plain object (a usage store without Ray): `handle.method.remote(*args)`
@@ -133,10 +161,11 @@ class FakeRegistry:
         return type("M", (), {"remote": staticmethod(call)})
 
 
-def node_stats(node_id, *, live: bool = True, model_id: str = "default"):
+def node_stats(node_id, *, live: bool = True, model_id: str = "default", task: str = "generate"):
     return NodeStats(
         node_id=node_id,
         model_id=model_id,
+        task=task,
         operator=OP,
         accelerator_type="H100",
         capacity=8,

@@ -61,9 +61,11 @@ def usage_by_id() -> dict:
 
 def assert_first_requests_served(net) -> None:
     """Every managed node of `net` served its first request (LocalNetwork.check_nodes): a completed
-    completion of 2 tokens, metered, before any other record of that node."""
+    completion of 2 tokens (an embeddings node: one vector, nothing generated), metered, before any other
+    record of that node."""
     records = sorted(usage_by_id().values(), key=lambda r: r.started_at)
     for spec in net.specs:
         first = next((r for r in records if r.node_id == spec.node_id), None)
         assert first is not None, f"{spec.node_id} has no usage record: its first request was never served"
-        assert (first.status, first.completion_tokens) == ("ok", 2), first
+        generated = 0 if spec.task == "embed" else 2
+        assert (first.status, first.completion_tokens) == ("ok", generated) and first.prompt_tokens > 0, first

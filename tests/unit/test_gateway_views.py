@@ -173,7 +173,7 @@ def test_the_catalogue_lists_live_models_with_context_length_nodes_and_pricing_a
         "created": 0,
         "owned_by": "meritnet",
         "context_length": 1024,
-        "capabilities": ["chat", "completions"],
+        "capabilities": ["chat", "completions", "json_schema", "tools"],
         "nodes": 2,
         "pricing": price,  # from the network config
     }
