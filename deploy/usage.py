@@ -133,7 +133,7 @@ def settlement_config(cfg, ledger_path: Path, genesis: float):
     """The settler's config from the network's: its ledger, epochs, quality rule, validators' share and
     stakes (by the address each validator signs with: the key in the state folder)."""
     from deploy.scoring import validator_keys
-    from settlement.actor import SettlementConfig
+    from settlement.config import SettlementConfig
 
     keys = validator_keys(cfg.validators, cfg.state_dir / VALIDATOR_KEYS_DIR) if cfg.validators else {}
 

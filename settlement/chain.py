@@ -3,7 +3,8 @@
 Three backends, one client: the embedded chain (py-evm through eth-tester, in this process; the
 default, for `make demo`), anvil (started by `Anvil.start()` on 127.0.0.1 for tests) and any JSON-RPC
 URL. Every transaction is signed locally and sent raw, so the exact bytes can be written ahead and
-rebroadcast after a crash. Reads and writes are thin; the decisions live in settlement.actor.
+rebroadcast after a crash. Reads and writes are thin; the decisions live in settlement.settler and
+settlement.settle_tx.
 """
 
 from __future__ import annotations

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 import typer
 
 if TYPE_CHECKING:  # imported where used: web3 and the chain client cost a second, `--help` should not
-    from settlement.actor import SettlementConfig
     from settlement.chain import Chain
+    from settlement.config import SettlementConfig
     from settlement.rewardbook import EpochCommitment
 
 app = typer.Typer(
@@ -56,7 +56,7 @@ class TreeKind(StrEnum):
 def _config(ledger: Path | None, epoch_length: float | None) -> SettlementConfig:
     """Settings from the options and the environment; an existing ledger's own epoch length and
     genesis win (it was written with them), so audits of a ledger need neither flag."""
-    from settlement.actor import SettlementConfig
+    from settlement.config import SettlementConfig
     from settlement.ledger import UsageLedger
 
     overrides: dict[str, Any] = {}
@@ -333,8 +333,8 @@ def set_stake(
     `set_stake(validator, stake * 10**18)` through the multisig instead."""
     from eth_utils import is_address
 
-    from settlement.actor import stake_units
     from settlement.chain import ContractReverted
+    from settlement.config import stake_units
     from settlement.keys import SettlerKey, SettlerKeyError
 
     if not is_address(validator):

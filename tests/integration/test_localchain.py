@@ -10,7 +10,8 @@ import httpx
 import pytest
 
 from deploy.localchain import NetworkAnvil, anvil_chain_settings, record_contract
-from settlement.actor import SettlementConfig, SettlementService
+from settlement.actor import SettlementService
+from settlement.config import SettlementConfig
 
 pytestmark = pytest.mark.integration
 

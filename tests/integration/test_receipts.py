@@ -12,7 +12,8 @@ import uuid
 import pytest
 
 from cluster import UsageRecord
-from settlement.actor import SettlementConfig, SettlementService
+from settlement.actor import SettlementService
+from settlement.config import SettlementConfig
 from settlement.keys import SettlerKey
 from settlement.receipts import ReceiptRejected, check_receipt
 

@@ -7,11 +7,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from settlement.actor import SettlementConfig, Settler
 from settlement.anvil import Anvil
 from settlement.chain import Chain, ChainSettings, ChainUnavailable, fees_of_raw
+from settlement.config import SettlementConfig
 from settlement.keys import SettlerKey
 from settlement.rewardbook import RewardBook
+from settlement.settler import Settler
 from tests.support.clock import Clock
 from tests.support.settlement_chain import ENDED, expect_revert, funded_key
 from tests.support.settlement_scenarios import (

@@ -15,10 +15,11 @@ import pytest
 from typer.testing import CliRunner
 
 from cluster import UsageRecord
-from settlement.actor import SettlementConfig, SettlementService
+from settlement.actor import SettlementService
 from settlement.anvil import Anvil, free_port
 from settlement.chain import Chain, ChainSettings
 from settlement.cli import app
+from settlement.config import SettlementConfig
 from settlement.keys import SettlerKey
 
 pytestmark = pytest.mark.integration

@@ -7,9 +7,10 @@ import time
 import pytest
 
 from cluster import UsageRecord
-from settlement.actor import SettlementConfig, SettlementService
+from settlement.actor import SettlementService
 from settlement.chain import ContractReverted
 from settlement.cli import onchain_root
+from settlement.config import SettlementConfig
 from settlement.keys import SettlerKey
 from settlement.merkle import MerkleTreeError, StandardMerkleTree
 from settlement.trees import find_reward_leaf, find_usage_leaf, reward_tree, usage_tree

@@ -11,8 +11,9 @@ import pytest
 from cluster import UsageRecord
 from cluster.records import NodeScore
 from scoring.consensus_service import ConsensusService
-from settlement.actor import SettlementConfig, SettlementService
+from settlement.actor import SettlementService
 from settlement.chain import ContractReverted
+from settlement.config import SettlementConfig
 from settlement.keys import SettlerKey
 from settlement.trees import find_reward_leaf, reward_tree
 

@@ -1,4 +1,4 @@
-"""An in-memory ledger and a stand-in reward split for the Settler (settlement.actor), shared by its
+"""An in-memory ledger and a stand-in reward split for the Settler (settlement.settler), shared by its
 tests on the embedded chain and on anvil: two operators, one usage record per node per epoch."""
 
 from __future__ import annotations

@@ -11,10 +11,12 @@ from types import SimpleNamespace
 import pytest
 from web3 import Web3
 
-from settlement.actor import EMISSION_CAP_HEADROOM, SettlementConfig, SettlementConflict, Settler
 from settlement.chain import Chain, ChainSettings, ChainUnavailable, ContractReverted, fees_of_raw
+from settlement.config import EMISSION_CAP_HEADROOM, SettlementConfig
 from settlement.keys import SettlerKey, SettlerKeyError
 from settlement.rewardbook import RewardBook
+from settlement.settle_tx import SettlementConflict
+from settlement.settler import Settler
 from tests.support.clock import Clock
 from tests.support.settlement_chain import next_block_at
 from tests.support.settler_fakes import EPOCH_S, OPS, FakeLedger, equal_split
@@ -122,7 +124,7 @@ def test_a_bound_contract_with_a_cap_below_the_emission_pays_the_cap_and_says_so
     # Deployed elsewhere, with a smaller cap than configured.
     world.chain.deploy(world.key, 0, 600, genesis=genesis, epoch_length=length)
     settler = world.settler()
-    with caplog.at_level("ERROR", logger="settlement.actor"):
+    with caplog.at_level("ERROR", logger="settlement.settler"):
         assert settler.tick() == [0, 1, 2]
     assert [world.book.get(e).carried_wei for e in range(3)] == [400, 800, 1200]
     assert world.chain.total_rewarded() == 3 * 600

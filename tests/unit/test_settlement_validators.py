@@ -7,11 +7,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from settlement.actor import SettlementConfig, Settler
 from settlement.chain import Chain, ChainSettings
+from settlement.config import SettlementConfig
 from settlement.keys import SettlerKey
 from settlement.metrics import REGISTRY
 from settlement.rewardbook import RewardBook
+from settlement.settler import Settler
 from tests.support.clock import Clock
 from tests.support.settler_fakes import EPOCH_S, OPS, FakeLedger, equal_split
 
