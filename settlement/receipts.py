@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from settlement.cli import _bound_chain, _fail, chain_errors
+from settlement.cli_common import bound_chain, chain_errors, fail
 
 app = typer.Typer(help="A client's receipts: its own request, proven on-chain.", no_args_is_help=True)
 
@@ -105,23 +105,23 @@ def verify(
         answer = httpx.get(f"{network.rstrip('/')}/v1/receipts/{request_id}", timeout=30)
         doc = answer.json()
     except (httpx.HTTPError, ValueError) as exc:
-        _fail(f"could not read a receipt from {network} ({type(exc).__name__}); is the network up there?")
+        fail(f"could not read a receipt from {network} ({type(exc).__name__}); is the network up there?")
     if answer.status_code != 200 or not isinstance(doc, dict):
-        _fail(
+        fail(
             f"{network} has no receipt of {request_id}: {doc.get('error', {}).get('message', answer.text)[:300]}"
         )
     if doc.get("status") == "pending":
-        _fail(f"request {request_id} is in epoch {doc.get('epoch')}, not settled yet: ask again once it has")
-    chain = _bound_chain(doc.get("contract"), rpc_url or doc.get("rpc_url"))
+        fail(f"request {request_id} is in epoch {doc.get('epoch')}, not settled yet: ask again once it has")
+    chain = bound_chain(doc.get("contract"), rpc_url or doc.get("rpc_url"))
     with chain_errors():
         onchain = bytes(chain.usage_root(int(doc.get("epoch", -1))))
     try:
         bodies = tuple(p.read_bytes() if p is not None else None for p in (request_body, response_body))
         billed = check_receipt(doc, request_id, onchain, bodies)
     except OSError as exc:
-        _fail(f"could not read your copy of a body: {exc}")
+        fail(f"could not read your copy of a body: {exc}")
     except ReceiptRejected as exc:
-        _fail(f"INVALID: {exc}")
+        fail(f"INVALID: {exc}")
     checked = " and ".join(w for w, p in (("request", request_body), ("response", response_body)) if p)
     typer.echo(
         f"VALID: request {request_id} is in epoch {doc['epoch']}'s usage root on-chain ({chain.address}): "
