@@ -269,9 +269,11 @@ def cpu_engine(
     threads: int = 2,
     prefix_caching: bool = True,
     isa: str | None = None,
+    engine_kwargs: dict | None = None,
 ):
     """A vLLM CPU engine with `threads` OpenMP threads (the engine's worker binds cores 0..threads-1);
-    `isa` ("avx2") holds ATen's kernels down to that instruction set."""
+    `isa` ("avx2") holds ATen's kernels down to that instruction set; `engine_kwargs` adds to vLLM's
+    arguments (a pooling model: benchmarks.embeddings)."""
     from vllm import LLM
 
     env = {"VLLM_CPU_OMP_THREADS_BIND": "0" if threads == 1 else f"0-{threads - 1}"}
@@ -291,6 +293,7 @@ def cpu_engine(
             dtype=dtype,
             enable_prefix_caching=prefix_caching,
             max_num_batched_tokens=16384,  # see engine_attack_claims: no chunked seeded prefill
+            **(engine_kwargs or {}),
         )
     finally:
         for key, value in saved.items():

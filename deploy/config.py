@@ -164,7 +164,7 @@ class NetworkConfig(BaseSettings):
         le=10_000,
         description="Validators' part of each epoch's emission in basis points, split by their Yuma "
         "dividends; the rest goes to operators by usage x quality. None: the settler's default "
-        "(settlement/actor.py SettlementConfig: 2,000 = 20%, or $MERITNET_SETTLEMENT_VALIDATOR_SHARE_BPS).",
+        "(settlement/config.py SettlementConfig: 2,000 = 20%, or $MERITNET_SETTLEMENT_VALIDATOR_SHARE_BPS).",
     )
     validators: list[ValidatorSpec] = Field(
         default_factory=list,
@@ -184,9 +184,8 @@ class NetworkConfig(BaseSettings):
     )
     embedding_models: dict[str, str] = Field(
         default_factory=lambda: {DEMO_EMBEDDING_MODEL: BUILTIN_MODEL},
-        description="model id -> the weights of an embeddings model (nodes with task 'embed'): the gateway "
-        "counts their inputs' tokens with its tokenizer. Validators do not check embeddings yet, so their "
-        "nodes stay unscored and are not paid (README, 'Calling it').",
+        description="model id -> the trusted weights of an embeddings model (nodes with task 'embed'): the "
+        "gateway counts their inputs' tokens with its tokenizer, validators recompute their vectors with it.",
     )
     shared_reference_engine: bool = Field(
         default=True,

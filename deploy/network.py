@@ -179,7 +179,9 @@ class LocalNetwork:
             wait_for_applications_running=False,
         )
 
-        scoring_sources, scoring_engine = self._start_reference_engines()  # loads alongside the nodes
+        scoring_sources, embedding_sources, scoring_engine = (
+            self._start_reference_engines()
+        )  # beside the nodes
         wait_running([deployment_name(s) for s in self.specs], timeout_s or cfg.start_timeout_s)
 
         self.on_step("Starting the gateway")
@@ -207,6 +209,7 @@ class LocalNetwork:
                 scoring_engine,
                 self.reference_engines or None,
                 shadow=shadow,
+                embedding_sources=embedding_sources,
             )
             self.consensus = start_consensus(
                 cfg.validators,
@@ -221,16 +224,19 @@ class LocalNetwork:
             )
         return self
 
-    def _start_reference_engines(self) -> tuple[dict[str, str], dict]:
-        """With validators: resolve the trusted models and, if shared, start their engines now."""
+    def _start_reference_engines(self) -> tuple[dict[str, str], dict[str, str], dict]:
+        """With validators: resolve the trusted models (generation, and the embeddings models a node here
+        serves) and, if shared, start their engines now."""
         cfg = self.config
         if not cfg.validators:
-            return {}, {}
+            return {}, {}, {}
         sources = {m: resolve_model_source(src) for m, src in cfg.trusted_models.items()}
+        served = {n.model_id for n in cfg.nodes if n.task == "embed"}
+        embedding = {m: resolve_model_source(src) for m, src in cfg.embedding_models.items() if m in served}
         engine = {"max_model_len": cfg.engine.max_model_len, **cfg.engine.engine_kwargs}
         if cfg.shared_reference_engine:
-            self.reference_engines = start_reference_engines(sources, engine)
-        return sources, engine
+            self.reference_engines = start_reference_engines(sources, engine, embedding)
+        return sources, embedding, engine
 
     def _wait_live(self, registry, timeout_s: float) -> None:
         import ray

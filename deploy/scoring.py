@@ -39,6 +39,7 @@ from cluster.records import NodeScore, ServedCompletion
 from scoring.challenge import ChallengeConfig
 from scoring.challenge_client import http_send
 from scoring.consensus_service import ConsensusService
+from scoring.embeddings import VllmEmbeddingReference
 from scoring.reference import HFCodec, VllmReferenceEngine
 from scoring.report import ScoreReport, sign_report
 from scoring.shadow_feed import ShadowFeed
@@ -130,26 +131,38 @@ class RemoteReferenceEngine:
         return ray.get(self.handle.prompt_logprobs_many.remote([pair], top_k), timeout=self.timeout_s)[0]
 
 
+class RemoteEmbeddingReference:
+    """An embeddings reference (`scoring.embeddings`) calling a shared `VllmEmbeddingReference` actor;
+    blocking, called from a validator's worker thread, one call at a time per actor (Ray queues them)."""
+
+    timeout_s = 300.0
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    def embed(self, inputs: Sequence[str]) -> list[list[float]]:
+        import ray
+
+        return ray.get(self.handle.embed.remote(list(inputs)), timeout=self.timeout_s)
+
+
 def start_reference_engines(
-    model_sources: Mapping[str, str], engine_kwargs: Mapping[str, Any]
+    model_sources: Mapping[str, str],
+    engine_kwargs: Mapping[str, Any],
+    embedding_sources: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Start one shared reference engine actor per model (returns at once; the engines load meanwhile)."""
+    """Start one shared reference engine actor per model, generation (`model_sources`) and embeddings
+    (`embedding_sources`); returns at once, the engines load meanwhile."""
     import ray
 
-    actors = {}
-    for model, source in model_sources.items():
-        actors[model] = (
-            ray.remote(ReferenceEngineService)
-            .options(
-                name=REFERENCE_PREFIX + model,
-                namespace=NAMESPACE,
-                num_cpus=1,
-                resources=HEAD_NODE,
-                max_restarts=1,
-            )
-            .remote(source, dict(engine_kwargs))
-        )
-    return actors
+    def start(cls, model: str, *args: Any) -> Any:
+        options = {"name": REFERENCE_PREFIX + model, "namespace": NAMESPACE, "resources": HEAD_NODE}
+        return ray.remote(cls).options(num_cpus=1, max_restarts=1, **options).remote(*args)
+
+    kinds = [(ReferenceEngineService, model_sources), (VllmEmbeddingReference, embedding_sources or {})]
+    return {
+        m: start(cls, m, src, dict(engine_kwargs)) for cls, sources in kinds for m, src in sources.items()
+    }
 
 
 # ---- validators -----------------------------------------------------------------------------------
@@ -204,14 +217,17 @@ class ValidatorActor:
         engines: Mapping[str, ReferenceEngine] | None = None,
         shadow_feed_name: str | None = services.SHADOW_FEED,
         signer: Callable[[], Any] | None = None,
+        embedding_sources: Mapping[str, str] | None = None,
     ) -> None:
         if signer is None:
             raise ValueError("a validator needs a signing key: consensus refuses unsigned score reports")
         self._key = signer()
 
         if engines is None:
-            engines = {
-                m: VllmReferenceEngine(src, **dict(engine_kwargs or {})) for m, src in model_sources.items()
+            kwargs = dict(engine_kwargs or {})
+            engines = {m: VllmReferenceEngine(src, **kwargs) for m, src in model_sources.items()}
+            engines |= {
+                m: VllmEmbeddingReference(src, **kwargs) for m, src in (embedding_sources or {}).items()
             }
         codecs = {m: HFCodec.from_pretrained(src) for m, src in model_sources.items()}
         self.validator = Validator(config, http_send(gateway_url, challenge_key, api_key), engines, codecs)
@@ -282,6 +298,7 @@ def start_validators(
     api_key: str | None = None,
     ready_timeout_s: float = 600.0,
     shadow: bool = True,
+    embedding_sources: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Start one ValidatorActor per spec and its challenge loop; returns actor name -> handle.
     `keys`: `validator_keys(specs, ...)`; each actor loads its own key file.
@@ -304,7 +321,12 @@ def start_validators(
                 "check trusted_models and engine settings (MERITNET_RAY_LOGS=1 shows logs)"
             ) from None
         max_len = engine_kwargs.get("max_model_len")
-        shared = {m: RemoteReferenceEngine(h, max_len) for m, h in reference_engines.items()}
+        shared = {
+            m: RemoteEmbeddingReference(h)
+            if m in (embedding_sources or {})
+            else RemoteReferenceEngine(h, max_len)
+            for m, h in reference_engines.items()
+        }
     actors: dict[str, Any] = {}
     for spec in specs:
         name = VALIDATOR_PREFIX + spec.validator_id
@@ -329,6 +351,7 @@ def start_validators(
                 engines=shared,
                 shadow_feed_name=SHADOW_FEED_NAME if shadow else None,
                 signer=functools.partial(SettlerKey.from_file, keys[spec.validator_id].path, "validator key"),
+                embedding_sources=dict(embedding_sources or {}),
             )
         )
     ray.get([a.start.remote() for a in actors.values()], timeout=ready_timeout_s)

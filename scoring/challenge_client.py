@@ -19,6 +19,8 @@ from pydantic import SecretStr, ValidationError
 
 from cluster import sse
 from cluster.completions import MAX_IDS, NodeUsage, parse_body
+from cluster.embeddings import parse_embeddings
+from cluster.node_http import PATHS
 from cluster.nodes import MAX_EVENT_BYTES
 from scoring.challenge import ChallengeRequest
 
@@ -37,12 +39,11 @@ class ChallengeResponse:
     elapsed_s: float = 0.0
     error: str = ""
     malformed: str = ""  # set when the answer came back but cannot be verified (fraud, not unavailability)
+    vectors: tuple[tuple[float, ...], ...] | None = None  # an embeddings challenge's answer, one per input
 
 
 SendFn = Callable[[ChallengeRequest], Awaitable[ChallengeResponse]]
-
-
-SendFn = Callable[[ChallengeRequest], Awaitable[ChallengeResponse]]
+EMBEDDINGS_PATH = PATHS["embeddings"]
 
 
 def http_send(
@@ -67,6 +68,8 @@ def http_send(
                 return ChallengeResponse(
                     ok=False, status=r.status_code, elapsed_s=elapsed, error=r.text[:200]
                 )
+            if req.path == EMBEDDINGS_PATH:
+                return parse_vectors(r.content, len(req.body["input"]), elapsed)
             try:
                 data = r.json()
             except ValueError as exc:  # garbage instead of JSON
@@ -103,6 +106,19 @@ def _malformed(exc: Exception, elapsed_s: float, ttft_s: float | None = None) ->
     return ChallengeResponse(
         ok=True, status=200, malformed=f"malformed completion ({what})", ttft_s=ttft_s, elapsed_s=elapsed_s
     )
+
+
+def parse_vectors(raw: bytes, inputs: int, elapsed_s: float) -> ChallengeResponse:
+    """A float embeddings answer -> ChallengeResponse with its vectors, through the gateway's own strict
+    parser of a node's vectors (cluster.embeddings)."""
+    try:
+        body = parse_embeddings(raw, inputs, "float")
+    except ValueError as exc:  # ValidationError included
+        return _malformed(exc, elapsed_s, elapsed_s)
+    if body.error is not None:
+        return ChallengeResponse(ok=False, status=200, error=str(body.error)[:200], elapsed_s=elapsed_s)
+    vectors = tuple(tuple(e.embedding) for e in sorted(body.data, key=lambda e: e.index))
+    return ChallengeResponse(ok=True, status=200, vectors=vectors, ttft_s=elapsed_s, elapsed_s=elapsed_s)
 
 
 def parse_completion(data: Any, status: int, ttft_s: float | None, elapsed_s: float) -> ChallengeResponse:

@@ -3,7 +3,8 @@
     send(ChallengeRequest) -> ChallengeResponse   async; `scoring.challenge_client.http_send(...)` is the
                                                    real one (gateway, headers x-meritnet-node +
                                                    x-meritnet-challenge-key)
-    engines[model_id] : ReferenceEngine            its own trusted engine per model (scoring.reference)
+    engines[model_id] : ReferenceEngine            its own trusted engine per model (scoring.reference; an
+                                                   embeddings model's has `embed`: scoring.embeddings)
     codecs[model_id]  : TextCodec                  the claimed model's tokenizer
 
 `Validator` is plain asyncio (unit-testable with fakes); deploy's `ValidatorActor` (deploy/scoring.py)
@@ -28,7 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from cluster.records import NodeScore, NodeStats, ServedCompletion
 from scoring import metrics
 from scoring.challenge import ChallengeConfig, ChallengePool, ChallengeRequest, ShadowSampler
-from scoring.challenge_client import ChallengeResponse, SendFn
+from scoring.challenge_client import EMBEDDINGS_PATH, ChallengeResponse, SendFn
+from scoring.embeddings import EmbeddingThresholds, verify_embeddings
 from scoring.organic import shape_of
 from scoring.replay import RESHAPING_FIELDS, NoisyArgmax, resolve_sampler
 from scoring.score import NodeScorer, ScoreConfig
@@ -58,6 +60,9 @@ class ValidatorConfig(BaseModel):
     score: ScoreConfig = Field(
         default_factory=ScoreConfig,
         description="Score smoothing and the sequential test (conviction threshold, backoff).",
+    )
+    embedding: EmbeddingThresholds = Field(
+        default_factory=EmbeddingThresholds, description="Where an embedding stops being honest noise."
     )
     timeout_s: float = Field(
         default=60.0, gt=0, description="A challenge unanswered this long counts as failed."
@@ -165,11 +170,22 @@ class Validator:
         self.tokens_spent += len(claim.prompt_token_ids) + v.n_tokens
         return v
 
+    def _challenge_for(self, node: NodeStats) -> ChallengeRequest:
+        """A challenge drawn like organic traffic; for an embeddings node, its texts as the inputs."""
+        embed = node.task == "embed"
+        req = self.pool.sample(
+            node.node_id, node.model_id, replayable=not embed and self.sampler_for(node.model_id) is not None
+        )
+        if not embed:
+            return req
+        texts = [req.prompt] if req.prompt is not None else [m.get("content") for m in req.messages or ()]
+        texts = [t for t in texts if isinstance(t, str) and t] or ["hello"]
+        body = {"model": node.model_id, "input": texts, "encoding_format": "float"}
+        return ChallengeRequest(node.node_id, node.model_id, EMBEDDINGS_PATH, body)
+
     async def challenge_once(self, node: NodeStats) -> ChallengeOutcome:
         """Send one challenge to `node`, verify the answer, update the scores."""
-        req = self.pool.sample(
-            node.node_id, node.model_id, replayable=self.sampler_for(node.model_id) is not None
-        )
+        req = self._challenge_for(node)
         try:
             resp = await asyncio.wait_for(self._send(req), self.config.timeout_s)
         except Exception as exc:  # noqa: BLE001 - unreachable node = unavailable, not a crash
@@ -192,6 +208,8 @@ class Validator:
             if resp.malformed:
                 verification = malformed(resp.malformed)
                 self._observe(node.node_id, node.model_id, verification)
+            elif resp.vectors is not None:
+                verification = await self._judge_vectors(node, req.body["input"], resp.vectors)
             else:
                 verification = await self._judge(
                     node.node_id, node.model_id, lambda: self.claim_for(req, resp)
@@ -228,6 +246,26 @@ class Validator:
                 )
                 return None
         self._observe(node_id, model_id, v)
+        return v
+
+    async def _judge_vectors(
+        self, node: NodeStats, inputs: Sequence[str], vectors: Sequence[Sequence[float]]
+    ) -> Verification | None:
+        """Recompute an embeddings challenge's vectors on this validator's own engine and judge the node's
+        (scoring.embeddings); the engine's own failure is no verdict, as in `_judge`."""
+        engine = self._engines[node.model_id]
+        lock = contextlib.nullcontext() if getattr(engine, "concurrent_calls", False) else self._engine_lock
+        try:
+            async with lock:
+                reference = await asyncio.to_thread(engine.embed, list(inputs))
+        except Exception as exc:  # noqa: BLE001 - the reference's failure is not the node's
+            self.counts[node.node_id]["verify_error"] += 1
+            metrics.VERIFY_ERRORS.labels(self.validator_id).inc()
+            log.warning("validator %s: could not embed for %s (%s)", self.validator_id, node.node_id, exc)
+            return None
+        v = verify_embeddings(vectors, reference, self.config.embedding, self.config.thresholds)
+        self.tokens_spent += len(inputs)
+        self._observe(node.node_id, node.model_id, v)
         return v
 
     def claim_for_served(self, item: ServedCompletion) -> Claim:

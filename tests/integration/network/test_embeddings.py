@@ -69,3 +69,48 @@ def test_each_model_serves_only_its_task_and_says_so(client):
     with pytest.raises(openai.BadRequestError):
         client.embeddings.create(model=MODEL, input=[])
     assert client.models.retrieve(MODEL).model_extra["capabilities"] == ["embeddings"]
+
+
+def test_a_validator_recomputes_the_vectors_and_passes_the_honest_node(network):
+    """A validator (scoring.Validator, its own fp32 reference engine in this process) challenges the
+    demo's bf16 embeddings node through the gateway: every verdict passes, the node keeps integrity 1.
+    Cheats against real engines are measured in benchmarks.embeddings (RESULTS.md)."""
+    import asyncio
+    import gc
+    import random
+
+    import httpx
+
+    from cluster.records import NodeStats
+    from deploy.config import resolve_model_source
+    from scoring.challenge_client import http_send
+    from scoring.embeddings import VllmEmbeddingReference
+    from scoring.validator import Validator, ValidatorConfig
+
+    source = resolve_model_source(network.config.embedding_models[MODEL])
+    reference = VllmEmbeddingReference(
+        source, {"dtype": "float32", "max_model_len": 1024, "enforce_eager": True}
+    )
+    try:
+        listed = httpx.get(f"{network.base_url}/v1/nodes", timeout=30).json()["data"]
+        node = NodeStats.model_validate(next(n for n in listed if n["node_id"] == "l4-embed"), strict=False)
+        validator = Validator(
+            ValidatorConfig(validator_id="t"),
+            http_send(network.base_url, network.challenge_key),
+            {MODEL: reference},
+            {},
+            rng=random.Random(3),
+        )
+
+        async def challenge(times: int):
+            return [await validator.challenge_once(node) for _ in range(times)]
+
+        outcomes = asyncio.run(challenge(12))
+    finally:
+        del reference
+        gc.collect()
+    verdicts = [o.verification.verdict for o in outcomes if o.verification is not None]
+    assert verdicts == ["pass"] * 12, [o.verification for o in outcomes]
+    assert all(o.verification.max_margin < 1e-3 for o in outcomes)  # cosine > 0.999 for every input
+    (score,) = validator.scores()
+    assert score.integrity == 1.0 and score.availability == 1.0
