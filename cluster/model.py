@@ -42,7 +42,7 @@ DEFAULT_MODEL_ID = "default"
 
 # Bump when the build procedure changes in a way the recipe fields do not capture: it is part of the
 # recipe hash, so old cache entries are simply not reused.
-BUILD_FORMAT_VERSION = 1
+BUILD_FORMAT_VERSION = 2  # 2: the chat template takes tool calls and tool results
 
 CORPUS_DIR = Path(__file__).parent / "corpus"
 CACHE_ENV = "MERITNET_CACHE_DIR"
@@ -62,14 +62,28 @@ END_OF_TURN = "<|end|>"
 SPECIAL_TOKENS = (BOS, EOS, PAD, *ROLE_TOKENS, END_OF_TURN)
 
 # One turn: "<|role|>\ncontent<|end|>\n". The prompt starts with <|bos|> (the template adds it, and
-# chat front-ends tokenize templated prompts without adding special tokens again).
+# chat front-ends tokenize templated prompts without adding special tokens again). Tools: an assistant
+# turn's tool calls follow its content in the pythonic form its tool parser reads back
+# ("[get_weather(city=\"Paris\")]", arguments as the dict vLLM makes of them), and a tool's result is a
+# user turn that says so ("tool result: ..."), so an agent loop can send results back.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{ raise_exception('Only system, user and assistant roles are supported, got ' + message['role']) }}"
+    "{% if message['role'] not in ['system', 'user', 'assistant', 'tool'] %}"
+    "{{ raise_exception('Only system, user, assistant and tool roles are supported, got ' + message['role']) }}"
     "{% endif %}"
-    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
+    "{% if message['role'] == 'tool' %}"
+    "{{ '<|user|>\\ntool result: ' + (message.get('content') or '') + '<|end|>\\n' }}"
+    "{% else %}"
+    "{{ '<|' + message['role'] + '|>\\n' + (message.get('content') or '') }}"
+    "{% if message.get('tool_calls') %}{{ '[' }}"
+    "{% for call in message['tool_calls'] %}{{ call['function']['name'] + '(' }}"
+    "{% for key, value in call['function']['arguments'].items() %}{{ key + '=' }}{{ value | tojson }}"
+    "{% if not loop.last %}{{ ', ' }}{% endif %}{% endfor %}"
+    "{{ ')' }}{% if not loop.last %}{{ ', ' }}{% endif %}{% endfor %}{{ ']' }}"
+    "{% endif %}"
+    "{{ '<|end|>\\n' }}"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )

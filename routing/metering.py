@@ -119,7 +119,26 @@ class TokenCounter:
 
 
 def message_dict(message: Any) -> dict:
-    return message if isinstance(message, dict) else message.model_dump(exclude_none=True)
+    """A chat message as vLLM hands it to the chat template: an assistant's tool call arguments parsed
+    from their JSON text into a dict (vLLM's own rule, so the template renders both alike). Never
+    raises: arguments that are not JSON stay text (vLLM refuses such a request; the template cannot
+    render it, and counting falls back to its bound)."""
+    out = message if isinstance(message, dict) else message.model_dump(exclude_none=True)
+    calls = out.get("tool_calls") if out.get("role") == "assistant" else None
+    if not calls:
+        return out
+    return {**out, "tool_calls": [_with_parsed_arguments(c) for c in calls]}
+
+
+def _with_parsed_arguments(call: Any) -> Any:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except ValueError:
+        return call
+    return {**call, "function": {**function, "arguments": arguments}}
 
 
 class Tally:

@@ -21,3 +21,18 @@ def live_families(url: str) -> set[str]:
     from prometheus_client.parser import text_string_to_metric_families
 
     return {f.name for f in text_string_to_metric_families(httpx.get(url, timeout=30).text)}
+
+
+def sample_sum(url: str, family: str, **labels: str) -> float:
+    """The sum of a Prometheus endpoint's samples of `family` (a counter's `_total` included) whose
+    labels include `labels`; 0 when there is none."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(
+        s.value
+        for f in text_string_to_metric_families(httpx.get(url, timeout=30).text)
+        if f.name == family
+        for s in f.samples
+        if s.name in (family, family + "_total") and labels.items() <= s.labels.items()
+    )

@@ -199,3 +199,19 @@ def test_tool_call_arguments_are_billed_like_any_generated_text(stream):
     _, completion, _ = metered(body, tally, counter)
     # the ids do not decode to what the client got: billed as that text (one token per character here)
     assert completion == len('get_weather{"city": "Paris"}')
+
+
+def test_tool_call_arguments_reach_the_template_as_vllm_hands_them_over():
+    """vLLM parses an assistant's tool call arguments into a dict before the chat template renders them;
+    the gateway's count must see the same, and arguments that are not JSON must not raise here."""
+    from routing.metering import message_dict
+
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"city": "Paris"}'}}
+    out = message_dict({"role": "assistant", "content": None, "tool_calls": [call]})
+    assert out["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
+    assert call["function"]["arguments"] == '{"city": "Paris"}'  # the request itself is not changed
+    bad = {**call, "function": {"name": "f", "arguments": "{not json"}}
+    kept = message_dict({"role": "assistant", "tool_calls": [bad]})
+    assert kept["tool_calls"][0]["function"]["arguments"] == "{not json"
+    tool = {"role": "tool", "tool_call_id": "c1", "content": "sunny"}
+    assert message_dict(tool) is tool

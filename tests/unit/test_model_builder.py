@@ -176,8 +176,20 @@ def test_chat_template_renders_turns_and_rejects_unknown_roles():
     assert not no_prompt.endswith("<|assistant|>\n")
     with pytest.raises(ValueError, match="roles"):
         template.render(
-            messages=[{"role": "tool", "content": "x"}], bos_token="", raise_exception=raise_exception
+            messages=[{"role": "developer", "content": "x"}], bos_token="", raise_exception=raise_exception
         )
+    call = {"function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}}
+    loop = [
+        {"role": "assistant", "content": None, "tool_calls": [call, call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    ]
+    out = template.render(
+        messages=loop, bos_token="", add_generation_prompt=False, raise_exception=raise_exception
+    )
+    assert out == (
+        '<|assistant|>\n[get_weather(city="Paris", days=2), get_weather(city="Paris", days=2)]<|end|>\n'
+        "<|user|>\ntool result: sunny<|end|>\n"
+    )
 
 
 PROMPTS = [

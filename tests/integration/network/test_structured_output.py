@@ -73,3 +73,27 @@ def test_streamed_tool_calls_name_the_function_once_and_their_fragments_join_int
     assert [d.function.name for d in named] == ["get_weather"] and named[0] is deltas[0] and deltas[0].id
     arguments = "".join(d.function.arguments or "" for d in deltas if d.function)
     assert json.loads(arguments)["city"] in ("Paris", "Rome")
+
+
+def test_a_tool_result_sent_back_is_answered_and_counted_as_the_node_counts(network, client):
+    """An agent loop: the tool call goes back as the assistant's turn with the tool's result after it.
+    The default model's template renders both (a 400 before), and the gateway's own count of that
+    prompt equals the node's (vLLM turns the call's JSON arguments into a dict for the template; the
+    gateway does the same), so no prompt disagreement is counted."""
+    from tests.support.metrics import sample_sum
+
+    first = client.chat.completions.create(
+        model="default", messages=MESSAGES, max_tokens=64, tools=TOOLS, tool_choice="required"
+    )
+    (call,) = first.choices[0].message.tool_calls
+    messages = [
+        *MESSAGES,
+        first.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"},
+    ]
+    metrics = f"{network.base_url}/metrics"
+    before = sample_sum(metrics, "meritnet_usage_disagreements", field="prompt")
+    done = client.chat.completions.create(model="default", messages=messages, max_tokens=16, tools=TOOLS)
+    assert done.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    assert done.usage.prompt_tokens > first.usage.prompt_tokens  # the call and its result are in it
+    assert sample_sum(metrics, "meritnet_usage_disagreements", field="prompt") == before
