@@ -22,7 +22,7 @@ from settlement.anvil import Anvil
 from settlement.keys import KEY_FILE_ENV, SettlerKey
 
 if TYPE_CHECKING:  # web3 is imported where used: deploy/network.py imports this module
-    from settlement.chain import ChainSettings
+    from settlement.chain_settings import ChainSettings
 
 ANVIL = "anvil"  # the chain_url value
 SETTLER_FUNDS_WEI = 10**21  # a settle costs ~67k gas: a lifetime of epochs on a local chain
@@ -91,7 +91,8 @@ class NetworkAnvil:
 def anvil_chain_settings(state_dir: Path) -> ChainSettings:
     """The settlement actor's chain: the running anvil, bound to the distributor an earlier start
     deployed if the chain still holds it (a chain that was not stopped cleanly may have lost it)."""
-    from settlement.chain import Chain, ChainSettings
+    from settlement.chain import Chain
+    from settlement.chain_settings import ChainSettings
 
     info = _read_info(state_dir)
     if not info.get("url"):

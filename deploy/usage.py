@@ -159,7 +159,7 @@ def start_settlement(cfg, ledger_path: Path, genesis: float):
     import ray
 
     from settlement.actor import settlement_actor
-    from settlement.chain import ChainSettings
+    from settlement.chain_settings import ChainSettings
 
     key_file = os.environ.get("MERITNET_SETTLER_KEY_FILE")
     if not key_file:

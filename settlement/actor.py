@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from settlement import metrics
-from settlement.chain import EMBEDDED, Chain, ChainSettings, ChainUnavailable
+from settlement.chain import Chain, ChainUnavailable
+from settlement.chain_settings import EMBEDDED, ChainSettings
 from settlement.config import SettlementConfig
 from settlement.keys import SettlerKey
 from settlement.rewardbook import RewardBook

@@ -15,103 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from eth_account.typed_transactions import TypedTransaction
 from eth_utils import to_checksum_address
-from hexbytes import HexBytes
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 from web3 import Web3
 from web3.exceptions import ContractCustomError, TimeExhausted, TransactionNotFound, Web3RPCError
 
+from settlement.chain_settings import EMBEDDED, ChainSettings, redact_url
 from settlement.compile import load_artifact
+from settlement.fees import Fees
 from settlement.keys import SettlerKey
-
-EMBEDDED = "embedded"
-
-
-def redact_url(url: str) -> str:
-    """A JSON-RPC URL safe for logs and errors: scheme, host and port only. Hosted providers put the
-    API key in the path, the query or the userinfo, so all three are replaced by '...'."""
-    from urllib.parse import urlsplit
-
-    if url == EMBEDDED:
-        return url
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or "?"
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        return "<unparseable url>"
-    hidden = (
-        "/..." if (parts.path not in ("", "/") or parts.query or parts.username or parts.password) else ""
-    )
-    return f"{parts.scheme}://{host}{port}{hidden}"
-
-
-class ChainSettings(BaseSettings):
-    """Where the chain is and how settlement transacts on it (env: MERITNET_CHAIN_<FIELD>)."""
-
-    model_config = SettingsConfigDict(env_prefix="MERITNET_CHAIN_", extra="ignore")
-
-    url: str = Field(
-        default=EMBEDDED,
-        repr=False,  # may hold a provider's API key; logs and errors use redact_url()
-        description="'embedded' for the in-process py-evm chain (eth-tester), or a JSON-RPC URL "
-        "(http://, https://), e.g. anvil's http://127.0.0.1:8545.",
-    )
-    contract: str | None = Field(
-        default=None,
-        description="Address of the deployed distributor. Unset: the settlement actor deploys one "
-        "(always the case on the embedded chain, whose state lives only as long as the process).",
-    )
-    admin: str | None = Field(
-        default=None,
-        description="Admin of a distributor the settler deploys: pauses settle and rotates the roles; "
-        "meant for a multisig. Unset: the settler key's own address (fine for a local network, not "
-        "for a real chain). A bound distributor (contract) keeps its admin.",
-    )
-    deploy_block: int = Field(
-        default=0,
-        ge=0,
-        description="Block the bound distributor (contract) was deployed in: event history is read from "
-        "here. A distributor the settler deploys records its own.",
-    )
-    log_chunk_blocks: int = Field(
-        default=2_000,
-        ge=1,
-        description="Blocks per eth_getLogs request: hosted RPC providers refuse wider ranges, so logs "
-        "are read in pages of this many blocks from deploy_block to the latest block.",
-    )
-    receipt_timeout_s: float = Field(
-        default=60.0, gt=0, description="How long to wait for a receipt before treating the tx as stuck."
-    )
-    poll_interval_s: float = Field(default=0.2, gt=0, description="Receipt polling interval (seconds).")
-    fee_bump_percent: int = Field(
-        default=25,
-        ge=13,
-        le=500,
-        description="Fee increase when replacing a tx at the same nonce (dropped, or pending too long); "
-        "nodes require at least 10-12.5%.",
-    )
-    reprice_after_blocks: int = Field(
-        default=20,
-        ge=1,
-        description="A settle tx still pending after this many blocks is replaced at the same nonce with "
-        "bumped fees (up to max_fee_cap_wei).",
-    )
-    max_fee_cap_wei: int = Field(
-        default=500 * 10**9,
-        gt=0,
-        description="The highest max fee per gas (wei) settlement ever signs; a tx that would need more "
-        "stays pending at the cap (logged) until the market comes down or the cap is raised.",
-    )
-    settle_gas_limit: int = Field(
-        default=200_000,
-        ge=60_000,
-        description="Gas limit of a settle tx: ~80k, constant, once the distributor's slots are in use; "
-        "up to ~160k for its first settles, which fill empty storage slots.",
-    )
-    claim_gas_limit: int = Field(default=200_000, ge=60_000, description="Gas limit of a claim tx.")
 
 
 class ChainUnavailable(RuntimeError):
@@ -125,31 +36,6 @@ class ContractReverted(RuntimeError):
         super().__init__(f"contract reverted with {error}{args}")
         self.error = error
         self.error_args = args
-
-
-@dataclass(frozen=True)
-class Fees:
-    """EIP-1559 fees in wei."""
-
-    max_fee: int
-    priority_fee: int
-
-    def bumped(self, percent: int) -> Fees:
-        # Round up so a bump of a tiny fee still increases it (nodes compare strictly).
-        return Fees(
-            self.max_fee + (self.max_fee * percent + 99) // 100,
-            self.priority_fee + (self.priority_fee * percent + 99) // 100,
-        )
-
-    def at_least(self, other: Fees) -> Fees:
-        return Fees(max(self.max_fee, other.max_fee), max(self.priority_fee, other.priority_fee))
-
-    def capped(self, max_fee: int) -> Fees:
-        return Fees(min(self.max_fee, max_fee), min(self.priority_fee, max_fee))
-
-    def replaces(self, old: Fees) -> bool:
-        """Whether a node takes this as a replacement of `old`: both fees >= 12.5% higher."""
-        return 8 * self.max_fee >= 9 * old.max_fee and 8 * self.priority_fee >= 9 * old.priority_fee
 
 
 @dataclass(frozen=True)
@@ -182,12 +68,6 @@ class TxInfo:
     state: str
     success: bool = False
     block: int | None = None
-
-
-def fees_of_raw(raw: bytes) -> tuple[int, Fees]:
-    """Nonce and fees of a signed type-2 transaction (to re-sign it with bumped fees)."""
-    tx = TypedTransaction.from_bytes(HexBytes(raw)).as_dict()
-    return int(tx["nonce"]), Fees(int(tx["maxFeePerGas"]), int(tx["maxPriorityFeePerGas"]))
 
 
 class Chain:

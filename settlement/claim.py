@@ -171,7 +171,7 @@ def fetch_proof(network: str, account: str) -> dict[str, Any]:
 
 def _network_proof(network: str, account: str, contract: str | None, url: str | None, wait_s: float):
     """(chain, cumulative, proof, epoch) from the network's proof, checked against the chain itself."""
-    from settlement.chain import ChainSettings
+    from settlement.chain_settings import ChainSettings
     from settlement.proofs import ProofRejected, check_reward_proof
 
     doc = fetch_proof(network, account)

@@ -281,7 +281,7 @@ def status(
     """Ledger and chain progress: last closed, committed and settled epochs, totals, roles, pause."""
     config = settlement_config(ledger, epoch_length)
     led = open_ledger(config)
-    from settlement.chain import ChainSettings
+    from settlement.chain_settings import ChainSettings
     from settlement.rewardbook import RewardBook
 
     latest = RewardBook(config.book_path).latest()

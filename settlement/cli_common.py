@@ -86,7 +86,8 @@ def bound_chain(contract: str | None, url: str | None) -> Chain:
     """The distributor named by the options, else by MERITNET_CHAIN_CONTRACT / MERITNET_CHAIN_URL."""
     from eth_utils import is_address
 
-    from settlement.chain import Chain, ChainSettings, redact_url
+    from settlement.chain import Chain
+    from settlement.chain_settings import ChainSettings, redact_url
 
     settings = ChainSettings(**{k: v for k, v in {"contract": contract, "url": url}.items() if v})
     if not settings.contract:

@@ -26,7 +26,8 @@ import signal
 from typing import Any
 
 from settlement import metrics
-from settlement.chain import ContractReverted, Fees, fees_of_raw
+from settlement.chain import ContractReverted
+from settlement.fees import Fees, fees_of_raw
 from settlement.interfaces import SettlementChain, SettlementLedger
 from settlement.keys import SettlerKey
 from settlement.rewardbook import EpochCommitment

@@ -108,7 +108,7 @@ def test_receipt_verify_checks_a_served_receipt_against_anvil(tmp_path, monkeypa
 
     from deploy.cli import app
     from settlement.anvil import Anvil
-    from settlement.chain import ChainSettings
+    from settlement.chain_settings import ChainSettings
 
     anvil = Anvil(state_file=tmp_path / "anvil-state.json").start()
     try:

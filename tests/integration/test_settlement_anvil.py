@@ -8,8 +8,10 @@ from types import SimpleNamespace
 import pytest
 
 from settlement.anvil import Anvil
-from settlement.chain import Chain, ChainSettings, ChainUnavailable, fees_of_raw
+from settlement.chain import Chain, ChainUnavailable
+from settlement.chain_settings import ChainSettings
 from settlement.config import SettlementConfig
+from settlement.fees import fees_of_raw
 from settlement.keys import SettlerKey
 from settlement.rewardbook import RewardBook
 from settlement.settler import Settler

@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 from cluster import UsageRecord
 from settlement.actor import SettlementService
 from settlement.anvil import Anvil, free_port
-from settlement.chain import Chain, ChainSettings
+from settlement.chain import Chain
+from settlement.chain_settings import ChainSettings
 from settlement.cli import app
 from settlement.config import SettlementConfig
 from settlement.keys import SettlerKey

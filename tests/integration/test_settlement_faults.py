@@ -20,7 +20,8 @@ from eth_utils import to_checksum_address
 from cluster import UsageRecord
 from cluster.epochs import Epochs
 from settlement.anvil import Anvil
-from settlement.chain import Chain, ChainSettings
+from settlement.chain import Chain
+from settlement.chain_settings import ChainSettings
 from settlement.keys import SettlerKey
 from settlement.ledger import UsageLedger
 from settlement.settle_tx import CRASH_STEPS

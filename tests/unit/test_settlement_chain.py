@@ -139,13 +139,14 @@ def test_settlement_reward_tree_proofs_are_accepted_by_the_contract():
     ],
 )
 def test_rpc_urls_are_redacted_in_errors_and_reprs(url, shown):
-    from settlement.chain import ChainSettings, redact_url
+    from settlement.chain_settings import ChainSettings, redact_url
 
     assert redact_url(url) == shown and "SECRETKEY123" not in repr(ChainSettings(url=url))
 
 
 def test_an_unreachable_chain_error_does_not_quote_the_key():
-    from settlement.chain import Chain, ChainSettings, ChainUnavailable
+    from settlement.chain import Chain, ChainUnavailable
+    from settlement.chain_settings import ChainSettings
 
     chain = Chain.connect(ChainSettings(url="http://127.0.0.1:9/v2/SECRETKEY123"))  # nothing listens on 9
     with pytest.raises(ChainUnavailable) as info:

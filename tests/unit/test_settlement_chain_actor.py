@@ -11,8 +11,10 @@ from types import SimpleNamespace
 import pytest
 from web3 import Web3
 
-from settlement.chain import Chain, ChainSettings, ChainUnavailable, ContractReverted, fees_of_raw
+from settlement.chain import Chain, ChainUnavailable, ContractReverted
+from settlement.chain_settings import ChainSettings
 from settlement.config import EMISSION_CAP_HEADROOM, SettlementConfig
+from settlement.fees import fees_of_raw
 from settlement.keys import SettlerKey, SettlerKeyError
 from settlement.rewardbook import RewardBook
 from settlement.settle_tx import SettlementConflict

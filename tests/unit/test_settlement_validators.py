@@ -7,7 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from settlement.chain import Chain, ChainSettings
+from settlement.chain import Chain
+from settlement.chain_settings import ChainSettings
 from settlement.config import SettlementConfig
 from settlement.keys import SettlerKey
 from settlement.metrics import REGISTRY
