@@ -22,7 +22,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from cluster import UsageRecord
-from settlement.ledger import UsageLedger, UsageRow
+from settlement.ledger import UsageLedger
+from settlement.ledger_values import UsageRow
 from settlement.trees import usage_tree
 
 _OPERATORS = [

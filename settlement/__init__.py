@@ -3,7 +3,8 @@
 Imports here stay light (no web3): the gateway's metering only needs the ledger.
 """
 
-from settlement.ledger import AppendResult, FrozenEpoch, LedgerError, PendingTx, UsageLedger, UsageRow
+from settlement.ledger import UsageLedger
+from settlement.ledger_values import AppendResult, FrozenEpoch, LedgerError, PendingTx, UsageRow
 from settlement.merkle import MerkleTreeError, StandardMerkleTree, keccak256
 from settlement.rewards import NodeUsage, RewardResult, compute_rewards, weighted_usage
 from settlement.trees import (

@@ -32,17 +32,24 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Self
+from typing import Self
 
 from cluster import UsageRecord
 from cluster.completions import MAX_COUNT
 from cluster.epochs import Epochs
+from settlement.ledger_values import (
+    AppendResult,
+    FrozenEpoch,
+    LedgerError,
+    PendingTx,
+    UsageRow,
+    group_by_node,
+)
 from settlement.rewards import NodeUsage
 from settlement.trees import USAGE_LEAF_VERSION
 
-__all__ = ["AppendResult", "FrozenEpoch", "LedgerError", "PendingTx", "UsageLedger", "UsageRow"]
+__all__ = ["UsageLedger"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -76,77 +83,6 @@ _PAGE = 10_000
 
 def _counts_in_bounds(r: UsageRecord) -> bool:
     return all(type(n) is int and 0 <= n <= MAX_COUNT for n in (r.prompt_tokens, r.completion_tokens))
-
-
-class LedgerError(RuntimeError):
-    """A ledger operation that cannot proceed; the message says what to do instead."""
-
-
-@dataclass(frozen=True, slots=True)
-class AppendResult:
-    """Outcome of one `append`: all of it is durable when the call returns."""
-
-    accepted: int
-    duplicates: tuple[str, ...]
-    late: int  # accepted records whose natural epoch was closed; assigned to the next open epoch
-    rejected: tuple[str, ...] = ()  # request ids with counts outside UsageRecord's bounds: not stored
-
-
-class UsageRow(NamedTuple):
-    """The part of an ok record that rewards and the usage tree need."""
-
-    request_id: str
-    node_id: str
-    operator: str
-    model: str
-    prompt_tokens: int
-    completion_tokens: int
-    request_hash: str = ""  # sha256 hex of the body the client sent ('' for records before they had one)
-    response_hash: str = ""  # sha256 hex of the body the client got
-
-
-class PendingTx(NamedTuple):
-    """A signed settlement transaction written ahead of its broadcast."""
-
-    raw_tx: bytes
-    nonce: int
-    tx_hash: str
-
-
-@dataclass(frozen=True, slots=True)
-class FrozenEpoch:
-    """A closed epoch: its ok records in request_id order, and a digest of all its records."""
-
-    epoch: int
-    start: float  # [start, end) in unix seconds: the natural range; late records may be older
-    end: float
-    closed_at: float
-    n_records: int  # all statuses
-    digest: str  # sha256 hex over every record of the epoch in request_id order (see _digest)
-    rows: tuple[UsageRow, ...]  # status "ok" only
-    leaf_version: int = USAGE_LEAF_VERSION  # the usage leaf layout its tree is built with (settlement.trees)
-
-    def usage_by_node(self) -> dict[str, tuple[NodeUsage, ...]]:
-        """Tokens per node and operator over the ok rows (same answer as UsageLedger.usage_by_node)."""
-        return _group_by_node(
-            (r.node_id, r.operator, r.prompt_tokens, r.completion_tokens) for r in self.rows
-        )
-
-
-def _group_by_node(
-    rows: Iterator[tuple[str, str, int, int]] | Sequence[tuple[str, str, int, int]],
-) -> dict[str, tuple[NodeUsage, ...]]:
-    """Tokens per node id, one NodeUsage per operator it served under (sorted by operator): a node id
-    can change operator within an epoch (unregister + register), and each operator is paid for its own
-    part (settlement.rewards)."""
-    tokens: dict[tuple[str, str], tuple[int, int]] = {}
-    for node_id, operator, prompt, completion in rows:
-        p, c = tokens.get((node_id, operator), (0, 0))
-        tokens[(node_id, operator)] = (p + prompt, c + completion)
-    out: dict[str, tuple[NodeUsage, ...]] = {}
-    for (node_id, operator), (prompt, completion) in sorted(tokens.items()):
-        out[node_id] = (*out.get(node_id, ()), NodeUsage(operator, prompt, completion))
-    return out
 
 
 def _digest(rows: Sequence[tuple]) -> str:
@@ -398,7 +334,7 @@ class UsageLedger:
             "WHERE epoch = ? AND status = 'ok' GROUP BY node_id, operator",
             (epoch,),
         )
-        return _group_by_node(rows)
+        return group_by_node(rows)
 
     # ------------------------------------------------------------ freezing
 

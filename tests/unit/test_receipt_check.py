@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from settlement.ledger import UsageRow
+from settlement.ledger_values import UsageRow
 from settlement.receipts import ReceiptRejected, check_receipt
 from settlement.trees import find_usage_leaf, usage_tree
 

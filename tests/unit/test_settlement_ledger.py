@@ -5,7 +5,8 @@ import sqlite3
 import pytest
 
 from cluster import UsageRecord
-from settlement.ledger import LedgerError, PendingTx, UsageLedger
+from settlement.ledger import UsageLedger
+from settlement.ledger_values import LedgerError, PendingTx
 from settlement.rewards import NodeUsage
 
 A = "0x5B38Da6a701c568545dCfcB03FcB875f56beddC4"
