@@ -10,11 +10,11 @@ from typer.testing import CliRunner
 from cluster.deployment import EngineDefaults, llm_config_for
 from cluster.records import NodeSpec
 from deploy.config import CPU_ENGINE_ENV
-from deploy.node_cli import (
+from deploy.node_cli import node_app
+from deploy.node_config import (
     NODE_YAML_EXAMPLE,
     NodeConfigError,
     advertised_endpoint,
-    node_app,
     node_settings,
     read_node_yaml,
 )
