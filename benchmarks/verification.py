@@ -15,7 +15,7 @@ latency. challenge_distinguishability_auc: classifiers over what a node sees (se
 Honest heterogeneity (issue 26, `hetero`): honest nodes whose engine DIFFERS from the reference (fp32, 2
 OpenMP threads, prefix caching): bf16 vs fp32, 1 vs 2 threads, prefix caching off, batch 1 vs 8 (cells
 of `hetero.cells[]`, each with false_fail_rate / false_fraud_rate on held-out completions). Thresholds
-are calibrated (`scoring.verify.calibrate`, margin 2) on the first half of every cell from the measured
+are calibrated (`scoring.thresholds.calibrate`, margin 2) on the first half of every cell from the measured
 token margins and margin noise (node logprobs vs reference logprobs); the second half is judged.
 `false_conviction_bound` states the bound and its assumption and simulates epochs of honest evidence.
 
@@ -393,7 +393,8 @@ def simulated_false_conviction(pool: list[list[float]], th, score_config, epochs
 def hetero_section(cells, ref, codec, sampler, score_config, margin: float = 2.0) -> tuple[dict, object]:
     """Calibrate on the first half of every cell, judge the second half: false fail / fraud rates."""
     from scoring.score import NodeScorer
-    from scoring.verify import calibrate, verify
+    from scoring.thresholds import calibrate
+    from scoring.verify import verify
 
     for cell in cells:
         claims = cell["claims"]

@@ -10,17 +10,9 @@ from scoring.epoch_quality import EpochQuality
 from scoring.score import NodeScorer, ScoreConfig
 from scoring.shadow_feed import ShadowFeed
 from scoring.shared_engine import ReferenceEngineService
+from scoring.thresholds import VerifyThresholds, calibrate
 from scoring.validator import Validator, ValidatorConfig
-from scoring.verify import (
-    Claim,
-    Evidence,
-    ReferenceEngine,
-    TextCodec,
-    Verification,
-    VerifyThresholds,
-    calibrate,
-    verify,
-)
+from scoring.verify import Claim, Evidence, ReferenceEngine, TextCodec, Verification, verify
 
 __all__ = [
     "ChallengeConfig",

@@ -16,7 +16,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from scoring.verify import Evidence, Verification, VerifyThresholds
+from scoring.thresholds import VerifyThresholds
+from scoring.verify import Evidence, Verification
 
 
 class EmbeddingThresholds(BaseModel):

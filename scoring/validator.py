@@ -34,15 +34,8 @@ from scoring.embeddings import EmbeddingThresholds, verify_embeddings
 from scoring.organic import shape_of
 from scoring.replay import RESHAPING_FIELDS, NoisyArgmax, resolve_sampler
 from scoring.score import NodeScorer, ScoreConfig
-from scoring.verify import (
-    Claim,
-    ReferenceEngine,
-    TextCodec,
-    Verification,
-    VerifyThresholds,
-    malformed,
-    verify,
-)
+from scoring.thresholds import VerifyThresholds
+from scoring.verify import Claim, ReferenceEngine, TextCodec, Verification, malformed, verify
 
 log = logging.getLogger("meritnet.validator")
 

@@ -46,7 +46,8 @@ def test_honest_bf16_node_is_never_convicted_and_other_model_is_fraud(setup):
     from benchmarks.verification import HFGenerator, _claim_from, challenge_prompts
     from cluster.model import build_default_model
     from scoring.score import NodeScorer
-    from scoring.verify import VerifyThresholds, verify
+    from scoring.thresholds import VerifyThresholds
+    from scoring.verify import verify
 
     ref, codec, th = setup["ref"], setup["codec"], VerifyThresholds()
     scorer = NodeScorer("v")

@@ -13,8 +13,8 @@ import pytest
 from cluster.records import NodeStats
 from scoring.challenge_client import ChallengeResponse, parse_vectors
 from scoring.embeddings import EmbeddingThresholds, cosine, verify_embeddings
+from scoring.thresholds import VerifyThresholds
 from scoring.validator import Validator, ValidatorConfig
-from scoring.verify import VerifyThresholds
 
 OP = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"
 MODEL = "emb"

@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scoring.score import NodeScorer, ScoreConfig
-from scoring.verify import Evidence, VerifyThresholds
+from scoring.thresholds import VerifyThresholds
+from scoring.verify import Evidence
 
 TH = VerifyThresholds(honest_rate=0.005, cheat_rate=0.05)
 

@@ -7,15 +7,8 @@ import numpy as np
 import pytest
 
 from scoring.fakes import EOS, BigramModel, FakeReferenceEngine, LetterCodec
-from scoring.verify import (
-    Claim,
-    Evidence,
-    VerifyThresholds,
-    binomial_tail,
-    calibrate,
-    compare_tokens,
-    verify,
-)
+from scoring.thresholds import VerifyThresholds, calibrate
+from scoring.verify import Claim, Evidence, binomial_tail, compare_tokens, verify
 
 CODEC = LetterCodec()
 REF = FakeReferenceEngine(BigramModel(seed=0))
