@@ -36,7 +36,8 @@ from routing import budgets, errors, intake, metrics
 from routing.admission import Admission
 from routing.config import GatewayConfig
 from routing.keys import ClientKey, KeyRing, key_from_secret
-from routing.metering import TokenCounter, observe, reservation
+from routing.metering import TokenCounter, reservation
+from routing.recorder import UsageRecorder
 from routing.refresh import Refresher
 from routing.request_context import RequestContext, RequestPlan, context_for, is_event, stream_messages
 from routing.selection import NodeSelector, Pick, facts_for
@@ -102,11 +103,12 @@ class GatewayCore:
         self._nodes: dict[str, NodeStats] = {}
         self._in_flight: Counter[str] = Counter()
         self._shadow_key = config.shadow_key.get_secret_value().encode()
-        self._served: Counter[str] = Counter()  # completed requests per node through this replica
         self.keys = KeyRing(
             [key_from_secret(k.get_secret_value()) for k in config.api_keys],
             Path(config.keys_file) if config.keys_file else None,
         )
+        # usage records, per-key and per-node counts, shadow offers (routing/recorder.py)
+        self.recorder = UsageRecorder(sink, self.keys, lambda: self.refresher.shadow_feed)
         self._challenge_keys = {k.get_secret_value() for k in config.challenge_keys}
         self.refresher = Refresher(self)  # the control plane's snapshot (routing/refresh.py)
         self.views = PublicViews(self)  # the read-only pages (routing/views.py)
@@ -216,7 +218,7 @@ class GatewayCore:
         counter = self._counters.get(model)
         limited = key is not None and (key.tokens_per_min is not None or key.budget_tokens is not None)
         reserved = reservation(body, counter) if limited else 0  # the prompt is tokenized once
-        if key is not None and key.tokens_per_min is not None:  # held until the request ends (_meter)
+        if key is not None and key.tokens_per_min is not None:  # held until the request ends (recorder.meter)
             self.keys.reserve(key, rid, reserved)
         allowed = self.config.timeouts.total_s(intake.max_tokens(body), intake.int_field(body, "n") or 1)
         return RequestPlan(
@@ -357,7 +359,7 @@ class GatewayCore:
         record (written in the background: the request's own task is being cancelled)."""
         self._end(ctx.node.node_id)
         _cancel_quietly(gen)
-        asyncio.get_running_loop().create_task(self._meter_quietly(ctx, "cancelled"))
+        asyncio.get_running_loop().create_task(self.recorder.meter_quietly(ctx, "cancelled"))
 
     async def _first_message(
         self, gen, node_id: str, facts, tried: set[str], last: bool, deadline: float, stream: bool = True
@@ -393,7 +395,7 @@ class GatewayCore:
                 payload = strip_token_ids(payload)
             ctx.digest.update(payload.encode())
             ctx.ttft = ttft
-            await self._meter(ctx, "ok")
+            await self.recorder.meter(ctx, "ok")
             # Without a stream there is no first-token time: time per token is the whole time
             # spread over the tokens, used for both EWMAs so the latency prediction stays coherent.
             per_token = ttft / max(1, ctx.completion_tokens)
@@ -426,7 +428,7 @@ class GatewayCore:
             status = "ok"
             ctx.count()
             ctx.digest.update(sse.DONE.encode())  # the response hash covers every byte the client gets
-            await self._meter(ctx, "ok")
+            await self.recorder.meter(ctx, "ok")
             self.selector.observe_success(ctx.node.node_id, ctx.ttft, ctx.tpot())
             yield sse.DONE
         except asyncio.CancelledError:
@@ -447,65 +449,13 @@ class GatewayCore:
             if status != "ok":
                 gen.cancel()
                 # Not acknowledged as completed, but metered for audit; never blocks the client.
-                asyncio.get_running_loop().create_task(self._meter_quietly(ctx, status))
-
-    async def _meter(self, ctx: RequestContext, status: str) -> None:
-        if status != "ok":
-            ctx.count()  # what was forwarded before the failure (audit only: not an ok record)
-        observe(ctx.node.node_id, ctx.tally, ctx.prompt_tokens, ctx.completion_tokens, ctx.counted)
-        if ctx.key is not None:  # per key: requests by outcome, tokens against its limit
-            metrics.KEY_REQUESTS.labels(ctx.key.key_id, status).inc()
-            metrics.KEY_TOKENS.labels(ctx.key.key_id).inc(ctx.prompt_tokens + ctx.completion_tokens)
-            self.keys.settle(ctx.key, ctx.rid, ctx.prompt_tokens + ctx.completion_tokens)
-        rec = ctx.record(status)
-        if status == "ok":
-            self._served[ctx.node.node_id] += 1
-        metrics.REQUESTS.labels(ctx.model, ctx.node.node_id, status).inc()
-        metrics.E2E.labels(ctx.model, ctx.node.node_id).observe(time.perf_counter() - ctx.t0)
-        if ctx.ttft is not None:
-            metrics.TTFT.labels(ctx.model, ctx.node.node_id).observe(ctx.ttft)
-        metrics.TOKENS.labels(ctx.model, ctx.node.node_id, "prompt").inc(rec.prompt_tokens)
-        metrics.TOKENS.labels(ctx.model, ctx.node.node_id, "completion").inc(rec.completion_tokens)
-        if status == "ok" and ctx.capture is not None:
-            self._offer_for_shadow(ctx)
-        if self._sink is None:
-            return
-        for attempt in range(5):  # 0.2 + 0.4 + 0.8 + 1.6 s: long enough for the store to restart
-            try:
-                await asyncio.wait_for(self._sink.record.remote([rec]), 10)
-                return
-            except Exception as exc:  # noqa: BLE001 - retried, then a clear 503
-                log.error("usage sink write failed (attempt %d: %s)", attempt + 1, type(exc).__name__)
-                if attempt < 4:
-                    await asyncio.sleep(0.2 * 2**attempt)
-        raise errors.APIError(
-            503,
-            "The request ran but its usage could not be recorded; it is not billed. Retry shortly.",
-            type="service_unavailable",
-            code="metering_unavailable",
-        )
+                asyncio.get_running_loop().create_task(self.recorder.meter_quietly(ctx, status))
 
     def _node_malformed(self, node_id: str, exc: Exception) -> None:
         """A node sent something that is not a completion: penalised like a failure, counted."""
         self.selector.observe_failure(node_id)
         metrics.MALFORMED.labels(node_id).inc()
         log.warning("node %s sent a malformed answer (%s)", node_id, type(exc).__name__)
-
-    def _offer_for_shadow(self, ctx: RequestContext) -> None:
-        """Hand a sampled organic completion to validators; fire-and-forget, never fails the request."""
-        try:
-            claimed = ctx.tally.reported.completion_tokens if ctx.tally.reported else ctx.completion_tokens
-            item = ctx.capture.served(ctx.node.node_id, ctx.tally, claimed)
-            self.refresher.shadow_feed.offer.remote([item])
-            metrics.SHADOW_OFFERED.labels(ctx.model, ctx.node.node_id).inc()
-        except Exception as exc:  # noqa: BLE001 - content is never logged, only the failure kind
-            log.warning("shadow offer of %s failed (%s)", ctx.rid, type(exc).__name__)
-
-    async def _meter_quietly(self, ctx: RequestContext, status: str) -> None:
-        try:
-            await self._meter(ctx, status)
-        except Exception as exc:  # noqa: BLE001 - the client's stream already ended; _meter logged it
-            log.debug("metering after the stream failed (%s)", type(exc).__name__)
 
     def _begin(self, node_id: str) -> None:
         self._in_flight[node_id] += 1

@@ -242,7 +242,7 @@ class PublicViews:
         """What `/status` shows: every node (with consensus quality, share of this replica's completed
         requests and TTFT average) and the last `epochs` settled epochs."""
         core = self._core
-        total = sum(core._served.values()) or 1
+        total = sum(core.recorder.served.values()) or 1
         quality = core.refresher.scores.quality if core.refresher.scores is not None else {}
         nodes = []
         for s in sorted(core._nodes.values(), key=lambda s: s.node_id):
@@ -257,7 +257,7 @@ class PublicViews:
                     "operator": s.operator,
                     "live": s.live,
                     "quality": quality.get(s.node_id),
-                    "share": core._served[s.node_id] / total,
+                    "share": core.recorder.served[s.node_id] / total,
                     "ttft_ms": None if ttft is None else 1000 * ttft,
                 }
             )
