@@ -22,22 +22,21 @@ import pytest
 from settlement.trees import request_key
 from tests.support.meritnet_up import start_meritnet_up, stop_meritnet_up
 from tests.support.ports import free_port
+from tests.support.readme import blocks, section
 
 pytestmark = pytest.mark.integration
 
-README = Path(__file__).parents[2] / "README.md"
 BIN = Path(sys.executable).parent
 EPOCH_S = 10  # short epochs: the request's epoch settles seconds after it ends
 OPERATOR_A = "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266"  # h100-a's operator in the demo
 
 
-def section() -> str:
-    return README.read_text().split("## Rewards, on-chain settlement and audits", 1)[1].split("\n## ", 1)[0]
+AUDIT = "## Rewards, on-chain settlement and audits"
 
 
 def _block(marker: str) -> str:
     """The section's bash block that holds `marker`."""
-    (block,) = [b for b in re.findall(r"```bash\n(.*?)```", section(), re.S) if marker in b]
+    (block,) = [b for b in blocks(AUDIT, "bash") if marker in b]
     return block
 
 
@@ -141,7 +140,9 @@ def test_readme_audit_commands_work_on_anvil(tmp_path):
         assert status["contract"] == contract and status["epoch_length_s"] == EPOCH_S
 
         # The client's own receipt, as the README's sentence has it (issue 31).
-        receipt_cmd = re.search(r"`(meritnet receipt verify [^`]+)`", re.sub(r"\s+", " ", section())).group(1)
+        receipt_cmd = re.search(
+            r"`(meritnet receipt verify [^`]+)`", re.sub(r"\s+", " ", section(AUDIT))
+        ).group(1)
         receipt_cmd = receipt_cmd.replace("<x-meritnet-request-id>", client_rid).replace(
             "http://127.0.0.1:8000", f"http://127.0.0.1:{port}"
         )

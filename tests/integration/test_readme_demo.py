@@ -13,17 +13,12 @@ import pytest
 
 from tests.support.meritnet_up import start_meritnet_up, stop_meritnet_up
 from tests.support.ports import free_port
+from tests.support.readme import blocks
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
-README = Path(__file__).parents[2] / "README.md"
 MERITNET = Path(sys.executable).with_name("meritnet")
-
-
-def _blocks(heading: str, lang: str) -> list[str]:
-    section = README.read_text().split(heading, 1)[1].split("\n#", 1)[0]
-    return re.findall(rf"```{lang}\n(.*?)```", section, re.S)
 
 
 def _cli(cwd: Path, command: str) -> str:
@@ -63,13 +58,13 @@ def test_readme_demo_commands_work(tmp_path):
     try:
         assert "Press Ctrl-C to stop" in started, started[-3000:]
 
-        (curl,) = _blocks("### Calling it", "bash")
+        (curl,) = blocks("### Calling it", "bash")
         r = subprocess.run(
             ["bash", "-c", curl.replace(":8000", f":{port}")], capture_output=True, text=True, timeout=120
         )
         assert r.returncode == 0 and '"choices"' in r.stdout, (r.stdout, r.stderr)
 
-        (snippet,) = _blocks("### Calling it", "python")
+        (snippet,) = blocks("### Calling it", "python")
         r = subprocess.run(
             [sys.executable, "-c", snippet.replace(":8000", f":{port}")],
             capture_output=True,
@@ -100,7 +95,7 @@ def test_readme_demo_commands_work(tmp_path):
         # The README's key commands, in order: create with limits and with a budget (both secrets work,
         # no key is refused), list (the budgeted key's spend is what its request was charged), revoke.
         create, create_budget, list_, revoke = [
-            line.split("#")[0].strip() for line in _blocks("### API keys", "bash")[0].splitlines()
+            line.split("#")[0].strip() for line in blocks("### API keys", "bash")[0].splitlines()
         ]
         made = [_cli(tmp_path, command) for command in (create, create_budget)]
         (secret, key_id), (budget_secret, budget_id) = [

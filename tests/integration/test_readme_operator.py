@@ -24,17 +24,17 @@ from eth_utils import to_checksum_address
 
 from tests.support.meritnet_up import start_meritnet_up, stop_meritnet_up
 from tests.support.ports import free_port
+from tests.support.readme import section as readme_section
 
 pytestmark = pytest.mark.integration
 
-README = Path(__file__).parents[2] / "README.md"
 BIN = Path(sys.executable).parent
 EPOCH_S = 10
 NODE_ID = "my-node"  # the README's
 
 
 def _section() -> str:
-    return README.read_text().split("## Run a node", 1)[1].split("\n## ", 1)[0]
+    return readme_section("## Run a node")
 
 
 def _commands() -> tuple[list[str], str, str]:

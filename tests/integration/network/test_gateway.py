@@ -26,7 +26,7 @@ def wait_for(predicate, timeout_s: float = 30.0, interval_s: float = 0.25):
 
 def test_models_lists_the_default_model(client):
     ids = [m.id for m in client.models.list().data]
-    assert ids == ["default"]
+    assert ids == ["default", "default-embed"]
 
 
 def test_chat_completion_is_metered_exactly(client, usage_records):
@@ -204,7 +204,7 @@ def test_model_without_live_node_is_503(network, client):
 
 
 def test_health_and_metrics(network, client):
-    assert httpx.get(f"{network.base_url}/health").json()["live_nodes"] == 2
+    assert httpx.get(f"{network.base_url}/health").json()["live_nodes"] == len(network.specs) == 3
     client.completions.create(model="default", prompt="metrics", max_tokens=2)
     text = httpx.get(f"{network.base_url}/metrics").text
     assert "meritnet_requests_total" in text and "meritnet_ttft_seconds_bucket" in text
@@ -233,7 +233,7 @@ def test_each_node_is_placed_on_its_accelerator(network):
         if a.class_name.startswith("ServeReplica:node-")
     ]
     placed = {a.class_name.split(":")[1]: accel_of_ray_node[a.node_id] for a in replicas}
-    assert placed == {"node-h100-a": ["accel_H100"], "node-l4-b": ["accel_L4"]}
+    assert placed == {"node-h100-a": ["accel_H100"], "node-l4-b": ["accel_L4"], "node-l4-embed": ["accel_L4"]}
 
 
 def test_status_command_lists_the_live_nodes(network):
