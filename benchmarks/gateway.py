@@ -130,11 +130,11 @@ def _start_bare(model_path: str, engine_kwargs: dict, env: dict, port: int) -> s
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path]
     cmd += ["--served-model-name", "default", "--host", "127.0.0.1", "--port", str(port)]
     for key, value in flags.items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            cmd.append(flag)
-        elif value is not False:
-            cmd += [flag, str(value)]
+        name = key.replace("_", "-")
+        if isinstance(value, bool):  # vLLM's boolean flags take --no-<flag> for False
+            cmd.append(f"--{name}" if value else f"--no-{name}")
+        else:  # a dict (structured_outputs_config) or list as JSON, as vLLM's CLI parses it
+            cmd += [f"--{name}", json.dumps(value) if isinstance(value, dict | list) else str(value)]
     log = open(f"/tmp/meritnet-bench-bare-{port}.log", "w")
     return subprocess.Popen(cmd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
 
@@ -202,7 +202,10 @@ def main() -> None:
         net = LocalNetwork(cfg).start()
         _deploy_stock(net.specs[0].model_source, cfg.engine.engine_kwargs)
         bare = _start_bare(
-            net.specs[0].model_source, cfg.engine.engine_kwargs, cfg.cluster.env_vars, bare_port
+            net.specs[0].model_source,
+            {**cfg.engine.engine_kwargs, **cfg.engine.serving_kwargs},
+            cfg.cluster.env_vars,
+            bare_port,
         )
         _wait_http(f"http://127.0.0.1:{bare_port}/health", bare)
     try:
