@@ -42,21 +42,22 @@ class NodeEmbeddings(_Strict):
     usage: NodeUsage | None = None
     error: NodeError | None = None
 
-    def dimensions(self) -> int:
-        """The vectors' common length (0 without vectors)."""
-        return _length(self.data[0].embedding) if self.data else 0
 
-
-def _length(embedding: list[float] | str) -> int:
+def _vector(embedding: list[float] | str) -> np.ndarray:
+    """One vector as float32s: JSON floats as they are (finite already: allow_inf_nan), base64 decoded
+    once; ValueError for base64 that is not whole float32s or holds NaN or infinity."""
     if isinstance(embedding, list):
-        return len(embedding)
+        return np.asarray(embedding, dtype=np.float32)
     try:
         raw = base64.b64decode(embedding, validate=True)
     except binascii.Error:
         raise ValueError("an embedding that is not base64") from None
     if len(raw) % 4:
         raise ValueError("a base64 embedding that is not whole float32s")
-    return len(raw) // 4
+    vector = np.frombuffer(raw, dtype="<f4")
+    if not np.isfinite(vector).all():
+        raise ValueError("a base64 embedding holds NaN or infinity")
+    return vector
 
 
 def parse_embeddings(raw: str | bytes, inputs: int, encoding: str) -> NodeEmbeddings:
@@ -71,11 +72,6 @@ def parse_embeddings(raw: str | bytes, inputs: int, encoding: str) -> NodeEmbedd
     want = list if encoding == "float" else str
     if not all(isinstance(e.embedding, want) for e in body.data):
         raise ValueError(f"vectors not in the requested {encoding} encoding")
-    width = body.dimensions()
-    if any(_length(e.embedding) != width for e in body.data):
+    if len({len(_vector(e.embedding)) for e in body.data}) > 1:
         raise ValueError("vectors of different lengths in one answer")
-    if encoding == "base64":  # JSON floats are finite already (allow_inf_nan); the packed ones too
-        for e in body.data:
-            if not np.isfinite(np.frombuffer(base64.b64decode(e.embedding), dtype="<f4")).all():
-                raise ValueError("a base64 embedding holds NaN or infinity")
     return body

@@ -87,9 +87,11 @@ def request_model(method: str):
     from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
     from vllm.entrypoints.pooling.embed.protocol import EmbeddingCompletionRequest
 
-    return {"chat": ChatCompletionRequest, "completions": CompletionRequest}.get(
-        method, EmbeddingCompletionRequest
-    )
+    return {
+        "chat": ChatCompletionRequest,
+        "completions": CompletionRequest,
+        "embeddings": EmbeddingCompletionRequest,
+    }[method]
 
 
 async def answer(request: Request, method: str, model_id: str, accepts, start):

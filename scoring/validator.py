@@ -22,7 +22,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -148,20 +148,23 @@ class Validator:
                 f"validator {self.validator_id} has no reference engine for model {model_id!r}; "
                 "configure one per served model"
             )
-        # A local vLLM engine takes one call at a time; an engine that says it batches concurrent calls
-        # (e.g. deploy's shared reference engine actor) gets them all at once.
-        lock = contextlib.nullcontext() if getattr(engine, "concurrent_calls", False) else self._engine_lock
-        async with lock:
-            v = await asyncio.to_thread(
-                verify,
-                claim,
-                engine,
-                self._codecs[model_id],
-                self.config.thresholds,
-                self.sampler_for(model_id),
-            )
+        codec, sampler = self._codecs[model_id], self.sampler_for(model_id)
+        v = await self._on_engine(engine, verify, claim, engine, codec, self.config.thresholds, sampler)
         self.tokens_spent += len(claim.prompt_token_ids) + v.n_tokens
         return v
+
+    async def _on_engine(self, engine: Any, fn: Callable, *args: Any) -> Any:
+        """`fn(*args)` in a worker thread, using `engine`: a local vLLM engine takes one call at a time;
+        an engine that says it batches concurrent calls (deploy's shared engine actors) gets them at once."""
+        lock = contextlib.nullcontext() if getattr(engine, "concurrent_calls", False) else self._engine_lock
+        async with lock:
+            return await asyncio.to_thread(fn, *args)
+
+    def _no_verdict(self, node_id: str, exc: Exception) -> None:
+        """This validator's own engine failed: no verdict on the node (counted, logged), never a crash."""
+        self.counts[node_id]["verify_error"] += 1
+        metrics.VERIFY_ERRORS.labels(self.validator_id).inc()
+        log.warning("validator %s: could not verify %s (%s)", self.validator_id, node_id, type(exc).__name__)
 
     def _challenge_for(self, node: NodeStats) -> ChallengeRequest:
         """A challenge drawn like organic traffic; for an embeddings node, its texts as the inputs."""
@@ -232,11 +235,7 @@ class Validator:
             try:
                 v = await self.verify_claim(model_id, claim)
             except Exception as exc:  # noqa: BLE001 - the reference's failure is not the node's
-                self.counts[node_id]["verify_error"] += 1
-                metrics.VERIFY_ERRORS.labels(self.validator_id).inc()
-                log.warning(
-                    "validator %s: could not verify %s (%s)", self.validator_id, node_id, type(exc).__name__
-                )
+                self._no_verdict(node_id, exc)
                 return None
         self._observe(node_id, model_id, v)
         return v
@@ -247,14 +246,10 @@ class Validator:
         """Recompute an embeddings challenge's vectors on this validator's own engine and judge the node's
         (scoring.embeddings); the engine's own failure is no verdict, as in `_judge`."""
         engine = self._engines[node.model_id]
-        lock = contextlib.nullcontext() if getattr(engine, "concurrent_calls", False) else self._engine_lock
         try:
-            async with lock:
-                reference = await asyncio.to_thread(engine.embed, list(inputs))
+            reference = await self._on_engine(engine, engine.embed, list(inputs))
         except Exception as exc:  # noqa: BLE001 - the reference's failure is not the node's
-            self.counts[node.node_id]["verify_error"] += 1
-            metrics.VERIFY_ERRORS.labels(self.validator_id).inc()
-            log.warning("validator %s: could not embed for %s (%s)", self.validator_id, node.node_id, exc)
+            self._no_verdict(node.node_id, exc)
             return None
         v = verify_embeddings(vectors, reference, self.config.embedding, self.config.thresholds)
         self.tokens_spent += len(inputs)
