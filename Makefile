@@ -42,9 +42,10 @@ $(CHROMEDRIVER):
 demo: setup
 	$(VENV)/bin/meritnet up
 
-# Unit tests first (a minute, no Ray): a broken unit shows before the integration packages start networks.
+# Two lanes (tests/conftest.py): the package networks in one, the unit tests (first: a broken unit shows
+# within two minutes) and the README and settlement tests in the other.
 test: setup
-	$(PY) -m pytest tests/unit tests/integration --durations=20
+	$(PY) -m pytest tests/unit tests/integration -n 2 --dist loadgroup --durations=30
 
 test-unit: setup
 	$(PY) -m pytest tests/unit

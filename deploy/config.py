@@ -158,6 +158,12 @@ class NetworkConfig(BaseSettings):
         "anvil node `meritnet up` starts, state in state_dir/anvil/; deploy/localchain.py) or a JSON-RPC URL.",
     )
     settlement: bool = Field(default=True, description="Run the settlement actor (epochs -> chain).")
+    signer_socket: Path | None = Field(
+        default=None,
+        description="The Unix socket of a signer the runner runs (`python -m deploy.signer`), which holds "
+        "the settler's and validators' keys outside the Ray cluster. None: `meritnet up` starts its own "
+        "(state_dir/signer/); under `serve deploy` the settlement actor then loads the key itself.",
+    )
     validator_share_bps: int | None = Field(
         default=None,
         ge=0,
@@ -245,9 +251,9 @@ class NetworkConfig(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _no_model_code_beside_the_keys(self) -> NetworkConfig:
-        """Managed nodes' engines run in the network's Ray cluster, beside the settler and validators'
-        keys, where any code can call those actors (issue 28). vLLM runs only its own and torch's code
+    def _no_model_code_in_the_cluster(self) -> NetworkConfig:
+        """Managed nodes' engines run in the network's Ray cluster, where any code can call the
+        control-plane actors (issue 28; the keys themselves are held outside it, deploy/signer.py). vLLM runs only its own and torch's code
         unless trust_remote_code lets a model repository's Python in: refused unless the runner says
         it trusts that code as it trusts its own (allow_remote_model_code)."""
         asks = [n.node_id for n in self.nodes if n.engine_kwargs.get("trust_remote_code")]
@@ -256,8 +262,8 @@ class NetworkConfig(BaseSettings):
         if asks and not self.allow_remote_model_code:
             raise ValueError(
                 f"node(s) {asks} set trust_remote_code: a model repository's code would run inside this "
-                "network's Ray cluster, where it can reach the settlement and validator actors and their "
-                "keys. Serve such a model as an operator's open node (`meritnet node serve`, its own Ray), "
+                "network's Ray cluster, where it can call every control-plane actor (ledger, registry, "
+                "settlement, validators). Serve such a model as an operator's open node (`meritnet node serve`, its own Ray), "
                 "or set allow_remote_model_code: true if you audited that code"
             )
         return self

@@ -28,7 +28,8 @@ from deploy.scoring import (
     start_validators,
     validator_keys,
 )
-from deploy.usage import SETTLEMENT_NAME, VALIDATOR_KEYS_DIR
+from deploy.signer import SETTLER, SignerProcess
+from deploy.usage import SETTLEMENT_NAME, VALIDATOR_KEYS_DIR, settlement_chain, settler_key_path
 from routing.app import gateway_deployment
 from settlement.keys import KEY_ENV, KEY_FILE_ENV
 
@@ -115,6 +116,7 @@ class LocalNetwork:
     consensus: object | None = None  # the consensus actor handle, with validators
     shadow_feed: object | None = None  # organic completions offered to validators, with validators
     anvil: NetworkAnvil | None = None  # the local chain, with chain_url 'anvil'
+    signer: SignerProcess | None = None  # holds the settler's and validators' keys, outside Ray
     challenge_key: str = ""  # per run; pins a request to one node (validators, the first-request check)
 
     @property
@@ -150,6 +152,9 @@ class LocalNetwork:
         self.genesis = prepare_state(cfg.state_dir, cfg.chain_url)  # before Ray: the token file lives there
         if cfg.chain_url == ANVIL:  # before Ray too, so no Ray process takes its port
             self.anvil = NetworkAnvil(cfg.state_dir).start()
+        if cfg.signer_socket is None and (cfg.settlement or cfg.validators):  # before Ray: not its child
+            self.signer = self._start_signer()
+        signer_socket = cfg.signer_socket or (self.signer.socket_path if self.signer else None)
         if cfg.ray_address:
             self.on_step(f"Connecting to the Ray cluster at {cfg.ray_address}")
             apps = [GATEWAY_APP, *(deployment_name(s) for s in self.specs)]
@@ -164,7 +169,7 @@ class LocalNetwork:
         import ray
 
         self.on_step("Starting the control plane (registry, usage ledger, settlement)")
-        plane = start_control_plane(cfg, self.specs, self.genesis)
+        plane = start_control_plane(cfg, self.specs, self.genesis, signer_socket)
         self.usage_store, self.settlement, self.clock = plane.usage_store, plane.settlement, plane.clock
 
         self.on_step(f"Loading {len(self.specs)} vLLM engines")
@@ -202,7 +207,7 @@ class LocalNetwork:
             keys = validator_keys(cfg.validators, cfg.state_dir / VALIDATOR_KEYS_DIR)
             self.validators = start_validators(
                 cfg.validators,
-                keys,
+                signer_socket,
                 self.base_url,
                 challenge_key,
                 scoring_sources,
@@ -223,6 +228,20 @@ class LocalNetwork:
                 bonds_path=cfg.state_dir / "consensus-bonds.json",
             )
         return self
+
+    def _start_signer(self) -> SignerProcess:
+        """The signer process (deploy/signer.py) with the settler's key and each validator's."""
+        cfg = self.config
+        keys = {
+            v: k.path for v, k in validator_keys(cfg.validators, cfg.state_dir / VALIDATOR_KEYS_DIR).items()
+        }
+        chain = settlement_chain(cfg) if cfg.settlement else None
+        if chain is not None:
+            keys[SETTLER] = settler_key_path(cfg)
+        try:
+            return SignerProcess(cfg.state_dir / "signer" / "signer.sock", keys, chain).start()
+        except (OSError, RuntimeError) as exc:
+            raise NetworkStartError(f"the signer did not start: {exc}") from None
 
     def _start_reference_engines(self) -> tuple[dict[str, str], dict[str, str], dict]:
         """With validators: resolve the trusted models (generation, and the embeddings models a node here
@@ -302,6 +321,9 @@ class LocalNetwork:
         if self.anvil is not None:
             self.anvil.stop()
             self.anvil = None
+        if self.signer is not None:
+            self.signer.stop()
+            self.signer = None
 
     def __enter__(self) -> LocalNetwork:
         return self.start()

@@ -75,9 +75,12 @@ class ControlPlane:
     clock: object | None
 
 
-def start_control_plane(cfg: NetworkConfig, specs: list[NodeSpec], genesis: float) -> ControlPlane:
+def start_control_plane(
+    cfg: NetworkConfig, specs: list[NodeSpec], genesis: float, signer_socket: Path | None = None
+) -> ControlPlane:
     """Registry (synced to exactly the configured managed nodes), usage store, and with settlement on,
-    the settlement actor and its clock; all pinned to the head node."""
+    the settlement actor and its clock; all pinned to the head node. The settler signs through the
+    signer at `signer_socket` (default: the config's `signer_socket`; deploy/signer.py)."""
     import ray
 
     store = start_usage_store(cfg.state_dir / "usage.db", cfg.epoch_length_s, genesis)
@@ -99,7 +102,9 @@ def start_control_plane(cfg: NetworkConfig, specs: list[NodeSpec], genesis: floa
     ray.get(registry.sync.remote(specs, policy), timeout=60)
     settlement = clock = None
     if cfg.settlement:
-        settlement = start_settlement(cfg, cfg.state_dir / "usage.db", genesis)
+        settlement = start_settlement(
+            cfg, cfg.state_dir / "usage.db", genesis, signer_socket or cfg.signer_socket
+        )
         clock = (
             ray.remote(SettlementClock)
             .options(

@@ -169,7 +169,7 @@ def start_reference_engines(
 
 
 class ValidatorKey(NamedTuple):
-    path: Path  # the key file (mode 0600), loaded only inside the validator's own actor
+    path: Path  # the key file (mode 0600), loaded only by the signer process (deploy/signer.py)
     address: str  # what consensus checks the validator's reports against
 
 
@@ -199,8 +199,9 @@ class ValidatorActor:
     ReferenceEngine per model, e.g. a proxy to an engine several validators share on a small machine).
     Nodes come from the cluster registry actor (polled by `run`); organic completions to shadow-verify
     come from the named feed actor `shadow_feed_name` (polled; None turns shadow verification off).
-    `signer` is a picklable zero-argument callable that loads this validator's signing key (anything
-    with eth-account's `address` and `sign_typed_data`); it runs here, so the key is never shipped.
+    `signer` is a picklable zero-argument callable giving what this validator signs with (anything with
+    eth-account's `address` and `sign_typed_data`): `start_validators` gives a `RemoteSigner`, a handle on
+    the key the signer process holds outside Ray (deploy/signer.py).
     Consensus asks for `report(round)`: the current scores, signed (`scoring.report`).
     """
 
@@ -289,7 +290,7 @@ class ValidatorActor:
 
 def start_validators(
     specs: Sequence[ValidatorSpec],
-    keys: Mapping[str, ValidatorKey],
+    signer_socket: Path,
     gateway_url: str,
     challenge_key: str,
     model_sources: Mapping[str, str],
@@ -301,7 +302,8 @@ def start_validators(
     embedding_sources: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Start one ValidatorActor per spec and its challenge loop; returns actor name -> handle.
-    `keys`: `validator_keys(specs, ...)`; each actor loads its own key file.
+    Each signs its reports through the signer at `signer_socket`, which holds its key (its
+    `validator_keys` file) outside Ray (deploy/signer.py).
 
     `reference_engines` (model -> ReferenceEngineService handle) makes every validator share those
     engines; without it each validator loads its own vLLM engine per model (production). Keep the
@@ -309,7 +311,7 @@ def start_validators(
     the shadow feed (`start_shadow_feed`)."""
     import ray
 
-    from settlement.keys import SettlerKey
+    from deploy.signer import RemoteSigner
 
     shared = None
     if reference_engines:
@@ -350,7 +352,7 @@ def start_validators(
                 engine_kwargs=dict(engine_kwargs),
                 engines=shared,
                 shadow_feed_name=SHADOW_FEED_NAME if shadow else None,
-                signer=functools.partial(SettlerKey.from_file, keys[spec.validator_id].path, "validator key"),
+                signer=functools.partial(RemoteSigner, str(signer_socket), spec.validator_id),
                 embedding_sources=dict(embedding_sources or {}),
             )
         )

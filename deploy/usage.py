@@ -17,6 +17,7 @@ the holds of requests still running (they are charged when they end, but were no
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -151,35 +152,45 @@ def settlement_config(cfg, ledger_path: Path, genesis: float):
     )
 
 
-def start_settlement(cfg, ledger_path: Path, genesis: float):
-    """The settlement actor on the network's ledger; with no settler key configured, a dev key is
-    generated into the state folder (mode 0600) — fine for the embedded chain, never for real ones."""
-    import os
+def settler_key_path(cfg) -> Path:
+    """$MERITNET_SETTLER_KEY_FILE; on the embedded or anvil chain, else the state folder's dev key
+    (generated once, mode 0600: fine for a local chain, never for a real one)."""
+    from deploy.localchain import settler_key_file
+    from settlement.keys import KEY_FILE_ENV
+
+    if not os.environ.get(KEY_FILE_ENV) and cfg.chain_url not in ("embedded", "anvil"):
+        raise RuntimeError(
+            f"set {KEY_FILE_ENV} to a file (chmod 600) holding the settler key to settle on a real chain"
+        )
+    return settler_key_file(cfg.state_dir)
+
+
+def settlement_chain(cfg):
+    """The chain settlement binds to: the configured URL (and $MERITNET_CHAIN_CONTRACT), or the
+    network's own anvil and the distributor an earlier start deployed there."""
+    from settlement.chain_settings import ChainSettings
+
+    if cfg.chain_url == "anvil":  # the network's own anvil (deploy/localchain.py), started before Ray
+        from deploy.localchain import anvil_chain_settings
+
+        return anvil_chain_settings(cfg.state_dir)
+    return ChainSettings(url=cfg.chain_url)
+
+
+def start_settlement(cfg, ledger_path: Path, genesis: float, signer_socket: Path | None = None):
+    """The settlement actor on the network's ledger, signing through the signer at `signer_socket`
+    (deploy/signer.py); without one it loads the settler key itself (`settler_key_path`)."""
+    import functools
 
     import ray
 
+    from deploy.localchain import record_contract
+    from deploy.signer import SETTLER, RemoteSigner
     from settlement.actor import settlement_actor
-    from settlement.chain_settings import ChainSettings
 
-    key_file = os.environ.get("MERITNET_SETTLER_KEY_FILE")
-    if not key_file:
-        if cfg.chain_url not in ("embedded", "anvil"):
-            raise RuntimeError(
-                "set MERITNET_SETTLER_KEY_FILE to a file (chmod 600) holding the settler key to settle on a "
-                "real chain"
-            )
-        from eth_account import Account
-
-        key_path = cfg.state_dir / "settler.key"
-        if not key_path.exists():
-            key_path.touch(mode=0o600)
-            key_path.write_text(Account.create().key.hex())
-        key_file = str(key_path)
-    chain = ChainSettings(url=cfg.chain_url)
-    if cfg.chain_url == "anvil":  # the network's own anvil (deploy/localchain.py), started before Ray
-        from deploy.localchain import anvil_chain_settings, record_contract
-
-        chain = anvil_chain_settings(cfg.state_dir)
+    key_file = None if signer_socket else str(settler_key_path(cfg))
+    signer = functools.partial(RemoteSigner, str(signer_socket), SETTLER) if signer_socket else None
+    chain = settlement_chain(cfg)
     settle_cfg = settlement_config(cfg, ledger_path, genesis)
     if settle_cfg.public_rpc_url is None and cfg.chain_url == "anvil":  # the network's own, on loopback
         settle_cfg = settle_cfg.model_copy(update={"public_rpc_url": chain.url})
@@ -192,7 +203,7 @@ def start_settlement(cfg, ledger_path: Path, genesis: float):
             lifetime="detached",
             resources=HEAD_NODE,
         )
-        .remote(settle_cfg, chain, None, key_file)
+        .remote(settle_cfg, chain, None, key_file, signer)
     )
     status = ray.get(actor.status.remote(), timeout=120)  # surfaces a failed start (bad key, chain down) now
     if cfg.chain_url == "anvil":

@@ -7,7 +7,7 @@ proofs, receipts and metrics. `settlement_actor()` wraps it in a Ray actor for d
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ from settlement import metrics
 from settlement.chain import Chain, ChainUnavailable
 from settlement.chain_settings import EMBEDDED, ChainSettings
 from settlement.config import SettlementConfig
-from settlement.keys import SettlerKey
+from settlement.keys import SettlerKey, Signer
 from settlement.rewardbook import RewardBook
 from settlement.settler import Settler
 
@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 
 class SettlementService:
-    """Builds a Settler inside the process that runs it (the key is loaded here, never shipped)."""
+    """Builds a Settler inside the process that runs it (the key is loaded here or held by a signer
+    outside Ray; it is never shipped)."""
 
     def __init__(
         self,
@@ -31,13 +32,16 @@ class SettlementService:
         chain: ChainSettings | None = None,
         quality: Mapping[int, Mapping[str, float]] | None = None,
         key_file: str | None = None,
+        signer: Callable[[], Signer] | None = None,
     ) -> None:
         from settlement.ledger import UsageLedger
 
         config = config or SettlementConfig()
         self.ledger = UsageLedger(config.ledger_path, config.epoch_length_s, genesis=config.genesis)
         self.chain = Chain.connect(chain or ChainSettings())
-        self.key = SettlerKey.load(Path(key_file) if key_file else None)
+        # `signer`: what `meritnet up` passes, a handle on the key held outside Ray (deploy/signer.py);
+        # else the key is loaded here, for a settler run as a process of its own
+        self.key = signer() if signer is not None else SettlerKey.load(Path(key_file) if key_file else None)
         if self.chain.settings.url == EMBEDDED:
             self.chain.fund(self.key.address, 10**21)  # the embedded chain's dev account pays for gas
         self.book = RewardBook(config.book_path)

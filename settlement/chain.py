@@ -19,10 +19,10 @@ from eth_utils import to_checksum_address
 from web3 import Web3
 from web3.exceptions import ContractCustomError, TimeExhausted, TransactionNotFound, Web3RPCError
 
-from settlement.chain_settings import EMBEDDED, ChainSettings, redact_url
+from settlement.chain_settings import DEPLOY_GAS, EMBEDDED, ChainSettings, redact_url
 from settlement.compile import load_artifact
 from settlement.fees import Fees
-from settlement.keys import SettlerKey
+from settlement.keys import Signer
 
 
 class ChainUnavailable(RuntimeError):
@@ -129,7 +129,7 @@ class Chain:
 
     def deploy(
         self,
-        key: SettlerKey,
+        key: Signer,
         first_epoch: int,
         emission_cap: int,
         admin: str | None = None,
@@ -158,7 +158,7 @@ class Chain:
             lambda: self.w3.eth.call({"from": key.address, "data": constructor.data_in_transaction})
         )
         tx = constructor.build_transaction(
-            self._tx_fields(key.address, self.nonce(key.address), self.fees(), gas=2_000_000)
+            self._tx_fields(key.address, self.nonce(key.address), self.fees(), gas=DEPLOY_GAS)
         )
         receipt = self.wait_receipt(self.send_raw(key.sign_transaction(tx)))
         if receipt["status"] != 1:
@@ -309,7 +309,7 @@ class Chain:
 
     def sign_settle(
         self,
-        key: SettlerKey,
+        key: Signer,
         epoch: int,
         usage_root: bytes,
         reward_root: bytes,
@@ -392,7 +392,7 @@ class Chain:
             return None
         return dict(receipt)
 
-    def claim(self, key: SettlerKey, account: str, cumulative: int, proof: list[bytes]) -> dict[str, Any]:
+    def claim(self, key: Signer, account: str, cumulative: int, proof: list[bytes]) -> dict[str, Any]:
         """Claim for `account` (tokens go to it; `key` only pays gas). Raises ContractReverted."""
         fn = self.contract.functions.claim(to_checksum_address(account), cumulative, proof)
         self._simulate(fn, key.address)
@@ -404,7 +404,7 @@ class Chain:
             raise ChainUnavailable("the claim was sent but not mined in time; check its status later")
         return receipt
 
-    def transact(self, key: SettlerKey, function: str, *args: Any, gas: int = 200_000) -> dict[str, Any]:
+    def transact(self, key: Signer, function: str, *args: Any, gas: int = 200_000) -> dict[str, Any]:
         """Call any contract function from `key` (simulated first, so reverts come back by name)."""
         fn = getattr(self.contract.functions, function)(*args)
         self._simulate(fn, key.address)

@@ -13,6 +13,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EMBEDDED = "embedded"
 
+DEPLOY_GAS = 2_000_000  # gas limit of the distributor's deployment (it uses ~1.2M)
+
 
 def redact_url(url: str) -> str:
     """A JSON-RPC URL safe for logs and errors: scheme, host and port only. Hosted providers put the

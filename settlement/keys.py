@@ -19,6 +19,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any, Protocol
 
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
@@ -26,6 +27,18 @@ from eth_account.signers.local import LocalAccount
 KEY_ENV = "MERITNET_SETTLER_KEY"
 KEY_FILE_ENV = "MERITNET_SETTLER_KEY_FILE"
 PASSWORD_FILE_ENV = "MERITNET_KEY_PASSWORD_FILE"  # a file holding a keystore's passphrase (chmod 600)
+
+
+class Signer(Protocol):
+    """What settlement and validators sign with: a `SettlerKey`, or the handle on a key held by the
+    signer process outside Ray (deploy/signer.py)."""
+
+    @property
+    def address(self) -> str: ...
+
+    def sign_transaction(self, tx: dict) -> bytes: ...
+
+    def sign_typed_data(self, full_message: dict) -> Any: ...
 
 
 class SettlerKeyError(ValueError):

@@ -29,7 +29,7 @@ from settlement import metrics
 from settlement.chain import ContractReverted
 from settlement.fees import Fees, fees_of_raw
 from settlement.interfaces import SettlementChain, SettlementLedger
-from settlement.keys import SettlerKey
+from settlement.keys import Signer
 from settlement.rewardbook import EpochCommitment
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def _hex(data: bytes) -> str:
 class SettleTx:
     """Drives committed epochs to 'settled' on the distributor, one settle tx each (module doc)."""
 
-    def __init__(self, ledger: SettlementLedger, chain: SettlementChain, key: SettlerKey) -> None:
+    def __init__(self, ledger: SettlementLedger, chain: SettlementChain, key: Signer) -> None:
         self.ledger = ledger
         self.chain = chain
         self.key = key

@@ -39,7 +39,7 @@ from settlement import metrics
 from settlement.chain import ChainUnavailable, ContractReverted
 from settlement.config import SettlementConfig, stake_units
 from settlement.interfaces import RewardFunction, RewardStore, SettlementChain, SettlementLedger
-from settlement.keys import SettlerKey
+from settlement.keys import Signer
 from settlement.rewardbook import EpochCommitment
 from settlement.rewards import epoch_quality, split_by_weight, validator_pool
 from settlement.settle_tx import SettlementConflict, SettleTx, crash, mark_stuck
@@ -90,7 +90,7 @@ class Settler:
         self,
         ledger: SettlementLedger,
         chain: SettlementChain,
-        key: SettlerKey,
+        key: Signer,
         book: RewardStore,
         config: SettlementConfig | None = None,
         quality: QualitySource | None = None,
