@@ -75,3 +75,8 @@ def parse_embeddings(raw: str | bytes, inputs: int, encoding: str) -> NodeEmbedd
     if len({len(_vector(e.embedding)) for e in body.data}) > 1:
         raise ValueError("vectors of different lengths in one answer")
     return body
+
+
+def vectors_of(answer: NodeEmbeddings) -> list[np.ndarray]:
+    """The vectors of a parsed answer (`parse_embeddings`), in input order, as float32 arrays."""
+    return [_vector(e.embedding) for e in sorted(answer.data, key=lambda e: e.index)]

@@ -257,6 +257,27 @@ class ServedCompletion(_Frozen):
     stream: bool = Field(default=False, description="The request was streamed.")
 
 
+SHADOW_EMBED_INPUTS = 16  # the most inputs of an embeddings request offered for shadow verification
+
+
+class ServedEmbedding(_Frozen):
+    """One organic embeddings answer offered for shadow verification: its text inputs and the vectors the
+    client got (content, so it never goes to logs or disk). Validators recompute the vectors on their
+    own engine of the trusted weights and judge them as they judge a challenge's (scoring.embeddings)."""
+
+    request_id: str = Field(min_length=1, max_length=128)
+    node_id: NodeId
+    model: str = Field(min_length=1)
+    inputs: tuple[str, ...] = Field(min_length=1, max_length=SHADOW_EMBED_INPUTS)
+    vectors: tuple[tuple[float, ...], ...] = Field(description="One vector per input, in input order.")
+
+    @model_validator(mode="after")
+    def _one_vector_per_input(self) -> ServedEmbedding:
+        if len(self.vectors) != len(self.inputs):
+            raise ValueError(f"{len(self.vectors)} vectors for {len(self.inputs)} inputs")
+        return self
+
+
 def keyed_sample(key: bytes, item_id: str, rate: float) -> bool:
     """Bernoulli(rate) decided by a keyed hash of `item_id`: reproducible with the key, unpredictable
     without it (nodes never see the key, so they cannot tell which requests get verified)."""

@@ -211,7 +211,9 @@ class GatewayCore:
             raise errors.wrong_task(model, method)
         pinned = self._target_node(request)
         stream, capture, strip_ids, client_wants_usage = (
-            (False, None, False, False) if method == "embeddings" else self._generation(body, rid, pinned)
+            (False, self._shadow_capture(rid, body, pinned), False, False)
+            if method == "embeddings"
+            else self._generation(body, rid, pinned)
         )
         body.request_id = rid
         facts = facts_for(body, request.headers, target_node=pinned)

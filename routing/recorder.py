@@ -67,11 +67,9 @@ class UsageRecorder:
         )
 
     def _offer_for_shadow(self, ctx: RequestContext) -> None:
-        """Hand a sampled organic completion to validators; fire-and-forget, never fails the request."""
+        """Hand a sampled organic answer to validators; fire-and-forget, never fails the request."""
         try:
-            claimed = ctx.tally.reported.completion_tokens if ctx.tally.reported else ctx.completion_tokens
-            item = ctx.capture.served(ctx.node.node_id, ctx.tally, claimed)
-            self._shadow_feed().offer.remote([item])
+            self._shadow_feed().offer.remote([ctx.shadow_item()])
             metrics.SHADOW_OFFERED.labels(ctx.model, ctx.node.node_id).inc()
         except Exception as exc:  # noqa: BLE001 - content is never logged, only the failure kind
             log.warning("shadow offer of %s failed (%s)", ctx.rid, type(exc).__name__)

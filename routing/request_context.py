@@ -62,6 +62,7 @@ class RequestContext:
     """Everything one node's attempt at a request accumulates for its usage record."""
 
     __slots__ = (
+        "answer",
         "body",
         "capture",
         "client_wants_usage",
@@ -98,6 +99,7 @@ class RequestContext:
         self.digest = hashlib.sha256()
         self.tally = Tally.for_request(plan.body, plan.counter)  # ids bounded as they arrive
         self.counted = False
+        self.answer: Any = None  # an embeddings answer, parsed (EmbeddingContext)
 
     def headers(self) -> dict[str, str]:
         """The response's own headers: its request id, its node, and, on a degraded pick, the filters
@@ -158,6 +160,12 @@ class RequestContext:
             out.append(strip_token_ids(piece) if self.strip_ids else piece)
         return out, False
 
+    def shadow_item(self) -> Any:
+        """What validators get of this sampled request once it completed (`plan.capture` is set): choice
+        0 as the client got it, with the completion tokens the node *reported* (held to its word)."""
+        claimed = self.tally.reported.completion_tokens if self.tally.reported else self.completion_tokens
+        return self.capture.served(self.node.node_id, self.tally, claimed)
+
     def tpot(self) -> float | None:
         """Time per output token after the first, or None without a first token time or a second token."""
         if self.ttft is None or self.completion_tokens <= 1:
@@ -192,7 +200,11 @@ class EmbeddingContext(RequestContext):
         parsed = parse_embeddings(head, len(prompts(self.body)), self.body.encoding_format)
         if parsed.usage is not None:
             self.tally.reported = parsed.usage  # the node's word, compared with the gateway's count
+        self.answer = parsed
         return parsed
+
+    def shadow_item(self) -> Any:
+        return self.capture.served_embedding(self.node.node_id, self.answer)
 
     def with_usage(self, data: str) -> str:
         obj = json.loads(data)

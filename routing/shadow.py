@@ -8,6 +8,8 @@
   requests is offered to validators as `ServedCompletion`s. Only requests a validator can re-verify
   exactly are offered (`verifiable`): one choice, plain-text prompt or messages, temperature <= 1, and
   no parameter that reshapes the token distribution (penalties, logit bias, structured outputs, tools...).
+  Embeddings requests of at most `SHADOW_EMBED_INPUTS` texts and no other parameter (no `dimensions`,
+  no truncation) are offered as `ServedEmbedding`s with the vectors the client got.
 * What replay could add, and what it needs (issue 15): validators replay seeded sampling exactly
   (`scoring.replay`; every request has a seed since the gateway assigns one), which makes temperature
   > 1 verifiable and turns the weak logprob floor on sampled output into an exact per-token check.
@@ -25,8 +27,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from cluster.records import ServedCompletion
-from routing.intake import chat_messages, int_field
+from cluster.embeddings import vectors_of
+from cluster.records import SHADOW_EMBED_INPUTS, ServedCompletion, ServedEmbedding
+from routing.intake import chat_messages, int_field, is_embedding, prompts
 from routing.metering import Tally
 
 # The parameters a verifiable request may set (a whitelist, so a new distribution-changing vLLM
@@ -53,12 +56,20 @@ _VERIFIABLE_FIELDS = frozenset(
         "top_logprobs",
     }
 )
+_VERIFIABLE_EMBEDDING_FIELDS = frozenset({"model", "input", "encoding_format", "user", "request_id"})
 _IDS = re.compile(r'"(prompt_token_ids|token_ids)":\[[0-9,]*\]')
 
 
 def verifiable(body: Any) -> bool:
     """True when a validator can re-verify this (validated) request exactly. Call before the gateway
     changes the body (it sets request_id, stream_options and return_token_ids itself)."""
+    if is_embedding(body):
+        texts = prompts(body)
+        return (
+            body.model_fields_set <= _VERIFIABLE_EMBEDDING_FIELDS
+            and len(texts) <= SHADOW_EMBED_INPUTS
+            and all(isinstance(t, str) for t in texts)
+        )
     if not body.model_fields_set <= _VERIFIABLE_FIELDS:
         return False
     if (getattr(body, "n", 1) or 1) != 1:
@@ -83,8 +94,9 @@ def strip_token_ids(piece: str) -> str:
 
 
 class Capture:
-    """A sampled organic request: its body, and on completion what the node sent for choice 0 (from
-    the request's `Tally`, i.e. the same parse the gateway meters with)."""
+    """A sampled organic request: its body, and on completion what the node sent (for a generation, its
+    choice 0 from the request's `Tally`, i.e. the same parse the gateway meters with; for embeddings,
+    the vectors the client got)."""
 
     __slots__ = ("body", "request_id")
 
@@ -119,4 +131,14 @@ class Capture:
             max_tokens=max_tokens,
             temperature=1.0 if temperature is None else float(temperature),
             stop_strings=bool(stop),
+        )
+
+    def served_embedding(self, node_id: str, answer: Any) -> ServedEmbedding:
+        """`answer`: the node's parsed embeddings answer (cluster.embeddings), as the client got it."""
+        return ServedEmbedding(
+            request_id=self.request_id,
+            node_id=node_id,
+            model=self.body.model,
+            inputs=tuple(prompts(self.body)),
+            vectors=tuple(tuple(v.tolist()) for v in vectors_of(answer)),
         )

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from cluster.records import NodeScore, NodeStats, ServedCompletion
+from cluster.records import NodeScore, NodeStats, ServedCompletion, ServedEmbedding
 from scoring import metrics
 from scoring.challenge import ChallengeConfig, ChallengePool, ChallengeRequest, ShadowSampler
 from scoring.challenge_client import EMBEDDINGS_PATH, ChallengeResponse, SendFn
@@ -205,7 +205,9 @@ class Validator:
                 verification = malformed(resp.malformed)
                 self._observe(node.node_id, node.model_id, verification)
             elif resp.vectors is not None:
-                verification = await self._judge_vectors(node, req.body["input"], resp.vectors)
+                verification = await self._judge_vectors(
+                    node.node_id, node.model_id, req.body["input"], resp.vectors
+                )
             else:
                 verification = await self._judge(
                     node.node_id, node.model_id, lambda: self.claim_for(req, resp)
@@ -241,20 +243,30 @@ class Validator:
         return v
 
     async def _judge_vectors(
-        self, node: NodeStats, inputs: Sequence[str], vectors: Sequence[Sequence[float]]
+        self, node_id: str, model_id: str, inputs: Sequence[str], vectors: Sequence[Sequence[float]]
     ) -> Verification | None:
-        """Recompute an embeddings challenge's vectors on this validator's own engine and judge the node's
-        (scoring.embeddings); the engine's own failure is no verdict, as in `_judge`."""
-        engine = self._engines[node.model_id]
+        """Recompute an embeddings answer's vectors (a challenge's or an organic one's) on this validator's
+        own engine and judge the node's (scoring.embeddings); the engine's own failure is no verdict, as
+        in `_judge`."""
+        engine = self._engines[model_id]
         try:
             reference = await self._on_engine(engine, engine.embed, list(inputs))
         except Exception as exc:  # noqa: BLE001 - the reference's failure is not the node's
-            self._no_verdict(node.node_id, exc)
+            self._no_verdict(node_id, exc)
             return None
         v = verify_embeddings(vectors, reference, self.config.embedding, self.config.thresholds)
         self.tokens_spent += len(inputs)
-        self._observe(node.node_id, node.model_id, v)
+        self._observe(node_id, model_id, v)
         return v
+
+    def _observe_organic(self, item: ServedCompletion) -> None:
+        """An organic prompt joins the pool challenges draw from (its last user message, or its prompt)."""
+        if item.messages is not None:
+            self.pool.observe_organic(
+                next((m["content"] for m in reversed(item.messages) if m["role"] == "user"), "")
+            )
+        elif item.prompt:
+            self.pool.observe_organic(item.prompt)
 
     def claim_for_served(self, item: ServedCompletion) -> Claim:
         return Claim(
@@ -270,21 +282,21 @@ class Validator:
             reshaped=item.top_p not in (None, 1.0) or item.top_k not in (None, 0, -1),
         )
 
-    async def shadow_verify(self, item: ServedCompletion) -> Verification | None:
-        """Verify an organic completion after the fact if it falls in this validator's shadow sample
-        (and it has an engine for the model); None otherwise. Its prompt may seed challenges."""
+    async def shadow_verify(self, item: ServedCompletion | ServedEmbedding) -> Verification | None:
+        """Verify an organic answer after the fact if it falls in this validator's shadow sample (and it
+        has an engine for the model); None otherwise. A completion's prompt may seed challenges."""
         if item.model not in self._engines:
             return None
-        self.pool.observe_shape(shape_of(item))  # parameters and lengths only: challenges copy the mix
+        embedding = isinstance(item, ServedEmbedding)
+        if not embedding:
+            self.pool.observe_shape(shape_of(item))  # parameters and lengths only: challenges copy the mix
         if not self.shadow.should_verify(item.request_id):
             return None
-        if item.messages is not None:
-            self.pool.observe_organic(
-                next((m["content"] for m in reversed(item.messages) if m["role"] == "user"), "")
-            )
-        elif item.prompt:
-            self.pool.observe_organic(item.prompt)
-        v = await self._judge(item.node_id, item.model, lambda: self.claim_for_served(item))
+        if embedding:
+            v = await self._judge_vectors(item.node_id, item.model, item.inputs, item.vectors)
+        else:
+            self._observe_organic(item)
+            v = await self._judge(item.node_id, item.model, lambda: self.claim_for_served(item))
         if v is None:
             return None
         self.counts[item.node_id]["shadow"] += 1
@@ -302,7 +314,7 @@ class Validator:
 
     async def follow_shadow_feed(
         self,
-        fetch: Callable[[int], Awaitable[tuple[list[ServedCompletion], int]]],
+        fetch: Callable[[int], Awaitable[tuple[list[ServedCompletion | ServedEmbedding], int]]],
         stop: asyncio.Event,
         poll_s: float = 1.0,
     ) -> None:

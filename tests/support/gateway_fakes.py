@@ -128,6 +128,21 @@ class FakeNode:
         )
 
 
+class FakeShadowFeed:
+    """The actor-handle shape of the shadow feed (`feed.offer.remote(items)`), keeping what it was offered."""
+
+    def __init__(self):
+        self.items = []
+        feed = self
+
+        class _Offer:
+            @staticmethod
+            def remote(items):
+                feed.items.extend(items)
+
+        self.offer = _Offer()
+
+
 def actor_handle(obj):
     """The actor-handle shape of a plain object (a usage store without Ray): `handle.method.remote(*args)`
     starts `obj.method(*args)` at once, as Ray does, and returns something to await for its result."""

@@ -16,26 +16,11 @@ from routing.config import GatewayConfig
 from routing.gateway import GatewayCore
 from routing.selection import load_selector
 from routing.shadow import strip_token_ids, verifiable
-from tests.support.gateway_fakes import FakeNode, actor_handle, node_stats
-
-
-class _Feed:
-    """The actor-handle shape of the shadow feed: feed.offer.remote(items)."""
-
-    def __init__(self):
-        self.items = []
-        feed = self
-
-        class _Offer:
-            @staticmethod
-            def remote(items):
-                feed.items.extend(items)
-
-        self.offer = _Offer()
+from tests.support.gateway_fakes import FakeNode, FakeShadowFeed, actor_handle, node_stats
 
 
 def _gateway(**cfg):
-    nodes = {"a": FakeNode("a")}
+    nodes = {"a": FakeNode("a"), "e": FakeNode("e")}
     sink = MemoryUsageSink()
 
     core = GatewayCore(
@@ -45,8 +30,8 @@ def _gateway(**cfg):
         actor_handle(sink),
         registry=None,
     )
-    core.set_nodes([node_stats("a")])
-    feed = _Feed()
+    core.set_nodes([node_stats("a"), node_stats("e", model_id="emb", task="embed")])
+    feed = FakeShadowFeed()
     core.refresher.shadow_feed = feed
     return TestClient(build_fastapi(lambda: core)), nodes["a"], feed
 
@@ -120,6 +105,40 @@ def test_challenges_and_unverifiable_requests_are_not_offered():
         )
     assert feed.items == []
     client.post("/v1/completions", json={"model": "default", "prompt": "x"})
+    assert len(feed.items) == 1
+
+
+@pytest.mark.parametrize("encoding", ["float", "base64"])
+def test_sampled_embeddings_are_offered_with_the_vectors_the_client_got(encoding):
+    import base64
+
+    import numpy as np
+
+    client, _, feed = _gateway(shadow_rate=1.0)
+    r = client.post(
+        "/v1/embeddings", json={"model": "emb", "input": ["ab", "c"], "encoding_format": encoding}
+    )
+    assert r.status_code == 200, r.text
+    (item,) = feed.items
+    assert (item.request_id, item.node_id, item.model) == (r.headers["x-meritnet-request-id"], "e", "emb")
+    got = [d["embedding"] for d in r.json()["data"]]
+    if encoding == "base64":
+        got = [np.frombuffer(base64.b64decode(v), dtype="<f4").tolist() for v in got]
+    assert item.inputs == ("ab", "c") and [list(v) for v in item.vectors] == got
+
+
+def test_embeddings_a_validator_cannot_recompute_exactly_are_not_offered():
+    client, _, feed = _gateway(shadow_rate=1.0)
+    for extra in (
+        {"dimensions": 2},
+        {"input": [[1, 2, 3]]},
+        {"input": ["x"] * 17},
+        {"truncate_prompt_tokens": 2},
+    ):
+        body = {"model": "emb", "input": "x", **extra}
+        assert client.post("/v1/embeddings", json=body).status_code == 200, extra
+    assert feed.items == []
+    assert client.post("/v1/embeddings", json={"model": "emb", "input": ["x"] * 16}).status_code == 200
     assert len(feed.items) == 1
 
 

@@ -98,6 +98,32 @@ async def test_honest_noisy_nodes_keep_full_scores_and_other_models_are_convicte
     assert v.counts["off"]["fail"] >= 1
 
 
+async def test_a_node_honest_on_challenges_but_not_on_organic_traffic_is_caught_by_shadow_checks():
+    from cluster.records import ServedEmbedding
+    from scoring.challenge import ChallengeConfig
+
+    texts = ("the cat sat on the mat", "a dog barked", "rain again today")
+    honest, other = Embedder(0), Embedder(1)  # the node answers organic requests with another model
+    v = Validator(
+        ValidatorConfig(validator_id="v0", challenge=ChallengeConfig(shadow_rate=1.0)),
+        None,
+        {MODEL: Embedder(0)},
+        {},
+        rng=random.Random(1),
+    )
+
+    def served(rid: str, node_id: str, model) -> ServedEmbedding:
+        vectors = tuple(tuple(x) for x in model.embed(texts))
+        return ServedEmbedding(request_id=rid, node_id=node_id, model=MODEL, inputs=texts, vectors=vectors)
+
+    verdicts = [(await v.shadow_verify(served(f"h{i}", "honest", honest))).verdict for i in range(3)]
+    assert verdicts == ["pass"] * 3
+    assert (await v.shadow_verify(served("c0", "cheat", other))).verdict == "fraud"
+    assert v.counts["honest"]["shadow_pass"] == 3 and v.counts["cheat"]["shadow_fraud"] == 1
+    scores = {s.node_id: s for s in v.scores()}
+    assert scores["honest"].integrity == 1.0 and scores["cheat"].integrity == 0.0
+
+
 async def test_a_failing_reference_is_no_verdict():
     class Down:
         def embed(self, inputs):

@@ -71,9 +71,11 @@ def test_each_model_serves_only_its_task_and_says_so(client):
     assert client.models.retrieve(MODEL).model_extra["capabilities"] == ["embeddings"]
 
 
-def test_a_validator_recomputes_the_vectors_and_passes_the_honest_node(network):
+def test_a_validator_recomputes_the_vectors_and_passes_the_honest_node(network, client):
     """A validator (scoring.Validator, its own fp32 reference engine in this process) challenges the
     demo's bf16 embeddings node through the gateway: every verdict passes, the node keeps integrity 1.
+    It shadow-verifies an organic answer the official client got (what the gateway offers validators):
+    as served it passes; the same answer with the vectors swapped between its two texts does not.
     Cheats against real engines are measured in benchmarks.embeddings (RESULTS.md)."""
     import asyncio
     import gc
@@ -81,8 +83,9 @@ def test_a_validator_recomputes_the_vectors_and_passes_the_honest_node(network):
 
     import httpx
 
-    from cluster.records import NodeStats
+    from cluster.records import NodeStats, ServedEmbedding
     from deploy.config import resolve_model_source
+    from scoring.challenge import ChallengeConfig
     from scoring.challenge_client import http_send
     from scoring.embeddings import VllmEmbeddingReference
     from scoring.validator import Validator, ValidatorConfig
@@ -95,7 +98,7 @@ def test_a_validator_recomputes_the_vectors_and_passes_the_honest_node(network):
         listed = httpx.get(f"{network.base_url}/v1/nodes", timeout=30).json()["data"]
         node = NodeStats.model_validate(next(n for n in listed if n["node_id"] == "l4-embed"), strict=False)
         validator = Validator(
-            ValidatorConfig(validator_id="t"),
+            ValidatorConfig(validator_id="t", challenge=ChallengeConfig(shadow_rate=1.0)),
             http_send(network.base_url, network.challenge_key),
             {MODEL: reference},
             {},
@@ -106,11 +109,21 @@ def test_a_validator_recomputes_the_vectors_and_passes_the_honest_node(network):
             return [await validator.challenge_once(node) for _ in range(times)]
 
         outcomes = asyncio.run(challenge(12))
+        (score,) = validator.scores()
+        texts = TEXTS[:2]
+        raw = client.embeddings.with_raw_response.create(model=MODEL, input=texts, encoding_format="float")
+        vectors = tuple(tuple(d.embedding) for d in raw.parse().data)
+        rid = raw.headers["x-meritnet-request-id"]
+        organic = ServedEmbedding(
+            request_id=rid, node_id="l4-embed", model=MODEL, inputs=tuple(texts), vectors=vectors
+        )
+        swapped = organic.model_copy(update={"request_id": rid + "-x", "vectors": vectors[::-1]})
+        shadow = [asyncio.run(validator.shadow_verify(item)) for item in (organic, swapped)]
     finally:
         del reference
         gc.collect()
     verdicts = [o.verification.verdict for o in outcomes if o.verification is not None]
     assert verdicts == ["pass"] * 12, [o.verification for o in outcomes]
     assert all(o.verification.max_margin < 1e-3 for o in outcomes)  # cosine > 0.999 for every input
-    (score,) = validator.scores()
     assert score.integrity == 1.0 and score.availability == 1.0
+    assert shadow[0].verdict == "pass" and shadow[1].verdict in ("fail", "fraud"), shadow
