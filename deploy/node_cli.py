@@ -13,6 +13,8 @@ What `node serve` reads (a node YAML and the flags) is checked in deploy/node_co
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import json
 import os
 import signal
@@ -36,6 +38,15 @@ from deploy.node_config import (
 
 node_app = typer.Typer(help="Run a node of your own and join a network with it.", no_args_is_help=True)
 console = Console()
+
+
+class NodeTaskOption(enum.StrEnum):
+    """`node serve --task`: what the node serves (cluster.records.NodeTask)."""
+
+    generate = "generate"
+    embed = "embed"
+
+
 StateDir = typer.Option(
     Path(".meritnet-node"), "--state-dir", help="The node's state folder (secret, node.json)."
 )
@@ -92,6 +103,12 @@ def serve(
         None, "--capacity", help="Concurrent sequences the node takes (vLLM max_num_seqs; default 8)."
     ),
     max_model_len: int | None = typer.Option(None, "--max-model-len", help="Context length (engine_kwargs)."),
+    task: NodeTaskOption = typer.Option(
+        "generate",
+        "--task",
+        help="generate: chat and completions; embed: /v1/embeddings (the network must list the model "
+        "among its embedding_models).",
+    ),
     tensor_parallel_size: int | None = typer.Option(
         None, "--tensor-parallel-size", help="GPUs one replica shards over (engine_kwargs)."
     ),
@@ -105,6 +122,7 @@ def serve(
         settings = _serve_settings(
             config, model, source, accelerator, capacity, max_model_len, tensor_parallel_size, engine_kwargs
         )
+        settings = dataclasses.replace(settings, task=task.value)
         endpoint = advertised_endpoint(host, port, advertise)
     except NodeConfigError as exc:
         console.print(f"[red]{escape(str(exc))}[/red]", highlight=False, soft_wrap=True)
@@ -125,6 +143,7 @@ def serve(
         state_dir=state_dir,
         engine=settings.engine,
         env_vars=settings.env_vars,
+        task=settings.task,
     )
     with console.status("Starting the node...") as status:
         node.on_step = lambda msg: status.update(f"{msg}...")

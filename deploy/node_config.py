@@ -46,6 +46,7 @@ class NodeSettings:
     accelerator: str
     capacity: int
     engine: Any  # cluster.deployment.EngineDefaults
+    task: str  # 'generate' or 'embed' (cluster.records.NodeTask)
     env_vars: dict[str, str]
 
     @property
@@ -88,12 +89,14 @@ def node_settings(
     capacity: int | None = None,
     engine_kwargs: dict[str, Any] | None = None,
     where: str = "the node config",
+    task: str = "generate",
 ) -> NodeSettings:
     """A node from an LLMConfig mapping (validated by ray.serve.llm's LLMConfig first, so its own
     messages name typos) and the flags. A config with `accelerator_type` (a GPU type Ray knows: H100,
     L4, A10G, ...) asks Ray for one GPU per tensor x pipeline parallel rank and keeps vLLM's own engine
     defaults; without it the node runs on CPU with meritnet's CPU defaults (bfloat16, eager, no chunked
-    prefill, OMP_NUM_THREADS=1) under whatever the config sets. Flags may not contradict the config."""
+    prefill, OMP_NUM_THREADS=1) under whatever the config sets. Flags may not contradict the config.
+    `task` 'embed' serves /v1/embeddings (vLLM's pooling runner) instead of chat and completions."""
     from cluster.deployment import EngineDefaults
     from deploy.config import CPU_ENGINE_ENV
 
@@ -182,6 +185,7 @@ def node_settings(
         capacity=capacity,
         engine=engine,
         env_vars=env_vars if use_gpu else {**CPU_ENGINE_ENV, **env_vars},
+        task=task,
     )
 
 

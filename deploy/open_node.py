@@ -21,7 +21,7 @@ from pathlib import Path
 from cluster.deployment import EngineDefaults, build_node_app
 from cluster.local import RAY_SYSTEM_CONFIG, use_serve_fast_path
 from cluster.node_http import INGRESS_NAME, node_ingress_app
-from cluster.records import NodeSpec, deployment_name, deployment_name_for_id
+from cluster.records import NodeSpec, NodeTask, deployment_name, deployment_name_for_id
 
 NODE_APP_ID = "served"  # the node's own Serve app is `node-served`; the network names it at join
 SECRET_FILE = "secret"
@@ -38,6 +38,7 @@ class OpenNode:
     advertise: str | None = None  # the URL a network calls (node serve --advertise); None: the bind itself
     source: str | None = None  # weights; default: the model id (builtin:default for 'default')
     capacity: int = 8
+    task: NodeTask = "generate"  # 'embed': /v1/embeddings (vLLM's pooling runner)
     address: str | None = None
     state_dir: Path = Path(".meritnet-node")
     engine: EngineDefaults = field(default_factory=EngineDefaults)
@@ -65,6 +66,7 @@ class OpenNode:
             model_source=source,
             accelerator_type=self.accelerator,
             capacity=self.capacity,
+            task=self.task,
         )
 
     def start(self, timeout_s: float = 900.0) -> OpenNode:
@@ -128,7 +130,8 @@ class OpenNode:
         import httpx
 
         try:
-            httpx.post(f"{self.local_url}/v1/completions", json={}, timeout=120)
+            path = "embeddings" if self.task == "embed" else "completions"
+            httpx.post(f"{self.local_url}/v1/{path}", json={}, timeout=120)
         except httpx.HTTPError:
             pass  # only a warm-up: the network's probes will tell if the node is unreachable
 

@@ -30,7 +30,7 @@ import contextlib
 import json
 import secrets
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import httpx
@@ -38,7 +38,7 @@ from pydantic import ValidationError
 
 from cluster.pinned_http import pinned_client
 from cluster.probe import ProbeFailed, get_bounded
-from cluster.records import NodeSpec
+from cluster.records import NodeSpec, NodeTask
 from cluster.registration import (
     DOMAIN_NAME,
     DOMAIN_VERSION,
@@ -170,7 +170,7 @@ class Admission:
         registry,
         chain_id: int,
         network_id: str,
-        models: set[str],
+        models: Mapping[str, NodeTask],
         policy: OpenNodePolicy | None = None,
         resolve=resolve_once,
         own: Iterable[IP] | None = None,
@@ -233,6 +233,7 @@ class Admission:
                 node_id=reg.node_id,
                 operator=reg.operator,
                 model_id=reg.model,
+                task=self._models[reg.model],  # the model's task in this network's config
                 model_source="operator",  # the operator's engine loads it; validators check what it serves
                 accelerator_type=reg.accelerator,
                 capacity=reg.capacity,

@@ -96,7 +96,12 @@ class GatewayCore:
         self._sink = sink  # Ray actor handle with record.remote(list[UsageRecord])
         self._registry = registry
         self.admission = (
-            Admission(registry, config.chain_id, config.network_id, config.models_of("generate"))
+            Admission(
+                registry,
+                config.chain_id,
+                config.network_id,
+                {m: spec.task for m, spec in config.metered_models.items()},
+            )
             if registry is not None and config.admit_open_nodes
             else None
         )

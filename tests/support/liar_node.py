@@ -19,7 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator
+
+from tests.support.ports import free_port
+from tests.support.waiting import wait_until
 
 LIAR_MODEL = "liar"
 TEXT = "hello there"
@@ -111,3 +118,110 @@ def http_liar(ids_of_text: list[int]):
             Route("/v1/completions", completions, methods=["POST"]),
         ]
     )
+
+
+def http_embedder(model: str):
+    """An open embeddings node (a Starlette app): one 8-float unit vector per input, in float or base64 as
+    asked, and vLLM's usage shape; it lies by one vector too few when the first input starts with 'short'."""
+    import base64
+    import struct
+
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def health(_: Request):
+        return JSONResponse({"status": "ok"})
+
+    async def models(_: Request):
+        return JSONResponse({"object": "list", "data": [{"id": model, "object": "model"}]})
+
+    async def embeddings(request: Request):
+        body = await request.json()
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        vectors = [[1.0 if j == len(str(t)) % 8 else 0.0 for j in range(8)] for t in inputs]
+        if str(inputs[0]).startswith("short"):
+            vectors = vectors[:-1]
+        if body.get("encoding_format") == "base64":
+            vectors = [base64.b64encode(struct.pack("<8f", *v)).decode() for v in vectors]
+        data = [{"index": i, "object": "embedding", "embedding": v} for i, v in enumerate(vectors)]
+        usage = {"prompt_tokens": HUGE, "total_tokens": HUGE}
+        return JSONResponse({"id": "embd", "object": "list", "model": model, "data": data, "usage": usage})
+
+    return Starlette(
+        routes=[
+            Route("/health", health),
+            Route("/v1/models", models),
+            Route("/v1/embeddings", embeddings, methods=["POST"]),
+        ]
+    )
+
+
+def wait_live(network, node_id: str) -> None:
+    """Until the gateway itself lists `node_id` as live (its own view, GET /v1/nodes): it routes to it."""
+
+    def listed_live() -> bool:
+        with urllib.request.urlopen(f"{network.base_url}/v1/nodes", timeout=30) as r:
+            return any(n["node_id"] == node_id and n["live"] for n in json.loads(r.read())["data"])
+
+    wait_until(listed_live, timeout_s=120, interval_s=0.2)
+
+
+def send_json(url: str, body: dict) -> tuple[int, dict, str]:
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, dict(r.headers), r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read().decode()
+
+
+def signed_registration(network, account, **fields) -> tuple[int, dict]:
+    from cluster.registration import Registration, sign
+
+    domain = json.loads(urllib.request.urlopen(f"{network.base_url}/v1/nodes/domain").read())
+    reg = Registration(
+        operator=account.address,
+        chain_id=domain["chain_id"],
+        network_id=domain["network_id"],
+        nonce=time.time_ns(),
+        expiry=int(time.time()) + 60,
+        **fields,
+    )
+    return sign(reg, account).model_dump()
+
+
+def open_node(network, app, model: str, node_id: str):
+    """`app` (an HTTP node) served on 127.0.0.1 and joined as `node_id` serving `model` by a signed
+    registration, like any operator's node; a generator: yields the node id, leaves and stops after."""
+    import uvicorn
+    from eth_account import Account
+
+    port, account = free_port(), Account.create()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    join = signed_registration(
+        network,
+        account,
+        action="join",
+        node_id=node_id,
+        model=model,
+        accelerator="H100",
+        endpoint=f"http://127.0.0.1:{port}",
+    )
+    status, _, text = send_json(f"{network.base_url}/v1/nodes", join)
+    assert status == 201, text
+    yield node_id
+    status, _, text = send_json(
+        f"{network.base_url}/v1/nodes/leave",
+        signed_registration(network, account, action="leave", node_id=node_id),
+    )
+    assert status == 200, text
+    server.should_exit = True
+    thread.join(10)

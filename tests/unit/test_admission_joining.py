@@ -34,6 +34,7 @@ ALICE, BOB = Account.create(), Account.create()
 PUBLIC = ipaddress.ip_address("8.8.8.8")
 OPEN = OpenNodePolicy(without_validators=True)  # public addresses only
 DEMO = OpenNodePolicy.for_network("127.0.0.1", [8000], without_validators=True)
+MODELS = {"default": "generate", "default-embed": "embed"}  # model -> task, as the network's config says
 _nonce = iter(range(1, 1 << 30))
 
 
@@ -74,7 +75,7 @@ async def fake_resolve(host: str):
 def admission(policy: OpenNodePolicy = OPEN, probe=None, own=(), core=None) -> Admission:
     core = core or NodeRegistryCore(policy=policy)
     return Admission(
-        FakeRegistry(core), CHAIN, NET, {"default"}, resolve=fake_resolve, own=own, probe=probe or Probe()
+        FakeRegistry(core), CHAIN, NET, MODELS, resolve=fake_resolve, own=own, probe=probe or Probe()
     )
 
 
@@ -123,6 +124,16 @@ def test_the_endpoint_is_resolved_once_and_recorded_at_its_ip():
     assert probe.seen == ["https://8.8.8.8:8443"] and core.links()["n1"].endpoint == "https://8.8.8.8:8443"
     # the name stays beside the IP: calls go to the IP and prove the name (SNI, certificate, Host)
     assert probe.names == ["node.example"] and core.links()["n1"].tls_name == "node.example"
+
+
+def test_an_open_node_serves_its_models_task_as_the_network_configures_it():
+    core = NodeRegistryCore(policy=OPEN)
+    asyncio.run(admission(core=core).join(signed(node_id="e1", model="default-embed")))
+    asyncio.run(
+        admission(core=core).join(signed(node_id="g1", model="default", endpoint="http://node.example:8101"))
+    )
+    tasks = {s.node_id: s.task for s in core.snapshot()}
+    assert tasks == {"e1": "embed", "g1": "generate"}
 
 
 def test_the_demo_default_allows_loopback_but_never_the_gateway_or_rays_ports():

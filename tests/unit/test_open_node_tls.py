@@ -114,7 +114,7 @@ def admission(core: NodeRegistryCore, resolved: dict[str, str]) -> Admission:
     async def resolve(host: str):  # the DNS answer the join sees, once
         return ipaddress.ip_address(resolved[host]) if host in resolved else None
 
-    return Admission(FakeRegistry(core), CHAIN, NET, {"default"}, resolve=resolve, own=())
+    return Admission(FakeRegistry(core), CHAIN, NET, {"default": "generate"}, resolve=resolve, own=())
 
 
 def gateway(link: NodeLink) -> TestClient:

@@ -21,6 +21,8 @@ def _package_network(tmp_path_factory):
         # the lying nodes (test_lying_node.py) claim model "liar", the operator's node (test_open_node.py)
         # serves "open"; the gateway meters both with this tokenizer
         trusted_models={"default": "builtin:default", "liar": "builtin:default", "open": "builtin:default"},
+        # the demo's embeddings model, and the one an operator's embeddings node serves (test_open_embeddings.py)
+        embedding_models={"default-embed": "builtin:default", "open-embed": "builtin:default"},
         timeouts={"stream_idle_s": 15},  # a stalled stream ends this soon (test_lying_node.py)
         epoch_length_s=20,  # an open node's traffic is settled this soon (test_open_node.py)
     )

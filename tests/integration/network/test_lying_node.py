@@ -6,15 +6,21 @@ holds only what the gateway counted of what it really forwarded."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 import urllib.request
 from dataclasses import dataclass
 
 import pytest
 
-from tests.support.liar_node import LIAR_MODEL, TEXT, http_liar, liar_app
-from tests.support.ports import free_port
+from tests.support.liar_node import (
+    LIAR_MODEL,
+    TEXT,
+    http_liar,
+    liar_app,
+    open_node,
+    send_json,
+    wait_live,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -23,19 +29,6 @@ pytestmark = pytest.mark.integration
 class Liar:
     node_id: str
     tok: object  # the trusted tokenizer
-
-
-def _wait_live(node_id: str, live: bool = True) -> None:
-    import ray
-
-    from cluster.registry import get_registry
-
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if any(s.node_id == node_id and s.live for s in ray.get(get_registry().snapshot.remote())) == live:
-            break
-        time.sleep(0.5)
-    time.sleep(1.5)  # the gateway refreshes its snapshot every 0.5 s
 
 
 def _managed(ids: list[int]):
@@ -60,52 +53,6 @@ def _managed(ids: list[int]):
     serve.delete(f"node-{node_id}")
 
 
-def _signed(network, account, **fields) -> tuple[int, dict]:
-    from cluster.registration import Registration, sign
-
-    domain = json.loads(urllib.request.urlopen(f"{network.base_url}/v1/nodes/domain").read())
-    reg = Registration(
-        operator=account.address,
-        chain_id=domain["chain_id"],
-        network_id=domain["network_id"],
-        nonce=time.time_ns(),
-        expiry=int(time.time()) + 60,
-        **fields,
-    )
-    return sign(reg, account).model_dump()
-
-
-def _open(network, ids: list[int]):
-    """The HTTP liar on 127.0.0.1, joined by a signed registration like any operator's node."""
-    import uvicorn
-    from eth_account import Account
-
-    port, node_id, account = free_port(), "liar-2", Account.create()
-    server = uvicorn.Server(uvicorn.Config(http_liar(ids), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    join = _signed(
-        network,
-        account,
-        action="join",
-        node_id=node_id,
-        model=LIAR_MODEL,
-        accelerator="H100",
-        endpoint=f"http://127.0.0.1:{port}",
-    )
-    status, _, text = _send(f"{network.base_url}/v1/nodes", join)
-    assert status == 201, text
-    yield node_id
-    status, _, text = _send(
-        f"{network.base_url}/v1/nodes/leave", _signed(network, account, action="leave", node_id=node_id)
-    )
-    assert status == 200, text
-    server.should_exit = True
-    thread.join(10)
-
-
 @pytest.fixture(scope="module", params=["managed", "open"])
 def liar(network, request):
     from transformers import AutoTokenizer
@@ -114,26 +61,19 @@ def liar(network, request):
 
     tok = AutoTokenizer.from_pretrained(resolve_model_source("builtin:default"))
     ids = tok.encode(TEXT, add_special_tokens=False)
-    kind = _managed(ids) if request.param == "managed" else _open(network, ids)
+    kind = (
+        _managed(ids)
+        if request.param == "managed"
+        else open_node(network, http_liar(ids), LIAR_MODEL, "liar-2")
+    )
     node_id = next(kind)
-    _wait_live(node_id)
+    wait_live(network, node_id)
     yield Liar(node_id, tok)
     next(kind, None)
 
 
-def _send(url: str, body: dict) -> tuple[int, dict, str]:
-    req = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, dict(r.headers), r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read().decode()
-
-
 def _post(network, body: dict) -> tuple[int, dict, str]:
-    return _send(f"{network.base_url}/v1/completions", body)
+    return send_json(f"{network.base_url}/v1/completions", body)
 
 
 @pytest.mark.parametrize("stream", [False, True])
