@@ -99,6 +99,8 @@ class SigningPolicy:
             raise SignRefused("the settler moves no ether")
         if tx.get("from", address).lower() != address.lower():
             raise SignRefused("the transaction is from another account")
+        if not isinstance(tx.get("chainId"), int):
+            raise SignRefused("a transaction without a chain id")
         if not isinstance(tx.get("maxFeePerGas"), int) or tx["maxFeePerGas"] > self.max_fee_wei:
             raise SignRefused(f"max fee above the cap of {self.max_fee_wei} wei")
         artifact = load_artifact()
@@ -215,14 +217,17 @@ class RemoteSigner:
 
 class _Handler(socketserver.StreamRequestHandler):
     server: _Server
+    timeout = 10  # a caller that connects and sends nothing does not hold a thread
 
     def handle(self) -> None:
-        raw = self.rfile.readline(MAX_REQUEST_BYTES + 1)
         try:
-            answer = self.server.answer(raw)
+            answer = self.server.answer(self.rfile.readline(MAX_REQUEST_BYTES + 1))
         except SignRefused as exc:
             log.warning("refused a signing request: %s", exc)
             answer = {"error": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - nothing a caller sends stops the signer
+            log.warning("a signing request failed (%s)", type(exc).__name__)
+            answer = {"error": f"the request failed ({type(exc).__name__})"}
         self.wfile.write(json.dumps(answer).encode() + b"\n")
 
 
