@@ -53,6 +53,7 @@ log = logging.getLogger("meritnet.signer")
 
 SETTLER = "settler"  # the settler key's name; any other name is a validator id
 MAX_REQUEST_BYTES = 1 << 20  # a deploy's initcode is the largest request (~30 KB of hex)
+MAX_SOCKET_PATH = 107  # bytes of a Unix socket's path (sun_path holds 108, with its NUL)
 CALL_GAS_LIMIT = 200_000  # settle and set_stake (ChainSettings.settle_gas_limit's default)
 
 
@@ -277,7 +278,13 @@ class SignerProcess:
     network. `chain`: the settler's chain settings (its distributor, fee cap and gas limit)."""
 
     def __init__(self, socket_path: Path, key_files: Mapping[str, Path], chain: Any = None) -> None:
-        self.socket_path, self.key_files, self.chain = socket_path, dict(key_files), chain
+        self.socket_path = socket_path.absolute()  # the actors' working folder is not this one
+        if len(os.fsencode(self.socket_path)) > MAX_SOCKET_PATH:
+            raise RuntimeError(
+                f"the signer's socket path {self.socket_path} is longer than Unix allows ({MAX_SOCKET_PATH} "
+                "bytes): use a shorter state_dir, or run the signer yourself and set signer_socket"
+            )
+        self.key_files, self.chain = dict(key_files), chain
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 60.0) -> SignerProcess:
