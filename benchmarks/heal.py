@@ -64,10 +64,13 @@ def kill_engine_core(node_id: str):
     from ray.util.state import list_actors
 
     from cluster.engine_watch import engine_processes
+    from cluster.local import state_address
 
     app = f"node-{node_id}"
     (replica,) = list_actors(
-        filters=[("class_name", "=", f"ServeReplica:{app}:{app}"), ("state", "=", "ALIVE")], detail=True
+        address=state_address(),
+        filters=[("class_name", "=", f"ServeReplica:{app}:{app}"), ("state", "=", "ALIVE")],
+        detail=True,
     )
     core = next(p for p, name in engine_processes(replica.pid) if name == "VLLM::EngineCore")
     core.kill()

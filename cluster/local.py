@@ -228,6 +228,17 @@ class LocalCluster:
         self.shutdown()
 
 
+RAY_ADDRESS_FILE = "ray-address"  # in a network's state folder: its Ray cluster, for `meritnet status`
+
+
+def state_address() -> str:
+    """This process's own Ray cluster, for Ray's state API (`ray.util.state.list_actors(address=...)`):
+    without it the API picks the newest Ray instance on the machine, which may be another network's."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
 def connect(address: str, env_vars: dict[str, str]) -> None:
     """Connect this process to the Ray cluster at `address` as the network's driver (namespace
     `meritnet`); every Ray worker of the network gets `env_vars`."""

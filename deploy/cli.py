@@ -237,7 +237,9 @@ def nodes_table(stats, quality) -> Table:
 
 @app.command()
 def status(
-    address: str = typer.Option("auto", help="Ray address of the network."),
+    address: str | None = typer.Option(
+        None, help="Ray address of the network (default: the one `meritnet up` recorded in the state folder)."
+    ),
     state_dir: Path = typer.Option(
         Path(".meritnet"), help="The network's state folder (holds its Ray token)."
     ),
@@ -245,8 +247,10 @@ def status(
     """Show the network's nodes: liveness, load, and the validators' consensus quality."""
     import ray
 
-    from cluster.local import AUTH_TOKEN_FILE, use_auth_token
+    from cluster.local import AUTH_TOKEN_FILE, RAY_ADDRESS_FILE, use_auth_token
 
+    recorded = state_dir / RAY_ADDRESS_FILE
+    address = address or (recorded.read_text().strip() if recorded.is_file() else "auto")
     token = state_dir / AUTH_TOKEN_FILE
     if token.is_file() and not os.environ.get("RAY_AUTH_TOKEN_PATH"):
         use_auth_token(token)  # the network's cluster admits only holders of its token

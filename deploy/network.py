@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cluster.deployment import build_node_app
-from cluster.local import AUTH_TOKEN_FILE, ExistingCluster, LocalCluster
+from cluster.local import AUTH_TOKEN_FILE, RAY_ADDRESS_FILE, ExistingCluster, LocalCluster
 from cluster.records import NodeSpec, deployment_name
 from deploy.config import NetworkConfig, resolve_model_source
 from deploy.errors import NetworkStartError
@@ -164,6 +164,8 @@ class LocalNetwork:
             self.cluster = LocalCluster({s.accelerator_type for s in self.specs}, cfg.cluster).start(
                 auth_token_file=cfg.state_dir / AUTH_TOKEN_FILE
             )
+        # `meritnet status` finds this cluster by it, not by guessing among the machine's Ray instances
+        (cfg.state_dir / RAY_ADDRESS_FILE).write_text(self.cluster.address)
         serve.start(proxy_location="HeadOnly", http_options={"host": cfg.host, "port": cfg.port})
 
         import ray
@@ -340,10 +342,15 @@ def engine_log_tail(app: str, lines: int = 30) -> str:
     import ray
     from ray.util.state import list_actors
 
+    from cluster.local import state_address
+
     try:
         logs = Path(ray._private.worker._global_node.get_logs_dir_path())
         actors = list_actors(
-            filters=[("class_name", "=", f"ServeReplica:{app}:{app}")], limit=100, detail=True
+            address=state_address(),
+            filters=[("class_name", "=", f"ServeReplica:{app}:{app}")],
+            limit=100,
+            detail=True,
         )
     except Exception as exc:  # noqa: BLE001 - a diagnostic: never hide the error it explains
         return f"({app}: no engine log: {type(exc).__name__})"

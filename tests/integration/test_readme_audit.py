@@ -165,7 +165,11 @@ def test_readme_audit_commands_work_on_anvil(tmp_path):
         assert verified.returncode == 0, (verified.stdout, verified.stderr[-2000:])
         assert verified.stdout.startswith(f"VALID: request {client_rid} is in epoch "), verified.stdout
         assert "your request and response body matches it" in verified.stdout
-        assert status["last_committed_epoch"] >= candidates[-1]
+        # the ledger's book records an epoch as committed once its settle's receipt is in: after the chain
+        deadline = time.monotonic() + 60
+        while (status := json.loads(run(status_cmd)))["last_committed_epoch"] < candidates[-1]:
+            assert time.monotonic() < deadline, status
+            time.sleep(2)
 
         for epoch in candidates:  # the README's export, per candidate epoch, until it holds the request
             exported = run(export_cmd, epoch)

@@ -6,18 +6,16 @@ import socket
 
 
 def free_port() -> int:
-    """A free 127.0.0.1 port below the kernel's ephemeral range (32768+ here).
+    """A free 127.0.0.1 port in 20000-29999: below the kernel's ephemeral range (32768+ here) and below
+    Ray Serve's direct-ingress ports (30000-31000, each cluster allocating its own from 30000).
 
     A port from bind(0) is ephemeral: the many processes a Ray cluster starts afterwards bind ephemeral
-    ports too, and one of them can take it before the test's server binds it ("Failed to bind")."""
+    ports too, and one of them can take it before the test's server binds it ("Failed to bind"). Drawn
+    with the system's randomness: a library that seeds `random` must not make two test processes draw
+    the same ports."""
     import random
 
-    low = 20000
-    try:
-        low_ephemeral = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
-    except (OSError, ValueError, IndexError):
-        low_ephemeral = 32768
-    for port in random.sample(range(low, max(low + 1000, low_ephemeral)), 200):
+    for port in random.SystemRandom().sample(range(20000, 30000), 200):
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))

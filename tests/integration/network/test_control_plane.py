@@ -49,10 +49,12 @@ def test_control_plane_actors_run_on_the_head_node(network):
     import ray
     from ray.util.state import list_actors
 
+    from cluster.local import state_address
+
     head = next(
         n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("node:__internal_head__")
     )
-    alive = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+    alive = list_actors(address=state_address(), filters=[("state", "=", "ALIVE")], limit=1000)
     control = ("meritnet-registry", "meritnet-usage", "meritnet-settlement")
     placed = {a.name: a.node_id for a in alive if a.name in control}
     assert set(placed) == set(control), placed

@@ -224,12 +224,14 @@ def test_each_node_is_placed_on_its_accelerator(network):
     import ray
     from ray.util.state import list_actors
 
+    from cluster.local import state_address
+
     accel_of_ray_node = {
         n["NodeID"]: [k for k in n["Resources"] if k.startswith("accel_")] for n in ray.nodes() if n["Alive"]
     }
     replicas = [
         a
-        for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+        for a in list_actors(address=state_address(), filters=[("state", "=", "ALIVE")], limit=1000)
         if a.class_name.startswith("ServeReplica:node-")
     ]
     placed = {a.class_name.split(":")[1]: accel_of_ray_node[a.node_id] for a in replicas}

@@ -24,7 +24,9 @@ def _replica(class_name: str):
     import ray
     from ray.util.state import list_actors
 
-    alive = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+    from cluster.local import state_address
+
+    alive = list_actors(address=state_address(), filters=[("state", "=", "ALIVE")], limit=1000)
     victim = next(a for a in alive if a.class_name == class_name)
     return ray.get_actor(victim.name, namespace="serve")
 
