@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import secrets
 import shutil
 import socket
@@ -135,7 +136,38 @@ def use_serve_fast_path() -> dict[str, str]:
             if not (current.isdigit() and _port_free(int(current))):
                 os.environ[key] = str(_free_port())
             env[key] = os.environ[key]
+        for protocol, (low, high) in DIRECT_INGRESS_RANGES.items():
+            env |= _direct_ingress_block(protocol, low, high)
     return env
+
+
+# Ray Serve gives every ingress replica a port of its own (direct ingress), counting up from 30000 (HTTP)
+# and 40000 (gRPC) in each cluster. Two clusters on one machine (a network and an operator's node, or two
+# test networks) then both start at 30000; the second's replica retries another port, but its HAProxy was
+# seen forwarding to the first port, i.e. into the other cluster's gateway. So each start takes a block of
+# ports of its own, free when it is chosen.
+DIRECT_INGRESS_RANGES = {"HTTP": (30000, 32752), "GRPC": (40000, 41000)}
+DIRECT_INGRESS_BLOCK = 16  # ingress replicas per machine: the gateway's, and an open node's ingress
+
+
+def _block_free(base: int) -> bool:
+    return all(_port_free(p) for p in range(base, base + DIRECT_INGRESS_BLOCK))
+
+
+def _direct_ingress_block(protocol: str, low: int, high: int) -> dict[str, str]:
+    lo_var, hi_var = (
+        f"RAY_SERVE_DIRECT_INGRESS_MIN_{protocol}_PORT",
+        f"RAY_SERVE_DIRECT_INGRESS_MAX_{protocol}_PORT",
+    )
+    current = os.environ.get(lo_var, "")
+    block = lambda base: range(base, base + DIRECT_INGRESS_BLOCK)  # noqa: E731
+    if not (current.isdigit() and all(_port_free(p) for p in block(int(current)))):
+        bases = random.SystemRandom().sample(
+            range(low, high - DIRECT_INGRESS_BLOCK, DIRECT_INGRESS_BLOCK), 32
+        )
+        base = next((b for b in bases if all(_port_free(p) for p in block(b))), low)
+        os.environ[lo_var], os.environ[hi_var] = str(base), str(base + DIRECT_INGRESS_BLOCK - 1)
+    return {lo_var: os.environ[lo_var], hi_var: os.environ[hi_var]}
 
 
 def use_auth_token(path: Path) -> None:
