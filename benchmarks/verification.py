@@ -144,12 +144,17 @@ def challenge_requests(codec, n: int, seed: int, temperature: float | None = Non
     return out
 
 
-def vllm_claims(llm, reqs, batch_sizes=(16,), node_logprobs: list | None = None) -> list:
+def vllm_claims(
+    llm, reqs, batch_sizes=(16,), node_logprobs: list | None = None, json_schema: str | None = None
+) -> list:
     """Claims of what `llm` returns for each request (seeded), in batches of the given sizes in turn.
     `node_logprobs`: a list that receives, per claim, the node's own top-5 (+ emitted) logprobs per
-    position (raw logits, as the reference's), to measure honest float noise directly."""
+    position (raw logits, as the reference's), to measure honest float noise directly. `json_schema`:
+    every request is decoded under that schema (response_format json_schema; the engine needs the
+    network's structured_outputs_config, cluster.deployment.EngineDefaults)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
+    from vllm.sampling_params import StructuredOutputsParams
 
     from scoring.verify import Claim
 
@@ -157,7 +162,11 @@ def vllm_claims(llm, reqs, batch_sizes=(16,), node_logprobs: list | None = None)
     while i < len(reqs):
         chunk = reqs[i : i + batch_sizes[k % len(batch_sizes)]]
         lp = 5 if node_logprobs is not None else None
-        params = [SamplingParams(max_tokens=m, temperature=t, seed=s, logprobs=lp) for _, m, t, s in chunk]
+        structured = None if json_schema is None else StructuredOutputsParams(json=json_schema)
+        params = [
+            SamplingParams(max_tokens=m, temperature=t, seed=s, logprobs=lp, structured_outputs=structured)
+            for _, m, t, s in chunk
+        ]
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p, *_ in chunk], params, use_tqdm=False)
         for (p, m, t, s), o in zip(chunk, outs):
             out = o.outputs[0]
@@ -175,6 +184,7 @@ def vllm_claims(llm, reqs, batch_sizes=(16,), node_logprobs: list | None = None)
                     max_tokens=m,
                     temperature=t,
                     seed=s,
+                    json_schema=json_schema,
                 )
             )
         i += len(chunk)

@@ -222,6 +222,11 @@ class QualityScores(_Frozen):
     quality: dict[str, Unit] = Field(default_factory=dict, description="node_id -> consensus quality.")
 
 
+# The longest response_format schema (characters) of a request offered for shadow verification: the
+# validator compiles it into a grammar, so a client's schema must stay small to be replayed.
+MAX_SHADOW_SCHEMA = 8192
+
+
 class ServedCompletion(_Frozen):
     """One organic completion offered for shadow verification (content, so it never goes to logs or disk).
 
@@ -255,6 +260,12 @@ class ServedCompletion(_Frozen):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0, description="The request's top_p, if set.")
     top_k: int | None = Field(default=None, ge=-1, description="The request's top_k, if set.")
     stream: bool = Field(default=False, description="The request was streamed.")
+    json_schema: str | None = Field(
+        default=None,
+        max_length=MAX_SHADOW_SCHEMA,
+        description="The JSON schema the answer was decoded under (response_format json_schema or "
+        "json_object, as vLLM compiles it); None: free text.",
+    )
 
 
 SHADOW_EMBED_INPUTS = 16  # the most inputs of an embeddings request offered for shadow verification

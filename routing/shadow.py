@@ -7,7 +7,9 @@
 * A keyed-hash sample (`cluster.keyed_sample`, key known only to the gateway) of completed organic
   requests is offered to validators as `ServedCompletion`s. Only requests a validator can re-verify
   exactly are offered (`verifiable`): one choice, plain-text prompt or messages, temperature <= 1, and
-  no parameter that reshapes the token distribution (penalties, logit bias, structured outputs, tools...).
+  no parameter that reshapes the token distribution (penalties, logit bias, tools...) other than a
+  `response_format` (json_schema or json_object, a schema of at most `MAX_SHADOW_SCHEMA` characters):
+  validators replay its grammar's mask (`scoring.grammar`), so structured answers are checked too.
   Embeddings requests of at most `SHADOW_EMBED_INPUTS` texts and no other parameter (no `dimensions`,
   no truncation) are offered as `ServedEmbedding`s with the vectors the client got.
 * What replay could add, and what it needs (issue 15): validators replay seeded sampling exactly
@@ -16,8 +18,9 @@
   `ServedCompletion` carries the seed and top_p/top_k (replay is refused where they reshape).
   Still unverifiable even with replay: n > 1 (vLLM derives the choices' generators internally and the
   gateway keeps choice 0 only), top_p/top_k/min_p/penalties/logit bias (replay from the reference's
-  top-k values cannot rebuild the masked distribution), structured outputs and tools (the constraint
-  state is not replayed), images and other non-text content.
+  top-k values cannot rebuild the masked distribution), tools (the client gets the tool parser's
+  reading of the tokens, not the tokens), vLLM's own `structured_outputs` (regex, grammar, choice),
+  images and other non-text content.
 
 Offered items hold prompts and outputs: they live in memory only and never go to logs.
 """
@@ -28,7 +31,8 @@ import re
 from typing import Any
 
 from cluster.embeddings import vectors_of
-from cluster.records import SHADOW_EMBED_INPUTS, ServedCompletion, ServedEmbedding
+from cluster.records import MAX_SHADOW_SCHEMA, SHADOW_EMBED_INPUTS, ServedCompletion, ServedEmbedding
+from cluster.structured import schema_text
 from routing.intake import chat_messages, int_field, is_embedding, prompts
 from routing.metering import Tally
 
@@ -54,6 +58,7 @@ _VERIFIABLE_FIELDS = frozenset(
         "request_id",
         "logprobs",
         "top_logprobs",
+        "response_format",
     }
 )
 _VERIFIABLE_EMBEDDING_FIELDS = frozenset({"model", "input", "encoding_format", "user", "request_id"})
@@ -76,6 +81,12 @@ def verifiable(body: Any) -> bool:
         return False
     if (getattr(body, "temperature", None) or 0.0) > 1.0:
         return False  # flatter than the model: rare tokens become likely, the logprob floor would misfire
+    try:
+        schema = schema_text(getattr(body, "response_format", None))
+    except ValueError:
+        return False  # a structural tag: not replayed
+    if schema is not None and len(schema) > MAX_SHADOW_SCHEMA:
+        return False
     messages = chat_messages(body)
     if messages is not None:
         return all(
@@ -131,6 +142,7 @@ class Capture:
             max_tokens=max_tokens,
             temperature=1.0 if temperature is None else float(temperature),
             stop_strings=bool(stop),
+            json_schema=schema_text(getattr(b, "response_format", None)),
         )
 
     def served_embedding(self, node_id: str, answer: Any) -> ServedEmbedding:

@@ -45,6 +45,10 @@ class LetterCodec:
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         return self.encode_prompt("".join(m["content"] for m in messages))
 
+    def grammar(self) -> None:
+        """Letters are no JSON: structured answers cannot be replayed over this codec."""
+        return None
+
 
 class BigramModel:
     """logits[last, next] ~ N(0, scale^2), seeded; EOS gets a fixed bias so texts end sometimes."""

@@ -9,9 +9,12 @@ Prompt logprobs are computed from the raw logits (temperature 1), whatever the n
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from scoring.grammar import JsonGrammar
 
 
 class HFCodec:
@@ -24,6 +27,8 @@ class HFCodec:
             ids.add(int(tokenizer.eos_token_id))
         self.eos_token_ids = frozenset(ids)
         self.vocab_size = len(tokenizer)  # base vocabulary + added special tokens
+        self._grammar: JsonGrammar | None = None
+        self._grammar_lock = threading.Lock()
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> HFCodec:
@@ -50,6 +55,13 @@ class HFCodec:
         """Prompt ids of a chat request (template applied, generation prompt added)."""
         text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return list(self.tok.encode(text, add_special_tokens=False))
+
+    def grammar(self) -> JsonGrammar:
+        """The structured-output grammar over this tokenizer (built once; verifications share it)."""
+        with self._grammar_lock:
+            if self._grammar is None:
+                self._grammar = JsonGrammar(self.tok, self.vocab_size, sorted(self.eos_token_ids))
+            return self._grammar
 
 
 class VllmReferenceEngine:

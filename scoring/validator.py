@@ -280,6 +280,7 @@ class Validator:
             stop_strings=item.stop_strings,
             seed=item.seed,
             reshaped=item.top_p not in (None, 1.0) or item.top_k not in (None, 0, -1),
+            json_schema=item.json_schema,
         )
 
     async def shadow_verify(self, item: ServedCompletion | ServedEmbedding) -> Verification | None:
@@ -301,6 +302,8 @@ class Validator:
             return None
         self.counts[item.node_id]["shadow"] += 1
         self.counts[item.node_id][f"shadow_{v.verdict}"] += 1
+        if not embedding and item.json_schema is not None:
+            self.counts[item.node_id]["shadow_json"] += 1  # judged under its replayed grammar
         if v.verdict != "pass":
             log.warning(
                 "validator %s: node %s %s on an organic request (%s)",

@@ -17,6 +17,10 @@ reference's logits (= logprob differences):
   noise, so the emitted token must win argmax(logits/T + g). The emitted token gets `margin_tol`/T of
   headroom (the same logit noise, in the sampler's units); a token that still loses is a violation,
   positions an unreported (outside top-k) token might have won are "unsure" and not counted.
+* Structured output (`response_format` json_schema / json_object): the node decoded under a grammar
+  that masks tokens, so the validator replays the same mask (`scoring.grammar`) and measures margins
+  against the best *allowed* token; a token the grammar rejects is a violation, and judging stops there.
+  Sampled answers under a grammar take the floor below, over the allowed tokens (no exact replay).
 * Other sampled requests (no seed, top_p/top_k/penalties, or no replayable sampler): any token may
   appear, so a token is a violation only if its *tempered* reference logprob (an upper bound from the
   top-k) is below `sampled_min_logprob`; an honest sampler emits such a token with probability at most
@@ -54,6 +58,8 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cluster.records import MAX_SHADOW_SCHEMA
+from scoring.grammar import GrammarWalk, JsonGrammar
 from scoring.replay import NoisyArgmax, replay_steps
 from scoring.thresholds import VerifyThresholds
 
@@ -87,6 +93,10 @@ class TextCodec(Protocol):
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """Ids of a chat prompt (template + generation prompt); used by validators."""
+        ...
+
+    def grammar(self) -> JsonGrammar | None:
+        """The model's structured-output grammar (None: structured answers cannot be replayed)."""
         ...
 
 
@@ -157,6 +167,11 @@ class Claim(BaseModel):
         description="The request set top_p/top_k/min_p/penalties/logit_bias: sampled replay cannot rebuild "
         "the distribution from top-k values, so the logprob floor applies instead.",
     )
+    json_schema: str | None = Field(
+        default=None,
+        max_length=MAX_SHADOW_SCHEMA,
+        description="The JSON schema the answer was decoded under (scoring.grammar.schema_text); None: free text.",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,16 +202,30 @@ class Verification:
         return self.flagged / self.n_tokens if self.n_tokens else 0.0
 
 
+def allowed_only(
+    dist: dict[int, float], position: int, tok: int, walk: GrammarWalk | None
+) -> dict[int, float]:
+    """The reference's known tokens at `position` that the grammar allowed (and the emitted one)."""
+    if walk is None:
+        return dist
+    return {k: v for k, v in dist.items() if k == tok or walk.allows(position, k)}
+
+
 def compare_tokens(
-    completion_ids: Sequence[int], ref: Sequence[dict[int, float]], top_k: int
+    completion_ids: Sequence[int],
+    ref: Sequence[dict[int, float]],
+    top_k: int,
+    walk: GrammarWalk | None = None,
 ) -> list[TokenCheck]:
-    """Rank and margin of each emitted token in the reference distribution at its position."""
+    """Rank and margin of each emitted token in the reference distribution at its position (among the
+    tokens the grammar allowed there, under a `walk`)."""
     if len(ref) != len(completion_ids):
         raise ValueError(
             f"reference returned {len(ref)} positions for {len(completion_ids)} completion tokens"
         )
     out = []
-    for t, (tok, dist) in enumerate(zip(completion_ids, ref)):
+    for t, (tok, full) in enumerate(zip(completion_ids, ref)):
+        dist = allowed_only(full, t, tok, walk)
         top = max(dist.values()) if dist else 0.0
         lp = dist.get(tok, -math.inf)
         rank = 1 + sum(1 for v in dist.values() if v > lp) if tok in dist else top_k + 1
@@ -317,8 +346,16 @@ def verify(
         last = ref[-1]
         best = max(codec.eos_token_ids, key=lambda e: last.get(e, -math.inf))
         check_ids[-1] = best
-    checks = compare_tokens(check_ids, ref, th.top_k)
-    replayed = not greedy and claim.seed is not None and not claim.reshaped and sampler is not None
+    walk = None
+    if claim.json_schema is not None:
+        grammar = codec.grammar()
+        if grammar is None:
+            raise ValueError("no grammar for this model: structured output cannot be replayed")
+        walk = grammar.walk(claim.json_schema, check_ids)
+    checks = compare_tokens(check_ids, ref, th.top_k, walk)
+    replayed = (
+        not greedy and claim.seed is not None and not claim.reshaped and walk is None and sampler is not None
+    )
     judged: list[bool] = [True] * len(checks)
     if replayed:
         # The same logit noise as greedy, in the sampler's units (logits / T).
@@ -343,9 +380,19 @@ def verify(
         kind = f"lose the reference's argmax by more than {th.margin_tol:.3g} nats"
     else:
         floor = th.floor_for(codec.vocab_size)
-        flags = [_tempered_logprob(d, c.token_id, claim.temperature) < floor for d, c in zip(ref, checks)]
+        flags = [
+            _tempered_logprob(allowed_only(d, c.position, c.token_id, walk), c.token_id, claim.temperature)
+            < floor
+            for d, c in zip(ref, checks)
+        ]
         flipped = [False] * len(flags)  # any token may be sampled: no flips to count
         kind = f"below the tempered logprob floor {floor:.1f}"
+    if walk is not None and walk.rejected_at is not None:
+        # No honest node emits a token its grammar masks; past it the grammar's state is unknown.
+        r = walk.rejected_at
+        flags[r] = True
+        judged = [j and t <= r for t, j in enumerate(judged)]
+        fail.append(f"token {r} is outside the response format's grammar")
     if eos_appended and flags and flags[-1]:
         fraud.append("finish_reason 'stop' where the claimed model would not stop (truncated output)")
     if eos_appended:  # the appended EOS was judged for the ending above; it is not the node's token

@@ -171,7 +171,7 @@ def test_verifiable_is_a_whitelist_of_plain_requests():
         {
             "model": "m",
             "messages": [{"role": "user", "content": "hi"}],
-            "response_format": {"type": "json_object"},
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
         }
     )
     assert not verifiable(parts) and not verifiable(tools)
@@ -180,6 +180,47 @@ def test_verifiable_is_a_whitelist_of_plain_requests():
     )
     assert not verifiable(CompletionRequest.model_validate({"model": "m", "prompt": "x", "temperature": 1.5}))
     assert verifiable(CompletionRequest.model_validate({"model": "m", "prompt": "x", "temperature": 1.0}))
+
+
+def _chat_with_format(response_format):
+    from ray.serve.llm.openai_api_models import ChatCompletionRequest
+
+    return ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "response_format": response_format}
+    )
+
+
+def test_structured_answers_are_verifiable_when_their_schema_is_short():
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "maximum": 9}}, "required": ["n"]}
+    named = {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}
+    assert verifiable(_chat_with_format({"type": "json_object"}))
+    assert verifiable(_chat_with_format(named)) and verifiable(_chat_with_format({"type": "text"}))
+    long = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(600)}}
+    assert not verifiable(
+        _chat_with_format({"type": "json_schema", "json_schema": {"name": "l", "schema": long}})
+    )
+    tag = {"type": "structural_tag", "format": {"type": "const_string", "value": "x"}}
+    assert not verifiable(_chat_with_format(tag))
+
+
+def test_a_structured_answer_is_offered_with_the_schema_vllm_compiled():
+    client, _, feed = _gateway(shadow_rate=1.0)
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}}
+    for response_format in (
+        {"type": "json_object"},
+        {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}},
+    ):
+        r = client.post(
+            "/v1/completions",
+            json={
+                "model": "default",
+                "prompt": "x",
+                "max_tokens": 2,
+                "response_format": response_format,
+            },
+        )
+        assert r.status_code == 200
+    assert [i.json_schema for i in feed.items] == ['{"type": "object"}', json.dumps(schema)]
 
 
 def test_strip_token_ids_leaves_text_that_looks_like_ids_alone():

@@ -34,6 +34,13 @@ MAX_CHALLENGES_TO_DETECT = 3  # substitution is fraud on the first verified comp
 MAX_CHALLENGES_TO_DETECT_QUANT = 16  # int4: benchmarks.verification measures how many it takes
 
 
+TOWN = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 20}, "people": {"type": "integer"}},
+    "required": ["name", "people"],
+}
+
+
 def _client(net):
     from openai import OpenAI
 
@@ -41,9 +48,18 @@ def _client(net):
 
 
 def _organic(client, i: int) -> str:
-    """One organic request (chat or completion, greedy); returns the serving node's id."""
+    """One organic request (chat, chat with a JSON schema, or completion; greedy); returns the serving
+    node's id."""
     rng = random.Random(i)
-    if i % 2:
+    if i % 4 == 3:
+        raw = client.chat.completions.with_raw_response.create(
+            model="default",
+            messages=[{"role": "user", "content": f"Describe town number {i} as JSON."}],
+            max_tokens=rng.choice((16, 32)),
+            temperature=0,
+            response_format={"type": "json_schema", "json_schema": {"name": "town", "schema": TOWN}},
+        )
+    elif i % 2:
         raw = client.chat.completions.with_raw_response.create(
             model="default",
             messages=[{"role": "user", "content": f"Tell me about town number {i}."}],
@@ -91,6 +107,7 @@ def _verified(stats, nodes) -> Counter:
                         "shadow_pass",
                         "shadow_fail",
                         "shadow_fraud",
+                        "shadow_json",
                     )
                 }
             )
@@ -193,13 +210,16 @@ def test_honest_nodes_are_never_convicted_under_load(detection):
 
 
 def test_organic_traffic_is_shadow_verified_without_false_positives(detection):
-    """Validators re-verify a sample of organic completions after the fact (shadow verification)."""
+    """Validators re-verify a sample of organic completions after the fact (shadow verification),
+    structured (json_schema) answers among them."""
     honest, cheater = detection["honest"], detection["cheater"]
     assert detection["shadow_feed"]["offered"] > 0, detection["shadow_feed"]
     assert honest["shadow"] > 0, (
         f"no organic completion of an honest node was shadow-verified: {dict(honest)}"
     )
     assert honest["shadow_fraud"] == 0, f"shadow false fraud: {dict(honest)}"
+    # a quarter of the organic requests ask for a JSON schema: judged under their replayed grammar
+    assert honest["shadow_json"] > 0, dict(honest)
     assert cheater["shadow_pass"] == 0, dict(cheater)  # whatever of the cheater's organic output was sampled
 
 

@@ -1,0 +1,120 @@
+"""Structured answers judged under their grammar (real xgrammar over the built-in model's tokenizer; a
+scripted reference stands in for the engine): an honest node's forced JSON tokens pass though the model
+would rather write text, a token the schema forbids or a cheap allowed token does not, and a JSON answer
+cut short but reported as a natural stop is fraud."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import pytest
+
+from cluster.model import build_default_model
+from scoring.reference import HFCodec
+from scoring.thresholds import VerifyThresholds
+from scoring.verify import Claim, verify
+
+SCHEMA = json.dumps({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]})
+# "\n": the model's own first choice everywhere in this script, and never allowed in compact JSON (not
+# even inside a string).
+FREE_TEXT = 205
+
+
+@pytest.fixture(scope="module")
+def codec() -> HFCodec:
+    return HFCodec.from_pretrained(build_default_model(0))
+
+
+class ScriptedReference:
+    """At every position the reference prefers a newline (FREE_TEXT at -0.05) and gives the emitted token
+    -1.5, unless `script` gives that position's distribution."""
+
+    def __init__(self, script: dict[int, dict[int, float]] | None = None) -> None:
+        self.script = script or {}
+
+    def prompt_logprobs(self, prompt_ids: Sequence[int], completion_ids: Sequence[int], top_k: int):
+        return [
+            self.script.get(t, {FREE_TEXT: -0.05, tok: -1.5} if tok != FREE_TEXT else {tok: -0.05})
+            for t, tok in enumerate(completion_ids)
+        ]
+
+
+def _claim(
+    codec: HFCodec, text: str, *, schema: str | None = SCHEMA, finish="stop", temperature=0.0
+) -> Claim:
+    ids = codec.encode(text)
+    return Claim(
+        prompt_token_ids=tuple(codec.encode_prompt("give me json")),
+        text=text,
+        completion_token_ids=tuple(ids),
+        reported_completion_tokens=len(ids),
+        finish_reason=finish,
+        max_tokens=64,
+        temperature=temperature,
+        json_schema=schema,
+    )
+
+
+def test_forced_json_tokens_pass_under_the_grammar_and_fail_without_it(codec):
+    honest = _claim(codec, '{"a":12}')
+    v = verify(honest, ScriptedReference(), codec)
+    assert v.verdict == "pass" and v.flagged == 0 and v.n_tokens == 5
+    # The same answer judged as free text: every token loses the unconstrained argmax by 1.45 nats.
+    free = verify(honest.model_copy(update={"json_schema": None}), ScriptedReference(), codec)
+    assert free.verdict != "pass" and free.flagged == 5
+
+
+def test_a_token_the_schema_forbids_is_a_violation(codec):
+    v = verify(_claim(codec, '{"a":"x"}'), ScriptedReference(), codec)
+    assert v.verdict != "pass"
+    assert any("outside the response format's grammar" in r for r in v.reasons)
+    assert v.n_tokens == 4  # judging stops at the rejected token (position 3)
+
+
+def test_a_cheap_allowed_token_loses_to_the_best_allowed_one(codec):
+    ids = codec.encode('{"a":7}')
+    twelve = codec.encode('{"a":12}')[3]
+    # At the value, the reference's best allowed token is "12"; the node wrote "7", 6 nats worse.
+    script = {3: {FREE_TEXT: -0.01, twelve: -0.2, ids[3]: -6.2}}
+    v = verify(_claim(codec, '{"a":7}'), ScriptedReference(script), codec)
+    assert v.flagged == 1 and v.tokens[3].margin == pytest.approx(6.0)
+    th = VerifyThresholds()
+    assert v.tokens[3].margin > th.margin_tol and v.evidence.violations == 1
+
+
+def test_json_cut_short_but_reported_as_a_natural_stop_is_fraud(codec):
+    v = verify(_claim(codec, '{"a":12'), ScriptedReference(), codec)
+    assert v.verdict == "fraud"
+    assert any("would not stop" in r for r in v.reasons)
+    # Cut by max_tokens instead ('length' at the limit) it is an honest answer.
+    cut = _claim(codec, '{"a":12', finish="length").model_copy(update={"max_tokens": 4})
+    assert verify(cut, ScriptedReference(), codec).verdict == "pass"
+
+
+def test_sampled_forced_tokens_are_judged_over_the_allowed_tokens(codec):
+    text = '{"a":12}'
+    deep = {t: {FREE_TEXT: -0.01, tok: -60.0} for t, tok in enumerate(codec.encode(text))}
+    v = verify(_claim(codec, text, temperature=0.7), ScriptedReference(deep), codec)
+    assert v.verdict == "pass" and not v.replayed
+    free = _claim(codec, text, temperature=0.7, schema=None)
+    assert verify(free, ScriptedReference(deep), codec).flagged == 5  # below the floor as free text
+
+
+def test_json_object_and_a_codec_without_grammar(codec):
+    from cluster.structured import JSON_OBJECT_SCHEMA
+    from scoring.fakes import LetterCodec
+
+    any_object = _claim(codec, '{"b":"x"}', schema=JSON_OBJECT_SCHEMA)
+    assert verify(any_object, ScriptedReference(), codec).verdict == "pass"
+    letters = LetterCodec()
+    claim = Claim(
+        prompt_token_ids=(0, 2),
+        text="ab",
+        reported_completion_tokens=2,
+        max_tokens=2,
+        finish_reason="length",
+        json_schema=JSON_OBJECT_SCHEMA,
+    )
+    with pytest.raises(ValueError, match="no grammar"):  # the validator counts it as no verdict
+        verify(claim, ScriptedReference(), letters)
