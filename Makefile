@@ -48,7 +48,8 @@ demo: setup
 # beside it on the core an engine leaves idle (every engine runs on one thread) and writes to
 # .test-lane-b.log, printed when both end.
 LANE_B := tests/unit tests/integration/test_ledger_crash.py tests/integration/test_localchain.py \
-	tests/integration/test_model_vllm.py tests/integration/test_receipts.py tests/integration/test_settlement_*.py
+	tests/integration/test_model_vllm.py tests/integration/test_receipts.py tests/integration/test_settlement_*.py \
+	tests/integration/test_scoring_reference.py
 test: setup
 	@$(PY) -m pytest -p no:cacheprovider --durations=15 $(LANE_B) > .test-lane-b.log 2>&1 & lane_b=$$!; \
 	trap 'kill $$lane_b 2>/dev/null' INT TERM; \

@@ -207,7 +207,7 @@ class GatewayCore:
         shadow sample, the key's token reservation, a deadline."""
         started = time.time()
         t0 = time.perf_counter()
-        model = body.model
+        client_body, model = body, body.model
         known = {s.model_id for s in self._nodes.values()}
         if model not in known:
             raise errors.unknown_model(model, sorted(known))
@@ -215,12 +215,14 @@ class GatewayCore:
         if not any(s.model_id == model and s.task == task for s in self._nodes.values()):
             raise errors.wrong_task(model, method)
         pinned = self._target_node(request)
-        stream, capture, strip_ids, client_wants_usage = (
-            (False, self._shadow_capture(rid, body, pinned), False, False)
-            if method == "embeddings"
-            else self._generation(body, rid, pinned)
-        )
-        body.request_id = rid
+        # The client's body is never changed: the node gets a copy made final for it, once.
+        if method == "embeddings":
+            body = body.model_copy(update={"request_id": rid})
+            stream, strip_ids, client_wants_usage = False, False, False
+        else:
+            stream, strip_ids, client_wants_usage = self._generation_flags(body)
+            body = body.model_copy(update=self._generation_update(body, rid, stream))
+        capture = self._shadow_capture(rid, client_body, body, pinned)
         facts = facts_for(body, request.headers, target_node=pinned)
         counter = self._counters.get(model)
         limited = key is not None and (key.tokens_per_min is not None or key.budget_tokens is not None)
@@ -247,23 +249,28 @@ class GatewayCore:
             reserved=reserved,
         )
 
-    def _generation(self, body: Any, rid: str, pinned: str | None) -> tuple[bool, Capture | None, bool, bool]:
-        """A generation request made final for the node: a seed, token ids and (streamed) usage asked of
-        it. Returns (stream, shadow capture, strip the ids again, pass the usage chunk on)."""
+    def _generation_flags(self, body: Any) -> tuple[bool, bool, bool]:
+        """What the client asked of a generation: (stream, strip the token ids the node is asked for
+        again, pass the usage chunk on)."""
         stream = bool(getattr(body, "stream", False))
-        if body.seed is None:  # every request carries a seed, so a seed tells a node nothing
-            body.seed = secrets.randbelow(SEED_BOUND)
-        capture = self._shadow_capture(rid, body, pinned)
         strip_ids = self.config.capture_token_ids and not body.return_token_ids
-        if self.config.capture_token_ids:
-            body.return_token_ids = True  # every request alike to the node; stripped again if unasked
         client_wants_usage = bool(stream and body.stream_options and body.stream_options.include_usage)
+        return stream, strip_ids, client_wants_usage
+
+    def _generation_update(self, body: Any, rid: str, stream: bool) -> dict[str, Any]:
+        """The fields a generation request gets for its node: the request id, a seed, token ids and
+        (streamed) usage, so every request looks alike to the node."""
+        update: dict[str, Any] = {"request_id": rid}
+        if body.seed is None:  # every request carries a seed, so a seed tells a node nothing
+            update["seed"] = secrets.randbelow(SEED_BOUND)
+        if self.config.capture_token_ids:
+            update["return_token_ids"] = True  # stripped again if the client did not ask
         if stream:
             # Always ask the node for usage so metering is exact; strip it if the client did not ask.
             from vllm.entrypoints.openai.chat_completion.protocol import StreamOptions
 
-            body.stream_options = StreamOptions(include_usage=True)
-        return stream, capture, strip_ids, client_wants_usage
+            update["stream_options"] = StreamOptions(include_usage=True)
+        return update
 
     async def _reserve_budget(self, plan: RequestPlan) -> None:
         """Hold the request's worst case against its key's budget in the usage store (routing/budgets)."""
@@ -275,13 +282,15 @@ class GatewayCore:
             )
         await budgets.reserve(self._sink, plan.key, plan.rid, plan.reserved, plan.started, plan.allowed + 60)
 
-    def _shadow_capture(self, rid: str, body: Any, pinned: str | None) -> Capture | None:
-        """A keyed sample of organic requests (never a pinned challenge) for validators to re-run."""
+    def _shadow_capture(self, rid: str, client_body: Any, body: Any, pinned: str | None) -> Capture | None:
+        """A keyed sample of organic requests (never a pinned challenge) for validators to re-run:
+        whether it can be re-run is judged on the client's own body, the capture keeps what the node gets
+        (`body`, with its seed)."""
         if (
             pinned is None
             and self.refresher.shadow_feed is not None
             and keyed_sample(self._shadow_key, rid, self.config.shadow_rate)
-            and verifiable(body)
+            and verifiable(client_body)
         ):
             return Capture(rid, body)
         return None

@@ -66,8 +66,8 @@ _IDS = re.compile(r'"(prompt_token_ids|token_ids)":\[[0-9,]*\]')
 
 
 def verifiable(body: Any) -> bool:
-    """True when a validator can re-verify this (validated) request exactly. Call before the gateway
-    changes the body (it sets request_id, stream_options and return_token_ids itself)."""
+    """True when a validator can re-verify this (validated) request exactly: judged on the client's own
+    body (the node's copy sets request_id, seed, stream_options and return_token_ids; routing.gateway)."""
     if is_embedding(body):
         texts = prompts(body)
         return (

@@ -362,6 +362,27 @@ def test_every_request_reaches_its_node_with_a_seed_and_a_client_seed_is_kept(ha
     assert len(set(seeds)) == 3  # drawn per request: a seed tells a node nothing
 
 
+def test_the_clients_body_is_never_changed_and_the_node_gets_one_copy_made_final(harness, monkeypatch):
+    client, nodes, _ = harness
+    core, parsed = client.core, []
+    parse = core.parse
+
+    async def keep(request, model):
+        parsed.append(await parse(request, model))
+        return parsed[-1]
+
+    monkeypatch.setattr(core, "parse", keep)
+    r = client.post(
+        "/v1/completions", json={"model": "default", "prompt": "hi", "max_tokens": 2, "stream": True}
+    )
+    assert r.status_code == 200
+    (body,) = parsed
+    (sent,) = [b for node in nodes.values() for b in node.bodies]
+    assert (body.seed, body.return_token_ids, body.stream_options) == (None, None, None)
+    assert sent.seed is not None and sent.return_token_ids and sent.stream_options.include_usage
+    assert sent.request_id == r.headers["x-meritnet-request-id"]
+
+
 def test_metrics_page_serves_scoring_and_settlement_metrics_and_survives_a_silent_actor(harness):
     import asyncio
 
