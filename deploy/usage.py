@@ -10,8 +10,8 @@ ledger then has what it was charged) or it is released. A reservation is admitte
 spend in the window, plus every reservation held, plus it, stays within the budget. The spend is read
 from the ledger on the event loop (a lock-free WAL read, `UsageLedger.key_spent`), so no record's write
 and release can fall between the read and the check (a record written but not yet released counts twice
-for a moment: never too little). Holds live in this actor's memory: a restarted store has forgotten
-the holds of requests still running (they are charged when they end, but were not counted meanwhile).
+for a moment: never too little). Holds are kept in memory and written beside the ledger
+(settlement/holds.py): a restarted store reloads those of requests still running.
 """
 
 from __future__ import annotations
@@ -20,21 +20,14 @@ import asyncio
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from cluster import services
 from cluster.local import HEAD_NODE
 from cluster.records import UsageRecord
+from settlement.holds import Hold, HoldBook
 
 USAGE_STORE_NAME = services.USAGE_STORE
-
-
-@dataclass(frozen=True, slots=True)
-class Hold:
-    key_id: str
-    tokens: int
-    expires_at: float  # unix time
 
 
 class UsageStore:
@@ -45,7 +38,11 @@ class UsageStore:
         self._ledger = UsageLedger(path, epoch_length_s=epoch_length_s, genesis=genesis)
         self._pending: list[tuple[list[UsageRecord], asyncio.Future]] = []
         self._writer: asyncio.Task | None = None
-        self._holds: dict[str, Hold] = {}  # request id -> its key budget reservation
+        # request id -> its key budget reservation, also on disk: reloaded after a restart
+        self._book = HoldBook(Path(path).with_name(Path(path).name + ".holds"))
+        self._holds: dict[str, Hold] = self._book.load(
+            time.time(), lambda rid: self._ledger.find(rid) is not None
+        )
 
     async def record(self, records: Sequence[UsageRecord]) -> None:
         fut = asyncio.get_running_loop().create_future()
@@ -67,6 +64,7 @@ class UsageStore:
                 continue
             for r in flat:  # charged now: the ledger has it
                 self._holds.pop(r.request_id, None)
+            self._book.drop(r.request_id for r in flat)
             for _, fut in batch:
                 if not fut.done():
                     fut.set_result(None)
@@ -79,18 +77,22 @@ class UsageStore:
         total without this request when refused. A hold ends when the request's record is written,
         on `release`, or after `ttl_s` (its gateway died). No await: one piece on the actor's loop."""
         now = time.time()
-        for rid in [rid for rid, h in self._holds.items() if h.expires_at < now]:
+        expired = [rid for rid, h in self._holds.items() if h.expires_at < now]
+        for rid in expired:
             del self._holds[rid]
+        self._book.drop(expired)
         held = sum(h.tokens for h in self._holds.values() if h.key_id == key_id)
         used = self._ledger.key_spent(key_id, since) + held
         if used + tokens > budget:
             return -1 - used
-        self._holds[request_id] = Hold(key_id, tokens, now + ttl_s)
+        self._holds[request_id] = hold = Hold(key_id, tokens, now + ttl_s)
+        self._book.put(request_id, hold)
         return used + tokens
 
     async def release(self, request_id: str) -> None:
         """`request_id` ended without a record (refused, no node answered, the client left early)."""
-        self._holds.pop(request_id, None)
+        if self._holds.pop(request_id, None) is not None:
+            self._book.drop((request_id,))
 
     async def all(self, epoch: int | None = None) -> list[UsageRecord]:
         """Records of one epoch, or of the whole ledger (audits, tests), read from disk: a store that

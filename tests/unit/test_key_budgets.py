@@ -120,3 +120,40 @@ def test_a_request_no_node_answered_returns_its_hold(tmp_path):
         return r.status_code
 
     assert asyncio.run(run()) >= 500
+
+
+def test_a_restarted_store_still_counts_the_holds_of_running_requests(tmp_path):
+    """The store dies while requests run (a new UsageStore on the same files, as Ray restarts it): their
+    holds are reloaded, so a request that would overspend is still refused; a hold whose record was
+    written, and an expired one, are not."""
+    from cluster.records import UsageRecord
+
+    path, day = str(tmp_path / "usage.db"), window("day", time.time())[0]
+
+    async def run():
+        first = UsageStore(path, epoch_length_s=3600.0)
+        assert await first.reserve("k", "running", 300, 500, day, 600.0) == 300
+        assert await first.reserve("k", "ended", 100, 500, day, 600.0) == 400
+        assert await first.reserve("k", "stale", 50, 500, day, -1.0) == 450  # expires at once
+        now = time.time()
+        record = UsageRecord(
+            request_id="ended",
+            node_id="a",
+            operator="0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266",
+            model="default",
+            prompt_tokens=10,
+            completion_tokens=20,
+            started_at=now,
+            ended_at=now,
+            status="ok",
+            key_id="k",
+        )
+        await asyncio.to_thread(first._ledger.append, [record])  # written; the store died before the drop
+        second = UsageStore(path, epoch_length_s=3600.0)
+        assert set(second._holds) == {"running"}
+        refused = await second.reserve("k", "next", 200, 500, day, 600.0)  # 30 spent + 300 held + 200
+        admitted = await second.reserve("k", "small", 170, 500, day, 600.0)
+        return refused, admitted
+
+    refused, admitted = asyncio.run(run())
+    assert refused == -1 - 330 and admitted == 500
