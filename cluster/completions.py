@@ -47,6 +47,7 @@ class NodeFunction(_Strict):
 
 
 class NodeToolCall(_Strict):
+    index: int | None = Field(default=None, ge=0, lt=MAX_TOOL_CALLS)  # a streamed delta's call
     function: NodeFunction | None = None
 
 

@@ -227,6 +227,21 @@ class QualityScores(_Frozen):
 MAX_SHADOW_SCHEMA = 8192
 
 
+class ToolUse(_Frozen):
+    """A named or required tool call (`tool_choice`): vLLM decodes the call under a JSON schema made from
+    the tools, then parses it into the tool calls the client gets. Validators replay the schema and
+    check that the calls the client got are what the node's tokens say (scoring.verify)."""
+
+    mode: Literal["named", "required"]
+    name: str | None = Field(default=None, max_length=256, description="The named function (mode 'named').")
+    tools: tuple[dict[str, Any], ...] = Field(
+        max_length=128, description="The request's tools as vLLM hands them to the chat template."
+    )
+    calls: tuple[tuple[str, str], ...] = Field(
+        max_length=128, description="(name, arguments) of each tool call the client got."
+    )
+
+
 class ServedCompletion(_Frozen):
     """One organic completion offered for shadow verification (content, so it never goes to logs or disk).
 
@@ -264,8 +279,9 @@ class ServedCompletion(_Frozen):
         default=None,
         max_length=MAX_SHADOW_SCHEMA,
         description="The JSON schema the answer was decoded under (response_format json_schema or "
-        "json_object, as vLLM compiles it); None: free text.",
+        "json_object, or a named or required tool call's, as vLLM compiles it); None: free text.",
     )
+    tool_use: ToolUse | None = Field(default=None, description="A named or required tool call's request.")
 
 
 SHADOW_EMBED_INPUTS = 16  # the most inputs of an embeddings request offered for shadow verification

@@ -147,7 +147,7 @@ class Tally:
     or more ids than `per_choice` in a choice (an honest engine never sends any of these). Ids are
     appended in place, so a long stream costs time linear in what it sends."""
 
-    __slots__ = ("choices", "finish", "ids", "per_choice", "reported", "text", "vocab_size")
+    __slots__ = ("calls", "choices", "finish", "ids", "per_choice", "reported", "text", "vocab_size")
 
     def __init__(
         self, vocab_size: int | None = None, per_choice: int = MAX_IDS, choices: int = MAX_CHOICES
@@ -156,6 +156,7 @@ class Tally:
         self.ids: dict[int, list[int] | None] = {}
         self.text: dict[int, list[str]] = {}
         self.finish: dict[int, str | None] = {}
+        self.calls: dict[int, dict[int, list[str]]] = {}  # choice -> tool call -> [name, arguments]
         self.reported: NodeUsage | None = None
 
     @classmethod
@@ -185,6 +186,9 @@ class Tally:
             else:
                 self.ids.setdefault(ch.index, None)
             self.finish[ch.index] = ch.finish_reason or self.finish.get(ch.index)
+            msg = ch.message or ch.delta
+            if msg is not None and msg.tool_calls:
+                self._add_calls(ch.index, msg.tool_calls)
         if body.usage is not None:
             self.reported = body.usage
 
@@ -198,6 +202,22 @@ class Tally:
             raise ValueError(f"more than {self.per_choice} token ids in one choice")
         if self.vocab_size is not None and max(new) >= self.vocab_size:
             raise ValueError(f"a token id outside the vocabulary of {self.vocab_size}")
+
+    def _add_calls(self, index: int, calls: list) -> None:
+        """A message's tool calls, or a stream delta's pieces of them (a call's name once, its
+        arguments in fragments, by the call's `index`)."""
+        held = self.calls.setdefault(index, {})
+        for position, call in enumerate(calls):
+            if call.function is None:
+                continue
+            name_args = held.setdefault(call.index if call.index is not None else position, ["", ""])
+            name_args[0] += call.function.name or ""
+            name_args[1] += call.function.arguments or ""
+
+    def tool_calls(self, index: int = 0) -> tuple[tuple[str, str], ...]:
+        """(name, arguments) of each tool call of one choice, as the client got them (joined)."""
+        held = self.calls.get(index, {})
+        return tuple((held[i][0], held[i][1]) for i in sorted(held))
 
     def choice(self, index: int = 0) -> tuple[str, list[int] | None, str | None]:
         """(text, ids or None, finish_reason) of one choice."""

@@ -7,9 +7,10 @@
 * A keyed-hash sample (`cluster.keyed_sample`, key known only to the gateway) of completed organic
   requests is offered to validators as `ServedCompletion`s. Only requests a validator can re-verify
   exactly are offered (`verifiable`): one choice, plain-text prompt or messages, temperature <= 1, and
-  no parameter that reshapes the token distribution (penalties, logit bias, tools...) other than a
-  `response_format` (json_schema or json_object, a schema of at most `MAX_SHADOW_SCHEMA` characters):
-  validators replay its grammar's mask (`scoring.grammar`), so structured answers are checked too.
+  no parameter that reshapes the token distribution (penalties, logit bias...) other than a
+  `response_format` (json_schema or json_object) or a named or required tool call, under a schema of
+  at most `MAX_SHADOW_SCHEMA` characters: validators replay its grammar's mask (`scoring.grammar`), so
+  structured answers and tool calls are checked too.
   Embeddings requests of at most `SHADOW_EMBED_INPUTS` texts and no other parameter (no `dimensions`,
   no truncation) are offered as `ServedEmbedding`s with the vectors the client got.
 * What replay could add, and what it needs (issue 15): validators replay seeded sampling exactly
@@ -18,9 +19,10 @@
   `ServedCompletion` carries the seed and top_p/top_k (replay is refused where they reshape).
   Still unverifiable even with replay: n > 1 (vLLM derives the choices' generators internally and the
   gateway keeps choice 0 only), top_p/top_k/min_p/penalties/logit bias (replay from the reference's
-  top-k values cannot rebuild the masked distribution), tools (the client gets the tool parser's
-  reading of the tokens, not the tokens), vLLM's own `structured_outputs` (regex, grammar, choice),
-  images and other non-text content.
+  top-k values cannot rebuild the masked distribution), tools with tool_choice `auto` (the node's tool
+  parser reads free text; named and required calls are decoded under a schema and are offered, with
+  the calls the client got: `cluster.records.ToolUse`), vLLM's own `structured_outputs` (regex,
+  grammar, choice), images and other non-text content.
 
 Offered items hold prompts and outputs: they live in memory only and never go to logs.
 """
@@ -31,8 +33,8 @@ import re
 from typing import Any
 
 from cluster.embeddings import vectors_of
-from cluster.records import MAX_SHADOW_SCHEMA, SHADOW_EMBED_INPUTS, ServedCompletion, ServedEmbedding
-from cluster.structured import schema_text
+from cluster.records import MAX_SHADOW_SCHEMA, SHADOW_EMBED_INPUTS, ServedCompletion, ServedEmbedding, ToolUse
+from cluster.structured import constraint_schema, tool_mode
 from routing.intake import chat_messages, int_field, is_embedding, prompts
 from routing.metering import Tally
 
@@ -59,6 +61,9 @@ _VERIFIABLE_FIELDS = frozenset(
         "logprobs",
         "top_logprobs",
         "response_format",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
     }
 )
 _VERIFIABLE_EMBEDDING_FIELDS = frozenset({"model", "input", "encoding_format", "user", "request_id"})
@@ -82,9 +87,11 @@ def verifiable(body: Any) -> bool:
     if (getattr(body, "temperature", None) or 0.0) > 1.0:
         return False  # flatter than the model: rare tokens become likely, the logprob floor would misfire
     try:
-        schema = schema_text(getattr(body, "response_format", None))
+        mode, schema = tool_mode(body), constraint_schema(body)
     except ValueError:
-        return False  # a structural tag: not replayed
+        return False  # a structural tag, tools vLLM refuses: not replayed
+    if getattr(body, "tools", None) and mode is None:
+        return False  # tool_choice auto or none: the node's tool parser reads free text
     if schema is not None and len(schema) > MAX_SHADOW_SCHEMA:
         return False
     messages = chat_messages(body)
@@ -122,6 +129,9 @@ class Capture:
         max_tokens = int_field(b, "max_completion_tokens") or int_field(b, "max_tokens")
         temperature = getattr(b, "temperature", None)
         stop = getattr(b, "stop", None)
+        tool_use = self._tool_use(tally)
+        if tool_use is not None and finish_reason == "tool_calls":
+            finish_reason = "stop"  # vLLM reports a required call's natural end as tool_calls
         return ServedCompletion(
             seed=getattr(b, "seed", None),
             top_p=getattr(b, "top_p", None),
@@ -142,7 +152,20 @@ class Capture:
             max_tokens=max_tokens,
             temperature=1.0 if temperature is None else float(temperature),
             stop_strings=bool(stop),
-            json_schema=schema_text(getattr(b, "response_format", None)),
+            json_schema=constraint_schema(b),
+            tool_use=tool_use,
+        )
+
+    def _tool_use(self, tally: Tally) -> ToolUse | None:
+        """A named or required tool call's request and the calls the client got (None otherwise)."""
+        mode = tool_mode(self.body)
+        if mode is None:
+            return None
+        return ToolUse(
+            mode=mode[0],
+            name=mode[1],
+            tools=tuple(t.model_dump() for t in self.body.tools),
+            calls=tally.tool_calls(0),
         )
 
     def served_embedding(self, node_id: str, answer: Any) -> ServedEmbedding:

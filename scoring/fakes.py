@@ -42,7 +42,7 @@ class LetterCodec:
             *self.encode("".join(ch for ch in prompt.lower() if "a" <= ch < chr(ord("a") + self.vocab - 2))),
         ]
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, str]], tools: list[dict] | None = None) -> list[int]:
         return self.encode_prompt("".join(m["content"] for m in messages))
 
     def grammar(self) -> None:

@@ -51,9 +51,10 @@ class HFCodec:
         """Prompt ids as the engine sees a plain completion prompt (special tokens added, e.g. BOS)."""
         return list(self.tok.encode(prompt, add_special_tokens=True))
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Prompt ids of a chat request (template applied, generation prompt added)."""
-        text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    def encode_chat(self, messages: list[dict[str, str]], tools: list[dict] | None = None) -> list[int]:
+        """Prompt ids of a chat request (template applied with the request's tools as vLLM passes them,
+        generation prompt added)."""
+        text = self.tok.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
         return list(self.tok.encode(text, add_special_tokens=False))
 
     def grammar(self) -> JsonGrammar:

@@ -110,11 +110,11 @@ class Validator:
     def validator_id(self) -> str:
         return self.config.validator_id
 
-    def _prompt_ids(self, model: str, messages, prompt: str | None) -> tuple[int, ...]:
-        """Prompt ids under the claimed model's tokenizer (chat template for messages)."""
+    def _prompt_ids(self, model: str, messages, prompt: str | None, tools=None) -> tuple[int, ...]:
+        """Prompt ids under the claimed model's tokenizer (chat template for messages, with tools)."""
         codec = self._codecs[model]
         if messages is not None:
-            return tuple(codec.encode_chat([dict(m) for m in messages]))
+            return tuple(codec.encode_chat([dict(m) for m in messages], list(tools) if tools else None))
         return tuple(codec.encode_prompt(prompt or ""))
 
     def sampler_for(self, model_id: str) -> NoisyArgmax | None:
@@ -269,8 +269,9 @@ class Validator:
             self.pool.observe_organic(item.prompt)
 
     def claim_for_served(self, item: ServedCompletion) -> Claim:
+        tools = item.tool_use.tools if item.tool_use is not None else None
         return Claim(
-            prompt_token_ids=self._prompt_ids(item.model, item.messages, item.prompt),
+            prompt_token_ids=self._prompt_ids(item.model, item.messages, item.prompt, tools),
             text=item.text,
             completion_token_ids=item.token_ids,
             reported_completion_tokens=item.completion_tokens,
@@ -281,6 +282,7 @@ class Validator:
             seed=item.seed,
             reshaped=item.top_p not in (None, 1.0) or item.top_k not in (None, 0, -1),
             json_schema=item.json_schema,
+            tool_use=item.tool_use,
         )
 
     async def shadow_verify(self, item: ServedCompletion | ServedEmbedding) -> Verification | None:
@@ -304,6 +306,8 @@ class Validator:
         self.counts[item.node_id][f"shadow_{v.verdict}"] += 1
         if not embedding and item.json_schema is not None:
             self.counts[item.node_id]["shadow_json"] += 1  # judged under its replayed grammar
+            if item.tool_use is not None:
+                self.counts[item.node_id]["shadow_tools"] += 1  # and its tool calls checked against its ids
         if v.verdict != "pass":
             log.warning(
                 "validator %s: node %s %s on an organic request (%s)",

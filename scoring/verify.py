@@ -58,7 +58,8 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cluster.records import MAX_SHADOW_SCHEMA
+from cluster.records import MAX_SHADOW_SCHEMA, ToolUse
+from cluster.structured import tool_calls_match
 from scoring.grammar import GrammarWalk, JsonGrammar
 from scoring.replay import NoisyArgmax, replay_steps
 from scoring.thresholds import VerifyThresholds
@@ -91,8 +92,9 @@ class TextCodec(Protocol):
         """Ids of a completions prompt as the engine sees it (BOS etc. added); used by validators."""
         ...
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Ids of a chat prompt (template + generation prompt); used by validators."""
+    def encode_chat(self, messages: list[dict[str, str]], tools: list[dict] | None = None) -> list[int]:
+        """Ids of a chat prompt (template with the request's tools + generation prompt); used by
+        validators."""
         ...
 
     def grammar(self) -> JsonGrammar | None:
@@ -170,7 +172,12 @@ class Claim(BaseModel):
     json_schema: str | None = Field(
         default=None,
         max_length=MAX_SHADOW_SCHEMA,
-        description="The JSON schema the answer was decoded under (scoring.grammar.schema_text); None: free text.",
+        description="The JSON schema the answer was decoded under (cluster.structured); None: free text.",
+    )
+    tool_use: ToolUse | None = Field(
+        default=None,
+        description="A named or required tool call: the client got `tool_use.calls`, vLLM's parse of the ids, "
+        "instead of `text`.",
     )
 
 
@@ -258,8 +265,12 @@ def structural_reasons(
         # Byte-level BPE: a token may end mid-character; streaming detokenisers emit U+FFFD there while a
         # whole-sequence decode may not, so replacement characters are ignored in the comparison.
         decoded, text = codec.decode(body).replace("\ufffd", ""), claim.text.replace("\ufffd", "")
+        use = claim.tool_use
+        if use is not None:
+            if not tool_calls_match(use.mode, use.name, codec.decode(body), use.calls):
+                fraud.append("the tool calls the client got are not what the token ids say")
         # A stop string ends the text inside the ids' last tokens: the text is then a prefix.
-        if decoded != text and not (claim.stop_strings and decoded.startswith(text)):
+        elif decoded != text and not (claim.stop_strings and decoded.startswith(text)):
             fraud.append("token ids do not decode to the returned text")
     if claim.reported_completion_tokens > n + th.count_tolerance:
         fraud.append(f"inflated token count: reported {claim.reported_completion_tokens}, verified {n}")

@@ -223,6 +223,64 @@ def test_a_structured_answer_is_offered_with_the_schema_vllm_compiled():
     assert [i.json_schema for i in feed.items] == ['{"type": "object"}', json.dumps(schema)]
 
 
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize(
+    ("tool_choice", "offered"),
+    [
+        ("required", True),
+        ({"type": "function", "function": {"name": "get_weather"}}, True),
+        ("auto", False),  # the node's tool parser reads free text: not replayed
+        ("none", False),
+    ],
+)
+def test_tool_calls_under_a_schema_are_verifiable(tool_choice, offered):
+    from ray.serve.llm.openai_api_models import ChatCompletionRequest
+
+    body = ChatCompletionRequest.model_validate(
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": "hi"}],
+            "tools": [WEATHER],
+            "tool_choice": tool_choice,
+        }
+    )
+    assert verifiable(body) is offered
+
+
+def test_a_tool_call_is_captured_with_the_schema_vllm_builds_and_the_calls_the_client_got():
+    from ray.serve.llm.openai_api_models import ChatCompletionRequest
+    from vllm.tool_parsers.utils import get_json_schema_from_tools
+
+    from cluster.completions import parse_body
+    from routing.metering import Tally
+    from routing.shadow import Capture
+
+    body = ChatCompletionRequest.model_validate(
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": "hi"}],
+            "tools": [WEATHER],
+            "tool_choice": "required",
+        }
+    )
+    tally = Tally()
+    deltas = [  # streamed as vLLM streams a required call: the name once, the arguments in pieces
+        {"index": 0, "function": {"name": "get_weather", "arguments": ""}},
+        {"index": 0, "function": {"arguments": '{"city": '}},
+        {"index": 0, "function": {"arguments": '"Rome"}'}},
+    ]
+    for delta in deltas:
+        tally.add(parse_body({"choices": [{"index": 0, "delta": {"tool_calls": [delta]}, "token_ids": [5]}]}))
+    tally.add(parse_body({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}))
+    item = Capture("r1", body).served("a", tally, completion_tokens=3)
+    assert item.tool_use.calls == (("get_weather", '{"city": "Rome"}'),) and item.tool_use.mode == "required"
+    assert item.json_schema == json.dumps(get_json_schema_from_tools("required", body.tools))
+    assert item.finish_reason == "stop"  # a required call's natural end, as the ids show it
+    assert item.tool_use.tools[0]["function"]["name"] == "get_weather"
+
+
 def test_strip_token_ids_leaves_text_that_looks_like_ids_alone():
     piece = (
         'data: {"choices":[{"text":"\\"token_ids\\":[1,2]","token_ids":[3,4]}],'

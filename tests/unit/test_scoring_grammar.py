@@ -118,3 +118,51 @@ def test_json_object_and_a_codec_without_grammar(codec):
     )
     with pytest.raises(ValueError, match="no grammar"):  # the validator counts it as no verdict
         verify(claim, ScriptedReference(), letters)
+
+
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"enum": ["Paris", "Rome"]}},
+    "required": ["city"],
+}
+
+
+def _tool_claim(codec: HFCodec, text: str, mode: str, calls) -> Claim:
+    from vllm.tool_parsers.utils import get_json_schema_from_tools
+
+    from cluster.records import ToolUse
+
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}}
+    schema = WEATHER if mode == "named" else get_json_schema_from_tools("required", [_tool_param(tool)])
+    use = ToolUse(mode=mode, name="get_weather" if mode == "named" else None, tools=(tool,), calls=calls)
+    return _claim(codec, text, schema=json.dumps(schema)).model_copy(update={"tool_use": use})
+
+
+def _tool_param(tool: dict):
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionToolsParam
+
+    return ChatCompletionToolsParam.model_validate(tool)
+
+
+@pytest.mark.parametrize(
+    ("mode", "text", "honest", "lie"),
+    [
+        (
+            "named",
+            '{"city":"Rome"}',
+            (("get_weather", '{"city":"Rome"}'),),
+            (("get_weather", '{"city":"Paris"}'),),
+        ),
+        (
+            "required",
+            '[{"name":"get_weather","parameters":{"city":"Rome"}}]',
+            (("get_weather", '{"city": "Rome"}'),),  # vLLM re-dumps a required call's parameters
+            (("get_weather", '{"city": "Rome"}'), ("get_weather", '{"city": "Paris"}')),
+        ),
+    ],
+)
+def test_a_tool_call_passes_when_the_client_got_what_the_ids_say(codec, mode, text, honest, lie):
+    v = verify(_tool_claim(codec, text, mode, honest), ScriptedReference(), codec)
+    assert v.verdict == "pass", v.reasons
+    lied = verify(_tool_claim(codec, text, mode, lie), ScriptedReference(), codec)
+    assert lied.verdict == "fraud" and "tool calls the client got" in lied.reasons[0]

@@ -41,6 +41,19 @@ TOWN = {
 }
 
 
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"enum": ["Paris", "Rome"]}},
+            "required": ["city"],
+        },
+    },
+}
+
+
 def _client(net):
     from openai import OpenAI
 
@@ -48,10 +61,21 @@ def _client(net):
 
 
 def _organic(client, i: int) -> str:
-    """One organic request (chat, chat with a JSON schema, or completion; greedy); returns the serving
-    node's id."""
+    """One organic request (chat; chat with a JSON schema, a required or a named tool call; or
+    completion; greedy); returns the serving node's id."""
     rng = random.Random(i)
-    if i % 4 == 3:
+    if i % 8 == 7:
+        raw = client.chat.completions.with_raw_response.create(
+            model="default",
+            messages=[{"role": "user", "content": f"What is the weather in town {i}?"}],
+            max_tokens=32,
+            temperature=0,
+            tools=[WEATHER_TOOL],
+            tool_choice="required"
+            if i % 16 == 7
+            else {"type": "function", "function": {"name": "get_weather"}},
+        )
+    elif i % 8 == 3:
         raw = client.chat.completions.with_raw_response.create(
             model="default",
             messages=[{"role": "user", "content": f"Describe town number {i} as JSON."}],
@@ -108,6 +132,7 @@ def _verified(stats, nodes) -> Counter:
                         "shadow_fail",
                         "shadow_fraud",
                         "shadow_json",
+                        "shadow_tools",
                     )
                 }
             )
@@ -218,8 +243,8 @@ def test_organic_traffic_is_shadow_verified_without_false_positives(detection):
         f"no organic completion of an honest node was shadow-verified: {dict(honest)}"
     )
     assert honest["shadow_fraud"] == 0, f"shadow false fraud: {dict(honest)}"
-    # a quarter of the organic requests ask for a JSON schema: judged under their replayed grammar
-    assert honest["shadow_json"] > 0, dict(honest)
+    # a quarter of the organic requests ask for a JSON schema or a tool call: judged under their grammar
+    assert honest["shadow_json"] > 0 and honest["shadow_tools"] > 0, dict(honest)
     assert cheater["shadow_pass"] == 0, dict(cheater)  # whatever of the cheater's organic output was sampled
 
 
