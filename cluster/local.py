@@ -83,8 +83,14 @@ RAY_SYSTEM_CONFIG = {"num_workers_soft_limit": 0}
 HAPROXY_PORT_VARS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
 HAPROXY_GUARD = "meritnet-haproxy"  # console script of deploy/haproxy_guard.py
 HAPROXY_REAL_BINARY_VAR = "MERITNET_HAPROXY_BINARY"  # = deploy/haproxy_guard.REAL_BINARY_VAR
-# A client idle this long mid-request is cut (Ray's default is an hour); streams keep sending.
-HAPROXY_ENV = {"RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": "600"}
+# A client idle this long mid-request is cut (Ray's default is an hour); streams keep sending. A replica
+# being stopped keeps serving while HAProxy drops it (Ray's floor: 30 s, on top of its requests' own
+# graceful shutdown); HAProxy here reloads on the same machine within a second or two, so 10 s is kept:
+# a network's Ctrl-C took 30 s of waiting on the floor alone.
+HAPROXY_ENV = {
+    "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": "600",
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "10",
+}
 
 
 def haproxy_guard_path() -> str:

@@ -90,10 +90,13 @@ def verifiable(body: Any) -> bool:
         mode, schema = tool_mode(body), constraint_schema(body)
     except ValueError:
         return False  # a structural tag, tools vLLM refuses: not replayed
-    if getattr(body, "tools", None) and mode is None:
+    tools = getattr(body, "tools", None)
+    if tools and mode is None:
         return False  # tool_choice auto or none: the node's tool parser reads free text
     if schema is not None and len(schema) > MAX_SHADOW_SCHEMA:
         return False
+    if tools and sum(len(t.model_dump_json()) for t in tools) > MAX_SHADOW_SCHEMA:
+        return False  # the validator renders them into the prompt: kept as small as the schema
     messages = chat_messages(body)
     if messages is not None:
         return all(

@@ -32,6 +32,12 @@ class GrammarWalk:
     masks: tuple[np.ndarray, ...]  # one packed bitmask (int32 words) per position up to `rejected_at`
     rejected_at: int | None
 
+    def forced(self, position: int) -> bool:
+        """Only one token was allowed here: the node had no choice, so the token is no evidence."""
+        if position >= len(self.masks):
+            return False
+        return int(np.unpackbits(self.masks[position].view(np.uint8)).sum()) == 1
+
     def allows(self, position: int, token_id: int) -> bool:
         if position >= len(self.masks):
             return True  # after a rejection nothing is known: callers stop judging there

@@ -398,11 +398,15 @@ def verify(
         ]
         flipped = [False] * len(flags)  # any token may be sampled: no flips to count
         kind = f"below the tempered logprob floor {floor:.1f}"
+    if walk is not None:
+        # A token the grammar forced (the only one allowed) says nothing about the model: not judged.
+        judged = [j and not walk.forced(t) for t, j in enumerate(judged)]
     if walk is not None and walk.rejected_at is not None:
         # No honest node emits a token its grammar masks; past it the grammar's state is unknown.
         r = walk.rejected_at
         flags[r] = True
-        judged = [j and t <= r for t, j in enumerate(judged)]
+        judged = [t < r and j for t, j in enumerate(judged)]
+        judged[r] = True
         fail.append(f"token {r} is outside the response format's grammar")
     if eos_appended and flags and flags[-1]:
         fraud.append("finish_reason 'stop' where the claimed model would not stop (truncated output)")

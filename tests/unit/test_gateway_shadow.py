@@ -314,3 +314,18 @@ def test_an_absent_named_actor_is_not_looked_up_on_every_refresh(monkeypatch):
     core.refresher._absent_until["meritnet-consensus"] = 0.0  # the retry interval has passed
     asyncio.run(core.refresher.named_actor("meritnet-consensus"))
     assert len(calls) == 2
+
+
+def test_a_tool_call_with_long_tool_definitions_is_not_offered():
+    from ray.serve.llm.openai_api_models import ChatCompletionRequest
+
+    long = {**WEATHER, "function": {**WEATHER["function"], "description": "x" * 10_000}}
+    body = ChatCompletionRequest.model_validate(
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": "hi"}],
+            "tools": [long],
+            "tool_choice": "required",
+        }
+    )
+    assert not verifiable(body)  # the schema is short, but the validator would render all of it

@@ -14,6 +14,7 @@ from cluster.model import build_default_model
 from scoring.reference import HFCodec
 from scoring.thresholds import VerifyThresholds
 from scoring.verify import Claim, verify
+from tests.support.tools import WEATHER_TOOL
 
 SCHEMA = json.dumps({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]})
 # "\n": the model's own first choice everywhere in this script, and never allowed in compact JSON (not
@@ -59,7 +60,8 @@ def _claim(
 def test_forced_json_tokens_pass_under_the_grammar_and_fail_without_it(codec):
     honest = _claim(codec, '{"a":12}')
     v = verify(honest, ScriptedReference(), codec)
-    assert v.verdict == "pass" and v.flagged == 0 and v.n_tokens == 5
+    # 'a', the only property's name, is the one token allowed after '{"': forced, so no evidence
+    assert v.verdict == "pass" and v.flagged == 0 and v.n_tokens == 4
     # The same answer judged as free text: every token loses the unconstrained argmax by 1.45 nats.
     free = verify(honest.model_copy(update={"json_schema": None}), ScriptedReference(), codec)
     assert free.verdict != "pass" and free.flagged == 5
@@ -69,7 +71,7 @@ def test_a_token_the_schema_forbids_is_a_violation(codec):
     v = verify(_claim(codec, '{"a":"x"}'), ScriptedReference(), codec)
     assert v.verdict != "pass"
     assert any("outside the response format's grammar" in r for r in v.reasons)
-    assert v.n_tokens == 4  # judging stops at the rejected token (position 3)
+    assert v.n_tokens == 3  # judging stops at the rejected token (position 3); 'a' was forced
 
 
 def test_a_cheap_allowed_token_loses_to_the_best_allowed_one(codec):
@@ -120,11 +122,7 @@ def test_json_object_and_a_codec_without_grammar(codec):
         verify(claim, ScriptedReference(), letters)
 
 
-WEATHER = {
-    "type": "object",
-    "properties": {"city": {"enum": ["Paris", "Rome"]}},
-    "required": ["city"],
-}
+WEATHER = WEATHER_TOOL["function"]["parameters"]
 
 
 def _tool_claim(codec: HFCodec, text: str, mode: str, calls) -> Claim:
@@ -132,7 +130,7 @@ def _tool_claim(codec: HFCodec, text: str, mode: str, calls) -> Claim:
 
     from cluster.records import ToolUse
 
-    tool = {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}}
+    tool = WEATHER_TOOL
     schema = WEATHER if mode == "named" else get_json_schema_from_tools("required", [_tool_param(tool)])
     use = ToolUse(mode=mode, name="get_weather" if mode == "named" else None, tools=(tool,), calls=calls)
     return _claim(codec, text, schema=json.dumps(schema)).model_copy(update={"tool_use": use})
@@ -166,3 +164,14 @@ def test_a_tool_call_passes_when_the_client_got_what_the_ids_say(codec, mode, te
     assert v.verdict == "pass", v.reasons
     lied = verify(_tool_claim(codec, text, mode, lie), ScriptedReference(), codec)
     assert lied.verdict == "fraud" and "tool calls the client got" in lied.reasons[0]
+
+
+def test_tokens_the_schema_forces_are_not_counted_as_evidence(codec):
+    """Where the grammar allows one token only, the node had no choice: such tokens neither clear nor
+    convict it (a cheater cannot pad its record with them). A single-value enum forces the text, but not
+    every token: '1' then '2' would spell 12 too, so '12' still counts."""
+    only = json.dumps({"type": "object", "properties": {"a": {"enum": [12]}}, "required": ["a"]})
+    v = verify(_claim(codec, '{"a":12}', schema=only), ScriptedReference(), codec)
+    assert v.verdict == "pass" and v.n_tokens < 5
+    forced = codec.grammar().walk(only, codec.encode('{"a":12}'))
+    assert v.n_tokens == sum(not forced.forced(t) for t in range(5))

@@ -26,6 +26,7 @@ from tests.support.cheater_network import (
     QUANT,
     QUANT_OP,
 )
+from tests.support.tools import NOTE_TOOL
 
 pytestmark = pytest.mark.integration
 
@@ -38,19 +39,6 @@ TOWN = {
     "type": "object",
     "properties": {"name": {"type": "string", "maxLength": 20}, "people": {"type": "integer"}},
     "required": ["name", "people"],
-}
-
-
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"enum": ["Paris", "Rome"]}},
-            "required": ["city"],
-        },
-    },
 }
 
 
@@ -67,13 +55,13 @@ def _organic(client, i: int) -> str:
     if i % 8 == 7:
         raw = client.chat.completions.with_raw_response.create(
             model="default",
-            messages=[{"role": "user", "content": f"What is the weather in town {i}?"}],
+            messages=[{"role": "user", "content": f"Save a note about town {i}."}],
             max_tokens=32,
             temperature=0,
-            tools=[WEATHER_TOOL],
+            tools=[NOTE_TOOL],  # a free string argument: the call carries evidence of the model
             tool_choice="required"
             if i % 16 == 7
-            else {"type": "function", "function": {"name": "get_weather"}},
+            else {"type": "function", "function": {"name": "save_note"}},
         )
     elif i % 8 == 3:
         raw = client.chat.completions.with_raw_response.create(

@@ -9,6 +9,8 @@ import json
 
 import pytest
 
+from tests.support.tools import WEATHER_TOOL
+
 pytestmark = pytest.mark.integration
 
 SCHEMA = {
@@ -17,20 +19,7 @@ SCHEMA = {
     "required": ["color", "n"],
     "additionalProperties": False,
 }
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "parameters": {
-                "type": "object",
-                "properties": {"city": {"enum": ["Paris", "Rome"]}},
-                "required": ["city"],
-                "additionalProperties": False,
-            },
-        },
-    }
-]
+TOOLS = [WEATHER_TOOL]
 MESSAGES = [{"role": "user", "content": "What is the weather?"}]
 
 
