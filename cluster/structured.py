@@ -65,6 +65,24 @@ def constraint_schema(body: Any) -> str | None:
     return schema_text(getattr(body, "response_format", None))
 
 
+def parser_replays_tool_calls(serving_kwargs: dict[str, Any]) -> bool:
+    """Whether nodes run with these vLLM serving arguments decode named and required tool calls under
+    the JSON schema `constraint_schema` rebuilds (their tool parser has `supports_required_and_named`;
+    hermes, llama3_json and other structural-tag parsers do not, and a reasoning parser delays the
+    grammar). False when it cannot be told."""
+    if serving_kwargs.get("reasoning_parser"):
+        return False
+    name = serving_kwargs.get("tool_call_parser")
+    if not name:
+        return False
+    try:
+        from vllm.tool_parsers import ToolParserManager
+
+        return bool(ToolParserManager.get_tool_parser(name).supports_required_and_named)
+    except Exception:  # noqa: BLE001 - an unknown parser or a plugin that fails to load: not replayed
+        return False
+
+
 def tool_calls_match(mode: str, name: str | None, text: str, calls: tuple[tuple[str, str], ...]) -> bool:
     """Whether `calls` ((name, arguments) as the client got them) are what vLLM makes of a constrained
     answer's `text` (vllm/parser/abstract_parser.py): named, one call of that function whose arguments
@@ -87,6 +105,11 @@ def tool_calls_match(mode: str, name: str | None, text: str, calls: tuple[tuple[
             got = json.loads(arguments)
         except ValueError:
             return False
-        if call_name != item["name"] or got != item.get("parameters"):
+        if call_name != item["name"] or _canonical(got) != _canonical(item.get("parameters")):
             return False
     return True
+
+
+def _canonical(value: Any) -> str:
+    """JSON text that tells true from 1 and 0 from false (Python's == does not)."""
+    return json.dumps(value, sort_keys=True)

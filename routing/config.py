@@ -81,6 +81,11 @@ class GatewayConfig(BaseModel):
         le=1.0,
         description="Share of verifiable organic requests offered to validators.",
     )
+    shadow_tool_calls: bool = Field(
+        default=True,
+        description="Also offer named and required tool calls for shadow verification: only when every "
+        "node decodes them under vLLM's JSON schema (deploy sets it from the nodes' tool_call_parser).",
+    )
     intake: IntakeLimits = Field(
         default_factory=IntakeLimits, description="Body size, nesting and parameter caps of one request."
     )

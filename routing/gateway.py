@@ -290,7 +290,7 @@ class GatewayCore:
             pinned is None
             and self.refresher.shadow_feed is not None
             and keyed_sample(self._shadow_key, rid, self.config.shadow_rate)
-            and verifiable(client_body)
+            and verifiable(client_body, self.config.shadow_tool_calls)
         ):
             return Capture(rid, body)
         return None

@@ -70,7 +70,7 @@ _VERIFIABLE_EMBEDDING_FIELDS = frozenset({"model", "input", "encoding_format", "
 _IDS = re.compile(r'"(prompt_token_ids|token_ids)":\[[0-9,]*\]')
 
 
-def verifiable(body: Any) -> bool:
+def verifiable(body: Any, tool_calls: bool = True) -> bool:
     """True when a validator can re-verify this (validated) request exactly: judged on the client's own
     body (the node's copy sets request_id, seed, stream_options and return_token_ids; routing.gateway)."""
     if is_embedding(body):
@@ -91,8 +91,10 @@ def verifiable(body: Any) -> bool:
     except ValueError:
         return False  # a structural tag, tools vLLM refuses: not replayed
     tools = getattr(body, "tools", None)
-    if tools and mode is None:
-        return False  # tool_choice auto or none: the node's tool parser reads free text
+    if tools and (mode is None or not tool_calls):
+        return False  # auto or none: the node's tool parser reads free text; or nodes whose parser is not replayed
+    if tools and getattr(body, "stop", None):
+        return False  # vLLM parses the text a stop string cut, which the ids do not show
     if schema is not None and len(schema) > MAX_SHADOW_SCHEMA:
         return False
     if tools and sum(len(t.model_dump_json()) for t in tools) > MAX_SHADOW_SCHEMA:

@@ -17,7 +17,7 @@ xgrammar cannot compile is no verdict (the node could not have served it either)
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,24 +26,23 @@ import numpy as np
 
 @dataclass(frozen=True, slots=True)
 class GrammarWalk:
-    """The grammar's masks along one token sequence. `rejected_at`: the first position whose token the
-    grammar does not allow (None: every token allowed); positions from there on have no mask."""
+    """What the grammar allowed along one token sequence, for the tokens verification looks at (each
+    position's emitted token and the reference's top-k): `allowed[t]` holds those of them the grammar
+    allowed at position t, `forced[t]` whether it allowed one token only. `rejected_at`: the first
+    position whose token the grammar does not allow (None: all allowed); nothing is known after it."""
 
-    masks: tuple[np.ndarray, ...]  # one packed bitmask (int32 words) per position up to `rejected_at`
+    allowed: tuple[frozenset[int], ...]
+    forced: tuple[bool, ...]
     rejected_at: int | None
 
-    def forced(self, position: int) -> bool:
+    def is_forced(self, position: int) -> bool:
         """Only one token was allowed here: the node had no choice, so the token is no evidence."""
-        if position >= len(self.masks):
-            return False
-        return int(np.unpackbits(self.masks[position].view(np.uint8)).sum()) == 1
+        return position < len(self.forced) and self.forced[position]
 
     def allows(self, position: int, token_id: int) -> bool:
-        if position >= len(self.masks):
+        if position >= len(self.allowed):
             return True  # after a rejection nothing is known: callers stop judging there
-        word = token_id >> 5
-        mask = self.masks[position]
-        return 0 <= word < mask.shape[0] and bool((int(mask[word]) >> (token_id & 31)) & 1)
+        return token_id in self.allowed[position]
 
 
 class JsonGrammar:
@@ -56,21 +55,35 @@ class JsonGrammar:
         self._info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
         self._compiler = xgr.GrammarCompiler(self._info, max_threads=1, cache_enabled=False)
         self._stop = sorted(stop_token_ids)
-        self._compiled = functools.lru_cache(maxsize=64)(self._compile)
+        self.compiled = functools.lru_cache(maxsize=64)(self._compile)
 
     def _compile(self, schema: str) -> Any:
+        """The compiled grammar of `schema` (cached; raises what xgrammar raises for a schema it cannot
+        compile). Validators call it first, off the engine lock, with a time limit."""
         # The network's nodes run with disable_any_whitespace (cluster.deployment.EngineDefaults).
         return self._compiler.compile_json_schema(schema, any_whitespace=False, separators=(",", ":"))
 
-    def walk(self, schema: str, token_ids: Sequence[int]) -> GrammarWalk:
-        """Step the grammar through `token_ids`, keeping each position's mask. Raises what xgrammar
-        raises for a schema it cannot compile."""
-        matcher = self._xgr.GrammarMatcher(self._compiled(schema), override_stop_tokens=self._stop)
+    def walk(
+        self, schema: str, token_ids: Sequence[int], candidates: Sequence[Iterable[int]] = ()
+    ) -> GrammarWalk:
+        """Step the grammar through `token_ids`; at each position keep which of that position's token and
+        `candidates[t]` it allowed (one bitmask lives at a time: memory does not grow with the vocabulary
+        x the answer's length)."""
+        matcher = self._xgr.GrammarMatcher(self.compiled(schema), override_stop_tokens=self._stop)
         bitmask = self._xgr.allocate_token_bitmask(1, self._info.vocab_size)
-        masks: list[np.ndarray] = []
+        allowed: list[frozenset[int]] = []
+        forced: list[bool] = []
         for position, token in enumerate(token_ids):
             matcher.fill_next_token_bitmask(bitmask)
-            masks.append(bitmask[0].numpy().copy())
+            words = bitmask[0].numpy()
+            forced.append(int(np.unpackbits(words.view(np.uint8)).sum()) == 1)
+            asked = {int(token), *(candidates[position] if position < len(candidates) else ())}
+            allowed.append(frozenset(t for t in asked if _bit(words, t)))
             if not matcher.accept_token(int(token)):
-                return GrammarWalk(tuple(masks), position)
-        return GrammarWalk(tuple(masks), None)
+                return GrammarWalk(tuple(allowed), tuple(forced), position)
+        return GrammarWalk(tuple(allowed), tuple(forced), None)
+
+
+def _bit(words: np.ndarray, token_id: int) -> bool:
+    word = token_id >> 5
+    return 0 <= word < words.shape[0] and bool((int(words[word]) >> (token_id & 31)) & 1)

@@ -39,6 +39,8 @@ from scoring.verify import Claim, ReferenceEngine, TextCodec, Verification, malf
 
 log = logging.getLogger("meritnet.validator")
 
+GRAMMAR_COMPILE_S = 10.0  # the longest a client's response schema may take to compile for a shadow check
+
 
 class ValidatorConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -149,6 +151,11 @@ class Validator:
                 "configure one per served model"
             )
         codec, sampler = self._codecs[model_id], self.sampler_for(model_id)
+        grammar = codec.grammar() if claim.json_schema is not None else None
+        if grammar is not None:
+            # A client's schema is compiled off the engine lock, within a time limit (else no verdict:
+            # TimeoutError); verify() then finds it in the grammar's cache.
+            await asyncio.wait_for(asyncio.to_thread(grammar.compiled, claim.json_schema), GRAMMAR_COMPILE_S)
         v = await self._on_engine(engine, verify, claim, engine, codec, self.config.thresholds, sampler)
         self.tokens_spent += len(claim.prompt_token_ids) + v.n_tokens
         return v

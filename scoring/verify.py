@@ -267,8 +267,7 @@ def structural_reasons(
         decoded, text = codec.decode(body).replace("\ufffd", ""), claim.text.replace("\ufffd", "")
         use = claim.tool_use
         if use is not None:
-            if not tool_calls_match(use.mode, use.name, codec.decode(body), use.calls):
-                fraud.append("the tool calls the client got are not what the token ids say")
+            fraud += tool_call_reasons(claim, use, decoded)
         # A stop string ends the text inside the ids' last tokens: the text is then a prefix.
         elif decoded != text and not (claim.stop_strings and decoded.startswith(text)):
             fraud.append("token ids do not decode to the returned text")
@@ -283,6 +282,22 @@ def structural_reasons(
     if claim.finish_reason == "length" and n + th.count_tolerance < claim.max_tokens:
         fraud.append(f"truncated: finish_reason 'length' after {n} of max_tokens {claim.max_tokens}")
     return fraud, fail
+
+
+def tool_call_reasons(claim: Claim, use: ToolUse, decoded: str) -> list[str]:
+    """Fraud reasons of a named or required tool call: the client got vLLM's parse of the node's tokens
+    (`decoded`, their text), so its calls must be exactly that parse, and no content beside them. A
+    streamed required call cut by max_tokens is sent as partial calls while it arrives: only its
+    content is checked."""
+    text = claim.text.replace("\ufffd", "")
+    calls = tuple((name, args.replace("\ufffd", "")) for name, args in use.calls)
+    if text != "".join(name + args for name, args in calls):
+        return ["the answer has content beside its tool calls (vLLM sends none)"]
+    if use.mode == "required" and claim.finish_reason == "length":
+        return []
+    if not tool_calls_match(use.mode, use.name, decoded, calls):
+        return ["the tool calls the client got are not what the token ids say"]
+    return []
 
 
 def unverifiable_reasons(
@@ -335,6 +350,9 @@ def verify(
     by replay, without it by the tempered logprob floor."""
     th = thresholds or VerifyThresholds()
     ids_from_node = claim.completion_token_ids is not None
+    if claim.tool_use is not None and not ids_from_node:
+        # the client got vLLM's parse of the ids, not their text: without them there is nothing to replay
+        raise ValueError("a tool call without the node's token ids cannot be checked")
     ids = list(claim.completion_token_ids) if ids_from_node else codec.encode(claim.text)
     unverifiable = unverifiable_reasons(claim, ids, codec, getattr(engine, "max_model_len", None))
     if unverifiable:
@@ -362,7 +380,7 @@ def verify(
         grammar = codec.grammar()
         if grammar is None:
             raise ValueError("no grammar for this model: structured output cannot be replayed")
-        walk = grammar.walk(claim.json_schema, check_ids)
+        walk = grammar.walk(claim.json_schema, check_ids, [d.keys() for d in ref])
     checks = compare_tokens(check_ids, ref, th.top_k, walk)
     replayed = (
         not greedy and claim.seed is not None and not claim.reshaped and walk is None and sampler is not None
@@ -400,7 +418,7 @@ def verify(
         kind = f"below the tempered logprob floor {floor:.1f}"
     if walk is not None:
         # A token the grammar forced (the only one allowed) says nothing about the model: not judged.
-        judged = [j and not walk.forced(t) for t, j in enumerate(judged)]
+        judged = [j and not walk.is_forced(t) for t, j in enumerate(judged)]
     if walk is not None and walk.rejected_at is not None:
         # No honest node emits a token its grammar masks; past it the grammar's state is unknown.
         r = walk.rejected_at
@@ -408,7 +426,9 @@ def verify(
         judged = [t < r and j for t, j in enumerate(judged)]
         judged[r] = True
         fail.append(f"token {r} is outside the response format's grammar")
-    if eos_appended and flags and flags[-1]:
+    # After a rejected token nothing is known of the grammar: the ending is judged only up to it.
+    ending_known = walk is None or walk.rejected_at in (None, len(flags) - 1)
+    if eos_appended and flags and flags[-1] and ending_known:
         fraud.append("finish_reason 'stop' where the claimed model would not stop (truncated output)")
     if eos_appended:  # the appended EOS was judged for the ending above; it is not the node's token
         flags, judged, flipped = flags[:-1], judged[:-1], flipped[:-1]

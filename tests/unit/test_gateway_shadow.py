@@ -329,3 +329,22 @@ def test_a_tool_call_with_long_tool_definitions_is_not_offered():
         }
     )
     assert not verifiable(body)  # the schema is short, but the validator would render all of it
+
+
+def test_tool_calls_are_not_offered_when_the_nodes_parser_is_not_replayed():
+    from ray.serve.llm.openai_api_models import ChatCompletionRequest
+
+    from cluster.structured import parser_replays_tool_calls
+
+    body = ChatCompletionRequest.model_validate(
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": "hi"}],
+            "tools": [WEATHER],
+            "tool_choice": "required",
+        }
+    )
+    assert verifiable(body) and not verifiable(body, tool_calls=False)
+    assert parser_replays_tool_calls({"tool_call_parser": "pythonic"})  # the network's default
+    assert not parser_replays_tool_calls({"tool_call_parser": "hermes"})  # a structural tag
+    assert not parser_replays_tool_calls({"tool_call_parser": "pythonic", "reasoning_parser": "qwen3"})

@@ -157,3 +157,14 @@ def test_a_restarted_store_still_counts_the_holds_of_running_requests(tmp_path):
 
     refused, admitted = asyncio.run(run())
     assert refused == -1 - 330 and admitted == 500
+
+
+def test_an_unreadable_holds_file_is_set_aside_and_the_store_starts(tmp_path):
+    (tmp_path / "usage.db.holds").write_bytes(b"not a database" * 100)
+
+    async def run():
+        store = UsageStore(str(tmp_path / "usage.db"), epoch_length_s=3600.0)
+        return await store.reserve("k", "r", 10, 100, 0.0, 60.0)
+
+    assert asyncio.run(run()) == 10
+    assert (tmp_path / "usage.db.holds.unreadable").is_file()

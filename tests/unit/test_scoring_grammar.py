@@ -133,7 +133,9 @@ def _tool_claim(codec: HFCodec, text: str, mode: str, calls) -> Claim:
     tool = WEATHER_TOOL
     schema = WEATHER if mode == "named" else get_json_schema_from_tools("required", [_tool_param(tool)])
     use = ToolUse(mode=mode, name="get_weather" if mode == "named" else None, tools=(tool,), calls=calls)
-    return _claim(codec, text, schema=json.dumps(schema)).model_copy(update={"tool_use": use})
+    # the client's text (the gateway's Tally) is the calls' names and arguments: vLLM sends no content
+    shown = "".join(name + args for name, args in calls)
+    return _claim(codec, text, schema=json.dumps(schema)).model_copy(update={"tool_use": use, "text": shown})
 
 
 def _tool_param(tool: dict):
@@ -174,4 +176,15 @@ def test_tokens_the_schema_forces_are_not_counted_as_evidence(codec):
     v = verify(_claim(codec, '{"a":12}', schema=only), ScriptedReference(), codec)
     assert v.verdict == "pass" and v.n_tokens < 5
     forced = codec.grammar().walk(only, codec.encode('{"a":12}'))
-    assert v.n_tokens == sum(not forced.forced(t) for t in range(5))
+    assert v.n_tokens == sum(not forced.is_forced(t) for t in range(5))
+
+
+def test_content_beside_tool_calls_and_arguments_of_another_type_are_fraud(codec):
+    honest = _tool_claim(codec, '{"city":"Rome"}', "named", (("get_weather", '{"city":"Rome"}'),))
+    chatty = honest.model_copy(update={"text": "Sure! " + honest.text})
+    assert "content beside" in verify(chatty, ScriptedReference(), codec).reasons[0]
+    from cluster.structured import tool_calls_match
+
+    text = '[{"name":"f","parameters":{"n":true}}]'
+    assert tool_calls_match("required", None, text, (("f", '{"n": true}'),))
+    assert not tool_calls_match("required", None, text, (("f", '{"n": 1}'),))  # 1 == True in Python
