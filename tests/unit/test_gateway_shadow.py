@@ -182,25 +182,26 @@ def test_verifiable_is_a_whitelist_of_plain_requests():
     assert verifiable(CompletionRequest.model_validate({"model": "m", "prompt": "x", "temperature": 1.0}))
 
 
-def _chat_with_format(response_format):
+def _chat(**fields):
+    """A validated chat request saying "hi", with `fields` added."""
     from ray.serve.llm.openai_api_models import ChatCompletionRequest
 
     return ChatCompletionRequest.model_validate(
-        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "response_format": response_format}
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields}
     )
 
 
 def test_structured_answers_are_verifiable_when_their_schema_is_short():
     schema = {"type": "object", "properties": {"n": {"type": "integer", "maximum": 9}}, "required": ["n"]}
     named = {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}
-    assert verifiable(_chat_with_format({"type": "json_object"}))
-    assert verifiable(_chat_with_format(named)) and verifiable(_chat_with_format({"type": "text"}))
+    assert verifiable(_chat(response_format={"type": "json_object"}))
+    assert verifiable(_chat(response_format=named)) and verifiable(_chat(response_format={"type": "text"}))
     long = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(600)}}
     assert not verifiable(
-        _chat_with_format({"type": "json_schema", "json_schema": {"name": "l", "schema": long}})
+        _chat(response_format={"type": "json_schema", "json_schema": {"name": "l", "schema": long}})
     )
     tag = {"type": "structural_tag", "format": {"type": "const_string", "value": "x"}}
-    assert not verifiable(_chat_with_format(tag))
+    assert not verifiable(_chat(response_format=tag))
 
 
 def test_a_structured_answer_is_offered_with_the_schema_vllm_compiled():
@@ -236,35 +237,19 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters":
     ],
 )
 def test_tool_calls_under_a_schema_are_verifiable(tool_choice, offered):
-    from ray.serve.llm.openai_api_models import ChatCompletionRequest
 
-    body = ChatCompletionRequest.model_validate(
-        {
-            "model": "m",
-            "messages": [{"role": "user", "content": "hi"}],
-            "tools": [WEATHER],
-            "tool_choice": tool_choice,
-        }
-    )
+    body = _chat(tools=[WEATHER], tool_choice=tool_choice)
     assert verifiable(body) is offered
 
 
 def test_a_tool_call_is_captured_with_the_schema_vllm_builds_and_the_calls_the_client_got():
-    from ray.serve.llm.openai_api_models import ChatCompletionRequest
     from vllm.tool_parsers.utils import get_json_schema_from_tools
 
     from cluster.completions import parse_body
     from routing.metering import Tally
     from routing.shadow import Capture
 
-    body = ChatCompletionRequest.model_validate(
-        {
-            "model": "m",
-            "messages": [{"role": "user", "content": "hi"}],
-            "tools": [WEATHER],
-            "tool_choice": "required",
-        }
-    )
+    body = _chat(tools=[WEATHER], tool_choice="required")
     tally = Tally()
     deltas = [  # streamed as vLLM streams a required call: the name once, the arguments in pieces
         {"index": 0, "function": {"name": "get_weather", "arguments": ""}},
@@ -317,33 +302,17 @@ def test_an_absent_named_actor_is_not_looked_up_on_every_refresh(monkeypatch):
 
 
 def test_a_tool_call_with_long_tool_definitions_is_not_offered():
-    from ray.serve.llm.openai_api_models import ChatCompletionRequest
 
     long = {**WEATHER, "function": {**WEATHER["function"], "description": "x" * 10_000}}
-    body = ChatCompletionRequest.model_validate(
-        {
-            "model": "m",
-            "messages": [{"role": "user", "content": "hi"}],
-            "tools": [long],
-            "tool_choice": "required",
-        }
-    )
+    body = _chat(tools=[long], tool_choice="required")
     assert not verifiable(body)  # the schema is short, but the validator would render all of it
 
 
 def test_tool_calls_are_not_offered_when_the_nodes_parser_is_not_replayed():
-    from ray.serve.llm.openai_api_models import ChatCompletionRequest
 
     from cluster.structured import parser_replays_tool_calls
 
-    body = ChatCompletionRequest.model_validate(
-        {
-            "model": "m",
-            "messages": [{"role": "user", "content": "hi"}],
-            "tools": [WEATHER],
-            "tool_choice": "required",
-        }
-    )
+    body = _chat(tools=[WEATHER], tool_choice="required")
     assert verifiable(body) and not verifiable(body, tool_calls=False)
     assert parser_replays_tool_calls({"tool_call_parser": "pythonic"})  # the network's default
     assert not parser_replays_tool_calls({"tool_call_parser": "hermes"})  # a structural tag
