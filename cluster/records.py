@@ -228,12 +228,16 @@ MAX_SHADOW_SCHEMA = 8192
 
 
 class ToolUse(_Frozen):
-    """A named or required tool call (`tool_choice`): vLLM decodes the call under a JSON schema made from
-    the tools, then parses it into the tool calls the client gets. Validators replay the schema and
-    check that the calls the client got are what the node's tokens say (scoring.verify)."""
+    """A request with tools. Named or required (`tool_choice`): vLLM decodes the call under a JSON schema
+    made from the tools, then parses it into the tool calls the client gets; auto: the node's tool parser
+    reads calls out of free text. Validators replay the schema (if any) and check that the calls the
+    client got are what the node's tokens say (scoring.verify)."""
 
-    mode: Literal["named", "required"]
+    mode: Literal["named", "required", "auto"]
     name: str | None = Field(default=None, max_length=256, description="The named function (mode 'named').")
+    parser: str | None = Field(
+        default=None, max_length=64, description="The nodes' tool parser, which reads an auto call's text."
+    )
     tools: tuple[dict[str, Any], ...] = Field(
         max_length=128, description="The request's tools as vLLM hands them to the chat template."
     )

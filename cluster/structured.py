@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Sequence
 from typing import Any
 
 # vLLM maps response_format json_object to this schema (v1/structured_output/backend_xgrammar.py).
@@ -34,10 +35,13 @@ def schema_text(response_format: Any) -> str | None:
 
 def tool_mode(body: Any) -> tuple[str, str | None] | None:
     """('named', function) or ('required', None) for a request whose tool call vLLM constrains to a
-    schema; None for no tools, or tool_choice 'auto'/'none' (free text, parsed after the fact)."""
+    schema; ('auto', None) for free text the node's tool parser reads after the fact; None for no tools,
+    or tool_choice 'none'."""
     choice = getattr(body, "tool_choice", None)
-    if not getattr(body, "tools", None) or choice in (None, "none", "auto"):
+    if not getattr(body, "tools", None) or choice == "none":
         return None
+    if choice in (None, "auto"):
+        return "auto", None
     if choice == "required":
         return "required", None
     function = getattr(choice, "function", None)
@@ -51,7 +55,8 @@ def constraint_schema(body: Any) -> str | None:
     required tool call's (vllm.tool_parsers.utils.get_json_schema_from_tools; it overrides
     response_format), else the response_format's (`schema_text`). Raises ValueError for constraints
     that are not replayed."""
-    if tool_mode(body) is not None:
+    mode = tool_mode(body)
+    if mode is not None and mode[0] != "auto":
         from vllm.tool_parsers.utils import get_json_schema_from_tools
 
         tools = copy.deepcopy(body.tools)  # vLLM pops `$defs` out of the tools' parameters it is given
@@ -65,20 +70,26 @@ def constraint_schema(body: Any) -> str | None:
     return schema_text(getattr(body, "response_format", None))
 
 
-def parser_replays_tool_calls(serving_kwargs: dict[str, Any]) -> bool:
-    """Whether nodes run with these vLLM serving arguments decode named and required tool calls under
-    the JSON schema `constraint_schema` rebuilds (their tool parser has `supports_required_and_named`;
-    hermes, llama3_json and other structural-tag parsers do not, and a reasoning parser delays the
-    grammar). False when it cannot be told."""
-    if serving_kwargs.get("reasoning_parser"):
-        return False
-    name = serving_kwargs.get("tool_call_parser")
-    if not name:
+def replayed_parser(serving_kwargs: Sequence[dict[str, Any]]) -> str | None:
+    """The tool parser every node runs, when validators can replay it (the nodes' vLLM serving
+    arguments, one dict per node): one parser for all, no reasoning parser (it delays the grammar and
+    the tool parse). None: tool calls are not offered for shadow checks."""
+    names = {kw.get("tool_call_parser") for kw in serving_kwargs}
+    if len(names) != 1 or any(kw.get("reasoning_parser") for kw in serving_kwargs):
+        return None
+    return names.pop() or None
+
+
+def parser_replays_constrained_calls(parser: str | None) -> bool:
+    """Whether `parser` has vLLM decode named and required tool calls under the JSON schema
+    `constraint_schema` rebuilds (`supports_required_and_named`; hermes, llama3_json and other
+    structural-tag parsers do not). False when it cannot be told."""
+    if not parser:
         return False
     try:
         from vllm.tool_parsers import ToolParserManager
 
-        return bool(ToolParserManager.get_tool_parser(name).supports_required_and_named)
+        return bool(ToolParserManager.get_tool_parser(parser).supports_required_and_named)
     except Exception:  # noqa: BLE001 - an unknown parser or a plugin that fails to load: not replayed
         return False
 
@@ -108,6 +119,24 @@ def tool_calls_match(mode: str, name: str | None, text: str, calls: tuple[tuple[
         if call_name != item["name"] or _canonical(got) != _canonical(item.get("parameters")):
             return False
     return True
+
+
+def same_calls(expected: tuple[tuple[str, str], ...], calls: tuple[tuple[str, str], ...]) -> bool:
+    """Two lists of (name, arguments) are the same calls: names equal, arguments equal as JSON (as text
+    where either is not JSON)."""
+    if len(expected) != len(calls):
+        return False
+    for (name, args), (got_name, got_args) in zip(expected, calls):
+        if name != got_name or _as_json(args) != _as_json(got_args):
+            return False
+    return True
+
+
+def _as_json(text: str) -> str:
+    try:
+        return _canonical(json.loads(text))
+    except ValueError:
+        return text
 
 
 def _canonical(value: Any) -> str:

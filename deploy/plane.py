@@ -21,7 +21,7 @@ from cluster.local import HEAD_NODE
 from cluster.records import NodeSpec
 from cluster.registration import OpenNodePolicy
 from cluster.registry import get_or_create_registry
-from cluster.structured import parser_replays_tool_calls
+from cluster.structured import replayed_parser
 from deploy.config import NetworkConfig, resolve_model_source
 from deploy.errors import NetworkStartError
 from deploy.usage import SETTLEMENT_NAME, USAGE_STORE_NAME, start_settlement, start_usage_store
@@ -140,10 +140,12 @@ def gateway_config(
         pricing=cfg.pricing,
         challenge_keys=(SecretStr(challenge_key),),
         shadow_rate=cfg.shadow_rate if shadow else 0.0,
-        shadow_tool_calls=all(
-            parser_replays_tool_calls({**cfg.engine.serving_kwargs, **spec.engine_kwargs})
-            for spec in cfg.nodes
-            if spec.task == "generate"
+        tool_call_parser=replayed_parser(
+            [
+                {**cfg.engine.serving_kwargs, **spec.engine_kwargs}
+                for spec in cfg.nodes
+                if spec.task == "generate"
+            ]
         ),
         metered_models={
             m: MeteredModel(

@@ -81,10 +81,11 @@ class GatewayConfig(BaseModel):
         le=1.0,
         description="Share of verifiable organic requests offered to validators.",
     )
-    shadow_tool_calls: bool = Field(
-        default=True,
-        description="Also offer named and required tool calls for shadow verification: only when every "
-        "node decodes them under vLLM's JSON schema (deploy sets it from the nodes' tool_call_parser).",
+    tool_call_parser: str | None = Field(
+        default="pythonic",
+        description="The tool parser every node runs (deploy sets it from the nodes' serving arguments, "
+        "cluster.structured.replayed_parser): tool calls are offered for shadow verification with it. "
+        "None: they are not.",
     )
     intake: IntakeLimits = Field(
         default_factory=IntakeLimits, description="Body size, nesting and parameter caps of one request."

@@ -290,9 +290,9 @@ class GatewayCore:
             pinned is None
             and self.refresher.shadow_feed is not None
             and keyed_sample(self._shadow_key, rid, self.config.shadow_rate)
-            and verifiable(client_body, self.config.shadow_tool_calls)
+            and verifiable(client_body, self.config.tool_call_parser)
         ):
-            return Capture(rid, body)
+            return Capture(rid, body, self.config.tool_call_parser)
         return None
 
     async def _attempt(self, plan: RequestPlan, picked: Pick, tried: set[str], last: bool) -> Response:

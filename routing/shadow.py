@@ -8,9 +8,9 @@
   requests is offered to validators as `ServedCompletion`s. Only requests a validator can re-verify
   exactly are offered (`verifiable`): one choice, plain-text prompt or messages, temperature <= 1, and
   no parameter that reshapes the token distribution (penalties, logit bias...) other than a
-  `response_format` (json_schema or json_object) or a named or required tool call, under a schema of
-  at most `MAX_SHADOW_SCHEMA` characters: validators replay its grammar's mask (`scoring.grammar`), so
-  structured answers and tool calls are checked too.
+  `response_format` (json_schema or json_object) or tools, under a schema of at most
+  `MAX_SHADOW_SCHEMA` characters: validators replay its grammar's mask (`scoring.grammar`) and the
+  nodes' tool parser, so structured answers and tool calls are checked too.
   Embeddings requests of at most `SHADOW_EMBED_INPUTS` texts and no other parameter (no `dimensions`,
   no truncation) are offered as `ServedEmbedding`s with the vectors the client got.
 * What replay could add, and what it needs (issue 15): validators replay seeded sampling exactly
@@ -19,10 +19,10 @@
   `ServedCompletion` carries the seed and top_p/top_k (replay is refused where they reshape).
   Still unverifiable even with replay: n > 1 (vLLM derives the choices' generators internally and the
   gateway keeps choice 0 only), top_p/top_k/min_p/penalties/logit bias (replay from the reference's
-  top-k values cannot rebuild the masked distribution), tools with tool_choice `auto` (the node's tool
-  parser reads free text; named and required calls are decoded under a schema and are offered, with
-  the calls the client got: `cluster.records.ToolUse`), vLLM's own `structured_outputs` (regex,
-  grammar, choice), images and other non-text content.
+  top-k values cannot rebuild the masked distribution), streamed answers to tool_choice `auto` (vLLM's
+  tool parser reads them incrementally; whole ones are offered with the calls the client got, as are
+  named and required calls: `cluster.records.ToolUse`), tool_choice `none`, vLLM's own
+  `structured_outputs` (regex, grammar, choice), images and other non-text content.
 
 Offered items hold prompts and outputs: they live in memory only and never go to logs.
 """
@@ -34,7 +34,7 @@ from typing import Any
 
 from cluster.embeddings import vectors_of
 from cluster.records import MAX_SHADOW_SCHEMA, SHADOW_EMBED_INPUTS, ServedCompletion, ServedEmbedding, ToolUse
-from cluster.structured import constraint_schema, tool_mode
+from cluster.structured import constraint_schema, parser_replays_constrained_calls, tool_mode
 from routing.intake import chat_messages, int_field, is_embedding, prompts
 from routing.metering import Tally
 
@@ -70,7 +70,7 @@ _VERIFIABLE_EMBEDDING_FIELDS = frozenset({"model", "input", "encoding_format", "
 _IDS = re.compile(r'"(prompt_token_ids|token_ids)":\[[0-9,]*\]')
 
 
-def verifiable(body: Any, tool_calls: bool = True) -> bool:
+def verifiable(body: Any, tool_parser: str | None = "pythonic") -> bool:
     """True when a validator can re-verify this (validated) request exactly: judged on the client's own
     body (the node's copy sets request_id, seed, stream_options and return_token_ids; routing.gateway)."""
     if is_embedding(body):
@@ -91,8 +91,8 @@ def verifiable(body: Any, tool_calls: bool = True) -> bool:
     except ValueError:
         return False  # a structural tag, tools vLLM refuses: not replayed
     tools = getattr(body, "tools", None)
-    if tools and (mode is None or not tool_calls):
-        return False  # auto or none: the node's tool parser reads free text; or nodes whose parser is not replayed
+    if tools and not _tool_calls_replayed(mode, tool_parser, bool(getattr(body, "stream", False))):
+        return False
     if tools and getattr(body, "stop", None):
         return False  # vLLM parses the text a stop string cut, which the ids do not show
     if schema is not None and len(schema) > MAX_SHADOW_SCHEMA:
@@ -111,6 +111,18 @@ def verifiable(body: Any, tool_calls: bool = True) -> bool:
     return isinstance(getattr(body, "prompt", None), str)
 
 
+def _tool_calls_replayed(mode: tuple[str, str | None] | None, parser: str | None, stream: bool) -> bool:
+    """Whether a validator can re-check a request with tools, served by nodes that run `parser`: named
+    and required calls when the parser has vLLM decode them under its JSON schema; auto ones (the
+    parser reads the free text) when not streamed (a streamed parse is incremental: not replayed).
+    tool_choice none is not (the template may or may not render the tools)."""
+    if mode is None or parser is None:
+        return False
+    if mode[0] == "auto":
+        return not stream
+    return parser_replays_constrained_calls(parser)
+
+
 def strip_token_ids(piece: str) -> str:
     """An SSE event or JSON body with token id lists replaced by null (as vLLM writes without the flag)."""
     return _IDS.sub(r'"\1":null', piece) if 'token_ids":[' in piece else piece
@@ -121,10 +133,10 @@ class Capture:
     choice 0 from the request's `Tally`, i.e. the same parse the gateway meters with; for embeddings,
     the vectors the client got)."""
 
-    __slots__ = ("body", "request_id")
+    __slots__ = ("body", "request_id", "tool_parser")
 
-    def __init__(self, request_id: str, body: Any) -> None:
-        self.request_id, self.body = request_id, body
+    def __init__(self, request_id: str, body: Any, tool_parser: str | None = None) -> None:
+        self.request_id, self.body, self.tool_parser = request_id, body, tool_parser
 
     def served(self, node_id: str, tally: Tally, completion_tokens: int) -> ServedCompletion:
         """`completion_tokens`: what the node *reported*, so validators can hold it to its word."""
@@ -162,13 +174,15 @@ class Capture:
         )
 
     def _tool_use(self, tally: Tally) -> ToolUse | None:
-        """A named or required tool call's request and the calls the client got (None otherwise)."""
+        """A request with tools: its tool choice, the nodes' parser and the calls the client got (None
+        without tools)."""
         mode = tool_mode(self.body)
         if mode is None:
             return None
         return ToolUse(
             mode=mode[0],
             name=mode[1],
+            parser=self.tool_parser,
             tools=tuple(t.model_dump() for t in self.body.tools),
             calls=tally.tool_calls(0),
         )

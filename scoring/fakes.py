@@ -49,6 +49,9 @@ class LetterCodec:
         """Letters are no JSON: structured answers cannot be replayed over this codec."""
         return None
 
+    def tool_parser(self, name: str) -> None:
+        return None
+
 
 class BigramModel:
     """logits[last, next] ~ N(0, scale^2), seeded; EOS gets a fixed bias so texts end sometimes."""

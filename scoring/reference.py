@@ -29,6 +29,7 @@ class HFCodec:
         self.vocab_size = len(tokenizer)  # base vocabulary + added special tokens
         self._grammar: JsonGrammar | None = None
         self._grammar_lock = threading.Lock()
+        self._tool_parsers: dict[str, Any] = {}
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> HFCodec:
@@ -56,6 +57,15 @@ class HFCodec:
         generation prompt added)."""
         text = self.tok.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
         return list(self.tok.encode(text, add_special_tokens=False))
+
+    def tool_parser(self, name: str) -> Any:
+        """vLLM's tool parser `name` over this tokenizer (built once; non-streaming parses keep no state)."""
+        with self._grammar_lock:
+            if name not in self._tool_parsers:
+                from vllm.tool_parsers import ToolParserManager
+
+                self._tool_parsers[name] = ToolParserManager.get_tool_parser(name)(self.tok)
+            return self._tool_parsers[name]
 
     def grammar(self) -> JsonGrammar:
         """The structured-output grammar over this tokenizer (built once; verifications share it)."""

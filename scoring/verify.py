@@ -54,12 +54,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.records import MAX_SHADOW_SCHEMA, ToolUse
-from cluster.structured import tool_calls_match
+from cluster.structured import same_calls, tool_calls_match
 from scoring.grammar import GrammarWalk, JsonGrammar
 from scoring.replay import NoisyArgmax, replay_steps
 from scoring.thresholds import VerifyThresholds
@@ -99,6 +99,10 @@ class TextCodec(Protocol):
 
     def grammar(self) -> JsonGrammar | None:
         """The model's structured-output grammar (None: structured answers cannot be replayed)."""
+        ...
+
+    def tool_parser(self, name: str) -> Any | None:
+        """vLLM's tool parser `name` over this tokenizer (None: auto tool calls cannot be replayed)."""
         ...
 
 
@@ -267,7 +271,7 @@ def structural_reasons(
         decoded, text = codec.decode(body).replace("\ufffd", ""), claim.text.replace("\ufffd", "")
         use = claim.tool_use
         if use is not None:
-            fraud += tool_call_reasons(claim, use, decoded)
+            fraud += tool_call_reasons(claim, use, decoded, codec)
         # A stop string ends the text inside the ids' last tokens: the text is then a prefix.
         elif decoded != text and not (claim.stop_strings and decoded.startswith(text)):
             fraud.append("token ids do not decode to the returned text")
@@ -284,20 +288,47 @@ def structural_reasons(
     return fraud, fail
 
 
-def tool_call_reasons(claim: Claim, use: ToolUse, decoded: str) -> list[str]:
-    """Fraud reasons of a named or required tool call: the client got vLLM's parse of the node's tokens
-    (`decoded`, their text), so its calls must be exactly that parse, and no content beside them. A
-    streamed required call cut by max_tokens is sent as partial calls while it arrives: only its
-    content is checked."""
+def tool_call_reasons(claim: Claim, use: ToolUse, decoded: str, codec: TextCodec) -> list[str]:
+    """Fraud reasons of an answer to a request with tools: the client got vLLM's reading of the node's
+    tokens (`decoded`, their text), so its content and calls must be exactly that reading. Named and
+    required calls: no content, the calls `tool_calls_match` says; auto: what the nodes' tool parser
+    makes of the text (content, calls). A streamed required call cut by max_tokens is sent as partial
+    calls while it arrives: only its content is checked."""
     text = claim.text.replace("\ufffd", "")
     calls = tuple((name, args.replace("\ufffd", "")) for name, args in use.calls)
-    if text != "".join(name + args for name, args in calls):
-        return ["the answer has content beside its tool calls (vLLM sends none)"]
+    content, parsed = auto_reading(use, decoded, codec) if use.mode == "auto" else ("", None)
+    if text != content + "".join(name + args for name, args in calls):
+        return ["the answer's content is not what vLLM makes of its token ids"]
+    if parsed is not None:
+        return (
+            []
+            if same_calls(parsed, calls)
+            else ["the tool calls the client got are not what the token ids say"]
+        )
     if use.mode == "required" and claim.finish_reason == "length":
         return []
     if not tool_calls_match(use.mode, use.name, decoded, calls):
         return ["the tool calls the client got are not what the token ids say"]
     return []
+
+
+def auto_reading(use: ToolUse, decoded: str, codec: TextCodec) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """(content, calls) the nodes' tool parser makes of an auto answer's text, as vLLM's chat serving
+    keeps them (vllm/parser/abstract_parser.py): the calls and what content is left (none if blank), or
+    the whole text and no calls."""
+    parser = codec.tool_parser(use.parser) if use.parser else None
+    if parser is None:
+        raise ValueError("no tool parser to replay an auto tool call with")
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    request = ChatCompletionRequest(
+        model="m", messages=[{"role": "user", "content": ""}], tools=list(use.tools), tool_choice="auto"
+    )
+    info = parser.extract_tool_calls(decoded, request)
+    if not info.tools_called:
+        return decoded, ()
+    content = info.content if info.content and info.content.strip() else ""
+    return content, tuple((c.function.name, c.function.arguments) for c in info.tool_calls)
 
 
 def unverifiable_reasons(

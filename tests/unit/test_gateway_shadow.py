@@ -172,6 +172,7 @@ def test_verifiable_is_a_whitelist_of_plain_requests():
             "model": "m",
             "messages": [{"role": "user", "content": "hi"}],
             "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+            "tool_choice": "none",
         }
     )
     assert not verifiable(parts) and not verifiable(tools)
@@ -232,14 +233,16 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters":
     [
         ("required", True),
         ({"type": "function", "function": {"name": "get_weather"}}, True),
-        ("auto", False),  # the node's tool parser reads free text: not replayed
-        ("none", False),
+        ("auto", True),  # the validator runs the nodes' tool parser over the text
+        ("none", False),  # whether the template renders the tools then depends on the server
     ],
 )
-def test_tool_calls_under_a_schema_are_verifiable(tool_choice, offered):
-
+def test_requests_with_tools_are_verifiable_by_their_tool_choice(tool_choice, offered):
     body = _chat(tools=[WEATHER], tool_choice=tool_choice)
     assert verifiable(body) is offered
+    assert (
+        not verifiable(_chat(tools=[WEATHER], tool_choice=tool_choice, stream=True)) or tool_choice != "auto"
+    )
 
 
 def test_a_tool_call_is_captured_with_the_schema_vllm_builds_and_the_calls_the_client_got():
@@ -308,12 +311,15 @@ def test_a_tool_call_with_long_tool_definitions_is_not_offered():
     assert not verifiable(body)  # the schema is short, but the validator would render all of it
 
 
-def test_tool_calls_are_not_offered_when_the_nodes_parser_is_not_replayed():
+def test_tool_calls_are_offered_only_as_the_nodes_parser_can_be_replayed():
+    from cluster.structured import replayed_parser
 
-    from cluster.structured import parser_replays_tool_calls
-
-    body = _chat(tools=[WEATHER], tool_choice="required")
-    assert verifiable(body) and not verifiable(body, tool_calls=False)
-    assert parser_replays_tool_calls({"tool_call_parser": "pythonic"})  # the network's default
-    assert not parser_replays_tool_calls({"tool_call_parser": "hermes"})  # a structural tag
-    assert not parser_replays_tool_calls({"tool_call_parser": "pythonic", "reasoning_parser": "qwen3"})
+    required, auto = _chat(tools=[WEATHER], tool_choice="required"), _chat(tools=[WEATHER])
+    assert verifiable(required, "pythonic") and verifiable(auto, "pythonic")  # the network's default
+    assert not verifiable(required, "hermes") and verifiable(
+        auto, "hermes"
+    )  # named/required: a structural tag
+    assert not verifiable(required, None) and not verifiable(auto, None)
+    assert replayed_parser([{"tool_call_parser": "pythonic"}] * 2) == "pythonic"
+    assert replayed_parser([{"tool_call_parser": "pythonic"}, {"tool_call_parser": "hermes"}]) is None
+    assert replayed_parser([{"tool_call_parser": "pythonic", "reasoning_parser": "qwen3"}]) is None

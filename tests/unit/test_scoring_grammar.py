@@ -182,9 +182,43 @@ def test_tokens_the_schema_forces_are_not_counted_as_evidence(codec):
 def test_content_beside_tool_calls_and_arguments_of_another_type_are_fraud(codec):
     honest = _tool_claim(codec, '{"city":"Rome"}', "named", (("get_weather", '{"city":"Rome"}'),))
     chatty = honest.model_copy(update={"text": "Sure! " + honest.text})
-    assert "content beside" in verify(chatty, ScriptedReference(), codec).reasons[0]
+    assert "content is not what" in verify(chatty, ScriptedReference(), codec).reasons[0]
     from cluster.structured import tool_calls_match
 
     text = '[{"name":"f","parameters":{"n":true}}]'
     assert tool_calls_match("required", None, text, (("f", '{"n": true}'),))
     assert not tool_calls_match("required", None, text, (("f", '{"n": 1}'),))  # 1 == True in Python
+
+
+def _auto_claim(codec: HFCodec, text: str, shown: str, calls) -> Claim:
+    from cluster.records import ToolUse
+
+    use = ToolUse(mode="auto", parser="pythonic", tools=(WEATHER_TOOL,), calls=calls)
+    return _claim(codec, text, schema=None).model_copy(update={"tool_use": use, "text": shown})
+
+
+def _agreeing(codec: HFCodec, text: str) -> ScriptedReference:
+    """A reference whose argmax is every token of `text` (the node's answer is the model's own)."""
+    return ScriptedReference({t: {tok: -0.1} for t, tok in enumerate([*codec.encode(text), 1])})
+
+
+def test_an_auto_tool_call_is_what_the_nodes_parser_reads_in_the_text(codec):
+    """tool_choice auto: the validator runs the nodes' tool parser (vLLM's pythonic) over the node's text;
+    the client must have got exactly its calls and content."""
+    call = '[get_weather(city="Rome")]'
+    honest = _auto_claim(codec, call, 'get_weather{"city": "Rome"}', (("get_weather", '{"city": "Rome"}'),))
+    assert verify(honest, _agreeing(codec, call), codec).verdict == "pass"
+    paris = honest.model_copy(update={"text": 'get_weather{"city": "Paris"}'})
+    paris = paris.model_copy(
+        update={
+            "tool_use": paris.tool_use.model_copy(update={"calls": (("get_weather", '{"city": "Paris"}'),)})
+        }
+    )
+    assert "tool calls the client got" in verify(paris, _agreeing(codec, call), codec).reasons[0]
+    prose = "It is sunny."
+    plain = _auto_claim(codec, prose, prose, ())
+    assert verify(plain, _agreeing(codec, prose), codec).verdict == "pass"
+    invented = _auto_claim(
+        codec, prose, prose + 'get_weather{"city": "Rome"}', (("get_weather", '{"city": "Rome"}'),)
+    )
+    assert verify(invented, _agreeing(codec, prose), codec).verdict == "fraud"

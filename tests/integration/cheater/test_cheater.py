@@ -49,8 +49,8 @@ def _client(net):
 
 
 def _organic(client, i: int) -> str:
-    """One organic request (chat; chat with a JSON schema, a required or a named tool call; or
-    completion; greedy); returns the serving node's id."""
+    """One organic request (chat; chat with a JSON schema, or with a tool and tool_choice required, named
+    or auto; or completion; greedy); returns the serving node's id."""
     rng = random.Random(i)
     if i % 8 == 7:
         raw = client.chat.completions.with_raw_response.create(
@@ -59,9 +59,9 @@ def _organic(client, i: int) -> str:
             max_tokens=32,
             temperature=0,
             tools=[NOTE_TOOL],  # a free string argument: the call carries evidence of the model
-            tool_choice="required"
-            if i % 16 == 7
-            else {"type": "function", "function": {"name": "save_note"}},
+            tool_choice=("required", {"type": "function", "function": {"name": "save_note"}}, "auto")[
+                i // 8 % 3
+            ],
         )
     elif i % 8 == 3:
         raw = client.chat.completions.with_raw_response.create(
