@@ -17,6 +17,7 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from cluster import services
+from cluster.deployment import EngineDefaults
 from cluster.local import HEAD_NODE
 from cluster.records import NodeSpec
 from cluster.registration import OpenNodePolicy
@@ -140,11 +141,16 @@ def gateway_config(
         pricing=cfg.pricing,
         challenge_keys=(SecretStr(challenge_key),),
         shadow_rate=cfg.shadow_rate if shadow else 0.0,
+        # open nodes run `meritnet node serve`'s defaults; managed ones the network's, or their own
         tool_call_parser=replayed_parser(
             [
-                {**cfg.engine.serving_kwargs, **spec.engine_kwargs}
-                for spec in cfg.nodes
-                if spec.task == "generate"
+                cfg.engine.serving_kwargs,
+                *([EngineDefaults().serving_kwargs] if cfg.admit_open_nodes else []),
+                *(
+                    {**cfg.engine.serving_kwargs, **n.engine_kwargs}
+                    for n in cfg.nodes
+                    if n.task == "generate"
+                ),
             ]
         ),
         metered_models={

@@ -305,3 +305,16 @@ def test_engine_defaults_are_engine_arguments_and_serving_defaults_are_server_ar
     defaults = EngineDefaults()
     assert set(defaults.engine_kwargs) <= {f.name for f in dataclasses.fields(AsyncEngineArgs)}
     assert set(defaults.serving_kwargs) <= {f.name for f in dataclasses.fields(FrontendArgs)}
+
+
+def test_the_gateway_offers_tool_calls_with_the_one_parser_every_node_runs(tmp_path):
+    from deploy.plane import gateway_config
+
+    def parser(**fields):
+        cfg = NetworkConfig(state_dir=tmp_path, **fields)
+        return gateway_config(cfg, 1, "0x" + "ab" * 32, "key", True).tool_call_parser
+
+    assert parser() == "pythonic"  # the default nodes', and open nodes' (meritnet node serve)
+    hermes = {"serving_kwargs": {"enable_auto_tool_choice": True, "tool_call_parser": "hermes"}}
+    assert parser(engine=hermes) is None  # open nodes would still run pythonic: not one parser
+    assert parser(engine=hermes, admit_open_nodes=False) == "hermes"
