@@ -313,8 +313,8 @@ class Validator:
         self.counts[item.node_id][f"shadow_{v.verdict}"] += 1
         if not embedding and item.json_schema is not None:
             self.counts[item.node_id]["shadow_json"] += 1  # judged under its replayed grammar
-            if item.tool_use is not None:
-                self.counts[item.node_id]["shadow_tools"] += 1  # and its tool calls checked against its ids
+        if not embedding and item.tool_use is not None:
+            self.counts[item.node_id]["shadow_tools"] += 1  # its tool calls checked against its ids
         if v.verdict != "pass":
             log.warning(
                 "validator %s: node %s %s on an organic request (%s)",

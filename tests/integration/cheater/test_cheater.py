@@ -52,7 +52,7 @@ def _organic(client, i: int) -> str:
     """One organic request (chat; chat with a JSON schema, or with a tool and tool_choice required, named
     or auto; or completion; greedy); returns the serving node's id."""
     rng = random.Random(i)
-    if i % 8 == 7:
+    if i % 4 == 3:  # a quarter: enough tool calls that every run shadow-checks some
         raw = client.chat.completions.with_raw_response.create(
             model="default",
             messages=[{"role": "user", "content": f"Save a note about town {i}."}],
@@ -60,10 +60,10 @@ def _organic(client, i: int) -> str:
             temperature=0,
             tools=[NOTE_TOOL],  # a free string argument: the call carries evidence of the model
             tool_choice=("required", {"type": "function", "function": {"name": "save_note"}}, "auto")[
-                i // 8 % 3
+                i // 4 % 3
             ],
         )
-    elif i % 8 == 3:
+    elif i % 8 == 1:
         raw = client.chat.completions.with_raw_response.create(
             model="default",
             messages=[{"role": "user", "content": f"Describe town number {i} as JSON."}],
@@ -231,7 +231,7 @@ def test_organic_traffic_is_shadow_verified_without_false_positives(detection):
         f"no organic completion of an honest node was shadow-verified: {dict(honest)}"
     )
     assert honest["shadow_fraud"] == 0, f"shadow false fraud: {dict(honest)}"
-    # a quarter of the organic requests ask for a JSON schema or a tool call: judged under their grammar
+    # an eighth of the organic requests ask for a JSON schema, a quarter for a tool call
     assert honest["shadow_json"] > 0 and honest["shadow_tools"] > 0, dict(honest)
     assert cheater["shadow_pass"] == 0, dict(cheater)  # whatever of the cheater's organic output was sampled
 
