@@ -166,12 +166,11 @@ def _direct_ingress_block(protocol: str, low: int, high: int) -> dict[str, str]:
         f"RAY_SERVE_DIRECT_INGRESS_MAX_{protocol}_PORT",
     )
     current = os.environ.get(lo_var, "")
-    block = lambda base: range(base, base + DIRECT_INGRESS_BLOCK)  # noqa: E731
-    if not (current.isdigit() and all(_port_free(p) for p in block(int(current)))):
+    if not (current.isdigit() and _block_free(int(current))):
         bases = random.SystemRandom().sample(
             range(low, high - DIRECT_INGRESS_BLOCK, DIRECT_INGRESS_BLOCK), 32
         )
-        base = next((b for b in bases if all(_port_free(p) for p in block(b))), low)
+        base = next((b for b in bases if _block_free(b)), low)
         os.environ[lo_var], os.environ[hi_var] = str(base), str(base + DIRECT_INGRESS_BLOCK - 1)
     return {lo_var: os.environ[lo_var], hi_var: os.environ[hi_var]}
 

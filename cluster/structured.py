@@ -109,16 +109,7 @@ def tool_calls_match(mode: str, name: str | None, text: str, calls: tuple[tuple[
         isinstance(v, dict) and isinstance(v.get("name"), str) for v in items
     ):
         return calls == ()
-    if len(items) != len(calls):
-        return False
-    for item, (call_name, arguments) in zip(items, calls):
-        try:
-            got = json.loads(arguments)
-        except ValueError:
-            return False
-        if call_name != item["name"] or _canonical(got) != _canonical(item.get("parameters")):
-            return False
-    return True
+    return same_calls(tuple((v["name"], json.dumps(v.get("parameters"))) for v in items), calls)
 
 
 def same_calls(expected: tuple[tuple[str, str], ...], calls: tuple[tuple[str, str], ...]) -> bool:

@@ -62,9 +62,8 @@ class UsageStore:
                     if not fut.done():
                         fut.set_exception(exc)
                 continue
-            for r in flat:  # charged now: the ledger has it
-                self._holds.pop(r.request_id, None)
-            self._book.drop(r.request_id for r in flat)
+            # charged now: the ledger has them (most records held nothing: no write for those)
+            self._book.drop([r.request_id for r in flat if self._holds.pop(r.request_id, None) is not None])
             for _, fut in batch:
                 if not fut.done():
                     fut.set_result(None)

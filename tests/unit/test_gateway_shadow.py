@@ -240,9 +240,8 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters":
 def test_requests_with_tools_are_verifiable_by_their_tool_choice(tool_choice, offered):
     body = _chat(tools=[WEATHER], tool_choice=tool_choice)
     assert verifiable(body) is offered
-    assert (
-        not verifiable(_chat(tools=[WEATHER], tool_choice=tool_choice, stream=True)) or tool_choice != "auto"
-    )
+    if tool_choice == "auto":  # streamed, vLLM parses the text incrementally: not replayed
+        assert not verifiable(_chat(tools=[WEATHER], tool_choice=tool_choice, stream=True))
 
 
 def test_a_tool_call_is_captured_with_the_schema_vllm_builds_and_the_calls_the_client_got():
